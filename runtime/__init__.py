@@ -1,5 +1,14 @@
 """Runtime ops for quantized attention, registered with torch.library (namespace ``qpass``)."""
 
 from qpass.runtime.quant_ops import dequantize_int8, quantize_int8
+from qpass.runtime.paged_cache import BlockAllocator, BlockTables, allocate_kv_cache, reshape_and_cache_int8
+from qpass.runtime.paged_attention import (
+    paged_attention_int8,
+    paged_attention_int8_faquant,
+    paged_attention_int8_faquant_reference,
+    paged_attention_int8_reference,
+    paged_prefill_attention_int8,
+    paged_prefill_attention_int8_reference,
+)
 
 __all__ = ["dequantize_int8", "quantize_int8"]
