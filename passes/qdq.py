@@ -1,0 +1,48 @@
+"""The mechanism the Q/DQ passes share: put ``dequantize(quantize(x))`` after a node of an exported graph."""
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qpass.runtime import quant_ops  # noqa: F401  (registers torch.ops.qpass.*)
+
+QUANTIZE = torch.ops.qpass.quantize_int8.default
+DEQUANTIZE = torch.ops.qpass.dequantize_int8.default
+
+
+def insert_qdq(gm: GraphModule, node: Node, scale: torch.Tensor, offset: torch.Tensor, name: str) -> Node:
+    """Replace every use of ``node`` by ``dequantize(quantize(node, scale, offset))``.
+
+    ``scale`` and ``offset`` (float32, broadcastable to ``node``) become constants of ``gm`` named
+    ``name + "_scale"`` / ``"_offset"``; they are lifted into program inputs when the program is
+    rebuilt (:func:`qpass.program.rebuild`). New nodes carry ``meta["val"]`` so the result verifies.
+    """
+    val = node.meta["val"]
+    fake_mode = val.fake_mode
+    graph = gm.graph
+    users = [u for u in node.users]
+    setattr(gm, f"{name}_scale", scale.float().contiguous())
+    setattr(gm, f"{name}_offset", offset.float().contiguous())
+    with graph.inserting_after(node):
+        s = graph.get_attr(f"{name}_scale")
+    with graph.inserting_after(s):
+        o = graph.get_attr(f"{name}_offset")
+    with graph.inserting_after(o):
+        q = graph.call_function(QUANTIZE, (node, s, o))
+    with graph.inserting_after(q):
+        dq = graph.call_function(DEQUANTIZE, (q, s, o, val.dtype))
+    s.meta["val"] = fake_mode.from_tensor(getattr(gm, s.target))
+    o.meta["val"] = fake_mode.from_tensor(getattr(gm, o.target))
+    with fake_mode:
+        q.meta["val"] = QUANTIZE(val, s.meta["val"], o.meta["val"])
+        dq.meta["val"] = DEQUANTIZE(q.meta["val"], s.meta["val"], o.meta["val"], val.dtype)
+    for new in (s, o, q, dq):
+        new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+        new.meta["stack_trace"] = node.meta.get("stack_trace")
+    for user in users:
+        user.replace_input_with(node, dq)
+    return dq
+
+
+def per_head(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """``[heads, head_dim]`` or ``[heads * head_dim]`` -> ``[heads, 1, head_dim]`` to broadcast over ``[B, H, S, D]``."""
+    return t.reshape(heads, 1, head_dim)

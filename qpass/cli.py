@@ -1,0 +1,109 @@
+"""The ``qpass`` command: compile, eval, inspect. Bad input exits with status 2 and one line."""
+
+import argparse
+import json
+import sys
+
+from qpass.errors import QpassError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qpass", description="Quantization compiler for LLM attention: FAQuant and int8 KV cache (C8).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="capture, calibrate, insert Q/DQ, evaluate, write the program and report")
+    c.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or `default` (SmolLM2-135M)")
+    c.add_argument("--fa-quant", action="store_true", help="FAQuant: Q, K, V int8 per head and dim (KV cache int8 too)")
+    c.add_argument("--kv-int8", action="store_true", help="C8: K and V int8 per channel where written to the cache")
+    c.add_argument("--calib", help="calibration file: .jsonl (inputs_pretokenized or text per line) or plain text; default: the stdlib corpus")
+    c.add_argument("--eval", help="evaluation text file (plain text, not used for calibration)")
+    c.add_argument("--recipe", help="reuse the calibration in this recipe directory (OUT/recipe of an earlier compile)")
+    c.add_argument("-o", "--output", required=True, help="output directory (must be new or empty, or pass --force)")
+    c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    c.add_argument("--observer", choices=("minmax", "percentile", "mse"), default="mse", help="range choice (default mse: histogram search)")
+    c.add_argument("--percentile", type=float, default=99.99, help="clip percentile for --observer percentile (default 99.99)")
+    c.add_argument("--symmetric", action="store_true", help="symmetric int8 (offset 0) instead of asymmetric")
+    c.add_argument("--window", type=int, default=512, help="tokens per window for calibration and eval (default 512)")
+    c.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    c.add_argument("--eval-windows", type=int, default=32, help="at most this many eval windows (default 32)")
+    c.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    c.add_argument("--no-verify", action="store_true", help="skip the checks after each pass")
+
+    e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
+    e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`")
+    e.add_argument("--eval", required=True, help="evaluation text file")
+    e.add_argument("--eval-windows", type=int, default=32, help="at most this many eval windows (default 32)")
+
+    i = sub.add_parser("inspect", help="list the attention sites found in MODEL")
+    i.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or `default`")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+    except QpassError as err:
+        print(f"qpass {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qpass: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def cmd_compile(args) -> int:
+    import qpass
+    from qpass.api import check_output_dir
+    from qpass.config import QuantConfig
+    from qpass.report import summary
+
+    check_output_dir(args.output, args.force)  # fail before the slow part
+    recipe = None
+    if args.recipe:
+        recipe = qpass.Recipe.load(args.recipe)
+        asked = (args.fa_quant, "int8" if args.kv_int8 else None)
+        if (args.fa_quant or args.kv_int8) and asked != (recipe.config.fa_quant, recipe.config.kv_cache):
+            raise QpassError(f"--recipe {args.recipe}: calibrated for fa_quant={recipe.config.fa_quant}, kv_cache={recipe.config.kv_cache}; "
+                             "drop --fa-quant/--kv-int8 to use it as it is, or recalibrate")
+        config = recipe.config
+    else:
+        try:
+            config = QuantConfig(fa_quant=args.fa_quant, kv_cache="int8" if args.kv_int8 else None, observer=args.observer,
+                                 symmetric=args.symmetric, percentile=args.percentile, calib_samples=args.calib_samples,
+                                 window=args.window, batch_size=args.batch_size)
+        except ValueError as err:
+            raise QpassError(str(err)) from None
+    result = qpass.compile(args.model, config, calib=args.calib, eval=args.eval, recipe=recipe,
+                           eval_windows=args.eval_windows, verify=not args.no_verify)
+    result.save(args.output, force=args.force)
+    print(summary(result.report))
+    print(f"  wrote {args.output}/ (program.pt2, recipe/, report.json, report.txt, report.png)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import qpass
+
+    result = qpass.evaluate_saved(args.out, args.eval, args.eval_windows)
+    print(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import qpass
+    from qpass.api import site_info
+
+    sites = [site_info(s) for s in qpass.inspect_model(args.model)]
+    if args.json:
+        print(json.dumps(sites, indent=1))
+        return 0
+    print(f"{'layer':>5} {'form':<21} {'heads':>5} {'kv':>3} {'dim':>4} {'rope':<5} {'qknorm':<6} q / k / v from")
+    for s in sites:
+        print(f"{s['layer']:>5} {s['form']:<21} {s['num_heads']:>5} {s['num_kv_heads']:>3} {s['head_dim']:>4} "
+              f"{str(s['rope']):<5} {str(s['qk_norm']):<6} {s['q_from']} / {s['k_from']} / {s['v_from']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

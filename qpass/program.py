@@ -1,0 +1,36 @@
+"""Rewrite an ``ExportedProgram``'s graph on a copy, then rebuild a valid, saveable program from it."""
+
+import copy
+
+import torch
+from torch._export.passes.lift_constants_pass import ConstantAttrMap, lift_constants_pass
+from torch.export import ExportedProgram
+from torch.fx import GraphModule
+
+
+def graph_copy(program: ExportedProgram) -> GraphModule:
+    """A graph module over a copy of ``program``'s graph, so passes leave ``program`` untouched."""
+    return GraphModule(program.graph_module, copy.deepcopy(program.graph))
+
+
+def rebuild(program: ExportedProgram, gm: GraphModule) -> ExportedProgram:
+    """``program`` with ``gm``'s graph; tensors that passes attached to ``gm`` become lifted constants.
+
+    ``torch.export``'s own lift pass turns each ``get_attr`` of a tensor into a ``CONSTANT_TENSOR``
+    input (a private API, pinned by the torch version in pyproject.toml), and the constructor runs the
+    exported-program verifier.
+    """
+    signature = copy.deepcopy(program.graph_signature)
+    constants = lift_constants_pass(gm, signature, ConstantAttrMap())
+    gm.recompile()
+    return ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=signature,
+        state_dict=program.state_dict,
+        range_constraints=program.range_constraints,
+        module_call_graph=program.module_call_graph,
+        example_inputs=program.example_inputs,
+        constants={**program.constants, **constants},
+        verifiers=program.verifiers,
+    )
