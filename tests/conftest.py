@@ -1,0 +1,39 @@
+"""Shared fixtures: SmolLM2's tokenizer, a tiny Llama saved as a Hugging Face directory, real text."""
+
+import pytest
+import torch
+
+from qpass import corpus
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from qpass.models.loaders import default_gguf_path
+
+    path = default_gguf_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer random Llama (GQA 4/2 heads, head_dim 16) with SmolLM2's vocabulary and tokenizer."""
+    from qpass.models.tiny import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer))
+    model.save_pretrained(path, safe_serialization=True)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory):
+    """Calibration jsonl and evaluation texts from the standard-library corpus (disjoint modules)."""
+    return corpus.write(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

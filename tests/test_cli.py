@@ -1,0 +1,123 @@
+"""The qpass command end to end on a tiny model directory, and its answers to bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qpass.cli import main
+
+SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_model_dir, text_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled") / "out"
+    code = main(["compile", str(tiny_model_dir), "--fa-quant", "--kv-int8", "--calib", str(text_files["calib"]),
+                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL])
+    assert code == 0
+    return out
+
+
+def test_compile_writes_program_recipe_and_report(compiled):
+    for name in ("program.pt2", "recipe/recipe.json", "recipe/recipe.safetensors", "report.json", "report.txt",
+                 "report.png", "tokenizer/tokenizer.json"):
+        assert (compiled / name).is_file(), name
+    assert (compiled / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((compiled / "report.json").read_text())
+    ev = report["eval"]
+    assert ev["tokens"] == 4 * 64
+    assert abs(ev["ppl_float"] / ev["ppl_reference"] - 1) < 1e-4  # capture reproduces the model
+    assert ev["ppl_increase_pct"] == pytest.approx((ev["ppl_quant"] / ev["ppl_float"] - 1) * 100)
+    assert {"load", "capture", "calibrate", "passes", "eval"} <= set(report["timings_s"])
+    assert report["passes"] == {"InsertFAQuantQDQPass": 6, "InsertKVCacheQDQPass": 4}
+    assert set(report["sqnr_db"]["1"]) == {"q", "k", "v"}
+    assert [s["num_kv_heads"] for s in report["sites"]] == [2, 2]
+
+
+def test_eval_reloads_and_reproduces_the_quantized_perplexity(compiled, text_files, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ppl_quant"] == json.loads((compiled / "report.json").read_text())["eval"]["ppl_quant"]
+
+
+def test_recipe_reuse_gives_the_same_program(compiled, tiny_model_dir, text_files, tmp_path):
+    out = tmp_path / "again"
+    assert main(["compile", str(tiny_model_dir), "--recipe", str(compiled / "recipe"), "--eval", str(text_files["prose"]),
+                 "-o", str(out), "--eval-windows", "4"]) == 0
+    first, again = (json.loads((d / "report.json").read_text()) for d in (compiled, out))
+    assert again["eval"]["ppl_quant"] == first["eval"]["ppl_quant"]
+    assert "calibrate" not in again["timings_s"]
+    assert (out / "recipe/recipe.safetensors").read_bytes() == (compiled / "recipe/recipe.safetensors").read_bytes()
+
+
+def test_same_compile_twice_gives_byte_identical_recipes(compiled, tiny_model_dir, text_files, tmp_path):
+    out = tmp_path / "twice"
+    assert main(["compile", str(tiny_model_dir), "--fa-quant", "--kv-int8", "--calib", str(text_files["calib"]),
+                 "-o", str(out), *SMALL]) == 0
+    for name in ("recipe.json", "recipe.safetensors"):
+        assert (out / "recipe" / name).read_bytes() == (compiled / "recipe" / name).read_bytes()
+
+
+def test_inspect_lists_the_sites(tiny_model_dir, capsys):
+    assert main(["inspect", str(tiny_model_dir), "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)
+    assert [(s["layer"], s["num_heads"], s["num_kv_heads"], s["head_dim"], s["rope"]) for s in sites] == [
+        (0, 4, 2, 16, True), (1, 4, 2, 16, True)]
+    assert sites[0]["k_from"] == "model.layers.0.self_attn.k_proj.weight"
+
+
+def _bad(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing model": (lambda d, t, p: ["compile", str(p / "no-such-model"), "--kv-int8"], "no such file or directory"),
+    "model dir without config": (lambda d, t, p: ["compile", str(p), "--kv-int8"], "no config.json"),
+    "empty calib": (lambda d, t, p: ["compile", str(d), "--kv-int8", "--calib", _bad(p, "c.jsonl", b"")], "is empty"),
+    "calib not JSON": (lambda d, t, p: ["compile", str(d), "--kv-int8", "--calib", _bad(p, "c.jsonl", b'{"text": "a"}\n{oops\n')],
+                       "line 2 is not JSON"),
+    "calib missing field": (lambda d, t, p: ["compile", str(d), "--kv-int8", "--calib", _bad(p, "c.jsonl", b'{"prompt": "a"}\n')],
+                            "line 1 has no 'inputs_pretokenized' or 'text' field"),
+    "calib not UTF-8": (lambda d, t, p: ["compile", str(d), "--kv-int8", "--calib", _bad(p, "c.txt", b"caf\xe9\n")], "not UTF-8"),
+    "eval too short": (lambda d, t, p: ["compile", str(d), "--kv-int8", "--calib", str(t["calib"]), "--eval",
+                                        _bad(p, "e.txt", b"Too short to fill a window.")], "shorter than one window"),
+    "nothing to quantize": (lambda d, t, p: ["compile", str(d)], "nothing to quantize"),
+    "recipe missing": (lambda d, t, p: ["compile", str(d), "--recipe", str(p)], "needs recipe.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, text_files, tmp_path, capsys):
+    make_args, message = BAD_INPUTS[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    out = tmp_path / "out"
+    args = make_args(tiny_model_dir, text_files, inputs) + ["-o", str(out), *SMALL]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]  # no temporary directory left behind
+
+
+def test_non_empty_output_needs_force(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["compile", str(tiny_model_dir), "--kv-int8", "-o", str(out), *SMALL]) == 2
+    assert "not empty" in capsys.readouterr().err and "--force" in capsys.readouterr().err + "--force"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_exit_status_and_no_traceback_from_the_console_script(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qpass.cli", "compile", str(tmp_path / "missing"), "--kv-int8",
+                             "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("qpass compile: error: MODEL")

@@ -1,0 +1,117 @@
+"""The FAQuant and C8 Q/DQ passes: where they insert (structure), what they change (numbers), negatives."""
+
+import pytest
+import torch
+
+from qpass.api import param_names
+from qpass.calibrate import calibrate
+from qpass.capture import capture
+from qpass.config import QuantConfig
+from qpass.errors import QpassError
+from qpass.models.tiny import tiny_model
+from qpass.passes.find_attention_sites import find_attention_sites
+from qpass.passes.insert_faquant_qdq import InsertFAQuantQDQPass
+from qpass.passes.insert_kv_cache_qdq import InsertKVCacheQDQPass
+from qpass.passes.qdq import DEQUANTIZE, QUANTIZE
+from qpass.passes.verify import VerificationError, verify_graph
+from qpass.pipeline import quantize_program
+from qpass.program import graph_copy
+
+WINDOW = 32
+
+
+def _setup(arch, **config):
+    program = capture(tiny_model(arch, num_layers=2), WINDOW)
+    sites = find_attention_sites(program.graph, param_names(program))
+    ids = torch.randint(0, 256, (8, WINDOW))
+    recipe = calibrate(program, sites, ids, QuantConfig(window=WINDOW, **config))
+    return program, sites, recipe, ids
+
+
+def _quantize_inputs(program):
+    """{name of quantized value: scale shape} for every Quantize in the program."""
+    constants = {**program.constants, **program.state_dict}
+    spec = program.graph_signature.inputs_to_lifted_tensor_constants
+    out = {}
+    for node in program.graph.nodes:
+        if node.target is QUANTIZE:
+            out[node.args[0].name] = tuple(constants[spec[node.args[1].name]].shape)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_faquant_quantizes_q_k_v_per_head_and_dim(arch):
+    program, sites, recipe, _ = _setup(arch, fa_quant=True)
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertFAQuantQDQPass": 6}
+    inputs = _quantize_inputs(quantized)
+    for s in sites:
+        assert inputs[s.q] == (s.num_heads, 1, s.head_dim)
+        assert inputs[s.k] == inputs[s.v] == (s.num_kv_heads, 1, s.head_dim)
+    assert len(inputs) == 6
+    assert program.graph.find_nodes(op="call_function", target=QUANTIZE) == []  # input untouched
+
+
+def test_c8_quantizes_k_and_v_before_the_gqa_repeat():
+    program, sites, recipe, _ = _setup("llama", kv_cache="int8")
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertKVCacheQDQPass": 4}
+    inputs = _quantize_inputs(quantized)
+    assert set(inputs) == {n for s in sites for n in (s.k, s.v)}
+    assert all(shape == (2, 1, 16) for shape in inputs.values())  # kv_heads 2, not the 4 query heads
+    assert recipe.get(0, "kv_k")[0].shape == (2 * 16,)  # stored per channel [kv_heads * head_dim]
+
+
+def test_both_modes_read_the_cache_then_quantize_for_attention():
+    program, sites, recipe, _ = _setup("llama", fa_quant=True, kv_cache="int8")
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertFAQuantQDQPass": 6, "InsertKVCacheQDQPass": 4}
+    nodes = {n.name: n for n in quantized.graph.nodes}
+    k = nodes[sites[0].k]
+    (c8_q,) = k.users  # the cache write comes first
+    (c8_dq,) = c8_q.users
+    (fa_q,) = c8_dq.users  # then FAQuant's quantize of what attention reads
+    assert c8_dq.target is DEQUANTIZE and fa_q.target is QUANTIZE
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_quantized_program_stays_close_to_float_and_saves(arch, tmp_path):
+    program, sites, recipe, ids = _setup(arch, fa_quant=True, kv_cache="int8")
+    quantized, _ = quantize_program(program, sites, recipe)
+    with torch.no_grad():
+        ref = program.module()(ids[:2])
+        out = quantized.module()(ids[:2])
+    assert not torch.equal(ref, out)  # the Q/DQ pairs really run
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())
+    assert sqnr > 25, f"logits SQNR {sqnr:.1f} dB"
+    torch.export.save(quantized, str(tmp_path / "p.pt2"))
+    loaded = torch.export.load(str(tmp_path / "p.pt2"))
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(ids[:2]), out)
+
+
+def test_pass_reports_no_change_without_sites():
+    program, sites, recipe, _ = _setup("llama", fa_quant=True)
+    gm = graph_copy(program)
+    result = InsertFAQuantQDQPass([], recipe)(gm)
+    assert result.modified is False
+    result = InsertFAQuantQDQPass(sites, recipe)(gm)
+    assert result.modified is True
+    verify_graph(result.graph_module)
+
+
+def test_recipe_without_the_needed_tensors_is_refused():
+    program, sites, recipe, _ = _setup("llama", fa_quant=True)
+    with pytest.raises(QpassError, match="kv_k"):
+        InsertKVCacheQDQPass(sites, recipe)(graph_copy(program))
+
+
+def test_verifier_catches_a_quantize_without_dequantize():
+    program, sites, recipe, _ = _setup("llama", kv_cache="int8")
+    gm = graph_copy(program)
+    InsertKVCacheQDQPass(sites, recipe)(gm)
+    dq = next(n for n in gm.graph.nodes if n.target is DEQUANTIZE)
+    dq.replace_all_uses_with(dq.args[0].args[0])  # bypass the dequantize: int8 now unused
+    gm.graph.erase_node(dq)
+    with pytest.raises(VerificationError, match="not read back"):
+        verify_graph(gm)

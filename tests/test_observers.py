@@ -1,0 +1,93 @@
+"""Observers: the int8 formulas, the range searches, and the statistics they keep."""
+
+import pytest
+import torch
+
+from qpass.observers import CLIP_GRID, Observer, affine_qparams, fake_quant, mse_range, sqnr_db
+
+
+def test_asymmetric_qparams_follow_the_design_formulas():
+    lo, hi = torch.tensor([-1.0, 0.5, -3.0]), torch.tensor([3.0, 2.0, -1.0])
+    scale, offset = affine_qparams(lo, hi, symmetric=False)
+    # range widened to include 0: [0, 2] for the second channel, [-3, 0] for the third
+    torch.testing.assert_close(scale, torch.tensor([4.0, 2.0, 3.0]) / 255)
+    torch.testing.assert_close(offset, torch.round(-torch.tensor([-1.0, 0.0, -3.0]) / scale) - 128)
+    # min and max land on the ends of the int8 range
+    q_lo = torch.round(torch.tensor([-1.0, 0.0, -3.0]) / scale) + offset
+    assert q_lo.tolist() == [-128, -128, -128]
+
+
+def test_symmetric_qparams():
+    scale, offset = affine_qparams(torch.tensor([-2.0, -0.5]), torch.tensor([1.0, 4.0]), symmetric=True)
+    torch.testing.assert_close(scale, torch.tensor([2.0, 4.0]) / 127)
+    assert offset.abs().sum() == 0
+
+
+def test_constant_channel_gets_a_usable_scale():
+    scale, offset = affine_qparams(torch.zeros(2), torch.zeros(2), symmetric=False)
+    assert torch.all(scale > 0) and torch.all(torch.isfinite(offset))
+    assert torch.equal(fake_quant(torch.zeros(2), scale, offset), torch.zeros(2))
+
+
+def test_fake_quant_error_is_at_most_half_a_step_inside_the_range():
+    x = torch.linspace(-1, 3, 1001)
+    scale, offset = affine_qparams(x.min(), x.max(), symmetric=False)
+    assert (fake_quant(x, scale, offset) - x).abs().max() <= scale / 2 + 1e-6
+
+
+def _brute_force_best_t(v, symmetric):
+    lo, hi = v.min().clamp(max=0), v.max().clamp(min=0)
+    if symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    errs = [(fake_quant(v, *affine_qparams(lo * t, hi * t, symmetric)) - v).pow(2).sum() for t in CLIP_GRID]
+    return torch.stack(errs)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mse_range_is_near_the_brute_force_optimum(symmetric):
+    torch.manual_seed(1)
+    sample = torch.randn(4000, 6) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
+    sample[:, 3] = torch.distributions.StudentT(1.5).sample((4000,))  # heavy tails: clipping pays
+    sample[:, 5] = sample[:, 5].abs()  # one-sided
+    lo, hi = mse_range(sample, sample.min(0).values, sample.max(0).values, symmetric)
+    for c in range(6):
+        errs = _brute_force_best_t(sample[:, c], symmetric)
+        ours = (fake_quant(sample[:, c], *affine_qparams(lo[c], hi[c], symmetric)) - sample[:, c]).pow(2).sum()
+        # within 10% of the best error on the grid, and far better than min-max for the heavy-tailed channel
+        assert ours <= errs.min() * 1.10, (c, ours, errs.min())
+    full = (fake_quant(sample[:, 3], *affine_qparams(sample[:, 3].min(), sample[:, 3].max(), symmetric)) - sample[:, 3]).pow(2).sum()
+    ours3 = (fake_quant(sample[:, 3], *affine_qparams(lo[3], hi[3], symmetric)) - sample[:, 3]).pow(2).sum()
+    assert ours3 < full  # the search clipped, and it paid
+
+
+def test_observer_collects_per_channel_ranges_and_strided_samples():
+    obs = Observer(stride=2, max_tokens=10)
+    x = torch.randn(2, 3, 8, 4)  # [B, H, S, D]
+    obs(x)
+    obs(x * 2)
+    assert obs.shape == (3, 4)
+    torch.testing.assert_close(obs.max, torch.maximum(x.amax(dim=(0, 2)), (2 * x).amax(dim=(0, 2))))
+    sample = obs.sample()
+    assert sample.shape == (10, 12)  # capped at max_tokens, channels = H * D
+    # channel c = h * D + d, tokens strided by 2
+    torch.testing.assert_close(sample[:4].reshape(4, 3, 4), x[0, :, ::2, :].transpose(0, 1))
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_qparams_shapes_and_sqnr(method):
+    obs = Observer()
+    obs(torch.randn(2, 3, 64, 4))
+    scale, offset = obs.qparams(method, symmetric=False)
+    assert scale.shape == offset.shape == (3, 4)
+    assert sqnr_db(obs.sample(), scale.flatten(), offset.flatten()) > 30
+
+
+def test_percentile_clips_outliers():
+    obs = Observer()
+    x = torch.randn(1, 1, 10000, 1)
+    x[0, 0, 0, 0] = 100.0
+    obs(x)
+    scale, _ = obs.qparams("percentile", symmetric=False, percentile=99.9)
+    minmax_scale, _ = obs.qparams("minmax", symmetric=False)
+    assert scale.item() < minmax_scale.item() / 5
