@@ -27,5 +27,4 @@ class InsertFAQuantQDQPass(PassBase):
                 insert_qdq(gm, nodes[getattr(site, kind)], per_head(scale, heads, site.head_dim),
                            per_head(offset, heads, site.head_dim), f"qpass_fa_{kind}_{site.layer}")
                 self.inserted += 1
-        gm.recompile()
         return PassResult(gm, self.inserted > before)

@@ -30,5 +30,4 @@ class InsertKVCacheQDQPass(PassBase):
                 insert_qdq(gm, nodes[getattr(site, kind)], per_head(scale, site.num_kv_heads, site.head_dim),
                            per_head(offset, site.num_kv_heads, site.head_dim), f"qpass_kv_{kind}_{site.layer}")
                 self.inserted += 1
-        gm.recompile()
         return PassResult(gm, self.inserted > before)

@@ -14,14 +14,16 @@ def insert_qdq(gm: GraphModule, node: Node, scale: torch.Tensor, offset: torch.T
 
     ``scale`` and ``offset`` (float32, broadcastable to ``node``) become constants of ``gm`` named
     ``name + "_scale"`` / ``"_offset"``; they are lifted into program inputs when the program is
-    rebuilt (:func:`qpass.program.rebuild`). New nodes carry ``meta["val"]`` so the result verifies.
+    rebuilt (:func:`qpass.program.rebuild`), which also gives them ``meta["val"]``; the new op nodes get
+    theirs here so the rebuilt program verifies.
     """
     val = node.meta["val"]
     fake_mode = val.fake_mode
     graph = gm.graph
     users = [u for u in node.users]
-    gm.register_buffer(f"{name}_scale", scale.float().contiguous())
-    gm.register_buffer(f"{name}_offset", offset.float().contiguous())
+    # fresh (non-view) tensors: fake-tensor conversion of views is slow
+    gm.register_buffer(f"{name}_scale", scale.float().clone(memory_format=torch.contiguous_format))
+    gm.register_buffer(f"{name}_offset", offset.float().clone(memory_format=torch.contiguous_format))
     with graph.inserting_after(node):
         s = graph.get_attr(f"{name}_scale")
     with graph.inserting_after(s):
@@ -30,11 +32,9 @@ def insert_qdq(gm: GraphModule, node: Node, scale: torch.Tensor, offset: torch.T
         q = graph.call_function(QUANTIZE, (node, s, o))
     with graph.inserting_after(q):
         dq = graph.call_function(DEQUANTIZE, (q, s, o, val.dtype))
-    s.meta["val"] = fake_mode.from_tensor(getattr(gm, s.target))
-    o.meta["val"] = fake_mode.from_tensor(getattr(gm, o.target))
-    with fake_mode:
-        q.meta["val"] = QUANTIZE(val, s.meta["val"], o.meta["val"])
-        dq.meta["val"] = DEQUANTIZE(q.meta["val"], s.meta["val"], o.meta["val"], val.dtype)
+    with fake_mode:  # what the ops' fake implementations return, without dispatching through them
+        q.meta["val"] = torch.empty_like(val, dtype=torch.int8)
+        dq.meta["val"] = torch.empty_like(val)
     for new in (s, o, q, dq):
         new.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
         new.meta["stack_trace"] = node.meta.get("stack_trace")

@@ -22,7 +22,6 @@ def rebuild(program: ExportedProgram, gm: GraphModule) -> ExportedProgram:
     """
     signature = copy.deepcopy(program.graph_signature)
     constants = lift_constants_pass(gm, signature, ConstantAttrMap())
-    gm.recompile()
     return ExportedProgram(
         root=gm,
         graph=gm.graph,

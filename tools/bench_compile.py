@@ -1,0 +1,65 @@
+"""Time of the passes (site discovery + Q/DQ insertion + program rebuild) per layer, at 30 and 80 layers.
+
+Random small-weight Llama models with SmolLM2's attention geometry (9 heads, 3 KV heads, head_dim 64);
+80 layers is a 70B-shaped layer count. Capture and calibration are not timed (they are not passes).
+
+    python tools/bench_compile.py [--layers 30 80] [--repeats 3]
+"""
+
+import argparse
+import time
+
+import torch
+
+from qpass.api import param_names
+from qpass.calibrate import calibrate
+from qpass.capture import capture
+from qpass.config import QuantConfig
+from qpass.passes.find_attention_sites import find_attention_sites
+from qpass.pipeline import quantize_program
+
+WINDOW = 32
+
+
+def time_passes(num_layers: int, repeats: int) -> float:
+    model = smollm2_shaped(num_layers)
+    program = capture(model, WINDOW)
+    config = QuantConfig(fa_quant=True, kv_cache="int8", window=WINDOW)
+    sites = find_attention_sites(program.graph, param_names(program))
+    recipe = calibrate(program, sites, torch.randint(0, 512, (2, WINDOW)), config)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sites = find_attention_sites(program.graph, param_names(program))
+        quantize_program(program, sites, recipe)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def smollm2_shaped(num_layers: int) -> torch.nn.Module:
+    """Random Llama with SmolLM2's attention geometry: hidden 576, 9 heads of 64, 3 KV heads."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=256, num_hidden_layers=num_layers, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=512, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[30, 80])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    per_layer = {}
+    for n in args.layers:
+        total = time_passes(n, args.repeats)
+        per_layer[n] = total / n
+        print(f"{n:3d} layers: passes {total:.3f}s, {1000 * per_layer[n]:.2f} ms/layer")
+    if len(per_layer) > 1:
+        lo, hi = min(per_layer), max(per_layer)
+        print(f"per-layer time at {hi} vs {lo} layers: {per_layer[hi] / per_layer[lo]:.2f}x (1.00x = linear)")
+
+
+if __name__ == "__main__":
+    main()
