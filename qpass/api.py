@@ -19,6 +19,7 @@ from qpass.config import QuantConfig
 from qpass.data import read_samples, read_text, token_windows
 from qpass.errors import QpassError
 from qpass.evaluate import perplexity, reference_perplexity
+from qpass.generate import DECODER_FILE, compile_decoder
 from qpass.models.loaders import LoadedModel, load_model
 from qpass.passes.find_attention_sites import AttentionSite, find_attention_sites
 from qpass.pipeline import quantize_program
@@ -41,11 +42,14 @@ class CompileResult:
     sites: list[AttentionSite]
     report: dict
     tokenizer: object = field(repr=False, default=None)
+    decoder: ExportedProgram | None = field(repr=False, default=None)  # lowered to paged int8 ops, for `qpass run`
 
     def save(self, out_dir: str | Path, force: bool = False) -> Path:
         """Write program.pt2, recipe/, tokenizer/ and the report into ``out_dir``, all or nothing."""
         with staged_output(out_dir, force) as tmp:
             torch.export.save(self.program, str(tmp / PROGRAM_FILE))
+            if self.decoder is not None:
+                torch.export.save(self.decoder, str(tmp / DECODER_FILE))
             self.recipe.save(tmp / RECIPE_DIR)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
@@ -89,6 +93,8 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         calib_info = {"file": "recipe", "windows": 0, "tokens": 0}
     with _timed(timings, "passes"):
         quantized, counts = quantize_program(program, sites, recipe, verify=verify)
+    with _timed(timings, "decoder"):
+        decoder, decoder_info = compile_decoder(loaded.model, recipe, verify=verify)
     report = {
         "model": model_info(loaded, sites),
         "config": config.to_dict(),
@@ -96,6 +102,7 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         "passes": counts,
         "calibration": calib_info,
         "sqnr_db": recipe.stats.get("sqnr_db", {}),
+        "decoder": decoder_info,
     }
     if eval_ids is not None:
         with _timed(timings, "eval"):
@@ -112,7 +119,7 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0,
         }
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    return CompileResult(quantized, recipe, sites, report, loaded.tokenizer)
+    return CompileResult(quantized, recipe, sites, report, loaded.tokenizer, decoder)
 
 
 def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = DEFAULT_EVAL_WINDOWS) -> dict:

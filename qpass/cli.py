@@ -1,4 +1,4 @@
-"""The ``qpass`` command: compile, eval, inspect. Bad input exits with status 2 and one line."""
+"""The ``qpass`` command: compile, eval, run, inspect. Bad input exits with status 2 and one line."""
 
 import argparse
 import json
@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval", required=True, help="evaluation text file")
     e.add_argument("--eval-windows", type=int, default=32, help="at most this many eval windows (default 32)")
 
+    r = sub.add_parser("run", help="generate text greedily with the compiled decoder and its paged int8 KV cache")
+    r.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`")
+    r.add_argument("--prompt", required=True, help="text to continue")
+    r.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+
     i = sub.add_parser("inspect", help="list the attention sites found in MODEL")
     i.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or `default`")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -43,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+        return {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "run": cmd_run}[args.command](args)
     except QpassError as err:
         print(f"qpass {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -87,6 +92,24 @@ def cmd_eval(args) -> int:
 
     result = qpass.evaluate_saved(args.out, args.eval, args.eval_windows)
     print(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_run(args) -> int:
+    import time
+
+    from qpass.generate import generate_lowered, load_decoder
+
+    if args.max_new_tokens < 1:
+        raise QpassError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    program, tokenizer = load_decoder(args.out)
+    prompt = tokenizer(args.prompt)["input_ids"]
+    start = time.perf_counter()
+    new = generate_lowered(program, prompt, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(prompt + new, skip_special_tokens=True))
+    print(f"qpass run: {len(new)} tokens in {seconds:.2f}s ({len(new) / seconds:.1f} tokens/s, prefill of "
+          f"{len(prompt)} prompt tokens included)", file=sys.stderr)
     return 0
 
 
