@@ -45,7 +45,7 @@ def calibrate(program: torch.export.ExportedProgram, sites: list[AttentionSite],
     gm = program.module()
     observers = attach_observers(gm, sites, kinds, stride)
     with torch.no_grad():
-        for batch in tqdm(windows.split(config.batch_size), desc="calibrate", unit="batch", leave=False):
+        for batch in tqdm(windows.split(config.batch_size), desc="calibrate", unit="batch", leave=False, disable=None):
             gm(batch)
     return make_recipe(sites, observers, config)
 

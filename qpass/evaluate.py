@@ -11,7 +11,7 @@ def perplexity(logits_fn, windows: torch.Tensor, batch_size: int, desc: str = "e
     """``exp`` of the mean next-token NLL over ``windows [N, W]`` (each window predicts W - 1 tokens)."""
     nll, count = 0.0, 0
     with torch.no_grad():
-        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False):
+        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False, disable=None):
             logits = logits_fn(batch)
             nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
             count += batch[:, 1:].numel()
@@ -22,7 +22,7 @@ def reference_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_si
     """The same perplexity as the model's framework computes it: Hugging Face's ``labels=`` loss."""
     nll, count = 0.0, 0
     with torch.no_grad():
-        for batch in tqdm(windows.split(batch_size), desc="eval reference", unit="batch", leave=False):
+        for batch in tqdm(windows.split(batch_size), desc="eval reference", unit="batch", leave=False, disable=None):
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             n = batch[:, 1:].numel()
             nll += loss.item() * n

@@ -1,0 +1,35 @@
+"""End to end on the real SmolLM2-135M (GQA 9/3 heads, RoPE): sites, capture fidelity, accuracy."""
+
+import pytest
+
+import qpass
+from qpass import corpus
+from qpass.config import QuantConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return qpass.load_model("default")
+
+
+def test_all_thirty_sites_found_by_structure(smollm2):
+    sites = qpass.inspect_model(smollm2)
+    assert len(sites) == 30
+    assert {(s.form, s.num_heads, s.num_kv_heads, s.head_dim, s.rope, s.qk_norm) for s in sites} == {
+        ("sdpa", 9, 3, 64, True, False)}
+    assert [s.k_from for s in sites[:2]] == ["model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.k_proj.weight"]
+
+
+@pytest.mark.parametrize("mode,limit_pct", [("kv", 0.2), ("fa", 0.4)])
+def test_compile_matches_the_model_and_stays_within_target(smollm2, mode, limit_pct, tmp_path):
+    config = QuantConfig(fa_quant=mode == "fa", kv_cache="int8" if mode == "kv" else None, window=256, calib_samples=16)
+    eval_path = tmp_path / "eval.txt"
+    eval_path.write_text(corpus.eval_code(), encoding="utf-8")
+    result = qpass.compile(smollm2, config, calib=corpus.calibration_samples(), eval=eval_path, eval_windows=8)
+    ev = result.report["eval"]
+    assert abs(ev["ppl_float"] / ev["ppl_reference"] - 1) * 100 <= 0.01
+    assert abs(ev["ppl_increase_pct"]) <= limit_pct, ev
+    sqnr = result.report["sqnr_db"]
+    assert min(sqnr[str(layer)]["k"] for layer in range(30)) > 30
