@@ -1,6 +1,7 @@
 """Runtime ops for quantized attention, registered with torch.library (namespace ``qpass``)."""
 
 from qpass.runtime.quant_ops import dequantize_int8, quantize_int8
+from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights, w8a8_linear, w8a8_weights
 from qpass.runtime.paged_cache import BlockAllocator, BlockTables, allocate_kv_cache, reshape_and_cache_int8
 from qpass.runtime.paged_attention import (
     paged_attention_int8,
