@@ -9,7 +9,7 @@ from qpass.passes.find_attention_sites import AttentionSite
 from qpass.recipe import Recipe, SiteGeometry
 
 KINDS = ("q", "k", "v")
-SAMPLE_TOKENS = 4096  # tokens kept per observed value for the range search
+SAMPLE_TOKENS = 2048  # tokens kept per observed value for the range search
 
 
 def geometry(sites: list[AttentionSite]) -> list[SiteGeometry]:

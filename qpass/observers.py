@@ -18,13 +18,13 @@ CLIP_GRID = torch.linspace(0.30, 1.0, 71)  # candidate fractions of the observed
 class Observer(torch.nn.Module):
     """Per-channel statistics of one ``[B, H, S, D]`` value; keeps every ``stride``-th token."""
 
-    def __init__(self, stride: int = 1, max_tokens: int = 4096):
+    def __init__(self, stride: int = 1, max_tokens: int = 2048):
         super().__init__()
         self.stride = stride
         self.max_tokens = max_tokens
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
-        self.samples: list[torch.Tensor] = []
+        self.buffer: torch.Tensor | None = None  # [max_tokens, H * D], filled up to `kept`
         self.kept = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,11 @@ class Observer(torch.nn.Module):
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
         if self.kept < self.max_tokens:
+            if self.buffer is None:
+                self.buffer = torch.empty(self.max_tokens, x.shape[1] * x.shape[3])
             take = x[:, :, :: self.stride, :].transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3])
-            take = take[: self.max_tokens - self.kept].float()
-            self.samples.append(take)
+            take = take[: self.max_tokens - self.kept]
+            self.buffer[self.kept : self.kept + take.shape[0]] = take
             self.kept += take.shape[0]
         return x
 
@@ -48,7 +50,7 @@ class Observer(torch.nn.Module):
 
     def sample(self) -> torch.Tensor:
         """The kept tokens, ``[tokens, H * D]``."""
-        return torch.cat(self.samples) if self.samples else torch.empty(0, self.min.numel())
+        return self.buffer[: self.kept] if self.buffer is not None else torch.empty(0, self.min.numel())
 
     def qparams(self, method: str, symmetric: bool, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, offset)``, each ``[H, D]`` float32, for ``method`` in minmax / percentile / mse."""
@@ -105,8 +107,8 @@ def mse_range(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, symmetri
     bin_w = ((hi - lo) / HIST_BINS).clamp(min=torch.finfo(torch.float32).tiny)  # [C]
     channels = sample.shape[1]
     idx = ((sample - lo) / bin_w).long().clamp_(0, HIST_BINS - 1)  # [N, C]
-    counts = torch.zeros(channels, HIST_BINS, dtype=torch.float64)
-    counts.scatter_add_(1, idx.T.contiguous(), torch.ones(channels, idx.shape[0], dtype=torch.float64))
+    idx += torch.arange(channels) * HIST_BINS  # one histogram per channel, side by side
+    counts = torch.bincount(idx.flatten(), minlength=channels * HIST_BINS).view(channels, HIST_BINS).double()
     centers = lo[:, None].double() + (torch.arange(HIST_BINS) + 0.5)[None, :] * bin_w[:, None].double()
 
     def prefix(v):  # [C, bins + 1], prefix[:, j] = sum over bins < j

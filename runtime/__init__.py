@@ -12,4 +12,9 @@ from qpass.runtime.paged_attention import (
     paged_prefill_attention_int8_reference,
 )
 
-__all__ = ["dequantize_int8", "quantize_int8"]
+__all__ = [
+    "BlockAllocator", "BlockTables", "W8A8Linear", "W8A8Weights", "allocate_kv_cache", "dequantize_int8",
+    "paged_attention_int8", "paged_attention_int8_faquant", "paged_attention_int8_faquant_reference",
+    "paged_attention_int8_reference", "paged_prefill_attention_int8", "paged_prefill_attention_int8_reference",
+    "quantize_int8", "reshape_and_cache_int8", "w8a8_linear", "w8a8_weights",
+]
