@@ -4,7 +4,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from qpass.passes.find_attention_sites import AttentionSite
-from qpass.passes.qdq import insert_qdq, per_head
+from qpass.passes.qdq import insert_site_qdq
 from qpass.recipe import Recipe
 
 
@@ -22,12 +22,6 @@ class InsertKVCacheQDQPass(PassBase):
         self.inserted = 0
 
     def call(self, gm: GraphModule) -> PassResult:
-        nodes = {n.name: n for n in gm.graph.nodes}
-        before = self.inserted
-        for site in self.sites:
-            for kind in ("k", "v"):
-                scale, offset = self.recipe.get(site.layer, f"kv_{kind}")
-                insert_qdq(gm, nodes[getattr(site, kind)], per_head(scale, site.num_kv_heads, site.head_dim),
-                           per_head(offset, site.num_kv_heads, site.head_dim), f"qpass_kv_{kind}_{site.layer}")
-                self.inserted += 1
-        return PassResult(gm, self.inserted > before)
+        count = insert_site_qdq(gm, self.sites, self.recipe, ("k", "v"), "kv")
+        self.inserted += count
+        return PassResult(gm, count > 0)

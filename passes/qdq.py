@@ -46,3 +46,15 @@ def insert_qdq(gm: GraphModule, node: Node, scale: torch.Tensor, offset: torch.T
 def per_head(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """``[heads, head_dim]`` or ``[heads * head_dim]`` -> ``[heads, 1, head_dim]`` to broadcast over ``[B, H, S, D]``."""
     return t.reshape(heads, 1, head_dim)
+
+
+def insert_site_qdq(gm: GraphModule, sites, recipe, kinds: tuple[str, ...], prefix: str) -> int:
+    """Q/DQ after each site's ``kinds`` (of q, k, v) with the recipe's ``<prefix>_<kind>`` scales; returns the count."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site in sites:
+        for kind in kinds:
+            heads = site.num_heads if kind == "q" else site.num_kv_heads
+            scale, offset = recipe.get(site.layer, f"{prefix}_{kind}")
+            insert_qdq(gm, nodes[getattr(site, kind)], per_head(scale, heads, site.head_dim),
+                       per_head(offset, heads, site.head_dim), f"qpass_{prefix}_{kind}_{site.layer}")
+    return len(sites) * len(kinds)
