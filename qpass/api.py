@@ -14,7 +14,7 @@ from torch.export import ExportedProgram
 
 from qpass import corpus
 from qpass.calibrate import calibrate, geometry
-from qpass.capture import capture
+from qpass.capture import capture, param_names  # noqa: F401  (param_names: part of this module's API)
 from qpass.config import QuantConfig
 from qpass.data import read_samples, read_text, token_windows
 from qpass.errors import QpassError
@@ -30,6 +30,7 @@ PROGRAM_FILE = "program.pt2"
 RECIPE_DIR = "recipe"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_EVAL_WINDOWS = 32
+SAVE_FORMATS = ("qpass", "mindie")
 FLOAT_MATCH_PCT = 0.01  # the captured float program must reproduce the model's own perplexity this closely
 
 
@@ -43,10 +44,18 @@ class CompileResult:
     report: dict
     tokenizer: object = field(repr=False, default=None)
     decoder: ExportedProgram | None = field(repr=False, default=None)  # lowered to paged int8 ops, for `qpass run`
+    model: torch.nn.Module | None = field(repr=False, default=None)  # the float model, for --format mindie
 
-    def save(self, out_dir: str | Path, force: bool = False) -> Path:
-        """Write program.pt2, recipe/, tokenizer/ and the report into ``out_dir``, all or nothing."""
+    def save(self, out_dir: str | Path, force: bool = False, format: str = "qpass", dtype: str = "float16") -> Path:
+        """Write ``out_dir`` all or nothing. ``format="qpass"``: program.pt2, recipe/, tokenizer/ and the report;
+        ``format="mindie"``: the MindIE weight directory in model dtype ``dtype`` (see ``qpass/mindie.py``) and the report."""
+        if format not in SAVE_FORMATS:
+            raise QpassError(f"--format {format}: choose one of {', '.join(SAVE_FORMATS)}")
         with staged_output(out_dir, force) as tmp:
+            if format == "mindie":
+                self._write_mindie(tmp, dtype)
+                reporting.write(self.report, tmp)
+                return Path(out_dir)
             torch.export.save(self.program, str(tmp / PROGRAM_FILE))
             if self.decoder is not None:
                 torch.export.save(self.decoder, str(tmp / DECODER_FILE))
@@ -55,6 +64,19 @@ class CompileResult:
                 self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             reporting.write(self.report, tmp)
         return Path(out_dir)
+
+    def _write_mindie(self, directory: Path, dtype: str) -> None:
+        from qpass.mindie import MODEL_DTYPES, export_mindie, smoothing_groups
+        from qpass.smoothing import apply_smoothing
+
+        if dtype not in MODEL_DTYPES:
+            raise QpassError(f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those")
+        if self.model is None:
+            raise QpassError("--format mindie needs the float model; save the CompileResult that qpass.compile returned")
+        state = apply_smoothing(self.model.state_dict(), smoothing_groups(self.recipe), self.recipe.tensors)
+        config = self.model.config.to_dict()
+        config.setdefault("architectures", [type(self.model).__name__])  # a GGUF-made config has none
+        export_mindie(config, state, self.recipe, self.tokenizer, directory, MODEL_DTYPES[dtype])
 
 
 def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | list[str] | None = None,
@@ -104,6 +126,8 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         "sqnr_db": recipe.stats.get("sqnr_db", {}),
         "decoder": decoder_info,
     }
+    if config.w8a8:
+        report["w8a8"] = reporting.w8a8_section(recipe)
     if eval_ids is not None:
         with _timed(timings, "eval"):
             ppl_ref = reference_perplexity(loaded.model, eval_ids, config.batch_size)
@@ -119,11 +143,16 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0,
         }
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    return CompileResult(quantized, recipe, sites, report, loaded.tokenizer, decoder)
+    return CompileResult(quantized, recipe, sites, report, loaded.tokenizer, decoder, model=loaded.model)
 
 
 def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = DEFAULT_EVAL_WINDOWS) -> dict:
-    """Reload a compile's program, recipe and tokenizer and measure the quantized perplexity on ``eval``."""
+    """Reload a compile's program, recipe and tokenizer (or a MindIE directory) and measure the quantized
+    perplexity on ``eval``."""
+    from qpass.mindie import evaluate_mindie, is_mindie_dir
+
+    if is_mindie_dir(out_dir):
+        return evaluate_mindie(out_dir, eval, eval_windows)
     out_dir = Path(out_dir)
     program_path = out_dir / PROGRAM_FILE
     if not program_path.is_file():
@@ -149,11 +178,6 @@ def inspect_model(model: str | LoadedModel, window: int = 64) -> list[AttentionS
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     program = capture(loaded.model, window)
     return find_attention_sites(program.graph, param_names(program))
-
-
-def param_names(program: ExportedProgram) -> dict[str, str]:
-    """Placeholder name -> the model's own parameter name (without the capture wrapper's prefix)."""
-    return {k: v.removeprefix("model.") for k, v in program.graph_signature.inputs_to_parameters.items()}
 
 
 def model_info(loaded: LoadedModel, sites: list[AttentionSite]) -> dict:

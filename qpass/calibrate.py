@@ -17,7 +17,9 @@ def geometry(sites: list[AttentionSite]) -> list[SiteGeometry]:
 
 
 def observed_kinds(config: QuantConfig) -> tuple[str, ...]:
-    return KINDS if config.fa_quant else ("k", "v")
+    if config.fa_quant:
+        return KINDS
+    return ("k", "v") if config.kv_cache == "int8" else ()
 
 
 def attach_observers(gm: torch.fx.GraphModule, sites: list[AttentionSite], kinds, stride: int) -> dict:
@@ -38,7 +40,14 @@ def attach_observers(gm: torch.fx.GraphModule, sites: list[AttentionSite], kinds
 
 def calibrate(program: torch.export.ExportedProgram, sites: list[AttentionSite], windows: torch.Tensor,
               config: QuantConfig) -> Recipe:
-    """Observe q/k/v over ``windows [N, W]`` and choose scales/offsets per ``config``."""
+    """Observe q/k/v over ``windows [N, W]`` and choose scales/offsets per ``config``.
+
+    With ``config.w8a8`` the Linears are smoothed and observed too (:func:`qpass.w8a8_calibrate.calibrate_w8a8`).
+    """
+    if config.w8a8:
+        from qpass.w8a8_calibrate import calibrate_w8a8  # it imports this module
+
+        return calibrate_w8a8(program, sites, windows, config)
     kinds = observed_kinds(config)
     tokens = windows.numel()
     stride = max(1, tokens // SAMPLE_TOKENS)

@@ -6,6 +6,14 @@ from torch.export import Dim
 from qpass.errors import QpassError
 
 
+WRAPPER_PREFIX = "model."  # the capture wrappers hold the HF model as `.model` (here and in qpass/generate.py)
+
+
+def param_names(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """Placeholder name -> the model's own parameter name (without the capture wrapper's prefix)."""
+    return {k: v.removeprefix(WRAPPER_PREFIX) for k, v in program.graph_signature.inputs_to_parameters.items()}
+
+
 class LogitsOnly(torch.nn.Module):
     """``input_ids [B, S] -> logits [B, S, vocab]``, no KV cache: the float function that qpass captures."""
 

@@ -28,14 +28,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-windows", type=int, default=32, help="at most this many eval windows (default 32)")
     c.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     c.add_argument("--no-verify", action="store_true", help="skip the checks after each pass")
+    c.add_argument("--w8a8", action="store_true", help="W8A8: every decoder Linear int8 x int8 (weights per channel, activations per tensor)")
+    c.add_argument("--act-method", type=int, choices=(1, 2, 3), default=1,
+                   help="W8A8 activation range: 1 min-max (default), 2 histogram, 3 auto per Linear (histogram when max|x|/std <= 50)")
+    c.add_argument("--anti-method", choices=("m1", "m2", "m3", "m4"),
+                   help="anti-outlier smoothing: m1 SmoothQuant, m2 SmoothQuant on shifted ranges, m3 activation-aware (searched), m4 iterative")
+    c.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength for m1/m2 (default 0.5)")
+    c.add_argument("--disable-level", default="L0",
+                   help="Linears kept float: L0 none (default), Ln the n with the widest activation range (e.g. L5), auto")
+    c.add_argument("--max-ppl-increase", type=float, default=2.0,
+                   help="--disable-level auto: perplexity increase allowed on held-out calibration text, percent (default 2)")
+    c.add_argument("--format", choices=("qpass", "mindie"), default="qpass",
+                   help="output: qpass (program.pt2, recipe/, decoder.pt2) or mindie (Ascend MindIE W8A8 weight directory; needs --w8a8)")
+    c.add_argument("--dtype", choices=("float16", "bfloat16"), help="model dtype of --format mindie (default float16)")
 
     e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
-    e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`")
+    e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
     e.add_argument("--eval", required=True, help="evaluation text file")
     e.add_argument("--eval-windows", type=int, default=32, help="at most this many eval windows (default 32)")
 
     r = sub.add_parser("run", help="generate text greedily with the compiled decoder and its paged int8 KV cache")
-    r.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`")
+    r.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
     r.add_argument("--prompt", required=True, help="text to continue")
     r.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
 
@@ -64,27 +77,45 @@ def cmd_compile(args) -> int:
     from qpass.report import summary
 
     check_output_dir(args.output, args.force)  # fail before the slow part
+    check_format_args(args)
     recipe = None
     if args.recipe:
         recipe = qpass.Recipe.load(args.recipe)
-        asked = (args.fa_quant, "int8" if args.kv_int8 else None)
-        if (args.fa_quant or args.kv_int8) and asked != (recipe.config.fa_quant, recipe.config.kv_cache):
-            raise QpassError(f"--recipe {args.recipe}: calibrated for fa_quant={recipe.config.fa_quant}, kv_cache={recipe.config.kv_cache}; "
-                             "drop --fa-quant/--kv-int8 to use it as it is, or recalibrate")
+        asked = (args.fa_quant, "int8" if args.kv_int8 else None, args.w8a8)
+        if (args.fa_quant or args.kv_int8 or args.w8a8) and asked != (recipe.config.fa_quant, recipe.config.kv_cache, recipe.config.w8a8):
+            raise QpassError(f"--recipe {args.recipe}: calibrated for fa_quant={recipe.config.fa_quant}, kv_cache={recipe.config.kv_cache}, "
+                             f"w8a8={recipe.config.w8a8}; drop --fa-quant/--kv-int8/--w8a8 to use it as it is, or recalibrate")
         config = recipe.config
     else:
         try:
             config = QuantConfig(fa_quant=args.fa_quant, kv_cache="int8" if args.kv_int8 else None, observer=args.observer,
                                  symmetric=args.symmetric, percentile=args.percentile, calib_samples=args.calib_samples,
-                                 window=args.window, batch_size=args.batch_size)
+                                 window=args.window, batch_size=args.batch_size, w8a8=args.w8a8, act_method=args.act_method,
+                                 anti_method=args.anti_method, alpha=args.alpha, disable_level=args.disable_level,
+                                 max_ppl_increase=args.max_ppl_increase)
         except ValueError as err:
             raise QpassError(str(err)) from None
     result = qpass.compile(args.model, config, calib=args.calib, eval=args.eval, recipe=recipe,
                            eval_windows=args.eval_windows, verify=not args.no_verify)
-    result.save(args.output, force=args.force)
+    result.save(args.output, force=args.force, format=args.format, dtype=args.dtype or "float16")
     print(summary(result.report))
-    print(f"  wrote {args.output}/ (program.pt2, recipe/, report.json, report.txt, report.png)")
+    files = ("quant_model_weight_w8a8.safetensors, quant_model_description.json, config.json, tokenizer" if args.format == "mindie"
+             else "program.pt2, recipe/")
+    print(f"  wrote {args.output}/ ({files}, report.json, report.txt, report.png)")
     return 0
+
+
+def check_format_args(args) -> None:
+    """Refuse --format / --dtype combinations the MindIE format does not allow, before the slow part."""
+    if args.format != "mindie":
+        if args.dtype:
+            raise QpassError(f"--dtype {args.dtype}: only --format mindie has a model dtype; add --format mindie or drop --dtype")
+        return
+    if args.dtype == "bfloat16" and args.kv_int8:
+        raise QpassError("--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights only; "
+                         "use --dtype float16, or drop --kv-int8")
+    if not args.recipe and not getattr(args, "w8a8", False):
+        raise QpassError("--format mindie: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)")
 
 
 def cmd_eval(args) -> int:
@@ -102,10 +133,19 @@ def cmd_run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise QpassError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    program, tokenizer = load_decoder(args.out)
-    prompt = tokenizer(args.prompt)["input_ids"]
-    start = time.perf_counter()
-    new = generate_lowered(program, prompt, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    from qpass.mindie import generate_mindie, is_mindie_dir, load_mindie
+
+    if is_mindie_dir(args.out):
+        loaded = load_mindie(args.out)
+        tokenizer = loaded.tokenizer
+        prompt = tokenizer(args.prompt)["input_ids"]
+        start = time.perf_counter()
+        new = generate_mindie(loaded, prompt, args.max_new_tokens)
+    else:
+        program, tokenizer = load_decoder(args.out)
+        prompt = tokenizer(args.prompt)["input_ids"]
+        start = time.perf_counter()
+        new = generate_lowered(program, prompt, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     print(tokenizer.decode(prompt + new, skip_special_tokens=True))
     print(f"qpass run: {len(new)} tokens in {seconds:.2f}s ({len(new) / seconds:.1f} tokens/s, prefill of "

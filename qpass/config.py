@@ -1,9 +1,13 @@
 """What to quantize and how: decided once, validated on construction, read by the passes."""
 
+import re
 from dataclasses import asdict, dataclass
 
 OBSERVERS = ("minmax", "percentile", "mse")
 KV_CACHE = (None, "int8")
+ACT_METHODS = (1, 2, 3)
+ANTI_METHODS = (None, "m1", "m2", "m3", "m4")
+DISABLE_LEVEL = re.compile(r"L(0|[1-9][0-9]*)|auto")
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,16 @@ class QuantConfig:
     observer: how a calibration range is chosen: ``minmax``; ``percentile`` (clip at ``percentile``
         of |x| per channel); ``mse`` (clip range searched on a histogram to minimise the L2 error).
     symmetric: symmetric int8 (offset 0, [-127, 127]) instead of asymmetric.
+    w8a8: every decoder Linear with int8 weights (symmetric, per output channel) and int8 activations
+        (asymmetric, per tensor, static); lm_head and the embeddings stay float.
+    act_method: W8A8 activation range: 1 min-max; 2 histogram (least-L2 clip); 3 per Linear, histogram
+        when ``max(|min|, |max|) / std <= 50``, else min-max.
+    anti_method: anti-outlier smoothing before W8A8 calibration: ``m1`` SmoothQuant (``alpha``),
+        ``m2`` SmoothQuant on shifted ranges (``alpha``), ``m3`` activation-aware scaling with a searched
+        exponent, ``m4`` iterative SmoothQuant (a = 0.9); None for none.
+    disable_level: Linears kept float: ``L0`` none; ``Ln`` the n with the widest activation range
+        (``max|x| / std``); ``auto`` the fewest, most sensitive first, keeping the perplexity increase on
+        held-out calibration text within ``max_ppl_increase`` percent.
     """
 
     fa_quant: bool = False
@@ -27,10 +41,29 @@ class QuantConfig:
     calib_samples: int = 64
     window: int = 512
     batch_size: int = 4
+    w8a8: bool = False
+    act_method: int = 1
+    anti_method: str | None = None
+    alpha: float = 0.5
+    disable_level: str = "L0"
+    max_ppl_increase: float = 2.0
 
     def __post_init__(self):
-        if not self.fa_quant and self.kv_cache is None:
-            raise ValueError("nothing to quantize: set fa_quant=True and/or kv_cache='int8' (--fa-quant / --kv-int8)")
+        if not self.fa_quant and self.kv_cache is None and not self.w8a8:
+            raise ValueError("nothing to quantize: set fa_quant=True, kv_cache='int8' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)")
+        if self.act_method not in ACT_METHODS:
+            raise ValueError(f"act_method={self.act_method!r} is not one of 1 (min-max), 2 (histogram), 3 (auto)")
+        if self.anti_method not in ANTI_METHODS:
+            raise ValueError(f"anti_method={self.anti_method!r} is not one of m1, m2, m3, m4 (or None for no smoothing)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
+        if not isinstance(self.disable_level, str) or not DISABLE_LEVEL.fullmatch(self.disable_level):
+            raise ValueError(f"disable_level={self.disable_level!r} is not L0, Ln (e.g. L5) or auto")
+        if not self.max_ppl_increase > 0.0:
+            raise ValueError(f"max_ppl_increase={self.max_ppl_increase} must be a positive percentage")
+        if not self.w8a8 and (self.anti_method is not None or self.disable_level != "L0"):
+            raise ValueError(f"anti_method={self.anti_method!r} / disable_level={self.disable_level!r} apply to W8A8 only; "
+                             "set w8a8=True (--w8a8) or drop them")
         if self.kv_cache not in KV_CACHE:
             raise ValueError(f"kv_cache={self.kv_cache!r} is not supported; use 'int8' or None")
         if self.observer not in OBSERVERS:

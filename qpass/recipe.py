@@ -9,7 +9,16 @@ calibration and compilation can run apart. Tensor names, all float32:
     layers.<i>.kv_k.scale / .offset     [num_kv_heads * head_dim]  C8 K, per channel
     layers.<i>.kv_v.scale / .offset     [num_kv_heads * head_dim]  C8 V, per channel
 
+    w8a8.<linear>.input_scale / .input_offset  [1]     W8A8 activation qparams of a quantized Linear
+                                                        (``<linear>`` an HF module path, e.g.
+                                                        model.layers.0.self_attn.q_proj)
+    smooth.<i>.scale                    [prev channels]    smoothing group i (see qpass/smoothing.py)
+
 Offsets follow ``q = clamp(round(x / scale) + offset)``, ``x = (q - offset) * scale``.
+
+With W8A8 the JSON has a ``w8a8`` object: ``act_method``, ``anti_method``, ``alpha``,
+``disable_level``, ``smooth`` (the smoothing groups, schema in ``qpass/smoothing.py``) and
+``float_linears`` (HF module path -> why it stays float). Linears not listed there are quantized.
 """
 
 import json
@@ -44,6 +53,7 @@ class Recipe:
     sites: list[SiteGeometry]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)  # per-site SQNR and the like, for the report
+    w8a8: dict = field(default_factory=dict)   # W8A8 policy and smoothing groups (module docstring); {} without W8A8
 
     def get(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, offset)`` of ``kind`` (``fa_q``, ``fa_k``, ``fa_v``, ``kv_k``, ``kv_v``) at ``layer``."""
@@ -65,6 +75,8 @@ class Recipe:
             "sites": [asdict(s) for s in self.sites],
             "stats": self.stats,
         }
+        if self.w8a8:
+            doc["w8a8"] = self.w8a8
         (directory / JSON_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
@@ -86,7 +98,7 @@ class Recipe:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise QpassError(f"--recipe {directory}: cannot read {TENSORS_FILE} ({err}); recalibrate with `qpass compile`") from err
-        return cls(config, sites, tensors, doc.get("stats", {}))
+        return cls(config, sites, tensors, doc.get("stats", {}), doc.get("w8a8", {}))
 
     def check_matches(self, geometry: list[SiteGeometry]) -> None:
         """Refuse a recipe calibrated for a model with other attention sites."""

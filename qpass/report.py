@@ -9,8 +9,13 @@ def summary(report: dict) -> str:
     lines = [f"qpass: {report['model']['name']}: {len(report['sites'])} attention sites, "
              f"{report['model']['num_heads']} heads / {report['model']['num_kv_heads']} kv heads, head_dim {report['model']['head_dim']}"]
     cfg = report["config"]
-    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), ("C8 int8 KV cache", cfg["kv_cache"] == "int8")) if on]
+    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), ("C8 int8 KV cache", cfg["kv_cache"] == "int8"), ("W8A8", cfg.get("w8a8"))) if on]
     lines.append(f"  quantized: {' + '.join(modes)}; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}")
+    w = report.get("w8a8")
+    if w:
+        lines.append(f"  W8A8: {w['quantized']} of {w['linears']} Linears int8 (act-method {w['act_method']}, "
+                     f"anti-method {w['anti_method'] or 'none'}, disable-level {w['disable_level']}); "
+                     f"{len(w['float_linears'])} float" + (f": {', '.join(sorted(w['float_linears']))}" if w["float_linears"] else ""))
     lines.append("  passes: " + ", ".join(f"{k} {v}" for k, v in report["passes"].items()))
     ev = report.get("eval")
     if ev:
@@ -24,6 +29,17 @@ def summary(report: dict) -> str:
             lines.append(f"  SQNR {kind}: min {min(vals):.1f} dB, mean {sum(vals) / len(vals):.1f} dB")
     lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
     return "\n".join(lines)
+
+
+def w8a8_section(recipe) -> dict:
+    """``report["w8a8"]``: how many Linears are int8, which stayed float and why, and the calibration figures."""
+    doc, stats = recipe.w8a8, recipe.stats.get("w8a8", {})
+    linears = len(stats.get("range_ratio", {}))
+    return {"act_method": doc["act_method"], "anti_method": doc["anti_method"], "alpha": doc["alpha"],
+            "disable_level": doc["disable_level"], "linears": linears, "quantized": linears - len(doc["float_linears"]),
+            "float_linears": doc["float_linears"], "smooth_groups": len(doc["smooth"]),
+            "fallback_search": stats.get("search", []), "smoothing": stats.get("smooth", {}),
+            "output_sqnr_db": stats.get("output_sqnr_db", {}), "act_method_used": stats.get("act_method_used", {})}
 
 
 def write(report: dict, directory: Path) -> None:
@@ -50,7 +66,11 @@ def plot_sqnr(report: dict, path: Path) -> None:
     ax.set_ylabel("SQNR (dB)")
     ax.set_title(f"{report['model']['name']}: int8 SQNR per layer")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:  # W8A8 alone: no q/k/v is quantized
+        ax.text(0.5, 0.5, "no attention quantization (--fa-quant / --kv-int8) in this compile",
+                ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)

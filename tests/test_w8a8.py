@@ -1,0 +1,194 @@
+"""W8A8: the Linears it rewrites (structure), what the program computes (numbers), policy, fallback, recipe, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from qpass.api import param_names
+from qpass.calibrate import calibrate
+from qpass.capture import capture
+from qpass.cli import main
+from qpass.config import QuantConfig
+from qpass.errors import QpassError
+from qpass.linear_observer import act_qparams
+from qpass.models.tiny import tiny_model
+from qpass.passes.find_attention_sites import find_attention_sites
+from qpass.passes.insert_w8a8 import W8A8_LINEAR
+from qpass.pipeline import quantize_program
+from qpass.recipe import Recipe
+
+WINDOW = 32
+LINEAR = torch.ops.aten.linear.default
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model("llama", num_layers=2)
+    program = capture(model, WINDOW)
+    sites = find_attention_sites(program.graph, param_names(program))
+    ids = torch.randint(0, 256, (8, WINDOW), generator=torch.Generator().manual_seed(1))
+    return model, program, sites, ids
+
+
+def _recipe(tiny, **config):
+    _, program, sites, ids = tiny
+    return calibrate(program, sites, ids, QuantConfig(window=WINDOW, batch_size=4, w8a8=True, **config))
+
+
+def test_every_decoder_linear_becomes_int8_and_its_float_weight_leaves_the_program(tiny):
+    _, program, sites, ids = tiny
+    recipe = _recipe(tiny)
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertW8A8Pass": 14}
+    ops = quantized.graph.find_nodes(op="call_function", target=W8A8_LINEAR)
+    assert len(ops) == 14
+    assert len(quantized.graph.find_nodes(op="call_function", target=LINEAR)) == 1  # lm_head stays float
+    weights = [quantized.constants[quantized.graph_signature.inputs_to_lifted_tensor_constants[n.args[3].name]] for n in ops]
+    assert all(w.dtype == torch.int8 for w in weights)
+    kept = set(quantized.state_dict)
+    assert not any(k.endswith("_proj.weight") for k in kept) and "model.lm_head.weight" in kept
+    assert program.graph.find_nodes(op="call_function", target=W8A8_LINEAR) == []  # the input is untouched
+    assert sum("_proj.weight" in k for k in program.state_dict) == 14
+
+
+def test_w8a8_program_stays_close_to_float_and_smoothing_does_not_hurt(tiny):
+    _, program, sites, ids = tiny
+    reference = program.module()(ids[:2])
+
+    def rel_error(**config):
+        quantized, _ = quantize_program(program, sites, _recipe(tiny, **config))
+        return float((quantized.module()(ids[:2]) - reference).detach().norm() / reference.detach().norm())
+
+    plain = rel_error(act_method=1)
+    assert plain < 0.05
+    assert rel_error(act_method=3, anti_method="m3") <= plain * 1.05
+
+
+def test_fa_c8_and_w8a8_together(tiny):
+    _, program, sites, ids = tiny
+    recipe = _recipe(tiny, fa_quant=True, kv_cache="int8", anti_method="m1")
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertFAQuantQDQPass": 6, "InsertKVCacheQDQPass": 4, "InsertW8A8Pass": 14}
+    assert {f"smooth.{i}.scale" for i in range(8)} <= set(recipe.tensors)
+    assert recipe.tensors["w8a8.model.layers.0.self_attn.q_proj.input_scale"].shape == (1,)
+
+
+def test_act_methods():
+    from qpass.observers import fake_quant
+
+    x = torch.distributions.StudentT(1.5).sample((4096, 8))  # heavy tails: max|x| / std far above 50
+    lo, hi = float(x.min()), float(x.max())
+    (minmax, o1, used1), (hist, o2, used2), (auto, _, used3) = (act_qparams(lo, hi, x, 400.0, m) for m in (1, 2, 3))
+    assert (used1, used2, used3) == ("min-max", "histogram", "min-max")
+    assert float(minmax) == pytest.approx((hi - lo) / 255, rel=1e-5)
+    error = lambda s, o: float((fake_quant(x, s, o) - x).pow(2).sum())  # noqa: E731
+    assert float(hist) <= float(minmax) and error(hist, o2) <= error(minmax, o1)  # never worse on the sample
+    assert float(auto) == float(minmax)
+    # a range far wider than the bulk of the sample (rare outliers): the least-L2 clip cuts it
+    wide, _, _ = act_qparams(-100.0, 100.0, torch.randn(4096, 8), 10.0, 2)
+    assert float(wide) < 200.0 / 255 / 5
+    _, _, used = act_qparams(-3.0, 3.0, torch.randn(512, 4), 3.0, 3)
+    assert used == "histogram"
+
+
+def test_disable_level_n_keeps_the_widest_ranges_float(tiny):
+    _, program, sites, _ = tiny
+    recipe = _recipe(tiny, disable_level="L2")
+    floats = recipe.w8a8["float_linears"]
+    ratios = recipe.stats["w8a8"]["range_ratio"]
+    assert len(floats) == 2 and min(ratios[n] for n in floats) >= max(r for n, r in ratios.items() if n not in floats)
+    assert all(f"w8a8.{n}.input_scale" not in recipe.tensors for n in floats)
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertW8A8Pass": 12}
+    assert len(quantized.graph.find_nodes(op="call_function", target=LINEAR)) == 3
+    with pytest.raises(QpassError, match="only 14 quantizable Linears"):
+        _recipe(tiny, disable_level="L15")
+
+
+def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
+    loose = _recipe(tiny, disable_level="auto", max_ppl_increase=50.0)  # real perplexities: W8A8 is within 50%
+    assert loose.w8a8["float_linears"] == {}
+    assert loose.stats["w8a8"]["search"][1]["float_linears"] == 0
+
+    import qpass.w8a8_calibrate as w8a8_calibrate
+
+    def fake_perplexity(module, windows, batch_size, desc):  # +1% per quantized Linear beyond the 9 least sensitive
+        if desc == "fallback float":
+            return 100.0
+        quantized = len(module.graph.find_nodes(op="call_function", target=W8A8_LINEAR))
+        return 100.0 * (1 + max(0, quantized - 9) / 100)
+
+    monkeypatch.setattr(w8a8_calibrate, "perplexity", fake_perplexity)
+    strict = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
+    floats = strict.w8a8["float_linears"]
+    assert len(floats) == 3  # 14 - 3 = 11 quantized: +2%
+    search = strict.stats["w8a8"]["search"]
+    assert search[0]["held_out_windows"] == 2
+    assert len(search) - 1 <= 7  # both rankings at 10%, then a binary search, not a sweep of 15 counts
+    ranking = search[-1]["ranking"]
+    assert ranking in ("loss", "sqnr")
+    key = {"loss": lambda n: -strict.stats["w8a8"]["loss_sensitivity"][n], "sqnr": lambda n: strict.stats["w8a8"]["output_sqnr_db"][n]}[ranking]
+    assert max(key(n) for n in floats) <= min(key(n) for n in strict.stats["w8a8"]["output_sqnr_db"] if n not in floats)
+    assert all(reason.startswith(f"auto: {ranking} sensitivity rank") and "within 2.5%" in reason for reason in floats.values())
+    assert all(v >= 0 for v in strict.stats["w8a8"]["loss_sensitivity"].values())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="act_method=4"):
+        QuantConfig(w8a8=True, act_method=4)
+    with pytest.raises(ValueError, match="anti_method='m6'"):
+        QuantConfig(w8a8=True, anti_method="m6")
+    with pytest.raises(ValueError, match="disable_level='L-1'"):
+        QuantConfig(w8a8=True, disable_level="L-1")
+    with pytest.raises(ValueError, match="apply to W8A8 only"):
+        QuantConfig(fa_quant=True, anti_method="m1")
+    with pytest.raises(ValueError, match="max_ppl_increase"):
+        QuantConfig(w8a8=True, max_ppl_increase=0)
+    assert QuantConfig(w8a8=True).fa_quant is False  # W8A8 alone is something to quantize
+
+
+def test_recipe_round_trip_is_byte_deterministic(tiny, tmp_path):
+    recipe = _recipe(tiny, anti_method="m3", disable_level="L1")
+    recipe.save(tmp_path / "a")
+    loaded = Recipe.load(tmp_path / "a")
+    assert loaded.w8a8 == recipe.w8a8 and loaded.config == recipe.config
+    assert set(loaded.w8a8) == {"act_method", "anti_method", "alpha", "disable_level", "smooth", "float_linears"}
+    loaded.save(tmp_path / "b")
+    for name in ("recipe.json", "recipe.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    _, program, sites, ids = tiny
+    a, _ = quantize_program(program, sites, recipe)
+    b, _ = quantize_program(program, sites, loaded)
+    assert torch.equal(a.module()(ids[:1]), b.module()(ids[:1]))
+
+
+def test_decoder_with_w8a8_generates_like_its_reference():
+    from qpass.generate import build_decoder, generate_lowered, generate_reference
+
+    model = tiny_model("llama", num_layers=1, hidden_size=256)  # head_dim 64: the paged ops support it
+    program = capture(model, WINDOW)
+    sites = find_attention_sites(program.graph, param_names(program))
+    recipe = calibrate(program, sites, torch.randint(0, 256, (4, WINDOW)),
+                       QuantConfig(window=WINDOW, kv_cache="int8", w8a8=True, anti_method="m1"))
+    reference, lowered = build_decoder(model, recipe, max_context=64)
+    assert len(lowered.graph.find_nodes(op="call_function", target=W8A8_LINEAR)) == 7
+    prompt = [1, 5, 9, 13]
+    assert generate_lowered(lowered, prompt, 6) == generate_reference(reference, prompt, 6)
+
+
+def test_cli_compile_w8a8_then_eval_reproduces(tiny_model_dir, text_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--act-method", "3", "--anti-method", "m3",
+                 "--disable-level", "L1", "--calib", str(text_files["calib"]), "--eval", str(text_files["prose"]),
+                 "-o", str(out), "--window", "64", "--calib-samples", "4", "--eval-windows", "2", "--batch-size", "2"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    w = report["w8a8"]
+    assert (w["linears"], w["quantized"], len(w["float_linears"])) == (14, 13, 1)
+    assert next(iter(w["float_linears"].values())).startswith("L1: activation range")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl_quant"] == pytest.approx(report["eval"]["ppl_quant"], rel=1e-6)
+    assert main(["compile", str(tiny_model_dir), "--w8a8", "--disable-level", "L2x", "-o", str(tmp_path / "bad")]) == 2
+    assert "disable_level='L2x'" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""Integer vs float inference on the CPU: a MindIE W8A8 directory (int8 x int8 -> int32 with ``torch._int_mm``)
+against the float model it was exported from, on the same tokens, with the same thread count.
+
+    python tools/bench_run.py                      # SmolLM2-135M (`default`)
+    python tools/bench_run.py --model tiny         # a small random Llama, for a quick check
+
+Calibration is per-tensor min-max of every decoder Linear's input on the standard-library corpus (the W8A8
+numbers do not change the speed). Prints milliseconds for a prefill forward and for greedy decode steps
+(Hugging Face's float KV cache in both: this measures the Linears), and the ratio integer / float
+(target: at most 1.0).
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def minmax_recipe(model, ids):
+    """A W8A8-only recipe: per-tensor min-max input qparams of every decoder Linear."""
+    from qpass.config import QuantConfig
+    from qpass.recipe import Recipe
+
+    ranges, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            def hook(_, inputs, __, name=name):
+                lo, hi = ranges.get(name, (0.0, 0.0))
+                ranges[name] = (min(lo, inputs[0].min().item()), max(hi, inputs[0].max().item()))
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        for window in ids.split(1):
+            model(window)
+    for h in hooks:
+        h.remove()
+    tensors = {}
+    for name, (lo, hi) in ranges.items():
+        scale = (hi - lo) / 255.0
+        tensors[f"w8a8.{name}.input_scale"] = torch.tensor([scale])
+        tensors[f"w8a8.{name}.input_offset"] = torch.tensor([float(round(-lo / scale) - 128)])
+    return Recipe(QuantConfig(w8a8=True), [], tensors)
+
+
+def load(spec: str):
+    from qpass.models.loaders import load_model
+
+    if spec != "tiny":
+        loaded = load_model(spec)
+        return loaded.model, loaded.tokenizer
+    from transformers import AutoTokenizer
+
+    from qpass.models.loaders import default_gguf_path
+    from qpass.models.tiny import tiny_model
+
+    path = default_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return tiny_model("llama", vocab_size=len(tokenizer), hidden_size=512, num_layers=4), tokenizer
+
+
+def time_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def prefill(model, ids):
+    def run():
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    return run
+
+
+def decode(model, ids, steps: int):
+    def run():
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                out = model(token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="`default` (SmolLM2-135M), a Hugging Face directory, or `tiny`")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both models")
+    parser.add_argument("--tokens", type=int, default=256, help="prompt tokens (prefill)")
+    parser.add_argument("--decode-steps", type=int, default=16, help="greedy decode steps after the prompt")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from qpass import corpus
+    from qpass.data import token_windows
+    from qpass.mindie import export_mindie, load_mindie
+
+    model, tokenizer = load(args.model)
+    calib = token_windows(tokenizer, corpus.calibration_samples(), 128, 8, "calibration")
+    recipe = minmax_recipe(model, calib)
+    with tempfile.TemporaryDirectory() as d:
+        export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, d, torch.float16)
+        loaded = load_mindie(d, load_tokenizer=False)
+    int_model, float_model = loaded.model, model  # both compute in float32 outside the W8A8 Linears
+    ids = token_windows(tokenizer, [corpus.eval_prose()], args.tokens, 1, "bench")[:1]
+    print(f"model {args.model}: {len(loaded.w8a8)} W8A8 Linears; threads {args.threads}; {ids.shape[1]} prompt tokens, "
+          f"{args.decode_steps} decode steps; int8 matmul: torch._int_mm")
+    rows = []
+    for label, make in (("prefill", lambda m: prefill(m, ids)), ("decode", lambda m: decode(m, ids[:, :32], args.decode_steps))):
+        f_ms = time_ms(make(float_model), args.repeats)
+        i_ms = time_ms(make(int_model), args.repeats)
+        rows.append((label, f_ms, i_ms))
+        print(f"  {label:<8} float {f_ms:9.1f} ms   integer {i_ms:9.1f} ms   ratio integer/float {i_ms / f_ms:.3f}")
+    worst = max(i / f for _, f, i in rows)
+    print(f"ratio (worst of prefill, decode): {worst:.3f} ({'integer no slower' if worst <= 1.0 else 'integer SLOWER'})")
+
+
+if __name__ == "__main__":
+    main()
