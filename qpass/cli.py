@@ -100,7 +100,7 @@ def cmd_compile(args) -> int:
     result.save(args.output, force=args.force, format=args.format, dtype=args.dtype or "float16")
     print(summary(result.report))
     files = ("quant_model_weight_w8a8.safetensors, quant_model_description.json, config.json, tokenizer" if args.format == "mindie"
-             else "program.pt2, recipe/")
+             else "program.pt2, " + ("decoder.pt2, " if result.decoder is not None else "") + "recipe/, tokenizer/")
     print(f"  wrote {args.output}/ ({files}, report.json, report.txt, report.png)")
     return 0
 
