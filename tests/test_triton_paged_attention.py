@@ -7,7 +7,6 @@ itself) may import triton earlier in the pytest process, so the one test collect
 this file again in a fresh process with the variable set; the tests below run only in that child.
 """
 
-import math
 import os
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import torch
 from qpass.errors import QpassError
 from qpass.runtime import paged_attention_int8_reference, paged_prefill_attention_int8_reference, quantize_int8
 from qpass.runtime.paged_attention import prefill_rows
+
+from paged_cases import make_case, rel_err
 
 CHILD = os.environ.get("QPASS_TRITON_INTERPRET_CHILD") == "1"
 in_child = pytest.mark.skipif(not CHILD, reason="runs in the interpreter child process")
@@ -38,37 +39,6 @@ if CHILD:
     import qpass.runtime.triton_paged_attention as tpa
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-def make_case(seed, context_lens, num_heads, kv_heads, head_dim, block_size, dtype):
-    """Random int8 paged cache with out-of-order blocks, holes, and table padding that points at a
-    real block of other data (so an over-read changes the result)."""
-    g = torch.Generator().manual_seed(seed)
-    needed = [-(-n // block_size) for n in context_lens]
-    num_blocks = sum(needed) + 2
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    perm = torch.randperm(num_blocks, generator=g)
-    block_tables = torch.full((len(context_lens), max(needed) + 1), int(perm[-1]), dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(needed):
-        block_tables[i, :n] = perm[at : at + n]
-        at += n
-    return dict(
-        query=torch.randn(len(context_lens), num_heads, head_dim, generator=g).to(dtype),
-        key_cache=torch.randint(-128, 128, shape, generator=g, dtype=torch.int8),
-        value_cache=torch.randint(-128, 128, shape, generator=g, dtype=torch.int8),
-        block_tables=block_tables,
-        context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        k_scale=torch.rand(kv_heads, head_dim, generator=g) * 0.03 + 0.005,
-        k_offset=torch.randint(-40, 40, (kv_heads, head_dim), generator=g).float(),
-        v_scale=torch.rand(kv_heads, head_dim, generator=g) * 0.03 + 0.005,
-        v_offset=torch.randint(-40, 40, (kv_heads, head_dim), generator=g).float(),
-        softmax_scale=1 / math.sqrt(head_dim),
-    )
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def exact(case):

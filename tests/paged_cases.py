@@ -1,0 +1,36 @@
+"""Random paged int8 attention inputs shared by the Triton and Ascend tests."""
+
+import math
+
+import torch
+
+
+def make_case(seed, context_lens, num_heads=8, kv_heads=2, head_dim=128, block_size=32, dtype=torch.float16):
+    """Random int8 paged cache with out-of-order blocks, holes, and table padding that points at a
+    real block of other data (so an over-read changes the result)."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(needed) + 2
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    perm = torch.randperm(num_blocks, generator=g)
+    block_tables = torch.full((len(context_lens), max(needed) + 1), int(perm[-1]), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(needed):
+        block_tables[i, :n] = perm[at : at + n]
+        at += n
+    return dict(
+        query=torch.randn(len(context_lens), num_heads, head_dim, generator=g).to(dtype),
+        key_cache=torch.randint(-128, 128, shape, generator=g, dtype=torch.int8),
+        value_cache=torch.randint(-128, 128, shape, generator=g, dtype=torch.int8),
+        block_tables=block_tables,
+        context_lens=torch.tensor(context_lens, dtype=torch.int32),
+        k_scale=torch.rand(kv_heads, head_dim, generator=g) * 0.03 + 0.005,
+        k_offset=torch.randint(-40, 40, (kv_heads, head_dim), generator=g).float(),
+        v_scale=torch.rand(kv_heads, head_dim, generator=g) * 0.03 + 0.005,
+        v_offset=torch.randint(-40, 40, (kv_heads, head_dim), generator=g).float(),
+        softmax_scale=1 / math.sqrt(head_dim),
+    )
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
