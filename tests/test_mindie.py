@@ -19,6 +19,7 @@ from qpass.evaluate import perplexity
 from qpass.mindie import (DESCRIPTION_FILE, WEIGHTS_FILE, export_mindie, generate_mindie, load_mindie, quantized_program,
                           w8a8_linears)
 from qpass.models.tiny import tiny_config, tiny_model
+from qpass.observers import affine_qparams
 from qpass.passes.find_attention_sites import find_attention_sites
 from qpass.pipeline import quantize_program
 from qpass.recipe import Recipe
@@ -55,9 +56,9 @@ def w8a8_minmax(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Te
         h.remove()
     tensors = {}
     for name, (lo, hi) in ranges.items():
-        scale = (hi - lo) / 255.0
-        tensors[f"w8a8.{name}.input_scale"] = torch.tensor([scale])
-        tensors[f"w8a8.{name}.input_offset"] = torch.tensor([float(round(-lo / scale) - 128)])
+        scale, offset = affine_qparams(torch.tensor([lo]), torch.tensor([hi]), symmetric=False)
+        tensors[f"w8a8.{name}.input_scale"] = scale
+        tensors[f"w8a8.{name}.input_offset"] = offset
     return tensors
 
 

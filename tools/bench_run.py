@@ -21,6 +21,7 @@ import torch
 def minmax_recipe(model, ids):
     """A W8A8-only recipe: per-tensor min-max input qparams of every decoder Linear."""
     from qpass.config import QuantConfig
+    from qpass.observers import affine_qparams
     from qpass.recipe import Recipe
 
     ranges, hooks = {}, []
@@ -37,9 +38,9 @@ def minmax_recipe(model, ids):
         h.remove()
     tensors = {}
     for name, (lo, hi) in ranges.items():
-        scale = (hi - lo) / 255.0
-        tensors[f"w8a8.{name}.input_scale"] = torch.tensor([scale])
-        tensors[f"w8a8.{name}.input_offset"] = torch.tensor([float(round(-lo / scale) - 128)])
+        scale, offset = affine_qparams(torch.tensor([lo]), torch.tensor([hi]), symmetric=False)
+        tensors[f"w8a8.{name}.input_scale"] = scale
+        tensors[f"w8a8.{name}.input_offset"] = offset
     return Recipe(QuantConfig(w8a8=True), [], tensors)
 
 
