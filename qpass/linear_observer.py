@@ -114,7 +114,12 @@ def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
 def quantized_output_error(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_method: int = 1,
                            reference: torch.Tensor | None = None, lo: torch.Tensor | None = None,
                            hi: torch.Tensor | None = None) -> float:
-    """``|| fq(x / s) @ fq(W * s)^T - x @ W^T ||^2``: the output error of W8A8 Linears after smoothing by ``s``.
+    """``sum_t ||fq(x_t / s) @ fq(W * s)^T - y_t||^2 / ||y_t||^2``, ``y = x @ W^T``: the output error of W8A8
+    Linears after smoothing by ``s``, each token's error relative to its own output.
+
+    Relative per token, because a few tokens (the first of a window, the attention sink) carry
+    activations thousands of times the rest: in absolute terms their error alone would decide, and
+    the search would trade every other token's precision for theirs.
 
     ``x [N, C]`` a sample of the shared input, ``weight [n, C]`` the consumers' weights stacked,
     ``scale [C]`` (ones: no smoothing). Activations are quantized per tensor as ``act_method`` says,
@@ -128,7 +133,8 @@ def quantized_output_error(x: torch.Tensor, weight: torch.Tensor, scale: torch.T
     s, o, _ = act_qparams(lo, hi, xs, ratio, act_method)
     ref = x @ weight.t() if reference is None else reference
     out = fake_quant(xs, s, o) @ fake_quant_weight(weight * scale).t()
-    return float((out - ref).pow(2).sum())
+    energy = ref.pow(2).sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
+    return float(((out - ref).pow(2).sum(-1) / energy).sum())
 
 
 def output_sqnr_db(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> float:

@@ -81,6 +81,7 @@ def calibrate_w8a8(program: torch.export.ExportedProgram, sites: list[AttentionS
             tensors[f"smooth.{i}.scale"] = s.contiguous()
             doc["smooth"].append(g.to_recipe(f"smooth.{i}.scale"))
         stats["smooth"] = {"groups": len(groups),
+                           **({"statistics": smoother.statistics} if hasattr(smoother, "statistics") else {}),
                            **({"exponents": smoother.exponents} if hasattr(smoother, "exponents") else {}),
                            **({"steps": smoother.steps} if hasattr(smoother, "steps") else {})}
     linear_obs = attach_linear_observers(gm, sorted({s.input for s in linears}), stride)

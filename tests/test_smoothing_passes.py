@@ -88,9 +88,33 @@ def test_awq_search_never_does_worse_than_no_smoothing_on_the_sample(llama):
     smoother = AWQScalePass(groups, stats)
     smoother(gm)
     assert all(0.0 <= r <= 1.0 for r in smoother.exponents)
+    assert set(smoother.statistics) <= {"mean", "max"} and len(smoother.statistics) == len(groups)
     assert any(r > 0 for r in smoother.exponents)  # the outlier channels are worth smoothing
     for g, s in zip(groups, smoother.scales):
         obs, w = stats[g.input], weights[g.input]
         full = s if g.group == 1 else s.view(-1, 1, g.head_dim).expand(-1, g.group, g.head_dim).reshape(-1)
         error = lambda scale: quantized_output_error(obs.sample(), w, scale, 1, None, obs.min, obs.max)  # noqa: E731
         assert error(full) <= error(torch.ones_like(full)) * (1 + 1e-6)
+
+
+def test_awq_takes_max_statistic_for_a_sink_token_outlier():
+    """One token with one channel 500x the rest (the attention sink of real LLMs): ``mean|X|^r`` hardly
+    moves that channel, ``max|X|^r`` does, and the relative per-token error sees what the per-tensor
+    step costs every other token."""
+    from qpass.linear_observer import LinearObserver
+    from qpass.passes.find_linear_sites import SmoothGroup
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=gen)
+    x[0, 5] = 1000.0
+    weight = torch.randn(32, 64, generator=gen) * 0.05
+    obs = LinearObserver(stride=1, max_tokens=512)
+    obs(x)
+    group = SmoothGroup("x", "prev", "norm", ("fc",), 64)
+    smoother = AWQScalePass([group], {"x": obs})
+    scale = smoother.group_scale(group, obs, weight)
+    assert smoother.statistics == ["max"] and smoother.exponents[0] > 0
+    none, mean_only = torch.ones(64), obs.mean_abs.pow(smoother.exponents[0])
+    error = lambda s: quantized_output_error(x, weight, s, 1)  # noqa: E731
+    assert error(scale) < 0.1 * error(none)
+    assert error(scale) < error(mean_only / (mean_only.max() * mean_only.min()).sqrt())
