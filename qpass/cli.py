@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--disable-level", default="L0",
                    help="Linears kept float: L0 none (default), Ln the n with the widest activation range (e.g. L5), auto")
     c.add_argument("--max-ppl-increase", type=float, default=2.0,
-                   help="--disable-level auto: perplexity increase allowed on held-out calibration text, percent (default 2)")
+                   help="--disable-level auto: perplexity increase allowed on held-out calibration text (95%% upper bound), percent (default 2)")
     c.add_argument("--format", choices=("qpass", "mindie"), default="qpass",
                    help="output: qpass (program.pt2, recipe/, decoder.pt2) or mindie (Ascend MindIE W8A8 weight directory; needs --w8a8)")
     c.add_argument("--dtype", choices=("float16", "bfloat16"), help="model dtype of --format mindie (default float16)")

@@ -30,7 +30,8 @@ class QuantConfig:
         exponent, ``m4`` iterative SmoothQuant (a = 0.9); None for none.
     disable_level: Linears kept float: ``L0`` none; ``Ln`` the n with the widest activation range
         (``max|x| / std``); ``auto`` the fewest, most sensitive first, keeping the perplexity increase on
-        held-out calibration text within ``max_ppl_increase`` percent.
+        held-out calibration text (its one-sided 95% upper bound over the windows) within
+        ``max_ppl_increase`` percent.
     """
 
     fa_quant: bool = False

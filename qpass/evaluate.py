@@ -9,13 +9,18 @@ from tqdm.auto import tqdm
 
 def perplexity(logits_fn, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> float:
     """``exp`` of the mean next-token NLL over ``windows [N, W]`` (each window predicts W - 1 tokens)."""
-    nll, count = 0.0, 0
+    return math.exp(float(window_nll(logits_fn, windows, batch_size, desc).mean()))
+
+
+def window_nll(logits_fn, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
+    """The mean next-token NLL of each of ``windows [N, W]``, float64 ``[N]``."""
+    out = []
     with torch.no_grad():
         for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False, disable=None):
             logits = logits_fn(batch)
-            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-            count += batch[:, 1:].numel()
-    return math.exp(nll / count)
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+            out.append(nll.double().view(batch.shape[0], -1).mean(1))
+    return torch.cat(out)
 
 
 def reference_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> float:

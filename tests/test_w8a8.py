@@ -1,6 +1,7 @@
 """W8A8: the Linears it rewrites (structure), what the program computes (numbers), policy, fallback, recipe, CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -113,13 +114,14 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
 
     import qpass.w8a8_calibrate as w8a8_calibrate
 
-    def fake_perplexity(module, windows, batch_size, desc):  # +1% per quantized Linear beyond the 9 least sensitive
+    def fake_window_nll(module, windows, batch_size, desc, noise=0.0):  # +1% per quantized Linear beyond the 9 least sensitive
         if desc == "fallback float":
-            return 100.0
+            return torch.full((windows.shape[0],), math.log(100.0), dtype=torch.float64)
         quantized = len(module.graph.find_nodes(op="call_function", target=W8A8_LINEAR))
-        return 100.0 * (1 + max(0, quantized - 9) / 100)
+        nll = torch.full((windows.shape[0],), math.log(100.0 * (1 + max(0, quantized - 9) / 100)), dtype=torch.float64)
+        return nll + noise * (quantized > 0) * torch.tensor([1.0, -1.0]).repeat(windows.shape[0] // 2)
 
-    monkeypatch.setattr(w8a8_calibrate, "perplexity", fake_perplexity)
+    monkeypatch.setattr(w8a8_calibrate, "window_nll", fake_window_nll)
     strict = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
     floats = strict.w8a8["float_linears"]
     assert len(floats) == 3  # 14 - 3 = 11 quantized: +2%
@@ -132,6 +134,22 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert max(key(n) for n in floats) <= min(key(n) for n in strict.stats["w8a8"]["output_sqnr_db"] if n not in floats)
     assert all(reason.startswith(f"auto: {ranking} sensitivity rank") and "within 2.5%" in reason for reason in floats.values())
     assert all(v >= 0 for v in strict.stats["w8a8"]["loss_sensitivity"].values())
+
+    # Held-out windows that disagree (+-1% NLL): the 95% upper bound, not the mean, is held to the limit.
+    monkeypatch.setattr(w8a8_calibrate, "window_nll", lambda *args: fake_window_nll(*args, noise=0.01))
+    noisy = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
+    assert len(noisy.w8a8["float_linears"]) == 5  # 10 quantized: +1.0% estimated, bound +2.7%; 9: +0%, bound +1.7%
+    last = noisy.stats["w8a8"]["search"][-1]
+    assert last["upper_95_pct"] > last["ppl_increase_pct"]
+
+
+def test_increase_bound_is_the_estimate_for_one_window_and_above_it_for_several():
+    from qpass.w8a8_calibrate import increase_bound
+
+    assert increase_bound(torch.tensor([0.02], dtype=torch.float64)) == pytest.approx((math.exp(0.02) * 100 - 100,) * 2)
+    inc, upper = increase_bound(torch.tensor([0.01, 0.03], dtype=torch.float64))
+    assert inc == pytest.approx((math.exp(0.02) - 1) * 100) and upper > inc
+    assert increase_bound(torch.tensor([0.02, 0.02], dtype=torch.float64))[1] == pytest.approx(inc)
 
 
 def test_config_validation():
