@@ -93,9 +93,12 @@ def act_qparams(lo: float, hi: float, sample: torch.Tensor, ratio: float, act_me
 
 def least_l2_clip(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor ``(scale [1], offset [1])`` of the clip ``[t lo, t hi]``, t on ``CLIP_FRACTIONS``, whose int8
-    round trip has the least squared error on ``sample`` (at most ``MAX_SEARCH_VALUES`` evenly strided values)."""
-    x = sample.reshape(-1).float()
-    x = x[:: max(1, x.numel() // MAX_SEARCH_VALUES)]
+    round trip has the least squared error on ``sample [tokens, C]`` (evenly strided whole tokens, at most
+    ``MAX_SEARCH_VALUES`` values: striding the flattened values would see only the channels that are a
+    multiple of the stride, and miss the outlier channels that decide the clip)."""
+    rows = max(1, MAX_SEARCH_VALUES // sample.shape[-1])
+    x = sample.reshape(-1, sample.shape[-1])
+    x = x[:: -(-x.shape[0] // rows)].reshape(-1).float()
     best = (float("inf"), None)
     for t in CLIP_FRACTIONS:
         scale, offset = affine_qparams(lo * t, hi * t, symmetric=False)

@@ -119,18 +119,18 @@ def calibrate_w8a8(program: torch.export.ExportedProgram, sites: list[AttentionS
 
 
 def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(calibration windows, held-out windows)``; only ``auto`` holds windows out: a quarter, at most
-    ``MAX_HELD_OUT``, spread evenly over the windows so that they sample every part of the calibration
-    text (its windows run in text order, one module after another), not only its end."""
+    """``(calibration windows, held-out windows)``; only ``auto`` holds windows out: the last quarter, at
+    most ``MAX_HELD_OUT``. The windows run in text order, so the held-out ones come from the last
+    modules of the calibration text, which calibration never sees: an estimate for unseen text.
+    (Windows spread evenly instead sit beside calibration windows of the same modules; on SmolLM2 that
+    estimated +1.35% for a choice that gave +2.18% on prose and +2.71% on code.)"""
     if config.disable_level != "auto":
         return windows, None
     if windows.shape[0] < 2:
         raise QpassError(f"--disable-level auto: needs at least 2 calibration windows (one is held out), got {windows.shape[0]}; "
                          "give more calibration text or raise --calib-samples")
-    count = max(1, min(MAX_HELD_OUT, windows.shape[0] // 4))
-    held = torch.zeros(windows.shape[0], dtype=torch.bool)
-    held[torch.linspace(windows.shape[0] - 1, 0, count).round().long()] = True
-    return windows[~held], windows[held]
+    held = max(1, min(MAX_HELD_OUT, windows.shape[0] // 4))
+    return windows[:-held], windows[-held:]
 
 
 def attach_linear_observers(gm: torch.fx.GraphModule, inputs: list[str], stride: int) -> dict[str, LinearObserver]:

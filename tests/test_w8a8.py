@@ -93,6 +93,16 @@ def test_act_methods():
     assert used == "histogram"
 
 
+def test_histogram_clip_sees_every_channel():
+    """One channel (5, not a multiple of any stride over the flattened values) sits at 10 while the
+    rest are near 0: the least-L2 clip must keep it, so it must see it."""
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+    x[:, 5] = 10.0
+    scale, offset, used = act_qparams(float(x.min()), float(x.max()), x, 5.0, 2)
+    assert used == "histogram"
+    assert float((127 - offset) * scale) >= 9.9  # the top of the int8 range reaches the channel
+
+
 def test_disable_level_n_keeps_the_widest_ranges_float(tiny):
     _, program, sites, _ = tiny
     recipe = _recipe(tiny, disable_level="L2")
