@@ -146,3 +146,30 @@ def output_sqnr_db(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, o
     out = fake_quant(x, scale, offset) @ fake_quant_weight(weight).t()
     noise = float((out - ref).pow(2).sum())
     return float("inf") if noise == 0 else 10.0 * float(torch.log10(ref.pow(2).sum() / noise))
+
+
+def minmax_input_qparams(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Per-tensor min-max input qparams of every decoder Linear (``model.layers.*``) of a Hugging Face
+    ``model`` over ``batches`` of token ids, as the recipe's ``w8a8.<module>.input_scale`` / ``input_offset``
+    tensors. No smoothing, no fallback: for round-trip tests and speed benchmarks, where the accuracy
+    of the numbers does not matter. Each range includes 0."""
+    ranges, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            def hook(_, inputs, __, name=name):
+                lo, hi = ranges.get(name, (0.0, 0.0))
+                ranges[name] = (min(lo, inputs[0].min().item()), max(hi, inputs[0].max().item()))
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    tensors = {}
+    for name, (lo, hi) in ranges.items():
+        scale, offset = affine_qparams(torch.tensor([lo]), torch.tensor([hi]), symmetric=False)
+        tensors[f"w8a8.{name}.input_scale"] = scale
+        tensors[f"w8a8.{name}.input_offset"] = offset
+    return tensors

@@ -16,10 +16,10 @@ from qpass.cli import main
 from qpass.config import QuantConfig
 from qpass.errors import QpassError
 from qpass.evaluate import perplexity
+from qpass.linear_observer import minmax_input_qparams
 from qpass.mindie import (DESCRIPTION_FILE, WEIGHTS_FILE, export_mindie, generate_mindie, load_mindie, quantized_program,
                           w8a8_linears)
 from qpass.models.tiny import tiny_config, tiny_model
-from qpass.observers import affine_qparams
 from qpass.passes.find_attention_sites import find_attention_sites
 from qpass.pipeline import quantize_program
 from qpass.recipe import Recipe
@@ -41,33 +41,12 @@ def config_for(fa: bool, kv: bool) -> QuantConfig:
     return QuantConfig(fa_quant=fa, kv_cache="int8" if kv else None, w8a8=True)
 
 
-def w8a8_minmax(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-tensor min-max input qparams of every decoder Linear (the recipe's w8a8 tensors)."""
-    ranges, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-            def hook(_, inputs, __, name=name):
-                lo, hi = ranges.get(name, (0.0, 0.0))
-                ranges[name] = (min(lo, inputs[0].min().item()), max(hi, inputs[0].max().item()))
-            hooks.append(module.register_forward_hook(hook))
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    tensors = {}
-    for name, (lo, hi) in ranges.items():
-        scale, offset = affine_qparams(torch.tensor([lo]), torch.tensor([hi]), symmetric=False)
-        tensors[f"w8a8.{name}.input_scale"] = scale
-        tensors[f"w8a8.{name}.input_offset"] = offset
-    return tensors
-
-
 def full_recipe(model, ids) -> Recipe:
     """FAQuant, C8 and W8A8 tensors for ``model``; :func:`variant` picks what a config asks for."""
     program = capture(model, WINDOW)
     sites = find_attention_sites(program.graph, param_names(program))
     recipe = calibrate(program, sites, ids, QuantConfig(fa_quant=True, kv_cache="int8", window=WINDOW, calib_samples=len(ids)))
-    recipe.tensors.update(w8a8_minmax(model, ids))
+    recipe.tensors.update(minmax_input_qparams(model, [ids]))
     return recipe
 
 
@@ -283,7 +262,7 @@ def test_qwen2_bias_round_trip(smollm2_tokenizer, tmp_path):
     """Qwen2's q/k/v biases go into quant_bias; the reloaded logits equal the in-memory W8A8 model's."""
     model = tiny_model("qwen2", vocab_size=512)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(2))
-    recipe = Recipe(config_for(False, False), [], w8a8_minmax(model, ids))
+    recipe = Recipe(config_for(False, False), [], minmax_input_qparams(model, [ids]))
     export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path, torch.bfloat16)
     tensors = load_file(str(tmp_path / WEIGHTS_FILE))
     assert "model.layers.0.self_attn.q_proj.bias" not in tensors

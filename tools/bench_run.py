@@ -21,27 +21,10 @@ import torch
 def minmax_recipe(model, ids):
     """A W8A8-only recipe: per-tensor min-max input qparams of every decoder Linear."""
     from qpass.config import QuantConfig
-    from qpass.observers import affine_qparams
+    from qpass.linear_observer import minmax_input_qparams
     from qpass.recipe import Recipe
 
-    ranges, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-            def hook(_, inputs, __, name=name):
-                lo, hi = ranges.get(name, (0.0, 0.0))
-                ranges[name] = (min(lo, inputs[0].min().item()), max(hi, inputs[0].max().item()))
-            hooks.append(module.register_forward_hook(hook))
-    with torch.no_grad():
-        for window in ids.split(1):
-            model(window)
-    for h in hooks:
-        h.remove()
-    tensors = {}
-    for name, (lo, hi) in ranges.items():
-        scale, offset = affine_qparams(torch.tensor([lo]), torch.tensor([hi]), symmetric=False)
-        tensors[f"w8a8.{name}.input_scale"] = scale
-        tensors[f"w8a8.{name}.input_offset"] = offset
-    return Recipe(QuantConfig(w8a8=True), [], tensors)
+    return Recipe(QuantConfig(w8a8=True), [], minmax_input_qparams(model, ids.split(1)))
 
 
 def load(spec: str):
