@@ -25,10 +25,13 @@ demo: install
 		--eval $(OUT)/corpus/eval_prose.txt -o $(OUT)/demo --force
 	$(BIN)/qpass eval $(OUT)/demo --eval $(OUT)/corpus/eval_code.txt
 
+# lint-imports holds the layers of docs/architecture.md (contracts in .importlinter)
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 -q
 
 test-fast: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 clean:

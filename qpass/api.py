@@ -1,6 +1,9 @@
-"""The Python API: ``qpass.compile`` and ``qpass.evaluate_saved``, which the CLI calls too."""
+"""The Python API: ``qpass.compile``, ``qpass.evaluate_saved``, ``qpass.generate``, ``qpass.inspect_model``.
 
-import json
+It only chooses: a frontend for the model (today the torch.export one) and an exporter for the output
+(``--format``, or the one whose directory ``evaluate_saved`` is given). The work is theirs and the core's.
+"""
+
 import os
 import shutil
 import tempfile
@@ -9,28 +12,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch.export import ExportedProgram
-
-from qpass import corpus
-from qpass.calibrate import calibrate, geometry
-from qpass.capture import capture, param_names  # noqa: F401  (param_names: part of this module's API)
-from qpass.config import QuantConfig
-from qpass.data import read_samples, read_text, token_windows
-from qpass.errors import QpassError
-from qpass.evaluate import perplexity, reference_perplexity
-from qpass.generate import DECODER_FILE, compile_decoder
+from qpass.core import corpus
+from qpass.core import report as reporting
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.core.data import read_samples, read_text, token_windows
+from qpass.core.errors import QpassError
+from qpass.core.evaluate import perplexity
+from qpass.core.recipe import Recipe, geometry
+from qpass.core.sites import AttentionSite
+from qpass.exporters import registry
+from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from qpass.models.loaders import LoadedModel, load_model
-from qpass.passes.find_attention_sites import AttentionSite, find_attention_sites
-from qpass.pipeline import quantize_program
-from qpass.recipe import Recipe
-from qpass import report as reporting
 
-PROGRAM_FILE = "program.pt2"
-RECIPE_DIR = "recipe"
-TOKENIZER_DIR = "tokenizer"
 DEFAULT_EVAL_WINDOWS = 32
-SAVE_FORMATS = ("qpass", "mindie")
+DEFAULT_WINDOW = 512  # evaluation window of a directory that records none (MindIE)
+DEFAULT_BATCH = 4
 FLOAT_MATCH_PCT = 0.01  # the captured float program must reproduce the model's own perplexity this closely
 
 
@@ -38,45 +35,26 @@ FLOAT_MATCH_PCT = 0.01  # the captured float program must reproduce the model's 
 class CompileResult:
     """What ``compile`` returns: the quantized program, its recipe, the sites and the report."""
 
-    program: ExportedProgram
+    program: object  # torch.export.ExportedProgram with Q/DQ
     recipe: Recipe
     sites: list[AttentionSite]
     report: dict
     tokenizer: object = field(repr=False, default=None)
-    decoder: ExportedProgram | None = field(repr=False, default=None)  # lowered to paged int8 ops, for `qpass run`
-    model: torch.nn.Module | None = field(repr=False, default=None)  # the float model, for --format mindie
+    decoder: object = field(repr=False, default=None)  # lowered to paged int8 ops, for `qpass run`
+    compiled: registry.Compiled | None = field(repr=False, default=None)  # what exporters write
 
-    def save(self, out_dir: str | Path, force: bool = False, format: str = "qpass", dtype: str = "float16") -> Path:
-        """Write ``out_dir`` all or nothing. ``format="qpass"``: program.pt2, recipe/, tokenizer/ and the report;
-        ``format="mindie"``: the MindIE weight directory in model dtype ``dtype`` (see ``qpass/mindie.py``) and the report."""
-        if format not in SAVE_FORMATS:
-            raise QpassError(f"--format {format}: choose one of {', '.join(SAVE_FORMATS)}")
+    def save(self, out_dir: str | Path, force: bool = False, format: str = "qpass", dtype: str | None = None) -> Path:
+        """Write ``out_dir`` all or nothing with the exporter ``format`` (``qpass``, ``mindie``); ``dtype``
+        is the model dtype of formats that store one (``mindie``: float16, the default, or bfloat16)."""
+        exporter = registry.get(format)
         with staged_output(out_dir, force) as tmp:
-            if format == "mindie":
-                self._write_mindie(tmp, dtype)
-                reporting.write(self.report, tmp)
-                return Path(out_dir)
-            torch.export.save(self.program, str(tmp / PROGRAM_FILE))
-            if self.decoder is not None:
-                torch.export.save(self.decoder, str(tmp / DECODER_FILE))
-            self.recipe.save(tmp / RECIPE_DIR)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            reporting.write(self.report, tmp)
+            exporter.write(self.compiled, tmp, {"dtype": dtype})
         return Path(out_dir)
 
-    def _write_mindie(self, directory: Path, dtype: str) -> None:
-        from qpass.mindie import MODEL_DTYPES, export_mindie, smoothing_groups
-        from qpass.smoothing import apply_smoothing
 
-        if dtype not in MODEL_DTYPES:
-            raise QpassError(f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those")
-        if self.model is None:
-            raise QpassError("--format mindie needs the float model; save the CompileResult that qpass.compile returned")
-        state = apply_smoothing(self.model.state_dict(), smoothing_groups(self.recipe), self.recipe.tensors)
-        config = self.model.config.to_dict()
-        config.setdefault("architectures", [type(self.model).__name__])  # a GGUF-made config has none
-        export_mindie(config, state, self.recipe, self.tokenizer, directory, MODEL_DTYPES[dtype])
+def frontend_for(model: str | LoadedModel, window: int) -> TorchExportFrontend:
+    """The frontend that loads ``model``: a model directory, a ``.gguf`` file, ``default``, or a loaded model."""
+    return TorchExportFrontend.load(model, window)
 
 
 def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | list[str] | None = None,
@@ -103,35 +81,35 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
                 calib if isinstance(calib, list) else read_samples(calib, "--calib"))
             calib_ids = token_windows(loaded.tokenizer, samples, config.window, config.calib_samples, "--calib")
     with _timed(timings, "capture"):
-        program = capture(loaded.model, config.window)
-        sites = find_attention_sites(program.graph, param_names(program))
+        frontend = frontend_for(loaded, config.window)
+        sites = frontend.attention_sites()
     if recipe is None:
         with _timed(timings, "calibrate"):
-            recipe = calibrate(program, sites, calib_ids, config)
+            recipe = calibrate(frontend, calib_ids, config)
         calib_info = {"file": "stdlib corpus" if calib is None else str(calib) if not isinstance(calib, list) else "texts",
                       "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel())}
     else:
         recipe.check_matches(geometry(sites))
         calib_info = {"file": "recipe", "windows": 0, "tokens": 0}
     with _timed(timings, "passes"):
-        quantized, counts = quantize_program(program, sites, recipe, verify=verify)
+        quantized, counts = frontend.quantize(recipe, verify=verify)
     with _timed(timings, "decoder"):
-        decoder, decoder_info = compile_decoder(loaded.model, recipe, verify=verify)
+        decoder, decoder_info = frontend.decoder(recipe, verify=verify)
     report = {
-        "model": model_info(loaded, sites),
+        "model": model_info(frontend, sites),
         "config": config.to_dict(),
         "sites": [site_info(s) for s in sites],
         "passes": counts,
         "calibration": calib_info,
-        "sqnr_db": recipe.stats.get("sqnr_db", {}),
+        "sqnr_db": dict(recipe.stats.get("sqnr_db", {})),
         "decoder": decoder_info,
     }
     if config.w8a8:
         report["w8a8"] = reporting.w8a8_section(recipe)
     if eval_ids is not None:
         with _timed(timings, "eval"):
-            ppl_ref = reference_perplexity(loaded.model, eval_ids, config.batch_size)
-            ppl_float = perplexity(program.module(), eval_ids, config.batch_size, "eval float")
+            ppl_ref = frontend.reference_perplexity(eval_ids, config.batch_size)
+            ppl_float = perplexity(frontend.logits(), eval_ids, config.batch_size, "eval float")
             ppl_quant = perplexity(quantized.module(), eval_ids, config.batch_size, "eval quantized")
         float_gap = abs(ppl_float / ppl_ref - 1.0) * 100.0
         if float_gap > FLOAT_MATCH_PCT:
@@ -143,48 +121,70 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0,
         }
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    return CompileResult(quantized, recipe, sites, report, loaded.tokenizer, decoder, model=loaded.model)
+    compiled = registry.Compiled(recipe, report, dict(loaded.model.state_dict()), loaded.config_json(), loaded.tokenizer,
+                                 quantized, decoder)
+    return CompileResult(quantized, recipe, sites, report, loaded.tokenizer, decoder, compiled)
 
 
 def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = DEFAULT_EVAL_WINDOWS) -> dict:
-    """Reload a compile's program, recipe and tokenizer (or a MindIE directory) and measure the quantized
-    perplexity on ``eval``."""
-    from qpass.mindie import evaluate_mindie, is_mindie_dir
-
-    if is_mindie_dir(out_dir):
-        return evaluate_mindie(out_dir, eval, eval_windows)
-    out_dir = Path(out_dir)
-    program_path = out_dir / PROGRAM_FILE
-    if not program_path.is_file():
-        raise QpassError(f"{out_dir}: no {PROGRAM_FILE}; give a directory written by `qpass compile -o`")
-    recipe = Recipe.load(out_dir / RECIPE_DIR)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(out_dir / TOKENIZER_DIR))
-    except (OSError, ValueError) as err:
-        raise QpassError(f"{out_dir}: cannot load {TOKENIZER_DIR}/ ({err}); recompile into a fresh directory") from err
-    program = torch.export.load(str(program_path))
-    config = recipe.config
-    ids = token_windows(tokenizer, [read_text(eval, "--eval")], config.window, eval_windows, "--eval")
+    """Reload a directory some exporter wrote (qpass's, MindIE's) and measure its quantized perplexity on ``eval``."""
     start = time.perf_counter()
-    ppl = perplexity(program.module(), ids, config.batch_size, "eval quantized")
-    return {"file": str(eval), "tokens": int(ids.numel()), "windows": int(ids.shape[0]), "window": config.window,
-            "ppl_quant": ppl, "timings_s": {"eval": round(time.perf_counter() - start, 3)}}
+    loaded = registry.detect(out_dir).load(Path(out_dir), "eval")
+    if loaded.program is not None:
+        config = loaded.recipe.config
+        window, batch_size, logits = config.window, config.batch_size, loaded.program.module()
+    else:
+        window = min(DEFAULT_WINDOW, getattr(loaded.model.config, "max_position_embeddings", None) or DEFAULT_WINDOW)
+        batch_size = DEFAULT_BATCH
+        logits = _model_logits(loaded, window)
+    ids = token_windows(loaded.tokenizer, [read_text(eval, "--eval")], window, eval_windows, "--eval")
+    loaded_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ppl = perplexity(logits, ids, batch_size, "eval quantized")
+    timings = {"load": round(loaded_s, 3), "eval": round(time.perf_counter() - start, 3)}
+    return {"file": str(eval), **loaded.info, "tokens": int(ids.numel()), "windows": int(ids.shape[0]), "window": window,
+            "ppl_quant": ppl, "timings_s": timings if loaded.program is None else {"eval": timings["eval"]}}
+
+
+def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int], object]:
+    """Greedy decoding from a directory some exporter wrote: ``(prompt ids, new ids, tokenizer)``.
+
+    With FAQuant / C8 it runs the lowered decoder on the paged int8 KV cache; a W8A8-only MindIE directory
+    keeps the KV cache in float, as the format says, and decodes with the model's own cache."""
+    from qpass.frontends.torch_export.decoder import build_decoder, generate_lowered, generate_with_model
+
+    if max_new_tokens < 1:
+        raise QpassError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    loaded = registry.detect(out_dir).load(Path(out_dir), "run")
+    tokenizer = loaded.tokenizer
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    if loaded.decoder is not None:
+        return prompt_ids, generate_lowered(loaded.decoder, prompt_ids, max_new_tokens, eos_token_id=eos), tokenizer
+    if loaded.recipe is not None:
+        _, lowered = build_decoder(loaded.model, loaded.recipe)
+        return prompt_ids, generate_lowered(lowered, prompt_ids, max_new_tokens, eos_token_id=eos), tokenizer
+    return prompt_ids, generate_with_model(loaded.model, prompt_ids, max_new_tokens, eos), tokenizer
+
+
+def _model_logits(loaded: registry.Loaded, window: int):
+    """The logits of a model read from a weight directory, its attention quantized by the frontend."""
+    frontend = frontend_for(LoadedModel(loaded.model, loaded.tokenizer, "directory", "directory"), window)
+    if loaded.recipe is not None:
+        loaded.recipe.check_matches(geometry(frontend.attention_sites()))
+    return frontend.logits(loaded.recipe)
 
 
 def inspect_model(model: str | LoadedModel, window: int = 64) -> list[AttentionSite]:
     """The attention sites of ``model``, found on its captured graph."""
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    program = capture(loaded.model, window)
-    return find_attention_sites(program.graph, param_names(program))
+    return frontend_for(model, window).attention_sites()
 
 
-def model_info(loaded: LoadedModel, sites: list[AttentionSite]) -> dict:
+def model_info(frontend, sites: list[AttentionSite]) -> dict:
     first = sites[0]
-    return {"name": loaded.name, "source": loaded.source, "layers": len(sites), "num_heads": first.num_heads,
+    return {"name": frontend.name, "source": frontend.source, "layers": len(sites), "num_heads": first.num_heads,
             "num_kv_heads": first.num_kv_heads, "head_dim": first.head_dim,
-            "parameters": sum(p.numel() for p in loaded.model.parameters())}
+            "parameters": sum(p.numel() for p in frontend.model.parameters())}
 
 
 def site_info(site: AttentionSite) -> dict:
@@ -223,7 +223,3 @@ def _timed(timings: dict, stage: str):
     start = time.perf_counter()
     yield
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-
-
-def load_report(out_dir: str | Path) -> dict:
-    return json.loads((Path(out_dir) / "report.json").read_text(encoding="utf-8"))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qpass import corpus
+from qpass.core import corpus
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ lowering is consistent with the documents; it has not been run on Ascend hardwar
 import pytest
 import torch
 
-from qpass.errors import QpassError
+from qpass.core.errors import QpassError
 from qpass.runtime import (
     ascend,
     paged_attention_int8_reference,

@@ -111,7 +111,8 @@ def test_non_empty_output_needs_force(tiny_model_dir, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(["compile", str(tiny_model_dir), "--kv-int8", "-o", str(out), *SMALL]) == 2
-    assert "not empty" in capsys.readouterr().err and "--force" in capsys.readouterr().err + "--force"
+    err = capsys.readouterr().err
+    assert "not empty" in err and "pass --force" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

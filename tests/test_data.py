@@ -2,9 +2,9 @@
 
 import pytest
 
-from qpass import corpus
-from qpass.data import read_samples, read_text, token_windows
-from qpass.errors import QpassError
+from qpass.core import corpus
+from qpass.core.data import read_samples, read_text, token_windows
+from qpass.core.errors import QpassError
 
 
 def _write(tmp_path, name, data):

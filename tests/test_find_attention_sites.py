@@ -4,11 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qpass.api import param_names
-from qpass.capture import capture
-from qpass.errors import QpassError
+from frontend_cases import frontend
+from qpass.core.errors import QpassError
+from qpass.frontends.torch_export.capture import capture, param_names
 from qpass.models.tiny import ARCHITECTURES, NoAttention, tiny_config, tiny_model
-from qpass.passes.find_attention_sites import find_attention_sites
+from qpass.passes.fx.find_attention_sites import find_attention_sites
+from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
+from qpass.passes.fx.patterns import ATTENTION_SPELLINGS
 
 EXPECTED = {  # arch: (kv heads, rope, qk_norm)
     "llama": (2, True, False),
@@ -35,6 +37,31 @@ def test_sites_found_by_structure(arch, impl, form):
         assert tuple(nodes[site.v].meta["val"].shape)[1:] == (kv_heads, 16, 16)
         assert tuple(nodes[site.q].meta["val"].shape)[1:] == (4, 16, 16)
         assert f"layers.{site.layer}." in site.k_from or f"h.{site.layer}." in site.k_from
+        # the site carries its attention module's path, the common parent of its projections
+        assert site.prefix in (f"model.layers.{site.layer}.self_attn", f"transformer.h.{site.layer}.attn")
+        assert all(p.startswith(site.prefix + ".") for p in site.projections)
+
+
+def test_every_finder_matches_attention_through_one_table():
+    assert [s.name for s in ATTENTION_SPELLINGS] == ["sdpa", "matmul-softmax-matmul"]
+    # v_proj -> o_proj smoothing goes through attention in both spellings (it once knew only sdpa)
+    for impl in ("sdpa", "eager"):
+        program = capture(tiny_model("llama", num_layers=2, attn_implementation=impl), 16)
+        names = param_names(program)
+        groups = find_smoothing_groups(program.graph, find_linear_sites(program.graph, names), names)
+        v_to_o = [g for g in groups if g.prev.endswith("v_proj")]
+        assert [g.consumers for g in v_to_o] == [(f"model.layers.{i}.self_attn.o_proj",) for i in range(2)], impl
+        assert all(g.group == 2 and g.head_dim == 16 for g in v_to_o)
+
+
+def test_layers_group_each_attention_with_its_linears():
+    layers = list(frontend(tiny_model("llama", num_layers=3), 16).layers())
+    assert [layer.index for layer in layers] == [0, 1, 2]
+    for layer in layers:
+        modules = [s.module.removeprefix(f"model.layers.{layer.index}.") for s in layer.linears]
+        assert modules == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        assert layer.attention.layer == layer.index
 
 
 def test_sliding_window_layers_are_all_found():

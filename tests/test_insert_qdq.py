@@ -3,29 +3,23 @@
 import pytest
 import torch
 
-from qpass.api import param_names
-from qpass.calibrate import calibrate
-from qpass.capture import capture
-from qpass.config import QuantConfig
-from qpass.errors import QpassError
+from frontend_cases import calibrated
+from qpass.core.errors import QpassError
+from qpass.frontends.torch_export.pipeline import quantize_program
+from qpass.frontends.torch_export.program import graph_copy
 from qpass.models.tiny import tiny_model
-from qpass.passes.find_attention_sites import find_attention_sites
-from qpass.passes.insert_faquant_qdq import InsertFAQuantQDQPass
-from qpass.passes.insert_kv_cache_qdq import InsertKVCacheQDQPass
-from qpass.passes.qdq import DEQUANTIZE, QUANTIZE
-from qpass.passes.verify import VerificationError, verify_graph
-from qpass.pipeline import quantize_program
-from qpass.program import graph_copy
+from qpass.passes.fx.insert_faquant_qdq import InsertFAQuantQDQPass
+from qpass.passes.fx.insert_kv_cache_qdq import InsertKVCacheQDQPass
+from qpass.passes.fx.qdq import DEQUANTIZE, QUANTIZE
+from qpass.passes.fx.verify import VerificationError, verify_graph
 
 WINDOW = 32
 
 
 def _setup(arch, **config):
-    program = capture(tiny_model(arch, num_layers=2), WINDOW)
-    sites = find_attention_sites(program.graph, param_names(program))
     ids = torch.randint(0, 256, (8, WINDOW))
-    recipe = calibrate(program, sites, ids, QuantConfig(window=WINDOW, **config))
-    return program, sites, recipe, ids
+    fe, recipe = calibrated(tiny_model(arch, num_layers=2), ids, **config)
+    return fe.program, fe.attention_sites(), recipe, ids
 
 
 def _quantize_inputs(program):
@@ -95,8 +89,9 @@ def test_pass_reports_no_change_without_sites():
     gm = graph_copy(program)
     result = InsertFAQuantQDQPass([], recipe)(gm)
     assert result.modified is False
-    result = InsertFAQuantQDQPass(sites, recipe)(gm)
-    assert result.modified is True
+    passes = InsertFAQuantQDQPass(sites, recipe)
+    result = passes(gm)
+    assert result.modified is True and passes.count == 6
     verify_graph(result.graph_module)
 
 

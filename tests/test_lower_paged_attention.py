@@ -1,20 +1,23 @@
 """Lowering attention to the paged int8 ops: structure, numbers, greedy token-for-token match, negatives, CLI."""
 
+import shutil
+
 import pytest
 import torch
 
-from qpass.calibrate import calibrate
-from qpass.capture import capture
+from frontend_cases import calibrated
 from qpass.cli import main
-from qpass.config import QuantConfig
-from qpass.errors import QpassError
-from qpass.generate import (build_decoder, capture_decoder, decoder_layout, generate_lowered, generate_reference,
-                            lower_program)
+from qpass.core.errors import QpassError
+from qpass.frontends.torch_export.capture import param_names
+from qpass.frontends.torch_export.decoder import (build_decoder, capture_decoder, decoder_layout, generate_lowered,
+                                                  generate_reference)
+from qpass.frontends.torch_export.pipeline import lower_program, quantize_program, unlift_decoder
 from qpass.models.tiny import tiny_model
-from qpass.passes.find_attention_sites import FUSED_ATTENTION, SOFTMAX, find_attention_sites
-from qpass.passes.lower_paged_attention import CACHE_WRITE, PAGED_ATTENTION
-from qpass.passes.qdq import QUANTIZE
-from qpass.pipeline import quantize_program
+from qpass.passes.fx.find_attention_sites import find_attention_sites
+from qpass.passes.fx.fuse_quantized_attention import INT8_KV_ATTENTION, FuseQuantizedAttentionPass, verify_fused
+from qpass.passes.fx.lower_paged_attention import CACHE_WRITE, PAGED_ATTENTION, LowerPagedAttentionPass
+from qpass.passes.fx.patterns import FUSED_ATTENTION, SOFTMAX
+from qpass.passes.fx.qdq import QUANTIZE
 from qpass.runtime.paged_cache import BlockAllocator, BlockTables, allocate_kv_cache
 
 MODES = {"kv-int8": dict(kv_cache="int8"), "fa-quant": dict(fa_quant=True), "both": dict(fa_quant=True, kv_cache="int8")}
@@ -46,9 +49,7 @@ def tiny(arch: str, num_layers: int = 2, **kwargs) -> torch.nn.Module:
 
 
 def recipe_for(model, mode: str, vocab: int = 256):
-    config = QuantConfig(observer="minmax", window=32, calib_samples=4, **MODES[mode])
-    program = capture(model, config.window)
-    return calibrate(program, find_attention_sites(program.graph), torch.randint(0, vocab, (4, config.window)), config)
+    return calibrated(model, torch.randint(0, vocab, (4, 32)), observer="minmax", calib_samples=4, **MODES[mode])[1]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
@@ -78,6 +79,29 @@ def test_structure(decoder):
     kv_heads = 4 if arch == "gpt2" else 2
     assert decoder_layout(lowered) == {"num_layers": 2, "block_size": 16, "num_kv_heads": kv_heads, "head_dim": 64,
                                        "max_context": 128}
+
+
+@pytest.mark.parametrize("mode", ["kv-int8", "fa-quant", "both"])
+def test_lowering_goes_through_the_generic_op_first(mode):
+    """Stage 1 leaves one int8_kv_attention per site and no attention spelling, computing what the Q/DQ
+    program computes; stage 2 alone turns each into a cache write and a paged attention."""
+    model = tiny("llama", num_layers=2)
+    reference, _ = build_decoder(model, recipe_for(model, mode), max_context=128)
+    gm = unlift_decoder(reference)
+    fuse = FuseQuantizedAttentionPass(find_attention_sites(gm.graph), 128)
+    assert fuse(gm).modified and fuse.count == 2
+    verify_fused(gm)
+    assert len(gm.graph.find_nodes(op="call_function", target=INT8_KV_ATTENTION)) == 2
+    assert not [n for n in gm.graph.nodes if n.target in FUSED_ATTENTION or n.target in SOFTMAX]
+    ids = torch.randint(0, 256, (1, 37))
+    with torch.no_grad():
+        expected = reference.module()(ids, torch.arange(37)[None])
+        assert (gm(ids, torch.arange(37)[None]) - expected).abs().max().item() < 1e-4
+    lower = LowerPagedAttentionPass()
+    assert lower(gm).modified and lower.count == 2
+    assert len(gm.graph.find_nodes(op="call_function", target=CACHE_WRITE)) == 2
+    assert not gm.graph.find_nodes(op="call_function", target=INT8_KV_ATTENTION)
+    assert LowerPagedAttentionPass()(gm).modified is False  # nothing left to lower
 
 
 def test_greedy_tokens_match_unlowered_program(decoder):
@@ -166,7 +190,7 @@ def test_program_without_attention_is_refused():
 def test_unsupported_head_dim_is_refused():
     model = tiny_model("llama")  # head_dim 16
     program = capture_decoder(model, max_context=64)
-    sites = find_attention_sites(program.graph)
+    sites = find_attention_sites(program.graph, param_names(program))
     quantized, _ = quantize_program(program, sites, recipe_for(model, "kv-int8"))
     with pytest.raises(QpassError, match=r"head_dim=16 is not supported by the paged ops \(supported: \(64, 128, 256\)\)"):
         lower_program(quantized, max_context=64)
@@ -180,9 +204,9 @@ def compiled_dir(tmp_path_factory, smollm2_tokenizer):
 
     torch.manual_seed(0)
     model = tiny("llama", vocab_size=len(smollm2_tokenizer))
-    config = QuantConfig(kv_cache="int8", observer="minmax", window=32, calib_samples=2)
+    config = qpass.QuantConfig(kv_cache="int8", observer="minmax", window=32, calib_samples=2)
     texts = ["The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up. " * 4]
-    result = qpass.compile(LoadedModel(model, smollm2_tokenizer, "tiny", "tiny-llama", None), config, calib=texts)
+    result = qpass.compile(LoadedModel(model, smollm2_tokenizer, "tiny", "tiny-llama"), config, calib=texts)
     out = tmp_path_factory.mktemp("compiled") / "out"
     result.save(out)
     return out, result
@@ -201,14 +225,20 @@ def test_cli_run_generates_with_the_saved_decoder(compiled_dir, smollm2_tokenize
     assert "tokens/s" in stderr
 
 
-def test_cli_run_without_decoder_is_one_line_exit_2(tmp_path, capsys):
+def test_cli_run_without_decoder_is_one_line_exit_2(compiled_dir, tmp_path, capsys):
     assert main(["run", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a directory written by `qpass compile -o`" in err
+    out, _ = compiled_dir
+    without = tmp_path / "without"
+    shutil.copytree(out, without, ignore=shutil.ignore_patterns("decoder.pt2"))
+    assert main(["run", str(without), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no decoder.pt2" in err
 
 
 def test_compile_skips_the_decoder_for_unsupported_head_dim():
-    from qpass.generate import compile_decoder
+    from qpass.frontends.torch_export.decoder import compile_decoder
 
     model = tiny_model("llama")  # head_dim 16
     decoder, info = compile_decoder(model, recipe_for(model, "kv-int8"))
@@ -220,11 +250,9 @@ def test_smollm2_greedy_tokens_match():
     from qpass.models.loaders import load_model
 
     loaded = load_model("default")
-    config = QuantConfig(kv_cache="int8", observer="minmax", window=64, calib_samples=2, batch_size=2)
     text = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 8
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :128].reshape(2, 64)
-    program = capture(loaded.model, 64)
-    recipe = calibrate(program, find_attention_sites(program.graph), ids, config)
+    _, recipe = calibrated(loaded.model, ids, kv_cache="int8", observer="minmax", calib_samples=2, batch_size=2)
     reference, lowered = build_decoder(loaded.model, recipe, max_context=256)
     prompt = loaded.tokenizer("def fibonacci(n):")["input_ids"]
     assert generate_lowered(lowered, prompt, 8) == generate_reference(reference, prompt, 8)

@@ -9,20 +9,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qpass.api import CompileResult, evaluate_saved, param_names
-from qpass.calibrate import calibrate
-from qpass.capture import capture
+from frontend_cases import calibrated, frontend, minmax_input_qparams
+from qpass.api import CompileResult, evaluate_saved
 from qpass.cli import main
-from qpass.config import QuantConfig
-from qpass.errors import QpassError
-from qpass.evaluate import perplexity
-from qpass.linear_observer import minmax_input_qparams
-from qpass.mindie import (DESCRIPTION_FILE, WEIGHTS_FILE, export_mindie, generate_mindie, load_mindie, quantized_program,
-                          w8a8_linears)
+from qpass.core.config import QuantConfig
+from qpass.core.errors import QpassError
+from qpass.core.evaluate import perplexity
+from qpass.core.recipe import Recipe
+from qpass.exporters.mindie_format import DESCRIPTION_FILE, WEIGHTS_FILE
+from qpass.exporters.mindie_load import load as load_mindie
+from qpass.exporters.mindie_write import export_mindie
+from qpass.exporters.registry import Compiled
+from qpass.frontends.torch_export.decoder import generate_with_model
 from qpass.models.tiny import tiny_config, tiny_model
-from qpass.passes.find_attention_sites import find_attention_sites
-from qpass.pipeline import quantize_program
-from qpass.recipe import Recipe
 from qpass.runtime.w8a8 import W8A8Linear, w8a8_weights
 
 COMBOS = {"w8a8": (False, False), "w8a8+fa": (True, False), "w8a8+c8": (False, True), "w8a8+fa+c8": (True, True)}
@@ -43,11 +42,8 @@ def config_for(fa: bool, kv: bool) -> QuantConfig:
 
 def full_recipe(model, ids) -> Recipe:
     """FAQuant, C8 and W8A8 tensors for ``model``; :func:`variant` picks what a config asks for."""
-    program = capture(model, WINDOW)
-    sites = find_attention_sites(program.graph, param_names(program))
-    recipe = calibrate(program, sites, ids, QuantConfig(fa_quant=True, kv_cache="int8", window=WINDOW, calib_samples=len(ids)))
-    recipe.tensors.update(minmax_input_qparams(model, [ids]))
-    return recipe
+    _, recipe = calibrated(model, ids, fa_quant=True, kv_cache="int8", calib_samples=len(ids))
+    return recipe.replace(tensors={**recipe.tensors, **minmax_input_qparams(model, [ids])})
 
 
 def variant(recipe: Recipe, fa: bool, kv: bool) -> Recipe:
@@ -82,7 +78,7 @@ def in_memory_w8a8(model, recipe: Recipe, dtype: torch.dtype | None) -> tuple[to
     tensor the format stores in the model dtype (float parameters, input_scale, FAQuant/C8) rounded to it."""
     m = copy.deepcopy(model)
     rounded = (lambda t: t.to(dtype).float()) if dtype is not None else (lambda t: t)
-    for name in w8a8_linears(recipe):
+    for name in recipe.w8a8_linears():
         linear = model.get_submodule(name)
         w = w8a8_weights(linear.weight, linear.bias, rounded(recipe.tensors[f"w8a8.{name}.input_scale"]).item(),
                          recipe.tensors[f"w8a8.{name}.input_offset"].item())
@@ -97,12 +93,8 @@ def in_memory_w8a8(model, recipe: Recipe, dtype: torch.dtype | None) -> tuple[to
     return m, Recipe(attention, recipe.sites, tensors)
 
 
-def program_ppl(model, recipe: Recipe, ids) -> float:
-    program = capture(model, WINDOW)
-    sites = find_attention_sites(program.graph, param_names(program))
-    if recipe.config is not None:
-        program, _ = quantize_program(program, sites, recipe)
-    return perplexity(program.module(), ids, 4)
+def program_ppl(model, recipe: Recipe | None, ids) -> float:
+    return perplexity(frontend(model, WINDOW).logits(recipe if recipe is not None and recipe.config is not None else None), ids, 4)
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -132,7 +124,7 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
     model_keys = {k for k in desc if k.endswith("_type")}
     assert set(desc) - model_keys == set(tensors)  # every tensor typed, nothing else
     # W8A8 Linears: 7 per layer, each with the format's tensors
-    linears = w8a8_linears(recipe)
+    linears = recipe.w8a8_linears()
     assert len(linears) == 14
     for p in linears:
         n, k = model.get_submodule(p).weight.shape
@@ -178,7 +170,8 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
                     assert torch.equal(tensors[name], full.tensors[f"layers.{i}.{kind}.{part}"].to(dtype))
     # load back: the recipe carries the same numbers (offsets with the same sign), the Linears are integer
     loaded = load_mindie(tmp_path)
-    assert loaded.model_dtype == dtype and loaded.w8a8 == linears
+    assert loaded.info["model_dtype"] == str(dtype).removeprefix("torch.")
+    assert sorted(n for n, m in loaded.model.named_modules() if isinstance(m, W8A8Linear)) == linears
     assert sum(isinstance(m, W8A8Linear) for m in loaded.model.modules()) == 14
     assert isinstance(loaded.model.lm_head, torch.nn.Linear)
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
@@ -217,7 +210,7 @@ def test_export_is_deterministic(llama, smollm2_tokenizer, exported, tmp_path):
 def test_size_of_quantized_linears(exported, llama):
     """int8 weights + per-channel tensors of the W8A8 Linears vs those Linears' float32 weights."""
     model, full, _ = llama
-    linears = w8a8_linears(full)
+    linears = full.w8a8_linears()
     with safe_open(str(exported / WEIGHTS_FILE), framework="pt") as f:
         exported_bytes = sum(f.get_tensor(f"{p}.{s}").nbytes for p in linears
                              for s in ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"))
@@ -237,7 +230,7 @@ def test_reloaded_perplexity_matches_in_memory(llama, exported):
     model, full, ids = llama
     recipe = variant(full, True, True)
     loaded = load_mindie(exported, load_tokenizer=False)
-    ppl_loaded = perplexity(quantized_program(loaded, WINDOW).module(), ids, 4)
+    ppl_loaded = perplexity(frontend(loaded.model, WINDOW).logits(loaded.recipe), ids, 4)
     ppl_fp16 = program_ppl(*in_memory_w8a8(model, recipe, torch.float16), ids)
     ppl_fp32 = program_ppl(*in_memory_w8a8(model, recipe, None), ids)
     print(f"ppl reloaded {ppl_loaded:.6f}, in-memory fp16-rounded {ppl_fp16:.6f}, in-memory float32 {ppl_fp32:.6f}")
@@ -250,12 +243,12 @@ def test_float_linears_stay_float(llama, tmp_path):
     model, full, _ = llama
     recipe = variant(full, False, False)
     down = "model.layers.1.mlp.down_proj"
-    recipe.w8a8 = {"float_linears": {down: "widest activation range"}, "smooth": []}
+    recipe = recipe.replace(w8a8={"float_linears": {down: "widest activation range"}, "smooth": []})
     export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path, torch.float16)
     desc = json.loads((tmp_path / DESCRIPTION_FILE).read_text())
     assert desc[f"{down}.weight"] == "FLOAT" and f"{down}.deq_scale" not in desc
     loaded = load_mindie(tmp_path, load_tokenizer=False)
-    assert isinstance(loaded.model.get_submodule(down), torch.nn.Linear) and len(loaded.w8a8) == 13
+    assert isinstance(loaded.model.get_submodule(down), torch.nn.Linear) and loaded.info["w8a8_linears"] == 13
 
 
 def test_qwen2_bias_round_trip(smollm2_tokenizer, tmp_path):
@@ -277,7 +270,8 @@ def test_w8a8_alone_generates_with_float_cache(llama, smollm2_tokenizer, tmp_pat
     model, full, _ = llama
     export_mindie(model.config.to_dict(), model.state_dict(), variant(full, False, False), smollm2_tokenizer, tmp_path, torch.float16)
     loaded = load_mindie(tmp_path)
-    new = generate_mindie(loaded, [1, 2, 3, 4], 5)
+    assert loaded.recipe is None
+    new = generate_with_model(loaded.model, [1, 2, 3, 4], 5, loaded.tokenizer.eos_token_id)
     reference, _ = in_memory_w8a8(model, full, torch.float16)
     ids = [1, 2, 3, 4]
     with torch.no_grad():
@@ -335,7 +329,7 @@ def test_hand_written_directory_loads_and_matches_the_formula(llama, tmp_path):
     model, _, ids = llama
     write_by_hand(model, None, tmp_path / "hand", fa=False)
     loaded = load_mindie(tmp_path / "hand", load_tokenizer=False)
-    assert len(loaded.w8a8) == 14 and loaded.recipe is None
+    assert loaded.info["w8a8_linears"] == 14 and loaded.recipe is None
     # float64 reference of the format's inference formula on the first Linear's input
     torch.manual_seed(0)
     x = torch.randn(3, 256)
@@ -466,10 +460,11 @@ def test_compile_result_saves_mindie(llama, smollm2_tokenizer, tmp_path):
     recipe = variant(full, True, False)
     report = {"model": {"name": "tiny", "num_heads": 4, "num_kv_heads": 2, "head_dim": 64}, "sites": [], "passes": {},
               "config": recipe.config.to_dict(), "sqnr_db": {}, "timings_s": {}}
-    result = CompileResult(program=None, recipe=recipe, sites=[], report=report, tokenizer=smollm2_tokenizer, model=model)
+    compiled = Compiled(recipe, report, model.state_dict(), model.config.to_dict(), smollm2_tokenizer)
+    result = CompileResult(program=None, recipe=recipe, sites=[], report=report, tokenizer=smollm2_tokenizer, compiled=compiled)
     out = result.save(tmp_path / "out", format="mindie", dtype="bfloat16")
     loaded = load_mindie(out)
-    assert loaded.model_dtype == torch.bfloat16 and loaded.recipe.config.fa_quant and (out / "report.json").is_file()
+    assert loaded.info["model_dtype"] == "bfloat16" and loaded.recipe.config.fa_quant and (out / "report.json").is_file()
     with pytest.raises(QpassError, match="--dtype float32"):
         result.save(tmp_path / "out2", format="mindie", dtype="float32")
     assert not (tmp_path / "out2").exists()

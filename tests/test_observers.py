@@ -1,9 +1,12 @@
-"""Observers: the int8 formulas, the range searches, and the statistics they keep."""
+"""Observers: the int8 formulas, the range searches, and the statistics they keep (mergeable)."""
 
 import pytest
 import torch
 
-from qpass.observers import CLIP_GRID, Observer, affine_qparams, fake_quant, mse_range, sqnr_db
+from qpass.core.errors import QpassError
+from qpass.core.int8 import affine_qparams, fake_quant, sqnr_db
+from qpass.core.observers import Observer
+from qpass.core.ranges import CLIP_GRID, channel_qparams, mse_range
 
 
 def test_asymmetric_qparams_follow_the_design_formulas():
@@ -63,31 +66,53 @@ def test_mse_range_is_near_the_brute_force_optimum(symmetric):
 
 def test_observer_collects_per_channel_ranges_and_strided_samples():
     obs = Observer(stride=2, max_tokens=10)
-    x = torch.randn(2, 3, 8, 4)  # [B, H, S, D]
-    obs(x)
-    obs(x * 2)
-    assert obs.shape == (3, 4)
-    torch.testing.assert_close(obs.max, torch.maximum(x.amax(dim=(0, 2)), (2 * x).amax(dim=(0, 2))))
+    x = torch.randn(16, 12)  # [tokens, channels]
+    obs.update(x)
+    obs.update(x * 2)
+    assert obs.channels == 12
+    torch.testing.assert_close(obs.max, torch.maximum(x.amax(0), (2 * x).amax(0)))
     sample = obs.sample()
-    assert sample.shape == (10, 12)  # capped at max_tokens, channels = H * D
-    # channel c = h * D + d, tokens strided by 2
-    torch.testing.assert_close(sample[:4].reshape(4, 3, 4), x[0, :, ::2, :].transpose(0, 1))
+    assert sample.shape == (10, 12)  # capped at max_tokens
+    torch.testing.assert_close(sample[:8], x[::2])  # every second token of the first update, then the second's
+    torch.testing.assert_close(sample[8:], 2 * x[:4:2])
+    assert obs.count == 32
+    torch.testing.assert_close(obs.mean_abs, torch.cat([x, 2 * x]).abs().mean(0))
+
+
+def test_merged_observers_equal_one_that_saw_everything():
+    a, b, whole = Observer(stride=3, max_tokens=50), Observer(stride=3, max_tokens=50), Observer(stride=3, max_tokens=50)
+    x, y = torch.randn(30, 5), torch.randn(60, 5) * 3
+    a.update(x)
+    b.update(y)
+    whole.update(x)
+    whole.update(y)
+    a.merge(b)
+    for name in ("min", "max", "abs_sum"):
+        torch.testing.assert_close(getattr(a, name), getattr(whole, name))
+    assert (a.count, a.total, a.total_sq) == (whole.count, whole.total, whole.total_sq)
+    assert torch.equal(a.sample(), whole.sample())
+    assert a.range_ratio() == whole.range_ratio()
+
+
+def test_an_observer_that_saw_nothing_says_so():
+    with pytest.raises(QpassError, match="saw no data"):
+        Observer().sample()
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
 def test_qparams_shapes_and_sqnr(method):
     obs = Observer()
-    obs(torch.randn(2, 3, 64, 4))
-    scale, offset = obs.qparams(method, symmetric=False)
-    assert scale.shape == offset.shape == (3, 4)
-    assert sqnr_db(obs.sample(), scale.flatten(), offset.flatten()) > 30
+    obs.update(torch.randn(128, 12))
+    scale, offset = channel_qparams(obs, method, symmetric=False)
+    assert scale.shape == offset.shape == (12,)
+    assert sqnr_db(obs.sample(), scale, offset) > 30
 
 
 def test_percentile_clips_outliers():
     obs = Observer()
-    x = torch.randn(1, 1, 10000, 1)
-    x[0, 0, 0, 0] = 100.0
-    obs(x)
-    scale, _ = obs.qparams("percentile", symmetric=False, percentile=99.9)
-    minmax_scale, _ = obs.qparams("minmax", symmetric=False)
+    x = torch.randn(10000, 1)
+    x[0, 0] = 100.0
+    obs.update(x)
+    scale, _ = channel_qparams(obs, "percentile", symmetric=False, percentile=99.9)
+    minmax_scale, _ = channel_qparams(obs, "minmax", symmetric=False)
     assert scale.item() < minmax_scale.item() / 5

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qpass.runtime.paged_attention as pa
-from qpass.errors import QpassError
+import qpass.runtime.paged_checks as checks
+from qpass.core.errors import QpassError
 from qpass.runtime import (
     paged_attention_int8,
     paged_attention_int8_faquant,
@@ -67,8 +68,8 @@ def rel_err(out, ref):
     lens=st.lists(st.integers(1, 300), min_size=1, max_size=4),
     kv_heads=st.sampled_from([1, 2, 4]),
     group=st.sampled_from([1, 2, 3, 4, 8]),
-    head_dim=st.sampled_from(pa.HEAD_DIMS),
-    block_size=st.sampled_from(pa.BLOCK_SIZES),
+    head_dim=st.sampled_from(checks.HEAD_DIMS),
+    block_size=st.sampled_from(checks.BLOCK_SIZES),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
 )
 def test_folded_decode_matches_reference(seed, lens, kv_heads, group, head_dim, block_size, dtype):
@@ -162,7 +163,7 @@ BAD_DECODE = [
     ("heads not a multiple", lambda c: c.update(query=c["query"][:, :3]), "num_heads=3 is not a multiple"),
     ("table too short", lambda c: c["context_lens"].fill_(50), "widen block_tables"),
     ("context 0", lambda c: c["context_lens"].__setitem__(0, 0), "context_lens\\[0\\] = 0"),
-    ("context too long", lambda c: c["context_lens"].__setitem__(1, pa.MAX_CONTEXT_LEN + 1),
+    ("context too long", lambda c: c["context_lens"].__setitem__(1, checks.MAX_CONTEXT_LEN + 1),
      "must be in \\[1, 131072\\]"),
     ("bad block id", lambda c: c["block_tables"].__setitem__((1, 0), 999), "block_tables\\[1, 0\\] = 999"),
     ("tables int64", lambda c: c.update(block_tables=c["block_tables"].long()), "block_tables is torch.int64"),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qpass.errors import QpassError
+from qpass.core.errors import QpassError
 from qpass.runtime import (
     BlockAllocator,
     BlockTables,

@@ -1,31 +1,28 @@
 """Recipes: saved and loaded (safetensors + JSON), deterministic, refused when they do not fit."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from qpass.api import param_names
-from qpass.calibrate import calibrate, geometry
-from qpass.capture import capture
-from qpass.config import QuantConfig
-from qpass.errors import QpassError
+from frontend_cases import frontend
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig, cli_options
+from qpass.core.errors import QpassError
+from qpass.core.recipe import JSON_FILE, TENSORS_FILE, Recipe, axes, geometry
 from qpass.models.tiny import tiny_model
-from qpass.passes.find_attention_sites import find_attention_sites
-from qpass.recipe import JSON_FILE, TENSORS_FILE, Recipe
 
 
 @pytest.fixture(scope="module")
 def calibrated():
-    program = capture(tiny_model("llama"), 32)
-    sites = find_attention_sites(program.graph, param_names(program))
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(3))
-    return program, sites, ids
+    return frontend(tiny_model("llama"), 32), ids
 
 
 def _recipe(calibrated, **kw):
-    program, sites, ids = calibrated
-    return calibrate(program, sites, ids, QuantConfig(fa_quant=True, kv_cache="int8", window=32, **kw))
+    fe, ids = calibrated
+    return calibrate(fe, ids, QuantConfig(fa_quant=True, kv_cache="int8", window=32, **kw))
 
 
 def test_round_trip(calibrated, tmp_path):
@@ -48,9 +45,12 @@ def test_same_inputs_give_byte_identical_recipes(calibrated, tmp_path):
 
 def test_recipe_for_another_model_is_refused(calibrated):
     recipe = _recipe(calibrated)
-    other = capture(tiny_model("gpt2"), 32)
+    other = frontend(tiny_model("gpt2"), 32)
     with pytest.raises(QpassError, match="another model"):
-        recipe.check_matches(geometry(find_attention_sites(other.graph)))
+        recipe.check_matches(geometry(other.attention_sites()))
+    renamed = [dataclasses.replace(s, prefix="other." + s.prefix) for s in recipe.sites]
+    with pytest.raises(QpassError, match="another model"):
+        recipe.check_matches(tuple(renamed))  # same geometry, other module names
 
 
 def test_missing_or_corrupt_recipe_is_refused(calibrated, tmp_path):
@@ -71,3 +71,29 @@ def test_config_is_validated_on_construction():
         QuantConfig(fa_quant=True, observer="magic")
     with pytest.raises(ValueError, match="kv_cache"):
         QuantConfig(kv_cache="int4")
+
+
+def test_recipe_is_frozen_and_records_the_axes_of_every_tensor(calibrated, tmp_path):
+    recipe = _recipe(calibrated)
+    with pytest.raises(TypeError):
+        recipe.tensors["layers.0.fa_q.scale"] = torch.ones(1)
+    with pytest.raises(AttributeError):
+        recipe.config = None
+    assert axes("layers.1.fa_q.scale") == ("heads", "head_dim") and axes("layers.0.kv_v.offset") == ("kv_heads * head_dim",)
+    assert axes("w8a8.model.layers.0.mlp.up_proj.input_scale") == ("tensor",)
+    recipe.save(tmp_path)
+    doc = json.loads((tmp_path / JSON_FILE).read_text())
+    assert set(doc["axes"]) == set(recipe.tensors)
+    for name, tensor in recipe.tensors.items():  # the axes name as many dimensions as the tensor has
+        assert len(doc["axes"][name]) == tensor.dim(), name
+    assert doc["sites"][0]["prefix"] == "model.layers.0.self_attn"
+    assert doc["sites"][0]["projections"][1] == "model.layers.0.self_attn.k_proj"
+
+
+def test_the_cli_options_are_the_config_fields():
+    names = [name for name, _, _ in cli_options()]
+    assert names == list(QuantConfig.__dataclass_fields__)
+    flags = {name: (flag, kwargs) for name, flag, kwargs in cli_options()}
+    assert flags["kv_cache"][0] == "--kv-int8" and flags["kv_cache"][1]["const"] == "int8"
+    assert flags["act_method"][1]["choices"] == (1, 2, 3) and flags["act_method"][1]["default"] == 1
+    assert flags["observer"][1]["default"] == QuantConfig.__dataclass_fields__["observer"].default

@@ -3,8 +3,8 @@
 import pytest
 
 import qpass
-from qpass import corpus
-from qpass.config import QuantConfig
+from qpass.core import corpus
+from qpass.core.config import QuantConfig
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from qpass.errors import QpassError
+from qpass.core.errors import QpassError
 from qpass.runtime import paged_attention_int8_reference, paged_prefill_attention_int8_reference, quantize_int8
 from qpass.runtime.paged_attention import prefill_rows
 

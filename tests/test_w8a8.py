@@ -6,18 +6,16 @@ import math
 import pytest
 import torch
 
-from qpass.api import param_names
-from qpass.calibrate import calibrate
-from qpass.capture import capture
+from frontend_cases import calibrated, frontend
 from qpass.cli import main
-from qpass.config import QuantConfig
-from qpass.errors import QpassError
-from qpass.linear_observer import act_qparams
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.core.errors import QpassError
+from qpass.core.ranges import act_qparams
+from qpass.core.recipe import Recipe
+from qpass.frontends.torch_export.pipeline import quantize_program
 from qpass.models.tiny import tiny_model
-from qpass.passes.find_attention_sites import find_attention_sites
-from qpass.passes.insert_w8a8 import W8A8_LINEAR
-from qpass.pipeline import quantize_program
-from qpass.recipe import Recipe
+from qpass.passes.fx.patterns import W8A8_LINEAR
 
 WINDOW = 32
 LINEAR = torch.ops.aten.linear.default
@@ -26,15 +24,14 @@ LINEAR = torch.ops.aten.linear.default
 @pytest.fixture(scope="module")
 def tiny():
     model = tiny_model("llama", num_layers=2)
-    program = capture(model, WINDOW)
-    sites = find_attention_sites(program.graph, param_names(program))
+    fe = frontend(model, WINDOW)
     ids = torch.randint(0, 256, (8, WINDOW), generator=torch.Generator().manual_seed(1))
-    return model, program, sites, ids
+    return fe, fe.program, fe.attention_sites(), ids
 
 
 def _recipe(tiny, **config):
-    _, program, sites, ids = tiny
-    return calibrate(program, sites, ids, QuantConfig(window=WINDOW, batch_size=4, w8a8=True, **config))
+    fe, _, _, ids = tiny
+    return calibrate(fe, ids, QuantConfig(window=WINDOW, batch_size=4, w8a8=True, **config))
 
 
 def test_every_decoder_linear_becomes_int8_and_its_float_weight_leaves_the_program(tiny):
@@ -76,7 +73,7 @@ def test_fa_c8_and_w8a8_together(tiny):
 
 
 def test_act_methods():
-    from qpass.observers import fake_quant
+    from qpass.core.int8 import fake_quant
 
     x = torch.distributions.StudentT(1.5).sample((4096, 8))  # heavy tails: max|x| / std far above 50
     lo, hi = float(x.min()), float(x.max())
@@ -122,7 +119,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert loose.w8a8["float_linears"] == {}
     assert loose.stats["w8a8"]["search"][1]["float_linears"] == 0
 
-    import qpass.w8a8_calibrate as w8a8_calibrate
+    import qpass.core.fallback as w8a8_calibrate
 
     def fake_window_nll(module, windows, batch_size, desc, noise=0.0):  # +1% per quantized Linear beyond the 9 least sensitive
         if desc == "fallback float":
@@ -154,7 +151,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
 
 
 def test_increase_bound_is_the_estimate_for_one_window_and_above_it_for_several():
-    from qpass.w8a8_calibrate import increase_bound
+    from qpass.core.fallback import increase_bound
 
     assert increase_bound(torch.tensor([0.02], dtype=torch.float64)) == pytest.approx((math.exp(0.02) * 100 - 100,) * 2)
     inc, upper = increase_bound(torch.tensor([0.01, 0.03], dtype=torch.float64))
@@ -192,13 +189,10 @@ def test_recipe_round_trip_is_byte_deterministic(tiny, tmp_path):
 
 
 def test_decoder_with_w8a8_generates_like_its_reference():
-    from qpass.generate import build_decoder, generate_lowered, generate_reference
+    from qpass.frontends.torch_export.decoder import build_decoder, generate_lowered, generate_reference
 
     model = tiny_model("llama", num_layers=1, hidden_size=256)  # head_dim 64: the paged ops support it
-    program = capture(model, WINDOW)
-    sites = find_attention_sites(program.graph, param_names(program))
-    recipe = calibrate(program, sites, torch.randint(0, 256, (4, WINDOW)),
-                       QuantConfig(window=WINDOW, kv_cache="int8", w8a8=True, anti_method="m1"))
+    _, recipe = calibrated(model, torch.randint(0, 256, (4, WINDOW)), kv_cache="int8", w8a8=True, anti_method="m1")
     reference, lowered = build_decoder(model, recipe, max_context=64)
     assert len(lowered.graph.find_nodes(op="call_function", target=W8A8_LINEAR)) == 7
     prompt = [1, 5, 9, 13]

@@ -4,17 +4,16 @@ import pytest
 import torch
 
 import qpass
-from qpass import corpus
-from qpass.api import param_names
-from qpass.calibrate import calibrate
-from qpass.capture import capture
-from qpass.config import QuantConfig
-from qpass.data import token_windows
-from qpass.evaluate import perplexity
-from qpass.passes.find_attention_sites import find_attention_sites
-from qpass.passes.find_linear_sites import find_linear_sites, find_smoothing_groups
-from qpass.passes.insert_w8a8 import W8A8_LINEAR
-from qpass.pipeline import quantize_program, smoothed_state_dict
+from qpass.core import corpus
+from frontend_cases import frontend
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.core.data import token_windows
+from qpass.core.evaluate import perplexity
+from qpass.frontends.torch_export.capture import param_names
+from qpass.frontends.torch_export.pipeline import quantize_program, smoothed_state_dict
+from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
+from qpass.passes.fx.patterns import W8A8_LINEAR
 
 pytestmark = pytest.mark.slow
 WINDOW = 128
@@ -23,12 +22,11 @@ WINDOW = 128
 @pytest.fixture(scope="module")
 def smollm2():
     loaded = qpass.load_model("default")
-    program = capture(loaded.model, WINDOW)
-    return loaded, program, find_attention_sites(program.graph, param_names(program))
+    return loaded, frontend(loaded.model, WINDOW)
 
 
 def test_210_linears_and_120_smoothing_groups_found_by_structure(smollm2):
-    _, program, _ = smollm2
+    program = smollm2[1].program
     names = param_names(program)
     linears = find_linear_sites(program.graph, names)
     assert len(linears) == 210  # 30 layers x (q, k, v, o, gate, up, down); lm_head (tied to the embedding) stays float
@@ -39,11 +37,12 @@ def test_210_linears_and_120_smoothing_groups_found_by_structure(smollm2):
 
 
 def test_m3_w8a8_smoothing_is_exact_and_w8a8_stays_close(smollm2):
-    loaded, program, sites = smollm2
+    loaded, fe = smollm2
+    program, sites = fe.program, fe.attention_sites()
     torch.set_num_threads(1)  # OpenMP thrashes on a shared machine
     calib = token_windows(loaded.tokenizer, corpus.calibration_samples(), WINDOW, 8, "--calib")
     evals = token_windows(loaded.tokenizer, [corpus.eval_prose()], WINDOW, 4, "--eval")
-    recipe = calibrate(program, sites, calib, QuantConfig(window=WINDOW, w8a8=True, act_method=3, anti_method="m3"))
+    recipe = calibrate(fe, calib, QuantConfig(window=WINDOW, w8a8=True, act_method=3, anti_method="m3"))
     assert len(recipe.w8a8["smooth"]) == 120
     # smoothing alone keeps the float function
     smoothed = smoothed_state_dict(program, recipe)

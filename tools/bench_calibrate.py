@@ -11,14 +11,11 @@ import time
 
 import torch
 
-from qpass import corpus
-from qpass.api import param_names
-from qpass.calibrate import calibrate
-from qpass.capture import capture
-from qpass.config import QuantConfig
-from qpass.data import token_windows
-from qpass.models.loaders import load_model
-from qpass.passes.find_attention_sites import find_attention_sites
+from qpass.core import corpus
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.core.data import token_windows
+from qpass.frontends.torch_export.frontend import TorchExportFrontend
 
 
 def main():
@@ -28,13 +25,12 @@ def main():
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--observer", default="mse")
     args = parser.parse_args()
-    loaded = load_model(args.model)
+    frontend = TorchExportFrontend.load(args.model, args.window)
     config = QuantConfig(fa_quant=True, kv_cache="int8", observer=args.observer, window=args.window,
                          calib_samples=args.windows)
-    ids = token_windows(loaded.tokenizer, corpus.calibration_samples(), args.window, args.windows, "calib")
-    program = capture(loaded.model, args.window)
-    sites = find_attention_sites(program.graph, param_names(program))
-    module = program.module()
+    ids = token_windows(frontend.tokenizer, corpus.calibration_samples(), args.window, args.windows, "calib")
+    sites = frontend.attention_sites()
+    module = frontend.logits()
     with torch.no_grad():
         module(ids[: config.batch_size])  # warm-up, not timed
         start = time.perf_counter()
@@ -42,9 +38,9 @@ def main():
             module(batch)
         float_s = time.perf_counter() - start
     start = time.perf_counter()
-    calibrate(program, sites, ids, config)
+    calibrate(frontend, ids, config)
     calib_s = time.perf_counter() - start
-    print(f"{loaded.name}: {ids.numel()} tokens, {len(sites)} sites, observer {args.observer}")
+    print(f"{frontend.name}: {ids.numel()} tokens, {len(sites)} sites, observer {args.observer}")
     print(f"float forward {float_s:.2f}s, calibration {calib_s:.2f}s, ratio {calib_s / float_s:.3f}x (target <= 1.15x)")
 
 

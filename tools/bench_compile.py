@@ -11,22 +11,22 @@ import time
 
 import torch
 
-from qpass.api import param_names
-from qpass.calibrate import calibrate
-from qpass.capture import capture
-from qpass.config import QuantConfig
-from qpass.passes.find_attention_sites import find_attention_sites
-from qpass.pipeline import quantize_program
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.frontends.torch_export.capture import param_names
+from qpass.frontends.torch_export.frontend import TorchExportFrontend
+from qpass.frontends.torch_export.pipeline import quantize_program
+from qpass.models.loaders import LoadedModel
+from qpass.passes.fx.find_attention_sites import find_attention_sites
 
 WINDOW = 32
 
 
 def time_passes(num_layers: int, repeats: int) -> float:
-    model = smollm2_shaped(num_layers)
-    program = capture(model, WINDOW)
+    frontend = TorchExportFrontend(LoadedModel(smollm2_shaped(num_layers), None, "bench", "bench"), WINDOW)
+    program = frontend.program
     config = QuantConfig(fa_quant=True, kv_cache="int8", window=WINDOW)
-    sites = find_attention_sites(program.graph, param_names(program))
-    recipe = calibrate(program, sites, torch.randint(0, 512, (2, WINDOW)), config)
+    recipe = calibrate(frontend, torch.randint(0, 512, (2, WINDOW)), config)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

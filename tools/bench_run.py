@@ -4,8 +4,8 @@ against the float model it was exported from, on the same tokens, with the same 
     python tools/bench_run.py                      # SmolLM2-135M (`default`)
     python tools/bench_run.py --model tiny         # a small random Llama, for a quick check
 
-Calibration is per-tensor min-max of every decoder Linear's input on the standard-library corpus (the W8A8
-numbers do not change the speed). Prints milliseconds for a prefill forward and for greedy decode steps
+Calibration is qpass's W8A8 calibration with its defaults (per-tensor min-max of every decoder Linear's
+input, no fallback) on 8 windows of the standard-library corpus (the W8A8 numbers do not change the speed). Prints milliseconds for a prefill forward and for greedy decode steps
 (Hugging Face's float KV cache in both: this measures the Linears), and the ratio integer / float
 (target: at most 1.0).
 """
@@ -18,13 +18,15 @@ import time
 import torch
 
 
-def minmax_recipe(model, ids):
-    """A W8A8-only recipe: per-tensor min-max input qparams of every decoder Linear."""
-    from qpass.config import QuantConfig
-    from qpass.linear_observer import minmax_input_qparams
-    from qpass.recipe import Recipe
+def w8a8_recipe(model, tokenizer, ids):
+    """A W8A8-only recipe of every decoder Linear, from qpass's calibration with its defaults."""
+    from qpass.core.calibrate import calibrate
+    from qpass.core.config import QuantConfig
+    from qpass.frontends.torch_export.frontend import TorchExportFrontend
+    from qpass.models.loaders import LoadedModel
 
-    return Recipe(QuantConfig(w8a8=True), [], minmax_input_qparams(model, ids.split(1)))
+    frontend = TorchExportFrontend(LoadedModel(model, tokenizer, "bench", "bench"), ids.shape[1])
+    return calibrate(frontend, ids, QuantConfig(w8a8=True, window=ids.shape[1], calib_samples=ids.shape[0]))
 
 
 def load(spec: str):
@@ -81,19 +83,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from qpass import corpus
-    from qpass.data import token_windows
-    from qpass.mindie import export_mindie, load_mindie
+    from qpass.core import corpus
+    from qpass.core.data import token_windows
+    from qpass.exporters.mindie_load import load as load_mindie
+    from qpass.exporters.mindie_write import export_mindie
 
     model, tokenizer = load(args.model)
     calib = token_windows(tokenizer, corpus.calibration_samples(), 128, 8, "calibration")
-    recipe = minmax_recipe(model, calib)
+    recipe = w8a8_recipe(model, tokenizer, calib)
     with tempfile.TemporaryDirectory() as d:
         export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, d, torch.float16)
         loaded = load_mindie(d, load_tokenizer=False)
     int_model, float_model = loaded.model, model  # both compute in float32 outside the W8A8 Linears
     ids = token_windows(tokenizer, [corpus.eval_prose()], args.tokens, 1, "bench")[:1]
-    print(f"model {args.model}: {len(loaded.w8a8)} W8A8 Linears; threads {args.threads}; {ids.shape[1]} prompt tokens, "
+    print(f"model {args.model}: {loaded.info['w8a8_linears']} W8A8 Linears; threads {args.threads}; {ids.shape[1]} prompt tokens, "
           f"{args.decode_steps} decode steps; int8 matmul: torch._int_mm")
     rows = []
     for label, make in (("prefill", lambda m: prefill(m, ids)), ("decode", lambda m: decode(m, ids[:, :32], args.decode_steps))):

@@ -6,7 +6,7 @@
 import sys
 from pathlib import Path
 
-from qpass import corpus
+from qpass.core import corpus
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

@@ -12,16 +12,14 @@ import time
 
 import torch
 
-from qpass import corpus
-from qpass.api import param_names
-from qpass.calibrate import attach_observers, make_recipe
-from qpass.capture import capture
-from qpass.config import QuantConfig
-from qpass.data import token_windows
-from qpass.evaluate import perplexity
-from qpass.models.loaders import load_model
-from qpass.passes.find_attention_sites import find_attention_sites
-from qpass.pipeline import quantize_program
+from qpass.core import corpus
+from qpass.core.calibrate import SAMPLE_TOKENS, attention_qparams
+from qpass.core.config import QuantConfig
+from qpass.core.data import token_windows
+from qpass.core.evaluate import perplexity
+from qpass.core.observers import Observer
+from qpass.core.recipe import Recipe, geometry
+from qpass.frontends.torch_export.frontend import TorchExportFrontend
 
 
 def main():
@@ -33,30 +31,26 @@ def main():
     parser.add_argument("--observers", default="minmax,percentile,mse")
     args = parser.parse_args()
     torch.manual_seed(0)
-    loaded = load_model(args.model)
+    fe = TorchExportFrontend.load(args.model, args.window)
     base = QuantConfig(fa_quant=True, kv_cache="int8", window=args.window, calib_samples=args.calib_samples)
-    program = capture(loaded.model, args.window)
-    sites = find_attention_sites(program.graph, param_names(program))
-    calib = token_windows(loaded.tokenizer, corpus.calibration_samples(), args.window, args.calib_samples, "calib")
-    gm = program.module()
-    observers = attach_observers(gm, sites, ("q", "k", "v"), max(1, calib.numel() // 4096))
+    sites = fe.attention_sites()
+    calib = token_windows(fe.tokenizer, corpus.calibration_samples(), args.window, args.calib_samples, "calib")
+    stride = max(1, calib.numel() // 4096)
+    observers = {getattr(s, kind): Observer(stride, SAMPLE_TOKENS) for s in sites for kind in ("q", "k", "v")}
     start = time.perf_counter()
-    with torch.no_grad():
-        for batch in calib.split(base.batch_size):
-            gm(batch)
+    fe.observe(calib, observers, base.batch_size)
     print(f"calibration forward: {time.perf_counter() - start:.1f}s over {calib.numel()} tokens")
     texts = {"prose": corpus.eval_prose(), "code": corpus.eval_code()}
-    float_module = program.module()
+    float_module = fe.logits()
     for text_name, text in texts.items():
-        ids = token_windows(loaded.tokenizer, [text], args.window, args.eval_windows, "eval")
+        ids = token_windows(fe.tokenizer, [text], args.window, args.eval_windows, "eval")
         ppl_float = perplexity(float_module, ids, base.batch_size, "float")
         print(f"{text_name}: {ids.numel()} tokens, float ppl {ppl_float:.4f}")
         for method in args.observers.split(","):
             for mode, cfg in (("C8", dict(fa_quant=False)), ("FAQuant", dict(kv_cache=None)), ("both", {})):
                 config = dataclasses.replace(base, observer=method, **cfg)
-                recipe = make_recipe(sites, observers, config)
-                quantized, _ = quantize_program(program, sites, recipe)
-                ppl = perplexity(quantized.module(), ids, base.batch_size, mode)
+                recipe = Recipe(config, geometry(sites), *attention_qparams(sites, observers, config))
+                ppl = perplexity(fe.logits(recipe), ids, base.batch_size, mode)
                 print(f"  {text_name:5} {method:10} {mode:8} ppl {ppl:.4f}  {100 * (ppl / ppl_float - 1):+.3f}%", flush=True)
 
 

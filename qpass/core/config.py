@@ -1,0 +1,124 @@
+"""What to quantize and how: decided once, validated on construction, read by the passes.
+
+Each field carries its command-line flag and help (``metadata``), so ``qpass compile`` derives its
+options, choices and defaults from here (:func:`cli_options`) instead of restating them.
+"""
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+OBSERVERS = ("minmax", "percentile", "mse")
+KV_CACHE = (None, "int8")
+ACT_METHODS = (1, 2, 3)
+ANTI_METHODS = (None, "m1", "m2", "m3", "m4")
+DISABLE_LEVEL = re.compile(r"L(0|[1-9][0-9]*)|auto")
+
+
+def _opt(flag: str, help: str, **argparse_kwargs) -> dict:
+    return {"flag": flag, "help": help, **argparse_kwargs}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The quantization policy of one compile.
+
+    fa_quant: FAQuant, Q, K and V after RoPE quantized per head and per dim (``[heads, head_dim]``);
+        the KV cache is then int8 too.
+    kv_cache: ``"int8"`` for C8, K and V quantized per channel (``[kv_heads * head_dim]``) where they
+        are written to the cache; None keeps the cache in float.
+    observer: how a calibration range is chosen: ``minmax``; ``percentile`` (clip at ``percentile``
+        of |x| per channel); ``mse`` (clip range searched on a histogram to minimise the L2 error).
+    symmetric: symmetric int8 (offset 0, [-127, 127]) instead of asymmetric.
+    w8a8: every decoder Linear with int8 weights (symmetric, per output channel) and int8 activations
+        (asymmetric, per tensor, static); lm_head and the embeddings stay float.
+    act_method: W8A8 activation range: 1 min-max; 2 histogram (least-L2 clip); 3 per Linear, histogram
+        when ``max(|min|, |max|) / std <= 50``, else min-max.
+    anti_method: anti-outlier smoothing before W8A8 calibration: ``m1`` SmoothQuant (``alpha``),
+        ``m2`` SmoothQuant on shifted ranges (``alpha``), ``m3`` activation-aware scaling with a searched
+        exponent, ``m4`` iterative SmoothQuant (a = 0.9); None for none.
+    disable_level: Linears kept float: ``L0`` none; ``Ln`` the n with the widest activation range
+        (``max|x| / std``); ``auto`` the fewest, most sensitive first, keeping the perplexity increase on
+        held-out calibration text (its one-sided 95% upper bound over the windows) within
+        ``max_ppl_increase`` percent.
+    """
+
+    fa_quant: bool = field(default=False, metadata=_opt(
+        "--fa-quant", "FAQuant: Q, K, V int8 per head and dim (KV cache int8 too)"))
+    kv_cache: str | None = field(default=None, metadata=_opt(
+        "--kv-int8", "C8: K and V int8 per channel where written to the cache", const="int8"))
+    observer: str = field(default="mse", metadata=_opt(
+        "--observer", "range choice (default mse: histogram search)", choices=OBSERVERS))
+    symmetric: bool = field(default=False, metadata=_opt(
+        "--symmetric", "symmetric int8 (offset 0) instead of asymmetric"))
+    percentile: float = field(default=99.99, metadata=_opt(
+        "--percentile", "clip percentile for --observer percentile (default 99.99)"))
+    calib_samples: int = field(default=64, metadata=_opt("--calib-samples", "calibration windows (default 64)"))
+    window: int = field(default=512, metadata=_opt(
+        "--window", "tokens per window for calibration and eval (default 512)"))
+    batch_size: int = field(default=4, metadata=_opt("--batch-size", "windows per forward pass (default 4)"))
+    w8a8: bool = field(default=False, metadata=_opt(
+        "--w8a8", "W8A8: every decoder Linear int8 x int8 (weights per channel, activations per tensor)"))
+    act_method: int = field(default=1, metadata=_opt(
+        "--act-method", "W8A8 activation range: 1 min-max (default), 2 histogram, 3 auto per Linear "
+        "(histogram when max|x|/std <= 50)", choices=ACT_METHODS))
+    anti_method: str | None = field(default=None, metadata=_opt(
+        "--anti-method", "anti-outlier smoothing: m1 SmoothQuant, m2 SmoothQuant on shifted ranges, "
+        "m3 activation-aware (searched), m4 iterative", choices=ANTI_METHODS[1:]))
+    alpha: float = field(default=0.5, metadata=_opt("--alpha", "SmoothQuant migration strength for m1/m2 (default 0.5)"))
+    disable_level: str = field(default="L0", metadata=_opt(
+        "--disable-level", "Linears kept float: L0 none (default), Ln the n with the widest activation range (e.g. L5), auto"))
+    max_ppl_increase: float = field(default=2.0, metadata=_opt(
+        "--max-ppl-increase", "--disable-level auto: perplexity increase allowed on held-out calibration text "
+        "(95%% upper bound), percent (default 2)"))
+
+    def __post_init__(self):
+        if not self.fa_quant and self.kv_cache is None and not self.w8a8:
+            raise ValueError("nothing to quantize: set fa_quant=True, kv_cache='int8' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)")
+        if self.act_method not in ACT_METHODS:
+            raise ValueError(f"act_method={self.act_method!r} is not one of 1 (min-max), 2 (histogram), 3 (auto)")
+        if self.anti_method not in ANTI_METHODS:
+            raise ValueError(f"anti_method={self.anti_method!r} is not one of m1, m2, m3, m4 (or None for no smoothing)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
+        if not isinstance(self.disable_level, str) or not DISABLE_LEVEL.fullmatch(self.disable_level):
+            raise ValueError(f"disable_level={self.disable_level!r} is not L0, Ln (e.g. L5) or auto")
+        if not self.max_ppl_increase > 0.0:
+            raise ValueError(f"max_ppl_increase={self.max_ppl_increase} must be a positive percentage")
+        if not self.w8a8 and (self.anti_method is not None or self.disable_level != "L0"):
+            raise ValueError(f"anti_method={self.anti_method!r} / disable_level={self.disable_level!r} apply to W8A8 only; "
+                             "set w8a8=True (--w8a8) or drop them")
+        if self.kv_cache not in KV_CACHE:
+            raise ValueError(f"kv_cache={self.kv_cache!r} is not supported; use 'int8' or None")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile={self.percentile} must be in (50, 100]")
+        for name in ("calib_samples", "window", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def observed_kinds(self) -> tuple[str, ...]:
+        """The attention values calibration observes: q, k, v for FAQuant; k, v for C8 alone."""
+        if self.fa_quant:
+            return ("q", "k", "v")
+        return ("k", "v") if self.kv_cache == "int8" else ()
+
+
+def cli_options() -> list[tuple[str, str, dict]]:
+    """``(field name, flag, argparse keyword arguments)`` for every option of :class:`QuantConfig`."""
+    out = []
+    for f in fields(QuantConfig):
+        meta = dict(f.metadata)
+        flag, kwargs = meta.pop("flag"), {"dest": f.name, "default": f.default, **meta}
+        if f.type == "bool" or isinstance(f.default, bool):
+            kwargs["action"] = "store_true"
+        elif "const" in kwargs:
+            kwargs["action"] = "store_const"
+        else:
+            kwargs["type"] = type(f.default) if f.default is not None else str
+        out.append((f.name, flag, kwargs))
+    return out

@@ -1,0 +1,85 @@
+"""Calibration and evaluation text: readers with one-line errors, and token windows.
+
+Calibration files are ``.jsonl`` (one object a line, the text under ``inputs_pretokenized`` as in
+BoolQ, or under ``text``) or plain text; evaluation files are plain text.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from qpass.core.errors import QpassError
+
+JSONL_FIELDS = ("inputs_pretokenized", "text")
+
+
+def read_samples(path: str | Path, flag: str = "--calib") -> list[str]:
+    """The samples of a calibration file: one per ``.jsonl`` line, or the whole text of any other file."""
+    path = Path(path)
+    text = read_text(path, flag)
+    if path.suffix != ".jsonl":
+        return [text]
+    fix = f"each line must be an object with an {JSONL_FIELDS[0]!r} or {JSONL_FIELDS[1]!r} field"
+    samples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QpassError(f"{flag}: {path.name} line {number} is not JSON ({err.msg}); {fix}") from None
+        if not isinstance(obj, dict):
+            raise QpassError(f"{flag}: {path.name} line {number} is a JSON {type(obj).__name__}, not an object; {fix}")
+        field = next((f for f in JSONL_FIELDS if f in obj), None)
+        if field is None:
+            raise QpassError(f"{flag}: {path.name} line {number} has no {JSONL_FIELDS[0]!r} or {JSONL_FIELDS[1]!r} field; {fix}")
+        if not isinstance(obj[field], str) or not obj[field].strip():
+            raise QpassError(f"{flag}: {path.name} line {number}: {field!r} is not a non-empty string; {fix}")
+        samples.append(obj[field])
+    if not samples:
+        raise QpassError(f"{flag}: {path.name} has no samples; {fix}")
+    return samples
+
+
+def read_text(path: str | Path, flag: str = "--eval") -> str:
+    """The whole of a UTF-8 text file, refusing missing, unreadable, non-UTF-8 and empty files."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise QpassError(f"{flag}: {path} does not exist; give the path of a UTF-8 text file") from None
+    except OSError as err:
+        raise QpassError(f"{flag}: cannot read {path} ({err.strerror}); check the path and its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise QpassError(f"{flag}: {path.name} is not UTF-8 (byte {err.start}, line {line}); convert it with `iconv -t utf-8`") from None
+    if not text.strip():
+        raise QpassError(f"{flag}: {path.name} is empty; give a file with text in it")
+    return text
+
+
+def token_windows(tokenizer, texts: list[str], window: int, max_windows: int | None, flag: str) -> torch.Tensor:
+    """``[N, window]`` token ids: the texts tokenized, joined with EOS, cut into whole windows.
+
+    Takes at most ``max_windows`` windows, spread evenly over the text so that a long file is sampled
+    throughout. Raises when the text does not fill one window.
+    """
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+    count = len(ids) // window
+    if count == 0:
+        raise QpassError(
+            f"{flag}: the text is {len(ids)} tokens, shorter than one window of {window}; give more text or a smaller --window"
+        )
+    windows = torch.tensor(ids[: count * window], dtype=torch.long).view(count, window)
+    if max_windows is not None and count > max_windows:
+        pick = torch.linspace(0, count - 1, max_windows).round().long()
+        windows = windows[pick]
+    return windows

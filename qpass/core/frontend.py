@@ -1,0 +1,50 @@
+"""The protocol every frontend implements, so that calibration, evaluation and export need no IR.
+
+A frontend holds one model in its IR (a ``torch.export`` program, an ONNX graph). Everything the
+core asks of it is here; how it answers (taps, passes, sessions) is its own business.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import torch
+
+from qpass.core.observers import Observer
+from qpass.core.recipe import Recipe
+from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
+
+Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, S] -> logits [B, S, vocab]
+
+
+class Frontend(Protocol):
+    name: str         # the model's name, for the report
+    source: str       # where it was loaded from
+    tokenizer: object
+
+    def attention_sites(self) -> list[AttentionSite]:
+        """Every attention site, in execution order (raises QpassError when there is none)."""
+
+    def linear_sites(self) -> list[LinearSite]:
+        """The Linears W8A8 would quantize (the LM head left out)."""
+
+    def smoothing_groups(self, linears: list[LinearSite]) -> list[SmoothGroup]:
+        """The groups among ``linears`` whose shared input can be smoothed."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The float parameters by module path (``model.layers.0.self_attn.q_proj.weight``)."""
+
+    def observe(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
+                state_dict: dict[str, torch.Tensor] | None = None, desc: str = "calibrate") -> None:
+        """Run the float model over ``windows [N, W]`` (with ``state_dict``'s values in place of its own
+        parameters, when given) and feed each observer the value it is keyed by (a site's ``q``/``k``/``v``
+        or a Linear's ``input``) as ``[tokens, channels]``."""
+
+    def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
+        """The float model's logits function, or the model quantized as ``recipe`` says (through the
+        frontend's own pass pipeline)."""
+
+    def loss_sensitivity(self, recipe: Recipe, linears: list[LinearSite], windows: torch.Tensor) -> dict[str, float] | None:
+        """Per Linear, the first-order loss change of its W8A8 error; None when the frontend cannot take gradients."""
+
+    def layers(self) -> Iterator[DecoderLayer]:
+        """The decoder layers in order, each with its attention site and Linears (for layer-wise work)."""

@@ -1,0 +1,96 @@
+"""Calibration statistics of one value seen as ``[tokens, channels]``, mergeable across runs.
+
+A frontend flattens each observed value to ``x [tokens, C]`` (attention values ``[B, H, S, D]`` with
+channel ``c = h * D + d``, so one observer serves FAQuant ``[heads, head_dim]`` and C8
+``[kv_heads * head_dim]``; a Linear's input ``[..., C]`` as it is) and calls :meth:`Observer.update`.
+The observer keeps per-channel min / max / sum|x|, the whole tensor's first two moments, and every
+``stride``-th token up to ``max_tokens`` (cheap during the forward); ranges are chosen at the end from
+these (:mod:`qpass.core.ranges`). Two observers of the same value merge (:meth:`Observer.merge`), so
+statistics gathered in pieces (layer by layer, batch by batch) give the same result.
+"""
+
+import torch
+
+from qpass.core.errors import QpassError
+
+
+class Observer:
+    """Statistics of one ``[tokens, C]`` value; keeps every ``stride``-th token of each update, at most ``max_tokens``."""
+
+    def __init__(self, stride: int = 1, max_tokens: int = 2048):
+        self.stride, self.max_tokens = stride, max_tokens
+        self.min: torch.Tensor | None = None  # [C]
+        self.max: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None  # float64 [C]
+        self.count = 0  # tokens seen
+        self.total = self.total_sq = 0.0  # sum of x and x^2 over the whole tensor (float64)
+        self.buffer: torch.Tensor | None = None  # [max_tokens, C], filled up to `kept`
+        self.kept = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the tokens of ``x [tokens, C]``."""
+        x = x.detach().float()
+        lo, hi, a = x.amin(0), x.amax(0), x.abs().sum(0, dtype=torch.float64)
+        self._combine(lo, hi, a, x.shape[0], float(x.sum(dtype=torch.float64)), float(x.pow(2).sum(dtype=torch.float64)))
+        self._keep(x[:: self.stride])
+
+    def merge(self, other: "Observer") -> None:
+        """Add everything ``other`` saw (its kept tokens after this one's)."""
+        if other.min is None:
+            return
+        self._combine(other.min, other.max, other.abs_sum, other.count, other.total, other.total_sq)
+        self._keep(other.sample())
+
+    def _combine(self, lo, hi, abs_sum, count, total, total_sq) -> None:
+        if self.min is None:
+            self.min, self.max, self.abs_sum = lo.clone(), hi.clone(), abs_sum.clone()
+        else:
+            self.min, self.max = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
+            self.abs_sum = self.abs_sum + abs_sum
+        self.count += count
+        self.total += total
+        self.total_sq += total_sq
+
+    def _keep(self, tokens: torch.Tensor) -> None:
+        if self.kept >= self.max_tokens:
+            return
+        if self.buffer is None:
+            self.buffer = torch.empty(self.max_tokens, tokens.shape[1])
+        take = tokens[: self.max_tokens - self.kept]
+        self.buffer[self.kept : self.kept + take.shape[0]] = take
+        self.kept += take.shape[0]
+
+    def _check(self) -> None:
+        if self.min is None:
+            raise QpassError("an observer saw no data: the calibration run never reached this value; "
+                             "check that the model's forward uses every attention and Linear")
+
+    @property
+    def channels(self) -> int:
+        self._check()
+        return self.min.numel()
+
+    def sample(self) -> torch.Tensor:
+        """The kept tokens, ``[tokens, C]``."""
+        self._check()
+        return self.buffer[: self.kept] if self.buffer is not None else torch.empty(0, self.min.numel())
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """``max |x|`` per channel, ``[C]``."""
+        self._check()
+        return torch.maximum(-self.min, self.max)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """``mean |x|`` per channel, ``[C]``."""
+        self._check()
+        return (self.abs_sum / self.count).float()
+
+    def range_ratio(self) -> float:
+        """``max(|min|, |max|) / std`` over the whole tensor: how outlier-dominated the range is."""
+        self._check()
+        n = self.count * self.min.numel()
+        mean = self.total / n
+        std = max(self.total_sq / n - mean * mean, 0.0) ** 0.5
+        return float(self.absmax.max()) / max(std, 1e-12)

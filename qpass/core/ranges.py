@@ -1,0 +1,116 @@
+"""Range choice: from an :class:`~qpass.core.observers.Observer`'s statistics to int8 scales and offsets.
+
+Two searches for a clip range, for two different shapes of problem:
+
+- per channel (q/k/v, the KV cache: ``minmax``, ``percentile``, ``mse``): thousands of channels, so
+  :func:`mse_range` scores each candidate on a per-channel histogram with prefix sums (O(1) per
+  candidate and channel); the candidates are fractions 0.30 .. 1 of the range (``CLIP_GRID``);
+- per tensor (W8A8 activations, ``--act-method 2/3``): one range over all channels, where single
+  outlier channels sit 100x above the bulk. A histogram of that range cannot resolve the bulk, so
+  :func:`least_l2_clip` measures each candidate's int8 round trip exactly, on a grid that reaches
+  down to 1% of the range (``CLIP_FRACTIONS``).
+"""
+
+import torch
+
+from qpass.core.int8 import affine_qparams, fake_quant
+from qpass.core.observers import Observer
+
+RANGE_METHODS = ("minmax", "percentile", "mse")
+HIST_BINS = 512
+CLIP_GRID = torch.linspace(0.30, 1.0, 71)  # per-channel candidates, fractions of the observed range
+ACT_METHODS = {1: "min-max", 2: "histogram", 3: "auto"}
+AUTO_RATIO = 50.0  # act-method 3: histogram when max(|min|, |max|) / std <= this, else min-max
+CLIP_FRACTIONS = torch.logspace(0.0, -2.0, 81)  # per-tensor candidates
+MAX_SEARCH_VALUES = 1 << 16
+
+
+def channel_qparams(obs: Observer, method: str, symmetric: bool, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale [C], offset [C])`` float32 for ``method`` in minmax / percentile / mse."""
+    lo, hi = obs.min, obs.max
+    if method == "percentile":
+        q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0])
+        lo_p, hi_p = torch.quantile(obs.sample(), q, dim=0)
+        lo, hi = torch.maximum(lo, lo_p), torch.minimum(hi, hi_p)
+    elif method == "mse":
+        lo, hi = mse_range(obs.sample(), lo, hi, symmetric)
+    elif method != "minmax":
+        raise ValueError(f"unknown range method {method!r}; choose one of {', '.join(RANGE_METHODS)}")
+    return affine_qparams(lo, hi, symmetric)
+
+
+def mse_range(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool):
+    """Per channel, the clipped range ``[t * lo, t * hi]`` (t on ``CLIP_GRID``) with the least L2 error.
+
+    ``sample [tokens, C]``; ``lo``, ``hi`` ``[C]``. The error of a candidate is computed on a
+    ``HIST_BINS``-bin histogram of the sample: values inside the range cost ``scale^2 / 12`` (uniform
+    rounding noise), values outside cost their squared distance to the clip edge. Prefix sums of
+    ``n``, ``n c`` and ``n c^2`` over the bins make each candidate O(1) per channel.
+    """
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    if symmetric:
+        amax = torch.maximum(-lo, hi)
+        lo, hi = -amax, amax
+    bin_w = ((hi - lo) / HIST_BINS).clamp(min=torch.finfo(torch.float32).tiny)  # [C]
+    channels = sample.shape[1]
+    idx = ((sample - lo) / bin_w).long().clamp_(0, HIST_BINS - 1)  # [N, C]
+    idx += torch.arange(channels) * HIST_BINS  # one histogram per channel, side by side
+    counts = torch.bincount(idx.flatten(), minlength=channels * HIST_BINS).view(channels, HIST_BINS).double()
+    centers = lo[:, None].double() + (torch.arange(HIST_BINS) + 0.5)[None, :] * bin_w[:, None].double()
+
+    def prefix(v):  # [C, bins + 1], prefix[:, j] = sum over bins < j
+        return torch.nn.functional.pad(v.cumsum(1), (1, 0))
+
+    n0, n1, n2 = prefix(counts), prefix(counts * centers), prefix(counts * centers**2)
+    t = CLIP_GRID.double()[None, :]  # [1, G]
+    a, b = lo[:, None].double() * t, hi[:, None].double() * t  # [C, G] clip edges
+    lo_d, bw = lo[:, None].double(), bin_w[:, None].double()
+    i_a = torch.ceil((a - lo_d) / bw - 0.5).clamp(0, HIST_BINS).long()  # bins with center < a
+    i_b = (torch.floor((b - lo_d) / bw - 0.5) + 1).clamp(0, HIST_BINS).long()  # bins with center <= b
+    g = lambda p, i: p.gather(1, i)  # noqa: E731
+    below = a**2 * g(n0, i_a) - 2 * a * g(n1, i_a) + g(n2, i_a)
+    top = lambda p: p[:, -1:]  # noqa: E731
+    above = (top(n2) - g(n2, i_b)) - 2 * b * (top(n1) - g(n1, i_b)) + b**2 * (top(n0) - g(n0, i_b))
+    steps = 254.0 if symmetric else 255.0
+    inside = (g(n0, i_b) - g(n0, i_a)) * ((b - a) / steps) ** 2 / 12.0
+    best = (below + above + inside).argmin(dim=1)
+    best_t = CLIP_GRID[best]
+    return lo * best_t, hi * best_t
+
+
+def act_qparams(lo: float, hi: float, sample: torch.Tensor, ratio: float, act_method: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Per-tensor asymmetric ``(scale [1], offset [1], method used)`` for an activation with range ``[lo, hi]``.
+
+    ``act_method``: 1 min-max; 2 histogram (the clip with the least L2 error on the sample,
+    :func:`least_l2_clip`); 3 histogram when ``ratio = max(|lo|, |hi|) / std <= 50``, else min-max.
+    """
+    if act_method not in ACT_METHODS:
+        raise ValueError(f"act_method={act_method} is not one of {sorted(ACT_METHODS)}")
+    use_hist = act_method == 2 or (act_method == 3 and ratio <= AUTO_RATIO)
+    lo_t, hi_t = torch.tensor([float(lo)]), torch.tensor([float(hi)])
+    scale, offset = affine_qparams(lo_t, hi_t, symmetric=False)
+    if use_hist:
+        scale, offset = least_l2_clip(sample, lo_t, hi_t)
+    return scale.float(), offset.float(), "histogram" if use_hist else "min-max"
+
+
+def least_l2_clip(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor ``(scale [1], offset [1])`` of the clip ``[t lo, t hi]``, t on ``CLIP_FRACTIONS``, whose int8
+    round trip has the least squared error on ``sample [tokens, C]`` (evenly strided whole tokens, at most
+    ``MAX_SEARCH_VALUES`` values: striding the flattened values would see only the channels that are a
+    multiple of the stride, and miss the outlier channels that decide the clip)."""
+    rows = max(1, MAX_SEARCH_VALUES // sample.shape[-1])
+    x = sample.reshape(-1, sample.shape[-1])
+    x = x[:: -(-x.shape[0] // rows)].reshape(-1).float()
+    best = (float("inf"), None)
+    for t in CLIP_FRACTIONS:
+        scale, offset = affine_qparams(lo * t, hi * t, symmetric=False)
+        err = float((fake_quant(x, scale, offset) - x).pow(2).sum())
+        if err < best[0]:
+            best = (err, (scale, offset))
+    return best[1]
+
+
+def linear_input_qparams(obs: Observer, act_method: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """W8A8 activation qparams of a Linear input from its observer (see :func:`act_qparams`)."""
+    return act_qparams(float(obs.min.min()), float(obs.max.max()), obs.sample(), obs.range_ratio(), act_method)

@@ -1,0 +1,199 @@
+"""The calibrated result, frontend-neutral: per site, scales and offsets, plus the config that made them.
+
+Saved as ``recipe.safetensors`` (the tensors) and ``recipe.json`` (config, sites, the axes of every
+tensor, statistics), so calibration and compilation can run apart and one calibration feeds every
+exporter. Tensor names (built only by the functions below), all float32, with their axes:
+
+    layers.<i>.fa_q.scale / .offset     [heads, head_dim]          FAQuant Q
+    layers.<i>.fa_k.scale / .offset     [kv_heads, head_dim]       FAQuant K
+    layers.<i>.fa_v.scale / .offset     [kv_heads, head_dim]       FAQuant V
+    layers.<i>.kv_k.scale / .offset     [kv_heads * head_dim]      C8 K, per channel (c = h * head_dim + d)
+    layers.<i>.kv_v.scale / .offset     [kv_heads * head_dim]      C8 V
+    w8a8.<linear>.input_scale / .input_offset  [tensor]            W8A8 activation qparams of a quantized Linear
+                                                                   (``<linear>`` its module path)
+    smooth.<i>.scale                    [channels]                 smoothing group i (qpass/core/smoothing.py)
+
+Offsets follow ``q = clamp(round(x / scale) + offset)``, ``x = (q - offset) * scale``.
+
+With W8A8 the JSON has a ``w8a8`` object: ``act_method``, ``anti_method``, ``alpha``,
+``disable_level``, ``smooth`` (the smoothing groups) and ``float_linears`` (module path -> why it
+stays float). Linears not listed there are quantized.
+"""
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+from qpass.core.config import QuantConfig
+from qpass.core.errors import QpassError
+
+FORMAT_VERSION = 2
+TENSORS_FILE = "recipe.safetensors"
+JSON_FILE = "recipe.json"
+SITE_KINDS = ("fa_q", "fa_k", "fa_v", "kv_k", "kv_v")
+AXES = {"fa_q": ("heads", "head_dim"), "fa_k": ("kv_heads", "head_dim"), "fa_v": ("kv_heads", "head_dim"),
+        "kv_k": ("kv_heads * head_dim",), "kv_v": ("kv_heads * head_dim",), "input": ("tensor",), "smooth": ("channels",)}
+_SITE_KEY = re.compile(r"layers\.\d+\.(fa_[qkv]|kv_[kv])\.(scale|offset)")
+_LINEAR_KEY = re.compile(r"w8a8\.(.+)\.input_(scale|offset)")
+_SMOOTH_KEY = re.compile(r"smooth\.\d+\.scale")
+
+
+def site_key(layer: int, kind: str, part: str) -> str:
+    """``layers.<layer>.<kind>.<part>``: kind in ``SITE_KINDS``, part ``scale`` or ``offset``."""
+    return f"layers.{layer}.{kind}.{part}"
+
+
+def linear_key(module: str, part: str) -> str:
+    """``w8a8.<module>.input_<part>``: part ``scale`` or ``offset``."""
+    return f"w8a8.{module}.input_{part}"
+
+
+def smooth_key(group: int) -> str:
+    return f"smooth.{group}.scale"
+
+
+def axes(name: str) -> tuple[str, ...]:
+    """The axes of recipe tensor ``name`` (its granularity)."""
+    if m := _SITE_KEY.fullmatch(name):
+        return AXES[m.group(1)]
+    if _LINEAR_KEY.fullmatch(name):
+        return AXES["input"]
+    if _SMOOTH_KEY.fullmatch(name):
+        return AXES["smooth"]
+    raise QpassError(f"recipe: tensor {name} is not one a recipe holds; recalibrate with this qpass")
+
+
+@dataclass(frozen=True)
+class SiteGeometry:
+    """What a recipe keeps of an attention site: its geometry and its module names (for exporters)."""
+
+    layer: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    prefix: str = ""                                  # attention module path, "" when the graph has none
+    projections: tuple[str, str, str] = ("", "", "")  # q, k, v projection module paths
+
+
+def geometry(sites) -> tuple[SiteGeometry, ...]:
+    """The :class:`SiteGeometry` of each :class:`~qpass.core.sites.AttentionSite`."""
+    return tuple(SiteGeometry(s.layer, s.num_heads, s.num_kv_heads, s.head_dim, s.prefix, s.projections) for s in sites)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Frozen: built once by calibration (or loaded), then only read."""
+
+    config: QuantConfig
+    sites: tuple[SiteGeometry, ...]
+    tensors: MappingProxyType = field(default_factory=dict)
+    stats: MappingProxyType = field(default_factory=dict)  # per-site SQNR and the like, for the report
+    w8a8: MappingProxyType = field(default_factory=dict)   # W8A8 policy and smoothing groups; {} without W8A8
+
+    def __post_init__(self):
+        object.__setattr__(self, "sites", tuple(self.sites))
+        for name in ("tensors", "stats", "w8a8"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        for name in self.tensors:
+            axes(name)
+
+    def get(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, offset)`` of ``kind`` (``fa_q``, ``fa_k``, ``fa_v``, ``kv_k``, ``kv_v``) at ``layer``."""
+        try:
+            return self.tensors[site_key(layer, kind, "scale")], self.tensors[site_key(layer, kind, "offset")]
+        except KeyError:
+            raise QpassError(f"recipe: no {site_key(layer, kind, 'scale')}/.offset; recalibrate with the options "
+                             "this compile asks for") from None
+
+    def linear(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """W8A8 ``(input_scale [1], input_offset [1])`` of ``module``, None when it has none."""
+        scale = self.tensors.get(linear_key(module, "scale"))
+        return None if scale is None else (scale, self.tensors[linear_key(module, "offset")])
+
+    @property
+    def float_linears(self) -> dict[str, str]:
+        return dict(self.w8a8.get("float_linears", {}))
+
+    @property
+    def smoothing(self) -> list[dict]:
+        return list(self.w8a8.get("smooth", []))
+
+    def w8a8_linears(self) -> list[str]:
+        """The Linears (module paths) this recipe quantizes to W8A8: those with input qparams, less the float ones."""
+        names = {m.group(1) for k in self.tensors if (m := _LINEAR_KEY.fullmatch(k))}
+        return sorted(names - set(self.float_linears))
+
+    def replace(self, **changes) -> "Recipe":
+        """A new recipe with ``changes`` (e.g. ``w8a8={...}``)."""
+        fields = {"config": self.config, "sites": self.sites, "tensors": self.tensors, "stats": self.stats, "w8a8": self.w8a8}
+        return Recipe(**{**fields, **changes})
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in sorted(self.tensors.items())}
+        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": f"qpass-recipe-v{FORMAT_VERSION}"})
+        # one metadata key: safetensors writes a multi-key metadata map in no fixed order
+        doc = {
+            "format": "qpass-recipe",
+            "version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "sites": [asdict(s) for s in self.sites],
+            "axes": {k: list(axes(k)) for k in sorted(self.tensors)},
+            "stats": _plain(self.stats),
+        }
+        if self.w8a8:
+            doc["w8a8"] = _plain(self.w8a8)
+        (directory / JSON_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path) -> "Recipe":
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        json_path, tensor_path = directory / JSON_FILE, directory / TENSORS_FILE
+        if not json_path.is_file() or not tensor_path.is_file():
+            raise QpassError(f"--recipe {directory}: needs {JSON_FILE} and {TENSORS_FILE}; give a directory written by `qpass compile` (its recipe/ folder)")
+        try:
+            doc = json.loads(json_path.read_text(encoding="utf-8"))
+            version = doc.get("version")
+            if version != FORMAT_VERSION:
+                raise QpassError(f"--recipe {directory}: recipe version {version} is not {FORMAT_VERSION}; recalibrate with this qpass")
+            config = QuantConfig(**doc["config"])
+            sites = [SiteGeometry(**{**s, "projections": tuple(s.get("projections", ("", "", "")))}) for s in doc["sites"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise QpassError(f"--recipe {directory}: {JSON_FILE} is not a qpass recipe ({err}); recalibrate with `qpass compile`") from err
+        try:
+            with safe_open(str(tensor_path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise QpassError(f"--recipe {directory}: cannot read {TENSORS_FILE} ({err}); recalibrate with `qpass compile`") from err
+        return cls(config, sites, tensors, doc.get("stats", {}), doc.get("w8a8", {}))
+
+    def check_matches(self, geometry: tuple[SiteGeometry, ...]) -> None:
+        """Refuse a recipe calibrated for a model with other attention sites: other geometry, or other module
+        names where the recipe has them (a recipe read from a weight directory may lack the projections')."""
+        def fits(ours: SiteGeometry, theirs: SiteGeometry) -> bool:
+            names = [(a, b) for a, b in zip((ours.prefix, *ours.projections), (theirs.prefix, *theirs.projections)) if a]
+            return (ours.layer, ours.num_heads, ours.num_kv_heads, ours.head_dim) == \
+                (theirs.layer, theirs.num_heads, theirs.num_kv_heads, theirs.head_dim) and all(a == b for a, b in names)
+
+        geometry = tuple(geometry)
+        if len(geometry) != len(self.sites) or not all(fits(a, b) for a, b in zip(self.sites, geometry)):
+            first = next((f"layer {a.layer}: recipe {a} vs model {b}" for a, b in zip(self.sites, geometry) if not fits(a, b)),
+                         f"recipe has {len(self.sites)} sites, the model {len(geometry)}")
+            raise QpassError(f"--recipe: it was calibrated for another model ({first}); calibrate this model instead")
+
+
+def _plain(doc):
+    """``doc`` with read-only mappings turned back into dicts, for JSON."""
+    if isinstance(doc, (dict, MappingProxyType)):
+        return {k: _plain(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [_plain(v) for v in doc]
+    return doc

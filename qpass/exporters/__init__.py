@@ -1,0 +1,5 @@
+"""Exporters behind one registry: name -> write, detect, load (see :mod:`qpass.exporters.registry`).
+
+They read the core's recipe, the sites' module names and a state dict; they import neither the API
+nor a frontend.
+"""

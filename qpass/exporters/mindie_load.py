@@ -1,0 +1,252 @@
+"""Read a MindIE quantized weight directory (:mod:`qpass.exporters.mindie_format`) back into a model.
+
+Every tensor's name, description type, dtype and shape is checked against the description and the
+config; the model is a Hugging Face causal LM whose W8A8 Linears are replaced by
+:class:`qpass.runtime.w8a8.W8A8Linear`, and FAQuant / C8 come back as a :class:`Recipe` that the frontend
+applies. Remote code is never run.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qpass.core.config import QuantConfig
+from qpass.core.errors import QpassError
+from qpass.core.recipe import Recipe, SiteGeometry, site_key
+from qpass.exporters.mindie_format import (C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FAQUANT, FLOAT, MODEL_KEYS, W8A8,
+                                          W8A8_SUFFIXES, WEIGHTS_FILE)
+from qpass.exporters.base import Loaded
+from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights
+
+MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtype = torch.float32,
+         load_tokenizer: bool = True) -> Loaded:
+    """Validate a MindIE directory and build the model it describes (:mod:`qpass.exporters.mindie_format`):
+    a Hugging Face model with W8A8 Linears in integer arithmetic, computing in ``compute_dtype``, and the
+    recipe of its FAQuant / C8 tensors (None when it has neither). ``purpose`` does not change what is read.
+
+    A missing file or tensor, a wrong dtype or shape, or a description that disagrees with the weights raises
+    :class:`QpassError` naming the tensor.
+    """
+    d = Path(directory)
+    for f in (CONFIG_FILE, WEIGHTS_FILE, DESCRIPTION_FILE):
+        if not (d / f).is_file():
+            raise QpassError(f"{d}: no {f}; a MindIE directory needs {CONFIG_FILE}, {WEIGHTS_FILE} and {DESCRIPTION_FILE}")
+    config_json = _read_json(d, CONFIG_FILE)
+    description = _read_json(d, DESCRIPTION_FILE)
+    model_dtype = _model_dtype(d, config_json)
+    fa, c8 = _quant_kinds(d, config_json, description)
+    try:
+        with safe_open(str(d / WEIGHTS_FILE), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise QpassError(f"{d}: cannot read {WEIGHTS_FILE} ({err}); re-export the directory") from err
+    types = {k: v for k, v in description.items() if k not in MODEL_KEYS}
+    check = _Checker(d, tensors, types, model_dtype)
+    for name in sorted(types):
+        if name not in tensors:
+            raise QpassError(f"{d}: {DESCRIPTION_FILE} lists {name} ({types[name]}), but {WEIGHTS_FILE} has no such tensor; "
+                             "add the tensor or re-export the directory")
+        if types[name] not in (FLOAT, W8A8, FAQUANT):
+            raise QpassError(f"{d}: {DESCRIPTION_FILE} types {name} as {types[name]!r}; use FLOAT, W8A8 or FAQuant")
+    for name in sorted(tensors):
+        if name not in types:
+            raise QpassError(f"{d}: tensor {name} has no entry in {DESCRIPTION_FILE}; type every tensor FLOAT, W8A8 or FAQuant")
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_json = {k: v for k, v in config_json.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
+    model_type = hf_json.pop("model_type", None)
+    try:
+        config = AutoConfig.for_model(model_type, **hf_json)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=compute_dtype)
+    except (ValueError, KeyError, TypeError) as err:
+        raise QpassError(f"{d}: cannot build a model from {CONFIG_FILE} (model_type {model_type!r}: {err}); "
+                         "it must be a Hugging Face causal-LM config") from err
+    model.eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    w8a8 = sorted(n.removesuffix(".weight") for n, t in types.items() if t == W8A8 and n.endswith(".weight"))
+    for p in w8a8:
+        if p not in linears:
+            raise QpassError(f"{d}: {p}.weight is typed W8A8, but {p} is not a Linear of this {model_type} model; "
+                             "type it FLOAT or fix the name")
+        module = linears[p]
+        replacement = W8A8Linear(check.w8a8(p, module.out_features, module.in_features))
+        parent, _, child = p.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    extra = {f"{p}.{s}" for p in w8a8 for s in W8A8_SUFFIXES}
+    bias = next((f"{p}.bias" for p in w8a8 if f"{p}.bias" in tensors), None)
+    if bias is not None:
+        raise QpassError(f"{d}: tensor {bias} is the float bias of a W8A8 Linear; the format folds the bias into "
+                         "quant_bias, so remove the tensor (or re-export)")
+    floats = {}
+    expected = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False)
+    for key, param in expected.items():
+        if key.rpartition(".")[0] in w8a8:  # W8A8Linear buffers, filled from the format's tensors above
+            continue
+        if tied and key == "lm_head.weight" and key not in tensors:
+            continue  # tied to model.embed_tokens.weight, as config.json says
+        floats[key] = check.float_tensor(key, tuple(param.shape)).to(compute_dtype)
+    model.load_state_dict(floats, strict=False)
+    if tied:
+        model.tie_weights()
+    recipe, attention = _recipe(config, check, fa, c8)
+    unknown = sorted(set(tensors) - extra - set(floats) - attention - ({"lm_head.weight"} if tied else set()))
+    if unknown:
+        raise QpassError(f"{d}: tensor {unknown[0]} is not a parameter of this {model_type} model nor a tensor the format "
+                         f"defines ({len(unknown)} such); remove it or fix its name")
+    tokenizer = None
+    if load_tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(d))
+        except (OSError, ValueError) as err:
+            raise QpassError(f"{d}: cannot load the tokenizer files ({err}); add tokenizer.json / tokenizer_config.json") from err
+    info = {"format": "mindie", "model_dtype": str(model_dtype).removeprefix("torch."), "w8a8_linears": len(w8a8),
+            "fa_quant": fa, "kv_cache": "int8" if c8 else None}
+    return Loaded("mindie", tokenizer, recipe, model=model, info=info)
+
+
+def _read_json(d: Path, name: str) -> dict:
+    try:
+        doc = json.loads((d / name).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QpassError(f"{d}: {name} is not valid JSON ({err}); repair it or re-export the directory") from err
+    if not isinstance(doc, dict):
+        raise QpassError(f"{d}: {name} is not a JSON object; repair it or re-export the directory")
+    return doc
+
+
+def _model_dtype(d: Path, config_json: dict) -> torch.dtype:
+    name = config_json.get("torch_dtype", config_json.get("dtype"))
+    if name not in MODEL_DTYPES:
+        raise QpassError(f"{d}: {CONFIG_FILE} torch_dtype is {name!r}; a MindIE directory stores float16 or bfloat16 models")
+    return MODEL_DTYPES[name]
+
+
+def _quant_kinds(d: Path, config_json: dict, description: dict) -> tuple[bool, bool]:
+    """(FAQuant, C8) from the description's model-level keys, checked against config.json."""
+    if description.get("model_quant_type") != W8A8:
+        raise QpassError(f"{d}: {DESCRIPTION_FILE} model_quant_type is {description.get('model_quant_type')!r}; "
+                         "qpass loads W8A8 directories (\"model_quant_type\": \"W8A8\")")
+    fa = description.get("fa_quant_type")
+    if fa not in (None, FAQUANT):
+        raise QpassError(f"{d}: {DESCRIPTION_FILE} fa_quant_type is {fa!r}; only \"FAQuant\" is defined")
+    kv = (description.get("kv_cache_type"), description.get("kv_quant_type"))
+    if kv not in ((None, None), ("C8", "C8")):
+        raise QpassError(f"{d}: {DESCRIPTION_FILE} has kv_cache_type {kv[0]!r} and kv_quant_type {kv[1]!r}; "
+                         "C8 needs both set to \"C8\" (or neither, for a float KV cache)")
+    qc = config_json.get("quantization_config") or {}
+    if qc.get("fa_quant_type") != fa or qc.get("kv_quant_type") != kv[1]:
+        raise QpassError(f"{d}: {CONFIG_FILE} quantization_config {qc} disagrees with {DESCRIPTION_FILE} "
+                         f"(fa_quant_type {fa!r}, kv_quant_type {kv[1]!r}); make them agree")
+    return fa == FAQUANT, kv[1] == "C8"
+
+
+class _Checker:
+    """Reads tensors out of the file, checking each one's description type, dtype and shape."""
+
+    def __init__(self, d: Path, tensors: dict, types: dict, model_dtype: torch.dtype):
+        self.d, self.tensors, self.types, self.model_dtype = d, tensors, types, model_dtype
+
+    def get(self, name: str, kind: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], what: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise QpassError(f"{self.d}: missing tensor {name} ({what}, {_dt(dtypes)} {list(shape)}); add it or re-export the directory")
+        t = self.tensors[name]
+        if self.types.get(name) != kind:
+            raise QpassError(f"{self.d}: {DESCRIPTION_FILE} types {name} as {self.types.get(name)!r} but it is {what}; "
+                             f"type it {kind!r}")
+        if t.dtype not in dtypes:
+            raise QpassError(f"{self.d}: tensor {name} is {_dt((t.dtype,))}, expected {_dt(dtypes)} ({what}); re-export it in that dtype")
+        if tuple(t.shape) != shape:
+            raise QpassError(f"{self.d}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} ({what}); "
+                             "it does not fit this model's config.json")
+        return t
+
+    def float_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.get(name, FLOAT, (self.model_dtype,), shape, "a float parameter")
+
+    def scale(self, name: str, kind: str, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        t = self.get(name, kind, (self.model_dtype,), shape, what).float()
+        if not (torch.isfinite(t).all() and (t > 0).all()):
+            raise QpassError(f"{self.d}: tensor {name} ({what}) has a value that is not a positive finite number; recalibrate")
+        return t
+
+    def w8a8(self, p: str, n: int, k: int) -> W8A8Weights:
+        floats = (torch.float32, torch.float16, torch.bfloat16)
+        weight = self.get(f"{p}.weight", W8A8, (torch.int8,), (n, k), "a W8A8 int8 weight")
+        in_scale = self.scale(f"{p}.input_scale", W8A8, (1,), "a W8A8 input_scale")
+        in_offset = self.get(f"{p}.input_offset", W8A8, (self.model_dtype,), (1,), "a W8A8 input_offset").float()
+        if self.model_dtype == torch.float16:
+            raw = self.get(f"{p}.deq_scale", W8A8, (torch.int64,), (n,), "a W8A8 deq_scale: float32 bits as int32, widened to int64")
+            if raw.min() < -(2**31) or raw.max() >= 2**31:
+                raise QpassError(f"{self.d}: tensor {p}.deq_scale has values outside int32; store the float32 bits of "
+                                 "input_scale * weight_scale reinterpreted as int32, widened to int64")
+            deq = raw.to(torch.int32).view(torch.float32)
+        else:
+            deq = self.get(f"{p}.deq_scale", W8A8, (torch.float32,), (n,), "a W8A8 deq_scale (float32 for bfloat16 models)")
+        quant_bias = self.get(f"{p}.quant_bias", W8A8, (torch.int32,), (n,), "a W8A8 quant_bias")
+        w_scale = self.get(f"{p}.weight_scale", W8A8, floats, (n, 1), "a W8A8 weight_scale").float().reshape(n)
+        self.get(f"{p}.weight_offset", W8A8, floats, (n, 1), "a W8A8 weight_offset")
+        expected = in_scale * w_scale
+        if not torch.isfinite(deq).all() or not torch.allclose(deq, expected, rtol=1e-2, atol=0.0):
+            i = int(((deq - expected).abs() / expected.abs().clamp(min=1e-30)).nan_to_num(float("inf")).argmax())
+            raise QpassError(f"{self.d}: tensor {p}.deq_scale[{i}] is {deq[i].item():.6g}, but input_scale * weight_scale is "
+                             f"{expected[i].item():.6g}; store input_scale * weight_scale (float16 models: its float32 bits as int64)")
+        return W8A8Weights(weight, w_scale, in_scale, in_offset, deq.clone(), quant_bias)
+
+
+def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None, set[str]]:
+    """The qpass recipe of the FAQuant / C8 tensors (float32, offsets unchanged) and the tensor names it used.
+
+    The attention modules are found from the tensor names (``<a>.fa_q.scale``, ``<a>.k_proj.kv_cache_scale``),
+    in natural order of their paths; the layer count must be the config's."""
+    if not (fa or c8):
+        return None, set()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    suffix = ".fa_q.scale" if fa else f".{C8_PROJECTIONS['kv_k']}.kv_cache_scale"
+    prefixes = sorted((n.removesuffix(suffix) for n in check.tensors if n.endswith(suffix)), key=_natural)
+    if len(prefixes) != config.num_hidden_layers:
+        raise QpassError(f"{check.d}: {len(prefixes)} tensors named *{suffix} for a config of {config.num_hidden_layers} "
+                         f"layers; each attention needs its {'FAQuant' if fa else 'C8'} tensors")
+    used, tensors = set(), {}
+    for i, a in enumerate(prefixes):
+        if fa:
+            for kind, h in (("fa_q", heads), ("fa_k", kv_heads), ("fa_v", kv_heads)):
+                for part in ("scale", "offset"):
+                    name = f"{a}.{kind}.{part}"
+                    what = f"FAQuant {kind} {part}"
+                    t = check.scale(name, FAQUANT, (h, head_dim), what) if part == "scale" else \
+                        check.get(name, FAQUANT, (check.model_dtype,), (h, head_dim), what).float()
+                    tensors[site_key(i, kind, part)] = t
+                    used.add(name)
+        if c8:
+            for kind, proj in C8_PROJECTIONS.items():
+                for part in ("scale", "offset"):
+                    name = f"{a}.{proj}.kv_cache_{part}"
+                    what = f"C8 {proj} kv_cache_{part}"
+                    t = check.scale(name, W8A8, (kv_heads * head_dim,), what) if part == "scale" else \
+                        check.get(name, W8A8, (check.model_dtype,), (kv_heads * head_dim,), what).float()
+                    tensors[site_key(i, kind, part)] = t
+                    used.add(name)
+    sites = [SiteGeometry(i, heads, kv_heads, head_dim, a, ("", *(f"{a}.{p}" for p in C8_PROJECTIONS.values())) if c8 else ("", "", ""))
+             for i, a in enumerate(prefixes)]
+    return Recipe(QuantConfig(fa_quant=fa, kv_cache="int8" if c8 else None), sites, tensors), used
+
+
+def _natural(path: str) -> list:
+    """Sort key: ``model.layers.10`` after ``model.layers.9``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def _dt(dtypes) -> str:
+    return " or ".join(str(t).removeprefix("torch.") for t in dtypes)

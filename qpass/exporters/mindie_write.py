@@ -1,0 +1,149 @@
+"""Write the MindIE quantized weight directory (:mod:`qpass.exporters.mindie_format`) from a recipe, the
+sites' module names and the float state dict."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qpass.core.errors import QpassError
+from qpass.core.recipe import Recipe
+from qpass.exporters.mindie_format import (C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_KINDS, FAQUANT, FLOAT, W8A8,
+                                          WEIGHTS_FILE)
+from qpass.runtime.w8a8 import w8a8_weights
+
+MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_names(recipe: Recipe, c8: bool) -> None:
+    """Refuse sites whose module names the format cannot express: no attention module, or (for C8) K and V
+    projections that are not the separate ``<a>.k_proj`` / ``<a>.v_proj`` modules (fused QKV)."""
+    for site in recipe.sites:
+        wanted = tuple(f"{site.prefix}.{p}" for p in C8_PROJECTIONS.values())
+        if not site.prefix or (c8 and site.projections[1:] != wanted):
+            got = ", ".join(p or "?" for p in site.projections)
+            raise QpassError(f"--format mindie: layer {site.layer}'s attention projects q, k, v with {got}; the MindIE "
+                             f"format names FAQuant/C8 tensors after an attention module with separate k_proj and "
+                             f"v_proj Linears, which this architecture does not have; use --format qpass for this model")
+
+
+def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe: Recipe, tokenizer,
+                  out_dir: str | Path, dtype: torch.dtype) -> Path:
+    """Write the MindIE directory for a model into ``out_dir`` (created if needed; existing files replaced).
+
+    ``config_json``: the model's ``config.json`` as a dict, ``architectures`` set. ``state_dict``: HF parameter names, float, with the
+    recipe's smoothing already folded in (:func:`qpass.smoothing.apply_smoothing`). ``recipe``: W8A8 input
+    qparams (``w8a8.<p>.input_scale/.input_offset``) and, as its config asks, FAQuant / C8 tensors.
+    ``dtype``: the model dtype, ``torch.float16`` or ``torch.bfloat16``.
+    """
+    name = next((k for k, v in MODEL_DTYPES.items() if v == dtype), None)
+    if name is None:
+        raise QpassError(f"--dtype {dtype}: the MindIE format stores float16 or bfloat16 models; choose one of those")
+    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "int8"
+    if fa or c8:
+        check_names(recipe, c8)
+    if c8 and dtype == torch.bfloat16:
+        raise QpassError("--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights "
+                         "only; use --dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)")
+    linears = recipe.w8a8_linears()
+    if not linears:
+        raise QpassError("--format mindie: the recipe has no W8A8 Linears (no w8a8.<linear>.input_scale tensors); "
+                         "compile with --w8a8, or write the qpass format instead")
+    tied = bool(config_json.get("tie_word_embeddings"))
+    if tied and "lm_head" in linears:
+        raise QpassError("recipe quantizes lm_head, but this model ties lm_head to its embeddings; keep lm_head in float")
+    tensors, types = {}, {}
+    for p in linears:
+        if f"{p}.weight" not in state_dict:
+            raise QpassError(f"recipe names W8A8 Linear {p}, but the model has no {p}.weight; use a recipe calibrated for this model")
+        for suffix, tensor in w8a8_tensors(state_dict[f"{p}.weight"], state_dict.get(f"{p}.bias"),
+                                           *recipe.linear(p), dtype).items():
+            tensors[f"{p}.{suffix}"], types[f"{p}.{suffix}"] = tensor, W8A8
+    quantized = {f"{p}.{s}" for p in linears for s in ("weight", "bias")}
+    for key, value in state_dict.items():
+        if key in quantized or (tied and key == "lm_head.weight"):
+            continue  # a tied lm_head is embed_tokens: loaders tie it again from config.json
+        if not value.is_floating_point():
+            raise QpassError(f"state_dict tensor {key} is {value.dtype}, not float; give the float model's state dict")
+        tensors[key], types[key] = value.detach().to(dtype), FLOAT
+    for site in recipe.sites:
+        a = site.prefix
+        if fa:
+            for kind in FA_KINDS:
+                scale, offset = recipe.get(site.layer, kind)
+                tensors[f"{a}.{kind}.scale"], tensors[f"{a}.{kind}.offset"] = scale.to(dtype), offset.to(dtype)
+                types[f"{a}.{kind}.scale"] = types[f"{a}.{kind}.offset"] = FAQUANT
+        if c8:
+            for kind, proj in C8_PROJECTIONS.items():
+                scale, offset = recipe.get(site.layer, kind)
+                tensors[f"{a}.{proj}.kv_cache_scale"], tensors[f"{a}.{proj}.kv_cache_offset"] = scale.to(dtype), offset.to(dtype)
+                types[f"{a}.{proj}.kv_cache_scale"] = types[f"{a}.{proj}.kv_cache_offset"] = W8A8
+    description = {"model_quant_type": W8A8}
+    if fa:
+        description["fa_quant_type"] = FAQUANT
+    if c8:
+        description["kv_cache_type"] = description["kv_quant_type"] = "C8"
+    description.update(sorted(types.items()))
+    config = dict(config_json)
+    config["torch_dtype"] = name
+    if "dtype" in config:  # transformers 5 writes `dtype`; keep the two from disagreeing
+        config["dtype"] = name
+    config["quantization_config"] = {k: v for k, v in (("fa_quant_type", FAQUANT if fa else None),
+                                                       ("kv_quant_type", "C8" if c8 else None)) if v}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # one metadata key: safetensors writes a multi-key metadata map in no fixed order
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_json(out / DESCRIPTION_FILE, description, sort_keys=False)
+    _write_json(out / CONFIG_FILE, config, sort_keys=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+        _write_json(out / CONFIG_FILE, config, sort_keys=True)  # some tokenizers write a config.json of their own
+    return out
+
+
+def w8a8_tensors(weight: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor, input_offset: torch.Tensor,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The format's tensors of one W8A8 Linear (suffix -> tensor), for model dtype ``dtype``.
+
+    ``input_scale`` is rounded to ``dtype`` first and ``deq_scale`` computed from the rounded value, so that
+    ``xq = round(x / input_scale + input_offset)`` and ``deq_scale`` agree exactly as a runtime reads them.
+    """
+    scale = input_scale.reshape(-1)[:1].to(dtype).float()
+    offset = torch.round(input_offset.reshape(-1)[:1].float())
+    if not (torch.isfinite(scale).all() and scale.item() > 0):
+        raise QpassError(f"W8A8 input_scale {input_scale.tolist()} becomes {scale.item()} in {dtype}; "
+                         "recalibrate (the activation range is empty or out of the model dtype's range)")
+    w = w8a8_weights(weight, bias, scale.item(), offset.item())
+    n = w.weight.shape[0]
+    deq = w.deq_scale.view(torch.int32).to(torch.int64) if dtype == torch.float16 else w.deq_scale.clone()
+    return {"weight": w.weight, "input_scale": scale.to(dtype), "input_offset": offset.to(dtype), "deq_scale": deq,
+            "quant_bias": w.quant_bias, "weight_scale": w.weight_scale.reshape(n, 1).float(),
+            "weight_offset": torch.zeros(n, 1, dtype=torch.float32)}
+
+
+def _write_json(path: Path, doc: dict, sort_keys: bool) -> None:
+    path.write_text(json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+
+
+def _write_json(path: Path, doc: dict, sort_keys: bool) -> None:
+    path.write_text(json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+
+
+FILES = ("quant_model_weight_w8a8.safetensors, quant_model_description.json, config.json, tokenizer, "
+         "report.json, report.txt, report.png")
+
+
+def write(compiled, directory: Path, options: dict) -> None:
+    """The exporter's entry point: smoothing folded into the float weights, then :func:`export_mindie`."""
+    from qpass.core import report as reporting
+    from qpass.core.smoothing import apply_smoothing
+
+    dtype = options.get("dtype") or "float16"
+    if dtype not in MODEL_DTYPES:
+        raise QpassError(f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those")
+    recipe = compiled.recipe
+    state = apply_smoothing(compiled.state_dict, recipe.smoothing, recipe.tensors)
+    export_mindie(compiled.config_json, state, recipe, compiled.tokenizer, directory, MODEL_DTYPES[dtype])
+    reporting.write(compiled.report, directory)

@@ -1,0 +1,64 @@
+"""qpass's own directory: the quantized program, the lowered decoder, the recipe, the tokenizer, the report.
+
+    program.pt2   the quantized program (``torch.export.save``), Q/DQ around q, k, v
+    decoder.pt2   the same lowered to paged int8 attention, for ``qpass run`` (when the model can be lowered)
+    recipe/       recipe.safetensors + recipe.json (:mod:`qpass.core.recipe`)
+    tokenizer/    the model's tokenizer
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from qpass.core import report as reporting
+from qpass.core.errors import QpassError
+from qpass.core.recipe import Recipe
+from qpass.exporters.base import Compiled, Loaded
+
+PROGRAM_FILE = "program.pt2"
+DECODER_FILE = "decoder.pt2"
+RECIPE_DIR = "recipe"
+TOKENIZER_DIR = "tokenizer"
+FILES = "program.pt2, decoder.pt2, recipe/, tokenizer/, report.json, report.txt, report.png"  # decoder.pt2 when lowered
+
+
+def write(compiled: Compiled, directory: Path, options: dict) -> None:
+    if options.get("dtype"):
+        raise QpassError(f"--dtype {options['dtype']}: only --format mindie has a model dtype; add --format mindie or drop --dtype")
+    if compiled.program is None:
+        raise QpassError("--format qpass needs the quantized program; save the CompileResult that qpass.compile returned")
+    torch.export.save(compiled.program, str(directory / PROGRAM_FILE))
+    if compiled.decoder is not None:
+        torch.export.save(compiled.decoder, str(directory / DECODER_FILE))
+    compiled.recipe.save(directory / RECIPE_DIR)
+    if compiled.tokenizer is not None:
+        compiled.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+    reporting.write(compiled.report, directory)
+
+
+def detect(path: Path) -> bool:
+    return (Path(path) / PROGRAM_FILE).is_file()
+
+
+def load(path: Path, purpose: str = "eval") -> Loaded:
+    """The program (``purpose="eval"``) or the lowered decoder (``"run"``), with the recipe and tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    recipe = Recipe.load(path / RECIPE_DIR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+    except (OSError, ValueError) as err:
+        raise QpassError(f"{path}: cannot load {TOKENIZER_DIR}/ ({err}); recompile into a fresh directory") from err
+    if purpose == "eval":
+        return Loaded("qpass", tokenizer, recipe, program=torch.export.load(str(path / PROGRAM_FILE)))
+    decoder = path / DECODER_FILE
+    if not decoder.is_file():
+        reason = ""
+        if (path / "report.json").is_file():
+            skipped = json.loads((path / "report.json").read_text(encoding="utf-8")).get("decoder", {}).get("skipped")
+            reason = f" (compile skipped it: {skipped})" if skipped else ""
+        raise QpassError(f"{path}: no {DECODER_FILE}{reason}; give a directory written by `qpass compile -o` "
+                         "for a model whose attention the paged int8 ops support")
+    return Loaded("qpass", tokenizer, recipe, decoder=torch.export.load(str(decoder)))

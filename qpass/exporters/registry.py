@@ -1,0 +1,40 @@
+"""The exporters: name -> write, detect, load. The API and CLI choose one by name (``--format``) or by
+detecting what a directory holds (``qpass eval`` / ``qpass run``).
+
+An exporter writes a :class:`Compiled` (the recipe with its sites' module names, the float state
+dict, the model's config and tokenizer, and what the frontend built) into a directory, and reads
+such a directory back as a :class:`Loaded`, for evaluation (``purpose="eval"``) or generation (``"run"``).
+"""
+
+from pathlib import Path
+
+from qpass.core.errors import QpassError
+from qpass.exporters.base import Compiled, Exporter, Loaded  # noqa: F401  (the registry's types, re-exported)
+
+
+def _exporters() -> dict[str, Exporter]:
+    from qpass.exporters import mindie_format, mindie_load, mindie_write, qpass_format  # they import torch: on first use
+
+    return {
+        "qpass": Exporter("qpass", qpass_format.write, qpass_format.detect, qpass_format.load, qpass_format.FILES),
+        "mindie": Exporter("mindie", mindie_write.write, mindie_format.detect, mindie_load.load, mindie_write.FILES),
+    }
+
+
+NAMES = ("qpass", "mindie")
+
+
+def get(name: str) -> Exporter:
+    exporters = _exporters()
+    if name not in exporters:
+        raise QpassError(f"--format {name}: choose one of {', '.join(exporters)}")
+    return exporters[name]
+
+
+def detect(path: str | Path) -> Exporter:
+    """The exporter whose directory ``path`` is."""
+    for exporter in _exporters().values():
+        if exporter.detect(Path(path)):
+            return exporter
+    raise QpassError(f"{path}: not a directory written by `qpass compile -o` (program.pt2) nor a MindIE weight directory "
+                     "(quant_model_description.json); give one of those")

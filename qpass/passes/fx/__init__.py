@@ -1,0 +1,1 @@
+"""torch.fx passes over ``torch.export`` graphs: site discovery, Q/DQ, W8A8, fusion and lowering."""

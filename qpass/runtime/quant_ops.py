@@ -1,0 +1,34 @@
+"""Quantize / Dequantize ops (int8, affine) inserted by the Q/DQ passes.
+
+The cache and every Q/DQ pair hold ``q = clamp(round(x / scale) + offset, -128, 127)`` and give back
+``x ~= (q - offset) * scale``. ``scale`` and ``offset`` broadcast against ``x`` (for a ``[B, H, S, D]``
+tensor quantized per head and per dim they are shaped ``[H, 1, D]``).
+"""
+
+import torch
+
+from qpass.core.int8 import dequantize, quantize
+
+
+@torch.library.custom_op("qpass::quantize_int8", mutates_args=())
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Affine int8 quantization of ``x`` with broadcastable ``scale`` and ``offset``."""
+    return quantize(x, scale, offset)
+
+
+@quantize_int8.register_fake
+def _(x, scale, offset):
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+@torch.library.custom_op("qpass::dequantize_int8", mutates_args=())
+def dequantize_int8(
+    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_int8`: ``(q - offset) * scale`` in ``dtype``."""
+    return dequantize(q, scale, offset, dtype)
+
+
+@dequantize_int8.register_fake
+def _(q, scale, offset, dtype):
+    return torch.empty_like(q, dtype=dtype)

@@ -1,0 +1,82 @@
+"""W8A8 linear: int8 weights (symmetric, per output channel) x int8 activations (asymmetric, per tensor).
+
+The arithmetic of the MindIE format (``../shared/FORMATS.md`` section 1):
+
+    xq = clamp(round(x / input_scale + input_offset), -128, 127)             int8 [..., k]
+    y  = (xq @ Wq^T + quant_bias) * deq_scale                                  [..., n]
+    deq_scale  = input_scale * weight_scale                                    float32 [n]
+    quant_bias = round(bias / deq_scale - sum_k Wq[n, k] * input_offset)       int32 [n]
+
+The int8 x int8 -> int32 product uses ``torch._int_mm`` (oneDNN with AVX-512 VNNI on x86 CPUs).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from qpass.core.int8 import QMAX, QMIN, quantize_weight
+
+
+@dataclass(frozen=True)
+class W8A8Weights:
+    """The tensors of one quantized Linear, as the MindIE format stores them."""
+
+    weight: torch.Tensor        # int8 [n, k]
+    weight_scale: torch.Tensor  # float32 [n]
+    input_scale: torch.Tensor   # float32 [1]
+    input_offset: torch.Tensor  # float32 [1], an integer value
+    deq_scale: torch.Tensor     # float32 [n]
+    quant_bias: torch.Tensor    # int32 [n]
+
+
+def w8a8_weights(weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float, input_offset: float) -> W8A8Weights:
+    """Quantize a Linear's float ``weight [n, k]`` and ``bias [n]`` for activations with the given per-tensor qparams."""
+    wq, w_scale = quantize_weight(weight)
+    in_scale = torch.tensor([float(input_scale)], dtype=torch.float32)
+    in_offset = torch.tensor([float(round(input_offset))], dtype=torch.float32)
+    deq = (in_scale * w_scale).float()
+    b = torch.zeros(wq.shape[0]) if bias is None else bias.detach().float()
+    correction = wq.to(torch.int64).sum(dim=1).double() * in_offset.double()
+    quant_bias = torch.round(b.double() / deq.double() - correction).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    return W8A8Weights(wq, w_scale, in_scale, in_offset, deq, quant_bias)
+
+
+def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
+    """``clamp(round(x / input_scale + input_offset))`` as int8: the MindIE format's order, which rounds a tie
+    (``x / scale`` at .5) differently from the Q/DQ ops' ``round(x / scale) + offset`` (:mod:`qpass.core.int8`),
+    so it is kept apart from them."""
+    return torch.round(x.float() / input_scale + input_offset).clamp_(QMIN, QMAX).to(torch.int8)
+
+
+@torch.library.custom_op("qpass::w8a8_linear", mutates_args=())
+def w8a8_linear(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor, weight: torch.Tensor,
+                quant_bias: torch.Tensor, deq_scale: torch.Tensor) -> torch.Tensor:
+    """``x [..., k]`` (float) through the int8 Linear ``weight [n, k]``; returns ``[..., n]`` in ``x.dtype``."""
+    xq = quantize_activation(x, input_scale, input_offset).reshape(-1, x.shape[-1])
+    acc = torch._int_mm(xq, weight.t()) + quant_bias  # int32 [m, n]
+    return (acc.float() * deq_scale).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@w8a8_linear.register_fake
+def _(x, input_scale, input_offset, weight, quant_bias, deq_scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def w8a8_linear_reference(x: torch.Tensor, w: W8A8Weights) -> torch.Tensor:
+    """The same in plain float64 arithmetic: the ground truth for tests."""
+    xq = quantize_activation(x, w.input_scale, w.input_offset).double()
+    acc = xq @ w.weight.double().t() + w.quant_bias.double()
+    return (acc * w.deq_scale.double()).to(x.dtype)
+
+
+class W8A8Linear(torch.nn.Module):
+    """A drop-in for ``nn.Linear`` that runs :func:`w8a8_linear`; its tensors are buffers."""
+
+    def __init__(self, w: W8A8Weights):
+        super().__init__()
+        for name in ("weight", "weight_scale", "input_scale", "input_offset", "deq_scale", "quant_bias"):
+            self.register_buffer(name, getattr(w, name))
+        self.out_features, self.in_features = w.weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a8_linear(x, self.input_scale, self.input_offset, self.weight, self.quant_bias, self.deq_scale)

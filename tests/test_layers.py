@@ -1,0 +1,52 @@
+"""The layers: `import qpass` stays cheap, the core loads no frontend, and the exporters name tensors from the sites."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from frontend_cases import calibrated
+from qpass.core.errors import QpassError
+from qpass.exporters.mindie_write import export_mindie
+from qpass.models.tiny import tiny_model
+
+
+def _loaded_after(statement: str) -> list[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(m for m in sys.modules if m == 'torch' or m.startswith('qpass'))))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_import_qpass_is_lazy():
+    assert _loaded_after("import qpass") == ["qpass"]
+    loaded = _loaded_after("import qpass; qpass.QuantConfig")
+    assert "torch" not in loaded and "qpass.core.config" in loaded
+
+
+def test_the_core_loads_only_the_core():
+    loaded = _loaded_after("import qpass.core.recipe, qpass.core.calibrate")
+    assert [m for m in loaded if m.startswith("qpass") and not m.startswith("qpass.core")] == ["qpass"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma3"])
+def test_mindie_names_come_from_the_sites(arch, tmp_path):
+    model = tiny_model(arch, num_layers=2)
+    ids = torch.randint(0, 256, (2, 16))
+    _, recipe = calibrated(model, ids, fa_quant=True, kv_cache="int8", w8a8=True)
+    export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path, torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "quant_model_weight_w8a8.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    for site in recipe.sites:
+        assert f"{site.prefix}.fa_q.scale" in names and f"{site.projections[1]}.kv_cache_scale" in names
+    assert "model.layers.1.self_attn.k_proj.kv_cache_offset" in names
+
+
+def test_an_architecture_the_format_cannot_name_is_refused(tmp_path):
+    model = tiny_model("gpt2", num_layers=1)  # q, k and v come from one fused c_attn projection
+    _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="int8")
+    assert recipe.sites[0].projections[1] == "transformer.h.0.attn.c_attn"
+    with pytest.raises(QpassError, match="separate k_proj and v_proj"):
+        export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path, torch.float16)
+    assert not any(tmp_path.iterdir())
