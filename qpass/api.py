@@ -15,7 +15,7 @@ from pathlib import Path
 from qpass.core import corpus
 from qpass.core import report as reporting
 from qpass.core.calibrate import calibrate
-from qpass.core.config import QuantConfig
+from qpass.core.config import EVAL_WINDOWS, QuantConfig
 from qpass.core.data import read_samples, read_text, token_windows
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import perplexity
@@ -25,9 +25,8 @@ from qpass.exporters import registry
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from qpass.models.loaders import LoadedModel, load_model
 
-DEFAULT_EVAL_WINDOWS = 32
-DEFAULT_WINDOW = 512  # evaluation window of a directory that records none (MindIE)
-DEFAULT_BATCH = 4
+# evaluation window and batch of a directory that records no config (MindIE): QuantConfig's defaults
+DEFAULT_WINDOW, DEFAULT_BATCH = (QuantConfig.__dataclass_fields__[f].default for f in ("window", "batch_size"))
 FLOAT_MATCH_PCT = 0.01  # the captured float program must reproduce the model's own perplexity this closely
 
 
@@ -59,7 +58,7 @@ def frontend_for(model: str | LoadedModel, window: int) -> TorchExportFrontend:
 
 def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | list[str] | None = None,
             eval: str | Path | None = None, recipe: str | Path | Recipe | None = None,
-            eval_windows: int = DEFAULT_EVAL_WINDOWS, verify: bool = True) -> CompileResult:
+            eval_windows: int = EVAL_WINDOWS, verify: bool = True) -> CompileResult:
     """Capture ``model``, calibrate (or reuse ``recipe``), insert Q/DQ and, given ``eval``, measure perplexity.
 
     ``model``: ``"default"``, a ``.gguf`` file, a Hugging Face directory, or a :class:`LoadedModel`.
@@ -92,7 +91,7 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         recipe.check_matches(geometry(sites))
         calib_info = {"file": "recipe", "windows": 0, "tokens": 0}
     with _timed(timings, "passes"):
-        quantized, counts = frontend.quantize(recipe, verify=verify)
+        quantized, counts = frontend.apply(recipe, verify=verify)
     with _timed(timings, "decoder"):
         decoder, decoder_info = frontend.decoder(recipe, verify=verify)
     report = {
@@ -121,12 +120,12 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0,
         }
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    compiled = registry.Compiled(recipe, report, dict(loaded.model.state_dict()), loaded.config_json(), loaded.tokenizer,
+    compiled = registry.Compiled(recipe, report, frontend.state_dict(), frontend.config_json(), frontend.tokenizer,
                                  quantized, decoder)
     return CompileResult(quantized, recipe, sites, report, loaded.tokenizer, decoder, compiled)
 
 
-def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = DEFAULT_EVAL_WINDOWS) -> dict:
+def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = EVAL_WINDOWS) -> dict:
     """Reload a directory some exporter wrote (qpass's, MindIE's) and measure its quantized perplexity on ``eval``."""
     start = time.perf_counter()
     loaded = registry.detect(out_dir).load(Path(out_dir), "eval")
@@ -184,7 +183,7 @@ def model_info(frontend, sites: list[AttentionSite]) -> dict:
     first = sites[0]
     return {"name": frontend.name, "source": frontend.source, "layers": len(sites), "num_heads": first.num_heads,
             "num_kv_heads": first.num_kv_heads, "head_dim": first.head_dim,
-            "parameters": sum(p.numel() for p in frontend.model.parameters())}
+            "parameters": frontend.num_parameters()}
 
 
 def site_info(site: AttentionSite) -> dict:

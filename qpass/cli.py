@@ -8,10 +8,9 @@ import argparse
 import json
 import sys
 
-from qpass.core.config import QuantConfig, cli_options
+from qpass.core.config import EVAL_WINDOWS, QuantConfig, cli_options
 from qpass.core.errors import QpassError
-
-FORMATS = ("qpass", "mindie")  # qpass.exporters.registry.NAMES, without importing the exporters to build the parser
+from qpass.exporters import NAMES as FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument(flag, **kwargs)
     c.add_argument("--calib", help="calibration file: .jsonl (inputs_pretokenized or text per line) or plain text; default: the stdlib corpus")
     c.add_argument("--eval", help="evaluation text file (plain text, not used for calibration)")
-    c.add_argument("--eval-windows", type=int, default=32, help="at most this many eval windows (default 32)")
+    c.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, help=f"at most this many eval windows (default {EVAL_WINDOWS})")
     c.add_argument("--recipe", help="reuse the calibration in this recipe directory (OUT/recipe of an earlier compile)")
     c.add_argument("-o", "--output", required=True, help="output directory (must be new or empty, or pass --force)")
     c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
     e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
     e.add_argument("--eval", required=True, help="evaluation text file")
-    e.add_argument("--eval-windows", type=int, default=32, help="at most this many eval windows (default 32)")
+    e.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, help=f"at most this many eval windows (default {EVAL_WINDOWS})")
 
     r = sub.add_parser("run", help="generate text greedily with the compiled decoder and its paged int8 KV cache")
     r.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")

@@ -1,4 +1,4 @@
-"""The Ascend lowering (runtime/ascend.py) against a CPU EMULATION of the torch_npu operators.
+"""The Ascend lowering (qpass/runtime/ascend.py) against a CPU EMULATION of the torch_npu operators.
 
 EMULATION, NOT ASCEND: ``EmulatedTorchNpu`` below is written from torch_npu's public
 documentation of ``npu_quantize``, ``npu_scatter_pa_kv_cache`` and

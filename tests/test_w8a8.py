@@ -119,7 +119,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert loose.w8a8["float_linears"] == {}
     assert loose.stats["w8a8"]["search"][1]["float_linears"] == 0
 
-    import qpass.core.fallback as w8a8_calibrate
+    import qpass.core.fallback as fallback
 
     def fake_window_nll(module, windows, batch_size, desc, noise=0.0):  # +1% per quantized Linear beyond the 9 least sensitive
         if desc == "fallback float":
@@ -128,7 +128,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
         nll = torch.full((windows.shape[0],), math.log(100.0 * (1 + max(0, quantized - 9) / 100)), dtype=torch.float64)
         return nll + noise * (quantized > 0) * torch.tensor([1.0, -1.0]).repeat(windows.shape[0] // 2)
 
-    monkeypatch.setattr(w8a8_calibrate, "window_nll", fake_window_nll)
+    monkeypatch.setattr(fallback, "window_nll", fake_window_nll)
     strict = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
     floats = strict.w8a8["float_linears"]
     assert len(floats) == 3  # 14 - 3 = 11 quantized: +2%
@@ -143,7 +143,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert all(v >= 0 for v in strict.stats["w8a8"]["loss_sensitivity"].values())
 
     # Held-out windows that disagree (+-1% NLL): the 95% upper bound, not the mean, is held to the limit.
-    monkeypatch.setattr(w8a8_calibrate, "window_nll", lambda *args: fake_window_nll(*args, noise=0.01))
+    monkeypatch.setattr(fallback, "window_nll", lambda *args: fake_window_nll(*args, noise=0.01))
     noisy = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
     assert len(noisy.w8a8["float_linears"]) == 5  # 10 quantized: +1.0% estimated, bound +2.7%; 9: +0%, bound +1.7%
     last = noisy.stats["w8a8"]["search"][-1]

@@ -12,6 +12,7 @@ KV_CACHE = (None, "int8")
 ACT_METHODS = (1, 2, 3)
 ANTI_METHODS = (None, "m1", "m2", "m3", "m4")
 DISABLE_LEVEL = re.compile(r"L(0|[1-9][0-9]*)|auto")
+EVAL_WINDOWS = 32  # evaluation windows, at most (qpass compile --eval, qpass eval)
 
 
 def _opt(flag: str, help: str, **argparse_kwargs) -> dict:

@@ -21,6 +21,16 @@ class Frontend(Protocol):
     source: str       # where it was loaded from
     tokenizer: object
 
+    @classmethod
+    def load(cls, spec, window: int) -> "Frontend":
+        """The model ``spec`` names, ready to run over token ids ``[batch, window]``."""
+
+    def num_parameters(self) -> int:
+        """How many parameters the float model has (tied ones once)."""
+
+    def config_json(self) -> dict:
+        """The model's configuration as its ``config.json`` holds it, ``architectures`` set (for exporters)."""
+
     def attention_sites(self) -> list[AttentionSite]:
         """Every attention site, in execution order (raises QpassError when there is none)."""
 
@@ -39,9 +49,18 @@ class Frontend(Protocol):
         parameters, when given) and feed each observer the value it is keyed by (a site's ``q``/``k``/``v``
         or a Linear's ``input``) as ``[tokens, channels]``."""
 
+    def apply(self, recipe: Recipe, verify: bool = True) -> tuple[object, dict[str, int]]:
+        """The model quantized as ``recipe`` says, through the frontend's own pass pipeline (verified after
+        each pass when ``verify``): ``(the quantized model in the frontend's IR, each pass's count)``."""
+
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
-        """The float model's logits function, or the model quantized as ``recipe`` says (through the
-        frontend's own pass pipeline)."""
+        """The float model's logits function, or that of the model quantized as ``recipe`` says."""
+
+    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
+        """The float model's perplexity as its own framework computes it (the ground truth for ``logits()``)."""
+
+    def decoder(self, recipe: Recipe, verify: bool = True) -> tuple[object | None, dict]:
+        """The model lowered for token-by-token decoding on the int8 cache, or None and why it was skipped."""
 
     def loss_sensitivity(self, recipe: Recipe, linears: list[LinearSite], windows: torch.Tensor) -> dict[str, float] | None:
         """Per Linear, the first-order loss change of its W8A8 error; None when the frontend cannot take gradients."""

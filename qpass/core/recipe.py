@@ -31,7 +31,8 @@ import torch
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2   # recipe.json: version 2 added the axes of every tensor and the sites' module names
+TENSORS_VERSION = 1  # recipe.safetensors: its names and layout are unchanged since version 1
 TENSORS_FILE = "recipe.safetensors"
 JSON_FILE = "recipe.json"
 SITE_KINDS = ("fa_q", "fa_k", "fa_v", "kv_k", "kv_v")
@@ -137,7 +138,7 @@ class Recipe:
 
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in sorted(self.tensors.items())}
-        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": f"qpass-recipe-v{FORMAT_VERSION}"})
+        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": f"qpass-recipe-v{TENSORS_VERSION}"})
         # one metadata key: safetensors writes a multi-key metadata map in no fixed order
         doc = {
             "format": "qpass-recipe",

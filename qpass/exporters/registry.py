@@ -9,19 +9,19 @@ such a directory back as a :class:`Loaded`, for evaluation (``purpose="eval"``) 
 from pathlib import Path
 
 from qpass.core.errors import QpassError
+from qpass.exporters import NAMES
 from qpass.exporters.base import Compiled, Exporter, Loaded  # noqa: F401  (the registry's types, re-exported)
 
 
 def _exporters() -> dict[str, Exporter]:
     from qpass.exporters import mindie_format, mindie_load, mindie_write, qpass_format  # they import torch: on first use
 
-    return {
+    exporters = {
         "qpass": Exporter("qpass", qpass_format.write, qpass_format.detect, qpass_format.load, qpass_format.FILES),
         "mindie": Exporter("mindie", mindie_write.write, mindie_format.detect, mindie_load.load, mindie_write.FILES),
     }
-
-
-NAMES = ("qpass", "mindie")
+    assert tuple(exporters) == NAMES, "qpass.exporters.NAMES lists the registry's exporters"
+    return exporters
 
 
 def get(name: str) -> Exporter:

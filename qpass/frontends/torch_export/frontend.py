@@ -49,7 +49,13 @@ class TorchExportFrontend:
         return find_smoothing_groups(self.program.graph, linears, self._names)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k.removeprefix(WRAPPER_PREFIX): v for k, v in self.program.state_dict.items()}
+        return dict(self.model.state_dict())
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def config_json(self) -> dict:
+        return self.loaded.config_json()
 
     def observe(self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate") -> None:
         gm = self.program.module()
@@ -66,12 +72,12 @@ class TorchExportFrontend:
             for batch in batches(windows, batch_size, desc):
                 gm(batch)
 
-    def quantize(self, recipe: Recipe, verify: bool = True):
+    def apply(self, recipe: Recipe, verify: bool = True):
         """``(quantized ExportedProgram, each pass's count)``."""
         return quantize_program(self.program, self.attention_sites(), recipe, verify=verify)
 
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
-        return self.program.module() if recipe is None else self.quantize(recipe, verify)[0].module()
+        return self.program.module() if recipe is None else self.apply(recipe, verify)[0].module()
 
     def loss_sensitivity(self, recipe: Recipe, linears: list[LinearSite], windows: torch.Tensor) -> dict[str, float]:
         """Per Linear, ``sum over tokens (dL/dy . dy)^2``: the squared first-order change of each token's loss
