@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     c.add_argument("--no-verify", action="store_true", help="skip the checks after each pass")
     c.add_argument("--format", choices=FORMATS, default="qpass",
-                   help="output: qpass (program.pt2, recipe/, decoder.pt2) or mindie (Ascend MindIE W8A8 weight directory; needs --w8a8)")
-    c.add_argument("--dtype", choices=("float16", "bfloat16"), help="model dtype of --format mindie (default float16)")
+                   help="output: qpass (program.pt2, recipe/, decoder.pt2); mindie (Ascend MindIE W8A8 weight directory as its "
+                        "documentation says; needs --w8a8); vllm-ascend (the same directory as vllm-ascend loads it: "
+                        "C8 needs --symmetric, no --fa-quant)")
+    c.add_argument("--dtype", choices=("float16", "bfloat16"), help="model dtype of --format mindie / vllm-ascend (default float16)")
 
     e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
     e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
@@ -94,16 +96,22 @@ def cmd_compile(args) -> int:
 
 
 def check_format_args(args) -> None:
-    """Refuse --format / --dtype combinations the MindIE format does not allow, before the slow part."""
-    if args.format != "mindie":
+    """Refuse --format / --dtype combinations the weight-directory formats do not allow, before the slow part."""
+    if args.format == "qpass":
         if args.dtype:
-            raise QpassError(f"--dtype {args.dtype}: only --format mindie has a model dtype; add --format mindie or drop --dtype")
+            raise QpassError(f"--dtype {args.dtype}: only --format mindie / vllm-ascend have a model dtype; add one or drop --dtype")
         return
+    if args.format == "vllm-ascend" and args.fa_quant:
+        raise QpassError("--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
+                         "on MLA models, and never together with C8; drop --fa-quant, or write --format mindie")
+    if args.format == "vllm-ascend" and args.kv_cache and not args.symmetric and not args.recipe:
+        raise QpassError("--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its scale "
+                         "only, so C8 must be symmetric; add --symmetric")
     if args.dtype == "bfloat16" and args.kv_cache:
         raise QpassError("--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights only; "
                          "use --dtype float16, or drop --kv-int8")
     if not args.recipe and not args.w8a8:
-        raise QpassError("--format mindie: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)")
+        raise QpassError(f"--format {args.format}: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)")
 
 
 def cmd_eval(args) -> int:

@@ -43,10 +43,20 @@ def test_mindie_names_come_from_the_sites(arch, tmp_path):
     assert "model.layers.1.self_attn.k_proj.kv_cache_offset" in names
 
 
-def test_an_architecture_the_format_cannot_name_is_refused(tmp_path):
-    model = tiny_model("gpt2", num_layers=1)  # q, k and v come from one fused c_attn projection
+def _phi3():
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    torch.manual_seed(0)
+    config = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("arch, fused", [("gpt2", "transformer.h.0.attn.c_attn"), ("phi3", "model.layers.0.self_attn.qkv_proj")])
+def test_an_architecture_the_format_cannot_name_is_refused(arch, fused, tmp_path):
+    model = _phi3() if arch == "phi3" else tiny_model(arch, num_layers=1)  # q, k and v from one fused projection
     _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="int8")
-    assert recipe.sites[0].projections[1] == "transformer.h.0.attn.c_attn"
+    assert recipe.sites[0].projections[1] == fused
     with pytest.raises(QpassError, match="separate k_proj and v_proj"):
         export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path, torch.float16)
     assert not any(tmp_path.iterdir())

@@ -283,8 +283,12 @@ def test_w8a8_alone_generates_with_float_cache(llama, smollm2_tokenizer, tmp_pat
 # ------------------------------------------------------------------------------------------- hand-written
 
 
-def write_by_hand(model, tokenizer, out, fa: bool):
-    """A float16 MindIE directory written straight from the format's table (no qpass exporter code)."""
+def write_by_hand(model, tokenizer, out, fa: bool, c8: bool = False, msmodelslim: bool = False):
+    """A float16 directory written straight from the format's table (no qpass exporter code). ``msmodelslim``:
+    in the form msModelSlim's current saver writes (no quantization_config, no weight_scale/weight_offset,
+    float32 input_scale/input_offset, the Linears' float biases kept, C8 tensors typed C8, FAQuant one value
+    per head [heads, 1] with int8 offsets, fa_quant_type FAKQuant, per-module quant_type strings, and the
+    tied LM head typed FLOAT without a tensor)."""
     out.mkdir()
     tensors, desc = {}, {"model_quant_type": "W8A8"}
     g = torch.Generator().manual_seed(3)
@@ -299,8 +303,12 @@ def write_by_hand(model, tokenizer, out, fa: bool):
             quant_bias = torch.round(-wq.double().sum(1) * -3.0).to(torch.int32)
             import numpy as np
             deq_bits = torch.from_numpy(deq.numpy().astype(np.float32).view(np.int32).astype(np.int64))
-            for suffix, t in (("weight", wq), ("input_scale", in_scale), ("input_offset", in_offset), ("deq_scale", deq_bits),
-                              ("quant_bias", quant_bias), ("weight_scale", w_scale[:, None]), ("weight_offset", torch.zeros(len(w), 1))):
+            parts = [("weight", wq), ("input_scale", in_scale), ("input_offset", in_offset), ("deq_scale", deq_bits),
+                     ("quant_bias", quant_bias), ("weight_scale", w_scale[:, None]), ("weight_offset", torch.zeros(len(w), 1))]
+            if msmodelslim:
+                parts = [(k, t.float() if k.startswith("input_") else t) for k, t in parts[:5]]
+                tensors[f"{name}.bias"], desc[f"{name}.bias"] = torch.zeros(len(w)).half(), "FLOAT"
+            for suffix, t in parts:
                 tensors[f"{name}.{suffix}"] = t
                 desc[f"{name}.{suffix}"] = "W8A8"
     for name, p in model.state_dict().items():
@@ -309,20 +317,54 @@ def write_by_hand(model, tokenizer, out, fa: bool):
             desc[name] = "FLOAT"
     qc = {}
     if fa:
-        desc["fa_quant_type"] = qc["fa_quant_type"] = "FAQuant"
+        desc["fa_quant_type"] = qc["fa_quant_type"] = "FAKQuant" if msmodelslim else "FAQuant"
         for i in range(model.config.num_hidden_layers):
             for kind, heads in (("fa_q", 4), ("fa_k", 2), ("fa_v", 2)):
-                tensors[f"model.layers.{i}.self_attn.{kind}.scale"] = torch.full((heads, 64), 0.05).half()
-                tensors[f"model.layers.{i}.self_attn.{kind}.offset"] = torch.zeros(heads, 64).half()
-                desc[f"model.layers.{i}.self_attn.{kind}.scale"] = desc[f"model.layers.{i}.self_attn.{kind}.offset"] = "FAQuant"
+                a = f"model.layers.{i}.self_attn"
+                shape = (heads, 1) if msmodelslim else (heads, 64)
+                tensors[f"{a}.{kind}.scale"] = torch.full(shape, 0.0625, dtype=torch.float32 if msmodelslim else torch.float16)
+                tensors[f"{a}.{kind}.offset"] = torch.zeros(shape, dtype=torch.int8 if msmodelslim else torch.float16)
+                desc[f"{a}.{kind}.scale"] = desc[f"{a}.{kind}.offset"] = "FAQuant"
+                if msmodelslim:
+                    desc[f"{a}.{kind}.quant_type"] = "FAKQuant"
+    if c8:
+        desc["kv_cache_type"] = qc["kv_quant_type"] = "C8"
+        if not msmodelslim:
+            desc["kv_quant_type"] = "C8"
+        for i in range(model.config.num_hidden_layers):
+            for proj in ("k_proj", "v_proj"):
+                name = f"model.layers.{i}.self_attn.{proj}"
+                tensors[f"{name}.kv_cache_scale"] = torch.full((128,), 0.03125).half()
+                tensors[f"{name}.kv_cache_offset"] = torch.zeros(128).half()
+                desc[f"{name}.kv_cache_scale"] = desc[f"{name}.kv_cache_offset"] = "C8" if msmodelslim else "W8A8"
+    if msmodelslim:
+        desc["lm_head.weight"] = "FLOAT"
     save_file(tensors, str(out / WEIGHTS_FILE))
     (out / DESCRIPTION_FILE).write_text(json.dumps(desc))
-    config = {**model.config.to_dict(), "torch_dtype": "float16", "quantization_config": qc}
+    config = {**model.config.to_dict(), "torch_dtype": "float16"}
+    if not msmodelslim:
+        config["quantization_config"] = qc
     config.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(config))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
         (out / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("fa, c8", [(True, False), (False, True)])
+def test_msmodelslim_form_reads_like_the_documented_form(llama, tmp_path, fa, c8):
+    """msModelSlim's current saver's directory runs the same numbers as MindIE's documented form of the same model."""
+    model, _, ids = llama
+    write_by_hand(model, None, tmp_path / "doc", fa=fa, c8=c8)
+    write_by_hand(model, None, tmp_path / "slim", fa=fa, c8=c8, msmodelslim=True)
+    doc, slim = (load_mindie(tmp_path / d, load_tokenizer=False) for d in ("doc", "slim"))
+    assert slim.info == doc.info and slim.info["w8a8_linears"] == 14
+    assert (slim.recipe.config.fa_quant, slim.recipe.config.kv_cache) == (fa, "int8" if c8 else None)
+    for name, t in doc.recipe.tensors.items():
+        assert torch.equal(slim.recipe.tensors[name], t), name  # [heads, 1] repeated over head_dim
+    with torch.no_grad():
+        torch.testing.assert_close(frontend(slim.model, WINDOW).logits(slim.recipe)(ids[:1]),
+                                   frontend(doc.model, WINDOW).logits(doc.recipe)(ids[:1]), rtol=1e-3, atol=1e-3)
 
 
 def test_hand_written_directory_loads_and_matches_the_formula(llama, tmp_path):
@@ -408,9 +450,10 @@ CORRUPTIONS = {
     "FAQuant typed W8A8": (_edit_desc(f"{A}.fa_v.offset", "W8A8"), f"types {A}.fa_v.offset as 'W8A8'.*type it 'FAQuant'"),
     "unknown tensor": (lambda t, d, c: (t.__setitem__("model.extra", torch.zeros(1).half()), d.__setitem__("model.extra", "FLOAT")),
                        "tensor model.extra is not a parameter"),
-    "float bias of a W8A8 Linear": (lambda t, d, c: (t.__setitem__(f"{Q}.bias", torch.zeros(256).half()), d.__setitem__(f"{Q}.bias", "FLOAT")),
-                                    f"{Q}.bias is the float bias of a W8A8 Linear"),
-    "kv_cache_type without kv_quant_type": (_edit_desc("kv_quant_type", None), "kv_cache_type 'C8' and kv_quant_type None"),
+    "float bias of a W8A8 Linear misshaped": (lambda t, d, c: (t.__setitem__(f"{Q}.bias", torch.zeros(255).half()),
+                                                               d.__setitem__(f"{Q}.bias", "FLOAT")),
+                                              f"{Q}.bias has shape \\[255\\], expected \\[256\\] \\(the float bias of a W8A8 Linear\\)"),
+    "kv_quant_type without kv_cache_type": (_edit_desc("kv_cache_type", None), "kv_cache_type None and kv_quant_type 'C8'"),
     "config disagrees with description": (_edit_config(lambda c: c["quantization_config"].pop("fa_quant_type")),
                                           "quantization_config .* disagrees with quant_model_description.json"),
     "model dtype float32": (_edit_config(lambda c: c.update(torch_dtype="float32")), "torch_dtype is 'float32'"),
@@ -472,7 +515,9 @@ def test_compile_result_saves_mindie(llama, smollm2_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--format", "mindie", "--dtype", "bfloat16", "--kv-int8"], "bfloat16 with --kv-int8"),
-    (["--fa-quant", "--dtype", "float16"], "only --format mindie has a model dtype"),
+    (["--fa-quant", "--dtype", "float16"], "only --format mindie / vllm-ascend have a model dtype"),
+    (["--w8a8", "--kv-int8", "--format", "vllm-ascend"], "add --symmetric"),
+    (["--w8a8", "--fa-quant", "--format", "vllm-ascend"], "FAKQuant"),
     (["--fa-quant", "--format", "mindie"], "add --w8a8"),
 ])
 def test_cli_compile_format_errors(tmp_path, capsys, argv, message):

@@ -3,7 +3,7 @@
 Calibrates once (observers keep their statistics), then evaluates every (observer, mode, text)
 combination against the float program on the same windows. Prints one row per combination.
 
-    python tools/sweep_observers.py [--calib-samples 64] [--eval-windows 32]
+    python tools/sweep_observers.py [--calib-samples 64] [--eval-windows 32] [--observers minmax,mse] [--symmetric]
 """
 
 import argparse
@@ -29,10 +29,12 @@ def main():
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--observers", default="minmax,percentile,mse")
+    parser.add_argument("--symmetric", action="store_true", help="symmetric int8 (offset 0), as vllm-ascend and ONNX Runtime's GQA need")
     args = parser.parse_args()
     torch.manual_seed(0)
     fe = TorchExportFrontend.load(args.model, args.window)
-    base = QuantConfig(fa_quant=True, kv_cache="int8", window=args.window, calib_samples=args.calib_samples)
+    base = QuantConfig(fa_quant=True, kv_cache="int8", window=args.window, calib_samples=args.calib_samples,
+                       symmetric=args.symmetric)
     sites = fe.attention_sites()
     calib = token_windows(fe.tokenizer, corpus.calibration_samples(), args.window, args.calib_samples, "calib")
     stride = max(1, calib.numel() // 4096)

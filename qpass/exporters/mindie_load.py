@@ -1,4 +1,9 @@
-"""Read a MindIE quantized weight directory (:mod:`qpass.exporters.mindie_format`) back into a model.
+"""Read a MindIE / msModelSlim quantized weight directory (:mod:`qpass.exporters.mindie_format`) back into a model.
+
+Both consumers' forms are read, and msModelSlim's older and current savers': ``quantization_config`` in
+``config.json`` or none; ``weight_scale`` / ``weight_offset`` or not; C8 tensors typed ``W8A8`` or ``C8``;
+a W8A8 Linear's float ``.bias`` beside its ``quant_bias``; FAQuant scales ``[heads, head_dim]`` or one per
+head ``[heads, 1]``; scales in the model dtype or float32.
 
 Every tensor's name, description type, dtype and shape is checked against the description and the
 config; the model is a Hugging Face causal LM whose W8A8 Linears are replaced by
@@ -16,12 +21,13 @@ from safetensors import safe_open
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe, SiteGeometry, site_key
-from qpass.exporters.mindie_format import (C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FAQUANT, FLOAT, MODEL_KEYS, W8A8,
-                                          W8A8_SUFFIXES, WEIGHTS_FILE)
+from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_TYPES, FAQUANT, FLOAT,
+                                          MODEL_KEYS, W8A8, W8A8_SUFFIXES, WEIGHTS_FILE)
 from qpass.exporters.base import Loaded
 from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtype = torch.float32,
@@ -46,14 +52,18 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise QpassError(f"{d}: cannot read {WEIGHTS_FILE} ({err}); re-export the directory") from err
-    types = {k: v for k, v in description.items() if k not in MODEL_KEYS}
+    # msModelSlim also writes per-module metadata strings (``<a>.quant_type``) that name no tensor
+    types = {k: v for k, v in description.items() if k not in MODEL_KEYS and not k.endswith(".quant_type")}
+    tied = bool(config_json.get("tie_word_embeddings"))
+    if tied and types.get("lm_head.weight") == FLOAT and "lm_head.weight" not in tensors:
+        del types["lm_head.weight"]  # vllm-ascend asks for the LM head's type even when it is the embedding
     check = _Checker(d, tensors, types, model_dtype)
     for name in sorted(types):
         if name not in tensors:
             raise QpassError(f"{d}: {DESCRIPTION_FILE} lists {name} ({types[name]}), but {WEIGHTS_FILE} has no such tensor; "
                              "add the tensor or re-export the directory")
-        if types[name] not in (FLOAT, W8A8, FAQUANT):
-            raise QpassError(f"{d}: {DESCRIPTION_FILE} types {name} as {types[name]!r}; use FLOAT, W8A8 or FAQuant")
+        if types[name] not in (FLOAT, W8A8, FAQUANT, C8):
+            raise QpassError(f"{d}: {DESCRIPTION_FILE} types {name} as {types[name]!r}; use FLOAT, W8A8, C8 or FAQuant")
     for name in sorted(tensors):
         if name not in types:
             raise QpassError(f"{d}: tensor {name} has no entry in {DESCRIPTION_FILE}; type every tensor FLOAT, W8A8 or FAQuant")
@@ -79,14 +89,13 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
         replacement = W8A8Linear(check.w8a8(p, module.out_features, module.in_features))
         parent, _, child = p.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
-    extra = {f"{p}.{s}" for p in w8a8 for s in W8A8_SUFFIXES}
-    bias = next((f"{p}.bias" for p in w8a8 if f"{p}.bias" in tensors), None)
-    if bias is not None:
-        raise QpassError(f"{d}: tensor {bias} is the float bias of a W8A8 Linear; the format folds the bias into "
-                         "quant_bias, so remove the tensor (or re-export)")
+    extra = {f"{p}.{s}" for p in w8a8 for s in W8A8_SUFFIXES if f"{p}.{s}" in tensors}
+    for p in w8a8:  # msModelSlim keeps a W8A8 Linear's float bias too (FLOAT); quant_bias already holds it
+        if f"{p}.bias" in tensors:
+            check.get(f"{p}.bias", (FLOAT,), FLOAT_DTYPES, (linears[p].out_features,), "the float bias of a W8A8 Linear")
+            extra.add(f"{p}.bias")
     floats = {}
     expected = model.state_dict()
-    tied = getattr(config, "tie_word_embeddings", False)
     for key, param in expected.items():
         if key.rpartition(".")[0] in w8a8:  # W8A8Linear buffers, filled from the format's tensors above
             continue
@@ -137,17 +146,18 @@ def _quant_kinds(d: Path, config_json: dict, description: dict) -> tuple[bool, b
         raise QpassError(f"{d}: {DESCRIPTION_FILE} model_quant_type is {description.get('model_quant_type')!r}; "
                          "qpass loads W8A8 directories (\"model_quant_type\": \"W8A8\")")
     fa = description.get("fa_quant_type")
-    if fa not in (None, FAQUANT):
-        raise QpassError(f"{d}: {DESCRIPTION_FILE} fa_quant_type is {fa!r}; only \"FAQuant\" is defined")
+    if fa not in (None, *FA_TYPES):
+        raise QpassError(f"{d}: {DESCRIPTION_FILE} fa_quant_type is {fa!r}; qpass reads {' or '.join(FA_TYPES)}")
     kv = (description.get("kv_cache_type"), description.get("kv_quant_type"))
-    if kv not in ((None, None), ("C8", "C8")):
+    if kv not in ((None, None), (C8, C8), (C8, None)):
         raise QpassError(f"{d}: {DESCRIPTION_FILE} has kv_cache_type {kv[0]!r} and kv_quant_type {kv[1]!r}; "
-                         "C8 needs both set to \"C8\" (or neither, for a float KV cache)")
-    qc = config_json.get("quantization_config") or {}
-    if qc.get("fa_quant_type") != fa or qc.get("kv_quant_type") != kv[1]:
+                         "C8 needs kv_cache_type \"C8\" (and kv_quant_type \"C8\" or none), a float KV cache neither")
+    # msModelSlim's current saver deletes quantization_config; MindIE's documented form has one, which must agree
+    qc = config_json.get("quantization_config")
+    if qc is not None and (not isinstance(qc, dict) or qc.get("fa_quant_type") != fa or qc.get("kv_quant_type") != kv[1]):
         raise QpassError(f"{d}: {CONFIG_FILE} quantization_config {qc} disagrees with {DESCRIPTION_FILE} "
-                         f"(fa_quant_type {fa!r}, kv_quant_type {kv[1]!r}); make them agree")
-    return fa == FAQUANT, kv[1] == "C8"
+                         f"(fa_quant_type {fa!r}, kv_quant_type {kv[1]!r}); make them agree, or remove it")
+    return fa is not None, kv[0] == C8
 
 
 class _Checker:
@@ -156,45 +166,55 @@ class _Checker:
     def __init__(self, d: Path, tensors: dict, types: dict, model_dtype: torch.dtype):
         self.d, self.tensors, self.types, self.model_dtype = d, tensors, types, model_dtype
 
-    def get(self, name: str, kind: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...], what: str) -> torch.Tensor:
+    def get(self, name: str, kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...], shape, what: str) -> torch.Tensor:
+        """The tensor ``name``, typed one of ``kinds``, of one of ``dtypes``, shaped ``shape`` (or one of the shapes
+        in a list)."""
         if name not in self.tensors:
             raise QpassError(f"{self.d}: missing tensor {name} ({what}, {_dt(dtypes)} {list(shape)}); add it or re-export the directory")
         t = self.tensors[name]
-        if self.types.get(name) != kind:
+        if self.types.get(name) not in kinds:
             raise QpassError(f"{self.d}: {DESCRIPTION_FILE} types {name} as {self.types.get(name)!r} but it is {what}; "
-                             f"type it {kind!r}")
+                             f"type it {kinds[0]!r}")
         if t.dtype not in dtypes:
             raise QpassError(f"{self.d}: tensor {name} is {_dt((t.dtype,))}, expected {_dt(dtypes)} ({what}); re-export it in that dtype")
-        if tuple(t.shape) != shape:
+        if tuple(t.shape) not in (shape if isinstance(shape, list) else [shape]):
             raise QpassError(f"{self.d}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} ({what}); "
                              "it does not fit this model's config.json")
         return t
 
     def float_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.get(name, FLOAT, (self.model_dtype,), shape, "a float parameter")
+        return self.get(name, (FLOAT,), (self.model_dtype,), shape, "a float parameter")
 
-    def scale(self, name: str, kind: str, shape: tuple[int, ...], what: str) -> torch.Tensor:
-        t = self.get(name, kind, (self.model_dtype,), shape, what).float()
+    def scale(self, name: str, kinds: tuple[str, ...], shape, what: str) -> torch.Tensor:
+        """A scale in the model dtype or float32 (msModelSlim writes float32): positive and finite."""
+        t = self.get(name, kinds, (self.model_dtype, torch.float32), shape, what).float()
         if not (torch.isfinite(t).all() and (t > 0).all()):
             raise QpassError(f"{self.d}: tensor {name} ({what}) has a value that is not a positive finite number; recalibrate")
         return t
 
     def w8a8(self, p: str, n: int, k: int) -> W8A8Weights:
-        floats = (torch.float32, torch.float16, torch.bfloat16)
-        weight = self.get(f"{p}.weight", W8A8, (torch.int8,), (n, k), "a W8A8 int8 weight")
-        in_scale = self.scale(f"{p}.input_scale", W8A8, (1,), "a W8A8 input_scale")
-        in_offset = self.get(f"{p}.input_offset", W8A8, (self.model_dtype,), (1,), "a W8A8 input_offset").float()
+        """The tensors of W8A8 Linear ``p``; ``weight_scale`` / ``weight_offset`` are optional (msModelSlim's
+        current saver omits them: ``deq_scale / input_scale`` is the weight scale)."""
+        kinds = (W8A8,)
+        weight = self.get(f"{p}.weight", kinds, (torch.int8,), (n, k), "a W8A8 int8 weight")
+        in_scale = self.scale(f"{p}.input_scale", kinds, (1,), "a W8A8 input_scale")
+        in_offset = self.get(f"{p}.input_offset", kinds, (*FLOAT_DTYPES, torch.int8), (1,), "a W8A8 input_offset").float()
         if self.model_dtype == torch.float16:
-            raw = self.get(f"{p}.deq_scale", W8A8, (torch.int64,), (n,), "a W8A8 deq_scale: float32 bits as int32, widened to int64")
+            raw = self.get(f"{p}.deq_scale", kinds, (torch.int64,), (n,), "a W8A8 deq_scale: float32 bits as int32, widened to int64")
             if raw.min() < -(2**31) or raw.max() >= 2**31:
                 raise QpassError(f"{self.d}: tensor {p}.deq_scale has values outside int32; store the float32 bits of "
                                  "input_scale * weight_scale reinterpreted as int32, widened to int64")
             deq = raw.to(torch.int32).view(torch.float32)
         else:
-            deq = self.get(f"{p}.deq_scale", W8A8, (torch.float32,), (n,), "a W8A8 deq_scale (float32 for bfloat16 models)")
-        quant_bias = self.get(f"{p}.quant_bias", W8A8, (torch.int32,), (n,), "a W8A8 quant_bias")
-        w_scale = self.get(f"{p}.weight_scale", W8A8, floats, (n, 1), "a W8A8 weight_scale").float().reshape(n)
-        self.get(f"{p}.weight_offset", W8A8, floats, (n, 1), "a W8A8 weight_offset")
+            deq = self.get(f"{p}.deq_scale", kinds, (torch.float32,), (n,), "a W8A8 deq_scale (float32 for bfloat16 models)")
+        quant_bias = self.get(f"{p}.quant_bias", kinds, (torch.int32,), (n,), "a W8A8 quant_bias")
+        if f"{p}.weight_scale" not in self.tensors:
+            if not (torch.isfinite(deq).all() and (deq > 0).all()):
+                raise QpassError(f"{self.d}: tensor {p}.deq_scale has a value that is not a positive finite number; re-export it")
+            return W8A8Weights(weight, (deq / in_scale).float(), in_scale, in_offset, deq.clone(), quant_bias)
+        w_scale = self.get(f"{p}.weight_scale", kinds, FLOAT_DTYPES, (n, 1), "a W8A8 weight_scale").float().reshape(n)
+        if f"{p}.weight_offset" in self.tensors:
+            self.get(f"{p}.weight_offset", kinds, FLOAT_DTYPES, (n, 1), "a W8A8 weight_offset")
         expected = in_scale * w_scale
         if not torch.isfinite(deq).all() or not torch.allclose(deq, expected, rtol=1e-2, atol=0.0):
             i = int(((deq - expected).abs() / expected.abs().clamp(min=1e-30)).nan_to_num(float("inf")).argmax())
@@ -225,17 +245,19 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
                 for part in ("scale", "offset"):
                     name = f"{a}.{kind}.{part}"
                     what = f"FAQuant {kind} {part}"
-                    t = check.scale(name, FAQUANT, (h, head_dim), what) if part == "scale" else \
-                        check.get(name, FAQUANT, (check.model_dtype,), (h, head_dim), what).float()
-                    tensors[site_key(i, kind, part)] = t
+                    # per head and dim, or one value per head ([h, 1], as msModelSlim computes it), repeated
+                    shapes = [(h, head_dim), (h, 1)]
+                    t = check.scale(name, (FAQUANT,), shapes, what) if part == "scale" else \
+                        check.get(name, (FAQUANT,), (*FLOAT_DTYPES, torch.int8), shapes, what).float()
+                    tensors[site_key(i, kind, part)] = t.expand(h, head_dim).contiguous()
                     used.add(name)
         if c8:
             for kind, proj in C8_PROJECTIONS.items():
                 for part in ("scale", "offset"):
                     name = f"{a}.{proj}.kv_cache_{part}"
                     what = f"C8 {proj} kv_cache_{part}"
-                    t = check.scale(name, W8A8, (kv_heads * head_dim,), what) if part == "scale" else \
-                        check.get(name, W8A8, (check.model_dtype,), (kv_heads * head_dim,), what).float()
+                    t = check.scale(name, (W8A8, C8), (kv_heads * head_dim,), what) if part == "scale" else \
+                        check.get(name, (W8A8, C8), FLOAT_DTYPES, (kv_heads * head_dim,), what).float()
                     tensors[site_key(i, kind, part)] = t
                     used.add(name)
     sites = [SiteGeometry(i, heads, kv_heads, head_dim, a, ("", *(f"{a}.{p}" for p in C8_PROJECTIONS.values())) if c8 else ("", "", ""))

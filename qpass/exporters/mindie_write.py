@@ -1,5 +1,15 @@
 """Write the MindIE quantized weight directory (:mod:`qpass.exporters.mindie_format`) from a recipe, the
-sites' module names and the float state dict."""
+sites' module names and the float state dict, for one of two consumers (``target``):
+
+- ``mindie``: as MindIE's documentation says: ``quantization_config`` in ``config.json``
+  (``fa_quant_type`` / ``kv_quant_type``), C8 tensors typed ``W8A8``;
+- ``vllm-ascend``: what vllm-ascend's loader accepts (checked against its source; FORMATS.md section 1):
+  no ``quantization_config`` (when present, vLLM builds the quant config from it and never reads the
+  description), ``lm_head.weight`` typed ``FLOAT`` even when tied, C8 tensors typed ``C8`` and symmetric
+  (its decode dequantizes with the scale only), no FAQuant (registered there only as FAKQuant for MLA
+  models, and never with C8), and one quant type per fused layer (q/k/v -> qkv_proj, gate/up ->
+  gate_up_proj): a Linear kept float makes its fused siblings float too.
+"""
 
 import json
 from pathlib import Path
@@ -9,11 +19,41 @@ from safetensors.torch import save_file
 
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
-from qpass.exporters.mindie_format import (C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_KINDS, FAQUANT, FLOAT, W8A8,
-                                          WEIGHTS_FILE)
+from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_KINDS, FAQUANT, FLOAT,
+                                          W8A8, WEIGHTS_FILE)
 from qpass.runtime.w8a8 import w8a8_weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+TARGETS = ("mindie", "vllm-ascend")
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's packed modules: one quant type each
+
+
+def check_target(recipe: Recipe, target: str) -> None:
+    """Refuse what ``target``'s loader cannot run, with the way out."""
+    if target not in TARGETS:
+        raise QpassError(f"--format {target}: the MindIE weight directory has the targets {', '.join(TARGETS)}")
+    if target != "vllm-ascend":
+        return
+    if recipe.config.fa_quant:
+        raise QpassError("--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
+                         "on MLA models, and never together with C8; drop --fa-quant (C8 stays), or write --format mindie")
+    if recipe.config.kv_cache == "int8":
+        offsets = [recipe.get(s.layer, kind)[1] for s in recipe.sites for kind in C8_PROJECTIONS]
+        if any(bool(o.any()) for o in offsets):
+            raise QpassError("--format vllm-ascend with asymmetric C8: vllm-ascend's decode dequantizes the int8 cache "
+                             "with its scale only, so the offsets must be 0; calibrate with --kv-int8 --symmetric")
+
+
+def fused_floats(recipe: Recipe) -> list[str]:
+    """Quantized Linears that vllm-ascend would fuse with a Linear the recipe keeps float: they must be float too."""
+    quantized, floats = set(recipe.w8a8_linears()), set(recipe.float_linears)
+    out = set()
+    for name in floats:
+        parent, _, leaf = name.rpartition(".")
+        for group in VLLM_FUSED:
+            if leaf in group:
+                out |= {f"{parent}.{sibling}" for sibling in group} & quantized
+    return sorted(out)
 
 
 def check_names(recipe: Recipe, c8: bool) -> None:
@@ -29,8 +69,9 @@ def check_names(recipe: Recipe, c8: bool) -> None:
 
 
 def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe: Recipe, tokenizer,
-                  out_dir: str | Path, dtype: torch.dtype) -> Path:
-    """Write the MindIE directory for a model into ``out_dir`` (created if needed; existing files replaced).
+                  out_dir: str | Path, dtype: torch.dtype, target: str = "mindie") -> Path:
+    """Write the MindIE directory for a model into ``out_dir`` (created if needed; existing files replaced),
+    in the form ``target`` (``mindie`` or ``vllm-ascend``, module docstring) reads.
 
     ``config_json``: the model's ``config.json`` as a dict, ``architectures`` set. ``state_dict``: HF parameter names, float, with the
     recipe's smoothing already folded in (:func:`qpass.smoothing.apply_smoothing`). ``recipe``: W8A8 input
@@ -40,13 +81,15 @@ def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe
     name = next((k for k, v in MODEL_DTYPES.items() if v == dtype), None)
     if name is None:
         raise QpassError(f"--dtype {dtype}: the MindIE format stores float16 or bfloat16 models; choose one of those")
+    check_target(recipe, target)
     fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "int8"
     if fa or c8:
         check_names(recipe, c8)
     if c8 and dtype == torch.bfloat16:
         raise QpassError("--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights "
                          "only; use --dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)")
-    linears = recipe.w8a8_linears()
+    demoted = fused_floats(recipe) if target == "vllm-ascend" else []
+    linears = [p for p in recipe.w8a8_linears() if p not in demoted]
     if not linears:
         raise QpassError("--format mindie: the recipe has no W8A8 Linears (no w8a8.<linear>.input_scale tensors); "
                          "compile with --w8a8, or write the qpass format instead")
@@ -78,19 +121,23 @@ def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe
             for kind, proj in C8_PROJECTIONS.items():
                 scale, offset = recipe.get(site.layer, kind)
                 tensors[f"{a}.{proj}.kv_cache_scale"], tensors[f"{a}.{proj}.kv_cache_offset"] = scale.to(dtype), offset.to(dtype)
-                types[f"{a}.{proj}.kv_cache_scale"] = types[f"{a}.{proj}.kv_cache_offset"] = W8A8
+                types[f"{a}.{proj}.kv_cache_scale"] = types[f"{a}.{proj}.kv_cache_offset"] = C8 if target == "vllm-ascend" else W8A8
     description = {"model_quant_type": W8A8}
     if fa:
         description["fa_quant_type"] = FAQUANT
     if c8:
-        description["kv_cache_type"] = description["kv_quant_type"] = "C8"
+        description["kv_cache_type"] = description["kv_quant_type"] = C8
+    if target == "vllm-ascend" and "lm_head.weight" not in types:
+        types["lm_head.weight"] = FLOAT  # vLLM builds the LM head and asks for its type even when it is tied
     description.update(sorted(types.items()))
     config = dict(config_json)
     config["torch_dtype"] = name
     if "dtype" in config:  # transformers 5 writes `dtype`; keep the two from disagreeing
         config["dtype"] = name
-    config["quantization_config"] = {k: v for k, v in (("fa_quant_type", FAQUANT if fa else None),
-                                                       ("kv_quant_type", "C8" if c8 else None)) if v}
+    config.pop("quantization_config", None)  # vllm-ascend: the description decides (a GGUF-made config has one too)
+    if target == "mindie":
+        config["quantization_config"] = {k: v for k, v in (("fa_quant_type", FAQUANT if fa else None),
+                                                           ("kv_quant_type", C8 if c8 else None)) if v}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # one metadata key: safetensors writes a multi-key metadata map in no fixed order
@@ -127,16 +174,13 @@ def _write_json(path: Path, doc: dict, sort_keys: bool) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
-def _write_json(path: Path, doc: dict, sort_keys: bool) -> None:
-    path.write_text(json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
-
-
 FILES = ("quant_model_weight_w8a8.safetensors, quant_model_description.json, config.json, tokenizer, "
          "report.json, report.txt, report.png")
 
 
-def write(compiled, directory: Path, options: dict) -> None:
-    """The exporter's entry point: smoothing folded into the float weights, then :func:`export_mindie`."""
+def write(compiled, directory: Path, options: dict, target: str = "mindie") -> None:
+    """The exporter's entry point: smoothing folded into the float weights, then :func:`export_mindie`; the
+    report records the target and any Linear made float for fusion (``export``)."""
     from qpass.core import report as reporting
     from qpass.core.smoothing import apply_smoothing
 
@@ -145,5 +189,12 @@ def write(compiled, directory: Path, options: dict) -> None:
         raise QpassError(f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those")
     recipe = compiled.recipe
     state = apply_smoothing(compiled.state_dict, recipe.smoothing, recipe.tensors)
-    export_mindie(compiled.config_json, state, recipe, compiled.tokenizer, directory, MODEL_DTYPES[dtype])
-    reporting.write(compiled.report, directory)
+    export_mindie(compiled.config_json, state, recipe, compiled.tokenizer, directory, MODEL_DTYPES[dtype], target)
+    export = {"format": target, "dtype": dtype}
+    if target == "vllm-ascend":
+        export["float_for_fusion"] = fused_floats(recipe)
+    reporting.write({**compiled.report, "export": export}, directory)
+
+
+def write_vllm_ascend(compiled, directory: Path, options: dict) -> None:
+    write(compiled, directory, options, target="vllm-ascend")

@@ -25,7 +25,7 @@ FILES = "program.pt2, decoder.pt2, recipe/, tokenizer/, report.json, report.txt,
 
 def write(compiled: Compiled, directory: Path, options: dict) -> None:
     if options.get("dtype"):
-        raise QpassError(f"--dtype {options['dtype']}: only --format mindie has a model dtype; add --format mindie or drop --dtype")
+        raise QpassError(f"--dtype {options['dtype']}: only --format mindie / vllm-ascend have a model dtype; add one or drop --dtype")
     if compiled.program is None:
         raise QpassError("--format qpass needs the quantized program; save the CompileResult that qpass.compile returned")
     torch.export.save(compiled.program, str(directory / PROGRAM_FILE))

@@ -19,6 +19,9 @@ def _exporters() -> dict[str, Exporter]:
     exporters = {
         "qpass": Exporter("qpass", qpass_format.write, qpass_format.detect, qpass_format.load, qpass_format.FILES),
         "mindie": Exporter("mindie", mindie_write.write, mindie_format.detect, mindie_load.load, mindie_write.FILES),
+        # the same directory in the form vllm-ascend reads; it loads back through the same reader
+        "vllm-ascend": Exporter("vllm-ascend", mindie_write.write_vllm_ascend, mindie_format.detect, mindie_load.load,
+                                mindie_write.FILES),
     }
     assert tuple(exporters) == NAMES, "qpass.exporters.NAMES lists the registry's exporters"
     return exporters

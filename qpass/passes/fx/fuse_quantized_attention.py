@@ -38,6 +38,8 @@ class FuseQuantizedAttentionPass(CountingPass):
     causal up to it).
     """
 
+    recompile = True  # its module is exported or run as it is
+
     def __init__(self, sites: list[AttentionSite], max_context: int):
         super().__init__()
         self.sites, self.max_context = sites, max_context

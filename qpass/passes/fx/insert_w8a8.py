@@ -30,6 +30,8 @@ class InsertW8A8Pass(CountingPass):
     ``self.count`` counts the rewritten Linears; ``self.erased`` lists the placeholders removed.
     """
 
+    recompile = True  # it erases placeholders, which the module's generated signature must lose too
+
     def __init__(self, sites: list[LinearSite], recipe: Recipe, params: dict[str, torch.Tensor]):
         super().__init__()
         self.sites, self.recipe, self.params = sites, recipe, params

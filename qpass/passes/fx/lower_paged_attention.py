@@ -41,6 +41,8 @@ class LowerPagedAttentionPass(CountingPass):
     convention (plain positional args).
     """
 
+    recompile = True  # its module is exported or run as it is
+
     def rewrite(self, gm: GraphModule) -> int:
         graph = gm.graph
         fused = list(graph.find_nodes(op="call_function", target=INT8_KV_ATTENTION))
