@@ -199,6 +199,9 @@ def check_output_dir(out_dir: str | Path, force: bool) -> None:
         raise QpassError(f"-o {out}: exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise QpassError(f"-o {out}: directory exists and is not empty; choose another, or pass --force to replace it")
+    parent = next(p for p in out.absolute().parents if p.exists())  # where the output's directories will be made
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise QpassError(f"-o {out}: cannot create it under {parent} (not a writable directory); choose an output path you can write")
 
 
 @contextmanager
@@ -206,8 +209,11 @@ def staged_output(out_dir: str | Path, force: bool):
     """Yield a temporary directory beside ``out_dir``; move it into place only if the block succeeds."""
     out = Path(out_dir)
     check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qpass-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qpass-", dir=out.parent))
+    except OSError as err:
+        raise QpassError(f"-o {out}: cannot create it ({err.strerror}); choose an output path you can write") from None
     try:
         yield tmp
         if out.exists():

@@ -36,6 +36,19 @@ def test_compile_writes_program_recipe_and_report(compiled):
     assert [s["num_kv_heads"] for s in report["sites"]] == [2, 2]
 
 
+def test_eval_of_a_truncated_program_is_one_line_exit_2(compiled, text_files, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(compiled, bad)
+    data = (bad / "program.pt2").read_bytes()
+    (bad / "program.pt2").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["eval", str(bad), "--eval", str(text_files["prose"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "program.pt2: cannot load this saved program" in err and "recompile" in err
+
+
 def test_eval_reloads_and_reproduces_the_quantized_perplexity(compiled, text_files, capsys):
     capsys.readouterr()
     assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
@@ -88,7 +101,24 @@ BAD_INPUTS = {
                                         _bad(p, "e.txt", b"Too short to fill a window.")], "shorter than one window"),
     "nothing to quantize": (lambda d, t, p: ["compile", str(d)], "nothing to quantize"),
     "recipe missing": (lambda d, t, p: ["compile", str(d), "--recipe", str(p)], "needs recipe.json"),
+    "truncated safetensors": (lambda d, t, p: ["compile", _truncated_copy(d, p, "model.safetensors"), "--kv-int8"],
+                              "cannot load this model"),
+    "truncated gguf": (lambda d, t, p: ["compile", _bad(p, "m.gguf", b"GGUF\x03\x00\x00\x00\x10"), "--kv-int8"],
+                       "cannot read this GGUF file"),
+    "output under a file": (lambda d, t, p: ["compile", str(d), "--kv-int8", "-o", _bad(p, "f", b"x") + "/out"],
+                            "not a writable directory"),
 }
+
+
+def _truncated_copy(model_dir, p, name) -> str:
+    """A copy of ``model_dir`` whose file ``name`` lost its second half."""
+    import shutil
+
+    copy = p / "model"
+    shutil.copytree(model_dir, copy)
+    data = (copy / name).read_bytes()
+    (copy / name).write_bytes(data[: len(data) // 2])
+    return str(copy)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -97,7 +127,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, t
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     out = tmp_path / "out"
-    args = make_args(tiny_model_dir, text_files, inputs) + ["-o", str(out), *SMALL]
+    args = make_args(tiny_model_dir, text_files, inputs)
+    args += ([] if "-o" in args else ["-o", str(out)]) + SMALL
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err

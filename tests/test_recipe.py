@@ -97,3 +97,23 @@ def test_the_cli_options_are_the_config_fields():
     assert flags["kv_cache"][0] == "--kv-int8" and flags["kv_cache"][1]["const"] == "int8"
     assert flags["act_method"][1]["choices"] == (1, 2, 3) and flags["act_method"][1]["default"] == 1
     assert flags["observer"][1]["default"] == QuantConfig.__dataclass_fields__["observer"].default
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "NaN"), (0.0, "zero or negative"), (float("inf"), "infinite")])
+def test_a_recipe_with_a_degenerate_scale_is_refused(calibrated, tmp_path, value, message):
+    from safetensors.torch import load_file, save_file
+
+    _recipe(calibrated).save(tmp_path)
+    tensors = load_file(str(tmp_path / TENSORS_FILE))
+    tensors["layers.1.kv_v.scale"][3] = value
+    save_file(tensors, str(tmp_path / TENSORS_FILE))
+    with pytest.raises(QpassError, match=f"layers.1.kv_v.scale has a scale that is {message}"):
+        Recipe.load(tmp_path)
+
+
+def test_an_offset_outside_int8_is_refused(calibrated):
+    recipe = _recipe(calibrated)
+    offsets = recipe.tensors["layers.0.fa_k.offset"].clone()
+    offsets[0, 0] = 300.0
+    with pytest.raises(QpassError, match="layers.0.fa_k.offset has an offset that is not a finite number in"):
+        recipe.replace(tensors={**recipe.tensors, "layers.0.fa_k.offset": offsets})

@@ -68,6 +68,21 @@ def axes(name: str) -> tuple[str, ...]:
     raise QpassError(f"recipe: tensor {name} is not one a recipe holds; recalibrate with this qpass")
 
 
+def check_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a recipe tensor no artefact may carry: a scale that is not finite and positive, an offset
+    that is not a finite number within the int8 range, or a shape that does not fit its axes."""
+    kind = axes(name)
+    if tensor.dim() != len(kind):
+        raise QpassError(f"recipe: {name} has shape {list(tensor.shape)}, but its axes are {list(kind)}; recalibrate")
+    t = tensor.double()
+    if name.endswith("offset"):
+        if not (torch.isfinite(t).all() and ((t >= -128) & (t <= 127)).all()):
+            raise QpassError(f"recipe: {name} has an offset that is not a finite number in [-128, 127]; recalibrate")
+    elif not (torch.isfinite(t).all() and (t > 0).all()):
+        bad = "NaN" if t.isnan().any() else "infinite" if t.isinf().any() else "zero or negative"
+        raise QpassError(f"recipe: {name} has a scale that is {bad}; recalibrate (a scale must be finite and positive)")
+
+
 @dataclass(frozen=True)
 class SiteGeometry:
     """What a recipe keeps of an attention site: its geometry and its module names (for exporters)."""
@@ -99,8 +114,9 @@ class Recipe:
         object.__setattr__(self, "sites", tuple(self.sites))
         for name in ("tensors", "stats", "w8a8"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
-        for name in self.tensors:
-            axes(name)
+        for name, tensor in self.tensors.items():
+            check_tensor(name, tensor)
+
 
     def get(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, offset)`` of ``kind`` (``fa_q``, ``fa_k``, ``fa_v``, ``kv_k``, ``kv_v``) at ``layer``."""

