@@ -105,9 +105,33 @@ BAD_INPUTS = {
                               "cannot load this model"),
     "truncated gguf": (lambda d, t, p: ["compile", _bad(p, "m.gguf", b"GGUF\x03\x00\x00\x00\x10"), "--kv-int8"],
                        "cannot read this GGUF file"),
+    "remote code only": (lambda d, t, p: ["compile", _config_copy(d, p, model_type="my-own", auto_map={"AutoModelForCausalLM": "m.M"}),
+                                           "--kv-int8"], "never runs remote code"),
     "output under a file": (lambda d, t, p: ["compile", str(d), "--kv-int8", "-o", _bad(p, "f", b"x") + "/out"],
                             "not a writable directory"),
 }
+
+
+def _config_copy(model_dir, p, **changes) -> str:
+    """A copy of ``model_dir`` with ``changes`` in its config.json."""
+    import shutil
+
+    copy = p / "model"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(copy)
+
+
+def test_remote_code_of_a_known_architecture_loads_the_built_in_one(tiny_model_dir, tmp_path, capsys):
+    model = _config_copy(tiny_model_dir, tmp_path, auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    before = {f.name: f.read_bytes() for f in (tmp_path / "model").iterdir()}
+    capsys.readouterr()
+    assert main(["inspect", model, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)) == 2
+    assert err.count("\n") == 1 and "loading the built-in llama architecture instead" in err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "model").iterdir()} == before  # the input is untouched
 
 
 def _truncated_copy(model_dir, p, name) -> str:

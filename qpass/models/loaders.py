@@ -83,9 +83,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
     if not config.is_file():
         raise QpassError(f"MODEL {spec}: no config.json in this directory; give a Hugging Face model directory (config.json + *.safetensors)")
     try:
-        json.loads(config.read_text(encoding="utf-8"))
+        doc = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise QpassError(f"MODEL {spec}: config.json is not valid JSON ({_first_line(err)}); repair or re-download the model") from err
+    if not isinstance(doc, dict):
+        raise QpassError(f"MODEL {spec}: config.json is not a JSON object; repair or re-download the model")
+    _check_remote_code(spec, doc)
     if not any(path.glob("*.safetensors")):
         raise QpassError(f"MODEL {spec}: no *.safetensors weights in this directory; qpass never unpickles .bin files, convert them to safetensors first")
     try:
@@ -94,6 +97,21 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
     except BROKEN_FILE as err:
         raise QpassError(f"MODEL {spec}: cannot load this model ({_first_line(err)}); check config.json, the tokenizer files and the safetensors weights") from err
     return LoadedModel(model.eval(), tokenizer, str(path), path.name)
+
+
+def _check_remote_code(spec: str, config: dict) -> None:
+    """A config that asks for the model's own code (``auto_map``) loads with the built-in architecture its
+    ``model_type`` names, with a one-line warning; without a built-in one it is refused (remote code never runs)."""
+    if "auto_map" not in config:
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise QpassError(f"MODEL {spec}: config.json asks for the model's own code (auto_map) and its model_type "
+                         f"{model_type!r} has no built-in architecture; qpass never runs remote code, so it cannot load it")
+    print(f"qpass: MODEL {spec}: config.json asks for the model's own code (auto_map); loading the built-in {model_type} "
+          "architecture instead (the model's own code was not run)", file=sys.stderr)
 
 
 def _require_gguf_support(spec: str) -> None:
