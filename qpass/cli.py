@@ -50,8 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: staged outputs are removed on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    if argv is None:  # the console script owns the process; a caller of main() keeps its own handlers
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "run": cmd_run}[args.command](args)
     except QpassError as err:

@@ -176,21 +176,29 @@ class Recipe:
         json_path, tensor_path = directory / JSON_FILE, directory / TENSORS_FILE
         if not json_path.is_file() or not tensor_path.is_file():
             raise QpassError(f"--recipe {directory}: needs {JSON_FILE} and {TENSORS_FILE}; give a directory written by `qpass compile` (its recipe/ folder)")
+        fix = "recalibrate with `qpass compile`"
         try:
             doc = json.loads(json_path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict):
+                raise TypeError("not a JSON object")
             version = doc.get("version")
             if version != FORMAT_VERSION:
-                raise QpassError(f"--recipe {directory}: recipe version {version} is not {FORMAT_VERSION}; recalibrate with this qpass")
+                raise QpassError(f"--recipe {directory}: recipe version {version!r} is not {FORMAT_VERSION}; recalibrate with this qpass")
             config = QuantConfig(**doc["config"])
             sites = [SiteGeometry(**{**s, "projections": tuple(s.get("projections", ("", "", "")))}) for s in doc["sites"]]
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise QpassError(f"--recipe {directory}: {JSON_FILE} is not a qpass recipe ({err}); recalibrate with `qpass compile`") from err
+            stats, w8a8 = doc.get("stats", {}), doc.get("w8a8", {})
+            if not isinstance(stats, dict) or not isinstance(w8a8, dict):
+                raise TypeError("stats and w8a8 must be objects")
+            if not isinstance(w8a8.get("float_linears", {}), dict) or not isinstance(w8a8.get("smooth", []), list):
+                raise TypeError("w8a8.float_linears must be an object and w8a8.smooth a list")
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            raise QpassError(f"--recipe {directory}: {JSON_FILE} is not a qpass recipe ({type(err).__name__}: {err}); {fix}") from None
         try:
             with safe_open(str(tensor_path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise QpassError(f"--recipe {directory}: cannot read {TENSORS_FILE} ({err}); recalibrate with `qpass compile`") from err
-        return cls(config, sites, tensors, doc.get("stats", {}), doc.get("w8a8", {}))
+            raise QpassError(f"--recipe {directory}: cannot read {TENSORS_FILE} ({err}); {fix}") from None
+        return cls(config, sites, tensors, stats, w8a8)
 
     def check_matches(self, geometry: tuple[SiteGeometry, ...]) -> None:
         """Refuse a recipe calibrated for a model with other attention sites: other geometry, or other module

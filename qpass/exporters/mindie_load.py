@@ -75,9 +75,10 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     try:
         config = AutoConfig.for_model(model_type, **hf_json)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=compute_dtype)
-    except (ValueError, KeyError, TypeError) as err:
-        raise QpassError(f"{d}: cannot build a model from {CONFIG_FILE} (model_type {model_type!r}: {err}); "
-                         "it must be a Hugging Face causal-LM config") from err
+    except Exception as err:  # transformers validates configs with many error types of its own
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QpassError(f"{d}: cannot build a model from {CONFIG_FILE} (model_type {model_type!r}: {first}); "
+                         "it must be a Hugging Face causal-LM config") from None
     model.eval()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     w8a8 = sorted(n.removesuffix(".weight") for n, t in types.items() if t == W8A8 and n.endswith(".weight"))
@@ -135,7 +136,7 @@ def _read_json(d: Path, name: str) -> dict:
 
 def _model_dtype(d: Path, config_json: dict) -> torch.dtype:
     name = config_json.get("torch_dtype", config_json.get("dtype"))
-    if name not in MODEL_DTYPES:
+    if not isinstance(name, str) or name not in MODEL_DTYPES:
         raise QpassError(f"{d}: {CONFIG_FILE} torch_dtype is {name!r}; a MindIE directory stores float16 or bfloat16 models")
     return MODEL_DTYPES[name]
 

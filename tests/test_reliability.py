@@ -1,0 +1,152 @@
+"""Reliability: interrupted runs leave nothing, same inputs give the same bytes, and the readers of
+untrusted text give a result or a QpassError for any input (hypothesis)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qpass.cli import main
+from qpass.core.data import read_samples, read_text
+from qpass.core.errors import QpassError
+from qpass.core.recipe import JSON_FILE, TENSORS_FILE, Recipe
+
+SMALL = ["--window", "64", "--calib-samples", "4", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("sig, when", [(signal.SIGINT, "writing"), (signal.SIGTERM, "writing"), (signal.SIGTERM, "calibrating")])
+def test_an_interrupted_compile_leaves_nothing(tiny_model_dir, text_files, tmp_path, sig, when):
+    out = tmp_path / "out"
+    calib = ["--calib-samples", "64"] if when == "calibrating" else []
+    proc = subprocess.Popen([sys.executable, "-m", "qpass.cli", "compile", str(tiny_model_dir), "--fa-quant", "--kv-int8",
+                             "--calib", str(text_files["calib"]), "-o", str(out), *SMALL, *calib],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        staged = list(tmp_path.glob(".out.qpass-*"))
+        if (when == "writing" and staged) or (when == "calibrating" and time.monotonic() > deadline - 300 + 8):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the compile finished before the signal could land")  # a fast machine: nothing to interrupt
+    assert proc.returncode == 130 and "interrupted; nothing was written" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary directory
+
+
+def test_two_mindie_compiles_write_the_same_bytes(tiny_model_dir, text_files, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert main(["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--anti-method", "m1", "--calib",
+                     str(text_files["calib"]), "--format", "mindie", "-o", str(out), *SMALL]) == 0
+    for name in ("quant_model_weight_w8a8.safetensors", "quant_model_description.json", "config.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+EXAMPLES = int(os.environ.get("QPASS_FUZZ_EXAMPLES", "60"))  # more for a longer hunt: QPASS_FUZZ_EXAMPLES=1000
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,  # the same cases in every run (CI)
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                           max_leaves=12)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_the_calibration_reader_takes_any_bytes(tmp_path, data):
+    for name in ("calib.jsonl", "calib.txt"):
+        path = tmp_path / name
+        path.write_bytes(data)
+        try:
+            samples = read_samples(path)
+        except QpassError:
+            continue
+        assert samples and all(isinstance(s, str) and s.strip() for s in samples)
+    try:
+        read_text(path)
+    except QpassError:
+        pass
+
+
+@FUZZ
+@given(lines=st.lists(JSON_VALUES.map(json.dumps) | st.text(max_size=30), min_size=1, max_size=5))
+def test_the_calibration_reader_takes_any_jsonl(tmp_path, lines):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    try:
+        read_samples(path)
+    except QpassError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def saved_recipe(tmp_path_factory):
+    import torch
+
+    from qpass.core.config import QuantConfig
+    from qpass.core.recipe import SiteGeometry
+
+    d = tmp_path_factory.mktemp("recipe")
+    Recipe(QuantConfig(kv_cache="int8"), [SiteGeometry(0, 4, 2, 16)],
+           {"layers.0.kv_k.scale": torch.ones(32), "layers.0.kv_k.offset": torch.zeros(32),
+            "layers.0.kv_v.scale": torch.ones(32), "layers.0.kv_v.offset": torch.zeros(32)}).save(d)
+    return d
+
+
+@FUZZ
+@given(doc=JSON_VALUES, key=st.sampled_from(["config", "sites", "version", "stats", "w8a8", "axes", None]))
+def test_the_recipe_reader_takes_any_json(saved_recipe, tmp_path, doc, key):
+    import shutil
+
+    d = tmp_path / "r"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(saved_recipe, d)
+    original = json.loads((d / JSON_FILE).read_text())
+    (d / JSON_FILE).write_text(json.dumps(doc if key is None else {**original, key: doc}))
+    try:
+        Recipe.load(d)
+    except QpassError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def mindie_dir(tmp_path_factory):
+    """A small W8A8 + C8 MindIE directory to corrupt."""
+    import torch
+
+    from frontend_cases import calibrated
+    from qpass.exporters.mindie_write import export_mindie
+    from qpass.models.tiny import tiny_model
+
+    model = tiny_model("llama", num_layers=1)
+    _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="int8", w8a8=True)
+    d = tmp_path_factory.mktemp("mindie") / "m"
+    export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, d, torch.float16)
+    return d
+
+
+@FUZZ
+@given(doc=JSON_VALUES, which=st.sampled_from(["quant_model_description.json", "config.json"]),
+       key=st.sampled_from(["model_quant_type", "kv_cache_type", "model_type", "num_hidden_layers", "quantization_config",
+                            "torch_dtype", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight", None]))
+def test_the_mindie_reader_takes_any_description_and_config(mindie_dir, tmp_path, doc, which, key):
+    import shutil
+
+    from qpass.exporters.mindie_load import load
+
+    d = tmp_path / "m"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(mindie_dir, d)
+    original = json.loads((d / which).read_text())
+    (d / which).write_text(json.dumps(doc if key is None else {**original, key: doc}))
+    try:
+        load(d, load_tokenizer=False)
+    except QpassError:
+        pass
