@@ -48,6 +48,7 @@ class CompileResult:
         exporter = registry.get(format)
         with staged_output(out_dir, force) as tmp:
             exporter.write(self.compiled, tmp, {"dtype": dtype})
+            exporter.check(tmp)  # read back before it is moved into place
         return Path(out_dir)
 
 
@@ -103,6 +104,8 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         "sqnr_db": dict(recipe.stats.get("sqnr_db", {})),
         "decoder": decoder_info,
     }
+    if "zero_range_channels" in recipe.stats:  # channels that were 0 throughout calibration (scale 1)
+        report["zero_range_channels"] = dict(recipe.stats["zero_range_channels"])
     if config.w8a8:
         report["w8a8"] = reporting.w8a8_section(recipe)
     if eval_ids is not None:

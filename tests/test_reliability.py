@@ -150,3 +150,24 @@ def test_the_mindie_reader_takes_any_description_and_config(mindie_dir, tmp_path
         load(d, load_tokenizer=False)
     except QpassError:
         pass
+
+
+def test_a_value_that_is_zero_throughout_calibration_is_refused_with_its_site():
+    import torch
+
+    from qpass.core.calibrate import attention_qparams
+    from qpass.core.config import QuantConfig
+    from qpass.core.observers import Observer
+    from qpass.core.sites import AttentionSite
+
+    site = AttentionSite(3, "sdpa_3", "sdpa", "q3", "k3", "v3", 2, 1, 4, True, False, "?", "?", "?", "model.layers.3.self_attn")
+    observers = {name: Observer() for name in ("k3", "v3")}
+    observers["k3"].update(torch.randn(8, 4))
+    observers["v3"].update(torch.cat([torch.randn(8, 3), torch.zeros(8, 1)], 1))
+    tensors, stats = attention_qparams([site], observers, QuantConfig(kv_cache="int8"))
+    assert stats["zero_range_channels"] == {"3": {"v": 1}}  # flagged in the report
+    assert tensors["layers.3.kv_v.scale"][3] == 1.0
+    observers["k3"] = Observer()
+    observers["k3"].update(torch.zeros(8, 4))
+    with pytest.raises(QpassError, match="k of attention layer 3 \\(model.layers.3.self_attn\\) was 0 in every channel"):
+        attention_qparams([site], observers, QuantConfig(kv_cache="int8"))

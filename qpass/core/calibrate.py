@@ -47,11 +47,18 @@ def attention_observers(sites: list[AttentionSite], config: QuantConfig, tokens:
 
 def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer], config: QuantConfig) -> tuple[dict, dict]:
     """The recipe tensors of FAQuant (``[heads, head_dim]``) and C8 (``[kv_heads * head_dim]``), and per-site SQNR."""
-    tensors, sqnr = {}, {}
+    tensors, sqnr, zero = {}, {}, {}
     for site in sites:
         per_site = {}
         for kind in config.observed_kinds:
             obs = observers[getattr(site, kind)]
+            zero_channels = int(((obs.min == 0) & (obs.max == 0)).sum())
+            if zero_channels == obs.channels:
+                raise QpassError(f"calibration: {kind} of attention layer {site.layer} ({site.prefix or site.attention}) was 0 "
+                                 "in every channel over the whole calibration text, so it has no range to quantize; "
+                                 "check the model and the calibration text")
+            if zero_channels:  # they get scale 1 (any scale round-trips 0): flagged in the report
+                zero.setdefault(str(site.layer), {})[kind] = zero_channels
             heads = site.num_heads if kind == "q" else site.num_kv_heads
             scale, offset = channel_qparams(obs, config.observer, config.symmetric, config.percentile)  # [C]
             if config.fa_quant:
@@ -62,7 +69,7 @@ def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer]
                 tensors[site_key(site.layer, f"kv_{kind}", "offset")] = offset.clone()
             per_site[kind] = round(sqnr_db(obs.sample(), scale, offset), 3)
         sqnr[str(site.layer)] = per_site
-    return tensors, {"sqnr_db": sqnr}
+    return tensors, {"sqnr_db": sqnr, **({"zero_range_channels": zero} if zero else {})}
 
 
 def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: torch.Tensor, config: QuantConfig) -> Recipe:
@@ -95,6 +102,9 @@ def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: tor
     per_linear = {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
     for site in linears:
         obs = linear_obs[site.input]
+        if float(obs.min.min()) == 0.0 == float(obs.max.max()):
+            raise QpassError(f"calibration: the input of Linear {site.module} was 0 over the whole calibration text, so it "
+                             "has no range to quantize; check the model and the calibration text")
         scale, offset, used = linear_input_qparams(obs, config.act_method)
         tensors[linear_key(site.module, "scale")], tensors[linear_key(site.module, "offset")] = scale, offset
         weight = state[f"{site.module}.weight"].detach()

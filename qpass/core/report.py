@@ -27,6 +27,10 @@ def summary(report: dict) -> str:
         vals = [s[kind] for s in sq.values() if kind in s]
         if vals:
             lines.append(f"  SQNR {kind}: min {min(vals):.1f} dB, mean {sum(vals) / len(vals):.1f} dB")
+    zero = report.get("zero_range_channels")
+    if zero:
+        lines.append("  flagged: channels that were 0 throughout calibration (scale 1): " +
+                     ", ".join(f"layer {layer} {kind} {n}" for layer, kinds in zero.items() for kind, n in kinds.items()))
     lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
     return "\n".join(lines)
 

@@ -42,4 +42,5 @@ class Exporter:
     write: Callable[[Compiled, Path, dict], None]  # (compiled, directory, options such as dtype)
     detect: Callable[[Path], bool]
     load: Callable[[Path, str], Loaded]  # (directory, purpose: "eval" or "run")
+    check: Callable[[Path], None]  # re-read a freshly written directory; raises QpassError when it is not whole
     files: str  # what it writes, for the CLI's last line

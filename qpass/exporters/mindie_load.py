@@ -124,6 +124,11 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     return Loaded("mindie", tokenizer, recipe, model=model, info=info)
 
 
+def check(directory: Path) -> None:
+    """Re-read a directory just written: every tensor's name, type, dtype and shape, and every scale."""
+    load(directory, load_tokenizer=False)
+
+
 def _read_json(d: Path, name: str) -> dict:
     try:
         doc = json.loads((d / name).read_text(encoding="utf-8"))

@@ -37,6 +37,23 @@ def write(compiled: Compiled, directory: Path, options: dict) -> None:
     reporting.write(compiled.report, directory)
 
 
+def check(path: Path) -> None:
+    """Re-read a directory just written: the recipe (its scales checked), and every stored file of the
+    saved programs against its checksum."""
+    import zipfile
+
+    Recipe.load(path / RECIPE_DIR)
+    for name in (PROGRAM_FILE, DECODER_FILE):
+        if name == PROGRAM_FILE or (path / name).exists():
+            try:
+                with zipfile.ZipFile(path / name) as archive:
+                    bad = archive.testzip()
+            except (zipfile.BadZipFile, OSError) as err:
+                bad = str(err)
+            if bad is not None:
+                raise QpassError(f"{path / name}: did not read back whole ({bad}); check the disk and compile again")
+
+
 def detect(path: Path) -> bool:
     return (Path(path) / PROGRAM_FILE).is_file()
 

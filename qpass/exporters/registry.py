@@ -17,11 +17,13 @@ def _exporters() -> dict[str, Exporter]:
     from qpass.exporters import mindie_format, mindie_load, mindie_write, qpass_format  # they import torch: on first use
 
     exporters = {
-        "qpass": Exporter("qpass", qpass_format.write, qpass_format.detect, qpass_format.load, qpass_format.FILES),
-        "mindie": Exporter("mindie", mindie_write.write, mindie_format.detect, mindie_load.load, mindie_write.FILES),
+        "qpass": Exporter("qpass", qpass_format.write, qpass_format.detect, qpass_format.load, qpass_format.check,
+                          qpass_format.FILES),
+        "mindie": Exporter("mindie", mindie_write.write, mindie_format.detect, mindie_load.load, mindie_load.check,
+                           mindie_write.FILES),
         # the same directory in the form vllm-ascend reads; it loads back through the same reader
         "vllm-ascend": Exporter("vllm-ascend", mindie_write.write_vllm_ascend, mindie_format.detect, mindie_load.load,
-                                mindie_write.FILES),
+                                mindie_load.check, mindie_write.FILES),
     }
     assert tuple(exporters) == NAMES, "qpass.exporters.NAMES lists the registry's exporters"
     return exporters
