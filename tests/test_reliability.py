@@ -86,6 +86,17 @@ def test_the_calibration_reader_takes_any_jsonl(tmp_path, lines):
         pass
 
 
+def _copy_with(src, d, name: str, doc, key):
+    """A fresh copy of directory ``src`` at ``d`` whose JSON file ``name`` is ``doc``, or has ``doc`` under ``key``."""
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(src, d)
+    original = json.loads((d / name).read_text())
+    (d / name).write_text(json.dumps(doc if key is None else {**original, key: doc}))
+    return d
+
+
 @pytest.fixture(scope="module")
 def saved_recipe(tmp_path_factory):
     import torch
@@ -103,13 +114,7 @@ def saved_recipe(tmp_path_factory):
 @FUZZ
 @given(doc=JSON_VALUES, key=st.sampled_from(["config", "sites", "version", "stats", "w8a8", "axes", None]))
 def test_the_recipe_reader_takes_any_json(saved_recipe, tmp_path, doc, key):
-    import shutil
-
-    d = tmp_path / "r"
-    shutil.rmtree(d, ignore_errors=True)
-    shutil.copytree(saved_recipe, d)
-    original = json.loads((d / JSON_FILE).read_text())
-    (d / JSON_FILE).write_text(json.dumps(doc if key is None else {**original, key: doc}))
+    d = _copy_with(saved_recipe, tmp_path / "r", JSON_FILE, doc, key)
     try:
         Recipe.load(d)
     except QpassError:
@@ -137,15 +142,9 @@ def mindie_dir(tmp_path_factory):
        key=st.sampled_from(["model_quant_type", "kv_cache_type", "model_type", "num_hidden_layers", "quantization_config",
                             "torch_dtype", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight", None]))
 def test_the_mindie_reader_takes_any_description_and_config(mindie_dir, tmp_path, doc, which, key):
-    import shutil
-
     from qpass.exporters.mindie_load import load
 
-    d = tmp_path / "m"
-    shutil.rmtree(d, ignore_errors=True)
-    shutil.copytree(mindie_dir, d)
-    original = json.loads((d / which).read_text())
-    (d / which).write_text(json.dumps(doc if key is None else {**original, key: doc}))
+    d = _copy_with(mindie_dir, tmp_path / "m", which, doc, key)
     try:
         load(d, load_tokenizer=False)
     except QpassError:
