@@ -9,6 +9,7 @@ Layout, as in vLLM and MindIE: ``key_cache`` and ``value_cache`` are int8
 import torch
 
 from qpass.core.errors import QpassError
+from qpass.runtime.paged_checks import check_int8_caches
 from qpass.runtime.quant_ops import quantize_int8
 
 
@@ -104,16 +105,7 @@ class BlockTables:
 
 def check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, k_offset, v_scale, v_offset):
     """Shape and dtype checks of :func:`reshape_and_cache_int8`, raising :class:`QpassError`."""
-    if key_cache.dtype != torch.int8 or value_cache.dtype != torch.int8:
-        raise QpassError(
-            f"key_cache/value_cache are {key_cache.dtype}/{value_cache.dtype}; the int8 write op needs "
-            "int8 caches (allocate_kv_cache(..., dtype=torch.int8))"
-        )
-    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
-        raise QpassError(
-            f"key_cache {tuple(key_cache.shape)} / value_cache {tuple(value_cache.shape)}: both must be "
-            "[num_blocks, block_size, kv_heads, head_dim] and equal"
-        )
+    check_int8_caches(key_cache, value_cache, "the int8 write op needs int8 caches (allocate_kv_cache(..., dtype=torch.int8))")
     kv_heads, head_dim = key_cache.shape[2:]
     if key.dim() != 3 or key.shape[1:] != (kv_heads, head_dim) or value.shape != key.shape:
         raise QpassError(

@@ -11,6 +11,18 @@ MAX_CONTEXT_LEN = 128 * 1024
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_int8_caches(key_cache, value_cache, fix: str) -> None:
+    """Both caches int8 ``[num_blocks, block_size, num_kv_heads, head_dim]`` and of one shape; ``fix`` says how
+    to get int8 caches."""
+    if key_cache.dtype != torch.int8 or value_cache.dtype != torch.int8:
+        raise QpassError(f"key_cache/value_cache are {key_cache.dtype}/{value_cache.dtype}; {fix}")
+    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
+        raise QpassError(
+            f"key_cache {tuple(key_cache.shape)} / value_cache {tuple(value_cache.shape)}: both must be "
+            "[num_blocks, block_size, num_kv_heads, head_dim] and equal"
+        )
+
+
 def check_cache_args(num_heads, head_dim, key_cache, value_cache, block_tables, context_lens, scales):
     """Check the paged cache, its tables and the C8 parameters against ``num_heads``/``head_dim``.
 
@@ -18,16 +30,7 @@ def check_cache_args(num_heads, head_dim, key_cache, value_cache, block_tables, 
     block_tables: int32 ``[num_seqs, max_blocks_per_seq]``; context_lens: int32 ``[num_seqs]``.
     scales: ``{"k_scale": t, ...}``, each float32 ``[num_kv_heads, head_dim]``.
     """
-    if key_cache.dtype != torch.int8 or value_cache.dtype != torch.int8:
-        raise QpassError(
-            f"key_cache/value_cache are {key_cache.dtype}/{value_cache.dtype}; int8 paged attention "
-            "needs int8 caches written by reshape_and_cache_int8"
-        )
-    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
-        raise QpassError(
-            f"key_cache {tuple(key_cache.shape)} / value_cache {tuple(value_cache.shape)}: both must be "
-            "[num_blocks, block_size, num_kv_heads, head_dim] and equal"
-        )
+    check_int8_caches(key_cache, value_cache, "int8 paged attention needs int8 caches written by reshape_and_cache_int8")
     _, block_size, kv_heads, cache_head_dim = key_cache.shape
     if cache_head_dim != head_dim:
         raise QpassError(f"query head_dim {head_dim} != cache head_dim {cache_head_dim}; they must match")
