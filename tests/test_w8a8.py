@@ -214,3 +214,17 @@ def test_cli_compile_w8a8_then_eval_reproduces(tiny_model_dir, text_files, tmp_p
     assert json.loads(capsys.readouterr().out)["ppl_quant"] == pytest.approx(report["eval"]["ppl_quant"], rel=1e-6)
     assert main(["compile", str(tiny_model_dir), "--w8a8", "--disable-level", "L2x", "-o", str(tmp_path / "bad")]) == 2
     assert "disable_level='L2x'" in capsys.readouterr().err
+
+
+def test_int8_matmul_is_exactly_int_mm_on_either_path(monkeypatch):
+    from qpass.runtime import w8a8
+
+    gen = torch.Generator().manual_seed(0)
+    xq = torch.randint(-128, 128, (33, 1536), generator=gen, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (40, 1536), generator=gen, dtype=torch.int8)
+    xq[0], wq[0] = -128, -127  # the largest magnitude sums int8 can make
+    expected = torch._int_mm(xq, wq.t())
+    for level in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda level=level: level)
+        got = w8a8.int8_matmul(xq, wq)
+        assert got.dtype == torch.int32 and torch.equal(got, expected)

@@ -7,7 +7,11 @@ The arithmetic of the MindIE format (``../shared/FORMATS.md`` section 1):
     deq_scale  = input_scale * weight_scale                                    float32 [n]
     quant_bias = round(bias / deq_scale - sum_k Wq[n, k] * input_offset)       int32 [n]
 
-The int8 x int8 -> int32 product uses ``torch._int_mm`` (oneDNN with AVX-512 VNNI on x86 CPUs).
+The int8 x int8 -> int32 product uses ``torch._int_mm`` (oneDNN, fast with AVX-512 and VNNI on x86
+CPUs). On a CPU whose torch dispatch level is below AVX-512, ``_int_mm`` has no fast kernel (about 30x
+slower than a float matmul of the same shape, ``docs/benchmarks.md``), so there the product is taken
+as a float64 matmul of the int8 values: every product and partial sum is an integer below 2^53, so the
+int32 result is exactly ``_int_mm``'s, about 10x sooner.
 """
 
 from dataclasses import dataclass
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from qpass.core.int8 import QMAX, QMIN, quantize_weight
+
+FAST_INT8_CPU = ("AVX512",)  # torch CPU dispatch levels whose oneDNN int8 GEMM is fast
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,19 @@ def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor, input_offset
     return torch.round(x.float() / input_scale + input_offset).clamp_(QMIN, QMAX).to(torch.int8)
 
 
+def int8_matmul(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``xq [m, k] @ weight [n, k]^T`` with int32 accumulation, exactly, by the faster path on this device."""
+    if xq.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() not in FAST_INT8_CPU:
+        return (xq.double() @ weight.double().t()).to(torch.int32)
+    return torch._int_mm(xq, weight.t())
+
+
 @torch.library.custom_op("qpass::w8a8_linear", mutates_args=())
 def w8a8_linear(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor, weight: torch.Tensor,
                 quant_bias: torch.Tensor, deq_scale: torch.Tensor) -> torch.Tensor:
     """``x [..., k]`` (float) through the int8 Linear ``weight [n, k]``; returns ``[..., n]`` in ``x.dtype``."""
     xq = quantize_activation(x, input_scale, input_offset).reshape(-1, x.shape[-1])
-    acc = torch._int_mm(xq, weight.t()) + quant_bias  # int32 [m, n]
+    acc = int8_matmul(xq, weight) + quant_bias  # int32 [m, n]
     return (acc.float() * deq_scale).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
