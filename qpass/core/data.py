@@ -1,4 +1,5 @@
-"""Calibration and evaluation text: readers with one-line errors, and token windows.
+"""Calibration and evaluation text: readers with one-line errors, token windows, and whether calibration
+windows are too small or too repetitive to calibrate on.
 
 Calibration files are ``.jsonl`` (one object a line, the text under ``inputs_pretokenized`` as in
 BoolQ, or under ``text``) or plain text; evaluation files are plain text.
@@ -83,3 +84,32 @@ def token_windows(tokenizer, texts: list[str], window: int, max_windows: int | N
         pick = torch.linspace(0, count - 1, max_windows).round().long()
         windows = windows[pick]
     return windows
+
+
+MIN_CALIB_TOKENS = 2048  # below this, a min-max range leaves ~2/N > 1e-3 of fresh values outside it (qpass.core.saturation)
+REPEAT_NGRAM = 8         # a token sequence this long that occurs again is a repeat (natural text and code: under 10%)
+MAX_REPEATED = 0.5       # more than this share of repeats: the text is a few passages over and over
+
+
+def repeated_fraction(windows: torch.Tensor, n: int = REPEAT_NGRAM) -> float:
+    """The share of the ``n``-token sequences of ``windows [N, W]`` (read in order as one text) that repeat an
+    earlier one: 0 for text that never repeats itself, ~0.9 for ten copies of one sentence."""
+    ids = windows.flatten().tolist()
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def calibration_text_warning(windows: torch.Tensor, feeds: str) -> str | None:
+    """One line saying why ``windows [N, W]`` are too small or too repetitive to calibrate ``feeds`` (what the
+    ranges are for, e.g. "FAQuant q/k/v at 30 attention sites") and what to do; None when they are neither."""
+    tokens, repeated = windows.numel(), repeated_fraction(windows)
+    problems = []
+    if tokens < MIN_CALIB_TOKENS:
+        problems.append(f"only {tokens} tokens (fewer than {MIN_CALIB_TOKENS})")
+    if repeated > MAX_REPEATED:
+        problems.append(f"{repeated:.0%} of its {REPEAT_NGRAM}-token sequences repeat an earlier one (more than {MAX_REPEATED:.0%})")
+    if not problems:
+        return None
+    return (f"calibration text: {' and '.join(problems)}, too little varied text for the int8 ranges of {feeds}: "
+            f"text unlike it will be clipped; calibrate on at least {MIN_CALIB_TOKENS} tokens of varied text like the "
+            "deployment text (--calib, --calib-samples; without --calib qpass uses its built-in standard-library corpus)")
