@@ -6,6 +6,7 @@ It only chooses: a frontend for the model (today the torch.export one) and an ex
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -14,9 +15,10 @@ from pathlib import Path
 
 from qpass.core import corpus
 from qpass.core import report as reporting
+from qpass.core import saturation
 from qpass.core.calibrate import calibrate
 from qpass.core.config import EVAL_WINDOWS, QuantConfig
-from qpass.core.data import read_samples, read_text, token_windows
+from qpass.core.data import calibration_text_warning, read_samples, read_text, token_windows
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import perplexity
 from qpass.core.recipe import Recipe, geometry
@@ -64,9 +66,12 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
 
     ``model``: ``"default"``, a ``.gguf`` file, a Hugging Face directory, or a :class:`LoadedModel`.
     ``calib``: a ``.jsonl``/text file or a list of texts; None uses the built-in standard-library corpus.
-    ``eval``: a text file, or None to skip evaluation.
+    ``eval``: a text file, or None to skip evaluation; then the last 1/8 of the calibration windows (at least one)
+    are held out of the range fitting to measure saturation on (:mod:`qpass.core.saturation`).
+    Warnings (calibration text too small or too repetitive, saturation far above calibration's) go to stderr, one
+    line each, and into ``report["warnings"]``.
     """
-    timings = {}
+    timings, warnings, held_ids = {}, [], None
     with _timed(timings, "load"):
         if isinstance(recipe, (str, Path)):
             recipe = Recipe.load(Path(recipe))
@@ -80,6 +85,9 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             samples = corpus.calibration_samples() if calib is None else (
                 calib if isinstance(calib, list) else read_samples(calib, "--calib"))
             calib_ids = token_windows(loaded.tokenizer, samples, config.window, config.calib_samples, "--calib")
+            if eval_ids is None and (config.fa_quant or config.kv_cache == "int8"):
+                # saturation is then measured on windows the ranges never saw; with --eval, every window fits them
+                calib_ids, held_ids = saturation.hold_out(calib_ids)
     with _timed(timings, "capture"):
         frontend = frontend_for(loaded, config.window)
         sites = frontend.attention_sites()
@@ -87,7 +95,11 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         with _timed(timings, "calibrate"):
             recipe = calibrate(frontend, calib_ids, config)
         calib_info = {"file": "stdlib corpus" if calib is None else str(calib) if not isinstance(calib, list) else "texts",
-                      "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel())}
+                      "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel()),
+                      "held_out_windows": 0 if held_ids is None else int(held_ids.shape[0])}
+        feeds = _feeds(config, sites)
+        if feeds:  # a dynamic cache alone calibrates nothing
+            _warn(warnings, calibration_text_warning(calib_ids, feeds))
     else:
         recipe.check_matches(geometry(sites))
         calib_info = {"file": "recipe", "windows": 0, "tokens": 0}
@@ -108,11 +120,12 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         report["zero_range_channels"] = dict(recipe.stats["zero_range_channels"])
     if config.w8a8:
         report["w8a8"] = reporting.w8a8_section(recipe)
+    counted, measured_on, measured_ids = saturation.counters(recipe), None, None
     if eval_ids is not None:
         with _timed(timings, "eval"):
             ppl_ref = frontend.reference_perplexity(eval_ids, config.batch_size)
             ppl_float = perplexity(frontend.logits(), eval_ids, config.batch_size, "eval float")
-            ppl_quant = perplexity(quantized.module(), eval_ids, config.batch_size, "eval quantized")
+            ppl_quant = perplexity(frontend.counting_logits(quantized, counted), eval_ids, config.batch_size, "eval quantized")
         float_gap = abs(ppl_float / ppl_ref - 1.0) * 100.0
         if float_gap > FLOAT_MATCH_PCT:
             raise QpassError(f"capture changed the float model: perplexity {ppl_float:.4f} vs the model's own {ppl_ref:.4f} "
@@ -122,6 +135,15 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             "ppl_reference": ppl_ref, "ppl_float": ppl_float, "ppl_quant": ppl_quant,
             "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0,
         }
+        measured_on, measured_ids = "eval", eval_ids
+    elif held_ids is not None and counted:
+        with _timed(timings, "saturation"):
+            saturation.run(frontend.counting_logits(quantized, counted), held_ids, config.batch_size)
+        measured_on, measured_ids = "held_out", held_ids
+    if counted:  # measured_on None (a reused recipe, no --eval): the calibration figures alone
+        report["saturation"] = saturation.section(recipe, counted if measured_on else None, measured_on, measured_ids)
+        _warn(warnings, saturation.warning(report["saturation"]))
+    report["warnings"] = warnings
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     compiled = registry.Compiled(recipe, report, frontend.state_dict(), frontend.config_json(), frontend.tokenizer,
                                  quantized, decoder)
@@ -132,20 +154,26 @@ def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = EV
     """Reload a directory some exporter wrote (qpass's, MindIE's) and measure its quantized perplexity on ``eval``."""
     start = time.perf_counter()
     loaded = registry.detect(out_dir).load(Path(out_dir), "eval")
+    counted = saturation.counters(loaded.recipe) if loaded.recipe is not None else {}
     if loaded.program is not None:
         config = loaded.recipe.config
-        window, batch_size, logits = config.window, config.batch_size, loaded.program.module()
+        window, batch_size = config.window, config.batch_size
+        logits = TorchExportFrontend.counting_logits(loaded.program, counted)
     else:
         window = min(DEFAULT_WINDOW, getattr(loaded.model.config, "max_position_embeddings", None) or DEFAULT_WINDOW)
         batch_size = DEFAULT_BATCH
-        logits = _model_logits(loaded, window)
+        logits = _model_logits(loaded, window, counted)
     ids = token_windows(loaded.tokenizer, [read_text(eval, "--eval")], window, eval_windows, "--eval")
     loaded_s = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(logits, ids, batch_size, "eval quantized")
     timings = {"load": round(loaded_s, 3), "eval": round(time.perf_counter() - start, 3)}
-    return {"file": str(eval), **loaded.info, "tokens": int(ids.numel()), "windows": int(ids.shape[0]), "window": window,
-            "ppl_quant": ppl, "timings_s": timings if loaded.program is None else {"eval": timings["eval"]}}
+    result = {"file": str(eval), **loaded.info, "tokens": int(ids.numel()), "windows": int(ids.shape[0]), "window": window,
+              "ppl_quant": ppl, "timings_s": timings if loaded.program is None else {"eval": timings["eval"]}}
+    if counted:
+        result["saturation"] = saturation.section(loaded.recipe, counted, "eval", ids)
+        result["warnings"] = _warn([], saturation.warning(result["saturation"]))
+    return result
 
 
 def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int], object]:
@@ -169,12 +197,29 @@ def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[lis
     return prompt_ids, generate_with_model(loaded.model, prompt_ids, max_new_tokens, eos), tokenizer
 
 
-def _model_logits(loaded: registry.Loaded, window: int):
-    """The logits of a model read from a weight directory, its attention quantized by the frontend."""
+def _model_logits(loaded: registry.Loaded, window: int, counted: dict):
+    """The logits of a model read from a weight directory, its attention quantized by the frontend, feeding the
+    saturation ``counted``."""
     frontend = frontend_for(LoadedModel(loaded.model, loaded.tokenizer, "directory", "directory"), window)
-    if loaded.recipe is not None:
-        loaded.recipe.check_matches(geometry(frontend.attention_sites()))
-    return frontend.logits(loaded.recipe)
+    if loaded.recipe is None:
+        return frontend.logits()
+    loaded.recipe.check_matches(geometry(frontend.attention_sites()))
+    return frontend.counting_logits(frontend.apply(loaded.recipe)[0], counted)
+
+
+def _feeds(config: QuantConfig, sites: list[AttentionSite]) -> str:
+    """What calibration ranges are for, in words: "FAQuant q/k/v and C8 k/v at 2 attention sites"."""
+    attention = [name for name, on in (("FAQuant q/k/v", config.fa_quant), ("C8 k/v", config.kv_cache == "int8")) if on]
+    parts = [f"{' and '.join(attention)} at {len(sites)} attention sites"] if attention else []
+    return " and ".join(parts + (["the W8A8 Linears' inputs"] if config.w8a8 else []))
+
+
+def _warn(warnings: list[str], message: str | None) -> list[str]:
+    """Print ``message`` on stderr as one line, as the loaders' warnings are, and keep it in ``warnings``."""
+    if message is not None:
+        print(f"qpass: {message}", file=sys.stderr)
+        warnings.append(message)
+    return warnings
 
 
 def inspect_model(model: str | LoadedModel, window: int = 64) -> list[AttentionSite]:

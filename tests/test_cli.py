@@ -34,6 +34,13 @@ def test_compile_writes_program_recipe_and_report(compiled):
     assert report["passes"] == {"InsertFAQuantQDQPass": 6, "InsertKVCacheQDQPass": 4}
     assert set(report["sqnr_db"]["1"]) == {"q", "k", "v"}
     assert [s["num_kv_heads"] for s in report["sites"]] == [2, 2]
+    sat = report["saturation"]  # per site and kind, on the eval text and on the calibration text
+    assert sat["measured_on"] == "eval" and sat["tokens"] == 4 * 64
+    for table in (sat["measured"], sat["calibration"]):
+        assert set(table) == {"0", "1"} and all(set(kinds) == {"q", "k", "v"} for kinds in table.values())
+        assert all(0.0 <= f <= 1.0 for kinds in table.values() for f in kinds.values())
+    assert "saturation (values at the int8 limits), eval vs calibration:" in (compiled / "report.txt").read_text()
+    assert report["warnings"][0].startswith("calibration text: only 256 tokens")  # SMALL calibrates on 4 windows of 64
 
 
 def test_eval_of_a_truncated_program_is_one_line_exit_2(compiled, text_files, tmp_path, capsys):
@@ -53,7 +60,11 @@ def test_eval_reloads_and_reproduces_the_quantized_perplexity(compiled, text_fil
     capsys.readouterr()
     assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["ppl_quant"] == json.loads((compiled / "report.json").read_text())["eval"]["ppl_quant"]
+    report = json.loads((compiled / "report.json").read_text())
+    assert result["ppl_quant"] == report["eval"]["ppl_quant"]
+    # the same windows through the same program: the same saturation, against the recipe's calibration figures
+    assert result["saturation"]["measured"] == report["saturation"]["measured"]
+    assert result["saturation"]["calibration"] == report["saturation"]["calibration"]
 
 
 def test_recipe_reuse_gives_the_same_program(compiled, tiny_model_dir, text_files, tmp_path):
@@ -67,9 +78,9 @@ def test_recipe_reuse_gives_the_same_program(compiled, tiny_model_dir, text_file
 
 
 def test_same_compile_twice_gives_byte_identical_recipes(compiled, tiny_model_dir, text_files, tmp_path):
-    out = tmp_path / "twice"
+    out = tmp_path / "twice"  # with --eval, as `compiled`: without it a compile holds windows out of calibration
     assert main(["compile", str(tiny_model_dir), "--fa-quant", "--kv-int8", "--calib", str(text_files["calib"]),
-                 "-o", str(out), *SMALL]) == 0
+                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
     for name in ("recipe.json", "recipe.safetensors"):
         assert (out / "recipe" / name).read_bytes() == (compiled / "recipe" / name).read_bytes()
 

@@ -493,6 +493,8 @@ def test_cli_eval_and_run_on_exported_directory(exported, text_files, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["format"] == "mindie" and result["w8a8_linears"] == 14 and result["kv_cache"] == "int8"
     assert result == {**result, "fa_quant": True, "model_dtype": "float16"} and result["ppl_quant"] > 1
+    sat = result["saturation"]  # counted with the recipe read back from the directory, which has no calibration figures
+    assert sat["calibration"] == {} and set(sat["measured"]["0"]) == {"q", "k", "v"} and sat["tokens"] == result["tokens"]
     assert evaluate_saved(exported, text_files["prose"], 1)["ppl_quant"] == pytest.approx(result["ppl_quant"], rel=1e-9)
     assert main(["run", str(exported), "--prompt", "Hello there", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("Hello there")

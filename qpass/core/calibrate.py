@@ -16,7 +16,7 @@ from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
 from qpass.core.fallback import choose_float_linears, split_held_out
 from qpass.core.frontend import Frontend
-from qpass.core.int8 import sqnr_db
+from qpass.core.int8 import saturated, sqnr_db
 from qpass.core.observers import Observer
 from qpass.core.ranges import channel_qparams, linear_input_qparams
 from qpass.core.recipe import Recipe, geometry, linear_key, site_key, smooth_key
@@ -46,10 +46,11 @@ def attention_observers(sites: list[AttentionSite], config: QuantConfig, tokens:
 
 
 def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer], config: QuantConfig) -> tuple[dict, dict]:
-    """The recipe tensors of FAQuant (``[heads, head_dim]``) and C8 (``[kv_heads * head_dim]``), and per-site SQNR."""
-    tensors, sqnr, zero = {}, {}, {}
+    """The recipe tensors of FAQuant (``[heads, head_dim]``) and C8 (``[kv_heads * head_dim]``), and per-site SQNR
+    and saturation (the fraction of the kept sample at the int8 limits, :mod:`qpass.core.saturation`)."""
+    tensors, sqnr, zero, sat = {}, {}, {}, {}
     for site in sites:
-        per_site = {}
+        per_site, per_site_sat = {}, {}
         for kind in config.observed_kinds:
             obs = observers[getattr(site, kind)]
             zero_channels = int(((obs.min == 0) & (obs.max == 0)).sum())
@@ -68,8 +69,9 @@ def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer]
                 tensors[site_key(site.layer, f"kv_{kind}", "scale")] = scale.clone()
                 tensors[site_key(site.layer, f"kv_{kind}", "offset")] = offset.clone()
             per_site[kind] = round(sqnr_db(obs.sample(), scale, offset), 3)
-        sqnr[str(site.layer)] = per_site
-    return tensors, {"sqnr_db": sqnr, **({"zero_range_channels": zero} if zero else {})}
+            per_site_sat[kind] = float(saturated(obs.sample(), scale, offset, config.symmetric).float().mean())
+        sqnr[str(site.layer)], sat[str(site.layer)] = per_site, per_site_sat
+    return tensors, {"sqnr_db": sqnr, "saturation": sat, **({"zero_range_channels": zero} if zero else {})}
 
 
 def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: torch.Tensor, config: QuantConfig) -> Recipe:

@@ -11,6 +11,7 @@ import torch
 
 from qpass.core.observers import Observer
 from qpass.core.recipe import Recipe
+from qpass.core.saturation import SaturationCounter
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 
 Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, S] -> logits [B, S, vocab]
@@ -55,6 +56,11 @@ class Frontend(Protocol):
 
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         """The float model's logits function, or that of the model quantized as ``recipe`` says."""
+
+    @staticmethod
+    def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
+        """The logits function of ``quantized`` (what :meth:`apply` returns, or a saved one) that feeds the counter
+        keyed ``(layer, kind)`` the values the first int8 Quantize on that site's q/k/v receives, ``[tokens, channels]``."""
 
     def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
         """The float model's perplexity as its own framework computes it (the ground truth for ``logits()``)."""

@@ -1,4 +1,4 @@
-"""The one int8 formula: ranges to scale/offset, quantize, dequantize, and symmetric per-channel weights.
+"""The one int8 formula: ranges to scale/offset, quantize, dequantize, saturation, and symmetric per-channel weights.
 
 Asymmetric: ``scale = (max - min) / 255``, ``offset = round(-min / scale) - 128`` (range widened to
 include 0); symmetric: ``scale = max(|min|, |max|) / 127``, offset 0. Then
@@ -62,3 +62,11 @@ def sqnr_db(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> float
     if noise == 0:
         return float("inf")
     return float(10.0 * torch.log10(signal / noise))
+
+
+def saturated(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Where ``x``'s int8 code sits at a limit (clipped, or at the very end of the range), as a bool mask:
+    ``round(x / scale) + offset`` at or beyond -128 or 127 (asymmetric), -127 or 127 (symmetric, whose codes
+    are meant to stay within [-127, 127])."""
+    q = torch.round(x.float() / scale.float()) + offset.float()
+    return (q <= (-QMAX if symmetric else QMIN)) | (q >= QMAX)

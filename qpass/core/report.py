@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+from qpass.core.saturation import flagged_names
+
 
 def summary(report: dict) -> str:
     """A few lines for a terminal."""
@@ -27,12 +29,34 @@ def summary(report: dict) -> str:
         vals = [s[kind] for s in sq.values() if kind in s]
         if vals:
             lines.append(f"  SQNR {kind}: min {min(vals):.1f} dB, mean {sum(vals) / len(vals):.1f} dB")
+    lines.extend(saturation_lines(report.get("saturation")))
     zero = report.get("zero_range_channels")
     if zero:
         lines.append("  flagged: channels that were 0 throughout calibration (scale 1): " +
                      ", ".join(f"layer {layer} {kind} {n}" for layer, kinds in zero.items() for kind, n in kinds.items()))
+    lines.extend(f"  warning: {w}" for w in report.get("warnings", []))
     lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
     return "\n".join(lines)
+
+
+def saturation_lines(sat: dict | None) -> list[str]:
+    """Saturation per kind (max and mean over sites, measured and on the calibration text) and the flagged sites."""
+    if not sat:
+        return []
+    on = {"eval": "eval", "held_out": f"{sat['windows']} held-out calibration windows"}.get(sat["measured_on"])
+    lines = [f"  saturation (values at the int8 limits), {on + ' vs calibration' if on else 'calibration only'}:"]
+    for kind in ("q", "k", "v"):
+        parts = []
+        for name, table in (("", sat["measured"]), ("calibration ", sat["calibration"])):
+            vals = [s[kind] for s in table.values() if kind in s]
+            if vals:
+                parts.append(f"{name}max {max(vals):.3%} mean {sum(vals) / len(vals):.3%}")
+        if parts:
+            lines.append(f"    {kind}: " + "; ".join(parts))
+    flagged = flagged_names(sat)
+    if flagged:
+        lines.append(f"  flagged: saturation ({sat['rule']}): {', '.join(flagged)}")
+    return lines
 
 
 def w8a8_section(recipe) -> dict:

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 
 import torch
 
+from qpass.core.errors import QpassError
 from qpass.core.evaluate import batches
 from qpass.core.frontend import Logits
 from qpass.core.int8 import fake_quant, fake_quant_weight
 from qpass.core.observers import Observer
 from qpass.core.recipe import Recipe
+from qpass.core.saturation import SaturationCounter
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, capture, param_names
 from qpass.frontends.torch_export.decoder import compile_decoder
@@ -21,6 +23,7 @@ from qpass.frontends.torch_export.pipeline import quantize_program, smoothed_sta
 from qpass.models.loaders import LoadedModel, load_model
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
+from qpass.passes.fx.qdq import DEQUANTIZE, QUANTIZE
 
 
 class TorchExportFrontend:
@@ -79,6 +82,36 @@ class TorchExportFrontend:
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         return self.program.module() if recipe is None else self.apply(recipe, verify)[0].module()
 
+    @staticmethod
+    def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
+        """The logits function of ``quantized`` (an ``ExportedProgram`` as :meth:`apply` returns it, or as qpass's
+        directory holds it) that feeds the counter keyed ``(layer, kind)`` the values the first int8 Quantize
+        on that site's q/k/v receives, as ``[tokens, channels]`` (``c = h * D + d``). The sites are found on
+        the quantized graph (their q/k/v are then the Dequantize outputs attention reads); walking back
+        through the Quantize/Dequantize pairs gives the value before the first one (C8's, with FAQuant)."""
+        gm = quantized.module()
+        if not counters:
+            return gm
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for site in find_attention_sites(gm.graph):
+            for kind in ("q", "k", "v"):
+                counter = counters.get((site.layer, kind))
+                if counter is None:
+                    continue
+                value, first = nodes[getattr(site, kind)], None
+                while value.target is DEQUANTIZE and value.args[0].target is QUANTIZE:
+                    first = value.args[0]
+                    value = first.args[0]
+                if first is None:
+                    raise QpassError(f"saturation: {kind} of attention layer {site.layer} has no int8 Quantize in this program "
+                                     "although its recipe has scales for it; please report this model")
+                name = f"qpass_saturation_{site.layer}_{kind}"
+                gm.add_submodule(name, _Tap(counter, attention=True))
+                with gm.graph.inserting_after(value):
+                    gm.graph.call_module(name, (value,))
+        gm.recompile()
+        return gm
+
     def loss_sensitivity(self, recipe: Recipe, linears: list[LinearSite], windows: torch.Tensor) -> dict[str, float]:
         """Per Linear, ``sum over tokens (dL/dy . dy)^2``: the squared first-order change of each token's loss
         when that Linear alone runs W8A8 (``dy``), from one forward and one backward over ``windows``."""
@@ -133,10 +166,10 @@ class TorchExportFrontend:
 
 
 class _Tap(torch.nn.Module):
-    """Identity on a value; feeds it to an observer as ``[tokens, channels]`` (attention values
-    ``[B, H, S, D]`` with channel ``c = h * D + d``)."""
+    """Identity on a value; feeds it to an observer (or a saturation counter: anything with ``update``) as
+    ``[tokens, channels]`` (attention values ``[B, H, S, D]`` with channel ``c = h * D + d``)."""
 
-    def __init__(self, observer: Observer, attention: bool):
+    def __init__(self, observer: Observer | SaturationCounter, attention: bool):
         super().__init__()
         self.observer, self.attention = observer, attention
 
