@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from qpass.core.errors import QpassError
-from qpass.runtime import paged_attention_int8_reference, paged_prefill_attention_int8_reference, quantize_int8
+from qpass.runtime import (paged_attention_int8_dynamic_reference, paged_attention_int8_reference,
+                           paged_prefill_attention_int8_dynamic_reference, paged_prefill_attention_int8_reference,
+                           quantize_int8)
 from qpass.runtime.paged_attention import prefill_rows
 
-from paged_cases import make_case, rel_err
+from paged_cases import make_case, make_dynamic_case, rel_err
 
 CHILD = os.environ.get("QPASS_TRITON_INTERPRET_CHILD") == "1"
 in_child = pytest.mark.skipif(not CHILD, reason="runs in the interpreter child process")
@@ -136,6 +138,48 @@ def test_prefill_as_causal_rows():
 def test_max_context_len_sizes_the_grid():
     case = make_case(24, [600, 20], 4, 2, 64, 16, torch.float16)
     assert rel_err(run_triton(case, max_context_len=600), exact(case)) <= 1e-2
+
+
+@in_child
+@pytest.mark.parametrize("lens, heads, kv_heads, head_dim, block_size, dtype", [SHAPES[i] for i in (0, 2, 3, 5, 6)])
+def test_dynamic_cache_kernel_matches_reference(lens, heads, kv_heads, head_dim, block_size, dtype):
+    """KV_DYNAMIC: per-(token, kv head) scales beside the codes, one partition and several."""
+    case = make_dynamic_case(sum(lens) + heads, lens, heads, kv_heads, head_dim, block_size, dtype)
+    out = run_triton(case)
+    assert out.dtype == dtype and out.shape == case["query"].shape
+    assert rel_err(out, paged_attention_int8_dynamic_reference(**{**case, "query": case["query"].double()})) \
+        <= TOLERANCE[dtype]
+
+
+@in_child
+def test_dynamic_cache_prefill_as_causal_rows():
+    case = make_dynamic_case(27, [40, 530], 4, 2, 64, 16, torch.float16)
+    query = torch.randn(9, 4, 64, generator=torch.Generator().manual_seed(0)).half()
+    query_start_loc = torch.tensor([0, 4, 9], dtype=torch.int32)
+    rows, row_lens = prefill_rows(case["block_tables"], case["context_lens"], query_start_loc)
+    out = tpa.paged_attention_triton(query, case["key_cache"], case["value_cache"], rows, row_lens,
+                                     softmax_scale=case["softmax_scale"], k_scale_cache=case["k_scale_cache"],
+                                     v_scale_cache=case["v_scale_cache"])
+    ref = paged_prefill_attention_int8_dynamic_reference(**{**case, "query": query.double(),
+                                                            "query_start_loc": query_start_loc})
+    assert rel_err(out, ref) <= 1e-2
+
+
+BAD_DYNAMIC = [
+    ("one scale cache", lambda c: c.update(v_scale_cache=None), "both k_scale_cache and v_scale_cache"),
+    ("float16 scales", lambda c: c.update(k_scale_cache=c["k_scale_cache"].half()), "contiguous float32"),
+    ("float cache", lambda c: c.update(key_cache=c["key_cache"].half(), value_cache=c["value_cache"].half()),
+     "needs int8 caches"),
+]
+
+
+@in_child
+@pytest.mark.parametrize("name, change, message", BAD_DYNAMIC, ids=[b[0] for b in BAD_DYNAMIC])
+def test_wrapper_rejects_bad_dynamic_scales(name, change, message):
+    case = make_dynamic_case(28, [20, 5], 4, 2, 64, 16, torch.float16)
+    change(case)
+    with pytest.raises(QpassError, match=message):
+        run_triton(case)
 
 
 BAD = [

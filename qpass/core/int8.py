@@ -2,7 +2,9 @@
 
 Asymmetric: ``scale = (max - min) / 255``, ``offset = round(-min / scale) - 128`` (range widened to
 include 0); symmetric: ``scale = max(|min|, |max|) / 127``, offset 0. Then
-``q = clamp(round(x / scale) + offset, -128, 127)`` and ``x ~= (q - offset) * scale``.
+``q = clamp(round(x / scale) + offset, -128, 127)`` and ``x ~= (q - offset) * scale``. Dynamic (the
+``--kv-int8 dynamic`` cache): symmetric, with the range of each row of the last dim, computed when the
+value is quantized (no calibration).
 """
 
 import torch
@@ -39,6 +41,25 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
     """``(clamp(round(x / scale) + offset) - offset) * scale``: what int8 storage gives back."""
     q = torch.clamp(torch.round(x / scale) + offset, QMIN, QMAX)
     return (q - offset) * scale
+
+
+def dynamic_scale(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scale of each row of ``x``'s last dim, ``max|x| / 127`` (1 for a row of zeros), float32
+    ``[..., 1]``: per token and per head for K/V shaped ``[B, H_kv, S, D]`` or ``[tokens, H_kv, D]``."""
+    amax = x.detach().float().abs().amax(dim=-1, keepdim=True)
+    return affine_qparams(-amax, amax, symmetric=True)[0]
+
+
+def quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> ``(codes int8 [..., D], scale float32 [..., 1])``, symmetric per row (:func:`dynamic_scale`)."""
+    scale = dynamic_scale(x)
+    return quantize(x, scale, torch.zeros_like(scale)), scale
+
+
+def fake_quant_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """What the dynamic int8 cache gives back for ``x [..., D]``, in ``x``'s dtype."""
+    q, scale = quantize_dynamic(x)
+    return dequantize(q, scale, torch.zeros_like(scale), x.dtype)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

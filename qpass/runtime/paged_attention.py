@@ -1,6 +1,7 @@
 """Fused int8 paged attention ops (decode, prefill) registered with torch.library, with their
 dequantizing references (the ground truth) and the folded PyTorch path (the CPU backend). The FAQuant
-variant is in ``paged_attention_faquant.py``, the argument checks in ``paged_checks.py``.
+variant is in ``paged_attention_faquant.py``, the dynamic cache's (a scale per token and kv head) in
+``paged_attention_dynamic.py``, the argument checks in ``paged_checks.py``.
 
 The backend follows the query's device: ``cpu`` runs the folded PyTorch path below, ``cuda`` the
 Triton kernel (``triton_paged_attention.py``), ``npu`` the torch_npu lowering (``ascend.py``,
@@ -30,7 +31,7 @@ CHUNK_TOKENS = 2048
 # ---------------------------------------------------------------------------------------------
 
 
-def _gather_tokens(cache, table_row, start, end):
+def gather_tokens(cache, table_row, start, end):
     """Tokens ``start .. end - 1`` of one sequence, ``[end - start, num_kv_heads, head_dim]``, still int8;
     reads only the blocks that hold them."""
     block_size = cache.shape[1]
@@ -55,7 +56,7 @@ def prefill_rows(block_tables, context_lens, query_start_loc):
     return block_tables[seq], row_lens.to(torch.int32)
 
 
-def _sdpa(q, k, v, softmax_scale, q_positions):
+def causal_sdpa(q, k, v, softmax_scale, q_positions):
     """Plain attention for one sequence: q ``[q_len, num_heads, head_dim]``, k/v
     ``[context_len, num_kv_heads, head_dim]``, query ``i`` sees keys ``0 .. q_positions[i]``."""
     group = q.shape[1] // k.shape[1]
@@ -67,19 +68,24 @@ def _sdpa(q, k, v, softmax_scale, q_positions):
     return torch.einsum("hqk,khd->qhd", probs, v)
 
 
-def _folded_attention(q, key_cache, value_cache, table_row, context_len, q_positions, k_scale, k_offset,
-                      v_scale, v_offset, softmax_scale):
+def folded_attention(q, key_cache, value_cache, table_row, context_len, q_positions, k_scale, k_offset,
+                     v_scale, v_offset, softmax_scale, token_scales=None):
     """Folded int8 attention for one sequence, chunk by chunk with an online softmax.
 
     q: float32 ``[q_len, num_heads, head_dim]``; query ``i`` sees keys ``0 .. q_positions[i]``.
     Returns float32 ``[q_len, num_heads, head_dim]``. Only ``CHUNK_TOKENS`` keys are held in
-    float at a time, and they are the int8 codes, never dequantized.
+    float at a time, and they are the int8 codes, never dequantized. ``token_scales``: the dynamic
+    cache's ``(k_scale_cache, v_scale_cache)`` ``[num_blocks, block_size, num_kv_heads]`` in place of the
+    per-channel parameters (then None): a key's scale multiplies its scores, a value's its weights.
     """
     q_len, num_heads, head_dim = q.shape
     kv_heads = key_cache.shape[2]
     group = num_heads // kv_heads
     rows = q.view(q_len, kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, q_len * group, head_dim)
-    rows = rows * (k_scale * softmax_scale)[:, None, :]  # fold the K scale into Q
+    if token_scales is None:
+        rows = rows * (k_scale * softmax_scale)[:, None, :]  # fold the K scale into Q
+    else:
+        rows = rows * softmax_scale
     row_pos = q_positions.repeat_interleave(group)  # [q_len * group], rows ordered (token, head in group)
     m = torch.full(rows.shape[:2], float("-inf"), device=q.device)
     denom = torch.zeros(rows.shape[:2], device=q.device)
@@ -87,18 +93,24 @@ def _folded_attention(q, key_cache, value_cache, table_row, context_len, q_posit
     chunk = CHUNK_TOKENS - CHUNK_TOKENS % key_cache.shape[1]
     for start in range(0, context_len, chunk):
         end = min(context_len, start + chunk)
-        kq = _gather_tokens(key_cache, table_row, start, end).permute(1, 2, 0).float()  # [kv_heads, D, n]
-        vq = _gather_tokens(value_cache, table_row, start, end).permute(1, 0, 2).float()  # [kv_heads, n, D]
+        kq = gather_tokens(key_cache, table_row, start, end).permute(1, 2, 0).float()  # [kv_heads, D, n]
+        vq = gather_tokens(value_cache, table_row, start, end).permute(1, 0, 2).float()  # [kv_heads, n, D]
         scores = rows @ kq  # K offset term left out: constant per row, cancelled by softmax
+        if token_scales is not None:
+            k_scales, v_scales = (gather_tokens(t, table_row, start, end).T[:, None, :] for t in token_scales)
+            scores = scores * k_scales  # [kv_heads, 1, n]
         future = torch.arange(start, end, device=q.device)[None, :] > row_pos[:, None]
         scores.masked_fill_(future[None], float("-inf"))
         m_new = torch.maximum(m, scores.amax(dim=-1))
         alpha = torch.exp(m - m_new)
         p = torch.exp(scores - m_new[..., None])
         denom = denom * alpha + p.sum(dim=-1)
-        acc = acc * alpha[..., None] + p @ vq
+        acc = acc * alpha[..., None] + (p if token_scales is None else p * v_scales) @ vq
         m = m_new
-    out = (acc / denom[..., None] - v_offset[:, None, :]) * v_scale[:, None, :]  # fold V scale and offset
+    if token_scales is None:
+        out = (acc / denom[..., None] - v_offset[:, None, :]) * v_scale[:, None, :]  # fold V scale and offset
+    else:
+        out = acc / denom[..., None]
     return out.view(kv_heads, q_len, group, head_dim).permute(1, 0, 2, 3).reshape(q_len, num_heads, head_dim)
 
 
@@ -112,9 +124,9 @@ def paged_attention_int8_reference(query, key_cache, value_cache, block_tables, 
     """Ground truth for :func:`paged_attention_int8`: gathers and dequantizes each sequence, float64."""
     out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
     for i, n in enumerate(context_lens.tolist()):
-        k = dequantize_int8(_gather_tokens(key_cache, block_tables[i], 0, n), k_scale, k_offset, torch.float64)
-        v = dequantize_int8(_gather_tokens(value_cache, block_tables[i], 0, n), v_scale, v_offset, torch.float64)
-        out[i] = _sdpa(query[i : i + 1].double(), k, v, softmax_scale, torch.tensor([n - 1], device=query.device))[0]
+        k = dequantize_int8(gather_tokens(key_cache, block_tables[i], 0, n), k_scale, k_offset, torch.float64)
+        v = dequantize_int8(gather_tokens(value_cache, block_tables[i], 0, n), v_scale, v_offset, torch.float64)
+        out[i] = causal_sdpa(query[i : i + 1].double(), k, v, softmax_scale, torch.tensor([n - 1], device=query.device))[0]
     return out.to(query.dtype)
 
 
@@ -124,8 +136,8 @@ def paged_attention_int8_torch(query, key_cache, value_cache, block_tables, cont
     out = torch.empty_like(query)
     for i, n in enumerate(context_lens.tolist()):
         pos = torch.tensor([n - 1], device=query.device)
-        out[i] = _folded_attention(query[i : i + 1].float(), key_cache, value_cache, block_tables[i], n, pos,
-                                   k_scale, k_offset, v_scale, v_offset, softmax_scale)[0]
+        out[i] = folded_attention(query[i : i + 1].float(), key_cache, value_cache, block_tables[i], n, pos,
+                                  k_scale, k_offset, v_scale, v_offset, softmax_scale)[0]
     return out
 
 
@@ -185,10 +197,10 @@ def paged_prefill_attention_int8_reference(query, key_cache, value_cache, block_
     starts = query_start_loc.tolist()
     for i, n in enumerate(context_lens.tolist()):
         a, b = starts[i], starts[i + 1]
-        k = dequantize_int8(_gather_tokens(key_cache, block_tables[i], 0, n), k_scale, k_offset, torch.float64)
-        v = dequantize_int8(_gather_tokens(value_cache, block_tables[i], 0, n), v_scale, v_offset, torch.float64)
+        k = dequantize_int8(gather_tokens(key_cache, block_tables[i], 0, n), k_scale, k_offset, torch.float64)
+        v = dequantize_int8(gather_tokens(value_cache, block_tables[i], 0, n), v_scale, v_offset, torch.float64)
         pos = torch.arange(n - (b - a), n, device=query.device)
-        out[a:b] = _sdpa(query[a:b].double(), k, v, softmax_scale, pos)
+        out[a:b] = causal_sdpa(query[a:b].double(), k, v, softmax_scale, pos)
     return out.to(query.dtype)
 
 
@@ -202,8 +214,8 @@ def paged_prefill_attention_int8_torch(query, key_cache, value_cache, block_tabl
         if a == b:
             continue
         pos = torch.arange(n - (b - a), n, device=query.device)
-        out[a:b] = _folded_attention(query[a:b].float(), key_cache, value_cache, block_tables[i], n, pos,
-                                     k_scale, k_offset, v_scale, v_offset, softmax_scale)
+        out[a:b] = folded_attention(query[a:b].float(), key_cache, value_cache, block_tables[i], n, pos,
+                                    k_scale, k_offset, v_scale, v_offset, softmax_scale)
     return out
 
 

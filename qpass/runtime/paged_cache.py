@@ -1,15 +1,18 @@
 """Paged int8 KV cache: the cache tensors, a block allocator, per-sequence block tables, and the
-write op that quantizes new K/V (C8, per channel) and scatters them into their slots.
+write ops that quantize new K/V and scatter them into their slots: C8 (static, per channel) and the
+dynamic cache (a symmetric scale per token and kv head, computed as it is written).
 
 Layout, as in vLLM and MindIE: ``key_cache`` and ``value_cache`` are int8
-``[num_blocks, block_size, kv_heads, head_dim]``. Token ``i`` of a sequence lives in slot
-``block_table[i // block_size] * block_size + i % block_size``.
+``[num_blocks, block_size, kv_heads, head_dim]``; the dynamic cache's scales sit beside them in
+``k_scale_cache`` and ``v_scale_cache``, float32 ``[num_blocks, block_size, kv_heads]``. Token ``i`` of a
+sequence lives in slot ``block_table[i // block_size] * block_size + i % block_size``.
 """
 
 import torch
 
 from qpass.core.errors import QpassError
-from qpass.runtime.paged_checks import check_int8_caches
+from qpass.core.int8 import quantize_dynamic
+from qpass.runtime.paged_checks import check_int8_caches, check_scale_caches
 from qpass.runtime.quant_ops import quantize_int8
 
 
@@ -19,6 +22,12 @@ def allocate_kv_cache(
     """Zeroed ``(key_cache, value_cache)``, each ``[num_blocks, block_size, kv_heads, head_dim]``."""
     shape = (num_blocks, block_size, kv_heads, head_dim)
     return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+
+def allocate_kv_scale_cache(num_blocks: int, block_size: int, kv_heads: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed ``(k_scale_cache, v_scale_cache)`` of the dynamic cache, each float32 ``[num_blocks, block_size, kv_heads]``."""
+    shape = (num_blocks, block_size, kv_heads)
+    return torch.zeros(shape, dtype=torch.float32, device=device), torch.zeros(shape, dtype=torch.float32, device=device)
 
 
 class BlockAllocator:
@@ -105,6 +114,18 @@ class BlockTables:
 
 def check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, k_offset, v_scale, v_offset):
     """Shape and dtype checks of :func:`reshape_and_cache_int8`, raising :class:`QpassError`."""
+    _check_write(key, value, key_cache, value_cache, slot_mapping)
+    kv_heads, head_dim = key_cache.shape[2:]
+    for name, t in (("k_scale", k_scale), ("k_offset", k_offset), ("v_scale", v_scale), ("v_offset", v_offset)):
+        if t.shape != (kv_heads, head_dim) or t.dtype != torch.float32:
+            raise QpassError(
+                f"{name} is {t.dtype} {tuple(t.shape)}; C8 parameters must be float32 [kv_heads={kv_heads}, "
+                f"head_dim={head_dim}] (reshape a flat [kv_heads * head_dim] tensor)"
+            )
+
+
+def _check_write(key, value, key_cache, value_cache, slot_mapping):
+    """What both write ops need: int8 caches, K/V ``[num_tokens, kv_heads, head_dim]`` float, int64 slots."""
     check_int8_caches(key_cache, value_cache, "the int8 write op needs int8 caches (allocate_kv_cache(..., dtype=torch.int8))")
     kv_heads, head_dim = key_cache.shape[2:]
     if key.dim() != 3 or key.shape[1:] != (kv_heads, head_dim) or value.shape != key.shape:
@@ -119,12 +140,17 @@ def check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_s
             f"slot_mapping is {slot_mapping.dtype} {tuple(slot_mapping.shape)}; it must be int64 "
             f"[num_tokens={key.shape[0]}] (slot = block * block_size + offset, -1 to skip)"
         )
-    for name, t in (("k_scale", k_scale), ("k_offset", k_offset), ("v_scale", v_scale), ("v_offset", v_offset)):
-        if t.shape != (kv_heads, head_dim) or t.dtype != torch.float32:
-            raise QpassError(
-                f"{name} is {t.dtype} {tuple(t.shape)}; C8 parameters must be float32 [kv_heads={kv_heads}, "
-                f"head_dim={head_dim}] (reshape a flat [kv_heads * head_dim] tensor)"
-            )
+
+
+def _check_slots(slot_mapping, key_cache) -> int:
+    """The cache's number of slots, refusing a ``slot_mapping`` that points past it (reads the tensor)."""
+    num_slots = key_cache.shape[0] * key_cache.shape[1]
+    if slot_mapping.numel() and int(slot_mapping.max()) >= num_slots:
+        raise QpassError(
+            f"slot_mapping holds slot {int(slot_mapping.max())} but the cache has {num_slots} slots "
+            "(num_blocks * block_size); build slot_mapping from this cache's block tables"
+        )
+    return num_slots
 
 
 @torch.library.custom_op("qpass::reshape_and_cache_int8", mutates_args=("key_cache", "value_cache"))
@@ -148,12 +174,7 @@ def reshape_and_cache_int8(
     ``q = clamp(round(x / scale) + offset, -128, 127)``.
     """
     check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, k_offset, v_scale, v_offset)
-    num_slots = key_cache.shape[0] * key_cache.shape[1]
-    if slot_mapping.numel() and int(slot_mapping.max()) >= num_slots:
-        raise QpassError(
-            f"slot_mapping holds slot {int(slot_mapping.max())} but the cache has {num_slots} slots "
-            "(num_blocks * block_size); build slot_mapping from this cache's block tables"
-        )
+    num_slots = _check_slots(slot_mapping, key_cache)
     if key.device.type == "npu":
         import torch_npu
 
@@ -174,3 +195,43 @@ def reshape_and_cache_int8(
 @reshape_and_cache_int8.register_fake
 def _(key, value, key_cache, value_cache, slot_mapping, k_scale, k_offset, v_scale, v_offset):
     check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, k_offset, v_scale, v_offset)
+
+
+def _check_dynamic_write(key, value, key_cache, value_cache, slot_mapping, k_scale_cache, v_scale_cache):
+    _check_write(key, value, key_cache, value_cache, slot_mapping)
+    check_scale_caches(key_cache, k_scale_cache, v_scale_cache)
+
+
+@torch.library.custom_op("qpass::reshape_and_cache_int8_dynamic",
+                         mutates_args=("key_cache", "value_cache", "k_scale_cache", "v_scale_cache"))
+def reshape_and_cache_int8_dynamic(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale_cache: torch.Tensor,
+    v_scale_cache: torch.Tensor,
+) -> None:
+    """Quantize new K/V per token and kv head and write codes and scales into the dynamic cache, in place.
+
+    key, value: float ``[num_tokens, kv_heads, head_dim]``; each ``[head_dim]`` row gets
+    ``scale = max|x| / 127`` and ``q = round(x / scale)`` (:func:`qpass.core.int8.quantize_dynamic`).
+    key_cache, value_cache: int8 ``[num_blocks, block_size, kv_heads, head_dim]`` (mutated).
+    slot_mapping: int64 ``[num_tokens]``, ``block * block_size + offset``; ``-1`` skips the token.
+    k_scale_cache, v_scale_cache: float32 ``[num_blocks, block_size, kv_heads]`` (mutated).
+    Plain PyTorch on every device (no torch_npu kernel for this form).
+    """
+    _check_dynamic_write(key, value, key_cache, value_cache, slot_mapping, k_scale_cache, v_scale_cache)
+    num_slots = _check_slots(slot_mapping, key_cache)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    for x, cache, scales in ((key, key_cache, k_scale_cache), (value, value_cache, v_scale_cache)):
+        codes, scale = quantize_dynamic(x[keep])
+        cache.view(num_slots, *cache.shape[2:])[slots] = codes
+        scales.view(num_slots, scales.shape[2])[slots] = scale[..., 0]
+
+
+@reshape_and_cache_int8_dynamic.register_fake
+def _(key, value, key_cache, value_cache, slot_mapping, k_scale_cache, v_scale_cache):
+    _check_dynamic_write(key, value, key_cache, value_cache, slot_mapping, k_scale_cache, v_scale_cache)

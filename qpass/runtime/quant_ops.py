@@ -3,11 +3,14 @@
 The cache and every Q/DQ pair hold ``q = clamp(round(x / scale) + offset, -128, 127)`` and give back
 ``x ~= (q - offset) * scale``. ``scale`` and ``offset`` broadcast against ``x`` (for a ``[B, H, S, D]``
 tensor quantized per head and per dim they are shaped ``[H, 1, D]``).
+
+The dynamic cache (``--kv-int8 dynamic``) has one op, its round trip: each row of the last dim
+(per token and KV head of ``[B, H_kv, S, D]``) with its own symmetric scale, computed from the row.
 """
 
 import torch
 
-from qpass.core.int8 import dequantize, quantize
+from qpass.core.int8 import dequantize, fake_quant_dynamic, quantize
 
 
 @torch.library.custom_op("qpass::quantize_int8", mutates_args=())
@@ -32,3 +35,15 @@ def dequantize_int8(
 @dequantize_int8.register_fake
 def _(q, scale, offset, dtype):
     return torch.empty_like(q, dtype=dtype)
+
+
+@torch.library.custom_op("qpass::fake_quant_int8_dynamic", mutates_args=())
+def fake_quant_int8_dynamic(x: torch.Tensor) -> torch.Tensor:
+    """What the dynamic int8 cache stores and gives back for ``x [..., D]``: per row of the last dim,
+    ``scale = max|x| / 127``, ``round(x / scale) * scale``, in ``x``'s dtype."""
+    return fake_quant_dynamic(x)
+
+
+@fake_quant_int8_dynamic.register_fake
+def _(x):
+    return torch.empty_like(x)

@@ -7,8 +7,10 @@ With one partition the first kernel writes the output itself.
 
 int8 K/V are never dequantized: the per-channel K scale is folded into Q (the K offset term is
 constant per query and cancels in softmax) and the V scale and offset are applied once to the
-merged output. The same source with ``KV_INT8=False`` is a float16/bfloat16 paged kernel of the
-same design, used as the baseline in ``tools/bench_attention.py``.
+merged output. With ``KV_DYNAMIC`` (the dynamic cache: a scale per token and kv head beside the
+codes, ``[num_blocks, block_size, kv_heads]``) each key's scale multiplies its scores and each
+value's scale its softmax weight. The same source with neither is a float16/bfloat16
+paged kernel of the same design, used as the baseline in ``tools/bench_attention.py``.
 
 Setting ``TRITON_INTERPRET=1`` before this module is imported runs the kernels in Triton's
 interpreter, which accepts CPU tensors (that is how the tests check them without a GPU).
@@ -35,17 +37,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    k_scale_ptr, v_scale_ptr, v_offset_ptr,
+    k_scale_ptr, v_scale_ptr, v_offset_ptr, k_token_scale_ptr, v_token_scale_ptr,
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     qk_scale,  # softmax_scale * log2(e): scores are kept in base 2
     stride_q_row, stride_q_head,
     stride_kv_block, stride_kv_token, stride_kv_head,
+    stride_s_block, stride_s_token,  # of the dynamic cache's scales (contiguous over kv heads)
     stride_bt_row,
     stride_o_row, stride_o_head,
     num_partitions,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr, PARTITION: tl.constexpr, KV_INT8: tl.constexpr, DIRECT: tl.constexpr,
-    OPERAND_TY: tl.constexpr, DOT_TY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE: tl.constexpr, PARTITION: tl.constexpr, KV_INT8: tl.constexpr, KV_DYNAMIC: tl.constexpr,
+    DIRECT: tl.constexpr, OPERAND_TY: tl.constexpr, DOT_TY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -80,13 +83,22 @@ def _partition_kernel(
         kv_ptrs = kv_off[:, None] + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, TILE]
+        if KV_DYNAMIC:  # each key's scale multiplies its scores
+            s_ptrs = block * stride_s_block + (tokens % BLOCK_SIZE) * stride_s_token + kv_head
+            scores = scores * tl.load(k_token_scale_ptr + s_ptrs, mask=token_mask, other=0.0)[None, :]
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
-        acc = acc * alpha[:, None] + tl.dot(p.to(OPERAND_TY).to(DOT_TY), v, input_precision=DOT_PRECISION)
+        if KV_DYNAMIC:  # each value's scale weights its p, relative to the tile's largest (p * scale underflows float16)
+            v_s = tl.load(v_token_scale_ptr + s_ptrs, mask=token_mask, other=0.0)
+            v_max = tl.max(v_s, 0)  # > 0: a tile holds at least one token, and scales are positive
+            pv = tl.dot((p * (v_s / v_max)[None, :]).to(OPERAND_TY).to(DOT_TY), v, input_precision=DOT_PRECISION) * v_max
+        else:
+            pv = tl.dot(p.to(OPERAND_TY).to(DOT_TY), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     if DIRECT:
@@ -155,9 +167,9 @@ def _dot_types(out_dtype):
     return {"OPERAND_TY": operand, "DOT_TY": dot, "DOT_PRECISION": "ieee" if dot == tl.float32 else "tf32"}
 
 
-def _check(query, key_cache, value_cache, block_tables, context_lens, scales, out_dtype):
+def _check(query, key_cache, value_cache, block_tables, context_lens, scales, out_dtype, token_scales=None):
     """Shapes, dtypes and layouts the kernels support; raises :class:`QpassError`. Reads no data."""
-    kv_int8 = key_cache.dtype == torch.int8
+    kv_int8 = key_cache.dtype == torch.int8 and token_scales is None
     if query.dim() != 3 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise QpassError(
             f"query is {query.dtype} {tuple(query.shape)}; it must be float [num_rows, num_heads, head_dim]"
@@ -195,6 +207,12 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
                 raise QpassError(
                     f"{name} must be float32 [num_kv_heads={kv_heads}, head_dim={head_dim}] for an int8 cache"
                 )
+    if token_scales is not None:
+        if key_cache.dtype != torch.int8 or any(t is None or t.dtype != torch.float32 or not t.is_contiguous()
+                                                or t.shape != key_cache.shape[:3] for t in token_scales):
+            raise QpassError(f"the dynamic cache needs int8 caches and both k_scale_cache and v_scale_cache, contiguous "
+                             f"float32 [num_blocks, block_size, num_kv_heads={kv_heads}]")
+        scales = dict(zip(("k_scale_cache", "v_scale_cache"), token_scales))
     if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise QpassError("query, the caches and block_tables need a contiguous last dimension; call .contiguous()")
     tensors = [query, key_cache, value_cache, block_tables, context_lens]
@@ -208,14 +226,16 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
 def paged_attention_triton(
     query, key_cache, value_cache, block_tables, context_lens,
     k_scale=None, k_offset=None, v_scale=None, v_offset=None, *,
-    softmax_scale, out_dtype=None, max_context_len=None,
+    softmax_scale, out_dtype=None, max_context_len=None, k_scale_cache=None, v_scale_cache=None,
 ):
     """Launch the split-K paged decode kernels.
 
     query: ``[num_rows, num_heads, head_dim]`` float16/bfloat16/float32.
     key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, int8 (then
     k_scale, v_scale, v_offset float32 ``[num_kv_heads, head_dim]`` are used; k_offset is accepted
-    and not needed, softmax cancels it) or float16/bfloat16 (the baseline; scales ignored).
+    and not needed, softmax cancels it) or float16/bfloat16 (the baseline; scales ignored). The dynamic
+    cache passes ``k_scale_cache`` and ``v_scale_cache`` (float32 ``[num_blocks, block_size, num_kv_heads]``,
+    ``x ~= code * scale``) instead of the per-channel parameters.
     block_tables: int32 ``[num_rows, max_blocks_per_seq]``; context_lens: int32 ``[num_rows]``.
     max_context_len: an upper bound of context_lens (default ``max_blocks_per_seq * block_size``,
     which needs no device sync) that sizes the partition grid.
@@ -224,7 +244,9 @@ def paged_attention_triton(
     """
     out_dtype = out_dtype or query.dtype
     scales = {"k_scale": k_scale, "v_scale": v_scale, "v_offset": v_offset}
-    _check(query, key_cache, value_cache, block_tables, context_lens, scales, out_dtype)
+    dynamic = k_scale_cache is not None or v_scale_cache is not None
+    token_scales = (k_scale_cache, v_scale_cache) if dynamic else None
+    _check(query, key_cache, value_cache, block_tables, context_lens, scales, out_dtype, token_scales)
     num_rows, num_heads, head_dim = query.shape
     _, block_size, kv_heads, _ = key_cache.shape
     group = num_heads // kv_heads
@@ -241,21 +263,24 @@ def paged_attention_triton(
         part_sum = torch.empty_like(part_max)
         part_out = torch.empty((num_rows, num_heads, num_partitions, head_dim), dtype=torch.float32,
                                device=query.device)
-    kv_int8 = key_cache.dtype == torch.int8
+    kv_int8 = key_cache.dtype == torch.int8 and not dynamic  # per-channel scales folded into Q and the output
     if not kv_int8:
         k_scale = v_scale = v_offset = out  # unused pointers
+    if not dynamic:
+        k_scale_cache = v_scale_cache = out
     _partition_kernel[(num_rows, kv_heads, num_partitions)](
         query, key_cache, value_cache, block_tables, context_lens,
-        k_scale, v_scale, v_offset,
+        k_scale, v_scale, v_offset, k_scale_cache, v_scale_cache,
         out, part_out, part_max, part_sum,
         softmax_scale * math.log2(math.e),
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        block_size * kv_heads, kv_heads,
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         num_partitions,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE=TILE_TOKENS, PARTITION=PARTITION_TOKENS, KV_INT8=kv_int8, DIRECT=direct,
+        TILE=TILE_TOKENS, PARTITION=PARTITION_TOKENS, KV_INT8=kv_int8, KV_DYNAMIC=dynamic, DIRECT=direct,
         **_dot_types(out_dtype),
     )
     if not direct:
