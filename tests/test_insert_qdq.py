@@ -4,13 +4,17 @@ import pytest
 import torch
 
 from frontend_cases import calibrated
+from qpass.core.calibrate import attention_qparams
+from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
+from qpass.core.int8 import fake_quant_dynamic
+from qpass.core.recipe import Recipe, geometry
 from qpass.frontends.torch_export.pipeline import quantize_program
 from qpass.frontends.torch_export.program import graph_copy
 from qpass.models.tiny import tiny_model
 from qpass.passes.fx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.fx.insert_kv_cache_qdq import InsertKVCacheQDQPass
-from qpass.passes.fx.qdq import DEQUANTIZE, QUANTIZE
+from qpass.passes.fx.qdq import DEQUANTIZE, FAKE_QUANT_DYNAMIC, QUANTIZE
 from qpass.passes.fx.verify import VerificationError, verify_graph
 
 WINDOW = 32
@@ -109,4 +113,63 @@ def test_verifier_catches_a_quantize_without_dequantize():
     dq.replace_all_uses_with(dq.args[0].args[0])  # bypass the dequantize: int8 now unused
     gm.graph.erase_node(dq)
     with pytest.raises(VerificationError, match="not read back"):
+        verify_graph(gm)
+
+
+
+def _attention_with_dynamic_kv(module, query, key, value, *args, **kwargs):
+    """Hugging Face's SDPA attention with K and V (after RoPE, before GQA's repeat) through the dynamic formula."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, fake_quant_dynamic(key), fake_quant_dynamic(value), *args, **kwargs)
+
+
+def test_dynamic_cache_fake_quantizes_k_and_v_per_token_and_head_without_recipe_tensors():
+    from transformers import AttentionInterface
+
+    model = tiny_model("llama", num_layers=2)
+    ids = torch.randint(0, 256, (4, WINDOW))
+    fe, recipe = calibrated(model, ids, kv_cache="dynamic")
+    assert dict(recipe.tensors) == {}  # nothing to calibrate
+    sites = fe.attention_sites()
+    quantized, counts = quantize_program(fe.program, sites, recipe)
+    assert counts == {"InsertKVCacheQDQPass": 4}
+    nodes = quantized.graph.find_nodes(op="call_function", target=FAKE_QUANT_DYNAMIC)
+    assert sorted(n.args[0].name for n in nodes) == sorted(n for s in sites for n in (s.k, s.v))  # before GQA's repeat
+    assert not quantized.graph.find_nodes(op="call_function", target=QUANTIZE)
+    with torch.no_grad():
+        out = quantized.module()(ids[:2])
+        float_logits = fe.program.module()(ids[:2])
+        AttentionInterface.register("qpass_test_dynamic_kv", _attention_with_dynamic_kv)
+        model.set_attn_implementation("qpass_test_dynamic_kv")
+        expected = model(ids[:2]).logits  # the eager model, the formula applied where the cache stores K and V
+    assert not torch.equal(out, float_logits)
+    assert (out - expected).abs().max().item() < 1e-4
+
+
+def test_dynamic_cache_is_what_the_sweep_tool_builds_and_goes_with_w8a8():
+    """``QuantConfig(kv_cache="dynamic")`` through ``attention_qparams`` and ``frontend.logits(recipe)`` (as
+    tools/sweep_observers.py builds its recipes), and calibrated with W8A8, whose Linears it keeps."""
+    ids = torch.randint(0, 256, (8, WINDOW))
+    fe, w8a8 = calibrated(tiny_model("llama", num_layers=2), ids, kv_cache="dynamic", w8a8=True)
+    sites = fe.attention_sites()
+    assert set(w8a8.tensors) == {k for k in w8a8.tensors if k.startswith("w8a8.")} and w8a8.w8a8_linears()
+    config = QuantConfig(kv_cache="dynamic", window=WINDOW)
+    recipe = Recipe(config, geometry(sites), *attention_qparams(sites, {}, config))
+    with torch.no_grad():
+        ref, out = fe.logits()(ids[:2]), fe.logits(recipe)(ids[:2])
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())
+    assert 30 < sqnr < float("inf"), f"logits SQNR {sqnr:.1f} dB"
+    _, counts = quantize_program(fe.program, sites, w8a8)
+    assert counts["InsertKVCacheQDQPass"] == 4 and counts["InsertW8A8Pass"] == len(w8a8.w8a8_linears())
+
+
+def test_verifier_catches_a_dynamic_fake_quant_that_changes_the_dtype():
+    program, sites, recipe, _ = _setup("llama", kv_cache="dynamic")
+    gm = graph_copy(program)
+    InsertKVCacheQDQPass(sites, recipe)(gm)
+    verify_graph(gm)
+    node = gm.graph.find_nodes(op="call_function", target=FAKE_QUANT_DYNAMIC)[0]
+    node.meta["val"] = node.meta["val"].to(torch.float16)
+    with pytest.raises(VerificationError, match="dynamic fake quant"):
         verify_graph(gm)

@@ -11,14 +11,14 @@ from qpass.core.errors import QpassError
 from qpass.frontends.torch_export.capture import param_names
 from qpass.frontends.torch_export.decoder import (build_decoder, capture_decoder, decoder_layout, generate_lowered,
                                                   generate_reference)
-from qpass.frontends.torch_export.pipeline import lower_program, quantize_program, unlift_decoder
+from qpass.frontends.torch_export.pipeline import layer_caches, lower_program, quantize_program, unlift_decoder
 from qpass.models.tiny import tiny_model
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.fuse_quantized_attention import INT8_KV_ATTENTION, FuseQuantizedAttentionPass, verify_fused
 from qpass.passes.fx.lower_paged_attention import CACHE_WRITE, PAGED_ATTENTION, LowerPagedAttentionPass
 from qpass.passes.fx.patterns import FUSED_ATTENTION, SOFTMAX
 from qpass.passes.fx.qdq import QUANTIZE
-from qpass.runtime.paged_cache import BlockAllocator, BlockTables, allocate_kv_cache
+from qpass.runtime.paged_cache import BlockAllocator, BlockTables
 
 MODES = {"kv-int8": dict(kv_cache="int8"), "fa-quant": dict(fa_quant=True), "both": dict(fa_quant=True, kv_cache="int8")}
 QUANTIZE_LEFT = {"kv-int8": 0, "fa-quant": 1, "both": 3}  # per layer: Q's pair stays; with both, C8's round trip on K, V
@@ -78,7 +78,7 @@ def test_structure(decoder):
         assert read.args[1:3] == write.args[2:4]
     kv_heads = 4 if arch == "gpt2" else 2
     assert decoder_layout(lowered) == {"num_layers": 2, "block_size": 16, "num_kv_heads": kv_heads, "head_dim": 64,
-                                       "max_context": 128}
+                                       "max_context": 128, "kv_cache": "static"}
 
 
 @pytest.mark.parametrize("mode", ["kv-int8", "fa-quant", "both"])
@@ -113,10 +113,11 @@ def test_greedy_tokens_match_unlowered_program(decoder):
 
 
 def prefill(lowered, ids: torch.Tensor, block_size: int = 16):
-    """Logits of the lowered program for one prompt, and its caches."""
+    """Logits of the lowered program for one prompt, and its caches (each layer's int8 caches, then for the
+    dynamic cache their scale caches)."""
     layout = decoder_layout(lowered)
     num_blocks = -(-ids.shape[1] // block_size) + 1
-    caches = [allocate_kv_cache(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"])
+    caches = [layer_caches(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"], layout["kv_cache"] == "dynamic")
               for _ in range(layout["num_layers"])]
     tables = BlockTables(BlockAllocator(num_blocks), block_size)
     slots = tables.append_tokens(0, ids.shape[1])
@@ -216,7 +217,7 @@ def test_cli_run_generates_with_the_saved_decoder(compiled_dir, smollm2_tokenize
     out, result = compiled_dir
     assert (out / "decoder.pt2").is_file()
     assert result.report["decoder"] == {"file": "decoder.pt2", "num_layers": 2, "block_size": 16, "num_kv_heads": 2,
-                                        "head_dim": 64, "max_context": 512}
+                                        "head_dim": 64, "max_context": 512, "kv_cache": "static"}
     assert main(["run", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "6"]) == 0
     stdout, stderr = capsys.readouterr()
     prompt = smollm2_tokenizer("Once upon a time")["input_ids"]

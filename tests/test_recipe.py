@@ -94,7 +94,7 @@ def test_the_cli_options_are_the_config_fields():
     names = [name for name, _, _ in cli_options()]
     assert names == list(QuantConfig.__dataclass_fields__)
     flags = {name: (flag, kwargs) for name, flag, kwargs in cli_options()}
-    assert flags["kv_cache"][0] == "--kv-int8" and flags["kv_cache"][1]["const"] == "int8"
+    assert flags["kv_cache"][0] == "--kv-int8" and flags["kv_cache"][1]["const"] == "static"
     assert flags["act_method"][1]["choices"] == (1, 2, 3) and flags["act_method"][1]["default"] == 1
     assert flags["observer"][1]["default"] == QuantConfig.__dataclass_fields__["observer"].default
 

@@ -34,7 +34,8 @@ def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig) ->
     if config.w8a8:
         return _calibrate_w8a8(frontend, sites, windows, config)
     observers = attention_observers(sites, config, windows.numel())
-    frontend.observe(windows, observers, config.batch_size)
+    if observers:  # none for the dynamic cache alone: its scales are computed as it is written
+        frontend.observe(windows, observers, config.batch_size)
     tensors, stats = attention_qparams(sites, observers, config)
     return Recipe(config, geometry(sites), tensors, stats)
 

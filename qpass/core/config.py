@@ -4,11 +4,13 @@ Each field carries its command-line flag and help (``metadata``), so ``qpass com
 options, choices and defaults from here (:func:`cli_options`) instead of restating them.
 """
 
+import argparse
 import re
 from dataclasses import asdict, dataclass, field, fields
 
 OBSERVERS = ("minmax", "percentile", "mse")
-KV_CACHE = (None, "int8")
+KV_CACHE = (None, "int8", "dynamic")
+KV_FORMS = {"static": "int8", "dynamic": "dynamic"}  # --kv-int8 VALUE -> kv_cache (a bare --kv-int8 is static)
 ACT_METHODS = (1, 2, 3)
 ANTI_METHODS = (None, "m1", "m2", "m3", "m4")
 DISABLE_LEVEL = re.compile(r"L(0|[1-9][0-9]*)|auto")
@@ -19,14 +21,25 @@ def _opt(flag: str, help: str, **argparse_kwargs) -> dict:
     return {"flag": flag, "help": help, **argparse_kwargs}
 
 
+def _kv_form(value: str) -> str:
+    """``--kv-int8``'s value (``static`` or ``dynamic``) as ``QuantConfig.kv_cache``."""
+    if value not in KV_FORMS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not static or dynamic (a bare --kv-int8 is static; "
+                                         "give MODEL before --kv-int8)")
+    return KV_FORMS[value]
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """The quantization policy of one compile.
 
     fa_quant: FAQuant, Q, K and V after RoPE quantized per head and per dim (``[heads, head_dim]``);
         the KV cache is then int8 too.
-    kv_cache: ``"int8"`` for C8, K and V quantized per channel (``[kv_heads * head_dim]``) where they
-        are written to the cache; None keeps the cache in float.
+    kv_cache: ``"int8"`` for C8, K and V quantized per channel (``[kv_heads * head_dim]``, calibrated) where
+        they are written to the cache; ``"dynamic"`` for a cache whose K and V of each token and KV head get
+        their own symmetric scale (``max|x| / 127`` over head_dim) when they are written, stored beside the
+        int8 cache (vLLM's ``int8_per_token_head``; nothing to calibrate, not with FAQuant); None keeps the
+        cache in float.
     observer: how a calibration range is chosen: ``minmax``; ``percentile`` (clip at ``percentile``
         of |x| per channel); ``mse`` (clip range searched on a histogram to minimise the L2 error).
     symmetric: symmetric int8 (offset 0, [-127, 127]) instead of asymmetric.
@@ -46,7 +59,9 @@ class QuantConfig:
     fa_quant: bool = field(default=False, metadata=_opt(
         "--fa-quant", "FAQuant: Q, K, V int8 per head and dim (KV cache int8 too)"))
     kv_cache: str | None = field(default=None, metadata=_opt(
-        "--kv-int8", "C8: K and V int8 per channel where written to the cache", const="int8"))
+        "--kv-int8", "int8 KV cache: bare or `static`, C8 (K and V per channel where written to the cache, "
+        "calibrated); `dynamic`, a scale per token and KV head computed as the cache is written",
+        nargs="?", const="static", type=_kv_form, metavar="static|dynamic"))
     observer: str = field(default="mse", metadata=_opt(
         "--observer", "range choice (default mse: histogram search)", choices=OBSERVERS))
     symmetric: bool = field(default=False, metadata=_opt(
@@ -89,7 +104,12 @@ class QuantConfig:
             raise ValueError(f"anti_method={self.anti_method!r} / disable_level={self.disable_level!r} apply to W8A8 only; "
                              "set w8a8=True (--w8a8) or drop them")
         if self.kv_cache not in KV_CACHE:
-            raise ValueError(f"kv_cache={self.kv_cache!r} is not supported; use 'int8' or None")
+            raise ValueError(f"kv_cache={self.kv_cache!r} is not supported; use 'int8' (static, per channel), "
+                             "'dynamic' (per token and KV head) or None")
+        if self.fa_quant and self.kv_cache == "dynamic":
+            raise ValueError("fa_quant=True with kv_cache='dynamic' (--fa-quant --kv-int8 dynamic): FAQuant fixes the "
+                             "cache to static int8 with its calibrated K/V scales; use --fa-quant --kv-int8 (static), "
+                             "or drop --fa-quant")
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
@@ -103,7 +123,8 @@ class QuantConfig:
 
     @property
     def observed_kinds(self) -> tuple[str, ...]:
-        """The attention values calibration observes: q, k, v for FAQuant; k, v for C8 alone."""
+        """The attention values calibration observes: q, k, v for FAQuant; k, v for C8 alone; none for the
+        dynamic cache (its scales are computed as it is written)."""
         if self.fa_quant:
             return ("q", "k", "v")
         return ("k", "v") if self.kv_cache == "int8" else ()
@@ -117,9 +138,9 @@ def cli_options() -> list[tuple[str, str, dict]]:
         flag, kwargs = meta.pop("flag"), {"dest": f.name, "default": f.default, **meta}
         if f.type == "bool" or isinstance(f.default, bool):
             kwargs["action"] = "store_true"
-        elif "const" in kwargs:
+        elif "const" in kwargs and "nargs" not in kwargs:
             kwargs["action"] = "store_const"
-        else:
-            kwargs["type"] = type(f.default) if f.default is not None else str
+        else:  # a plain value, or an optional one (nargs="?": const when the flag comes alone)
+            kwargs.setdefault("type", type(f.default) if f.default is not None else str)
         out.append((f.name, flag, kwargs))
     return out

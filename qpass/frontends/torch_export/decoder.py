@@ -2,8 +2,8 @@
 
 The decoder program takes ``(input_ids [1, S], position_ids [1, S])`` with S dynamic, so one
 program serves prefill (S = prompt length) and decode (S = 1). Lowered, it also takes the per-layer
-int8 caches and the paging tensors (see ``passes/fx/lower_paged_attention.py``) and writes the new
-tokens' K/V into the caches in place.
+int8 caches (with their scale caches for ``--kv-int8 dynamic``) and the paging tensors (see
+``passes/fx/lower_paged_attention.py``) and writes the new tokens' K/V into the caches in place.
 """
 
 import torch
@@ -12,11 +12,12 @@ from torch.export import Dim, ExportedProgram
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe, geometry
 from qpass.frontends.torch_export.capture import param_names
-from qpass.frontends.torch_export.pipeline import BLOCK_SIZE, MAX_CONTEXT, decoder_inputs, lower_program, quantize_program
+from qpass.frontends.torch_export.pipeline import (BLOCK_SIZE, MAX_CONTEXT, decoder_inputs, layer_caches, lower_program,
+                                                  quantize_program)
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.lower_paged_attention import PAGING_INPUTS
 from qpass.runtime.paged_checks import HEAD_DIMS
-from qpass.runtime.paged_cache import BlockAllocator, BlockTables, allocate_kv_cache
+from qpass.runtime.paged_cache import BlockAllocator, BlockTables
 
 DECODER_FILE = "decoder.pt2"
 
@@ -76,7 +77,8 @@ def compile_decoder(model: torch.nn.Module, recipe: Recipe, verify: bool = True)
 
 
 def decoder_layout(program: ExportedProgram) -> dict:
-    """``num_layers``, ``block_size``, ``num_kv_heads``, ``head_dim``, ``max_context`` of a lowered program."""
+    """``num_layers``, ``block_size``, ``num_kv_heads``, ``head_dim``, ``max_context`` and ``kv_cache`` (``static``, or
+    ``dynamic`` when each layer also takes scale caches) of a lowered program."""
     names = list(program.graph_signature.user_inputs)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     key_caches = [n for n in names if n.startswith("key_cache_")]
@@ -86,12 +88,14 @@ def decoder_layout(program: ExportedProgram) -> dict:
     seq = placeholders["input_ids"].meta["val"].shape[1]
     max_context = int(program.range_constraints[seq.node.expr].upper) if isinstance(seq, torch.SymInt) else int(seq)
     return {"num_layers": len(key_caches), "block_size": int(block_size), "num_kv_heads": int(kv_heads),
-            "head_dim": int(head_dim), "max_context": max_context}
+            "head_dim": int(head_dim), "max_context": max_context,
+            "kv_cache": "dynamic" if any(n.startswith("key_scale_cache_") for n in names) else "static"}
 
 
 def generate_lowered(program: ExportedProgram, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
-    """Greedy decoding with the lowered program: prefill the prompt into a paged int8 cache, then feed
-    one new token per step. Returns the new token ids (stops early after ``eos_token_id``)."""
+    """Greedy decoding with the lowered program: prefill the prompt into a paged int8 cache (static or dynamic,
+    as the program takes it), then feed one new token per step. Returns the new token ids (stops early after
+    ``eos_token_id``)."""
     layout = decoder_layout(program)
     prompt = _prompt(prompt_ids)
     total = len(prompt) + max_new_tokens
@@ -100,7 +104,7 @@ def generate_lowered(program: ExportedProgram, prompt_ids, max_new_tokens: int, 
                          "tokens this program was lowered for; shorten the prompt or ask for fewer tokens")
     block_size = layout["block_size"]
     num_blocks = -(-total // block_size)
-    caches = [allocate_kv_cache(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"])
+    caches = [layer_caches(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"], layout["kv_cache"] == "dynamic")
               for _ in range(layout["num_layers"])]
     tables = BlockTables(BlockAllocator(num_blocks), block_size)
     module = program.module()

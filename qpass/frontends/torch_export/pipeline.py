@@ -2,10 +2,10 @@
 
     quantize (on the captured program, lifted):
       1. InsertFAQuantQDQPass      Q/DQ on q, k, v                      (--fa-quant)
-      2. InsertKVCacheQDQPass      Q/DQ on k, v as the cache stores them (--kv-int8)
+      2. InsertKVCacheQDQPass      Q/DQ on k, v as the cache stores them (--kv-int8 [static|dynamic])
       3. InsertW8A8Pass            aten.linear -> qpass::w8a8_linear     (--w8a8)
     lower (on the quantized decoder program, unlifted, for paged decoding):
-      4. FuseQuantizedAttentionPass   Q/DQ + attention -> qpass::int8_kv_attention (generic)
+      4. FuseQuantizedAttentionPass   Q/DQ + attention -> qpass::int8_kv_attention[_dynamic] (generic)
       5. LowerPagedAttentionPass      int8_kv_attention -> cache write + paged attention (backend)
 
 Every pass reports its ``count`` of rewrites; the graph is verified after each pass.
@@ -29,10 +29,10 @@ from qpass.passes.fx.fuse_quantized_attention import FuseQuantizedAttentionPass,
 from qpass.passes.fx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.fx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 from qpass.passes.fx.insert_w8a8 import InsertW8A8Pass
-from qpass.passes.fx.lower_paged_attention import PAGING_INPUTS, LowerPagedAttentionPass, verify_lowered
+from qpass.passes.fx.lower_paged_attention import CACHE_WRITE_DYNAMIC, PAGING_INPUTS, LowerPagedAttentionPass, verify_lowered
 from qpass.passes.fx.verify import verify_graph
 from qpass.runtime.paged_checks import BLOCK_SIZES, HEAD_DIMS
-from qpass.runtime.paged_cache import allocate_kv_cache
+from qpass.runtime.paged_cache import allocate_kv_cache, allocate_kv_scale_cache
 
 BLOCK_SIZE = 16
 MAX_CONTEXT = 2048  # the lowered program is checked causal, and accepts contexts, up to this many tokens
@@ -48,7 +48,7 @@ def quantize_passes(program: ExportedProgram, sites: list[AttentionSite], recipe
     passes = []
     if config.fa_quant:
         passes.append(InsertFAQuantQDQPass(sites, recipe))
-    if config.kv_cache == "int8":
+    if config.kv_cache is not None:
         passes.append(InsertKVCacheQDQPass(sites, recipe))
     if config.w8a8:
         linears = find_linear_sites(program.graph, param_names(program))
@@ -114,7 +114,8 @@ def lower_program(program: ExportedProgram, block_size: int = BLOCK_SIZE, max_co
     Runs passes 4-5 on the unlifted graph and re-exports it, so that the cache writes become input
     mutations of a valid, saveable ``ExportedProgram``. Its inputs: ``input_ids [1, S]``,
     ``position_ids [1, S]``, then per layer ``key_cache_<i>``, ``value_cache_<i>`` int8
-    ``[num_blocks, block_size, kv_heads, head_dim]``, then ``block_tables`` int32 ``[1, max_blocks]``,
+    ``[num_blocks, block_size, kv_heads, head_dim]`` (the dynamic cache: and ``key_scale_cache_<i>``,
+    ``value_scale_cache_<i>`` float32 ``[num_blocks, block_size, kv_heads]``), then ``block_tables`` int32 ``[1, max_blocks]``,
     ``context_lens`` int32 ``[1]``, ``slot_mapping`` int64 ``[S]``, ``query_start_loc`` int32 ``[2]``.
     """
     if block_size not in BLOCK_SIZES:
@@ -135,20 +136,29 @@ def lower_program(program: ExportedProgram, block_size: int = BLOCK_SIZE, max_co
         raise QpassError(f"lowering rewrote {fuse.count} and {lower.count} of {len(sites)} attention sites; please report this model")
     seq = Dim("seq", min=1, max=max_context)
     blocks, width = Dim("num_blocks", min=1), Dim("max_blocks", min=1, max=max(2, -(-max_context // block_size)))
-    example = decoder_inputs(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None],
-                             [allocate_kv_cache(4, block_size, s.num_kv_heads, s.head_dim) for s in sites],
+    dynamic = bool(gm.graph.find_nodes(op="call_function", target=CACHE_WRITE_DYNAMIC))
+    caches = [layer_caches(4, block_size, s.num_kv_heads, s.head_dim, dynamic) for s in sites]
+    example = decoder_inputs(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], caches,
                              torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([4], dtype=torch.int32),
                              torch.arange(4), torch.tensor([0, 4], dtype=torch.int32))
-    cache_dims = [{0: blocks}] * (2 * len(sites))
+    cache_dims = [{0: blocks}] * sum(len(c) for c in caches)
     dynamic = ({1: seq}, {1: seq}, *cache_dims, {1: width}, None, {0: seq}, None)
     with torch.no_grad():
         return torch.export.export(gm, example, dynamic_shapes=dynamic, strict=False)
 
 
+def layer_caches(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dynamic: bool) -> tuple:
+    """One layer's zeroed cache inputs, in the lowered decoder's order: the int8 caches, then (``dynamic``)
+    their scale caches."""
+    caches = allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim)
+    return (*caches, *allocate_kv_scale_cache(num_blocks, block_size, kv_heads)) if dynamic else caches
+
+
 def decoder_inputs(input_ids, position_ids, caches, block_tables, context_lens, slot_mapping, query_start_loc) -> tuple:
-    """The lowered decoder's positional inputs, in order (see :func:`lower_program`)."""
+    """The lowered decoder's positional inputs, in order (see :func:`lower_program`); ``caches``: each layer's
+    :func:`layer_caches`."""
     assert len(PAGING_INPUTS) == 4
-    return (input_ids, position_ids, *(t for pair in caches for t in pair), block_tables, context_lens, slot_mapping,
+    return (input_ids, position_ids, *(t for layer in caches for t in layer), block_tables, context_lens, slot_mapping,
             query_start_loc)
 
 

@@ -9,7 +9,12 @@ repeat and the attention (any spelling of :mod:`qpass.passes.fx.patterns`) becom
 
 with the scales of the Quantize that attention reads (the last one on K/V): with C8 alone the C8
 pair; with FAQuant alone the FAQuant pair; with both, the C8 round trip stays in front and the op
-stores FAQuant codes. Q's FAQuant pair stays as it is. The op is causal over the whole context, so
+stores FAQuant codes. Q's FAQuant pair stays as it is. K and V behind the dynamic cache's
+``fake_quant_int8_dynamic`` (``--kv-int8 dynamic``) become
+
+    int8_kv_attention_dynamic(q, k, v, softmax_scale)
+
+whose scales are computed from K and V as the cache is written. The op is causal over the whole context, so
 a site whose mask is anything else over ``max_context`` tokens (a sliding window smaller than that,
 a padding or bidirectional mask, ALiBi) is refused before anything is changed.
 """
@@ -23,10 +28,11 @@ from qpass.core.errors import QpassError
 from qpass.core.sites import AttentionSite
 from qpass.passes.fx.base import CountingPass
 from qpass.passes.fx.patterns import CHECKS, MATMUL, aten, match_attention
-from qpass.passes.fx.qdq import DEQUANTIZE, QUANTIZE
-from qpass.runtime import int8_attention  # noqa: F401  (registers torch.ops.qpass.int8_kv_attention)
+from qpass.passes.fx.qdq import DEQUANTIZE, FAKE_QUANT_DYNAMIC, QUANTIZE
+from qpass.runtime import int8_attention  # noqa: F401  (registers torch.ops.qpass.int8_kv_attention*)
 
 INT8_KV_ATTENTION = torch.ops.qpass.int8_kv_attention.default
+INT8_KV_ATTENTION_DYNAMIC = torch.ops.qpass.int8_kv_attention_dynamic.default
 SCORE_CASTS = {aten.to.dtype, aten._to_copy.default}
 
 
@@ -52,8 +58,11 @@ class FuseQuantizedAttentionPass(CountingPass):
         for plan in plans:
             output = plan["output"]
             with graph.inserting_before(output):
-                scales = [graph.call_function(per_channel, (plan[n],)) for n in ("k_scale", "k_offset", "v_scale", "v_offset")]
-                fused = graph.call_function(INT8_KV_ATTENTION, (plan["q"], plan["k"], plan["v"], *scales, float(plan["scale"])))
+                if plan["dynamic"]:
+                    fused = graph.call_function(INT8_KV_ATTENTION_DYNAMIC, (plan["q"], plan["k"], plan["v"], float(plan["scale"])))
+                else:
+                    scales = [graph.call_function(per_channel, (plan[n],)) for n in ("k_scale", "k_offset", "v_scale", "v_offset")]
+                    fused = graph.call_function(INT8_KV_ATTENTION, (plan["q"], plan["k"], plan["v"], *scales, float(plan["scale"])))
             fused.meta["nn_module_stack"] = dict(output.meta.get("nn_module_stack", {}))
             output.replace_all_uses_with(fused)
         erase_dead(graph)
@@ -62,7 +71,7 @@ class FuseQuantizedAttentionPass(CountingPass):
 
 def verify_fused(gm: GraphModule) -> None:
     """Invariants that hold before, between and after the lowering stages: the graph lints, and every
-    ``int8_kv_attention`` reads float32 constant scales."""
+    ``int8_kv_attention`` reads float32 constant scales (``int8_kv_attention_dynamic`` reads none)."""
     gm.graph.lint()
     for node in gm.graph.find_nodes(op="call_function", target=INT8_KV_ATTENTION):
         for param in node.args[3:7]:
@@ -80,8 +89,16 @@ def per_channel(t: torch.Tensor) -> torch.Tensor:
 def _plan(site: AttentionSite, nodes: dict[str, Node]) -> dict:
     attention = nodes[site.attention]
     plan = {"q": nodes[site.q], "attention": attention, "where": f"attention {attention.name} (layer {site.layer})"}
+    forms = {nodes[getattr(site, kind)].target is FAKE_QUANT_DYNAMIC for kind in ("k", "v")}
+    if len(forms) > 1:
+        raise QpassError(f"{plan['where']}: one of K and V has the dynamic cache's fake quant and the other not; "
+                         "quantize both with one --kv-int8 form")
+    plan["dynamic"] = forms == {True}
     for kind in ("k", "v"):
         dq = nodes[getattr(site, kind)]
+        if plan["dynamic"]:
+            plan[kind] = dq.args[0]
+            continue
         quant = dq.args[0] if dq.target is DEQUANTIZE else None
         if not (isinstance(quant, Node) and quant.target is QUANTIZE):
             raise QpassError(

@@ -1,4 +1,5 @@
-"""The mechanism the Q/DQ passes share: put ``dequantize(quantize(x))`` after a node of an exported graph."""
+"""The mechanism the Q/DQ passes share: put ``dequantize(quantize(x))`` after a node of an exported graph, or
+the dynamic cache's round trip ``fake_quant_int8_dynamic(x)`` (scales from ``x`` itself, no constants)."""
 
 import torch
 from torch.fx import GraphModule, Node
@@ -7,6 +8,7 @@ from qpass.runtime import quant_ops  # noqa: F401  (registers torch.ops.qpass.*)
 
 QUANTIZE = torch.ops.qpass.quantize_int8.default
 DEQUANTIZE = torch.ops.qpass.dequantize_int8.default
+FAKE_QUANT_DYNAMIC = torch.ops.qpass.fake_quant_int8_dynamic.default
 
 
 def insert_qdq(gm: GraphModule, node: Node, scale: torch.Tensor, offset: torch.Tensor, name: str) -> Node:
@@ -41,6 +43,22 @@ def insert_qdq(gm: GraphModule, node: Node, scale: torch.Tensor, offset: torch.T
     for user in users:
         user.replace_input_with(node, dq)
     return dq
+
+
+def insert_dynamic_fake_quant(gm: GraphModule, node: Node) -> Node:
+    """Replace every use of ``node`` (``[B, H_kv, S, D]``) by ``fake_quant_int8_dynamic(node)``: int8 with a
+    symmetric scale per token and kv head, as the dynamic cache stores it."""
+    val, graph = node.meta["val"], gm.graph
+    users = list(node.users)
+    with graph.inserting_after(node):
+        fq = graph.call_function(FAKE_QUANT_DYNAMIC, (node,))
+    with val.fake_mode:
+        fq.meta["val"] = torch.empty_like(val)
+    fq.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
+    fq.meta["stack_trace"] = node.meta.get("stack_trace")
+    for user in users:
+        user.replace_input_with(node, fq)
+    return fq
 
 
 def per_head(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:

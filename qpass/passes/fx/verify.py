@@ -3,7 +3,7 @@
 import torch
 from torch.fx import GraphModule
 
-from qpass.passes.fx.qdq import DEQUANTIZE, QUANTIZE
+from qpass.passes.fx.qdq import DEQUANTIZE, FAKE_QUANT_DYNAMIC, QUANTIZE
 from qpass.passes.fx.patterns import W8A8_LINEAR
 
 
@@ -14,9 +14,14 @@ class VerificationError(AssertionError):
 
 def verify_graph(gm: GraphModule) -> None:
     """``graph.lint()``; every Quantize is followed by Dequantize with the same float32 scale/offset,
-    both constants that broadcast against the quantized value; every W8A8 Linear is well formed."""
+    both constants that broadcast against the quantized value; every dynamic fake quant keeps its input's
+    ``[B, H_kv, S, D]`` float shape and dtype; every W8A8 Linear is well formed."""
     gm.graph.lint()
     verify_w8a8(gm)
+    for node in gm.graph.find_nodes(op="call_function", target=FAKE_QUANT_DYNAMIC):
+        x, out = node.args[0].meta.get("val"), node.meta.get("val")
+        if x is None or out is None or x.dim() != 4 or not x.is_floating_point() or (out.shape, out.dtype) != (x.shape, x.dtype):
+            raise VerificationError(f"{node.name}: the dynamic fake quant does not map a float [B, H_kv, S, D] value to its own shape and dtype")
     for node in gm.graph.nodes:
         if node.target is not QUANTIZE:
             continue
