@@ -11,6 +11,7 @@ import sys
 from qpass.core.config import EVAL_WINDOWS, QuantConfig, cli_options
 from qpass.core.errors import QpassError
 from qpass.exporters import NAMES as FORMATS
+from qpass.exporters.mindie_format import dynamic_kv_refusal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +87,8 @@ def cmd_compile(args) -> int:
         if any(asked) and asked != (recipe.config.fa_quant, recipe.config.kv_cache, recipe.config.w8a8):
             raise QpassError(f"--recipe {args.recipe}: calibrated for fa_quant={recipe.config.fa_quant}, kv_cache={recipe.config.kv_cache}, "
                              f"w8a8={recipe.config.w8a8}; drop --fa-quant/--kv-int8/--w8a8 to use it as it is, or recalibrate")
+        if args.format != "qpass" and recipe.config.kv_cache == "dynamic":
+            raise QpassError(dynamic_kv_refusal(args.format))
         config = recipe.config
     else:
         try:
@@ -109,6 +112,8 @@ def check_format_args(args) -> None:
         if args.dtype:
             raise QpassError(f"--dtype {args.dtype}: only --format mindie / vllm-ascend have a model dtype; add one or drop --dtype")
         return
+    if args.kv_cache == "dynamic":
+        raise QpassError(dynamic_kv_refusal(args.format))
     if args.format == "vllm-ascend" and args.fa_quant:
         raise QpassError("--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
                          "on MLA models, and never together with C8; drop --fa-quant, or write --format mindie")

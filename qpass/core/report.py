@@ -11,7 +11,8 @@ def summary(report: dict) -> str:
     lines = [f"qpass: {report['model']['name']}: {len(report['sites'])} attention sites, "
              f"{report['model']['num_heads']} heads / {report['model']['num_kv_heads']} kv heads, head_dim {report['model']['head_dim']}"]
     cfg = report["config"]
-    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), ("C8 int8 KV cache", cfg["kv_cache"] == "int8"), ("W8A8", cfg.get("w8a8"))) if on]
+    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), ("C8 int8 KV cache", cfg["kv_cache"] == "int8"),
+                             ("dynamic int8 KV cache (per token and kv head)", cfg["kv_cache"] == "dynamic"), ("W8A8", cfg.get("w8a8"))) if on]
     lines.append(f"  quantized: {' + '.join(modes)}; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}")
     w = report.get("w8a8")
     if w:
@@ -96,8 +97,10 @@ def plot_sqnr(report: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend()
-    else:  # W8A8 alone: no q/k/v is quantized
-        ax.text(0.5, 0.5, "no attention quantization (--fa-quant / --kv-int8) in this compile",
+    else:  # W8A8 alone: no q/k/v is quantized; the dynamic cache: no q/k/v has a calibrated scale
+        dynamic = report["config"].get("kv_cache") == "dynamic"
+        ax.text(0.5, 0.5, "the dynamic KV cache's scales are computed as it is written: none calibrated" if dynamic
+                else "no attention quantization (--fa-quant / --kv-int8) in this compile",
                 ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})

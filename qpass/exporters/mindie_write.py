@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_KINDS, FAQUANT, FLOAT,
-                                          W8A8, WEIGHTS_FILE)
+                                          W8A8, WEIGHTS_FILE, dynamic_kv_refusal)
 from qpass.runtime.w8a8 import w8a8_weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,6 +32,8 @@ def check_target(recipe: Recipe, target: str) -> None:
     """Refuse what ``target``'s loader cannot run, with the way out."""
     if target not in TARGETS:
         raise QpassError(f"--format {target}: the MindIE weight directory has the targets {', '.join(TARGETS)}")
+    if recipe.config.kv_cache == "dynamic":
+        raise QpassError(dynamic_kv_refusal(target))
     if target != "vllm-ascend":
         return
     if recipe.config.fa_quant:
