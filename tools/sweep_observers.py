@@ -1,9 +1,12 @@
-"""Perplexity increase of C8 and FAQuant on SmolLM2 for each observer, on prose and on code.
+"""Perplexity increase of C8, FAQuant and the dynamic cache on SmolLM2, per range method and domain pair.
 
-Calibrates once (observers keep their statistics), then evaluates every (observer, mode, text)
-combination against the float program on the same windows. Prints one row per combination.
+Each domain pair (``qpass.core.corpus.domain_pairs``: the standard split, docstrings only -> source,
+source -> docstrings, one package -> another) is calibrated once (observers keep their statistics and
+each window's extremes), then every (range method, mode) is evaluated against the float program on the
+same windows of the pair's evaluation text. Prints one row per combination and a markdown table.
 
-    python tools/sweep_observers.py [--calib-samples 64] [--eval-windows 32] [--observers minmax,mse] [--symmetric]
+    python tools/sweep_observers.py [--pairs all] [--observers minmax,mse,extreme] [--modes C8,FAQuant]
+                                    [--symmetric] [--calib-samples 64] [--eval-windows 32]
 """
 
 import argparse
@@ -21,39 +24,65 @@ from qpass.core.observers import Observer
 from qpass.core.recipe import Recipe, geometry
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 
+MODES = {"C8": dict(fa_quant=False, kv_cache="int8"), "FAQuant": dict(fa_quant=True, kv_cache=None),
+         "dynamic": dict(fa_quant=False, kv_cache="dynamic")}
+
+
+def observe_pair(fe, samples: list[str], base: QuantConfig) -> dict[str, Observer]:
+    """Observers of every site's q, k and v over the pair's calibration windows."""
+    calib = token_windows(fe.tokenizer, samples, base.window, base.calib_samples, "calib")
+    stride = max(1, calib.numel() // SAMPLE_TOKENS)
+    observers = {getattr(s, kind): Observer(stride, SAMPLE_TOKENS, base.window)
+                 for s in fe.attention_sites() for kind in ("q", "k", "v")}
+    start = time.perf_counter()
+    fe.observe(calib, observers, base.batch_size)
+    print(f"  calibration: {calib.shape[0]} windows, {calib.numel()} tokens, {time.perf_counter() - start:.1f}s", flush=True)
+    return observers
+
+
+def increase(fe, observers, config: QuantConfig, ids: torch.Tensor, ppl_float: float) -> float:
+    """Perplexity increase (percent) of ``config``'s recipe from ``observers`` on ``ids``."""
+    sites = fe.attention_sites()
+    tensors, stats = attention_qparams(sites, observers, config) if config.observed_kinds else ({}, {})
+    ppl = perplexity(fe.logits(Recipe(config, geometry(sites), tensors, stats)), ids, config.batch_size, "quantized")
+    return 100.0 * (ppl / ppl_float - 1.0)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--pairs", default="all", help="comma-separated pair names, or all")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--observers", default="minmax,percentile,mse")
+    parser.add_argument("--observers", default="minmax,mse,extreme")
+    parser.add_argument("--modes", default="C8,FAQuant", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--symmetric", action="store_true", help="symmetric int8 (offset 0), as vllm-ascend and ONNX Runtime's GQA need")
     args = parser.parse_args()
     torch.manual_seed(0)
     fe = TorchExportFrontend.load(args.model, args.window)
-    base = QuantConfig(fa_quant=True, kv_cache="int8", window=args.window, calib_samples=args.calib_samples,
-                       symmetric=args.symmetric)
-    sites = fe.attention_sites()
-    calib = token_windows(fe.tokenizer, corpus.calibration_samples(), args.window, args.calib_samples, "calib")
-    stride = max(1, calib.numel() // 4096)
-    observers = {getattr(s, kind): Observer(stride, SAMPLE_TOKENS) for s in sites for kind in ("q", "k", "v")}
-    start = time.perf_counter()
-    fe.observe(calib, observers, base.batch_size)
-    print(f"calibration forward: {time.perf_counter() - start:.1f}s over {calib.numel()} tokens")
-    texts = {"prose": corpus.eval_prose(), "code": corpus.eval_code()}
-    float_module = fe.logits()
-    for text_name, text in texts.items():
+    base = QuantConfig(kv_cache="int8", window=args.window, calib_samples=args.calib_samples, symmetric=args.symmetric)
+    pairs = corpus.domain_pairs()
+    names = list(pairs) if args.pairs == "all" else args.pairs.split(",")
+    float_module, table = fe.logits(), {}
+    for name in names:
+        samples, text = pairs[name]
+        print(f"{name}:", flush=True)
+        observers = observe_pair(fe, samples, base)
         ids = token_windows(fe.tokenizer, [text], args.window, args.eval_windows, "eval")
         ppl_float = perplexity(float_module, ids, base.batch_size, "float")
-        print(f"{text_name}: {ids.numel()} tokens, float ppl {ppl_float:.4f}")
-        for method in args.observers.split(","):
-            for mode, cfg in (("C8", dict(fa_quant=False)), ("FAQuant", dict(kv_cache=None)), ("both", {})):
-                config = dataclasses.replace(base, observer=method, **cfg)
-                recipe = Recipe(config, geometry(sites), *attention_qparams(sites, observers, config))
-                ppl = perplexity(fe.logits(recipe), ids, base.batch_size, mode)
-                print(f"  {text_name:5} {method:10} {mode:8} ppl {ppl:.4f}  {100 * (ppl / ppl_float - 1):+.3f}%", flush=True)
+        print(f"  eval: {ids.numel()} tokens, float ppl {ppl_float:.4f}", flush=True)
+        for mode in args.modes.split(","):
+            for method in args.observers.split(",") if mode != "dynamic" else ["-"]:
+                config = dataclasses.replace(base, **MODES[mode], **({"observer": method} if method != "-" else {}))
+                pct = increase(fe, observers, config, ids, ppl_float)
+                table[name, mode, method] = pct
+                print(f"  {name:20} {mode:8} {method:10} {pct:+.3f}%", flush=True)
+    columns = sorted({(mode, method) for _, mode, method in table}, key=lambda c: list(table).index((names[0], *c)))
+    print("\n| pair | " + " | ".join(f"{mode} {method}" for mode, method in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{table[name, mode, method]:+.3f}%" for mode, method in columns) + " |")
 
 
 if __name__ == "__main__":

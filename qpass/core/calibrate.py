@@ -43,7 +43,7 @@ def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig) ->
 def attention_observers(sites: list[AttentionSite], config: QuantConfig, tokens: int) -> dict[str, Observer]:
     """One observer per site value that ``config`` quantizes, keyed by the value's name in the IR."""
     stride = max(1, tokens // SAMPLE_TOKENS)
-    return {getattr(s, kind): Observer(stride, SAMPLE_TOKENS) for s in sites for kind in config.observed_kinds}
+    return {getattr(s, kind): Observer(stride, SAMPLE_TOKENS, config.window) for s in sites for kind in config.observed_kinds}
 
 
 def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer], config: QuantConfig) -> tuple[dict, dict]:

@@ -8,7 +8,7 @@ import argparse
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "percentile", "mse", "extreme")
 KV_CACHE = (None, "int8", "dynamic")
 KV_FORMS = {"static": "int8", "dynamic": "dynamic"}  # --kv-int8 VALUE -> kv_cache (a bare --kv-int8 is static)
 ACT_METHODS = (1, 2, 3)

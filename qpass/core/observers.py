@@ -4,8 +4,10 @@ A frontend flattens each observed value to ``x [tokens, C]`` (attention values `
 channel ``c = h * D + d``, so one observer serves FAQuant ``[heads, head_dim]`` and C8
 ``[kv_heads * head_dim]``; a Linear's input ``[..., C]`` as it is) and calls :meth:`Observer.update`.
 The observer keeps per-channel min / max / sum|x|, the whole tensor's first two moments, and every
-``stride``-th token up to ``max_tokens`` (cheap during the forward); ranges are chosen at the end from
-these (:mod:`qpass.core.ranges`). Two observers of the same value merge (:meth:`Observer.merge`), so
+``stride``-th token up to ``max_tokens`` (cheap during the forward) and, given ``window``, each
+calibration window's per-channel min and max (how the extremes vary from window to window says how
+far they may reach on text the calibration did not see); ranges are chosen at the end from these
+(:mod:`qpass.core.ranges`). Two observers of the same value merge (:meth:`Observer.merge`), so
 statistics gathered in pieces (layer by layer, batch by batch) give the same result.
 """
 
@@ -15,10 +17,14 @@ from qpass.core.errors import QpassError
 
 
 class Observer:
-    """Statistics of one ``[tokens, C]`` value; keeps every ``stride``-th token of each update, at most ``max_tokens``."""
+    """Statistics of one ``[tokens, C]`` value; keeps every ``stride``-th token of each update, at most ``max_tokens``,
+    and with ``window``, the per-channel min and max of every ``window`` consecutive tokens (updates must
+    then hold whole windows, as the frontends' ``[B, S, ...]`` values flattened batch-major do)."""
 
-    def __init__(self, stride: int = 1, max_tokens: int = 2048):
-        self.stride, self.max_tokens = stride, max_tokens
+    def __init__(self, stride: int = 1, max_tokens: int = 2048, window: int | None = None):
+        self.stride, self.max_tokens, self.window = stride, max_tokens, window
+        self.window_min: list[torch.Tensor] = []  # [windows, C] blocks, in update order
+        self.window_max: list[torch.Tensor] = []
         self.min: torch.Tensor | None = None  # [C]
         self.max: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None  # float64 [C]
@@ -30,7 +36,16 @@ class Observer:
     def update(self, x: torch.Tensor) -> None:
         """Add the tokens of ``x [tokens, C]``."""
         x = x.detach().float()
-        lo, hi, a = x.amin(0), x.amax(0), x.abs().sum(0, dtype=torch.float64)
+        if self.window is None:
+            lo, hi = x.amin(0), x.amax(0)
+        else:
+            if x.shape[0] % self.window:
+                raise ValueError(f"an update of {x.shape[0]} tokens is not whole windows of {self.window}")
+            per_window = x.view(-1, self.window, x.shape[1])
+            self.window_min.append(per_window.amin(1))
+            self.window_max.append(per_window.amax(1))
+            lo, hi = self.window_min[-1].amin(0), self.window_max[-1].amax(0)
+        a = x.abs().sum(0, dtype=torch.float64)
         self._combine(lo, hi, a, x.shape[0], float(x.sum(dtype=torch.float64)), float(x.pow(2).sum(dtype=torch.float64)))
         self._keep(x[:: self.stride])
 
@@ -40,6 +55,8 @@ class Observer:
             return
         self._combine(other.min, other.max, other.abs_sum, other.count, other.total, other.total_sq)
         self._keep(other.sample())
+        self.window_min += other.window_min
+        self.window_max += other.window_max
 
     def _combine(self, lo, hi, abs_sum, count, total, total_sq) -> None:
         if self.min is None:
@@ -74,6 +91,14 @@ class Observer:
         """The kept tokens, ``[tokens, C]``."""
         self._check()
         return self.buffer[: self.kept] if self.buffer is not None else torch.empty(0, self.min.numel())
+
+    def window_extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each window's per-channel ``(min, max)``, ``[windows, C]`` each (empty without ``window``)."""
+        self._check()
+        if not self.window_min:
+            empty = torch.empty(0, self.min.numel())
+            return empty, empty
+        return torch.cat(self.window_min), torch.cat(self.window_max)
 
     @property
     def absmax(self) -> torch.Tensor:
