@@ -13,7 +13,9 @@ def summary(report: dict) -> str:
     cfg = report["config"]
     modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), ("C8 int8 KV cache", cfg["kv_cache"] == "int8"),
                              ("dynamic int8 KV cache (per token and kv head)", cfg["kv_cache"] == "dynamic"), ("W8A8", cfg.get("w8a8"))) if on]
-    lines.append(f"  quantized: {' + '.join(modes)}; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}")
+    static = cfg["fa_quant"] or cfg["kv_cache"] == "int8"  # the observer and symmetry apply to static scales only
+    lines.append(f"  quantized: {' + '.join(modes)}" + (f"; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}"
+                                                        if static else ""))
     w = report.get("w8a8")
     if w:
         lines.append(f"  W8A8: {w['quantized']} of {w['linears']} Linears int8 (act-method {w['act_method']}, "
