@@ -17,14 +17,12 @@ def perplexity(logits_fn, windows: torch.Tensor, batch_size: int, desc: str = "e
     return math.exp(float(window_nll(logits_fn, windows, batch_size, desc).mean()))
 
 
-def window_nll(logits_fn, windows: torch.Tensor, batch_size: int, desc: str = "eval", parts: int = 1) -> torch.Tensor:
-    """The mean next-token NLL of each of ``windows [N, W]``, float64 ``[N]``; with ``parts`` > 1, of each of
-    ``parts`` consecutive chunks of every window's W - 1 predicted tokens, float64 ``[N * parts]`` in text order."""
+def window_nll(logits_fn, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
+    """The mean next-token NLL of each of ``windows [N, W]``, float64 ``[N]``."""
     out = []
     with torch.no_grad():
         for batch in batches(windows, batch_size, desc):
             logits = logits_fn(batch)
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-            per_token = nll.double().view(batch.shape[0], -1)
-            out.append(torch.stack([c.mean(1) for c in per_token.tensor_split(parts, dim=1)], 1).reshape(-1))
+            out.append(nll.double().view(batch.shape[0], -1).mean(1))
     return torch.cat(out)

@@ -5,20 +5,10 @@ loss sensitivity, the first-order loss change of each Linear's W8A8 error from o
 when the frontend can take gradients; and by the output SQNR of their W8A8 form on the sample),
 keeps the ranking that does better with 10% of the Linears float, and binary-searches the fewest
 float Linears that keep the perplexity increase on held-out calibration windows within
-``max_ppl_increase``. The increase is measured on a sample of text, so the search holds its
-one-sided 95% upper bound to the limit, not the point estimate: text the calibration never saw lands
-within the limit too (SmolLM2: held-out +1.89% gave +2.11% on prose and +2.6% on code).
-
-The bound's samples are the NLL differences of chunks of about ``CHUNK_TOKENS`` tokens of the held-out
-windows, not of whole windows, with Student's t for the SD estimated from them. A small calibration
-file holds out only a few windows (14 windows: 3), and an SD from 3 samples swings: on SmolLM2 the
-per-window bound put 68 float Linears (estimate +0.21%) at +1.38% and 59 (estimate +1.66%) at +3.26%
-(docs/benchmarks.md). Chunks are sound samples only where the differences of one window's chunks are
-close to independent, i.e. the design effect (variance of window means over chunk variance / chunks
-per window, ``tools/bench_w8a8_small.py`` prints it for unseen text) is near 1; then the chunk bound is
-as wide as a per-window bound with the exact SD, without its noise. Well above 1, chunks of one window
-move together and the chunk bound is too narrow. The per-window bound stays in the search log
-(``upper_95_windows_pct``).
+``max_ppl_increase``. The increase is measured on a sample of windows, so the search holds its
+one-sided 95% upper bound (over the per-window NLL differences) to the limit, not the point
+estimate: text the calibration never saw lands within the limit too (SmolLM2: held-out +1.89% gave
++2.11% on prose and +2.6% on code).
 """
 
 import math
@@ -34,7 +24,6 @@ from qpass.core.sites import LinearSite
 
 MAX_HELD_OUT = 16            # calibration windows held out for the `auto` perplexity search, at most
 UPPER_Z = 1.645              # one-sided 95% normal quantile for the bound on the perplexity increase
-CHUNK_TOKENS = 128           # the bound's samples: NLL differences of chunks of about this many tokens
 FALLBACK_SHARE = 0.10        # `auto` first tries this share of the Linears in float, then searches below or above
 
 
@@ -53,26 +42,12 @@ def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Te
     return windows[:-held], windows[-held:]
 
 
-def chunks_per_window(window: int) -> int:
-    """How many chunks of about ``CHUNK_TOKENS`` tokens the W - 1 predicted tokens of a window make (at least 1)."""
-    return max(1, round((window - 1) / CHUNK_TOKENS))
-
-
-def t_quantile(df: int) -> float:
-    """One-sided 95% quantile of Student's t with ``df`` degrees of freedom (Cornish-Fisher from ``UPPER_Z``:
-    2.31 against the exact 2.35 at df 3, within 0.5% from df 5 on, 1.795 at df 11), as the bound's SD is
-    itself estimated from the sample."""
-    z = UPPER_Z
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
 def increase_bound(diff: torch.Tensor) -> tuple[float, float]:
-    """``(perplexity increase %, its one-sided 95% upper bound %)`` from NLL differences ``diff [N]`` (quantized
-    minus float, equal-length chunks); Student's t bound over the N samples; the bound is the estimate when N < 2."""
+    """``(perplexity increase %, its one-sided 95% upper bound %)`` from per-window NLL differences
+    ``diff [N]`` (quantized minus float, equal-length windows); the bound is the estimate when N < 2."""
     mean = float(diff.mean())
-    n = diff.numel()
-    margin = t_quantile(n - 1) * float(diff.std()) / math.sqrt(n) if n > 1 else 0.0
-    return (math.exp(mean) - 1.0) * 100.0, (math.exp(mean + margin) - 1.0) * 100.0
+    se = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
+    return (math.exp(mean) - 1.0) * 100.0, (math.exp(mean + UPPER_Z * se) - 1.0) * 100.0
 
 
 def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.Tensor | None,
@@ -95,18 +70,16 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
         return {s.module: f"{level}: activation range max|x|/std = {stats['range_ratio'][s.module]:.1f}, "
                           f"rank {i + 1} of {n_all}" for i, s in enumerate(ranked)}, []
     target = config.max_ppl_increase
-    parts = chunks_per_window(held.shape[1])
-    nll_float = window_nll(logits(None, verify=False), held, config.batch_size, "fallback float", parts)
+    nll_float = window_nll(logits(None, verify=False), held, config.batch_size, "fallback float")
     ppl_float = math.exp(float(nll_float.mean()))
     log, estimates = [], {}
 
     def measure(names: list[str], label: str) -> float:
         trial = recipe.replace(w8a8={**recipe.w8a8, "float_linears": {n: "trial" for n in names}})
-        diff = window_nll(logits(trial, verify=False), held, config.batch_size, f"fallback {label}", parts) - nll_float
+        diff = window_nll(logits(trial, verify=False), held, config.batch_size, f"fallback {label}") - nll_float
         inc, upper = increase_bound(diff)
-        per_window = increase_bound(diff.view(-1, parts).mean(1))[1]  # the bound over whole windows, for the record
         log.append({"ranking": label.split(" ")[0], "float_linears": len(names), "ppl_increase_pct": round(inc, 4),
-                    "upper_95_pct": round(upper, 4), "upper_95_windows_pct": round(per_window, 4)})
+                    "upper_95_pct": round(upper, 4)})
         estimates[label] = inc
         return upper
 
@@ -153,4 +126,4 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
                         f"{k} float Linears keep held-out perplexity at {estimates[f'{best} {k}' if k else 'none 0']:+.2f}%, 95% upper bound "
                         f"{tried[k]:+.2f}% ({reached} {target}%)"
               for i, s in enumerate(ranked[:k])}
-    return floats, [{"held_out_windows": int(held.shape[0]), "samples": int(nll_float.numel()), "ppl_float": ppl_float}, *log]
+    return floats, [{"held_out_windows": int(held.shape[0]), "ppl_float": ppl_float}, *log]
