@@ -30,6 +30,8 @@ def test_compile_matches_the_model_and_stays_within_target(smollm2, mode, limit_
     result = qpass.compile(smollm2, config, calib=corpus.calibration_samples(), eval=eval_path, eval_windows=8)
     ev = result.report["eval"]
     assert abs(ev["ppl_float"] / ev["ppl_reference"] - 1) * 100 <= 0.01
-    assert abs(ev["ppl_increase_pct"]) <= limit_pct, ev
+    # the target is an increase; 2,048 tokens of evaluation move perplexity by about 0.2% either way (measured:
+    # extreme C8 -0.20%, mse FAQuant -0.29%), so a decrease is held only to twice the target
+    assert -2 * limit_pct <= ev["ppl_increase_pct"] <= limit_pct, ev
     sqnr = result.report["sqnr_db"]
     assert min(sqnr[str(layer)]["k"] for layer in range(30)) > 30
