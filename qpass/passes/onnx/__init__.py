@@ -1,0 +1,1 @@
+"""onnx-ir passes over ONNX graphs."""
