@@ -193,6 +193,22 @@ def test_prefill_rejects_bad_query_start_loc(starts, message):
         paged_prefill_attention_int8(**case)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("starts", [torch.tensor([0, 2, 7], dtype=torch.int64), torch.tensor([0, 7], dtype=torch.int32)],
+                         ids=["int64", "one-seq-short"])
+def test_prefill_ops_refuse_a_query_start_loc_of_the_wrong_layout(starts, dynamic):
+    """The static and the dynamic prefill op share one layout check (paged_checks.check_query_start_loc_layout)."""
+    from paged_cases import make_dynamic_case
+    from qpass.runtime.paged_attention_dynamic import paged_prefill_attention_int8_dynamic
+
+    case = (make_dynamic_case if dynamic else prefill_case)(11, [5, 40], **({} if dynamic else {"query_lens": [2, 5]}))
+    case["query"] = torch.randn(7, *case["query"].shape[1:])
+    case["query_start_loc"] = starts
+    op = paged_prefill_attention_int8_dynamic if dynamic else paged_prefill_attention_int8
+    with pytest.raises(QpassError, match=r"query_start_loc is torch\.int(32|64) \((3|2),\); it must be int32 \[num_seqs \+ 1 = 3\]"):
+        op(**case)
+
+
 def test_faquant_rejects_float_query():
     case = make_case(12, [4])
     q = case.pop("query")

@@ -19,7 +19,7 @@ import torch
 
 from qpass.core.errors import QpassError
 from qpass.runtime.paged_checks import (check_cache_args, check_context_lens, check_decode, check_query,
-                                        check_query_start_loc)
+                                        check_query_start_loc, check_query_start_loc_layout)
 from qpass.runtime.quant_ops import dequantize_int8
 
 # Keys the folded PyTorch path handles at once; bounds its memory at long contexts.
@@ -224,13 +224,9 @@ def _check_prefill(query, key_cache, value_cache, block_tables, context_lens, qu
     check_query(query, None, num_rows_name="num_tokens")
     scales = {"k_scale": k_scale, "k_offset": k_offset, "v_scale": v_scale, "v_offset": v_offset}
     check_cache_args(query.shape[1], query.shape[2], key_cache, value_cache, block_tables, context_lens, scales)
-    if query_start_loc.dtype != torch.int32 or query_start_loc.shape != (block_tables.shape[0] + 1,):
-        raise QpassError(
-            f"query_start_loc is {query_start_loc.dtype} {tuple(query_start_loc.shape)}; it must be int32 "
-            f"[num_seqs + 1 = {block_tables.shape[0] + 1}]"
-        )
-    if query.device != key_cache.device or query_start_loc.device != key_cache.device:
-        raise QpassError("query, query_start_loc and the cache must be on one device")
+    check_query_start_loc_layout(query_start_loc, block_tables.shape[0], key_cache.device)
+    if query.device != key_cache.device:
+        raise QpassError(f"query is on {query.device} but the cache on {key_cache.device}; put them on one device")
 
 
 @torch.library.custom_op("qpass::paged_prefill_attention_int8", mutates_args=())

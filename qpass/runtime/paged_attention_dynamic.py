@@ -15,7 +15,7 @@ from qpass.core.errors import QpassError
 from qpass.core.int8 import dequantize
 from qpass.runtime.paged_attention import causal_sdpa, folded_attention, gather_tokens, prefill_rows
 from qpass.runtime.paged_checks import (check_cache_args, check_context_lens, check_query, check_query_start_loc,
-                                        check_scale_caches)
+                                        check_query_start_loc_layout, check_scale_caches)
 
 
 def _dequantized(cache, scale_cache, table_row, n):
@@ -137,13 +137,7 @@ def _check_prefill(query, key_cache, value_cache, block_tables, context_lens, qu
                    v_scale_cache):
     check_query(query, None, num_rows_name="num_tokens")
     _check(query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, v_scale_cache)
-    if query_start_loc.dtype != torch.int32 or query_start_loc.shape != (block_tables.shape[0] + 1,):
-        raise QpassError(
-            f"query_start_loc is {query_start_loc.dtype} {tuple(query_start_loc.shape)}; it must be int32 "
-            f"[num_seqs + 1 = {block_tables.shape[0] + 1}]"
-        )
-    if query_start_loc.device != key_cache.device:
-        raise QpassError("query, query_start_loc and the cache must be on one device")
+    check_query_start_loc_layout(query_start_loc, block_tables.shape[0], key_cache.device)
 
 
 @torch.library.custom_op("qpass::paged_prefill_attention_int8_dynamic", mutates_args=())

@@ -118,15 +118,22 @@ def check_context_lens(context_lens, block_tables, block_size, num_blocks):
         )
 
 
-def check_query_start_loc(query_start_loc, num_tokens, context_lens):
-    """``query_start_loc`` int32 ``[num_seqs + 1]``: 0, cumulative query lengths, ``num_tokens``;
-    each sequence's query length at most its context length. Reads the tensors."""
-    num_seqs = context_lens.shape[0]
+def check_query_start_loc_layout(query_start_loc, num_seqs, device) -> None:
+    """``query_start_loc`` int32 ``[num_seqs + 1]`` on ``device`` (the cache's): the prefill ops' shape check,
+    which their fake implementations run too."""
     if query_start_loc.dtype != torch.int32 or query_start_loc.shape != (num_seqs + 1,):
         raise QpassError(
             f"query_start_loc is {query_start_loc.dtype} {tuple(query_start_loc.shape)}; it must be int32 "
             f"[num_seqs + 1 = {num_seqs + 1}]"
         )
+    if query_start_loc.device != device:
+        raise QpassError(f"query_start_loc is on {query_start_loc.device} but the cache on {device}; put them on one device")
+
+
+def check_query_start_loc(query_start_loc, num_tokens, context_lens):
+    """``query_start_loc`` int32 ``[num_seqs + 1]``: 0, cumulative query lengths, ``num_tokens``;
+    each sequence's query length at most its context length. Reads the tensors."""
+    check_query_start_loc_layout(query_start_loc, context_lens.shape[0], context_lens.device)
     starts = query_start_loc.tolist()
     if starts[0] != 0 or starts[-1] != num_tokens or any(b < a for a, b in zip(starts, starts[1:])):
         raise QpassError(
