@@ -47,3 +47,22 @@ def make_dynamic_case(seed, context_lens, num_heads=8, kv_heads=2, head_dim=128,
     case["k_scale_cache"] = torch.rand(shape, generator=g) * 0.05 + 0.002
     case["v_scale_cache"] = torch.rand(shape, generator=g) * 0.05 + 0.002
     return case
+
+
+def fused_decoder(reference, fused_op, max_context=128):
+    """Stage 1 of the lowering on ``reference``'s unlifted decoder (two attention layers): one ``fused_op`` per
+    site, computing what the Q/DQ program computes on 37 tokens. Returns the fused ``GraphModule``, ready for
+    ``LowerPagedAttentionPass``."""
+    from qpass.frontends.torch_export.pipeline import unlift_decoder
+    from qpass.passes.fx.find_attention_sites import find_attention_sites
+    from qpass.passes.fx.fuse_quantized_attention import FuseQuantizedAttentionPass
+
+    gm = unlift_decoder(reference)
+    fuse = FuseQuantizedAttentionPass(find_attention_sites(gm.graph), max_context)
+    assert fuse(gm).modified and fuse.count == 2
+    assert len(gm.graph.find_nodes(op="call_function", target=fused_op)) == 2
+    ids = torch.randint(0, 256, (1, 37))
+    with torch.no_grad():
+        expected = reference.module()(ids, torch.arange(37)[None])
+        assert (gm(ids, torch.arange(37)[None]) - expected).abs().max().item() < 1e-4
+    return gm

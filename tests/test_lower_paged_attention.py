@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from frontend_cases import calibrated
+from paged_cases import fused_decoder
 from qpass.cli import main
 from qpass.core.errors import QpassError
 from qpass.frontends.torch_export.capture import param_names
 from qpass.frontends.torch_export.decoder import (build_decoder, capture_decoder, decoder_layout, generate_lowered,
                                                   generate_reference)
-from qpass.frontends.torch_export.pipeline import layer_caches, lower_program, quantize_program, unlift_decoder
+from qpass.frontends.torch_export.pipeline import layer_caches, lower_program, quantize_program
 from qpass.models.tiny import tiny_model
 from qpass.passes.fx.find_attention_sites import find_attention_sites
-from qpass.passes.fx.fuse_quantized_attention import INT8_KV_ATTENTION, FuseQuantizedAttentionPass, verify_fused
+from qpass.passes.fx.fuse_quantized_attention import INT8_KV_ATTENTION, verify_fused
 from qpass.passes.fx.lower_paged_attention import CACHE_WRITE, PAGED_ATTENTION, LowerPagedAttentionPass
 from qpass.passes.fx.patterns import FUSED_ATTENTION, SOFTMAX
 from qpass.passes.fx.qdq import QUANTIZE
@@ -87,16 +88,9 @@ def test_lowering_goes_through_the_generic_op_first(mode):
     program computes; stage 2 alone turns each into a cache write and a paged attention."""
     model = tiny("llama", num_layers=2)
     reference, _ = build_decoder(model, recipe_for(model, mode), max_context=128)
-    gm = unlift_decoder(reference)
-    fuse = FuseQuantizedAttentionPass(find_attention_sites(gm.graph), 128)
-    assert fuse(gm).modified and fuse.count == 2
+    gm = fused_decoder(reference, INT8_KV_ATTENTION)
     verify_fused(gm)
-    assert len(gm.graph.find_nodes(op="call_function", target=INT8_KV_ATTENTION)) == 2
     assert not [n for n in gm.graph.nodes if n.target in FUSED_ATTENTION or n.target in SOFTMAX]
-    ids = torch.randint(0, 256, (1, 37))
-    with torch.no_grad():
-        expected = reference.module()(ids, torch.arange(37)[None])
-        assert (gm(ids, torch.arange(37)[None]) - expected).abs().max().item() < 1e-4
     lower = LowerPagedAttentionPass()
     assert lower(gm).modified and lower.count == 2
     assert len(gm.graph.find_nodes(op="call_function", target=CACHE_WRITE)) == 2

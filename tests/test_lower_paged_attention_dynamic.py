@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from frontend_cases import calibrated
+from paged_cases import fused_decoder
 from qpass.core.errors import QpassError
 from qpass.core.int8 import quantize_dynamic
 from qpass.frontends.torch_export.decoder import build_decoder, decoder_layout, generate_lowered, generate_reference
@@ -54,15 +55,8 @@ def test_lowered_decoder_writes_scale_caches_and_matches_greedy_tokens(arch, con
 def test_lowering_goes_through_the_generic_dynamic_op():
     model = tiny("llama")
     reference, _ = build_decoder(model, dynamic_recipe(model), max_context=128)
-    gm = unlift_decoder(reference)
-    fuse = FuseQuantizedAttentionPass(find_attention_sites(gm.graph), 128)
-    assert fuse(gm).modified and fuse.count == 2
-    assert len(gm.graph.find_nodes(op="call_function", target=INT8_KV_ATTENTION_DYNAMIC)) == 2
+    gm = fused_decoder(reference, INT8_KV_ATTENTION_DYNAMIC)
     assert not gm.graph.find_nodes(op="call_function", target=FAKE_QUANT_DYNAMIC)
-    ids = torch.randint(0, 256, (1, 37))
-    with torch.no_grad():
-        expected = reference.module()(ids, torch.arange(37)[None])
-        assert (gm(ids, torch.arange(37)[None]) - expected).abs().max().item() < 1e-4
     lower = LowerPagedAttentionPass()
     assert lower(gm).modified and lower.count == 2
     assert len(gm.graph.find_nodes(op="call_function", target=CACHE_WRITE_DYNAMIC)) == 2
