@@ -1,0 +1,1 @@
+"""The ONNX frontend: ONNX decoders loaded with onnx-ir, rewritten by its passes, run in ONNX Runtime."""

@@ -1,0 +1,143 @@
+"""The ONNX frontend: a decoder exported to ONNX, loaded with onnx-ir and run in ONNX Runtime.
+
+It implements :class:`qpass.core.frontend.Frontend` for FAQuant and C8: sites from the graph's structure
+(:mod:`qpass.passes.onnx.find_attention_sites`), calibration with the site values as extra graph outputs
+of an ONNX Runtime session (the idea of ONNX Runtime's own calibrators), reduced by the core's observers,
+and quantization through its onnx-ir pass pipeline (:mod:`qpass.frontends.onnx.pipeline`). W8A8 and the
+dynamic cache have no ONNX form here and are refused.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from qpass.core.errors import QpassError
+from qpass.core.evaluate import batches
+from qpass.core.frontend import Logits
+from qpass.core.observers import Observer
+from qpass.core.recipe import Recipe
+from qpass.core.saturation import SaturationCounter
+from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
+from qpass.frontends.onnx import load as loading
+from qpass.frontends.onnx.pipeline import SITES_METADATA, quantize_model, read_sites
+from qpass.frontends.onnx.session import Runner, session
+from qpass.passes.onnx.find_attention_sites import CacheIO
+
+
+class OnnxFrontend:
+    """An ONNX decoder over token ids ``[batch, window]`` (batch and sequence are dynamic in the graph)."""
+
+    def __init__(self, path: Path, window: int, tokenizer_dir: str | Path | None = None):
+        self.path = path
+        self.model, self.found = loading.load_decoder(path)
+        self.tokenizer = loading.load_tokenizer(path, tokenizer_dir, self.model)
+        self.name, self.source = path.parent.name if path.name == "model.onnx" else path.stem, str(path)
+        self.window = window
+        self.checker_ok = loading.passes_checker(self.model)
+        self.genai_config = loading.genai_config(path)
+
+    @classmethod
+    def load(cls, spec: str | Path, window: int, tokenizer: str | Path | None = None) -> "OnnxFrontend":
+        return cls(loading.model_path(spec), window, tokenizer)
+
+    def attention_sites(self) -> list[AttentionSite]:
+        return [site for site, _ in self.found]
+
+    def caches(self) -> list[CacheIO | None]:
+        return [cache for _, cache in self.found]
+
+    def linear_sites(self) -> list[LinearSite]:
+        raise QpassError("--w8a8: qpass quantizes the attention of ONNX models (--kv-int8, --fa-quant), not their Linears; "
+                         "compile the PyTorch model (a Hugging Face directory or .gguf) for W8A8")
+
+    def smoothing_groups(self, linears: list[LinearSite]) -> list[SmoothGroup]:
+        return []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # an ONNX model's weights stay in its graph: the ONNX exporter writes the rewritten graph
+
+    def num_parameters(self) -> int:
+        return sum(v.const_value.size for v in self.model.graph.initializers.values()
+                   if v.const_value is not None and v.const_value.dtype.is_floating_point())
+
+    def config_json(self) -> dict:
+        config = self.path.parent / "config.json"
+        return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+
+    def observe(self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate") -> None:
+        if state_dict is not None:
+            raise QpassError("ONNX models are observed as they are; smoothing (--anti-method) needs the PyTorch model")
+        names = list(observers)
+        runner = Runner(_session_with_outputs(self.model, names), names)
+        for batch in batches(windows, batch_size, desc):
+            for name, value in zip(names, runner.run(batch)[1:]):
+                observers[name].update(_channels(value))
+
+    def apply(self, recipe: Recipe, verify: bool = True):
+        """``(the quantized onnx-ir model, each pass's count)``; the input file is read again, never changed."""
+        model, found = loading.load_decoder(self.path)
+        return quantize_model(model, found, recipe, verify=verify, full_check=self.checker_ok)
+
+    def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
+        return Runner(session(self.model if recipe is None else self.apply(recipe, verify)[0])).logits
+
+    @staticmethod
+    def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
+        """The logits function of ``quantized`` (an onnx-ir model :meth:`apply` returned, or one read back) that
+        feeds the counter keyed ``(layer, kind)`` the value its site's first QuantizeLinear receives: the
+        sites' q/k/v as the model's ``qpass.sites`` metadata names them, as extra outputs."""
+        sites = read_sites(quantized)
+        names = {(s["layer"], kind): s[kind] for s in sites for kind in ("q", "k", "v")}
+        wanted = [key for key in counters if key in names]
+        if len(wanted) != len(counters):
+            raise QpassError(f"saturation: the ONNX model's {SITES_METADATA} metadata lacks sites "
+                             f"{sorted(set(counters) - set(wanted))}; recompile it with this qpass")
+        outputs = [names[k] for k in wanted]
+        runner = Runner(_session_with_outputs(quantized, outputs), outputs)
+
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            out = runner.run(ids)
+            for key, value in zip(wanted, out[1:]):
+                counters[key].update(_channels(value))
+            return torch.from_numpy(out[0])
+
+        return logits
+
+    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
+        """The perplexity of the input file as ONNX Runtime runs it, read from disk as it is (not through onnx-ir)."""
+        from qpass.core.evaluate import perplexity
+
+        return perplexity(Runner(session(self.path)).logits, windows, batch_size, "eval reference")
+
+    def decoder(self, recipe: Recipe, verify: bool = True):
+        return None, {"skipped": "ONNX: decoding runs in ONNX Runtime on the int8 present/past cache (qpass run)"}
+
+    def loss_sensitivity(self, recipe: Recipe, linears: list[LinearSite], windows: torch.Tensor):
+        return None
+
+    def layers(self) -> Iterator[DecoderLayer]:
+        for site in self.attention_sites():
+            yield DecoderLayer(site.layer, site, ())
+
+
+def _channels(value: np.ndarray) -> torch.Tensor:
+    """``[B, H, S, D]`` -> ``[tokens, H * D]`` (channel ``c = h * D + d``), as the core's observers take it."""
+    b, h, s, d = value.shape
+    return torch.from_numpy(np.ascontiguousarray(value.transpose(0, 2, 1, 3)).reshape(b * s, h * d))
+
+
+def _session_with_outputs(model: ir.Model, names: list[str]):
+    """A session of ``model`` with the values ``names`` as extra graph outputs (as ONNX Runtime's calibrators
+    collect values); ``model`` itself is left as it was."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    added = [values[n] for n in dict.fromkeys(names) if values[n] not in model.graph.outputs]
+    model.graph.outputs.extend(added)
+    try:
+        return session(model)
+    finally:
+        for value in added:
+            model.graph.outputs.remove(value)

@@ -1,0 +1,120 @@
+"""Reading an ONNX decoder and what sits next to it (tokenizer files, ``genai_config.json``), refusing bad input
+in one line: a missing, truncated or corrupt file, missing external data, an opset below 17, no token-id input,
+no attention, a tokenizer that does not fit the vocabulary."""
+
+import json
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes.common import CheckerPass, ShapeInferencePass
+
+from qpass.core.errors import QpassError
+from qpass.passes.onnx.find_attention_sites import ATTENTION_PATTERNS, CacheIO, find_attention_sites
+from qpass.core.sites import AttentionSite
+
+MIN_OPSET = 17
+MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+
+
+def is_onnx(spec) -> bool:
+    """Whether ``spec`` names an ONNX model: a ``.onnx`` file, or a directory holding ``model.onnx``."""
+    if not isinstance(spec, (str, Path)):
+        return False
+    path = Path(spec)
+    return path.suffix == ".onnx" or (path.is_dir() and (path / MODEL_FILE).is_file())
+
+
+def model_path(spec: str | Path) -> Path:
+    path = Path(spec)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise QpassError(f"{spec}: no such ONNX file; give a .onnx file or a directory holding {MODEL_FILE}")
+    return path
+
+
+def load_decoder(path: Path) -> tuple[ir.Model, list[tuple[AttentionSite, CacheIO | None]]]:
+    """The model with shapes inferred (onnx-ir's ``ShapeInferencePass``) and its attention sites."""
+    try:
+        model = ir.load(path)
+    except Exception as err:  # protobuf's DecodeError, OSError, onnx's own errors: the file is not a whole model
+        raise QpassError(f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)}); "
+                         "it is truncated or corrupt: export it again") from None
+    _check_external_data(model, path)
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset < MIN_OPSET:
+        raise QpassError(f"{path}: opset {opset}; qpass reads opset {MIN_OPSET} and above: export with opset_version>={MIN_OPSET}")
+    if "input_ids" not in {v.name for v in model.graph.inputs}:
+        raise QpassError(f"{path}: no input_ids input (inputs: {', '.join(v.name for v in model.graph.inputs)}); "
+                         "export the decoder with token ids as input_ids")
+    ShapeInferencePass()(model)
+    from onnxscript.rewriter.pattern import MatchingTracer
+
+    tracer = MatchingTracer()
+    found = find_attention_sites(model, tracer)
+    if not found:
+        raise QpassError(f"{path}: found no attention ({', '.join(ATTENTION_PATTERNS)}){_closest_miss(tracer)}; "
+                         "give a decoder whose attention is one of these")
+    return model, found
+
+
+def passes_checker(model: ir.Model) -> bool:
+    """Whether ``onnx.checker`` with ``full_check`` accepts the model (onnxruntime-genai's graphs carry ONNX Runtime's
+    own ops in the default domain, which it rejects: for them, running in ONNX Runtime is the check)."""
+    try:
+        CheckerPass(full_check=True)(model)
+    except Exception:  # noqa: BLE001 (onnx.checker's ValidationError and InferenceError alike)
+        return False
+    return True
+
+
+def load_tokenizer(path: Path, tokenizer_dir: str | Path | None, model: ir.Model):
+    """The tokenizer from ``tokenizer_dir``, or from the files next to the model; checked against the vocabulary."""
+    from transformers import AutoTokenizer
+
+    where = Path(tokenizer_dir) if tokenizer_dir is not None else path.parent
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(where))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise QpassError(f"{where}: no tokenizer qpass can load ({_first_line(err)}); give --tokenizer DIR with "
+                         "tokenizer.json / tokenizer_config.json") from None
+    logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
+    vocab = logits.shape[-1] if logits is not None and logits.shape is not None else None
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise QpassError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's logits have {vocab}; "
+                         "give the tokenizer the model was trained with (--tokenizer DIR)")
+    return tokenizer
+
+
+def genai_config(path: Path) -> dict | None:
+    config = path.parent / GENAI_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QpassError(f"{config}: not JSON ({err}); restore the file onnxruntime-genai's builder wrote") from None
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            data = Path(tensor.base_dir) / tensor.location
+            if not data.is_file() or data.stat().st_size < tensor.offset + tensor.length:
+                raise QpassError(f"{path}: the external data of {value.name} ({tensor.location}) is missing or short; "
+                                 "keep the data file next to the model, as it was exported")
+
+
+def _closest_miss(tracer) -> str:
+    """What stopped the pattern that came closest (onnxscript's ``MatchingTracer``), for the error message."""
+    best = max((m for matches in tracer.best_matches_map.values() for m in matches), key=lambda m: m.score(), default=None)
+    if best is None or not best.match_result.reason:
+        return ""
+    return f"; the closest miss: {best.match_result.reason}"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""

@@ -1,0 +1,91 @@
+"""The ONNX frontend's pass pipeline: the recipe's Q/DQ into an onnx-ir model, in this order.
+
+1. ``InsertKVCacheQDQPass`` (C8): the cache I/O becomes int8; attention reads the dequantized cache;
+2. ``InsertFAQuantQDQPass`` (FAQuant): q, k, v round trips; after C8 because with both, FAQuant's k and v
+   are the dequantized cache (C8's round trip first, as in the PyTorch path);
+3. ``TopologicalSortPass``, then (``verify``) onnx-ir's ``CheckerPass`` after each pass (``full_check``
+   where the input model passed it) and qpass's own invariant: every int8 cache output is written by a
+   Concat of the int8 past and a QuantizeLinear with the recipe's scale.
+
+The model records its sites as metadata (``qpass.sites``) so that a saved model can be measured again.
+"""
+
+import json
+
+import onnx_ir as ir
+from onnx_ir.passes.common import CheckerPass, TopologicalSortPass
+
+from qpass.core.errors import QpassError
+from qpass.core.recipe import Recipe
+from qpass.core.sites import AttentionSite
+from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.insert_faquant_qdq import InsertFAQuantQDQPass
+from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
+
+SITES_METADATA = "qpass.sites"
+
+
+def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe, verify: bool = True,
+                   full_check: bool = True) -> tuple[ir.Model, dict[str, int]]:
+    """``model`` rewritten in place as ``recipe`` says: ``(model, {pass name: values rewritten})``."""
+    config = recipe.config
+    if config.w8a8:
+        raise QpassError("--w8a8: qpass quantizes the attention of ONNX models, not their Linears; compile the PyTorch model for W8A8")
+    if config.kv_cache == "dynamic":
+        raise QpassError("--kv-int8 dynamic: ONNX has no per-token int8 cache form qpass writes; use --kv-int8 (static, per channel)")
+    passes = []
+    if config.kv_cache == "int8":
+        passes.append(InsertKVCacheQDQPass(found, recipe))
+    if config.fa_quant:
+        passes.append(InsertFAQuantQDQPass(found, recipe))
+    counts = {}
+    for p in passes:
+        result = p(model)
+        if not result.modified:
+            raise QpassError(f"{type(p).__name__} rewrote nothing although the recipe asks for it; please report this model")
+        counts[type(p).__name__] = p.count
+        TopologicalSortPass()(model)
+        if verify:
+            _verify(model, found, full_check)
+    model.metadata_props[SITES_METADATA] = json.dumps([_site_doc(s, c) for s, c in found])
+    return model, counts
+
+
+def read_sites(model: ir.Model) -> list[dict]:
+    """The sites a quantized model recorded (:data:`SITES_METADATA`)."""
+    doc = model.metadata_props.get(SITES_METADATA)
+    if doc is None:
+        raise QpassError(f"the ONNX model has no {SITES_METADATA} metadata; give a model written by `qpass compile`")
+    return json.loads(doc)
+
+
+def _site_doc(site: AttentionSite, cache: CacheIO | None) -> dict:
+    doc = {"layer": site.layer, "q": site.q, "k": site.k, "v": site.v, "num_heads": site.num_heads,
+           "num_kv_heads": site.num_kv_heads, "head_dim": site.head_dim}
+    if cache is not None:
+        doc.update(past_key=cache.past_key, past_value=cache.past_value, present_key=cache.present_key,
+                   present_value=cache.present_value)
+    return doc
+
+
+def _verify(model: ir.Model, found, full_check: bool) -> None:
+    try:
+        CheckerPass(full_check=full_check)(model)
+    except Exception as err:  # noqa: BLE001 (onnx.checker's ValidationError / InferenceError)
+        if full_check:
+            raise QpassError(f"the rewritten ONNX model fails onnx.checker ({str(err).splitlines()[0][:200]}); please report this model") from None
+    outputs = {v.name: v for v in model.graph.outputs}
+    for site, cache in found:
+        if cache is None:
+            continue
+        for present in (cache.present_key, cache.present_value):
+            value = outputs[present]
+            if value.dtype != ir.DataType.INT8:
+                continue
+            concat = value.producer()
+            new = concat.inputs[1].producer() if concat is not None and len(concat.inputs) == 2 else None
+            ok = concat is not None and concat.op_type == "Concat" and concat.inputs[0].dtype == ir.DataType.INT8
+            while ok and new is not None and new.op_type in ("Transpose", "Reshape"):
+                new = new.inputs[0].producer()
+            if not (ok and new is not None and new.op_type == "QuantizeLinear"):
+                raise QpassError(f"the rewritten ONNX model writes the int8 cache {present} without its QuantizeLinear; please report this model")
