@@ -1,7 +1,8 @@
 """The Python API: ``qpass.compile``, ``qpass.evaluate_saved``, ``qpass.generate``, ``qpass.inspect_model``.
 
-It only chooses: a frontend for the model (today the torch.export one) and an exporter for the output
-(``--format``, or the one whose directory ``evaluate_saved`` is given). The work is theirs and the core's.
+It only chooses: a frontend for the model (ONNX for a ``.onnx`` file or a directory holding ``model.onnx``,
+torch.export otherwise) and an exporter for the output (``--format``, or the one whose directory
+``evaluate_saved`` is given). The work is theirs and the core's.
 """
 
 import os
@@ -24,6 +25,8 @@ from qpass.core.evaluate import perplexity
 from qpass.core.recipe import Recipe, geometry
 from qpass.core.sites import AttentionSite
 from qpass.exporters import registry
+from qpass.frontends.onnx.frontend import OnnxFrontend
+from qpass.frontends.onnx.load import is_onnx
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from qpass.models.loaders import LoadedModel, load_model
 
@@ -44,27 +47,56 @@ class CompileResult:
     decoder: object = field(repr=False, default=None)  # lowered to paged int8 ops, for `qpass run`
     compiled: registry.Compiled | None = field(repr=False, default=None)  # what exporters write
 
-    def save(self, out_dir: str | Path, force: bool = False, format: str = "qpass", dtype: str | None = None) -> Path:
-        """Write ``out_dir`` all or nothing with the exporter ``format`` (``qpass``, ``mindie``); ``dtype``
-        is the model dtype of formats that store one (``mindie``: float16, the default, or bfloat16)."""
-        exporter = registry.get(format)
+    def save(self, out_dir: str | Path, force: bool = False, format: str | None = None, dtype: str | None = None) -> Path:
+        """Write ``out_dir`` all or nothing with the exporter ``format`` (``qpass``, ``mindie``, ``vllm-ascend``,
+        ``onnx``; by default ``onnx`` for an ONNX input, else ``qpass``); ``dtype`` is the model dtype of formats
+        that store one (``mindie``: float16, the default, or bfloat16)."""
+        exporter = registry.get(format or default_format(self.compiled))
         with staged_output(out_dir, force) as tmp:
             exporter.write(self.compiled, tmp, {"dtype": dtype})
             exporter.check(tmp)  # read back before it is moved into place
         return Path(out_dir)
 
 
-def frontend_for(model: str | LoadedModel, window: int) -> TorchExportFrontend:
-    """The frontend that loads ``model``: a model directory, a ``.gguf`` file, ``default``, or a loaded model."""
+def default_format(compiled: registry.Compiled) -> str:
+    """``onnx`` for what the ONNX frontend compiled, ``qpass`` otherwise."""
+    return "onnx" if compiled is not None and compiled.report.get("model", {}).get("frontend") == "onnx" else "qpass"
+
+
+def output_format(model, format: str | None) -> str:
+    """The exporter for ``model``: ``format`` checked against the input (an ONNX model is written as ONNX, and
+    only an ONNX model is), or by default ``onnx`` for an ONNX model and ``qpass`` otherwise."""
+    onnx_input = is_onnx(model)
+    if format is None:
+        return "onnx" if onnx_input else "qpass"
+    if onnx_input and format != "onnx":
+        raise QpassError(f"--format {format}: an ONNX input is written as ONNX (its weights stay in its graph); "
+                         "drop --format, or compile the PyTorch model for this format")
+    if format == "onnx" and not onnx_input:
+        raise QpassError("--format onnx: qpass rewrites ONNX models it is given; export the model to ONNX "
+                         "(torch.onnx.export or onnxruntime-genai's builder) and compile that")
+    return format
+
+
+def frontend_for(model: str | LoadedModel, window: int, tokenizer: str | Path | None = None):
+    """The frontend that loads ``model``: an ONNX file (or a directory holding ``model.onnx``), a model directory,
+    a ``.gguf`` file, ``default``, or a loaded model. ``tokenizer``: a tokenizer directory (ONNX models only;
+    by default the tokenizer files next to the model)."""
+    if is_onnx(model):
+        return OnnxFrontend.load(model, window, tokenizer)
+    if tokenizer is not None:
+        raise QpassError("--tokenizer: only ONNX models take a separate tokenizer; a Hugging Face directory or .gguf carries its own")
     return TorchExportFrontend.load(model, window)
 
 
 def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | list[str] | None = None,
             eval: str | Path | None = None, recipe: str | Path | Recipe | None = None,
-            eval_windows: int = EVAL_WINDOWS, verify: bool = True) -> CompileResult:
+            eval_windows: int = EVAL_WINDOWS, verify: bool = True, tokenizer: str | Path | None = None) -> CompileResult:
     """Capture ``model``, calibrate (or reuse ``recipe``), insert Q/DQ and, given ``eval``, measure perplexity.
 
-    ``model``: ``"default"``, a ``.gguf`` file, a Hugging Face directory, or a :class:`LoadedModel`.
+    ``model``: ``"default"``, a ``.gguf`` file, a Hugging Face directory, a :class:`LoadedModel`, or an ONNX
+    decoder (a ``.onnx`` file or a directory holding ``model.onnx``; ``tokenizer`` names its tokenizer directory
+    when the files are not next to it).
     ``calib``: a ``.jsonl``/text file or a list of texts; None uses the built-in standard-library corpus.
     ``eval``: a text file, or None to skip evaluation; then the last 1/8 of the calibration windows (at least one)
     are held out of the range fitting to measure saturation on (:mod:`qpass.core.saturation`).
@@ -72,24 +104,34 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     line each, and into ``report["warnings"]``.
     """
     timings, warnings, held_ids = {}, [], None
+    check_eval_windows(eval_windows)
+    # the text files first, so that a bad one is refused before the model loads
+    eval_text = None if eval is None else read_text(eval, "--eval")
+    calib_texts = calib if calib is None or isinstance(calib, list) or recipe is not None else read_samples(calib, "--calib")
     with _timed(timings, "load"):
         if isinstance(recipe, (str, Path)):
             recipe = Recipe.load(Path(recipe))
         if recipe is not None:
             config = recipe.config
-        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        onnx_input = is_onnx(model)
+        if onnx_input:  # loading is capture: the graph is read as it is
+            frontend = frontend_for(model, config.window, tokenizer)
+            frontend.check_config(config)
+        else:
+            loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        text_tokenizer = frontend.tokenizer if onnx_input else loaded.tokenizer
         eval_ids = None
         if eval is not None:
-            eval_ids = token_windows(loaded.tokenizer, [read_text(eval, "--eval")], config.window, eval_windows, "--eval")
+            eval_ids = token_windows(text_tokenizer, [eval_text], config.window, eval_windows, "--eval")
         if recipe is None:
-            samples = corpus.calibration_samples() if calib is None else (
-                calib if isinstance(calib, list) else read_samples(calib, "--calib"))
-            calib_ids = token_windows(loaded.tokenizer, samples, config.window, config.calib_samples, "--calib")
+            samples = corpus.calibration_samples() if calib is None else calib_texts
+            calib_ids = token_windows(text_tokenizer, samples, config.window, config.calib_samples, "--calib")
             if eval_ids is None and (config.fa_quant or config.kv_cache == "int8"):
                 # saturation is then measured on windows the ranges never saw; with --eval, every window fits them
                 calib_ids, held_ids = saturation.hold_out(calib_ids)
     with _timed(timings, "capture"):
-        frontend = frontend_for(loaded, config.window)
+        if not onnx_input:
+            frontend = frontend_for(loaded, config.window, tokenizer)
         sites = frontend.attention_sites()
     if recipe is None:
         with _timed(timings, "calibrate"):
@@ -146,24 +188,27 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     report["warnings"] = warnings
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     compiled = registry.Compiled(recipe, report, frontend.state_dict(), frontend.config_json(), frontend.tokenizer,
-                                 quantized, decoder)
-    return CompileResult(quantized, recipe, sites, report, loaded.tokenizer, decoder, compiled)
+                                 quantized, decoder, frontend.extra_files(recipe))
+    return CompileResult(quantized, recipe, sites, report, frontend.tokenizer, decoder, compiled)
 
 
 def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = EVAL_WINDOWS) -> dict:
     """Reload a directory some exporter wrote (qpass's, MindIE's) and measure its quantized perplexity on ``eval``."""
+    check_eval_windows(eval_windows)
+    text = read_text(eval, "--eval")  # before the directory loads
     start = time.perf_counter()
     loaded = registry.detect(out_dir).load(Path(out_dir), "eval")
     counted = saturation.counters(loaded.recipe) if loaded.recipe is not None else {}
     if loaded.program is not None:
         config = loaded.recipe.config
         window, batch_size = config.window, config.batch_size
-        logits = TorchExportFrontend.counting_logits(loaded.program, counted)
+        frontend_class = OnnxFrontend if loaded.format == "onnx" else TorchExportFrontend
+        logits = frontend_class.counting_logits(loaded.program, counted)
     else:
         window = min(DEFAULT_WINDOW, getattr(loaded.model.config, "max_position_embeddings", None) or DEFAULT_WINDOW)
         batch_size = DEFAULT_BATCH
         logits = _model_logits(loaded, window, counted)
-    ids = token_windows(loaded.tokenizer, [read_text(eval, "--eval")], window, eval_windows, "--eval")
+    ids = token_windows(loaded.tokenizer, [text], window, eval_windows, "--eval")
     loaded_s = time.perf_counter() - start
     start = time.perf_counter()
     ppl = perplexity(logits, ids, batch_size, "eval quantized")
@@ -189,6 +234,8 @@ def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[lis
     tokenizer = loaded.tokenizer
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     prompt_ids = tokenizer(prompt)["input_ids"]
+    if loaded.format == "onnx":  # ONNX Runtime, feeding the int8 present.* back as past_key_values.*
+        return prompt_ids, OnnxFrontend.generate(loaded.program, prompt_ids, max_new_tokens, eos), tokenizer
     if loaded.decoder is not None:
         return prompt_ids, generate_lowered(loaded.decoder, prompt_ids, max_new_tokens, eos_token_id=eos), tokenizer
     if loaded.recipe is not None:
@@ -222,22 +269,27 @@ def _warn(warnings: list[str], message: str | None) -> list[str]:
     return warnings
 
 
-def inspect_model(model: str | LoadedModel, window: int = 64) -> list[AttentionSite]:
-    """The attention sites of ``model``, found on its captured graph."""
-    return frontend_for(model, window).attention_sites()
+def inspect_model(model: str | LoadedModel, window: int = 64, tokenizer: str | Path | None = None) -> list[AttentionSite]:
+    """The attention sites of ``model``, found on its captured (or loaded ONNX) graph."""
+    return frontend_for(model, window, tokenizer).attention_sites()
 
 
 def model_info(frontend, sites: list[AttentionSite]) -> dict:
     first = sites[0]
     return {"name": frontend.name, "source": frontend.source, "layers": len(sites), "num_heads": first.num_heads,
             "num_kv_heads": first.num_kv_heads, "head_dim": first.head_dim,
-            "parameters": frontend.num_parameters()}
+            "parameters": frontend.num_parameters(), **frontend.model_facts()}
 
 
 def site_info(site: AttentionSite) -> dict:
     return {"layer": site.layer, "form": site.form, "num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads,
             "head_dim": site.head_dim, "rope": site.rope, "qk_norm": site.qk_norm,
             "q_from": site.q_from, "k_from": site.k_from, "v_from": site.v_from}
+
+
+def check_eval_windows(eval_windows: int) -> None:
+    if isinstance(eval_windows, bool) or not isinstance(eval_windows, int) or eval_windows < 1:
+        raise QpassError(f"--eval-windows {eval_windows}: must be an integer, at least 1")
 
 
 def check_output_dir(out_dir: str | Path, force: bool) -> None:

@@ -14,12 +14,20 @@ from qpass.exporters import NAMES as FORMATS
 from qpass.exporters.mindie_format import dynamic_kv_refusal
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with usage errors in one line (status 2), as qpass's other errors are."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qpass", description="Quantization compiler for LLM attention: FAQuant and int8 KV cache (C8).")
+    parser = _Parser(prog="qpass", description="Quantization compiler for LLM attention: FAQuant and int8 KV cache (C8).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="capture, calibrate, insert Q/DQ, evaluate, write the program and report")
-    c.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or `default` (SmolLM2-135M)")
+    c.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, `default` (SmolLM2-135M), "
+                                                  "or an ONNX decoder (.onnx, or a directory holding model.onnx)")
     for _, flag, kwargs in cli_options():
         c.add_argument(flag, **kwargs)
     c.add_argument("--calib", help="calibration file: .jsonl (inputs_pretokenized or text per line) or plain text; default: the stdlib corpus")
@@ -29,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output directory (must be new or empty, or pass --force)")
     c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     c.add_argument("--no-verify", action="store_true", help="skip the checks after each pass")
-    c.add_argument("--format", choices=FORMATS, default="qpass",
-                   help="output: qpass (program.pt2, recipe/, decoder.pt2); mindie (Ascend MindIE W8A8 weight directory as its "
+    c.add_argument("--tokenizer", help="tokenizer directory of an ONNX model (default: the tokenizer files next to it)")
+    c.add_argument("--format", choices=FORMATS, default=None,
+                   help="output (default: onnx for an ONNX model, else qpass): onnx (model.onnx with the int8 cache, "
+                        "recipe/, tokenizer, genai_config.json where the input had one); qpass (program.pt2, recipe/, decoder.pt2); mindie (Ascend MindIE W8A8 weight directory as its "
                         "documentation says; needs --w8a8); vllm-ascend (the same directory as vllm-ascend loads it: "
                         "C8 needs --symmetric, no --fa-quant)")
     c.add_argument("--dtype", choices=("float16", "bfloat16"), help="model dtype of --format mindie / vllm-ascend (default float16)")
@@ -46,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
 
     i = sub.add_parser("inspect", help="list the attention sites found in MODEL")
-    i.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, or `default`")
+    i.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, `default`, or an ONNX decoder")
+    i.add_argument("--tokenizer", help="tokenizer directory of an ONNX model (default: the tokenizer files next to it)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -58,7 +69,10 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # a usage error (one line, status 2) or --help: returned like any other outcome
+        return done.code
     if argv is None:  # the console script owns the process; a caller of main() keeps its own handlers
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -73,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_compile(args) -> int:
     import qpass
-    from qpass.api import check_output_dir
+    from qpass.api import check_output_dir, output_format
     from qpass.core.report import summary
     from qpass.exporters import registry
 
     check_output_dir(args.output, args.force)  # fail before the slow part
+    args.format = output_format(args.model, args.format)
     check_format_args(args)
     names = [name for name, _, _ in cli_options()]
     recipe = None
@@ -96,7 +111,7 @@ def cmd_compile(args) -> int:
         except ValueError as err:
             raise QpassError(str(err)) from None
     result = qpass.compile(args.model, config, calib=args.calib, eval=args.eval, recipe=recipe,
-                           eval_windows=args.eval_windows, verify=not args.no_verify)
+                           eval_windows=args.eval_windows, verify=not args.no_verify, tokenizer=args.tokenizer)
     result.save(args.output, force=args.force, format=args.format, dtype=args.dtype)
     print(summary(result.report))
     files = registry.get(args.format).files
@@ -108,9 +123,11 @@ def cmd_compile(args) -> int:
 
 def check_format_args(args) -> None:
     """Refuse --format / --dtype combinations the weight-directory formats do not allow, before the slow part."""
-    if args.format == "qpass":
+    if args.format in ("qpass", "onnx"):
+        if args.format == "onnx" and args.kv_cache == "dynamic":
+            raise QpassError("--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; use --kv-int8 (static, per channel)")
         if args.dtype:
-            raise QpassError(f"--dtype {args.dtype}: only --format mindie / vllm-ascend have a model dtype; add one or drop --dtype")
+            raise QpassError(f"--dtype {args.dtype}: only --format mindie / vllm-ascend have a model dtype; drop --dtype")
         return
     if args.kv_cache == "dynamic":
         raise QpassError(dynamic_kv_refusal(args.format))
@@ -153,7 +170,7 @@ def cmd_inspect(args) -> int:
     import qpass
     from qpass.api import site_info
 
-    sites = [site_info(s) for s in qpass.inspect_model(args.model)]
+    sites = [site_info(s) for s in qpass.inspect_model(args.model, tokenizer=args.tokenizer)]
     if args.json:
         print(json.dumps(sites, indent=1))
         return 0

@@ -32,6 +32,12 @@ class Frontend(Protocol):
     def config_json(self) -> dict:
         """The model's configuration as its ``config.json`` holds it, ``architectures`` set (for exporters)."""
 
+    def model_facts(self) -> dict:
+        """What the report says of the input beyond its geometry (at least ``frontend``: its name)."""
+
+    def extra_files(self, recipe: Recipe) -> dict[str, str]:
+        """Text files the output carries over from the input, by file name (an ONNX model's ``genai_config.json``)."""
+
     def attention_sites(self) -> list[AttentionSite]:
         """Every attention site, in execution order (raises QpassError when there is none)."""
 

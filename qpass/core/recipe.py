@@ -69,8 +69,10 @@ def axes(name: str) -> tuple[str, ...]:
 
 
 def check_tensor(name: str, tensor: torch.Tensor) -> None:
-    """Refuse a recipe tensor no artefact may carry: a scale that is not finite and positive, an offset
-    that is not a finite number within the int8 range, or a shape that does not fit its axes."""
+    """Refuse a recipe tensor no artefact may carry: a scale that is not finite and positive, an attention
+    site's scale that is 1.0 in every channel (what a calibration that saw nothing leaves: calibration itself
+    refuses a site whose values were all 0), an offset that is not a finite number within the int8 range, or a
+    shape that does not fit its axes."""
     kind = axes(name)
     if tensor.dim() != len(kind):
         raise QpassError(f"recipe: {name} has shape {list(tensor.shape)}, but its axes are {list(kind)}; recalibrate")
@@ -81,6 +83,9 @@ def check_tensor(name: str, tensor: torch.Tensor) -> None:
     elif not (torch.isfinite(t).all() and (t > 0).all()):
         bad = "NaN" if t.isnan().any() else "infinite" if t.isinf().any() else "zero or negative"
         raise QpassError(f"recipe: {name} has a scale that is {bad}; recalibrate (a scale must be finite and positive)")
+    elif _SITE_KEY.fullmatch(name) and t.numel() > 1 and bool((t == 1.0).all()):
+        raise QpassError(f"recipe: {name} is 1.0 in every channel, the value a calibration that saw no data leaves; "
+                         "recalibrate, with calibration text that reaches this layer")
 
 
 @dataclass(frozen=True)
@@ -202,9 +207,12 @@ class Recipe:
 
     def check_matches(self, geometry: tuple[SiteGeometry, ...]) -> None:
         """Refuse a recipe calibrated for a model with other attention sites: other geometry, or other module
-        names where the recipe has them (a recipe read from a weight directory may lack the projections')."""
+        names where both have them (a recipe read from a weight directory may lack the projections', and an ONNX
+        graph's constant-folded weights carry no module names: a recipe calibrated on the PyTorch model applies to
+        its ONNX export)."""
         def fits(ours: SiteGeometry, theirs: SiteGeometry) -> bool:
-            names = [(a, b) for a, b in zip((ours.prefix, *ours.projections), (theirs.prefix, *theirs.projections)) if a]
+            names = [(a, b) for a, b in zip((ours.prefix, *ours.projections), (theirs.prefix, *theirs.projections))
+                     if a and b and "?" not in (a, b)]
             return (ours.layer, ours.num_heads, ours.num_kv_heads, ours.head_dim) == \
                 (theirs.layer, theirs.num_heads, theirs.num_kv_heads, theirs.head_dim) and all(a == b for a, b in names)
 

@@ -21,6 +21,7 @@ class Compiled:
     tokenizer: object = field(repr=False, default=None)
     program: object = field(repr=False, default=None)  # the frontend's quantized program, when it has one
     decoder: object = field(repr=False, default=None)  # the same lowered to paged int8 attention
+    files: dict[str, str] = field(repr=False, default_factory=dict)  # text files the frontend carries over (genai_config.json)
 
 
 @dataclass

@@ -23,9 +23,11 @@ from qpass.core.recipe import Recipe
 from qpass.core.saturation import SaturationCounter
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 from qpass.frontends.onnx import load as loading
-from qpass.frontends.onnx.pipeline import SITES_METADATA, quantize_model, read_sites
-from qpass.frontends.onnx.session import Runner, session
+from qpass.frontends.onnx.load import GENAI_CONFIG, GQA_FORM
+from qpass.frontends.onnx.pipeline import SITES_METADATA, check_config, quantize_model, read_sites
+from qpass.frontends.onnx.session import Runner, greedy, session
 from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.quantize_gqa_kv_cache import int8_kv_genai_config
 
 
 class OnnxFrontend:
@@ -43,6 +45,33 @@ class OnnxFrontend:
     @classmethod
     def load(cls, spec: str | Path, window: int, tokenizer: str | Path | None = None) -> "OnnxFrontend":
         return cls(loading.model_path(spec), window, tokenizer)
+
+    def check_config(self, config) -> None:
+        """Refuse, before calibrating, what this model cannot carry (see :func:`pipeline.check_config`)."""
+        check_config(config, self.attention_sites())
+
+    def model_facts(self) -> dict:
+        """What the report says of the input beyond its geometry: the frontend, the opset, whether ``onnx.checker``
+        accepts it (the output is then held to the same), and whether its weights are external data."""
+        external = any(isinstance(v.const_value, ir.ExternalTensor) for v in self.model.graph.initializers.values())
+        return {"frontend": "onnx", "opset": self.model.opset_imports.get("", 0), "checker_full": self.checker_ok,
+                "external_data": external, "genai": self.genai_config is not None}
+
+    def extra_files(self, recipe: Recipe) -> dict[str, str]:
+        """``genai_config.json`` for the output, where the input had one (updated for GQA's int8 cache)."""
+        if self.genai_config is None:
+            return {}
+        config = self.genai_config
+        if recipe.config.kv_cache == "int8" and any(s.form == GQA_FORM for s in self.attention_sites()):
+            config = int8_kv_genai_config(config)
+        return {GENAI_CONFIG: json.dumps(config, indent=4) + "\n"}
+
+    @staticmethod
+    def generate(model: ir.Model, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+        """Greedy decoding of a quantized model in ONNX Runtime, its ``present.*`` fed back as ``past_key_values.*``."""
+        if max_new_tokens < 1:
+            raise QpassError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+        return greedy(Runner(session(model)), prompt, max_new_tokens, eos_token_id)
 
     def attention_sites(self) -> list[AttentionSite]:
         return [site for site, _ in self.found]

@@ -9,10 +9,12 @@ import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass, ShapeInferencePass
 
 from qpass.core.errors import QpassError
-from qpass.passes.onnx.find_attention_sites import ATTENTION_PATTERNS, CacheIO, find_attention_sites
 from qpass.core.sites import AttentionSite
+from qpass.passes.onnx.find_attention_sites import ATTENTION_PATTERNS, CacheIO, find_attention_sites
+from qpass.passes.onnx.find_gqa_sites import GQASite, find_gqa_sites
 
 MIN_OPSET = 17
+GQA_FORM = "gqa"  # AttentionSite.form of com.microsoft.GroupQueryAttention (RoPE fused inside: no q to observe)
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 
@@ -52,11 +54,23 @@ def load_decoder(path: Path) -> tuple[ir.Model, list[tuple[AttentionSite, CacheI
     from onnxscript.rewriter.pattern import MatchingTracer
 
     tracer = MatchingTracer()
-    found = find_attention_sites(model, tracer)
+    found = find_attention_sites(model, tracer) or [_gqa(site) for site in find_gqa_sites(model)]
     if not found:
-        raise QpassError(f"{path}: found no attention ({', '.join(ATTENTION_PATTERNS)}){_closest_miss(tracer)}; "
-                         "give a decoder whose attention is one of these")
+        raise QpassError(f"{path}: found no attention ({', '.join(ATTENTION_PATTERNS)}, com.microsoft.GroupQueryAttention)"
+                         f"{_closest_miss(tracer)}; give a decoder whose attention is one of these")
     return model, found
+
+
+def _gqa(site: GQASite) -> tuple[AttentionSite, CacheIO | None]:
+    """A GroupQueryAttention node as a site: K and V are observed as it writes them to the cache (``present.*``,
+    after its fused RoPE); q stays inside the op."""
+    cache = None
+    if None not in (site.past_key, site.past_value, site.present_key, site.present_value):
+        cache = CacheIO(site.past_key, site.past_value, site.present_key, site.present_value)
+    attention = AttentionSite(layer=site.layer, attention=site.node_name, form=GQA_FORM, q="", k=site.present_key or "",
+                              v=site.present_value or "", num_heads=site.num_heads, num_kv_heads=site.kv_num_heads,
+                              head_dim=site.head_dim, rope=site.do_rotary, qk_norm=False, q_from="?", k_from="?", v_from="?")
+    return attention, cache
 
 
 def passes_checker(model: ir.Model) -> bool:

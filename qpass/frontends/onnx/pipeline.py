@@ -1,6 +1,7 @@
 """The ONNX frontend's pass pipeline: the recipe's Q/DQ into an onnx-ir model, in this order.
 
-1. ``InsertKVCacheQDQPass`` (C8): the cache I/O becomes int8; attention reads the dequantized cache;
+1. ``InsertKVCacheQDQPass`` (C8): the cache I/O becomes int8; attention reads the dequantized cache (on
+   GroupQueryAttention graphs ``QuantizeGQAKVCachePass`` instead: ONNX Runtime's own int8 cache);
 2. ``InsertFAQuantQDQPass`` (FAQuant): q, k, v round trips; after C8 because with both, FAQuant's k and v
    are the dequantized cache (C8's round trip first, as in the PyTorch path);
 3. ``TopologicalSortPass``, then (``verify``) onnx-ir's ``CheckerPass`` after each pass (``full_check``
@@ -18,9 +19,11 @@ from onnx_ir.passes.common import CheckerPass, TopologicalSortPass
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.core.sites import AttentionSite
+from qpass.frontends.onnx.load import GQA_FORM
 from qpass.passes.onnx.find_attention_sites import CacheIO
 from qpass.passes.onnx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
+from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass
 
 SITES_METADATA = "qpass.sites"
 
@@ -29,12 +32,13 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
                    full_check: bool = True) -> tuple[ir.Model, dict[str, int]]:
     """``model`` rewritten in place as ``recipe`` says: ``(model, {pass name: values rewritten})``."""
     config = recipe.config
-    if config.w8a8:
-        raise QpassError("--w8a8: qpass quantizes the attention of ONNX models, not their Linears; compile the PyTorch model for W8A8")
-    if config.kv_cache == "dynamic":
-        raise QpassError("--kv-int8 dynamic: ONNX has no per-token int8 cache form qpass writes; use --kv-int8 (static, per channel)")
+    check_config(config, [site for site, _ in found])
+    gqa = any(site.form == GQA_FORM for site, _ in found)
     passes = []
-    if config.kv_cache == "int8":
+    if config.kv_cache == "int8" and gqa:
+        scales = [GQAKVScales(*(recipe.get(site.layer, f"kv_{kind}")[0].numpy() for kind in ("k", "v"))) for site, _ in found]
+        passes.append(QuantizeGQAKVCachePass(scales))
+    elif config.kv_cache == "int8":
         passes.append(InsertKVCacheQDQPass(found, recipe))
     if config.fa_quant:
         passes.append(InsertFAQuantQDQPass(found, recipe))
@@ -43,12 +47,29 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
         result = p(model)
         if not result.modified:
             raise QpassError(f"{type(p).__name__} rewrote nothing although the recipe asks for it; please report this model")
-        counts[type(p).__name__] = p.count
+        counts[type(p).__name__] = p.rewritten if isinstance(p, QuantizeGQAKVCachePass) else p.count
         TopologicalSortPass()(model)
         if verify:
             _verify(model, found, full_check)
     model.metadata_props[SITES_METADATA] = json.dumps([_site_doc(s, c) for s, c in found])
     return model, counts
+
+
+def check_config(config, sites: list[AttentionSite]) -> None:
+    """Refuse what an ONNX model cannot carry: W8A8 and the dynamic cache (no ONNX form here), and on
+    GroupQueryAttention (RoPE fused inside, an int8 cache with no zero point) FAQuant and an asymmetric cache."""
+    if config.w8a8:
+        raise QpassError("--w8a8: qpass quantizes the attention of ONNX models (--kv-int8, --fa-quant), not their Linears; "
+                         "compile the PyTorch model (a Hugging Face directory or .gguf) for W8A8")
+    if config.kv_cache == "dynamic":
+        raise QpassError("--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; use --kv-int8 (static, per channel)")
+    if any(site.form == GQA_FORM for site in sites):
+        if config.fa_quant:
+            raise QpassError("--fa-quant: this model's GroupQueryAttention applies RoPE inside the op, so q, k and v after "
+                             "RoPE never appear in the graph; use --kv-int8 --symmetric, or export the model with torch.onnx")
+        if config.kv_cache == "int8" and not config.symmetric:
+            raise QpassError("--kv-int8 on GroupQueryAttention: ONNX Runtime's int8 cache has a scale and no zero point, "
+                             "so it is symmetric only; add --symmetric")
 
 
 def read_sites(model: ir.Model) -> list[dict]:

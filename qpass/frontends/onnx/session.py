@@ -22,7 +22,8 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(in
 
 
 def session(source: ir.Model | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session of an onnx-ir model (in memory, or through a temporary file when large) or of a file."""
+    """An ONNX Runtime CPU session of an onnx-ir model (serialized in memory, or through a temporary file when it is
+    large or reads external data) or of a file."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -31,7 +32,8 @@ def session(source: ir.Model | Path, threads: int | None = None):
         options.intra_op_num_threads = threads
     if isinstance(source, Path):
         return _session(ort, str(source), options, source)
-    if initializer_bytes(source) <= IN_MEMORY_BYTES:
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in source.graph.initializers.values())
+    if not external and initializer_bytes(source) <= IN_MEMORY_BYTES:  # external tensors would stay references
         return _session(ort, ir.to_proto(source).SerializeToString(), options, "the rewritten model")
     with tempfile.TemporaryDirectory(prefix="qpass-ort-") as tmp:
         path = Path(tmp) / "model.onnx"

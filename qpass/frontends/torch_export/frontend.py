@@ -30,6 +30,10 @@ class TorchExportFrontend:
     """A loaded model captured over token ids ``[batch, window]`` (the batch size is dynamic)."""
 
     def __init__(self, loaded: LoadedModel, window: int):
+        positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and window > positions:  # before a capture over positions it never learnt
+            raise QpassError(f"--window {window}: longer than the {positions} positions of MODEL {loaded.name} "
+                             f"(max_position_embeddings); use --window {positions} or less")
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.name, self.source = loaded.name, loaded.source
         self.program = capture(loaded.model, window)
@@ -59,6 +63,12 @@ class TorchExportFrontend:
 
     def config_json(self) -> dict:
         return self.loaded.config_json()
+
+    def model_facts(self) -> dict:
+        return {"frontend": "torch.export"}
+
+    def extra_files(self, recipe: Recipe) -> dict[str, str]:
+        return {}  # the exporters write everything a PyTorch model's artefacts hold
 
     def observe(self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate") -> None:
         gm = self.program.module()

@@ -1,0 +1,85 @@
+"""The ONNX directory: the quantized decoder as ONNX Runtime and onnxruntime-genai load it.
+
+    model.onnx          the rewritten graph (int8 ``past_key_values.*`` / ``present.*`` with C8)
+    model.onnx.data     its weights, when the input kept them outside (onnxruntime-genai's builder does) or they are large
+    genai_config.json   where the input had one, updated for the int8 cache
+    tokenizer files     next to the model, where onnxruntime-genai and ``qpass compile`` look for them
+    recipe/             recipe.safetensors + recipe.json (:mod:`qpass.core.recipe`)
+    report.json, report.txt, report.png
+"""
+
+import json
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qpass.core import report as reporting
+from qpass.core.errors import QpassError
+from qpass.core.recipe import Recipe
+from qpass.exporters.base import Compiled, Loaded
+
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+RECIPE_DIR = "recipe"
+EXTERNAL_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
+FILES = "model.onnx, recipe/, tokenizer files, report.json, report.txt, report.png"
+
+
+def write(compiled: Compiled, directory: Path, options: dict) -> None:
+    if options.get("dtype"):
+        raise QpassError(f"--dtype {options['dtype']}: an ONNX model keeps its own dtype; drop --dtype")
+    model = compiled.program
+    if not isinstance(model, ir.Model):
+        raise QpassError("--format onnx needs an ONNX input model (a .onnx file or a directory holding model.onnx); "
+                         "compile the ONNX export of this model")
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = compiled.report.get("model", {}).get("external_data") or weights > EXTERNAL_BYTES
+    ir.save(model, directory / MODEL_FILE, external_data=DATA_FILE if external else None)
+    for name, text in compiled.files.items():
+        (directory / name).write_text(text, encoding="utf-8")
+    if compiled.tokenizer is not None:
+        compiled.tokenizer.save_pretrained(str(directory))
+    compiled.recipe.save(directory / RECIPE_DIR)
+    reporting.write(compiled.report, directory)
+
+
+def check(path: Path) -> None:
+    """Re-read a directory just written: the recipe (its scales checked), the model through ``onnx.checker``
+    (with ``full_check`` where the input passed it) and an ONNX Runtime session, and the JSON files."""
+    import onnxruntime as ort
+
+    Recipe.load(path / RECIPE_DIR)
+    report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+    try:
+        if report.get("model", {}).get("checker_full"):
+            import onnx
+
+            onnx.checker.check_model(str(path / MODEL_FILE), full_check=True)
+        ort.InferenceSession(str(path / MODEL_FILE), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnx's ValidationError, onnxruntime's Fail / InvalidGraph
+        raise QpassError(f"{path / MODEL_FILE}: did not read back as a valid model ({str(err).splitlines()[0][:200]}); "
+                         "check the disk and compile again") from None
+    for name in path.glob("*.json"):
+        json.loads(name.read_text(encoding="utf-8"))
+
+
+def detect(path: Path) -> bool:
+    return (Path(path) / MODEL_FILE).is_file() and (Path(path) / RECIPE_DIR).is_dir()
+
+
+def load(path: Path, purpose: str = "eval") -> Loaded:
+    """The quantized model (onnx-ir, weights read lazily) with its recipe and tokenizer, for evaluation or decoding."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    recipe = Recipe.load(path / RECIPE_DIR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise QpassError(f"{path}: cannot load its tokenizer files ({str(err).splitlines()[0][:200]}); "
+                         "recompile into a fresh directory") from None
+    try:
+        model = ir.load(path / MODEL_FILE)
+    except Exception as err:  # protobuf's DecodeError, OSError
+        raise QpassError(f"{path / MODEL_FILE}: not a readable ONNX model ({type(err).__name__}); it is truncated or "
+                         "corrupt: recompile into a fresh directory") from None
+    return Loaded("onnx", tokenizer, recipe, program=model, info={"model_file": str(path / MODEL_FILE)})
