@@ -21,9 +21,11 @@ from qpass.core.errors import QpassError
 from qpass.core.evaluate import perplexity
 from qpass.frontends.onnx.frontend import OnnxFrontend
 from qpass.frontends.onnx.load import load_decoder
+from qpass.frontends.onnx.pipeline import read_sites
 from qpass.frontends.onnx.session import Runner, greedy, session
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from tests.onnx_cases import onnx_dirs  # noqa: F401  (fixture)
+from tests.onnx_genai_cases import genai_float_dir  # noqa: F401  (fixture)
 
 WINDOW = 64
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
@@ -127,7 +129,7 @@ def test_quantized_onnx_runs_the_pytorch_paths_numbers(onnx_dirs, torch_frontend
     assert counts == {**({"InsertKVCacheQDQPass": 4} if config.kv_cache else {}), **({"InsertFAQuantQDQPass": 6} if config.fa_quant else {})}
     with torch.no_grad():
         expected = torch_frontend.logits(recipe)(windows)
-    got = Runner(session(quantized)).logits(windows)
+    got = Runner(session(quantized), read_sites(quantized)).logits(windows)
     with torch.no_grad():
         float_gap = float((torch_frontend.logits()(windows) - expected).abs().max())
     assert float_gap > 1e-4  # quantization moved the logits, so the comparison below can fail
@@ -140,7 +142,7 @@ def test_the_int8_cache_io_and_any_batch_size(onnx_dirs, torch_frontend, windows
     types = {v.name: v.dtype for v in (*quantized.graph.inputs, *quantized.graph.outputs)}
     assert all(types[f"{p}.{i}.{k}"] == ir.DataType.INT8 for p in ("past_key_values", "present") for i in (0, 1) for k in ("key", "value"))
     assert types["logits"] == ir.DataType.FLOAT
-    runner = Runner(session(quantized))
+    runner = Runner(session(quantized), read_sites(quantized))
     together = runner.logits(windows[:3])
     one_by_one = torch.cat([runner.logits(windows[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
@@ -154,7 +156,7 @@ def test_greedy_decode_on_the_int8_cache_gives_the_pytorch_paths_tokens(onnx_dir
     recipe = calibrate(torch_frontend, windows, QuantConfig(window=WINDOW, **MODES[mode]))
     quantized, _ = OnnxFrontend.load(onnx_dirs[20], WINDOW).apply(recipe)
     prompt = windows[0, :8].tolist()
-    ours = greedy(Runner(session(quantized)), prompt, 12)
+    ours = greedy(Runner(session(quantized), read_sites(quantized)), prompt, 12)
     program, ids = torch_frontend.logits(recipe), list(prompt)
     for _ in range(12):  # the program is captured for WINDOW tokens; attention is causal, so padding after is inert
         padded = torch.tensor([ids + [0] * (WINDOW - len(ids))])
@@ -277,3 +279,48 @@ def test_two_compiles_write_the_same_bytes(onnx_dirs, text_files, tmp_path):
     a, b = (_digest(out) for out in outs)
     for name in ("model.onnx", "recipe/recipe.json", "recipe/recipe.safetensors"):
         assert a[name] == b[name], name
+
+
+# onnxruntime-genai's builder output (GroupQueryAttention, RoPE fused inside)
+
+
+@pytest.fixture(scope="module")
+def compiled_genai(genai_float_dir, text_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("genai-compiled") / "out"
+    before = _digest(genai_float_dir)
+    assert main(["compile", str(genai_float_dir), "--kv-int8", "--symmetric", "--calib", str(text_files["calib"]),
+                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+    assert _digest(genai_float_dir) == before
+    return out
+
+
+def test_a_genai_model_compiles_to_a_directory_onnxruntime_genai_runs(compiled_genai):
+    import onnxruntime_genai as og
+
+    from qpass.exporters.onnx_format import load
+
+    report = json.loads((compiled_genai / "report.json").read_text())
+    assert report["passes"] == {"QuantizeGQAKVCachePass": 2} and report["model"]["genai"] is True
+    assert 0 <= report["eval"]["ppl_increase_pct"] < 1.0
+    assert json.loads((compiled_genai / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    loaded = load(compiled_genai, "run")
+    prompt = loaded.tokenizer("def main():")["input_ids"]
+    ours = OnnxFrontend.generate(loaded.program, prompt, 10, None)
+    model = og.Model(str(compiled_genai))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, dtype=np.int32))
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    assert theirs[:10] == ours
+
+
+@pytest.mark.parametrize("flags, message", [(["--kv-int8"], "add --symmetric"), (["--fa-quant"], "applies RoPE inside the op")])
+def test_genai_refuses_what_its_cache_cannot_hold(genai_float_dir, text_files, tmp_path, capsys, flags, message):
+    capsys.readouterr()
+    assert main(["compile", str(genai_float_dir), *flags, "--calib", str(text_files["calib"]), "-o", str(tmp_path / "o"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "o").exists()

@@ -24,7 +24,7 @@ from qpass.core.saturation import SaturationCounter
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 from qpass.frontends.onnx import load as loading
 from qpass.frontends.onnx.load import GENAI_CONFIG, GQA_FORM
-from qpass.frontends.onnx.pipeline import SITES_METADATA, check_config, quantize_model, read_sites
+from qpass.frontends.onnx.pipeline import SITES_METADATA, check_config, quantize_model, read_sites, site_doc
 from qpass.frontends.onnx.session import Runner, greedy, session
 from qpass.passes.onnx.find_attention_sites import CacheIO
 from qpass.passes.onnx.quantize_gqa_kv_cache import int8_kv_genai_config
@@ -41,6 +41,7 @@ class OnnxFrontend:
         self.window = window
         self.checker_ok = loading.passes_checker(self.model)
         self.genai_config = loading.genai_config(path)
+        self.site_docs = [site_doc(site, cache) for site, cache in self.found]
 
     @classmethod
     def load(cls, spec: str | Path, window: int, tokenizer: str | Path | None = None) -> "OnnxFrontend":
@@ -71,7 +72,7 @@ class OnnxFrontend:
         """Greedy decoding of a quantized model in ONNX Runtime, its ``present.*`` fed back as ``past_key_values.*``."""
         if max_new_tokens < 1:
             raise QpassError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-        return greedy(Runner(session(model)), prompt, max_new_tokens, eos_token_id)
+        return greedy(Runner(session(model), read_sites(model)), prompt, max_new_tokens, eos_token_id)
 
     def attention_sites(self) -> list[AttentionSite]:
         return [site for site, _ in self.found]
@@ -101,7 +102,7 @@ class OnnxFrontend:
         if state_dict is not None:
             raise QpassError("ONNX models are observed as they are; smoothing (--anti-method) needs the PyTorch model")
         names = list(observers)
-        runner = Runner(_session_with_outputs(self.model, names), names)
+        runner = Runner(_session_with_outputs(self.model, names), self.site_docs, names)
         for batch in batches(windows, batch_size, desc):
             for name, value in zip(names, runner.run(batch)[1:]):
                 observers[name].update(_channels(value))
@@ -112,26 +113,30 @@ class OnnxFrontend:
         return quantize_model(model, found, recipe, verify=verify, full_check=self.checker_ok)
 
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
-        return Runner(session(self.model if recipe is None else self.apply(recipe, verify)[0])).logits
+        return Runner(session(self.model if recipe is None else self.apply(recipe, verify)[0]), self.site_docs).logits
 
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
         """The logits function of ``quantized`` (an onnx-ir model :meth:`apply` returned, or one read back) that
         feeds the counter keyed ``(layer, kind)`` the value its site's first QuantizeLinear receives: the
-        sites' q/k/v as the model's ``qpass.sites`` metadata names them, as extra outputs."""
+        sites' q/k/v as the model's ``qpass.sites`` metadata names them, as extra outputs. GroupQueryAttention
+        quantizes inside the op; there the int8 ``present.*`` it writes is read and its codes counted (as the
+        values ``code * scale``, whose code is the same)."""
         sites = read_sites(quantized)
-        names = {(s["layer"], kind): s[kind] for s in sites for kind in ("q", "k", "v")}
-        wanted = [key for key in counters if key in names]
-        if len(wanted) != len(counters):
-            raise QpassError(f"saturation: the ONNX model's {SITES_METADATA} metadata lacks sites "
-                             f"{sorted(set(counters) - set(wanted))}; recompile it with this qpass")
-        outputs = [names[k] for k in wanted]
-        runner = Runner(_session_with_outputs(quantized, outputs), outputs)
+        names = {(s["layer"], kind): (s[kind], s.get("form") == GQA_FORM) for s in sites for kind in ("q", "k", "v") if s[kind]}
+        missing = sorted(set(counters) - set(names))
+        if missing:
+            raise QpassError(f"saturation: the ONNX model's {SITES_METADATA} metadata lacks sites {missing}; "
+                             "recompile it with this qpass")
+        wanted = list(counters)
+        outputs = [names[k][0] for k in wanted]
+        runner = Runner(_session_with_outputs(quantized, outputs), sites, outputs)
 
         def logits(ids: torch.Tensor) -> torch.Tensor:
             out = runner.run(ids)
             for key, value in zip(wanted, out[1:]):
-                counters[key].update(_channels(value))
+                channels = _channels(value)
+                counters[key].update(channels.float() * counters[key].scale if names[key][1] else channels)
             return torch.from_numpy(out[0])
 
         return logits
@@ -140,7 +145,7 @@ class OnnxFrontend:
         """The perplexity of the input file as ONNX Runtime runs it, read from disk as it is (not through onnx-ir)."""
         from qpass.core.evaluate import perplexity
 
-        return perplexity(Runner(session(self.path)).logits, windows, batch_size, "eval reference")
+        return perplexity(Runner(session(self.path), self.site_docs).logits, windows, batch_size, "eval reference")
 
     def decoder(self, recipe: Recipe, verify: bool = True):
         return None, {"skipped": "ONNX: decoding runs in ONNX Runtime on the int8 present/past cache (qpass run)"}

@@ -51,7 +51,7 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
         TopologicalSortPass()(model)
         if verify:
             _verify(model, found, full_check)
-    model.metadata_props[SITES_METADATA] = json.dumps([_site_doc(s, c) for s, c in found])
+    model.metadata_props[SITES_METADATA] = json.dumps([site_doc(s, c) for s, c in found])
     return model, counts
 
 
@@ -80,8 +80,9 @@ def read_sites(model: ir.Model) -> list[dict]:
     return json.loads(doc)
 
 
-def _site_doc(site: AttentionSite, cache: CacheIO | None) -> dict:
-    doc = {"layer": site.layer, "q": site.q, "k": site.k, "v": site.v, "num_heads": site.num_heads,
+def site_doc(site: AttentionSite, cache: CacheIO | None) -> dict:
+    """A site and its cache as JSON (the ``qpass.sites`` metadata, and what :class:`session.Runner` sizes caches by)."""
+    doc = {"layer": site.layer, "form": site.form, "q": site.q, "k": site.k, "v": site.v, "num_heads": site.num_heads,
            "num_kv_heads": site.num_kv_heads, "head_dim": site.head_dim}
     if cache is not None:
         doc.update(past_key=cache.past_key, past_value=cache.past_value, present_key=cache.present_key,
@@ -104,6 +105,12 @@ def _verify(model: ir.Model, found, full_check: bool) -> None:
             if value.dtype != ir.DataType.INT8:
                 continue
             concat = value.producer()
+            if site.form == GQA_FORM:  # ONNX Runtime's op quantizes what it appends, with its k_scale / v_scale inputs
+                attrs = concat.attributes
+                if attrs.get("kv_cache_bit_width") is None or attrs["kv_cache_bit_width"].as_int() != 8 or len(concat.inputs) < 14:
+                    raise QpassError(f"the rewritten ONNX model's GroupQueryAttention writes the int8 cache {present} without "
+                                     "its 8-bit setting and scales; please report this model")
+                continue
             new = concat.inputs[1].producer() if concat is not None and len(concat.inputs) == 2 else None
             ok = concat is not None and concat.op_type == "Concat" and concat.inputs[0].dtype == ir.DataType.INT8
             while ok and new is not None and new.op_type in ("Transpose", "Reshape"):

@@ -56,8 +56,12 @@ def initializer_bytes(model: ir.Model) -> int:
 class Runner:
     """Feeds and runs one session: ``logits(ids)`` over whole windows, ``step`` for decoding."""
 
-    def __init__(self, sess, outputs: list[str] | None = None):
+    def __init__(self, sess, sites: list[dict], outputs: list[str] | None = None):
+        """``sites``: the site documents (:func:`qpass.frontends.onnx.pipeline.site_doc`), whose cache heads and
+        head_dim size the empty past where the graph leaves them symbolic (onnxruntime-genai's ``kv_cache_dim``)."""
         self.sess = sess
+        self.cache_dims = {s[name]: (s["num_kv_heads"], s["head_dim"]) for s in sites
+                           for name in ("past_key", "past_value") if s.get(name)}
         self.inputs = {i.name: i for i in sess.get_inputs()}
         self.pasts = [name for name in self.inputs if name.startswith(PAST_PREFIX)]
         unknown = set(self.inputs) - {"input_ids", "attention_mask", "position_ids", *self.pasts}
@@ -79,9 +83,11 @@ class Runner:
                 feeds[name] = past[name]
                 continue
             shape = self.inputs[name].shape  # [B, kv_heads, past, head_dim]
-            if not all(isinstance(d, int) for d in (shape[1], shape[3])):
-                raise QpassError(f"the ONNX model's input {name} has shape {shape}; its heads and head_dim must be static")
-            feeds[name] = np.zeros((batch, shape[1], 0, shape[3]), dtype=self._dtype(name))
+            heads, head_dim = self.cache_dims.get(name, (shape[1], shape[3]))
+            if not all(isinstance(d, int) for d in (heads, head_dim)):
+                raise QpassError(f"the ONNX model's input {name} has shape {shape} and no attention site reads it; "
+                                 "its heads and head_dim must be static")
+            feeds[name] = np.zeros((batch, heads, 0, head_dim), dtype=self._dtype(name))
         return feeds
 
     def run(self, ids: torch.Tensor) -> list[np.ndarray]:
