@@ -92,6 +92,11 @@ class QuantConfig:
         "(95%% upper bound), percent (default 2)"))
 
     def __post_init__(self):
+        for f in fields(self):  # the types first: a recipe.json read back may hold anything
+            value, want = getattr(self, f.name), {bool: (bool,), int: (int,), float: (int, float)}.get(type(f.default))
+            if want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
+                kind = {(bool,): "true or false", (int,): "an integer"}.get(want, "a number")
+                raise ValueError(f"{f.name}={value!r} is not {kind}")
         if not self.fa_quant and self.kv_cache is None and not self.w8a8:
             raise ValueError("nothing to quantize: set fa_quant=True, kv_cache='int8' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)")
         if self.act_method not in ACT_METHODS:
