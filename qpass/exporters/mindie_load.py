@@ -24,6 +24,7 @@ from qpass.core.recipe import Recipe, SiteGeometry, site_key
 from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_TYPES, FAQUANT, FLOAT,
                                           MODEL_KEYS, W8A8, W8A8_SUFFIXES, WEIGHTS_FILE)
 from qpass.exporters.base import Loaded
+from qpass.models.loaders import check_remote_code
 from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,10 +69,14 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
         if name not in types:
             raise QpassError(f"{d}: tensor {name} has no entry in {DESCRIPTION_FILE}; type every tensor FLOAT, W8A8 or FAQuant")
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
     hf_json = {k: v for k, v in config_json.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
     model_type = hf_json.pop("model_type", None)
+    check_remote_code(str(d), config_json)  # the built-in architecture, with a warning, or refused
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise QpassError(f"{d}: {CONFIG_FILE} model_type {model_type!r} is not an architecture transformers has built in; "
+                         "give the directory of a causal LM of a built-in architecture (llama, qwen2, ...)")
     try:
         config = AutoConfig.for_model(model_type, **hf_json)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=compute_dtype)
@@ -118,15 +123,17 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(d))
         except (OSError, ValueError) as err:
-            raise QpassError(f"{d}: cannot load the tokenizer files ({err}); add tokenizer.json / tokenizer_config.json") from err
+            raise QpassError(f"{d}: cannot load the tokenizer files ({_first_line(err)}); add tokenizer.json / "
+                             "tokenizer_config.json") from None
     info = {"format": "mindie", "model_dtype": str(model_dtype).removeprefix("torch."), "w8a8_linears": len(w8a8),
             "fa_quant": fa, "kv_cache": "int8" if c8 else None}
     return Loaded("mindie", tokenizer, recipe, model=model, info=info)
 
 
 def check(directory: Path) -> None:
-    """Re-read a directory just written: every tensor's name, type, dtype and shape, and every scale."""
-    load(directory, load_tokenizer=False)
+    """Re-read a directory just written: every tensor's name, type, dtype and shape, every scale and offset, and
+    the tokenizer when one was written."""
+    load(directory, load_tokenizer=(Path(directory) / "tokenizer_config.json").is_file())
 
 
 def _read_json(d: Path, name: str) -> dict:
@@ -181,6 +188,9 @@ class _Checker:
         if self.types.get(name) not in kinds:
             raise QpassError(f"{self.d}: {DESCRIPTION_FILE} types {name} as {self.types.get(name)!r} but it is {what}; "
                              f"type it {kinds[0]!r}")
+        if t.dtype == torch.int8 and kinds == (FLOAT,):
+            raise QpassError(f"{self.d}: tensor {name} is int8, but {DESCRIPTION_FILE} types it {FLOAT!r}; type it {W8A8!r} "
+                             "(with its scales) or re-export the directory")
         if t.dtype not in dtypes:
             raise QpassError(f"{self.d}: tensor {name} is {_dt((t.dtype,))}, expected {_dt(dtypes)} ({what}); re-export it in that dtype")
         if tuple(t.shape) not in (shape if isinstance(shape, list) else [shape]):
@@ -196,6 +206,17 @@ class _Checker:
         t = self.get(name, kinds, (self.model_dtype, torch.float32), shape, what).float()
         if not (torch.isfinite(t).all() and (t > 0).all()):
             raise QpassError(f"{self.d}: tensor {name} ({what}) has a value that is not a positive finite number; recalibrate")
+        if t.numel() > 1 and bool((t == 1.0).all()):
+            raise QpassError(f"{self.d}: tensor {name} ({what}) is 1.0 in every channel, the value a calibration that saw no "
+                             "data leaves; recalibrate, with calibration text that reaches this layer")
+        return t
+
+    def offset(self, name: str, kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...], shape, what: str) -> torch.Tensor:
+        """An offset (an integer value in any of ``dtypes``) within the int8 range, as float32."""
+        t = self.get(name, kinds, dtypes, shape, what).float()
+        if not (torch.isfinite(t).all() and ((t >= -128) & (t <= 127)).all()):
+            raise QpassError(f"{self.d}: tensor {name} ({what}) has a value that is not a finite number in [-128, 127]; "
+                             "recalibrate (an int8 offset lies within the int8 range)")
         return t
 
     def w8a8(self, p: str, n: int, k: int) -> W8A8Weights:
@@ -204,7 +225,7 @@ class _Checker:
         kinds = (W8A8,)
         weight = self.get(f"{p}.weight", kinds, (torch.int8,), (n, k), "a W8A8 int8 weight")
         in_scale = self.scale(f"{p}.input_scale", kinds, (1,), "a W8A8 input_scale")
-        in_offset = self.get(f"{p}.input_offset", kinds, (*FLOAT_DTYPES, torch.int8), (1,), "a W8A8 input_offset").float()
+        in_offset = self.offset(f"{p}.input_offset", kinds, (*FLOAT_DTYPES, torch.int8), (1,), "a W8A8 input_offset")
         if self.model_dtype == torch.float16:
             raw = self.get(f"{p}.deq_scale", kinds, (torch.int64,), (n,), "a W8A8 deq_scale: float32 bits as int32, widened to int64")
             if raw.min() < -(2**31) or raw.max() >= 2**31:
@@ -254,7 +275,7 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
                     # per head and dim, or one value per head ([h, 1], as msModelSlim computes it), repeated
                     shapes = [(h, head_dim), (h, 1)]
                     t = check.scale(name, (FAQUANT,), shapes, what) if part == "scale" else \
-                        check.get(name, (FAQUANT,), (*FLOAT_DTYPES, torch.int8), shapes, what).float()
+                        check.offset(name, (FAQUANT,), (*FLOAT_DTYPES, torch.int8), shapes, what)
                     tensors[site_key(i, kind, part)] = t.expand(h, head_dim).contiguous()
                     used.add(name)
         if c8:
@@ -263,7 +284,7 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
                     name = f"{a}.{proj}.kv_cache_{part}"
                     what = f"C8 {proj} kv_cache_{part}"
                     t = check.scale(name, (W8A8, C8), (kv_heads * head_dim,), what) if part == "scale" else \
-                        check.get(name, (W8A8, C8), FLOAT_DTYPES, (kv_heads * head_dim,), what).float()
+                        check.offset(name, (W8A8, C8), FLOAT_DTYPES, (kv_heads * head_dim,), what)
                     tensors[site_key(i, kind, part)] = t
                     used.add(name)
     sites = [SiteGeometry(i, heads, kv_heads, head_dim, a, ("", *(f"{a}.{p}" for p in C8_PROJECTIONS.values())) if c8 else ("", "", ""))
@@ -274,6 +295,12 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
 def _natural(path: str) -> list:
     """Sort key: ``model.layers.10`` after ``model.layers.9``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def _first_line(err: Exception, limit: int = 240) -> str:
+    """``err``'s message on one line (its lines joined), at most ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _dt(dtypes) -> str:

@@ -38,11 +38,19 @@ def write(compiled: Compiled, directory: Path, options: dict) -> None:
 
 
 def check(path: Path) -> None:
-    """Re-read a directory just written: the recipe (its scales checked), and every stored file of the
-    saved programs against its checksum."""
+    """Re-read a directory just written: the recipe (its scales and offsets checked), every stored file of the
+    saved programs against its checksum, and the tokenizer when one was written."""
     import zipfile
 
+    from transformers import AutoTokenizer
+
     Recipe.load(path / RECIPE_DIR)
+    if (path / TOKENIZER_DIR).is_dir():
+        try:
+            AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+        except (OSError, ValueError) as err:
+            raise QpassError(f"{path / TOKENIZER_DIR}: did not read back ({type(err).__name__}); check the disk and "
+                             "compile again") from None
     for name in (PROGRAM_FILE, DECODER_FILE):
         if name == PROGRAM_FILE or (path / name).exists():
             try:
@@ -64,10 +72,13 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
 
     path = Path(path)
     recipe = Recipe.load(path / RECIPE_DIR)
+    if not (path / TOKENIZER_DIR).is_dir():
+        raise QpassError(f"{path}: no {TOKENIZER_DIR}/; recompile into a fresh directory (it writes the model's tokenizer there)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
     except (OSError, ValueError) as err:
-        raise QpassError(f"{path}: cannot load {TOKENIZER_DIR}/ ({err}); recompile into a fresh directory") from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise QpassError(f"{path}: cannot load {TOKENIZER_DIR}/ ({first}); recompile into a fresh directory") from None
     if purpose == "eval":
         return Loaded("qpass", tokenizer, recipe, program=_load_program(path / PROGRAM_FILE))
     decoder = path / DECODER_FILE

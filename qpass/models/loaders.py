@@ -88,18 +88,30 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
         raise QpassError(f"MODEL {spec}: config.json is not valid JSON ({_first_line(err)}); repair or re-download the model") from err
     if not isinstance(doc, dict):
         raise QpassError(f"MODEL {spec}: config.json is not a JSON object; repair or re-download the model")
-    _check_remote_code(spec, doc)
+    check_remote_code(f"MODEL {spec}", doc)
     if not any(path.glob("*.safetensors")):
         raise QpassError(f"MODEL {spec}: no *.safetensors weights in this directory; qpass never unpickles .bin files, convert them to safetensors first")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        # the loading info, and mismatched shapes reported there rather than raised: transformers would otherwise
+        # start a missing weight from random values and say so only in a log
+        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
     except BROKEN_FILE as err:
         raise QpassError(f"MODEL {spec}: cannot load this model ({_first_line(err)}); check config.json, the tokenizer files and the safetensors weights") from err
+    if info["mismatched_keys"]:
+        name, stored, expected = sorted(info["mismatched_keys"])[0]
+        raise QpassError(f"MODEL {spec}: weight {name} is {list(stored)} in the safetensors files but config.json makes it "
+                         f"{list(expected)} ({len(info['mismatched_keys'])} such); the weights do not fit config.json: "
+                         "repair config.json or re-download the model")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise QpassError(f"MODEL {spec}: weight {missing[0]} is not in the safetensors files ({len(missing)} missing); "
+                         "the download is incomplete or the files belong to another model: re-download the model")
     return LoadedModel(model.eval(), tokenizer, str(path), path.name)
 
 
-def _check_remote_code(spec: str, config: dict) -> None:
+def check_remote_code(label: str, config: dict) -> None:
     """A config that asks for the model's own code (``auto_map``) loads with the built-in architecture its
     ``model_type`` names, with a one-line warning; without a built-in one it is refused (remote code never runs)."""
     if "auto_map" not in config:
@@ -107,10 +119,11 @@ def _check_remote_code(spec: str, config: dict) -> None:
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise QpassError(f"MODEL {spec}: config.json asks for the model's own code (auto_map) and its model_type "
-                         f"{model_type!r} has no built-in architecture; qpass never runs remote code, so it cannot load it")
-    print(f"qpass: MODEL {spec}: config.json asks for the model's own code (auto_map); loading the built-in {model_type} "
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise QpassError(f"{label}: config.json asks for the model's own code (auto_map) and its model_type "
+                         f"{model_type!r} has no built-in architecture; qpass never runs remote code: set model_type "
+                         "to the built-in architecture the model follows, if it follows one, or convert the model to one")
+    print(f"qpass: {label}: config.json asks for the model's own code (auto_map); loading the built-in {model_type} "
           "architecture instead (the model's own code was not run)", file=sys.stderr)
 
 
@@ -120,6 +133,7 @@ def _require_gguf_support(spec: str) -> None:
             raise QpassError(f"MODEL {spec}: reading GGUF needs the `{module}` package; run `pip install 'qpass[gguf]'`")
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+def _first_line(err: Exception, limit: int = 240) -> str:
+    """``err``'s message on one line (its lines joined), at most ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
