@@ -203,7 +203,12 @@ class Recipe:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise QpassError(f"--recipe {directory}: cannot read {TENSORS_FILE} ({err}); {fix}") from None
-        return cls(config, sites, tensors, stats, w8a8)
+        recipe = cls(config, sites, tensors, stats, w8a8)
+        kinds = ("fa_q", "fa_k", "fa_v") * config.fa_quant + ("kv_k", "kv_v") * (config.kv_cache == "int8")
+        for site in recipe.sites:  # every site's tensors, refused here rather than after the model is captured
+            for kind in kinds:
+                recipe.get(site.layer, kind)
+        return recipe
 
     def check_matches(self, geometry: tuple[SiteGeometry, ...]) -> None:
         """Refuse a recipe calibrated for a model with other attention sites: other geometry, or other module
@@ -218,9 +223,15 @@ class Recipe:
 
         geometry = tuple(geometry)
         if len(geometry) != len(self.sites) or not all(fits(a, b) for a, b in zip(self.sites, geometry)):
-            first = next((f"layer {a.layer}: recipe {a} vs model {b}" for a, b in zip(self.sites, geometry) if not fits(a, b)),
+            first = next((f"layer {a.layer}: recipe {_site_words(a)} vs model {_site_words(b)}"
+                          for a, b in zip(self.sites, geometry) if not fits(a, b)),
                          f"recipe has {len(self.sites)} sites, the model {len(geometry)}")
             raise QpassError(f"--recipe: it was calibrated for another model ({first}); calibrate this model instead")
+
+
+def _site_words(site: SiteGeometry) -> str:
+    """``site`` in a few words, for a one-line error: ``4 heads, 2 kv heads, head_dim 16 at model.layers.0.self_attn``."""
+    return f"{site.num_heads} heads, {site.num_kv_heads} kv heads, head_dim {site.head_dim} at {site.prefix or '?'}"
 
 
 def _plain(doc):
