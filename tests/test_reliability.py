@@ -41,11 +41,12 @@ def test_an_interrupted_compile_leaves_nothing(tiny_model_dir, text_files, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary directory
 
 
-def test_two_mindie_compiles_write_the_same_bytes(tiny_model_dir, text_files, tmp_path):
+@pytest.mark.parametrize("form", [["--format", "mindie"], ["--format", "vllm-ascend", "--symmetric"]], ids=["mindie", "vllm-ascend"])
+def test_two_weight_directory_compiles_write_the_same_bytes(tiny_model_dir, text_files, tmp_path, form):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         assert main(["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--anti-method", "m1", "--calib",
-                     str(text_files["calib"]), "--format", "mindie", "-o", str(out), *SMALL]) == 0
+                     str(text_files["calib"]), *form, "-o", str(out), *SMALL]) == 0
     for name in ("quant_model_weight_w8a8.safetensors", "quant_model_description.json", "config.json"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
@@ -106,8 +107,8 @@ def saved_recipe(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("recipe")
     Recipe(QuantConfig(kv_cache="int8"), [SiteGeometry(0, 4, 2, 16)],
-           {"layers.0.kv_k.scale": torch.ones(32), "layers.0.kv_k.offset": torch.zeros(32),
-            "layers.0.kv_v.scale": torch.ones(32), "layers.0.kv_v.offset": torch.zeros(32)}).save(d)
+           {"layers.0.kv_k.scale": torch.full((32,), 0.02), "layers.0.kv_k.offset": torch.zeros(32),
+            "layers.0.kv_v.scale": torch.full((32,), 0.03), "layers.0.kv_v.offset": torch.zeros(32)}).save(d)
     return d
 
 
