@@ -1,0 +1,255 @@
+"""qpass on ONNX exports of SmolLM2-135M: accuracy, decode and prefill speed in ONNX Runtime, and pass times.
+
+    python tools/bench_onnx.py prepare   --work out/onnx-bench    # the exports (about 2 minutes, 1.6 GB)
+    python tools/bench_onnx.py accuracy  --work out/onnx-bench [--pairs mixed->source license->source] [--eval-windows 16]
+    python tools/bench_onnx.py speed     --work out/onnx-bench [--context 2048] [--steps 32] [--repeats 5] [--threads 2]
+    python tools/bench_onnx.py structure [--layers 30 80]
+
+``prepare`` writes SmolLM2 as a Hugging Face directory, its ``torch.onnx.export(dynamo=True)`` decoder with KV I/O
+(opset 20: MatMul-Softmax-MatMul) and onnxruntime-genai's builder model (GroupQueryAttention, fp32, CPU).
+
+``accuracy`` per domain pair (:func:`qpass.core.corpus.domain_pairs`): the float ONNX perplexity against the PyTorch
+model's; C8 and FAQuant through the QDQ form; symmetric C8 through GroupQueryAttention's int8 cache against the
+builder's own int8 model fed the simplest scales (symmetric per-channel absmax of the same calibration windows),
+both read token by token through ONNX Runtime's int8 cache; and whether greedy decoding on the int8 cache gives the
+PyTorch path's tokens over 32 tokens.
+
+``speed``: ONNX Runtime CPU, int8 cache against float cache, both in every repeat in alternating order: prefill of
+``--context`` tokens, then ``--steps`` decode steps on that cache; medians and ratios, for the QDQ form and for GQA.
+
+``structure``: load + site discovery + passes on random SmolLM2-shaped graphs of 30 and 80 layers whose weights are
+external data and never read (structure only).
+"""
+
+import argparse
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qpass.core import corpus
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.core.data import token_windows
+from qpass.core.evaluate import perplexity
+from qpass.frontends.onnx.frontend import OnnxFrontend
+from qpass.frontends.onnx.pipeline import read_sites
+from qpass.frontends.onnx.session import Runner, greedy, session
+
+WINDOW = 512
+
+
+def prepare(work: Path) -> None:
+    from qpass.models.loaders import load_model
+    from qpass.models.onnx_export import export_decoder
+
+    hf, dynamo, genai = work / "hf", work / "dynamo20", work / "genai"
+    loaded = load_model("default")
+    if not (hf / "config.json").is_file():
+        model = loaded.model
+        model.hf_quantizer = None  # a GGUF-loaded model saves as a plain Hugging Face directory without these
+        model.config.quantization_config = None
+        model.save_pretrained(hf, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(hf)
+    if not (dynamo / "model.onnx").is_file():
+        dynamo.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        export_decoder(loaded.model, dynamo / "model.onnx", opset=20)
+        loaded.tokenizer.save_pretrained(dynamo)
+        print(f"torch.onnx.export (dynamo, opset 20): {time.perf_counter() - start:.1f}s")
+    if not (genai / "model.onnx").is_file():
+        builder(hf, genai)
+
+
+def builder(hf: Path, out: Path, extra: list[str] = ()) -> Path:
+    """onnxruntime-genai's model builder, offline: ``-p fp32 -e cpu`` plus ``--extra_options extra``."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "fp32",
+           "-e", "cpu", "-c", str(out.parent / f"{out.name}-cache")]
+    if extra:
+        cmd += ["--extra_options", *extra]
+    done = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the onnxruntime-genai builder failed:\n{done.stderr[-2000:]}")
+    return out
+
+
+def stepwise_perplexity(runner: Runner, windows: torch.Tensor, batch: int = 4) -> float:
+    """Perplexity with every token fed one at a time on the cache the model returns (its int8 cache exercised)."""
+    nll, count = 0.0, 0
+    for rows in windows.split(batch):
+        ids, past, logits = rows.numpy(), None, []
+        for t in range(ids.shape[1] - 1):
+            out, past = runner.step(ids[:, t : t + 1], past, t)
+            logits.append(torch.from_numpy(out[:, -1]))
+        logp = torch.log_softmax(torch.stack(logits, 1).double(), -1)
+        nll -= float(logp.gather(-1, rows[:, 1:, None]).sum())
+        count += rows[:, 1:].numel()
+    return float(np.exp(nll / count))
+
+
+def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int) -> None:
+    import json
+
+    from qpass.frontends.torch_export.frontend import TorchExportFrontend
+    from qpass.models.loaders import load_model
+
+    loaded = load_model("default")
+    torch_fe = TorchExportFrontend.load(loaded, WINDOW)
+    dynamo = OnnxFrontend.load(work / "dynamo20", WINDOW)
+    genai = OnnxFrontend.load(work / "genai", WINDOW)
+    tokenizer = dynamo.tokenizer
+    all_pairs = corpus.domain_pairs()
+    for name in pairs:
+        samples, text = all_pairs[name]
+        calib = token_windows(tokenizer, samples, WINDOW, calib_windows, "--calib")
+        ids = token_windows(tokenizer, [text], WINDOW, eval_windows, "--eval")
+        ppl_torch = torch_fe.reference_perplexity(ids, 4)
+        ppl_onnx = perplexity(dynamo.logits(), ids, 4, "onnx float")
+        print(f"{name}: {calib.numel()} calibration tokens, {ids.numel()} evaluation tokens")
+        print(f"  float: PyTorch {ppl_torch:.4f}, ONNX {ppl_onnx:.4f} ({100 * (ppl_onnx / ppl_torch - 1):+.4f}%)")
+        for mode, kwargs in (("C8", dict(kv_cache="int8")), ("FAQuant", dict(fa_quant=True)),
+                             ("C8 symmetric", dict(kv_cache="int8", symmetric=True))):
+            recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
+            ppl = perplexity(dynamo.logits(recipe), ids, 4, f"onnx {mode}")
+            print(f"  QDQ {mode}: {100 * (ppl / ppl_onnx - 1):+.3f}%")
+            del recipe
+            gc.collect()
+        float_steps = stepwise_perplexity(Runner(session(genai.model), genai.site_docs), ids)
+        ours = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True))
+        quantized, _ = genai.apply(ours)
+        ppl_ours = stepwise_perplexity(Runner(session(quantized), read_sites(quantized)), ids)
+        absmax = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True, observer="minmax"))
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            scale_file = Path(tmp) / "scales.json"
+            layers = range(len(genai.attention_sites()))
+            scale_file.write_text(json.dumps({"scales": {
+                f"{kind}_scales": [absmax.get(i, f"kv_{kind}")[0].tolist() for i in layers] for kind in ("k", "v")}}))
+            theirs = builder(work / "hf", Path(tmp) / "int8", ["kv_cache_quant_scheme=int8_per_channel",
+                                                               f"kv_cache_scale_file={scale_file}"])
+            ppl_theirs = stepwise_perplexity(Runner(session(theirs / "model.onnx"), genai.site_docs), ids)
+        print(f"  GQA int8 cache, token by token (float {float_steps:.4f}): qpass {100 * (ppl_ours / float_steps - 1):+.3f}%, "
+              f"builder with absmax scales {100 * (ppl_theirs / float_steps - 1):+.3f}%")
+        sys.stdout.flush()
+    prompt = token_windows(tokenizer, [corpus.eval_code()], WINDOW, 1, "--eval")[0, :16].tolist()
+    for mode, kwargs in (("C8", dict(kv_cache="int8")), ("FAQuant+C8", dict(fa_quant=True, kv_cache="int8"))):
+        recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
+        quantized, _ = dynamo.apply(recipe)
+        ours = greedy(Runner(session(quantized), read_sites(quantized)), prompt, 32)
+        program, seq = torch_fe.logits(recipe), list(prompt)
+        with torch.no_grad():
+            for _ in range(32):  # the capture takes WINDOW tokens; attention is causal, so padding after is inert
+                seq.append(int(program(torch.tensor([seq + [0] * (WINDOW - len(seq))]))[0, len(seq) - 1].argmax()))
+        same = sum(a == b for a, b in zip(ours, seq[len(prompt):]))
+        print(f"greedy 32 tokens on the int8 cache, {mode}: {same}/32 the PyTorch path's tokens")
+
+
+def timed_decode(runner: Runner, context: np.ndarray, steps: int) -> tuple[float, float]:
+    """``(prefill seconds, seconds per decode step)`` of ``context [1, T]`` then ``steps`` greedy tokens."""
+    start = time.perf_counter()
+    logits, past = runner.step(context, None, 0)
+    prefill = time.perf_counter() - start
+    token, length = int(logits[0, -1].argmax()), context.shape[1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, past = runner.step(np.array([[token]], dtype=np.int64), past, length)
+        token, length = int(logits[0, -1].argmax()), length + 1
+    return prefill, (time.perf_counter() - start) / steps
+
+
+def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int) -> None:
+    dynamo = OnnxFrontend.load(work / "dynamo20", WINDOW)
+    genai = OnnxFrontend.load(work / "genai", WINDOW)
+    calib = token_windows(dynamo.tokenizer, corpus.calibration_samples(), WINDOW, 8, "--calib")
+    context = token_windows(dynamo.tokenizer, [corpus.eval_code()], context_len, 1, "--eval").numpy()
+    for form, frontend, config in (("QDQ (torch.onnx, MatMul attention)", dynamo, QuantConfig(kv_cache="int8")),
+                                   ("GroupQueryAttention (onnxruntime-genai)", genai, QuantConfig(kv_cache="int8", symmetric=True))):
+        quantized, _ = frontend.apply(calibrate(frontend, calib, config))
+        runners = {"float": Runner(session(frontend.model, threads), frontend.site_docs),
+                   "int8": Runner(session(quantized, threads), read_sites(quantized))}
+        times = {name: ([], []) for name in runners}
+        for r in range(repeats):
+            for name in (("float", "int8") if r % 2 == 0 else ("int8", "float")):
+                prefill, decode = timed_decode(runners[name], context, steps)
+                times[name][0].append(prefill)
+                times[name][1].append(decode)
+        med = {name: (statistics.median(p), statistics.median(d)) for name, (p, d) in times.items()}
+        print(f"{form}, {context_len}-token context, {threads} threads, {repeats} alternating repeats:")
+        print(f"  prefill: float {med['float'][0]:.3f}s, int8 {med['int8'][0]:.3f}s, ratio {med['int8'][0] / med['float'][0]:.2f}x")
+        print(f"  decode:  float {1000 * med['float'][1]:.2f} ms/token, int8 {1000 * med['int8'][1]:.2f} ms/token, "
+              f"ratio {med['int8'][1] / med['float'][1]:.2f}x")
+        del runners, quantized
+        gc.collect()
+
+
+def structure(layers: list[int]) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qpass.core.recipe import Recipe, geometry, site_key
+    from qpass.frontends.onnx.load import load_decoder
+    from qpass.frontends.onnx.pipeline import quantize_model
+    from qpass.models.onnx_export import export_decoder
+
+    for n in layers:
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=576, intermediate_size=256, num_hidden_layers=n, num_attention_heads=9,
+                             num_key_value_heads=3, vocab_size=512, max_position_embeddings=256)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_decoder(model, Path(tmp) / "model.onnx", opset=20, external_data=True)
+            start = time.perf_counter()
+            graph, found = load_decoder(path)  # external weights stay on disk: onnx-ir reads them lazily
+            loaded_s = time.perf_counter() - start
+            sites = [s for s, _ in found]
+            tensors = {}
+            for s in sites:
+                for kind, heads in (("q", s.num_heads), ("k", s.num_kv_heads), ("v", s.num_kv_heads)):
+                    tensors[site_key(s.layer, f"fa_{kind}", "scale")] = torch.full((heads, s.head_dim), 0.05)
+                    tensors[site_key(s.layer, f"fa_{kind}", "offset")] = torch.zeros(heads, s.head_dim)
+                    if kind != "q":
+                        tensors[site_key(s.layer, f"kv_{kind}", "scale")] = torch.full((heads * s.head_dim,), 0.05)
+                        tensors[site_key(s.layer, f"kv_{kind}", "offset")] = torch.zeros(heads * s.head_dim)
+            recipe = Recipe(QuantConfig(fa_quant=True, kv_cache="int8"), geometry(sites), tensors)
+            start = time.perf_counter()
+            _, counts = quantize_model(graph, found, recipe, verify=False)
+            passes_s = time.perf_counter() - start
+            print(f"{n} layers: load + shape inference + sites {loaded_s:.2f}s, passes (C8 + FAQuant) {passes_s:.2f}s, "
+                  f"total {loaded_s + passes_s:.2f}s; {counts}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("prepare", "accuracy", "speed"):
+        p = sub.add_parser(name)
+        p.add_argument("--work", type=Path, default=Path("out/onnx-bench"))
+    acc = sub.choices["accuracy"]
+    acc.add_argument("--pairs", nargs="+", default=["mixed->source", "mixed->docstrings", "license->source"])
+    acc.add_argument("--eval-windows", type=int, default=16)
+    acc.add_argument("--calib-windows", type=int, default=QuantConfig.__dataclass_fields__["calib_samples"].default)
+    sp = sub.choices["speed"]
+    sp.add_argument("--context", type=int, default=2048)
+    sp.add_argument("--steps", type=int, default=32)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--threads", type=int, default=2)
+    st = sub.add_parser("structure")
+    st.add_argument("--layers", type=int, nargs="+", default=[30, 80])
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.work)
+    elif args.command == "accuracy":
+        accuracy(args.work, args.pairs, args.eval_windows, args.calib_windows)
+    elif args.command == "speed":
+        speed(args.work, args.context, args.steps, args.repeats, args.threads)
+    else:
+        structure(args.layers)
+
+
+if __name__ == "__main__":
+    main()
