@@ -324,3 +324,20 @@ def test_genai_refuses_what_its_cache_cannot_hold(genai_float_dir, text_files, t
     assert main(["compile", str(genai_float_dir), *flags, "--calib", str(text_files["calib"]), "-o", str(tmp_path / "o"), *SMALL]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and not (tmp_path / "o").exists()
+
+
+def test_the_large_model_paths(onnx_dirs, text_files, tmp_path, monkeypatch):
+    """Models past protobuf's 2 GiB go to ONNX Runtime through a temporary file with external data and are
+    written with model.onnx.data: the same paths, taken here by lowering the thresholds to 0 bytes."""
+    from qpass.exporters import onnx_format
+    from qpass.frontends.onnx import session as sessions
+
+    monkeypatch.setattr(sessions, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(onnx_format, "EXTERNAL_BYTES", 0)
+    out = tmp_path / "out"
+    assert main(["compile", str(onnx_dirs[20]), "--kv-int8", "--calib", str(text_files["calib"]),
+                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+    assert (out / "model.onnx.data").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["eval"]["ppl_increase_pct"]) < 1 and report["eval"]["ppl_float"] == pytest.approx(report["eval"]["ppl_reference"])
+    assert not list(tmp_path.glob(".out.qpass-*"))
