@@ -301,7 +301,7 @@ def test_a_genai_model_compiles_to_a_directory_onnxruntime_genai_runs(compiled_g
 
     report = json.loads((compiled_genai / "report.json").read_text())
     assert report["passes"] == {"QuantizeGQAKVCachePass": 2} and report["model"]["genai"] is True
-    assert 0 <= report["eval"]["ppl_increase_pct"] < 1.0
+    assert abs(report["eval"]["ppl_increase_pct"]) < 1.0
     assert json.loads((compiled_genai / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
     loaded = load(compiled_genai, "run")
     prompt = loaded.tokenizer("def main():")["input_ids"]
