@@ -1,8 +1,10 @@
-"""Reliability: interrupted runs leave nothing, same inputs give the same bytes, and the readers of
-untrusted text give a result or a QpassError for any input (hypothesis)."""
+"""Reliability: interrupted runs leave nothing, same inputs give the same bytes, every writer reads its output
+back before moving it into place, and the readers of untrusted text give a result or a QpassError for any input
+(hypothesis)."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,3 +173,53 @@ def test_a_value_that_is_zero_throughout_calibration_is_refused_with_its_site():
     observers["k3"].update(torch.zeros(8, 4))
     with pytest.raises(QpassError, match="k of attention layer 3 \\(model.layers.3.self_attn\\) was 0 in every channel"):
         attention_qparams([site], observers, QuantConfig(kv_cache="int8"))
+
+
+@pytest.fixture(scope="module")
+def compile_result(tiny_model_dir, text_files):
+    """One compile that every format can write: W8A8 and symmetric C8."""
+    import qpass
+    from qpass.core.config import QuantConfig
+
+    config = QuantConfig(kv_cache="int8", symmetric=True, w8a8=True, window=64, calib_samples=4, batch_size=2)
+    return qpass.compile(str(tiny_model_dir), config, calib=text_files["calib"])
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _nan_scale(d):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(d / "quant_model_weight_w8a8.safetensors")
+    t["model.layers.1.self_attn.k_proj.kv_cache_scale"][3] = float("nan")
+    save_file(t, d / "quant_model_weight_w8a8.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("format, module, spoil, message", [
+    ("qpass", "qpass_format", lambda d: _truncate(d / "program.pt2"), "program.pt2: did not read back whole"),
+    ("qpass", "qpass_format", lambda d: _truncate(d / "recipe" / TENSORS_FILE), "cannot read recipe.safetensors"),
+    ("mindie", "mindie_write", _nan_scale, "kv_cache_scale (C8 k_proj kv_cache_scale) has a value that is not a positive"),
+    ("vllm-ascend", "mindie_write", lambda d: (d / "quant_model_description.json").write_text("{}"),
+     "model_quant_type is None"),
+], ids=["qpass-program", "qpass-recipe", "mindie", "vllm-ascend"])
+def test_every_writer_reads_its_output_back_before_moving_it_into_place(compile_result, tmp_path, monkeypatch, format,
+                                                                         module, spoil, message):
+    """A directory that does not read back whole (here spoilt between the write and the check) is refused, and
+    nothing reaches the output path."""
+    import importlib
+
+    exporter = importlib.import_module(f"qpass.exporters.{module}")
+    name = "write_vllm_ascend" if format == "vllm-ascend" else "write"
+    original = getattr(exporter, name)
+
+    def write_then_spoil(compiled, directory, options):
+        original(compiled, directory, options)
+        spoil(directory)
+
+    monkeypatch.setattr(exporter, name, write_then_spoil)
+    with pytest.raises(QpassError, match=re.escape(message)):
+        compile_result.save(tmp_path / "out", format=format)
+    assert list(tmp_path.iterdir()) == []  # no output, no staged directory
