@@ -23,6 +23,7 @@ external data and never read (structure only).
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import subprocess
@@ -58,6 +59,10 @@ def prepare(work: Path) -> None:
         model.config.quantization_config = None
         model.save_pretrained(hf, safe_serialization=True)
         loaded.tokenizer.save_pretrained(hf)
+    config = json.loads((hf / "config.json").read_text())
+    if "quantization_config" in config:  # saved as null; the builder reads any such key as a dict
+        del config["quantization_config"]
+        (hf / "config.json").write_text(json.dumps(config, indent=2))
     if not (dynamo / "model.onnx").is_file():
         dynamo.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -95,8 +100,6 @@ def stepwise_perplexity(runner: Runner, windows: torch.Tensor, batch: int = 4) -
 
 
 def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int) -> None:
-    import json
-
     from qpass.frontends.torch_export.frontend import TorchExportFrontend
     from qpass.models.loaders import load_model
 
