@@ -1,0 +1,383 @@
+"""Layer-wise calibration: a Hugging Face directory read from its (sharded) safetensors one decoder layer at a time.
+
+For models whose weights do not fit in memory (issue 13). :class:`LayerwiseFrontend` answers the part of the
+:class:`qpass.core.frontend.Frontend` protocol that calibration needs (``attention_sites``, ``observe``, ``layers``),
+so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does for the whole model:
+
+- one decoder layer is captured with ``torch.export``: the model's own base model (``LlamaModel``, ...) built with
+  one layer, fed hidden states ``[B, S, hidden]``, its final norm left out, so the causal or sliding-window masks
+  and the rotary embeddings come from the model's own code as in the whole model; the attention site is found on
+  that graph by the fx site finder (structure, not names), once per layer type, and repeated for every layer;
+- per layer, that layer's tensors alone are read (``safe_open``, in the file's dtype) and put in place of the
+  capture's parameters as float32 (the whole-model path computes in float32 too, so the statistics are the same);
+- the calibration windows' hidden states ``[N, W, hidden]`` (float32) pass from layer to layer in one buffer,
+  updated in place batch by batch; past ``hidden_budget`` bytes it is a numpy memmap in a temporary directory,
+  removed when the run ends, however it ends;
+- observers get q/k/v as ``[tokens, channels]`` (``c = h * head_dim + d``; K/V before GQA's repeat, after RoPE),
+  batch by batch, in the whole-model path's order.
+
+The embedding is read first; the LM head and the final norm are never read.
+"""
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from qpass.core.errors import QpassError
+from qpass.core.observers import Observer
+from qpass.core.sites import AttentionSite, DecoderLayer
+from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, param_names
+from qpass.models.loaders import BROKEN_FILE, check_remote_code
+from qpass.passes.fx.find_attention_sites import find_attention_sites
+
+# base models made of embed_tokens, layers.<i>, norm and rotary_emb, whose embedding is used unscaled
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+LAYER_PREFIX = "model.layers."   # how a causal LM's checkpoint names its decoder layers
+EMBEDDING = "model.embed_tokens.weight"
+CAPTURE_PREFIX = "layers.0."     # the one layer's parameters in the capture (after the wrapper's prefix)
+WHOLE_MODEL_FACTOR = 2.0         # a whole-model compile holds about twice the float32 weights (model and capture)
+
+
+class Checkpoint:
+    """The tensors of a Hugging Face directory's safetensors files (one, or sharded with an index), by name,
+    read only when asked for. ``read_names`` lists every tensor read, in order (what tests check)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path, self.read_names = path, []
+        index = path / "model.safetensors.index.json"
+        try:
+            if index.is_file():
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.files = {name: path / file for name, file in weight_map.items()}
+            else:
+                self.files = {}
+                for file in sorted(path.glob("*.safetensors")):
+                    with safe_open(str(file), framework="pt") as f:
+                        self.files.update(dict.fromkeys(f.keys(), file))
+        except (*BROKEN_FILE, TypeError) as err:
+            raise QpassError(f"MODEL {path}: cannot read its safetensors index ({type(err).__name__}: {err}); "
+                             "re-download the model") from None
+        if not self.files:
+            raise QpassError(f"MODEL {path}: no *.safetensors weights in this directory; layer-wise calibration reads safetensors only")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each in its file's dtype (each file opened once)."""
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise QpassError(f"MODEL {self.path}: weight {missing[0]} is not in the safetensors files ({len(missing)} missing); "
+                             "the download is incomplete or the files belong to another model: re-download the model")
+        out = {}
+        for file in dict.fromkeys(self.files[n] for n in names):
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in (n for n in names if self.files[n] == file):
+                        out[name] = f.get_tensor(name)
+                        self.read_names.append(name)
+            except BROKEN_FILE as err:
+                raise QpassError(f"MODEL {self.path}: cannot read {file.name} ({type(err).__name__}: {err}); "
+                                 "re-download the model") from None
+        return out
+
+    def sizes(self) -> tuple[int, int]:
+        """``(elements, bytes)`` of every tensor, from the files' headers (no tensor is read)."""
+        from safetensors import safe_open
+
+        elements = nbytes = 0
+        for file in dict.fromkeys(self.files.values()):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    count = 1
+                    for d in piece.get_shape():
+                        count *= d
+                    elements += count
+                    nbytes += count * _itemsize(piece.get_dtype())
+        return elements, nbytes
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(dtype, 1)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (``MemAvailable``; the free pages where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def whole_model_memory(path: str | Path) -> int | None:
+    """Bytes a whole-model compile of the directory ``path`` needs, about (float32 weights, held twice), or None
+    when ``path`` is not a Hugging Face directory with safetensors."""
+    path = Path(path)
+    if not (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))):
+        return None
+    try:
+        elements, _ = Checkpoint(path).sizes()
+    except (QpassError, *BROKEN_FILE):
+        return None  # the whole-model loader names what is wrong with it
+    return int(elements * 4 * WHOLE_MODEL_FACTOR)
+
+
+class _OneLayer(torch.nn.Module):
+    """``hidden [B, S, hidden] -> hidden [B, S, hidden]`` through one decoder layer: the model's base model built
+    with one layer, no embedding and no final norm (``model`` is the name the capture wrapper gives it)."""
+
+    def __init__(self, base: torch.nn.Module):
+        super().__init__()
+        self.model = base
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=hidden, use_cache=False).last_hidden_state
+
+
+class _Tap(torch.nn.Module):
+    """Identity on an attention value ``[B, H, S, D]``; feeds ``observer`` (when set) ``[B * S, H * D]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.observer: Observer | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.update(x.transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3]))
+        return x
+
+
+class _LayerProgram:
+    """One decoder layer captured (for one layer type), with taps after its q/k/v; weights swapped per layer."""
+
+    def __init__(self, gm: torch.fx.GraphModule, site: AttentionSite, taps: dict[str, _Tap]):
+        self.gm, self.site, self.taps = gm, site, taps
+        self.params = {name.removeprefix(WRAPPER_PREFIX): p for name, p in gm.named_parameters()}
+
+    def load(self, checkpoint: Checkpoint, layer: int) -> None:
+        """Put layer ``layer``'s tensors (read from ``checkpoint``) in place of the parameters, as float32."""
+        names = {f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}": name for name in self.params}
+        tensors = checkpoint.read(list(names))
+        for stored, name in names.items():
+            value = tensors.pop(stored)
+            if tuple(value.shape) != tuple(self.params[name].shape):
+                raise QpassError(f"MODEL {checkpoint.path}: weight {stored} is {list(value.shape)} but config.json makes it "
+                                 f"{list(self.params[name].shape)}; repair config.json or re-download the model")
+            owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
+            param = torch.nn.Parameter(value.to(torch.float32), requires_grad=False)
+            setattr(self.gm.get_submodule(owner), leaf, param)
+            self.params[name] = param
+            del value
+
+    def release(self) -> None:
+        """Drop the weights of the layer last loaded (empty tensors of the same shapes take their place)."""
+        for name, p in self.params.items():
+            owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
+            empty = torch.nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
+            setattr(self.gm.get_submodule(owner), leaf, empty)
+            self.params[name] = empty
+
+
+class LayerwiseFrontend:
+    """A Hugging Face causal LM in a directory, calibrated one decoder layer at a time over ``[batch, window]`` token ids.
+
+    ``hidden_budget``: bytes the calibration windows' hidden states may take in memory before they are spilled to
+    a temporary file (default: a quarter of the memory available when calibration starts)."""
+
+    def __init__(self, path: str | Path, window: int, hidden_budget: int | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = Path(path)
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise QpassError(f"--layerwise: MODEL {path} is not a Hugging Face model directory (config.json + *.safetensors); "
+                             "layer-wise calibration reads such a directory only")
+        try:
+            doc = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise QpassError(f"MODEL {path}: config.json is not valid JSON ({err}); repair or re-download the model") from None
+        check_remote_code(f"MODEL {path}", doc if isinstance(doc, dict) else {})
+        model_type = doc.get("model_type") if isinstance(doc, dict) else None
+        if model_type not in ARCHITECTURES:
+            raise QpassError(f"--layerwise: model_type {model_type!r} is not one layer-wise calibration supports yet "
+                             f"({', '.join(ARCHITECTURES)}); drop --layerwise to compile the whole model")
+        try:
+            self.config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except BROKEN_FILE as err:
+            raise QpassError(f"MODEL {path}: cannot load its config or tokenizer ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:200]}); check config.json and the tokenizer files") from None
+        positions = getattr(self.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and window > positions:
+            raise QpassError(f"--window {window}: longer than the {positions} positions of MODEL {path.name} "
+                             f"(max_position_embeddings); use --window {positions} or less")
+        self.path, self.window, self.hidden_budget = path, window, hidden_budget
+        self.name, self.source = path.name, str(path)
+        self.checkpoint = Checkpoint(path)
+        self.spilled: str | None = None  # the temporary file the last observe() spilled to (removed since)
+        self._programs: dict[str, _LayerProgram] = {}
+        self._sites: list[AttentionSite] | None = None
+
+    @classmethod
+    def load(cls, spec: str | Path, window: int, hidden_budget: int | None = None) -> "LayerwiseFrontend":
+        return cls(spec, window, hidden_budget)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def layer_type(self, layer: int) -> str:
+        """The attention type of ``layer`` (``full_attention``, ``sliding_attention``) where the config lists them."""
+        types = getattr(self.config, "layer_types", None)
+        return types[layer] if types else "all"
+
+    def _program(self, layer: int) -> _LayerProgram:
+        """The capture of ``layer``'s type (made on the first layer of that type)."""
+        kind = self.layer_type(layer)
+        if kind not in self._programs:
+            self._programs[kind] = self._capture(layer)
+        return self._programs[kind]
+
+    def _capture(self, layer: int) -> _LayerProgram:
+        from transformers import AutoModel
+
+        config = copy.deepcopy(self.config)
+        config.num_hidden_layers = 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = [self.config.layer_types[layer]]
+        with torch.device("meta"):
+            base = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        base.rotary_emb = type(base.rotary_emb)(config=config)  # its inv_freq computed, not left on meta
+        base.embed_tokens, base.norm = torch.nn.Identity(), torch.nn.Identity()
+        base.layers[0].to_empty(device="cpu")  # tracing needs shapes, not values: the weights are read per layer later
+        example = torch.zeros((2, self.window, self.config.hidden_size))
+        try:
+            with torch.no_grad():
+                program = torch.export.export(_OneLayer(base), (example,), dynamic_shapes=({0: Dim("batch", min=1, max=1024)},),
+                                              strict=False)
+        except Exception as err:  # torch.export raises many types; the user needs to know capture failed
+            raise QpassError(f"--layerwise: torch.export could not trace one decoder layer of {self.name} ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); drop --layerwise to compile the whole model") from err
+        sites = find_attention_sites(program.graph, param_names(program))
+        if len(sites) != 1:
+            raise QpassError(f"--layerwise: one decoder layer of {self.name} holds {len(sites)} attention sites, not 1; "
+                             "drop --layerwise to compile the whole model")
+        gm = program.module()
+        del program, base
+        nodes, taps = {n.name: n for n in gm.graph.nodes}, {}
+        for kind in ("q", "k", "v"):
+            value = getattr(sites[0], kind)
+            taps[value] = _Tap()
+            gm.add_submodule(f"qpass_tap_{kind}", taps[value])
+            with gm.graph.inserting_after(nodes[value]):
+                gm.graph.call_module(f"qpass_tap_{kind}", (nodes[value],))
+        gm.recompile()
+        result = _LayerProgram(gm, sites[0], taps)
+        result.release()
+        return result
+
+    def attention_sites(self) -> list[AttentionSite]:
+        """Each layer's site: its layer type's capture renamed to the layer (values ``layers.<i>.<node>``, module
+        paths ``model.layers.<i>...``)."""
+        if self._sites is None:
+            self._sites = [self._site(i) for i in range(self.num_layers)]
+        return self._sites
+
+    def _site(self, layer: int) -> AttentionSite:
+        template = self._program(layer).site
+        module = lambda name: f"{LAYER_PREFIX}{layer}." + name.removeprefix(CAPTURE_PREFIX) if name.startswith(CAPTURE_PREFIX) else name  # noqa: E731
+        return replace(template, layer=layer, attention=f"layers.{layer}.{template.attention}",
+                       q=f"layers.{layer}.{template.q}", k=f"layers.{layer}.{template.k}", v=f"layers.{layer}.{template.v}",
+                       q_from=module(template.q_from), k_from=module(template.k_from), v_from=module(template.v_from),
+                       prefix=module(template.prefix) if template.prefix else "")
+
+    def layers(self) -> Iterator[DecoderLayer]:
+        """The decoder layers in order with their attention sites (Linears are not found layer-wise yet)."""
+        for site in self.attention_sites():
+            yield DecoderLayer(site.layer, site, ())
+
+    def observe(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
+                state_dict: dict | None = None, desc: str = "calibrate") -> None:
+        """Run ``windows [N, W]`` through the layers one at a time, feeding each site's q/k/v to its observer."""
+        from tqdm.auto import tqdm
+
+        if state_dict is not None:
+            raise QpassError("--layerwise: smoothing (--anti-method) is not supported layer-wise yet; drop --layerwise")
+        sites = self.attention_sites()
+        hidden_size = self.config.hidden_size
+        shape = (windows.shape[0], windows.shape[1], hidden_size)
+        with hidden_states(shape, self.hidden_budget) as (hidden, spilled):
+            self.spilled = spilled
+            embedding = self.checkpoint.read([EMBEDDING])[EMBEDDING]
+            for start in range(0, windows.shape[0], batch_size):
+                rows = slice(start, start + batch_size)
+                hidden[rows] = torch.nn.functional.embedding(windows[rows], embedding).float()
+            del embedding
+            bar = tqdm(sites, desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None)
+            for site in bar:
+                program = self._program(site.layer)
+                program.load(self.checkpoint, site.layer)
+                for value, tap in program.taps.items():
+                    tap.observer = observers.get(f"layers.{site.layer}.{value}")
+                try:
+                    with torch.no_grad():
+                        for start in range(0, windows.shape[0], batch_size):
+                            rows = slice(start, start + batch_size)
+                            hidden[rows] = program.gm(hidden[rows])
+                finally:
+                    for tap in program.taps.values():
+                        tap.observer = None
+                    program.release()
+
+    def num_parameters(self) -> int:
+        """Parameters in the safetensors files (a tied LM head once: it is not stored)."""
+        return self.checkpoint.sizes()[0]
+
+    def config_json(self) -> dict:
+        config = self.config.to_dict()
+        if not config.get("architectures"):
+            config["architectures"] = ["LlamaForCausalLM"]
+        return config
+
+    def model_facts(self) -> dict:
+        return {"frontend": "torch.export", "layerwise": True}
+
+    def extra_files(self, recipe) -> dict[str, str]:
+        return {}
+
+    def linear_sites(self):
+        raise QpassError("--w8a8 with --layerwise: W8A8 is not supported layer-wise yet; drop --layerwise (or --w8a8)")
+
+
+@contextmanager
+def hidden_states(shape: tuple[int, int, int], budget: int | None):
+    """Yield ``(buffer, spill path or None)``: a float32 ``[N, W, hidden]`` tensor, in memory when it takes at most
+    ``budget`` bytes (default a quarter of the memory available now), else a numpy memmap in a temporary directory
+    that is removed on the way out, however the block ends."""
+    nbytes = 4 * shape[0] * shape[1] * shape[2]
+    if budget is None:
+        budget = available_memory() // 4
+    if nbytes <= budget:
+        yield torch.zeros(shape), None
+        return
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="qpass-layerwise-") as tmp:
+        path = os.path.join(tmp, "hidden_states.f32")
+        array = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
+        try:
+            yield torch.from_numpy(array), path
+        finally:
+            del array

@@ -1,0 +1,197 @@
+"""Layer-wise calibration (issue 13): the same recipe as the whole-model path, one layer's weights at a time,
+hidden states spilled past a budget, nothing left behind, and clean refusals of what it does not do yet."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from qpass.cli import main
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.core.data import token_windows
+from qpass.core.errors import QpassError
+from qpass.core.evaluate import perplexity
+from qpass.core.recipe import Recipe, geometry
+from qpass.frontends.torch_export import layerwise
+from qpass.frontends.torch_export.frontend import TorchExportFrontend
+from qpass.frontends.torch_export.layerwise import LayerwiseFrontend
+from qpass.models.loaders import load_model
+from qpass.models.tiny import tiny_model
+
+WINDOW, LAYERS = 32, 3
+CONFIG = QuantConfig(fa_quant=True, kv_cache="int8", window=WINDOW, calib_samples=8, batch_size=3)
+
+
+def _save(path, arch, dtype, tokenizer):
+    model = tiny_model(arch, num_layers=LAYERS, vocab_size=len(tokenizer)).to(dtype)
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="2MB")  # sharded, with an index
+    tokenizer.save_pretrained(path)
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, smollm2_tokenizer):
+    made = {}
+
+    def get(arch: str, dtype: torch.dtype = torch.float32):
+        if (arch, dtype) not in made:
+            made[arch, dtype] = _save(tmp_path_factory.mktemp(f"{arch}-{str(dtype)[6:]}"), arch, dtype, smollm2_tokenizer)
+        return made[arch, dtype]
+    return get
+
+
+@pytest.fixture(scope="module")
+def windows(text_files, smollm2_tokenizer):
+    text = (text_files["prose"]).read_text(encoding="utf-8")
+    return token_windows(smollm2_tokenizer, [text], WINDOW, CONFIG.calib_samples, "--calib")
+
+
+def _same(a: Recipe, b: Recipe) -> None:
+    assert a.sites == b.sites and a.config == b.config
+    assert sorted(a.tensors) == sorted(b.tensors)
+    for name in a.tensors:
+        torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch, dtype", [("llama", torch.float32), ("qwen2", torch.float32), ("mistral", torch.float32),
+                                         ("llama", torch.bfloat16)])
+def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, model_dir, windows):
+    path = model_dir(arch, dtype)
+    whole = TorchExportFrontend.load(load_model(str(path)), WINDOW)  # float32, as the whole-model path computes
+    expected = calibrate(whole, windows, CONFIG)
+    lw = LayerwiseFrontend(path, WINDOW)
+    got = calibrate(lw, windows, CONFIG)
+    _same(got, expected)
+    assert [s.prefix for s in lw.attention_sites()] == [s.prefix for s in whole.attention_sites()]
+    assert lw.num_parameters() == whole.num_parameters()
+    ppl = [perplexity(whole.logits(r), windows, CONFIG.batch_size) for r in (expected, got)]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
+
+
+def test_c8_alone_and_symmetric_equal_the_whole_models(model_dir, windows):
+    path, config = model_dir("qwen2"), QuantConfig(kv_cache="int8", symmetric=True, observer="minmax", window=WINDOW)
+    expected = calibrate(TorchExportFrontend.load(load_model(str(path)), WINDOW), windows, config)
+    _same(calibrate(LayerwiseFrontend(path, WINDOW), windows, config), expected)
+
+
+def test_one_layer_of_weights_at_a_time(model_dir, windows, monkeypatch):
+    """Each layer's tensors are read once, in layer order, in one read after the previous layer's were released;
+    the embedding first, the final norm and LM head never; one capture serves every layer."""
+    path = model_dir("llama", torch.bfloat16)
+    lw = LayerwiseFrontend(path, WINDOW)
+    reads, loads = [], []
+    original_read, original_load = layerwise.Checkpoint.read, layerwise._LayerProgram.load
+
+    def read(self, names):
+        reads.append(list(names))
+        return original_read(self, names)
+
+    def load(self, checkpoint, layer):
+        loads.append(layer)
+        assert all(p.is_meta for p in self.params.values()), "a layer was loaded while another's weights were held"
+        original_load(self, checkpoint, layer)
+        assert all(p.dtype == torch.float32 and not p.is_meta for p in self.params.values())
+
+    monkeypatch.setattr(layerwise.Checkpoint, "read", read)
+    monkeypatch.setattr(layerwise._LayerProgram, "load", load)
+    calibrate(lw, windows, CONFIG)
+    assert reads[0] == ["model.embed_tokens.weight"]
+    per_layer = [{n.split(".")[2] for n in names} for names in reads[1:]]
+    assert per_layer == [{str(i)} for i in range(LAYERS)] and loads == list(range(LAYERS))
+    stored = set(lw.checkpoint.files)
+    assert sorted(n for names in reads for n in names) == sorted(n for n in stored if n.startswith("model.layers.") or "embed" in n)
+    assert not any("lm_head" in n or n == "model.norm.weight" for names in reads for n in names)
+    assert len(lw._programs) == 1  # one capture (one layer type), its weights swapped per layer
+    assert all(p.is_meta for p in lw._programs["all"].params.values())  # the last layer released too
+    # in the file's dtype: the bf16 checkpoint is read as bf16 and widened one layer at a time
+    assert original_read(lw.checkpoint, ["model.layers.0.mlp.up_proj.weight"])["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+
+def test_hidden_states_spill_to_a_temporary_file_removed_after(model_dir, windows, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    path = model_dir("mistral")
+    in_memory = LayerwiseFrontend(path, WINDOW)
+    expected = calibrate(in_memory, windows, CONFIG)
+    assert in_memory.spilled is None
+    spilling = LayerwiseFrontend(path, WINDOW, hidden_budget=1024)
+    seen = []
+    original = layerwise._LayerProgram.load
+
+    def load(self, checkpoint, layer):  # the spill file exists while the layers run
+        seen.append(os.path.isfile(spilling.spilled))
+        original(self, checkpoint, layer)
+
+    monkeypatch.setattr(layerwise._LayerProgram, "load", load)
+    got = calibrate(spilling, windows, CONFIG)
+    assert spilling.spilled is not None and spilling.spilled.startswith(str(tmp_path)) and seen == [True] * LAYERS
+    assert not os.path.exists(spilling.spilled) and list(tmp_path.iterdir()) == []
+    _same(got, expected)
+    assert all(torch.equal(got.tensors[k], expected.tensors[k]) for k in got.tensors)
+
+
+def test_an_interrupted_run_leaves_no_spill_file(model_dir, windows, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    lw = LayerwiseFrontend(model_dir("llama"), WINDOW, hidden_budget=1024)
+
+    def interrupt(self, checkpoint, layer):
+        assert os.path.isfile(lw.spilled)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layerwise._LayerProgram, "load", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(lw, windows, CONFIG)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_writes_the_recipe_a_whole_model_compile_reuses(model_dir, text_files, tmp_path, capsys):
+    path, out = model_dir("llama"), tmp_path / "out"
+    calib = text_files["calib"]
+    args = ["compile", str(path), "--kv-int8", "--fa-quant", "--window", str(WINDOW), "--calib-samples", "4", "--calib", str(calib)]
+    assert main([*args, "--layerwise", "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["recipe", "report.json", "report.png", "report.txt", "tokenizer"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["layerwise"] is True and report["calibration"]["layerwise"] is True
+    recipe = Recipe.load(out / "recipe")
+    whole = TorchExportFrontend.load(load_model(str(path)), WINDOW)
+    recipe.check_matches(geometry(whole.attention_sites()))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval", str(calib)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "recipe only" in err and "--recipe" in err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--w8a8"], "W8A8 is not supported layer-wise yet"),
+    (["--format", "mindie", "--w8a8"], "--layerwise"),
+    (["--eval", "EVAL"], "--eval is not supported layer-wise yet"),
+    (["--kv-int8", "dynamic"], "nothing to calibrate"),
+])
+def test_what_layerwise_does_not_do_is_refused_in_one_line(extra, words, model_dir, text_files, tmp_path, capsys):
+    evaluation = text_files["prose"]
+    extra = [str(evaluation) if e == "EVAL" else e for e in extra]
+    quantize = [] if "--kv-int8" in extra else ["--kv-int8"]
+    assert main(["compile", str(model_dir("llama")), *quantize, *extra, "--layerwise", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_architecture_it_cannot_stream_is_refused(tmp_path, smollm2_tokenizer):
+    tiny_model("gpt2", num_layers=1, vocab_size=len(smollm2_tokenizer)).save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(QpassError, match="model_type 'gpt2' is not one layer-wise calibration supports"):
+        LayerwiseFrontend(tmp_path, WINDOW)
+
+
+def test_layerwise_is_automatic_when_the_model_would_not_fit(model_dir, tmp_path, monkeypatch, capsys):
+    import qpass.api
+
+    monkeypatch.setattr(layerwise, "available_memory", lambda: 1 << 20)
+    result = qpass.api.compile(str(model_dir("llama")), QuantConfig(kv_cache="int8", window=WINDOW, calib_samples=2),
+                               calib=["a few words of calibration text, repeated. " * 40])
+    note = [line for line in capsys.readouterr().err.splitlines() if "one decoder layer at a time" in line]
+    assert len(note) == 1 and "GiB" in note[0]
+    assert result.program is None and result.report["model"]["layerwise"] is True
