@@ -27,6 +27,7 @@ from qpass.core.sites import AttentionSite
 from qpass.exporters import registry
 from qpass.frontends.onnx.frontend import OnnxFrontend
 from qpass.frontends.onnx.load import is_onnx
+from qpass.frontends.torch_export import layerwise
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from qpass.models.loaders import LoadedModel, load_model
 
@@ -91,7 +92,8 @@ def frontend_for(model: str | LoadedModel, window: int, tokenizer: str | Path | 
 
 def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | list[str] | None = None,
             eval: str | Path | None = None, recipe: str | Path | Recipe | None = None,
-            eval_windows: int = EVAL_WINDOWS, verify: bool = True, tokenizer: str | Path | None = None) -> CompileResult:
+            eval_windows: int = EVAL_WINDOWS, verify: bool = True, tokenizer: str | Path | None = None,
+            layerwise: bool | None = None) -> CompileResult:
     """Capture ``model``, calibrate (or reuse ``recipe``), insert Q/DQ and, given ``eval``, measure perplexity.
 
     ``model``: ``"default"``, a ``.gguf`` file, a Hugging Face directory, a :class:`LoadedModel`, or an ONNX
@@ -102,9 +104,13 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     are held out of the range fitting to measure saturation on (:mod:`qpass.core.saturation`).
     Warnings (calibration text too small or too repetitive, saturation far above calibration's) go to stderr, one
     line each, and into ``report["warnings"]``.
+    ``layerwise``: True calibrates a Hugging Face directory one decoder layer at a time (:func:`compile_layerwise`);
+    None does so when the whole model would not fit in memory, with a one-line note; False never.
     """
     timings, warnings, held_ids = {}, [], None
     check_eval_windows(eval_windows)
+    if layerwise or (layerwise is None and recipe is None and _too_big(model)):
+        return compile_layerwise(model, config, calib, eval=eval, recipe=recipe)
     # the text files first, so that a bad one is refused before the model loads
     eval_text = None if eval is None else read_text(eval, "--eval")
     calib_texts = calib if calib is None or isinstance(calib, list) or recipe is not None else read_samples(calib, "--calib")
@@ -190,6 +196,63 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     compiled = registry.Compiled(recipe, report, frontend.state_dict(), frontend.config_json(), frontend.tokenizer,
                                  quantized, decoder, frontend.extra_files(recipe))
     return CompileResult(quantized, recipe, sites, report, frontend.tokenizer, decoder, compiled)
+
+
+def _too_big(model) -> bool:
+    """Whether a whole-model compile of the directory ``model`` would not fit in the memory available (a note says so)."""
+    if isinstance(model, LoadedModel) or is_onnx(model):
+        return False
+    need = layerwise.whole_model_memory(model)
+    available = layerwise.available_memory()
+    if need is None or need <= available:
+        return False
+    print(f"qpass: MODEL {model}: a whole-model compile needs about {need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
+          "is available; calibrating one decoder layer at a time (--layerwise)", file=sys.stderr)
+    return True
+
+
+def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path | list[str] | None = None,
+                      eval: str | Path | None = None, recipe=None, hidden_budget: int | None = None) -> CompileResult:
+    """Calibrate the Hugging Face directory ``model`` one decoder layer at a time (:mod:`qpass.frontends.torch_export.
+    layerwise`): the result holds the recipe and the report, no program (``save`` writes ``recipe/``, ``tokenizer/``
+    and the report). FAQuant and C8 only; every calibration window fits the ranges (nothing is held out: there is
+    no quantized forward to measure saturation on, so the report gives calibration's figures)."""
+    refusal = next((why for why, bad in (
+        ("W8A8 is not supported layer-wise yet; drop --layerwise (or --w8a8)", config.w8a8),
+        ("--eval is not supported layer-wise yet (a layer-wise compile writes the recipe only); drop --eval, and measure "
+         "with `qpass compile MODEL --recipe OUT/recipe --eval FILE` where the model fits", eval is not None),
+        ("--recipe leaves nothing to calibrate; drop --layerwise", recipe is not None),
+        ("the dynamic int8 cache has nothing to calibrate; drop --layerwise", config.kv_cache == "dynamic" and not config.fa_quant),
+        ("it reads a Hugging Face model directory (config.json + *.safetensors); give one", isinstance(model, LoadedModel) or is_onnx(model)),
+    ) if bad), None)
+    if refusal:
+        raise QpassError(f"--layerwise: {refusal}")
+    timings, warnings = {}, []
+    calib_texts = corpus.calibration_samples() if calib is None else calib if isinstance(calib, list) else read_samples(calib, "--calib")
+    with _timed(timings, "load"):
+        frontend = layerwise.LayerwiseFrontend.load(model, config.window, hidden_budget)
+        calib_ids = token_windows(frontend.tokenizer, calib_texts, config.window, config.calib_samples, "--calib")
+    with _timed(timings, "capture"):
+        sites = frontend.attention_sites()
+    with _timed(timings, "calibrate"):
+        recipe = calibrate(frontend, calib_ids, config)
+    _warn(warnings, calibration_text_warning(calib_ids, _feeds(config, sites)))
+    report = {
+        "model": model_info(frontend, sites), "config": config.to_dict(), "sites": [site_info(s) for s in sites],
+        "passes": {}, "sqnr_db": dict(recipe.stats.get("sqnr_db", {})),
+        "calibration": {"file": "stdlib corpus" if calib is None else str(calib) if not isinstance(calib, list) else "texts",
+                        "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel()), "held_out_windows": 0,
+                        "layerwise": True, "hidden_states_spilled": frontend.spilled is not None},
+        "decoder": {"skipped": "layer-wise compile: the recipe only"},
+    }
+    if "zero_range_channels" in recipe.stats:
+        report["zero_range_channels"] = dict(recipe.stats["zero_range_channels"])
+    report["saturation"] = saturation.section(recipe, None, None, None)
+    _warn(warnings, saturation.warning(report["saturation"]))
+    report["warnings"] = warnings
+    report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    compiled = registry.Compiled(recipe, report, {}, frontend.config_json(), frontend.tokenizer)
+    return CompileResult(None, recipe, sites, report, frontend.tokenizer, None, compiled)
 
 
 def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = EVAL_WINDOWS) -> dict:

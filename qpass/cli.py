@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "documentation says; needs --w8a8); vllm-ascend (the same directory as vllm-ascend loads it: "
                         "C8 needs --symmetric, no --fa-quant)")
     c.add_argument("--dtype", choices=("float16", "bfloat16"), help="model dtype of --format mindie / vllm-ascend (default float16)")
+    c.add_argument("--layerwise", action="store_true", default=None,
+                   help="calibrate a Hugging Face directory one decoder layer at a time from its safetensors (automatic when "
+                        "the model would not fit in memory); --fa-quant / --kv-int8, writes recipe/, tokenizer/ and the report")
 
     e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
     e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
@@ -94,6 +97,9 @@ def cmd_compile(args) -> int:
     check_output_dir(args.output, args.force)  # fail before the slow part
     args.format = output_format(args.model, args.format)
     check_format_args(args)
+    if args.layerwise and args.format != "qpass":
+        raise QpassError(f"--format {args.format} with --layerwise: a layer-wise compile writes the recipe only "
+                         "(--format qpass: recipe/, tokenizer/, report); drop --format")
     names = [name for name, _, _ in cli_options()]
     recipe = None
     if args.recipe:
@@ -111,12 +117,15 @@ def cmd_compile(args) -> int:
         except ValueError as err:
             raise QpassError(str(err)) from None
     result = qpass.compile(args.model, config, calib=args.calib, eval=args.eval, recipe=recipe,
-                           eval_windows=args.eval_windows, verify=not args.no_verify, tokenizer=args.tokenizer)
+                           eval_windows=args.eval_windows, verify=not args.no_verify, tokenizer=args.tokenizer,
+                           layerwise=args.layerwise)
     result.save(args.output, force=args.force, format=args.format, dtype=args.dtype)
     print(summary(result.report))
     files = registry.get(args.format).files
     if result.decoder is None:
         files = files.replace("decoder.pt2, ", "")
+    if result.program is None:  # layer-wise: the recipe only
+        files = files.replace("program.pt2, ", "")
     print(f"  wrote {args.output}/ ({files})")
     return 0
 

@@ -4,6 +4,9 @@
     decoder.pt2   the same lowered to paged int8 attention, for ``qpass run`` (when the model can be lowered)
     recipe/       recipe.safetensors + recipe.json (:mod:`qpass.core.recipe`)
     tokenizer/    the model's tokenizer
+
+A layer-wise compile (``--layerwise``) captures no whole program: its directory holds ``recipe/``, ``tokenizer/``
+and the report only, for ``qpass compile MODEL --recipe DIR/recipe`` where the model fits.
 """
 
 import json
@@ -26,9 +29,10 @@ FILES = "program.pt2, decoder.pt2, recipe/, tokenizer/, report.json, report.txt,
 def write(compiled: Compiled, directory: Path, options: dict) -> None:
     if options.get("dtype"):
         raise QpassError(f"--dtype {options['dtype']}: only --format mindie / vllm-ascend have a model dtype; add one or drop --dtype")
-    if compiled.program is None:
+    if compiled.program is None and not compiled.report.get("model", {}).get("layerwise"):
         raise QpassError("--format qpass needs the quantized program; save the CompileResult that qpass.compile returned")
-    torch.export.save(compiled.program, str(directory / PROGRAM_FILE))
+    if compiled.program is not None:
+        torch.export.save(compiled.program, str(directory / PROGRAM_FILE))
     if compiled.decoder is not None:
         torch.export.save(compiled.decoder, str(directory / DECODER_FILE))
     compiled.recipe.save(directory / RECIPE_DIR)
@@ -52,7 +56,7 @@ def check(path: Path) -> None:
             raise QpassError(f"{path / TOKENIZER_DIR}: did not read back ({type(err).__name__}); check the disk and "
                              "compile again") from None
     for name in (PROGRAM_FILE, DECODER_FILE):
-        if name == PROGRAM_FILE or (path / name).exists():
+        if (name == PROGRAM_FILE and not recipe_only(path)) or (path / name).exists():
             try:
                 with zipfile.ZipFile(path / name) as archive:
                     bad = archive.testzip()
@@ -63,7 +67,17 @@ def check(path: Path) -> None:
 
 
 def detect(path: Path) -> bool:
-    return (Path(path) / PROGRAM_FILE).is_file()
+    return (Path(path) / PROGRAM_FILE).is_file() or recipe_only(Path(path))
+
+
+def recipe_only(path: Path) -> bool:
+    """Whether ``path`` is what a layer-wise compile writes: no program, a recipe, a report saying ``layerwise``."""
+    if (path / PROGRAM_FILE).exists() or not (path / RECIPE_DIR).is_dir() or not (path / "report.json").is_file():
+        return False
+    try:
+        return json.loads((path / "report.json").read_text(encoding="utf-8")).get("model", {}).get("layerwise") is True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def load(path: Path, purpose: str = "eval") -> Loaded:
@@ -71,6 +85,9 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if recipe_only(path):
+        raise QpassError(f"{path}: a layer-wise compile's directory holds the recipe only (no {PROGRAM_FILE}); run "
+                         f"`qpass compile MODEL --recipe {path / RECIPE_DIR} -o OUT` where the model fits, and use OUT")
     recipe = Recipe.load(path / RECIPE_DIR)
     if not (path / TOKENIZER_DIR).is_dir():
         raise QpassError(f"{path}: no {TOKENIZER_DIR}/; recompile into a fresh directory (it writes the model's tokenizer there)")
