@@ -341,3 +341,18 @@ def test_the_large_model_paths(onnx_dirs, text_files, tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert abs(report["eval"]["ppl_increase_pct"]) < 1 and report["eval"]["ppl_float"] == pytest.approx(report["eval"]["ppl_reference"])
     assert not list(tmp_path.glob(".out.qpass-*"))
+
+
+def test_an_int8_cache_written_without_its_quantization_is_caught(onnx_dirs, torch_frontend, windows):
+    from qpass.passes.onnx.verify_int8_cache import VerifyInt8CachePass
+
+    recipe = calibrate(torch_frontend, windows, QuantConfig(window=WINDOW, **MODES["C8"]))
+    frontend = OnnxFrontend.load(onnx_dirs[20], WINDOW)
+    quantized, _ = frontend.apply(recipe)
+    VerifyInt8CachePass(frontend.found)(quantized)  # as written: passes
+    concat = next(v for v in quantized.graph.outputs if v.name == "present.1.value").producer()
+    cast = ir.node("Cast", [concat.inputs[1].producer().inputs[0].producer().inputs[0]], {"to": ir.DataType.INT8})
+    quantized.graph.insert_before(concat, cast)
+    concat.replace_input_with(1, cast.outputs[0])  # an int8 cache fed by a plain cast: well formed, wrong
+    with pytest.raises(QpassError, match="present.1.value without its quantization"):
+        VerifyInt8CachePass(frontend.found)(quantized)

@@ -4,9 +4,9 @@
    GroupQueryAttention graphs ``QuantizeGQAKVCachePass`` instead: ONNX Runtime's own int8 cache);
 2. ``InsertFAQuantQDQPass`` (FAQuant): q, k, v round trips; after C8 because with both, FAQuant's k and v
    are the dequantized cache (C8's round trip first, as in the PyTorch path);
-3. ``TopologicalSortPass``, then (``verify``) onnx-ir's ``CheckerPass`` after each pass (``full_check``
-   where the input model passed it) and qpass's own invariant: every int8 cache output is written by a
-   Concat of the int8 past and a QuantizeLinear with the recipe's scale.
+3. after each, ``TopologicalSortPass``, then (``verify``) onnx-ir's ``CheckerPass`` with ``full_check`` (where
+   the input model passed it) and qpass's own invariant (``VerifyInt8CachePass``), all under onnx-ir's
+   ``PassManager``.
 
 The model records its sites as metadata (``qpass.sites``) so that a saved model can be measured again.
 """
@@ -24,6 +24,7 @@ from qpass.passes.onnx.find_attention_sites import CacheIO
 from qpass.passes.onnx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass
+from qpass.passes.onnx.verify_int8_cache import VerifyInt8CachePass
 
 SITES_METADATA = "qpass.sites"
 
@@ -42,15 +43,25 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
         passes.append(InsertKVCacheQDQPass(found, recipe))
     if config.fa_quant:
         passes.append(InsertFAQuantQDQPass(found, recipe))
+    sequence = []
+    for p in passes:
+        sequence += [p, TopologicalSortPass()]
+        if verify:  # onnxruntime-genai's graphs fail onnx.checker as the builder writes them: ORT loading them is the check
+            sequence += [CheckerPass(full_check=True)] if full_check else []
+            sequence.append(VerifyInt8CachePass(found))
+    try:
+        ir.passes.PassManager(sequence)(model)
+    except ir.passes.PassError as err:  # the manager wraps what a pass raised
+        if isinstance(err.__cause__, QpassError):
+            raise err.__cause__ from None
+        raise QpassError(f"the rewritten ONNX model fails onnx.checker ({str(err.__cause__ or err).splitlines()[0][:200]}); "
+                         "please report this model") from None
     counts = {}
     for p in passes:
-        result = p(model)
-        if not result.modified:
+        count = p.rewritten if isinstance(p, QuantizeGQAKVCachePass) else p.count
+        if not count:
             raise QpassError(f"{type(p).__name__} rewrote nothing although the recipe asks for it; please report this model")
-        counts[type(p).__name__] = p.rewritten if isinstance(p, QuantizeGQAKVCachePass) else p.count
-        TopologicalSortPass()(model)
-        if verify:
-            _verify(model, found, full_check)
+        counts[type(p).__name__] = count
     model.metadata_props[SITES_METADATA] = json.dumps([site_doc(s, c) for s, c in found])
     return model, counts
 
@@ -88,32 +99,3 @@ def site_doc(site: AttentionSite, cache: CacheIO | None) -> dict:
         doc.update(past_key=cache.past_key, past_value=cache.past_value, present_key=cache.present_key,
                    present_value=cache.present_value)
     return doc
-
-
-def _verify(model: ir.Model, found, full_check: bool) -> None:
-    try:
-        CheckerPass(full_check=full_check)(model)
-    except Exception as err:  # noqa: BLE001 (onnx.checker's ValidationError / InferenceError)
-        if full_check:
-            raise QpassError(f"the rewritten ONNX model fails onnx.checker ({str(err).splitlines()[0][:200]}); please report this model") from None
-    outputs = {v.name: v for v in model.graph.outputs}
-    for site, cache in found:
-        if cache is None:
-            continue
-        for present in (cache.present_key, cache.present_value):
-            value = outputs[present]
-            if value.dtype != ir.DataType.INT8:
-                continue
-            concat = value.producer()
-            if site.form == GQA_FORM:  # ONNX Runtime's op quantizes what it appends, with its k_scale / v_scale inputs
-                attrs = concat.attributes
-                if attrs.get("kv_cache_bit_width") is None or attrs["kv_cache_bit_width"].as_int() != 8 or len(concat.inputs) < 14:
-                    raise QpassError(f"the rewritten ONNX model's GroupQueryAttention writes the int8 cache {present} without "
-                                     "its 8-bit setting and scales; please report this model")
-                continue
-            new = concat.inputs[1].producer() if concat is not None and len(concat.inputs) == 2 else None
-            ok = concat is not None and concat.op_type == "Concat" and concat.inputs[0].dtype == ir.DataType.INT8
-            while ok and new is not None and new.op_type in ("Transpose", "Reshape"):
-                new = new.inputs[0].producer()
-            if not (ok and new is not None and new.op_type == "QuantizeLinear"):
-                raise QpassError(f"the rewritten ONNX model writes the int8 cache {present} without its QuantizeLinear; please report this model")
