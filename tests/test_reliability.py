@@ -223,3 +223,22 @@ def test_every_writer_reads_its_output_back_before_moving_it_into_place(compile_
     with pytest.raises(QpassError, match=re.escape(message)):
         compile_result.save(tmp_path / "out", format=format)
     assert list(tmp_path.iterdir()) == []  # no output, no staged directory
+
+
+def test_two_lowerings_save_the_same_decoder_bytes(tmp_path):
+    """The lowered decoder is exported a second time; that export's provenance metadata named earlier graphs by
+    their id(), so decoder.pt2 differed from run to run (measured on SmolLM2) until the pipeline dropped it."""
+    import torch
+
+    from qpass.frontends.torch_export.decoder import build_decoder
+    from test_lower_paged_attention import recipe_for, tiny
+
+    saved = []
+    for run in ("a", "b"):
+        torch.manual_seed(0)
+        model = tiny("llama")
+        _, lowered = build_decoder(model, recipe_for(model, "kv-int8"), max_context=128)
+        (tmp_path / run).mkdir()
+        torch.export.save(lowered, str(tmp_path / run / "decoder.pt2"))
+        saved.append((tmp_path / run / "decoder.pt2").read_bytes())
+    assert saved[0] == saved[1]

@@ -144,7 +144,10 @@ def lower_program(program: ExportedProgram, block_size: int = BLOCK_SIZE, max_co
     cache_dims = [{0: blocks}] * sum(len(c) for c in caches)
     dynamic = ({1: seq}, {1: seq}, *cache_dims, {1: width}, None, {0: seq}, None)
     with torch.no_grad():
-        return torch.export.export(gm, example, dynamic_shapes=dynamic, strict=False)
+        lowered = torch.export.export(gm, example, dynamic_shapes=dynamic, strict=False)
+    for node in lowered.graph.nodes:  # the re-export's provenance names the earlier graphs by id(): other bytes each run
+        node.meta.pop("from_node", None)
+    return lowered
 
 
 def layer_caches(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dynamic: bool) -> tuple:
