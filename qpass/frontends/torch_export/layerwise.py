@@ -297,7 +297,10 @@ class LayerwiseFrontend:
 
     def _site(self, layer: int) -> AttentionSite:
         template = self._program(layer).site
-        module = lambda name: f"{LAYER_PREFIX}{layer}." + name.removeprefix(CAPTURE_PREFIX) if name.startswith(CAPTURE_PREFIX) else name  # noqa: E731
+
+        def module(name: str) -> str:  # layers.0.self_attn... -> model.layers.<layer>.self_attn...
+            return f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}" if name.startswith(CAPTURE_PREFIX) else name
+
         return replace(template, layer=layer, attention=f"layers.{layer}.{template.attention}",
                        q=f"layers.{layer}.{template.q}", k=f"layers.{layer}.{template.k}", v=f"layers.{layer}.{template.v}",
                        q_from=module(template.q_from), k_from=module(template.k_from), v_from=module(template.v_from),
@@ -346,9 +349,11 @@ class LayerwiseFrontend:
         return self.checkpoint.sizes()[0]
 
     def config_json(self) -> dict:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
         config = self.config.to_dict()
         if not config.get("architectures"):
-            config["architectures"] = ["LlamaForCausalLM"]
+            config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.config.model_type]]
         return config
 
     def model_facts(self) -> dict:

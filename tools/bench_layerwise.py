@@ -1,0 +1,160 @@
+"""Layer-wise calibration (issue 13): peak memory against depth, and time against the whole-model path.
+
+    python tools/bench_layerwise.py rss  [--layers 4 32] [--windows 8] [--window 256]
+    python tools/bench_layerwise.py time [--windows 32] [--window 512]
+
+``rss``: random-weight Llamas of the same width (hidden 2048, 16 heads, 8 KV heads, intermediate 5632, vocabulary
+32000), one per depth, written straight to sharded bfloat16 safetensors (one shard per layer, never the whole
+model in memory); each is calibrated layer-wise for C8 (recipe only, in a child process) and the child's peak
+resident memory (``ru_maxrss``) is reported. Target: RSS(32 layers) / RSS(4 layers) <= 1.3.
+
+``time``: SmolLM2-135M (``load_model("default")``, float32) saved as a Hugging Face directory, then C8 + FAQuant
+calibrated from that directory by the whole-model path (load, capture, calibrate) and layer-wise (read, capture
+one layer, calibrate), each in its own child process. Target: layer-wise <= 1.3x the whole-model path.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 2048, 16, 8, 5632, 32000
+
+
+def write_random_llama(path: Path, layers: int) -> int:
+    """A random-weight Llama of ``layers`` layers as bfloat16 safetensors, one shard per layer; returns its bytes."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from qpass.models.tiny import byte_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
+                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    head_dim = HIDDEN // HEADS
+    shapes = {"self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
+              "self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+              "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+              "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)}
+    generator = torch.Generator().manual_seed(0)
+    shards = [{"model.embed_tokens.weight": (VOCAB, HIDDEN)}]
+    shards += [{f"model.layers.{i}.{name}": shape for name, shape in shapes.items()} |
+               {f"model.layers.{i}.input_layernorm.weight": (HIDDEN,), f"model.layers.{i}.post_attention_layernorm.weight": (HIDDEN,)}
+               for i in range(layers)]
+    shards += [{"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}]
+    weight_map, total = {}, 0
+    for n, shard in enumerate(shards):
+        file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) / shape[-1] ** 0.5)
+                   .to(torch.bfloat16) for name, shape in shard.items()}
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * 2 for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> None:
+    """Runs in the child: calibrate ``path`` (``mode`` layerwise or whole) and print one JSON line."""
+    from qpass.core import corpus
+    from qpass.core.calibrate import calibrate
+    from qpass.core.config import QuantConfig
+    from qpass.core.data import token_windows
+
+    config = QuantConfig(kv_cache="int8", fa_quant=config_kind == "fa", window=window, calib_samples=windows)
+    start = time.perf_counter()
+    if mode == "layerwise":
+        from qpass.frontends.torch_export.layerwise import LayerwiseFrontend
+
+        frontend = LayerwiseFrontend(path, window)
+    else:
+        from qpass.frontends.torch_export.frontend import TorchExportFrontend
+        from qpass.models.loaders import load_model
+
+        frontend = TorchExportFrontend.load(load_model(path), window)
+    ids = token_windows(frontend.tokenizer, corpus.calibration_samples(), window, windows, "calib")
+    frontend.attention_sites()
+    loaded = time.perf_counter()
+    calibrate(frontend, ids, config)
+    done = time.perf_counter()
+    print(json.dumps({"mode": mode, "tokens": int(ids.numel()), "load_capture_s": round(loaded - start, 2),
+                      "calibrate_s": round(done - loaded, 2), "total_s": round(done - start, 2),
+                      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
+
+
+def run_child(*args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "_child", *map(str, args)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_rss(args) -> None:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="qpass-bench-layerwise-") as tmp:
+        for layers in args.layers:
+            path = Path(tmp) / f"llama-{layers}"
+            size = write_random_llama(path, layers)
+            result = run_child("layerwise", path, args.windows, args.window, "kv")
+            results[layers] = result
+            print(f"{layers:3d} layers ({size / 2**30:.2f} GiB bf16): peak RSS {result['peak_rss_gib']:.3f} GiB, "
+                  f"load+capture {result['load_capture_s']:.1f}s, calibrate {result['calibrate_s']:.1f}s "
+                  f"({result['calibrate_s'] / layers:.2f}s/layer, {result['tokens']} tokens)", flush=True)
+            import shutil
+
+            shutil.rmtree(path)
+    low, high = min(args.layers), max(args.layers)
+    ratio = results[high]["peak_rss_gib"] / results[low]["peak_rss_gib"]
+    print(f"RSS({high} layers) / RSS({low} layers) = {ratio:.3f} (target <= 1.3)")
+
+
+def bench_time(args) -> None:
+    from qpass.models.loaders import load_model
+
+    with tempfile.TemporaryDirectory(prefix="qpass-bench-layerwise-") as tmp:
+        loaded = load_model("default")
+        loaded.model.hf_quantizer = None
+        loaded.model.config.quantization_config = None
+        if hasattr(loaded.model.config, "quantization_config"):
+            del loaded.model.config.quantization_config
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        del loaded
+        whole = run_child("whole", tmp, args.windows, args.window, "fa")
+        lw = run_child("layerwise", tmp, args.windows, args.window, "fa")
+    for r in (whole, lw):
+        print(f"{r['mode']:>9}: load+capture {r['load_capture_s']:.1f}s, calibrate {r['calibrate_s']:.1f}s, "
+              f"total {r['total_s']:.1f}s, peak RSS {r['peak_rss_gib']:.2f} GiB ({r['tokens']} tokens)")
+    print(f"layer-wise / whole-model: calibrate {lw['calibrate_s'] / whole['calibrate_s']:.3f}x, "
+          f"total {lw['total_s'] / whole['total_s']:.3f}x (target <= 1.3x)")
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    rss = sub.add_parser("rss", help="peak RSS of layer-wise C8 calibration against depth (random bf16 Llamas)")
+    rss.add_argument("--layers", type=int, nargs="+", default=[4, 32])
+    rss.add_argument("--windows", type=int, default=8)
+    rss.add_argument("--window", type=int, default=256)
+    timing = sub.add_parser("time", help="layer-wise against whole-model calibration time on SmolLM2")
+    timing.add_argument("--windows", type=int, default=32)
+    timing.add_argument("--window", type=int, default=512)
+    args = parser.parse_args()
+    (bench_rss if args.what == "rss" else bench_time)(args)
+
+
+if __name__ == "__main__":
+    main()
