@@ -126,7 +126,11 @@ def test_quantized_onnx_runs_the_pytorch_paths_numbers(onnx_dirs, torch_frontend
     recipe = calibrate(torch_frontend, windows, config)
     frontend = OnnxFrontend.load(onnx_dirs[opset], WINDOW)
     quantized, counts = frontend.apply(recipe)
-    assert counts == {**({"InsertKVCacheQDQPass": 4} if config.kv_cache else {}), **({"InsertFAQuantQDQPass": 6} if config.fa_quant else {})}
+    folded = {"FoldKVCacheScalesPass": 2} if config.kv_cache and not config.fa_quant else {}
+    assert counts == {**({"InsertKVCacheQDQPass": 4} if config.kv_cache else {}), **folded,
+                      **({"InsertFAQuantQDQPass": 6} if config.fa_quant else {})}
+    ops = {node.op_type for node in quantized.graph}
+    assert ("DequantizeLinear" in ops) == bool(config.fa_quant)  # C8 alone reads the cache through a Cast
     with torch.no_grad():
         expected = torch_frontend.logits(recipe)(windows)
     got = Runner(session(quantized), read_sites(quantized)).logits(windows)
@@ -356,3 +360,26 @@ def test_an_int8_cache_written_without_its_quantization_is_caught(onnx_dirs, tor
     concat.replace_input_with(1, cast.outputs[0])  # an int8 cache fed by a plain cast: well formed, wrong
     with pytest.raises(QpassError, match="present.1.value without its quantization"):
         VerifyInt8CachePass(frontend.found)(quantized)
+
+
+@pytest.mark.parametrize("opset", [20, 23])
+def test_folding_the_cache_scales_changes_no_number(onnx_dirs, torch_frontend, windows, opset):
+    """FoldKVCacheScalesPass is a lowering: the same logits as the QDQ cache it replaces, on whole windows and when
+    decoding on the int8 cache."""
+    from qpass.passes.onnx.fold_kv_cache_scales import FoldKVCacheScalesPass
+    from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
+
+    recipe = calibrate(torch_frontend, windows, QuantConfig(window=WINDOW, **MODES["C8"]))
+    graphs = []
+    for fold in (False, True):
+        model, found = load_decoder(onnx_dirs[opset] / "model.onnx")
+        InsertKVCacheQDQPass(found, recipe)(model)
+        if fold:
+            assert FoldKVCacheScalesPass(found, recipe)(model).modified
+        model.metadata_props["qpass.sites"] = json.dumps([{"layer": s.layer, "past_key": c.past_key, "past_value": c.past_value,
+                                                            "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim} for s, c in found])
+        graphs.append(model)
+    qdq_form, folded = (Runner(session(g), read_sites(g)) for g in graphs)
+    torch.testing.assert_close(folded.logits(windows), qdq_form.logits(windows), atol=1e-4, rtol=1e-4)
+    prompt = windows[1, :6].tolist()
+    assert greedy(folded, prompt, 10) == greedy(qdq_form, prompt, 10)

@@ -2,6 +2,8 @@
 
 1. ``InsertKVCacheQDQPass`` (C8): the cache I/O becomes int8; attention reads the dequantized cache (on
    GroupQueryAttention graphs ``QuantizeGQAKVCachePass`` instead: ONNX Runtime's own int8 cache);
+   with C8 alone, ``FoldKVCacheScalesPass`` then lowers that for ONNX Runtime: attention reads ``Cast(present)``
+   and the scales fold into q and the attention output (no per-step transpose of the whole cache);
 2. ``InsertFAQuantQDQPass`` (FAQuant): q, k, v round trips; after C8 because with both, FAQuant's k and v
    are the dequantized cache (C8's round trip first, as in the PyTorch path);
 3. after each, ``TopologicalSortPass``, then (``verify``) onnx-ir's ``CheckerPass`` with ``full_check`` (where
@@ -21,6 +23,7 @@ from qpass.core.recipe import Recipe
 from qpass.core.sites import AttentionSite
 from qpass.frontends.onnx.load import GQA_FORM
 from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.fold_kv_cache_scales import FoldKVCacheScalesPass
 from qpass.passes.onnx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass
@@ -41,6 +44,8 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
         passes.append(QuantizeGQAKVCachePass(scales))
     elif config.kv_cache == "int8":
         passes.append(InsertKVCacheQDQPass(found, recipe))
+        if not config.fa_quant:  # lower in stages: the QDQ cache first, then its scales folded for ONNX Runtime
+            passes.append(FoldKVCacheScalesPass(found, recipe))
     if config.fa_quant:
         passes.append(InsertFAQuantQDQPass(found, recipe))
     sequence = []
@@ -59,7 +64,7 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
     counts = {}
     for p in passes:
         count = p.rewritten if isinstance(p, QuantizeGQAKVCachePass) else p.count
-        if not count:
+        if not count and not isinstance(p, FoldKVCacheScalesPass):  # a softcapped Attention keeps the QDQ form
             raise QpassError(f"{type(p).__name__} rewrote nothing although the recipe asks for it; please report this model")
         counts[type(p).__name__] = count
     model.metadata_props[SITES_METADATA] = json.dumps([site_doc(s, c) for s, c in found])

@@ -1,0 +1,84 @@
+"""Lower C8's QDQ cache for ONNX Runtime: attention reads the int8 cache through a Cast, its scales folded away.
+
+After ``InsertKVCacheQDQPass`` attention reads ``DequantizeLinear(present)``, which for a per-channel scale on a
+``[B, kv_heads, T, head_dim]`` cache needs a transpose of the whole int8 cache in and of the whole float cache out
+at every decode step (measured 2.6x the float graph's cache traffic per layer at T = 2048). The scales fold
+instead (the paged int8 kernels' math, ``../shared/DESIGN.md``), per query head h reading KV head ``h // rep``:
+
+- K: ``q . ((k_code - z_k) * s_k) = (q * s_k) . k_code - (q * s_k) . z_k``; the second term is the same for every
+  key of a query, and softmax cancels it: attention reads ``Cast(present_key)`` and q is multiplied by ``s_k``;
+- V: the softmax weights of a query sum to one, so ``sum_t p_t (v_code_t - z_v) * s_v = (p . v_code - z_v) * s_v``:
+  attention reads ``Cast(present_value)`` and its output gets ``- z_v`` and ``* s_v``.
+
+The int8 cache I/O and ``QuantizeLinear`` before the Concat are unchanged. Only for C8 alone: FAQuant quantizes
+the dequantized K and V themselves, and a softcapped ``Attention`` (no longer shift-invariant) keeps the QDQ form.
+"""
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from qpass.core.recipe import Recipe
+from qpass.core.sites import AttentionSite
+from qpass.passes.onnx import qdq
+from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.insert_kv_cache_qdq import DEQUANTIZED
+
+
+class FoldKVCacheScalesPass(ir.passes.InPlacePass):
+    """Replace each dequantized cache with a Cast and fold its scales into q and the attention output; ``count``:
+    sites lowered."""
+
+    def __init__(self, sites: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe):
+        super().__init__()
+        self.sites, self.recipe, self.count = sites, recipe, 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, values, count = model.graph, qdq.named_values(model.graph), 0
+        for site, cache in self.sites:
+            attention = values[site.attention].producer()
+            if cache is None or not _shift_invariant(attention):
+                continue
+            dequantized = [values.get(name + DEQUANTIZED) for name in (cache.present_key, cache.present_value)]
+            if None in dequantized:
+                continue
+            for name, value in zip((cache.present_key, cache.present_value), dequantized):
+                cast = ir.node("Cast", [values[name]], {"to": ir.DataType.FLOAT}, name=f"qpass.layers.{site.layer}.{name}.cast")
+                graph.insert_after(values[name].producer(), cast)
+                value.replace_all_uses_with(cast.outputs[0])
+            tag = f"qpass.layers.{site.layer}"
+            s_k, _ = self._per_head(site, "k")
+            s_v, z_v = self._per_head(site, "v")
+            q = values[site.q]
+            scale_q = ir.node("Mul", [q, qdq.initializer(graph, f"{tag}.kv_k.scale_per_head", s_k)], name=f"{tag}.fold_k_scale")
+            qdq.replace_uses(q, scale_q.outputs[0], keep={scale_q})
+            graph.insert_after(q.producer(), scale_q)
+            out = values[site.attention]
+            sub = ir.node("Sub", [out, qdq.initializer(graph, f"{tag}.kv_v.offset_per_head", z_v)], name=f"{tag}.fold_v_offset")
+            mul = ir.node("Mul", [sub.outputs[0], qdq.initializer(graph, f"{tag}.kv_v.scale_per_head", s_v)], name=f"{tag}.fold_v_scale")
+            qdq.replace_uses(out, mul.outputs[0], keep={sub})
+            graph.insert_after(attention, [sub, mul])
+            count += 1
+        if count:
+            RemoveUnusedNodesPass()(model)  # the DequantizeLinear chains nothing reads now
+        self.count += count
+        return ir.passes.PassResult(model, count > 0)
+
+    def _per_head(self, site: AttentionSite, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, offset)`` of ``kv_<kind>`` as float32 ``[1, heads, 1, head_dim]``, query head h taking KV head
+        ``h // (heads / kv_heads)`` (GQA's repeat)."""
+        scale, offset = self.recipe.get(site.layer, f"kv_{kind}")
+        rep = site.num_heads // site.num_kv_heads
+
+        def per_head(t: torch.Tensor) -> np.ndarray:
+            heads = t.double().reshape(site.num_kv_heads, site.head_dim).repeat_interleave(rep, 0)
+            return heads.reshape(1, site.num_heads, 1, site.head_dim).float().numpy()
+
+        return per_head(scale), per_head(offset)
+
+
+def _shift_invariant(attention: ir.Node) -> bool:
+    """Whether adding a constant to every score of a query leaves the output unchanged (no softcap)."""
+    softcap = attention.attributes.get("softcap") if attention.op_type == "Attention" else None
+    return softcap is None or softcap.as_float() == 0.0
