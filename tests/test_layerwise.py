@@ -85,6 +85,20 @@ def test_c8_alone_and_symmetric_equal_the_whole_models(frontends, windows):
     _same(calibrate(lw, windows, config), calibrate(whole, windows, config))
 
 
+@pytest.mark.parametrize("arch, level", [("llama", "L0"), ("qwen2", "L3")])  # qwen2: q/k/v with biases
+def test_w8a8_recipe_equals_the_whole_models(arch, level, frontends, windows):
+    whole, lw = frontends(arch)
+    config = QuantConfig(w8a8=True, kv_cache="int8", disable_level=level, window=WINDOW, batch_size=4)
+    expected, got = calibrate(whole, windows, config), calibrate(lw, windows, config)
+    _same(got, expected)
+    assert len([k for k in got.tensors if k.startswith("w8a8.")]) == 2 * 7 * LAYERS - 2 * int(level[1:])
+    assert dict(got.w8a8) == dict(expected.w8a8)  # the same Linears kept float, for the same reasons
+    for name, ratio in expected.stats["w8a8"]["range_ratio"].items():
+        assert got.stats["w8a8"]["range_ratio"][name] == pytest.approx(ratio, rel=1e-4)
+    assert [layer.linears for layer in lw.layers()] == [tuple(s for s in lw.linear_sites() if f".{i}." in s.module)
+                                                        for i in range(LAYERS)]
+
+
 def test_one_layer_of_weights_at_a_time(frontends, windows, monkeypatch):
     """Each layer's tensors are read once, in layer order, in one read after the previous layer's were released;
     the embedding first, the final norm and LM head never; one capture serves every layer."""
@@ -172,7 +186,8 @@ def test_cli_writes_the_recipe_a_whole_model_compile_reuses(model_dir, frontends
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--w8a8"], "W8A8 is not supported layer-wise yet"),
+    (["--w8a8", "--anti-method", "m1"], "--anti-method (smoothing) is not supported layer-wise yet"),
+    (["--w8a8", "--disable-level", "auto"], "--disable-level auto is not supported layer-wise yet"),
     (["--format", "mindie", "--w8a8"], "--layerwise"),
     (["--eval", "EVAL"], "--eval is not supported layer-wise yet"),
     (["--kv-int8", "dynamic"], "nothing to calibrate"),

@@ -13,8 +13,10 @@ so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does fo
 - the calibration windows' hidden states ``[N, W, hidden]`` (float32) pass from layer to layer in one buffer,
   updated in place batch by batch; past ``hidden_budget`` bytes it is a numpy memmap in a temporary directory,
   removed when the run ends, however it ends;
-- observers get q/k/v as ``[tokens, channels]`` (``c = h * head_dim + d``; K/V before GQA's repeat, after RoPE),
-  batch by batch, in the whole-model path's order.
+- observers get q/k/v as ``[tokens, channels]`` (``c = h * head_dim + d``; K/V before GQA's repeat, after RoPE)
+  and each Linear's input as ``[tokens, in_features]`` (W8A8; the Linears found on the capture by the fx finder),
+  batch by batch, in the whole-model path's order; W8A8's weights are read again one at a time when looked up
+  (:class:`LazyStateDict`). Smoothing and ``--disable-level auto`` need a whole-model forward: not layer-wise yet.
 
 The embedding is read first; the LM head and the final norm are never read.
 """
@@ -23,7 +25,7 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -33,10 +35,11 @@ from torch.export import Dim
 
 from qpass.core.errors import QpassError
 from qpass.core.observers import Observer
-from qpass.core.sites import AttentionSite, DecoderLayer
+from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, param_names
 from qpass.models.loaders import BROKEN_FILE, check_remote_code
 from qpass.passes.fx.find_attention_sites import find_attention_sites
+from qpass.passes.fx.find_linear_sites import find_linear_sites
 
 # base models made of embed_tokens, layers.<i>, norm and rotary_emb, whose embedding is used unscaled
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -148,23 +151,25 @@ class _OneLayer(torch.nn.Module):
 
 
 class _Tap(torch.nn.Module):
-    """Identity on an attention value ``[B, H, S, D]``; feeds ``observer`` (when set) ``[B * S, H * D]``."""
+    """Identity on a value; feeds ``observer`` (when set) an attention value ``[B, H, S, D]`` as ``[B * S, H * D]``,
+    a Linear's input ``[..., C]`` as ``[tokens, C]`` (as the whole-model frontend's taps do)."""
 
-    def __init__(self):
+    def __init__(self, attention: bool):
         super().__init__()
-        self.observer: Observer | None = None
+        self.attention, self.observer = attention, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
-            self.observer.update(x.transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3]))
+            flat = x.transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3]) if self.attention else x.reshape(-1, x.shape[-1])
+            self.observer.update(flat)
         return x
 
 
 class _LayerProgram:
     """One decoder layer captured (for one layer type), with taps after its q/k/v; weights swapped per layer."""
 
-    def __init__(self, gm: torch.fx.GraphModule, site: AttentionSite, taps: dict[str, _Tap]):
-        self.gm, self.site, self.taps = gm, site, taps
+    def __init__(self, gm: torch.fx.GraphModule, site: AttentionSite, linears: list[LinearSite], taps: dict[str, _Tap]):
+        self.gm, self.site, self.linears, self.taps = gm, site, linears, taps
         self.params = {name.removeprefix(WRAPPER_PREFIX): p for name, p in gm.named_parameters()}
 
     def load(self, checkpoint: Checkpoint, layer: int) -> None:
@@ -274,17 +279,19 @@ class LayerwiseFrontend:
         if len(sites) != 1:
             raise QpassError(f"--layerwise: one decoder layer of {self.name} holds {len(sites)} attention sites, not 1; "
                              "drop --layerwise to compile the whole model")
+        linears = find_linear_sites(program.graph, param_names(program))
         gm = program.module()
         del program, base
         nodes, taps = {n.name: n for n in gm.graph.nodes}, {}
-        for kind in ("q", "k", "v"):
-            value = getattr(sites[0], kind)
-            taps[value] = _Tap()
-            gm.add_submodule(f"qpass_tap_{kind}", taps[value])
+        values = [(getattr(sites[0], kind), True) for kind in ("q", "k", "v")]
+        values += [(name, False) for name in dict.fromkeys(s.input for s in linears)]
+        for i, (value, attention) in enumerate(values):
+            taps[value] = _Tap(attention)
+            gm.add_submodule(f"qpass_tap_{i}", taps[value])
             with gm.graph.inserting_after(nodes[value]):
-                gm.graph.call_module(f"qpass_tap_{kind}", (nodes[value],))
+                gm.graph.call_module(f"qpass_tap_{i}", (nodes[value],))
         gm.recompile()
-        result = _LayerProgram(gm, sites[0], taps)
+        result = _LayerProgram(gm, sites[0], linears, taps)
         result.release()
         return result
 
@@ -296,20 +303,28 @@ class LayerwiseFrontend:
         return self._sites
 
     def _site(self, layer: int) -> AttentionSite:
-        template = self._program(layer).site
-
-        def module(name: str) -> str:  # layers.0.self_attn... -> model.layers.<layer>.self_attn...
-            return f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}" if name.startswith(CAPTURE_PREFIX) else name
-
+        template, module = self._program(layer).site, _module_path(layer)
         return replace(template, layer=layer, attention=f"layers.{layer}.{template.attention}",
                        q=f"layers.{layer}.{template.q}", k=f"layers.{layer}.{template.k}", v=f"layers.{layer}.{template.v}",
                        q_from=module(template.q_from), k_from=module(template.k_from), v_from=module(template.v_from),
                        prefix=module(template.prefix) if template.prefix else "")
 
+    def linear_sites(self) -> list[LinearSite]:
+        """Each layer's Linears (found on its layer type's capture by the fx finder), renamed to the layer."""
+        return [s for layer in self.layers() for s in layer.linears]
+
     def layers(self) -> Iterator[DecoderLayer]:
-        """The decoder layers in order with their attention sites (Linears are not found layer-wise yet)."""
+        """The decoder layers in order, each with its attention site and Linears."""
         for site in self.attention_sites():
-            yield DecoderLayer(site.layer, site, ())
+            module, named = _module_path(site.layer), f"layers.{site.layer}.".__add__
+            linears = tuple(replace(s, node=named(s.node), input=named(s.input), weight=named(s.weight),
+                                    bias=None if s.bias is None else named(s.bias), module=module(s.module))
+                            for s in self._program(site.layer).linears)
+            yield DecoderLayer(site.layer, site, linears)
+
+    def state_dict(self) -> "LazyStateDict":
+        """The float parameters by module path, each read (as float32) only when it is looked up."""
+        return LazyStateDict(self.checkpoint)
 
     def observe(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
                 state_dict: dict | None = None, desc: str = "calibrate") -> None:
@@ -344,6 +359,10 @@ class LayerwiseFrontend:
                         tap.observer = None
                     program.release()
 
+    def logits(self, recipe=None, verify: bool = True):
+        """Not layer-wise yet: a logits function would run the whole model (``--disable-level auto``, evaluation)."""
+        raise QpassError("--layerwise: no whole-model forward layer-wise yet (--disable-level auto, --eval); drop --layerwise")
+
     def num_parameters(self) -> int:
         """Parameters in the safetensors files (a tied LM head once: it is not stored)."""
         return self.checkpoint.sizes()[0]
@@ -362,8 +381,31 @@ class LayerwiseFrontend:
     def extra_files(self, recipe) -> dict[str, str]:
         return {}
 
-    def linear_sites(self):
-        raise QpassError("--w8a8 with --layerwise: W8A8 is not supported layer-wise yet; drop --layerwise (or --w8a8)")
+
+
+def _module_path(layer: int):
+    """``layers.0.self_attn...`` (the capture's module paths) -> ``model.layers.<layer>.self_attn...``."""
+    def module(name: str) -> str:
+        return f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}" if name.startswith(CAPTURE_PREFIX) else name
+    return module
+
+
+class LazyStateDict(Mapping):
+    """A checkpoint's tensors by name, each read from its file as float32 when looked up (none kept)."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.checkpoint.files:
+            raise KeyError(name)
+        return self.checkpoint.read([name])[name].to(torch.float32)
+
+    def __iter__(self):
+        return iter(self.checkpoint.files)
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.files)
 
 
 @contextmanager
