@@ -215,14 +215,17 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
                       eval: str | Path | None = None, recipe=None, hidden_budget: int | None = None) -> CompileResult:
     """Calibrate the Hugging Face directory ``model`` one decoder layer at a time (:mod:`qpass.frontends.torch_export.
     layerwise`): the result holds the recipe and the report, no program (``save`` writes ``recipe/``, ``tokenizer/``
-    and the report). FAQuant and C8 only; every calibration window fits the ranges (nothing is held out: there is
-    no quantized forward to measure saturation on, so the report gives calibration's figures)."""
+    and the report). FAQuant, C8, and W8A8 without smoothing and with ``disable_level`` L0 or Ln; every calibration
+    window fits the ranges (nothing is held out: there is no quantized forward to measure saturation on, so the
+    report gives calibration's figures)."""
     refusal = next((why for why, bad in (
-        ("W8A8 is not supported layer-wise yet; drop --layerwise (or --w8a8)", config.w8a8),
+        ("--anti-method (smoothing) is not supported layer-wise yet; drop --layerwise or --anti-method", config.anti_method),
+        ("--disable-level auto is not supported layer-wise yet (its search runs the whole quantized model); use L0 or Ln",
+         config.disable_level == "auto"),
         ("--eval is not supported layer-wise yet (a layer-wise compile writes the recipe only); drop --eval, and measure "
          "with `qpass compile MODEL --recipe OUT/recipe --eval FILE` where the model fits", eval is not None),
         ("--recipe leaves nothing to calibrate; drop --layerwise", recipe is not None),
-        ("the dynamic int8 cache has nothing to calibrate; drop --layerwise", config.kv_cache == "dynamic" and not config.fa_quant),
+        ("the dynamic int8 cache has nothing to calibrate; drop --layerwise", config.kv_cache == "dynamic" and not config.fa_quant and not config.w8a8),
         ("it reads a Hugging Face model directory (config.json + *.safetensors); give one", isinstance(model, LoadedModel) or is_onnx(model)),
     ) if bad), None)
     if refusal:
@@ -247,6 +250,8 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
     }
     if "zero_range_channels" in recipe.stats:
         report["zero_range_channels"] = dict(recipe.stats["zero_range_channels"])
+    if config.w8a8:
+        report["w8a8"] = reporting.w8a8_section(recipe)
     report["saturation"] = saturation.section(recipe, None, None, None)
     _warn(warnings, saturation.warning(report["saturation"]))
     report["warnings"] = warnings
