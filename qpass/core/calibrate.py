@@ -40,6 +40,28 @@ def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig) ->
     return Recipe(config, geometry(sites), tensors, stats)
 
 
+def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig) -> Recipe:
+    """:func:`calibrate` for a frontend that runs the model one decoder layer at a time: its ``observe_layers(windows,
+    observers, batch_size)`` yields each layer's index once that layer has seen every window. Each site's ranges are
+    chosen as soon as its layer is done and its observers dropped, so the statistics held grow with one layer, not
+    with depth; the recipe is :func:`calibrate`'s (the same observers, the same :func:`attention_qparams`, site by
+    site). W8A8 goes through :func:`calibrate` (its fallback ranks every Linear at once)."""
+    sites = {s.layer: s for s in frontend.attention_sites()}
+    observers = attention_observers(list(sites.values()), config, windows.numel())
+    if config.w8a8 or not observers:
+        return calibrate(frontend, windows, config)
+    tensors, stats = {}, {}
+    for layer in frontend.observe_layers(windows, observers, config.batch_size):
+        site = sites[layer]
+        done = {name: observers.pop(name) for name in (getattr(site, kind) for kind in config.observed_kinds)}
+        site_tensors, site_stats = attention_qparams([site], done, config)
+        tensors.update(site_tensors)
+        for key, table in site_stats.items():
+            stats.setdefault(key, {}).update(table)
+        del done  # before the next layer runs
+    return Recipe(config, geometry(sites.values()), tensors, stats)
+
+
 def attention_observers(sites: list[AttentionSite], config: QuantConfig, tokens: int) -> dict[str, Observer]:
     """One observer per site value that ``config`` quantizes, keyed by the value's name in the IR."""
     stride = max(1, tokens // SAMPLE_TOKENS)
