@@ -17,7 +17,7 @@ from pathlib import Path
 from qpass.core import corpus
 from qpass.core import report as reporting
 from qpass.core import saturation
-from qpass.core.calibrate import calibrate
+from qpass.core.calibrate import calibrate, calibrate_by_layer
 from qpass.core.config import EVAL_WINDOWS, QuantConfig
 from qpass.core.data import calibration_text_warning, read_samples, read_text, token_windows
 from qpass.core.errors import QpassError
@@ -238,7 +238,7 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
     with _timed(timings, "capture"):
         sites = frontend.attention_sites()
     with _timed(timings, "calibrate"):
-        recipe = calibrate(frontend, calib_ids, config)
+        recipe = calibrate_by_layer(frontend, calib_ids, config)
     _warn(warnings, calibration_text_warning(calib_ids, _feeds(config, sites)))
     report = {
         "model": model_info(frontend, sites), "config": config.to_dict(), "sites": [site_info(s) for s in sites],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qpass.cli import main
-from qpass.core.calibrate import calibrate
+from qpass.core.calibrate import calibrate, calibrate_by_layer
 from qpass.core.config import QuantConfig
 from qpass.core.data import token_windows
 from qpass.core.errors import QpassError
@@ -70,8 +70,13 @@ def _same(a: Recipe, b: Recipe) -> None:
                                               ("mistral", torch.bfloat16, False)])  # mistral: sliding window 8 < WINDOW
 def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, ppl, frontends, windows):
     whole, lw = frontends(arch, dtype)
-    expected, got = calibrate(whole, windows, CONFIG), calibrate(lw, windows, CONFIG)
+    expected, got = calibrate(whole, windows, CONFIG), calibrate_by_layer(lw, windows, CONFIG)
     _same(got, expected)
+    assert list(got.stats) == list(expected.stats)  # per-site SQNR and saturation, layer by layer
+    for key in ("sqnr_db", "saturation"):
+        assert list(got.stats[key]) == list(expected.stats[key])
+        for layer, table in expected.stats[key].items():
+            assert got.stats[key][layer] == pytest.approx(table, rel=1e-4, abs=1e-6)
     assert [s.prefix for s in lw.attention_sites()] == [s.prefix for s in whole.attention_sites()]
     assert lw.num_parameters() == whole.num_parameters()
     if ppl:
@@ -82,7 +87,7 @@ def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, ppl, frontend
 def test_c8_alone_and_symmetric_equal_the_whole_models(frontends, windows):
     whole, lw = frontends("qwen2")
     config = QuantConfig(kv_cache="int8", symmetric=True, observer="minmax", window=WINDOW, batch_size=2)
-    _same(calibrate(lw, windows, config), calibrate(whole, windows, config))
+    _same(calibrate(lw, windows, config), calibrate(whole, windows, config))  # observe(): every layer, then the ranges
 
 
 @pytest.mark.parametrize("arch, level", [("llama", "L0"), ("qwen2", "L3")])  # qwen2: q/k/v with biases
@@ -118,7 +123,7 @@ def test_one_layer_of_weights_at_a_time(frontends, windows, monkeypatch):
 
     monkeypatch.setattr(layerwise.Checkpoint, "read", read)
     monkeypatch.setattr(layerwise._LayerProgram, "load", load)
-    calibrate(lw, windows, CONFIG)
+    calibrate_by_layer(lw, windows, CONFIG)
     assert reads[0] == ["model.embed_tokens.weight"]
     per_layer = [{n.split(".")[2] for n in names} for names in reads[1:]]
     assert per_layer == [{str(i)} for i in range(LAYERS)] and loads == list(range(LAYERS))
@@ -132,10 +137,37 @@ def test_one_layer_of_weights_at_a_time(frontends, windows, monkeypatch):
     assert original_read(lw.checkpoint, ["model.layers.0.mlp.up_proj.weight"])["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
 
 
+def test_each_layers_statistics_are_dropped_when_it_is_done(frontends, windows, monkeypatch):
+    """calibrate_by_layer holds the observers of one layer at a time: when a layer's weights are loaded, no
+    observer that has seen data is alive but that layer's (the earlier layers' ranges are already chosen)."""
+    import gc
+    import weakref
+
+    from qpass.core import observers as observers_module
+
+    lw, made, alive = frontends("llama")[1], [], []
+    original_init, original_load = observers_module.Observer.__init__, layerwise._LayerProgram.load
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    def load(self, checkpoint, layer):
+        gc.collect()
+        alive.append(sum(1 for ref in made if ref() is not None and ref().min is not None))
+        original_load(self, checkpoint, layer)
+
+    monkeypatch.setattr(observers_module.Observer, "__init__", init)
+    monkeypatch.setattr(layerwise._LayerProgram, "load", load)
+    recipe = calibrate_by_layer(lw, windows, CONFIG)
+    assert len(made) == 3 * LAYERS and alive == [0] * LAYERS  # q, k, v per layer; none left over when the next loads
+    assert sorted({int(k.split(".")[1]) for k in recipe.tensors}) == list(range(LAYERS))
+
+
 def test_hidden_states_spill_to_a_temporary_file_removed_after(frontends, windows, tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     lw = frontends("mistral", torch.bfloat16)[1]
-    expected = calibrate(lw, windows, CONFIG)
+    expected = calibrate_by_layer(lw, windows, CONFIG)
     assert lw.spilled is None
     seen = []
     original = layerwise._LayerProgram.load
@@ -146,7 +178,7 @@ def test_hidden_states_spill_to_a_temporary_file_removed_after(frontends, window
 
     monkeypatch.setattr(layerwise._LayerProgram, "load", load)
     monkeypatch.setattr(lw, "hidden_budget", 1024)
-    got = calibrate(lw, windows, CONFIG)
+    got = calibrate_by_layer(lw, windows, CONFIG)
     assert lw.spilled is not None and lw.spilled.startswith(str(tmp_path)) and seen == [True] * LAYERS
     assert not os.path.exists(lw.spilled) and list(tmp_path.iterdir()) == []
     assert sorted(got.tensors) == sorted(expected.tensors)
@@ -164,7 +196,7 @@ def test_an_interrupted_run_leaves_no_spill_file(frontends, windows, tmp_path, m
 
     monkeypatch.setattr(layerwise._LayerProgram, "load", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        calibrate(lw, windows, CONFIG)
+        calibrate_by_layer(lw, windows, CONFIG)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,7 +2,8 @@
 
 For models whose weights do not fit in memory (issue 13). :class:`LayerwiseFrontend` answers the part of the
 :class:`qpass.core.frontend.Frontend` protocol that calibration needs (``attention_sites``, ``observe``, ``layers``),
-so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does for the whole model:
+so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does for the whole model
+(:func:`~qpass.core.calibrate.calibrate_by_layer` the same recipe, each layer's ranges chosen when the layer is done):
 
 - one decoder layer is captured with ``torch.export``: the model's own base model (``LlamaModel``, ...) built with
   one layer, fed hidden states ``[B, S, hidden]``, its final norm left out, so the causal or sliding-window masks
@@ -328,14 +329,20 @@ class LayerwiseFrontend:
 
     def observe(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
                 state_dict: dict | None = None, desc: str = "calibrate") -> None:
-        """Run ``windows [N, W]`` through the layers one at a time, feeding each site's q/k/v to its observer."""
-        from tqdm.auto import tqdm
-
+        """Run ``windows [N, W]`` through the layers one at a time, feeding each site's q/k/v (and each Linear's input)
+        to the observer keyed by it."""
         if state_dict is not None:
             raise QpassError("--layerwise: smoothing (--anti-method) is not supported layer-wise yet; drop --layerwise")
-        sites = self.attention_sites()
-        hidden_size = self.config.hidden_size
-        shape = (windows.shape[0], windows.shape[1], hidden_size)
+        for _ in self.observe_layers(windows, observers, batch_size, desc):
+            pass
+
+    def observe_layers(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
+                       desc: str = "calibrate") -> Iterator[int]:
+        """:meth:`observe`, yielding each layer's index once its observers have seen every window (for
+        :func:`qpass.core.calibrate.calibrate_by_layer`, which then drops them)."""
+        from tqdm.auto import tqdm
+
+        shape = (windows.shape[0], windows.shape[1], self.config.hidden_size)
         with hidden_states(shape, self.hidden_budget) as (hidden, spilled):
             self.spilled = spilled
             embedding = self.checkpoint.read([EMBEDDING])[EMBEDDING]
@@ -343,8 +350,7 @@ class LayerwiseFrontend:
                 rows = slice(start, start + batch_size)
                 hidden[rows] = torch.nn.functional.embedding(windows[rows], embedding).float()
             del embedding
-            bar = tqdm(sites, desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None)
-            for site in bar:
+            for site in tqdm(self.attention_sites(), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
                 program = self._program(site.layer)
                 program.load(self.checkpoint, site.layer)
                 for value, tap in program.taps.items():
@@ -358,6 +364,8 @@ class LayerwiseFrontend:
                     for tap in program.taps.values():
                         tap.observer = None
                     program.release()
+                    _trim_heap()
+                yield site.layer
 
     def logits(self, recipe=None, verify: bool = True):
         """Not layer-wise yet: a logits function would run the whole model (``--disable-level auto``, evaluation)."""
@@ -406,6 +414,18 @@ class LazyStateDict(Mapping):
 
     def __len__(self) -> int:
         return len(self.checkpoint.files)
+
+
+def _trim_heap() -> None:
+    """Give the memory freed with a layer's weights back to the system (glibc keeps freed blocks below its mmap
+    threshold in the heap, and fragments of them add up over the layers: measured 60 MB a layer at hidden 2048)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 @contextmanager
