@@ -67,7 +67,7 @@ def write_random_llama(path: Path, layers: int) -> int:
 def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> None:
     """Runs in the child: calibrate ``path`` (``mode`` layerwise or whole) and print one JSON line."""
     from qpass.core import corpus
-    from qpass.core.calibrate import calibrate
+    from qpass.core.calibrate import calibrate, calibrate_by_layer
     from qpass.core.config import QuantConfig
     from qpass.core.data import token_windows
 
@@ -85,7 +85,7 @@ def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> 
     ids = token_windows(frontend.tokenizer, corpus.calibration_samples(), window, windows, "calib")
     frontend.attention_sites()
     loaded = time.perf_counter()
-    calibrate(frontend, ids, config)
+    (calibrate_by_layer if mode == "layerwise" else calibrate)(frontend, ids, config)  # as qpass compile calibrates
     done = time.perf_counter()
     print(json.dumps({"mode": mode, "tokens": int(ids.numel()), "load_capture_s": round(loaded - start, 2),
                       "calibrate_s": round(done - loaded, 2), "total_s": round(done - start, 2),
