@@ -21,7 +21,8 @@ def summary(report: dict) -> str:
         lines.append(f"  W8A8: {w['quantized']} of {w['linears']} Linears int8 (act-method {w['act_method']}, "
                      f"anti-method {w['anti_method'] or 'none'}, disable-level {w['disable_level']}); "
                      f"{len(w['float_linears'])} float" + (f": {', '.join(sorted(w['float_linears']))}" if w["float_linears"] else ""))
-    lines.append("  passes: " + ", ".join(f"{k} {v}" for k, v in report["passes"].items()))
+    lines.append("  passes: " + (", ".join(f"{k} {v}" for k, v in report["passes"].items())
+                                 or "none (a layer-wise compile writes the recipe only)"))
     ev = report.get("eval")
     if ev:
         lines.append(f"  eval: {ev['tokens']} tokens of {ev['file']}")
