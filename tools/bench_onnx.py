@@ -3,7 +3,7 @@
     python tools/bench_onnx.py prepare   --work out/onnx-bench    # the exports (about 2 minutes, 1.6 GB)
     python tools/bench_onnx.py accuracy  --work out/onnx-bench [--pairs mixed->source license->source] [--eval-windows 16]
     python tools/bench_onnx.py speed     --work out/onnx-bench [--context 2048] [--steps 32] [--repeats 5] [--threads 2]
-    python tools/bench_onnx.py structure [--layers 30 80]
+    python tools/bench_onnx.py structure [--layers 80] [--model out/onnx-bench/dynamo20/model.onnx]
 
 ``prepare`` writes SmolLM2 as a Hugging Face directory, its ``torch.onnx.export(dynamo=True)`` decoder with KV I/O
 (opset 20: MatMul-Softmax-MatMul) and onnxruntime-genai's builder model (GroupQueryAttention, fp32, CPU).
@@ -17,8 +17,8 @@ PyTorch path's tokens over 32 tokens.
 ``speed``: ONNX Runtime CPU, int8 cache against float cache, both in every repeat in alternating order: prefill of
 ``--context`` tokens, then ``--steps`` decode steps on that cache; medians and ratios, for the QDQ form and for GQA.
 
-``structure``: load + site discovery + passes on random SmolLM2-shaped graphs of 30 and 80 layers whose weights are
-external data and never read (structure only).
+``structure``: load + site discovery + passes (C8, and FAQuant + C8) on a random SmolLM2-shaped graph of 80 layers
+whose weights are external data and never read (structure only), and on ``--model`` (SmolLM2's 30 layers).
 """
 
 import argparse
@@ -191,39 +191,47 @@ def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int) 
         gc.collect()
 
 
-def structure(layers: list[int]) -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+def time_compile(path: Path, label: str) -> None:
+    """Load + shape inference + sites, then the C8 + FAQuant passes with placeholder scales (structure only)."""
     from qpass.core.recipe import Recipe, geometry, site_key
     from qpass.frontends.onnx.load import load_decoder
     from qpass.frontends.onnx.pipeline import quantize_model
+
+    start = time.perf_counter()
+    graph, found = load_decoder(path)  # external weights stay on disk: onnx-ir reads them lazily
+    loaded_s = time.perf_counter() - start
+    sites = [s for s, _ in found]
+    tensors = {}
+    for s in sites:
+        for kind, heads in (("q", s.num_heads), ("k", s.num_kv_heads), ("v", s.num_kv_heads)):
+            tensors[site_key(s.layer, f"fa_{kind}", "scale")] = torch.full((heads, s.head_dim), 0.05)
+            tensors[site_key(s.layer, f"fa_{kind}", "offset")] = torch.zeros(heads, s.head_dim)
+            if kind != "q":
+                tensors[site_key(s.layer, f"kv_{kind}", "scale")] = torch.full((heads * s.head_dim,), 0.05)
+                tensors[site_key(s.layer, f"kv_{kind}", "offset")] = torch.zeros(heads * s.head_dim)
+    for config in (QuantConfig(kv_cache="int8"), QuantConfig(fa_quant=True, kv_cache="int8")):
+        graph, found = load_decoder(path)
+        recipe = Recipe(config, geometry(sites), {k: v for k, v in tensors.items() if config.fa_quant or ".kv_" in k})
+        start = time.perf_counter()
+        _, counts = quantize_model(graph, found, recipe, verify=False)
+        passes_s = time.perf_counter() - start
+        print(f"{label}: load + shape inference + sites {loaded_s:.2f}s, passes {passes_s:.2f}s, total {loaded_s + passes_s:.2f}s; {counts}")
+
+
+def structure(layers: list[int], model: Path | None) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
     from qpass.models.onnx_export import export_decoder
 
+    if model is not None:
+        time_compile(model, str(model))
     for n in layers:
         torch.manual_seed(0)
         config = LlamaConfig(hidden_size=576, intermediate_size=256, num_hidden_layers=n, num_attention_heads=9,
                              num_key_value_heads=3, vocab_size=512, max_position_embeddings=256)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+        net = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
         with tempfile.TemporaryDirectory() as tmp:
-            path = export_decoder(model, Path(tmp) / "model.onnx", opset=20, external_data=True)
-            start = time.perf_counter()
-            graph, found = load_decoder(path)  # external weights stay on disk: onnx-ir reads them lazily
-            loaded_s = time.perf_counter() - start
-            sites = [s for s, _ in found]
-            tensors = {}
-            for s in sites:
-                for kind, heads in (("q", s.num_heads), ("k", s.num_kv_heads), ("v", s.num_kv_heads)):
-                    tensors[site_key(s.layer, f"fa_{kind}", "scale")] = torch.full((heads, s.head_dim), 0.05)
-                    tensors[site_key(s.layer, f"fa_{kind}", "offset")] = torch.zeros(heads, s.head_dim)
-                    if kind != "q":
-                        tensors[site_key(s.layer, f"kv_{kind}", "scale")] = torch.full((heads * s.head_dim,), 0.05)
-                        tensors[site_key(s.layer, f"kv_{kind}", "offset")] = torch.zeros(heads * s.head_dim)
-            recipe = Recipe(QuantConfig(fa_quant=True, kv_cache="int8"), geometry(sites), tensors)
-            start = time.perf_counter()
-            _, counts = quantize_model(graph, found, recipe, verify=False)
-            passes_s = time.perf_counter() - start
-            print(f"{n} layers: load + shape inference + sites {loaded_s:.2f}s, passes (C8 + FAQuant) {passes_s:.2f}s, "
-                  f"total {loaded_s + passes_s:.2f}s; {counts}")
+            time_compile(export_decoder(net, Path(tmp) / "model.onnx", opset=20, external_data=True), f"{n} layers")
 
 
 def main() -> None:
@@ -242,7 +250,8 @@ def main() -> None:
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--threads", type=int, default=2)
     st = sub.add_parser("structure")
-    st.add_argument("--layers", type=int, nargs="+", default=[30, 80])
+    st.add_argument("--layers", type=int, nargs="*", default=[80])
+    st.add_argument("--model", type=Path, help="also time this ONNX model (e.g. out/onnx-bench/dynamo20/model.onnx)")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.work)
@@ -251,7 +260,7 @@ def main() -> None:
     elif args.command == "speed":
         speed(args.work, args.context, args.steps, args.repeats, args.threads)
     else:
-        structure(args.layers)
+        structure(args.layers, args.model)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@
    and the scales fold into q and the attention output (no per-step transpose of the whole cache);
 2. ``InsertFAQuantQDQPass`` (FAQuant): q, k, v round trips; after C8 because with both, FAQuant's k and v
    are the dequantized cache (C8's round trip first, as in the PyTorch path);
-3. after each, ``TopologicalSortPass``, then (``verify``) onnx-ir's ``CheckerPass`` with ``full_check`` (where
-   the input model passed it) and qpass's own invariant (``VerifyInt8CachePass``), all under onnx-ir's
-   ``PassManager``.
+3. after each (``verify``), onnx-ir's ``CheckerPass`` with ``full_check`` (where the input model passed it; it
+   also checks that the nodes are in topological order) and qpass's own invariant (``VerifyInt8CachePass``),
+   all under onnx-ir's ``PassManager``.
 
 The model records its sites as metadata (``qpass.sites``) so that a saved model can be measured again.
 """
@@ -16,7 +16,7 @@ The model records its sites as metadata (``qpass.sites``) so that a saved model 
 import json
 
 import onnx_ir as ir
-from onnx_ir.passes.common import CheckerPass, TopologicalSortPass
+from onnx_ir.passes.common import CheckerPass
 
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
@@ -50,7 +50,7 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
         passes.append(InsertFAQuantQDQPass(found, recipe))
     sequence = []
     for p in passes:
-        sequence += [p, TopologicalSortPass()]
+        sequence.append(p)  # each inserts its nodes right after their inputs' producers: the order stays topological
         if verify:  # onnxruntime-genai's graphs fail onnx.checker as the builder writes them: ORT loading them is the check
             sequence += [CheckerPass(full_check=True)] if full_check else []
             sequence.append(VerifyInt8CachePass(found))

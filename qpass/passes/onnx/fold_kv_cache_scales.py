@@ -44,19 +44,19 @@ class FoldKVCacheScalesPass(ir.passes.InPlacePass):
             if None in dequantized:
                 continue
             for name, value in zip((cache.present_key, cache.present_value), dequantized):
-                cast = ir.node("Cast", [values[name]], {"to": ir.DataType.FLOAT}, name=f"qpass.layers.{site.layer}.{name}.cast")
+                cast = qdq.node("Cast", [values[name]], f"qpass.layers.{site.layer}.{name}.cast", ir.AttrInt64("to", ir.DataType.FLOAT))
                 graph.insert_after(values[name].producer(), cast)
                 value.replace_all_uses_with(cast.outputs[0])
             tag = f"qpass.layers.{site.layer}"
             s_k, _ = self._per_head(site, "k")
             s_v, z_v = self._per_head(site, "v")
             q = values[site.q]
-            scale_q = ir.node("Mul", [q, qdq.initializer(graph, f"{tag}.kv_k.scale_per_head", s_k)], name=f"{tag}.fold_k_scale")
+            scale_q = qdq.node("Mul", [q, qdq.initializer(graph, f"{tag}.kv_k.scale_per_head", s_k)], f"{tag}.fold_k_scale")
             qdq.replace_uses(q, scale_q.outputs[0], keep={scale_q})
             graph.insert_after(q.producer(), scale_q)
             out = values[site.attention]
-            sub = ir.node("Sub", [out, qdq.initializer(graph, f"{tag}.kv_v.offset_per_head", z_v)], name=f"{tag}.fold_v_offset")
-            mul = ir.node("Mul", [sub.outputs[0], qdq.initializer(graph, f"{tag}.kv_v.scale_per_head", s_v)], name=f"{tag}.fold_v_scale")
+            sub = qdq.node("Sub", [out, qdq.initializer(graph, f"{tag}.kv_v.offset_per_head", z_v)], f"{tag}.fold_v_offset")
+            mul = qdq.node("Mul", [sub.outputs[0], qdq.initializer(graph, f"{tag}.kv_v.scale_per_head", s_v)], f"{tag}.fold_v_scale")
             qdq.replace_uses(out, mul.outputs[0], keep={sub})
             graph.insert_after(attention, [sub, mul])
             count += 1

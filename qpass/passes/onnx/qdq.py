@@ -16,12 +16,13 @@ import torch
 from qpass.core.errors import QpassError
 
 CHANNEL_AXIS = 2  # of [B, S, heads * head_dim]
+SWAP_HEADS_AND_SEQ = (0, 2, 1, 3)
 
 
 def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """A constant registered as an initializer of ``graph`` (named ``name``)."""
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+                     const_value=ir.Tensor(array, name=name))
     graph.register_initializer(value)
     return value
 
@@ -37,24 +38,22 @@ def qparams(graph: ir.Graph, name: str, scale: torch.Tensor, offset: torch.Tenso
 
 def to_channels(graph: ir.Graph, x: ir.Value, heads: int, head_dim: int, tag: str) -> tuple[list[ir.Node], ir.Value]:
     """``[B, heads, S, head_dim]`` -> ``[B, S, heads * head_dim]``."""
-    t = ir.node("Transpose", [x], {"perm": [0, 2, 1, 3]}, name=f"{tag}.to_channels.transpose")
-    shape = _shape(graph, f"{tag}.channels_shape", [0, 0, heads * head_dim])
-    r = ir.node("Reshape", [t.outputs[0], shape], name=f"{tag}.to_channels.reshape")
+    t = node("Transpose", [x], f"{tag}.to_channels.transpose", ir.AttrInt64s("perm", SWAP_HEADS_AND_SEQ))
+    r = node("Reshape", [t.outputs[0], _shape(graph, [0, 0, heads * head_dim])], f"{tag}.to_channels.reshape")
     return [t, r], r.outputs[0]
 
 
 def from_channels(graph: ir.Graph, x: ir.Value, heads: int, head_dim: int, tag: str) -> tuple[list[ir.Node], ir.Value]:
     """``[B, S, heads * head_dim]`` -> ``[B, heads, S, head_dim]``."""
-    shape = _shape(graph, f"{tag}.heads_shape", [0, 0, heads, head_dim])
-    r = ir.node("Reshape", [x, shape], name=f"{tag}.from_channels.reshape")
-    t = ir.node("Transpose", [r.outputs[0]], {"perm": [0, 2, 1, 3]}, name=f"{tag}.from_channels.transpose")
+    r = node("Reshape", [x, _shape(graph, [0, 0, heads, head_dim])], f"{tag}.from_channels.reshape")
+    t = node("Transpose", [r.outputs[0]], f"{tag}.from_channels.transpose", ir.AttrInt64s("perm", SWAP_HEADS_AND_SEQ))
     return [r, t], t.outputs[0]
 
 
 def quantize(graph: ir.Graph, x: ir.Value, scale: ir.Value, zero: ir.Value, heads: int, head_dim: int, tag: str):
     """int8 ``[B, heads, S, head_dim]`` from float ``x`` of that shape: ``(nodes, output)``."""
     pre, flat = to_channels(graph, x, heads, head_dim, f"{tag}.q")
-    q = ir.node("QuantizeLinear", [flat, scale, zero], {"axis": CHANNEL_AXIS}, name=f"{tag}.quantize")
+    q = node("QuantizeLinear", [flat, scale, zero], f"{tag}.quantize", ir.AttrInt64("axis", CHANNEL_AXIS))
     post, out = from_channels(graph, q.outputs[0], heads, head_dim, f"{tag}.q")
     return [*pre, q, *post], out
 
@@ -62,7 +61,7 @@ def quantize(graph: ir.Graph, x: ir.Value, scale: ir.Value, zero: ir.Value, head
 def dequantize(graph: ir.Graph, x: ir.Value, scale: ir.Value, zero: ir.Value, heads: int, head_dim: int, tag: str):
     """float ``[B, heads, S, head_dim]`` from int8 ``x`` of that shape: ``(nodes, output)``."""
     pre, flat = to_channels(graph, x, heads, head_dim, f"{tag}.dq")
-    dq = ir.node("DequantizeLinear", [flat, scale, zero], {"axis": CHANNEL_AXIS}, name=f"{tag}.dequantize")
+    dq = node("DequantizeLinear", [flat, scale, zero], f"{tag}.dequantize", ir.AttrInt64("axis", CHANNEL_AXIS))
     post, out = from_channels(graph, dq.outputs[0], heads, head_dim, f"{tag}.dq")
     return [*pre, dq, *post], out
 
@@ -70,8 +69,8 @@ def dequantize(graph: ir.Graph, x: ir.Value, scale: ir.Value, zero: ir.Value, he
 def fake_quantize(graph: ir.Graph, x: ir.Value, scale: ir.Value, zero: ir.Value, heads: int, head_dim: int, tag: str):
     """``x`` through QuantizeLinear and DequantizeLinear (one layout change each way): ``(nodes, output)``."""
     pre, flat = to_channels(graph, x, heads, head_dim, tag)
-    q = ir.node("QuantizeLinear", [flat, scale, zero], {"axis": CHANNEL_AXIS}, name=f"{tag}.quantize")
-    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], {"axis": CHANNEL_AXIS}, name=f"{tag}.dequantize")
+    q = node("QuantizeLinear", [flat, scale, zero], f"{tag}.quantize", ir.AttrInt64("axis", CHANNEL_AXIS))
+    dq = node("DequantizeLinear", [q.outputs[0], scale, zero], f"{tag}.dequantize", ir.AttrInt64("axis", CHANNEL_AXIS))
     post, out = from_channels(graph, dq.outputs[0], heads, head_dim, tag)
     return [*pre, q, dq, *post], out
 
@@ -92,6 +91,13 @@ def named_values(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def _shape(graph: ir.Graph, name: str, dims: list[int]) -> ir.Value:
+def node(op_type: str, inputs: list[ir.Value], name: str, *attributes: ir.Attr) -> ir.Node:
+    """A default-domain node with typed attributes (``ir.node``'s attribute type inference costs ~1 ms a node)."""
+    return ir.Node("", op_type, inputs, attributes, name=name)
+
+
+def _shape(graph: ir.Graph, dims: list[int]) -> ir.Value:
+    """A shared int64 shape initializer (one per distinct shape in the graph)."""
+    name = "qpass.shape." + "_".join(map(str, dims))
     existing = graph.initializers.get(name)
     return existing if existing is not None else initializer(graph, name, np.array(dims, dtype=np.int64))
