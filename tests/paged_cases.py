@@ -37,15 +37,16 @@ def rel_err(out, ref):
 
 
 def make_dynamic_case(seed, context_lens, num_heads=8, kv_heads=2, head_dim=128, block_size=32, dtype=torch.float16):
-    """:func:`make_case`'s cache as the dynamic cache: a random float32 scale per slot and kv head
-    (``[num_blocks, block_size, kv_heads]``, every slot, unused ones too) in place of the per-channel ones."""
+    """:func:`make_case`'s cache as the dynamic cache: a random float32 scale and integer offset per slot and kv
+    head (``[num_blocks, block_size, kv_heads, 2]``, every slot, unused ones too) in place of the per-channel ones."""
     case = make_case(seed, context_lens, num_heads, kv_heads, head_dim, block_size, dtype)
     g = torch.Generator().manual_seed(seed + 1)
     shape = case["key_cache"].shape[:3]
     for name in ("k_scale", "k_offset", "v_scale", "v_offset"):
         del case[name]
-    case["k_scale_cache"] = torch.rand(shape, generator=g) * 0.05 + 0.002
-    case["v_scale_cache"] = torch.rand(shape, generator=g) * 0.05 + 0.002
+    scales = [torch.rand(shape, generator=g) * 0.05 + 0.002 for _ in range(2)]
+    for name, scale in zip(("k_scale_cache", "v_scale_cache"), scales):
+        case[name] = torch.stack([scale, torch.randint(-40, 40, shape, generator=g).float()], dim=-1)
     return case
 
 

@@ -89,10 +89,12 @@ def test_prefill_of_one_layer_stores_the_formula_and_matches_the_logits():
     with torch.no_grad():
         model(ids)
     for kind, cache, scale_cache in (("k", caches[0][0], caches[0][2]), ("v", caches[0][1], caches[0][3])):
-        codes, scales = quantize_dynamic(seen[kind])  # one sequence from block 0: its tokens in slots 0 .. 36
+        codes, scales, offsets = quantize_dynamic(seen[kind])  # one sequence from block 0: its tokens in slots 0 .. 36
         stored = cache.view(-1, *cache.shape[2:])[:37]
         assert (stored.int() - codes.int()).abs().max() <= 1 and (stored != codes).float().mean() < 1e-3, kind
-        assert torch.allclose(scale_cache.view(-1, cache.shape[2])[:37], scales[..., 0], rtol=1e-5, atol=0), kind
+        stored_qparams = scale_cache.view(-1, cache.shape[2], 2)[:37]
+        assert torch.allclose(stored_qparams[..., 0], scales[..., 0], rtol=1e-5, atol=0), kind
+        assert (stored_qparams[..., 1] - offsets[..., 0]).abs().max() <= 1, kind  # an offset is a rounded integer
 
 
 def test_k_and_v_in_different_forms_are_refused():

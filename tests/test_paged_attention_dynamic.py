@@ -1,4 +1,4 @@
-"""The dynamic int8 KV cache (a symmetric scale per token and kv head): its formula, the cache write, the
+"""The dynamic int8 KV cache (an asymmetric scale and offset per token and kv head): its formula, the cache write, the
 folded PyTorch paged ops against the dequantizing references, argument errors, and torch.export of the ops."""
 
 import math
@@ -8,7 +8,7 @@ import torch
 
 from paged_cases import make_dynamic_case, rel_err
 from qpass.core.errors import QpassError
-from qpass.core.int8 import dequantize, dynamic_scale, fake_quant_dynamic, quantize_dynamic
+from qpass.core.int8 import dequantize, dynamic_qparams, fake_quant_dynamic, quantize_dynamic
 from qpass.runtime import (BlockAllocator, BlockTables, allocate_kv_cache, allocate_kv_scale_cache,
                            fake_quant_int8_dynamic, paged_attention_int8_dynamic, paged_attention_int8_dynamic_reference,
                            paged_prefill_attention_int8_dynamic, paged_prefill_attention_int8_dynamic_reference,
@@ -17,19 +17,28 @@ from qpass.runtime import (BlockAllocator, BlockTables, allocate_kv_cache, alloc
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def test_formula_is_symmetric_absmax_per_row():
+def test_formula_is_asymmetric_min_max_per_row():
     x = torch.randn(2, 3, 5, 64) * torch.tensor([0.01, 1.0, 300.0])[None, :, None, None]
-    x[0, 0, 0] = 0.0  # a row of zeros: scale 1, codes 0
-    codes, scale = quantize_dynamic(x)
-    assert codes.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (2, 3, 5, 1)
-    expected = x.abs().amax(dim=-1, keepdim=True) / 127
+    x[1, 1, 1] = x[1, 1, 1].abs() + 0.5  # a row of one sign: its range is widened to include 0
+    x[0, 0, 0] = 0.0  # a row of zeros: scale 1
+    codes, scale, offset = quantize_dynamic(x)
+    assert codes.dtype == torch.int8 and scale.dtype == offset.dtype == torch.float32
+    assert scale.shape == offset.shape == (2, 3, 5, 1)
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    expected = (hi - lo) / 255
     expected[0, 0, 0] = 1.0
-    assert torch.equal(scale, expected) and torch.equal(dynamic_scale(x), scale)
-    assert codes[0, 0, 0].eq(0).all()
-    peak = codes.abs().amax(dim=-1)
-    assert (peak[x.abs().amax(dim=-1) > 0] == 127).all() and codes.min() >= -127  # the range is used, symmetric
-    back = dequantize(codes, scale, torch.zeros_like(scale), torch.float32)
-    assert ((back - x).abs() <= scale / 2 * (1 + 1e-5)).all()
+    assert torch.equal(scale, expected) and torch.equal(offset, (torch.round(-lo / expected) - 128).clamp(-128, 127))
+    assert all(torch.equal(a, b) for a, b in zip(dynamic_qparams(x), (scale, offset)))
+    assert codes[0, 0, 0].eq(-128).all() and offset[0, 0, 0].eq(-128).all()  # zeros: code == offset, read back as 0
+    used = x.abs().amax(dim=-1) > 0
+    both = (x.amin(dim=-1) < 0) & (x.amax(dim=-1) > 0)  # rows of both signs use the whole code range
+    assert (codes.int().amax(dim=-1) - codes.int().amin(dim=-1))[both].min() >= 254
+    assert codes[1, 1, 1].min() >= offset[1, 1, 1, 0] and offset[1, 1, 1, 0] == -128  # one sign: 0 is code -128
+    back = dequantize(codes, scale, offset, torch.float32)
+    assert ((back - x).abs() <= scale / 2 * (1 + 1e-5) + 1e-6 * x.abs()).all()
+    symmetric_step = x.abs().amax(dim=-1, keepdim=True) / 127
+    assert (scale[used] <= symmetric_step[used] * (1 + 1e-6)).all()  # never coarser than absmax / 127
     assert torch.equal(fake_quant_dynamic(x), back) and torch.equal(fake_quant_int8_dynamic(x), back)
     half = x[1].to(torch.bfloat16)
     assert fake_quant_int8_dynamic(half).dtype == torch.bfloat16
@@ -39,7 +48,7 @@ def test_write_stores_codes_and_scales_per_token_and_head_and_skips_minus_one():
     kv_heads, head_dim, block_size = 2, 64, 16
     key_cache, value_cache = allocate_kv_cache(6, block_size, kv_heads, head_dim)
     k_scales, v_scales = allocate_kv_scale_cache(6, block_size, kv_heads)
-    assert k_scales.shape == (6, block_size, kv_heads) and k_scales.dtype == torch.float32
+    assert k_scales.shape == (6, block_size, kv_heads, 2) and k_scales.dtype == torch.float32
     for t in (key_cache, value_cache):
         t.fill_(55)
     for t in (k_scales, v_scales):
@@ -54,13 +63,13 @@ def test_write_stores_codes_and_scales_per_token_and_head_and_skips_minus_one():
 
     written = slots >= 0
     for x, cache, scales in ((key, key_cache, k_scales), (value, value_cache, v_scales)):
-        codes, scale = quantize_dynamic(x[written])
+        codes, scale, offset = quantize_dynamic(x[written])
         assert torch.equal(cache.view(-1, kv_heads, head_dim)[slots[written]], codes)
-        assert torch.equal(scales.view(-1, kv_heads)[slots[written]], scale[..., 0])
+        assert torch.equal(scales.view(-1, kv_heads, 2)[slots[written]], torch.cat([scale, offset], dim=-1))
         untouched = torch.ones(cache.shape[0] * block_size, dtype=torch.bool)
         untouched[slots[written]] = False
         assert (cache.view(-1, kv_heads, head_dim)[untouched] == 55).all()
-        assert (scales.view(-1, kv_heads)[untouched] == -1).all()
+        assert (scales.view(-1, kv_heads, 2)[untouched] == -1).all()
 
 
 @pytest.mark.parametrize("lens, heads, kv_heads, head_dim, block_size, dtype", [
@@ -86,13 +95,17 @@ def test_folded_decode_and_prefill_match_reference(lens, heads, kv_heads, head_d
     assert rel_err(out, exact) <= TOLERANCE[dtype]
 
 
-def test_scales_are_read_per_token():
-    """Halving one token's V scale changes the output the way dequantizing says: a path that ignored
-    the per-token scales, or read another token's, would miss it."""
+@pytest.mark.parametrize("name, index, factor", [("v_scale_cache", 0, 0.5), ("v_scale_cache", 1, 3.0),
+                                                 ("k_scale_cache", 0, 2.0), ("k_scale_cache", 1, -2.0)])
+def test_scales_and_offsets_are_read_per_token(name, index, factor):
+    """Changing one token's scale or offset changes the output the way dequantizing says: a path that ignored
+    the per-token scales or offsets, or read another token's, would miss it."""
     case = make_dynamic_case(3, [40], 4, 2, 64, 16, torch.float32)
+    before = paged_attention_int8_dynamic(**case)
     block = int(case["block_tables"][0, 1])
-    case["v_scale_cache"][block, 3] *= 0.5
+    case[name][block, 3, :, index] = case[name][block, 3, :, index] * factor + (5.0 if index else 0.0)
     exact = paged_attention_int8_dynamic_reference(**{**case, "query": case["query"].double()})
+    assert rel_err(before, exact) > 1e-4  # the change is visible
     assert rel_err(paged_attention_int8_dynamic(**case), exact) <= 1e-5
 
 
@@ -126,7 +139,8 @@ def test_write_then_attend_is_attention_over_the_fake_quantized_keys_and_values(
 
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.update(k_scale_cache=a["k_scale_cache"].half()), "k_scale_cache is torch.float16"),
-    (lambda a: a.update(v_scale_cache=a["v_scale_cache"][:, :, :1].contiguous()), "v_scale_cache is .* \\(4, 16, 1\\)"),
+    (lambda a: a.update(v_scale_cache=a["v_scale_cache"][:, :, :1].contiguous()), "v_scale_cache is .* \\(4, 16, 1, 2\\)"),
+    (lambda a: a.update(v_scale_cache=a["v_scale_cache"][..., 0].contiguous()), "v_scale_cache is .* \\(4, 16, 2\\)"),
     (lambda a: a.update(k_scale_cache=a["k_scale_cache"].transpose(0, 1).contiguous().transpose(0, 1)), "contiguous"),
     (lambda a: a.update(key_cache=a["key_cache"].float()), "int8 caches"),
 ])

@@ -37,8 +37,8 @@ class QuantConfig:
         the KV cache is then int8 too.
     kv_cache: ``"int8"`` for C8, K and V quantized per channel (``[kv_heads * head_dim]``, calibrated) where
         they are written to the cache; ``"dynamic"`` for a cache whose K and V of each token and KV head get
-        their own symmetric scale (``max|x| / 127`` over head_dim) when they are written, stored beside the
-        int8 cache (vLLM's ``int8_per_token_head``; nothing to calibrate, not with FAQuant); None keeps the
+        their own asymmetric scale and offset (min and max over head_dim) when they are written, stored beside
+        the int8 cache (vLLM's ``int8_per_token_head`` granularity; nothing to calibrate, not with FAQuant); None keeps the
         cache in float.
     observer: how a calibration range is chosen: ``extreme`` (default: per channel, the range its
         extremes are expected to reach over 100x the calibration text, from how they vary across the
@@ -63,7 +63,7 @@ class QuantConfig:
         "--fa-quant", "FAQuant: Q, K, V int8 per head and dim (KV cache int8 too)"))
     kv_cache: str | None = field(default=None, metadata=_opt(
         "--kv-int8", "int8 KV cache: bare or `static`, C8 (K and V per channel where written to the cache, "
-        "calibrated); `dynamic`, a scale per token and KV head computed as the cache is written",
+        "calibrated); `dynamic`, a scale and offset per token and KV head computed as the cache is written",
         nargs="?", const="static", type=_kv_form, metavar="static|dynamic"))
     observer: str = field(default="extreme", metadata=_opt(
         "--observer", "range choice (default extreme: the range per-channel extremes reach over 100x the "

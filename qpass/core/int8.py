@@ -3,8 +3,8 @@
 Asymmetric: ``scale = (max - min) / 255``, ``offset = round(-min / scale) - 128`` (range widened to
 include 0); symmetric: ``scale = max(|min|, |max|) / 127``, offset 0. Then
 ``q = clamp(round(x / scale) + offset, -128, 127)`` and ``x ~= (q - offset) * scale``. Dynamic (the
-``--kv-int8 dynamic`` cache): symmetric, with the range of each row of the last dim, computed when the
-value is quantized (no calibration).
+``--kv-int8 dynamic`` cache): asymmetric, with the min and max of each row of the last dim, computed when
+the value is quantized (no calibration).
 """
 
 import torch
@@ -43,23 +43,26 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
     return (q - offset) * scale
 
 
-def dynamic_scale(x: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 scale of each row of ``x``'s last dim, ``max|x| / 127`` (1 for a row of zeros), float32
-    ``[..., 1]``: per token and per head for K/V shaped ``[B, H_kv, S, D]`` or ``[tokens, H_kv, D]``."""
-    amax = x.detach().float().abs().amax(dim=-1, keepdim=True)
-    return affine_qparams(-amax, amax, symmetric=True)[0]
+def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int8 ``(scale, offset)`` of each row of ``x``'s last dim, from its min and max (widened to
+    include 0; scale 1 for a row of zeros), float32 ``[..., 1]`` each: per token and per head for K/V shaped
+    ``[B, H_kv, S, D]`` or ``[tokens, H_kv, D]``. Asymmetric, not ``max|x| / 127``: a head's rows are often
+    lopsided (one large channel of one sign), and min/max halves their step, which took SmolLM2's
+    perplexity increase on Python source from +0.121% to +0.045% (docs/benchmarks.md)."""
+    x = x.detach().float()
+    return affine_qparams(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True), symmetric=False)
 
 
-def quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., D]`` -> ``(codes int8 [..., D], scale float32 [..., 1])``, symmetric per row (:func:`dynamic_scale`)."""
-    scale = dynamic_scale(x)
-    return quantize(x, scale, torch.zeros_like(scale)), scale
+def quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> ``(codes int8 [..., D], scale, offset float32 [..., 1])``, per row (:func:`dynamic_qparams`)."""
+    scale, offset = dynamic_qparams(x)
+    return quantize(x, scale, offset), scale, offset
 
 
 def fake_quant_dynamic(x: torch.Tensor) -> torch.Tensor:
     """What the dynamic int8 cache gives back for ``x [..., D]``, in ``x``'s dtype."""
-    q, scale = quantize_dynamic(x)
-    return dequantize(q, scale, torch.zeros_like(scale), x.dtype)
+    q, scale, offset = quantize_dynamic(x)
+    return dequantize(q, scale, offset, x.dtype)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

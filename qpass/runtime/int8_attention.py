@@ -41,10 +41,10 @@ def _(q, k, v, k_scale, k_offset, v_scale, v_offset, softmax_scale):
 
 @torch.library.custom_op("qpass::int8_kv_attention_dynamic", mutates_args=())
 def int8_kv_attention_dynamic(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Causal attention with K and V stored as int8 with a symmetric scale per token and KV head.
+    """Causal attention with K and V stored as int8 with an asymmetric scale and offset per token and KV head.
 
     q: ``[B, H, S, D]`` float; k, v: ``[B, H_kv, S, D]`` float, quantized here as the dynamic cache write
-    would (each ``[D]`` row with ``max|x| / 127``). Otherwise as :func:`int8_kv_attention`.
+    would (each ``[D]`` row from its min and max). Otherwise as :func:`int8_kv_attention`.
     """
     group = q.shape[1] // k.shape[1]
     k = fake_quant_dynamic(k).to(q.dtype).repeat_interleave(group, dim=1)

@@ -75,8 +75,10 @@ def folded_attention(q, key_cache, value_cache, table_row, context_len, q_positi
     q: float32 ``[q_len, num_heads, head_dim]``; query ``i`` sees keys ``0 .. q_positions[i]``.
     Returns float32 ``[q_len, num_heads, head_dim]``. Only ``CHUNK_TOKENS`` keys are held in
     float at a time, and they are the int8 codes, never dequantized. ``token_scales``: the dynamic
-    cache's ``(k_scale_cache, v_scale_cache)`` ``[num_blocks, block_size, num_kv_heads]`` in place of the
-    per-channel parameters (then None): a key's scale multiplies its scores, a value's its weights.
+    cache's ``(k_scale_cache, v_scale_cache)`` ``[num_blocks, block_size, num_kv_heads, 2]`` (scale, offset) in
+    place of the per-channel parameters (then None): a key's score is ``scale * (q . code - offset * sum(q))``
+    (its offset term differs from key to key, so softmax does not cancel it), and a value's scale multiplies
+    its weight, its offset term ``sum_j p_j scale_j offset_j`` taken off the output.
     """
     q_len, num_heads, head_dim = q.shape
     kv_heads = key_cache.shape[2]
@@ -95,17 +97,22 @@ def folded_attention(q, key_cache, value_cache, table_row, context_len, q_positi
         end = min(context_len, start + chunk)
         kq = gather_tokens(key_cache, table_row, start, end).permute(1, 2, 0).float()  # [kv_heads, D, n]
         vq = gather_tokens(value_cache, table_row, start, end).permute(1, 0, 2).float()  # [kv_heads, n, D]
-        scores = rows @ kq  # K offset term left out: constant per row, cancelled by softmax
-        if token_scales is not None:
-            k_scales, v_scales = (gather_tokens(t, table_row, start, end).T[:, None, :] for t in token_scales)
-            scores = scores * k_scales  # [kv_heads, 1, n]
+        scores = rows @ kq  # static K offset term left out: constant per row, cancelled by softmax
+        if token_scales is not None:  # [kv_heads, 1, n] each
+            (k_scales, k_offsets), (v_scales, v_offsets) = (
+                gather_tokens(t, table_row, start, end).permute(2, 1, 0)[:, :, None, :] for t in token_scales)
+            scores = (scores - rows.sum(-1, keepdim=True) * k_offsets) * k_scales
         future = torch.arange(start, end, device=q.device)[None, :] > row_pos[:, None]
         scores.masked_fill_(future[None], float("-inf"))
         m_new = torch.maximum(m, scores.amax(dim=-1))
         alpha = torch.exp(m - m_new)
         p = torch.exp(scores - m_new[..., None])
         denom = denom * alpha + p.sum(dim=-1)
-        acc = acc * alpha[..., None] + (p if token_scales is None else p * v_scales) @ vq
+        if token_scales is None:
+            acc = acc * alpha[..., None] + p @ vq
+        else:
+            pv = p * v_scales
+            acc = acc * alpha[..., None] + pv @ vq - (pv * v_offsets).sum(-1, keepdim=True)
         m = m_new
     if token_scales is None:
         out = (acc / denom[..., None] - v_offset[:, None, :]) * v_scale[:, None, :]  # fold V scale and offset

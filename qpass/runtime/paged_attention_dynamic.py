@@ -1,12 +1,12 @@
-"""Paged attention over the dynamic int8 KV cache (``--kv-int8 dynamic``): int8 codes with a symmetric
-float32 scale per token and kv head beside them (vLLM's ``int8_per_token_head``), written by
-:func:`qpass.runtime.paged_cache.reshape_and_cache_int8_dynamic`.
+"""Paged attention over the dynamic int8 KV cache (``--kv-int8 dynamic``): int8 codes with an asymmetric
+float32 scale and offset per token and kv head beside them (vLLM's ``int8_per_token_head`` granularity, with
+min/max instead of absmax), written by :func:`qpass.runtime.paged_cache.reshape_and_cache_int8_dynamic`.
 
 Registered with torch.library as ``qpass::paged_attention_int8_dynamic`` (decode) and
 ``qpass::paged_prefill_attention_int8_dynamic`` (prefill), each with a dequantizing reference (the ground
 truth). The backend follows the query's device: ``cuda`` runs the Triton kernel
 (``triton_paged_attention.py``), any other device the folded PyTorch path of ``paged_attention.py``, where a
-key's scale multiplies its scores and a value's scale its softmax weight, so the cache is never dequantized.
+key's scale and offset act on its score and a value's on its softmax weight, so the cache is never dequantized.
 """
 
 import torch
@@ -20,8 +20,8 @@ from qpass.runtime.paged_checks import (check_cache_args, check_context_lens, ch
 
 def _dequantized(cache, scale_cache, table_row, n):
     """Tokens ``0 .. n - 1`` of one sequence, float64 ``[n, num_kv_heads, head_dim]``."""
-    scale = gather_tokens(scale_cache, table_row, 0, n)[..., None]
-    return dequantize(gather_tokens(cache, table_row, 0, n), scale, torch.zeros_like(scale), torch.float64)
+    qparams = gather_tokens(scale_cache, table_row, 0, n)  # [n, num_kv_heads, 2]: scale, offset
+    return dequantize(gather_tokens(cache, table_row, 0, n), qparams[..., :1], qparams[..., 1:], torch.float64)
 
 
 def _check(query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, v_scale_cache):
@@ -79,7 +79,8 @@ def paged_attention_int8_dynamic(
     query: ``[num_seqs, num_heads, head_dim]`` float16/bfloat16/float32.
     key_cache, value_cache: int8 ``[num_blocks, block_size, num_kv_heads, head_dim]``.
     block_tables: int32 ``[num_seqs, max_blocks_per_seq]``; context_lens: int32 ``[num_seqs]``.
-    k_scale_cache, v_scale_cache: float32 ``[num_blocks, block_size, num_kv_heads]``, ``x ~= code * scale``.
+    k_scale_cache, v_scale_cache: float32 ``[num_blocks, block_size, num_kv_heads, 2]``, scale and offset,
+    ``x ~= (code - offset) * scale``.
     Returns ``[num_seqs, num_heads, head_dim]`` in the query's dtype. Supported shapes as
     :func:`qpass.runtime.paged_attention.paged_attention_int8`.
     """

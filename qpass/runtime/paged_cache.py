@@ -1,10 +1,11 @@
 """Paged int8 KV cache: the cache tensors, a block allocator, per-sequence block tables, and the
 write ops that quantize new K/V and scatter them into their slots: C8 (static, per channel) and the
-dynamic cache (a symmetric scale per token and kv head, computed as it is written).
+dynamic cache (an asymmetric scale and offset per token and kv head, computed as it is written).
 
 Layout, as in vLLM and MindIE: ``key_cache`` and ``value_cache`` are int8
-``[num_blocks, block_size, kv_heads, head_dim]``; the dynamic cache's scales sit beside them in
-``k_scale_cache`` and ``v_scale_cache``, float32 ``[num_blocks, block_size, kv_heads]``. Token ``i`` of a
+``[num_blocks, block_size, kv_heads, head_dim]``; the dynamic cache's scales and offsets sit beside them in
+``k_scale_cache`` and ``v_scale_cache``, float32 ``[num_blocks, block_size, kv_heads, 2]`` (``[..., 0]`` the
+scale, ``[..., 1]`` the offset, ``x ~= (code - offset) * scale``). Token ``i`` of a
 sequence lives in slot ``block_table[i // block_size] * block_size + i % block_size``.
 """
 
@@ -25,8 +26,9 @@ def allocate_kv_cache(
 
 
 def allocate_kv_scale_cache(num_blocks: int, block_size: int, kv_heads: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed ``(k_scale_cache, v_scale_cache)`` of the dynamic cache, each float32 ``[num_blocks, block_size, kv_heads]``."""
-    shape = (num_blocks, block_size, kv_heads)
+    """Zeroed ``(k_scale_cache, v_scale_cache)`` of the dynamic cache, each float32 ``[num_blocks, block_size, kv_heads, 2]``
+    (scale, offset)."""
+    shape = (num_blocks, block_size, kv_heads, 2)
     return torch.zeros(shape, dtype=torch.float32, device=device), torch.zeros(shape, dtype=torch.float32, device=device)
 
 
@@ -215,11 +217,12 @@ def reshape_and_cache_int8_dynamic(
 ) -> None:
     """Quantize new K/V per token and kv head and write codes and scales into the dynamic cache, in place.
 
-    key, value: float ``[num_tokens, kv_heads, head_dim]``; each ``[head_dim]`` row gets
-    ``scale = max|x| / 127`` and ``q = round(x / scale)`` (:func:`qpass.core.int8.quantize_dynamic`).
+    key, value: float ``[num_tokens, kv_heads, head_dim]``; each ``[head_dim]`` row gets the asymmetric
+    ``scale = (max - min) / 255`` and ``offset`` of its min and max, and ``q = round(x / scale) + offset``
+    (:func:`qpass.core.int8.quantize_dynamic`).
     key_cache, value_cache: int8 ``[num_blocks, block_size, kv_heads, head_dim]`` (mutated).
     slot_mapping: int64 ``[num_tokens]``, ``block * block_size + offset``; ``-1`` skips the token.
-    k_scale_cache, v_scale_cache: float32 ``[num_blocks, block_size, kv_heads]`` (mutated).
+    k_scale_cache, v_scale_cache: float32 ``[num_blocks, block_size, kv_heads, 2]``, scale and offset (mutated).
     Plain PyTorch on every device (no torch_npu kernel for this form).
     """
     _check_dynamic_write(key, value, key_cache, value_cache, slot_mapping, k_scale_cache, v_scale_cache)
@@ -227,9 +230,9 @@ def reshape_and_cache_int8_dynamic(
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     for x, cache, scales in ((key, key_cache, k_scale_cache), (value, value_cache, v_scale_cache)):
-        codes, scale = quantize_dynamic(x[keep])
+        codes, scale, offset = quantize_dynamic(x[keep])
         cache.view(num_slots, *cache.shape[2:])[slots] = codes
-        scales.view(num_slots, scales.shape[2])[slots] = scale[..., 0]
+        scales.view(num_slots, *scales.shape[2:])[slots] = torch.cat([scale, offset], dim=-1)
 
 
 @reshape_and_cache_int8_dynamic.register_fake

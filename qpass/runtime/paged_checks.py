@@ -24,14 +24,14 @@ def check_int8_caches(key_cache, value_cache, fix: str) -> None:
 
 
 def check_scale_caches(key_cache, k_scale_cache, v_scale_cache) -> None:
-    """The dynamic cache's scales: float32 ``[num_blocks, block_size, num_kv_heads]`` each, contiguous, one
-    per token and kv head of ``key_cache`` (``allocate_kv_scale_cache``), on its device."""
-    want = tuple(key_cache.shape[:3])
+    """The dynamic cache's scales and offsets: float32 ``[num_blocks, block_size, num_kv_heads, 2]`` each, contiguous,
+    one pair per token and kv head of ``key_cache`` (``allocate_kv_scale_cache``), on its device."""
+    want = (*key_cache.shape[:3], 2)
     for name, t in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
         if t.dtype != torch.float32 or tuple(t.shape) != want or not t.is_contiguous():
             raise QpassError(
                 f"{name} is {t.dtype} {tuple(t.shape)}; the dynamic cache's scales must be contiguous float32 "
-                f"[num_blocks, block_size, num_kv_heads] = {list(want)} (allocate_kv_scale_cache)"
+                f"[num_blocks, block_size, num_kv_heads, 2] = {list(want)} (allocate_kv_scale_cache)"
             )
         if t.device != key_cache.device:
             raise QpassError(f"{name} is on {t.device} but the cache on {key_cache.device}; put them on one device")

@@ -5,7 +5,7 @@ The cache and every Q/DQ pair hold ``q = clamp(round(x / scale) + offset, -128, 
 tensor quantized per head and per dim they are shaped ``[H, 1, D]``).
 
 The dynamic cache (``--kv-int8 dynamic``) has one op, its round trip: each row of the last dim
-(per token and KV head of ``[B, H_kv, S, D]``) with its own symmetric scale, computed from the row.
+(per token and KV head of ``[B, H_kv, S, D]``) with its own asymmetric scale and offset, from the row's min and max.
 """
 
 import torch
@@ -40,7 +40,8 @@ def _(q, scale, offset, dtype):
 @torch.library.custom_op("qpass::fake_quant_int8_dynamic", mutates_args=())
 def fake_quant_int8_dynamic(x: torch.Tensor) -> torch.Tensor:
     """What the dynamic int8 cache stores and gives back for ``x [..., D]``: per row of the last dim,
-    ``scale = max|x| / 127``, ``round(x / scale) * scale``, in ``x``'s dtype."""
+    ``scale, offset`` of its min and max (:func:`qpass.core.int8.dynamic_qparams`), ``(q - offset) * scale``, in
+    ``x``'s dtype."""
     return fake_quant_dynamic(x)
 
 

@@ -7,9 +7,10 @@ With one partition the first kernel writes the output itself.
 
 int8 K/V are never dequantized: the per-channel K scale is folded into Q (the K offset term is
 constant per query and cancels in softmax) and the V scale and offset are applied once to the
-merged output. With ``KV_DYNAMIC`` (the dynamic cache: a scale per token and kv head beside the
-codes, ``[num_blocks, block_size, kv_heads]``) each key's scale multiplies its scores and each
-value's scale its softmax weight. The same source with neither is a float16/bfloat16
+merged output. With ``KV_DYNAMIC`` (the dynamic cache: a scale and an offset per token and kv head
+beside the codes, ``[num_blocks, block_size, kv_heads, 2]``) a key's score is
+``scale * (q . code - offset * sum(q))`` and each value's scale multiplies its softmax weight, the
+offset term ``sum_j p_j scale_j offset_j`` coming off the output. The same source with neither is a float16/bfloat16
 paged kernel of the same design, used as the baseline in ``tools/bench_attention.py``.
 
 Setting ``TRITON_INTERPRET=1`` before this module is imported runs the kernels in Triton's
@@ -42,7 +43,7 @@ def _partition_kernel(
     qk_scale,  # softmax_scale * log2(e): scores are kept in base 2
     stride_q_row, stride_q_head,
     stride_kv_block, stride_kv_token, stride_kv_head,
-    stride_s_block, stride_s_token,  # of the dynamic cache's scales (contiguous over kv heads)
+    stride_s_block, stride_s_token,  # of the dynamic cache's (scale, offset) pairs (contiguous over kv heads)
     stride_bt_row,
     stride_o_row, stride_o_head,
     num_partitions,
@@ -70,6 +71,8 @@ def _partition_kernel(
     if KV_INT8:
         q = q * tl.load(k_scale_ptr + kv_head * HEAD_DIM + offs_d)[None, :]  # fold the K scale into Q
     q = (q * qk_scale).to(OPERAND_TY).to(DOT_TY)
+    if KV_DYNAMIC:
+        q_sum = tl.sum(q.to(tl.float32), 1)  # [GROUP_PAD]: the offset's share of each score, per key offset
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -83,9 +86,11 @@ def _partition_kernel(
         kv_ptrs = kv_off[:, None] + offs_d[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, TILE]
-        if KV_DYNAMIC:  # each key's scale multiplies its scores
-            s_ptrs = block * stride_s_block + (tokens % BLOCK_SIZE) * stride_s_token + kv_head
-            scores = scores * tl.load(k_token_scale_ptr + s_ptrs, mask=token_mask, other=0.0)[None, :]
+        if KV_DYNAMIC:  # a key's score: scale * (q . code - offset * sum(q))
+            s_ptrs = block * stride_s_block + (tokens % BLOCK_SIZE) * stride_s_token + kv_head * 2
+            k_s = tl.load(k_token_scale_ptr + s_ptrs, mask=token_mask, other=0.0)
+            k_o = tl.load(k_token_scale_ptr + s_ptrs + 1, mask=token_mask, other=0.0)
+            scores = (scores - q_sum[:, None] * k_o[None, :]) * k_s[None, :]
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -95,7 +100,10 @@ def _partition_kernel(
         if KV_DYNAMIC:  # each value's scale weights its p, relative to the tile's largest (p * scale underflows float16)
             v_s = tl.load(v_token_scale_ptr + s_ptrs, mask=token_mask, other=0.0)
             v_max = tl.max(v_s, 0)  # > 0: a tile holds at least one token, and scales are positive
-            pv = tl.dot((p * (v_s / v_max)[None, :]).to(OPERAND_TY).to(DOT_TY), v, input_precision=DOT_PRECISION) * v_max
+            v_o = tl.load(v_token_scale_ptr + s_ptrs + 1, mask=token_mask, other=0.0)
+            w = (p * (v_s / v_max)[None, :]).to(OPERAND_TY)  # the values' offsets come off with the same rounded w
+            pv = (tl.dot(w.to(DOT_TY), v, input_precision=DOT_PRECISION)
+                  - tl.sum(w.to(tl.float32) * v_o[None, :], 1)[:, None]) * v_max
         else:
             pv = tl.dot(p.to(OPERAND_TY).to(DOT_TY), v, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
@@ -209,9 +217,9 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
                 )
     if token_scales is not None:
         if key_cache.dtype != torch.int8 or any(t is None or t.dtype != torch.float32 or not t.is_contiguous()
-                                                or t.shape != key_cache.shape[:3] for t in token_scales):
+                                                or t.shape != (*key_cache.shape[:3], 2) for t in token_scales):
             raise QpassError(f"the dynamic cache needs int8 caches and both k_scale_cache and v_scale_cache, contiguous "
-                             f"float32 [num_blocks, block_size, num_kv_heads={kv_heads}]")
+                             f"float32 [num_blocks, block_size, num_kv_heads={kv_heads}, 2] (scale, offset)")
         scales = dict(zip(("k_scale_cache", "v_scale_cache"), token_scales))
     if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise QpassError("query, the caches and block_tables need a contiguous last dimension; call .contiguous()")
@@ -234,8 +242,8 @@ def paged_attention_triton(
     key_cache, value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, int8 (then
     k_scale, v_scale, v_offset float32 ``[num_kv_heads, head_dim]`` are used; k_offset is accepted
     and not needed, softmax cancels it) or float16/bfloat16 (the baseline; scales ignored). The dynamic
-    cache passes ``k_scale_cache`` and ``v_scale_cache`` (float32 ``[num_blocks, block_size, num_kv_heads]``,
-    ``x ~= code * scale``) instead of the per-channel parameters.
+    cache passes ``k_scale_cache`` and ``v_scale_cache`` (float32 ``[num_blocks, block_size, num_kv_heads, 2]``,
+    scale and offset, ``x ~= (code - offset) * scale``) instead of the per-channel parameters.
     block_tables: int32 ``[num_rows, max_blocks_per_seq]``; context_lens: int32 ``[num_rows]``.
     max_context_len: an upper bound of context_lens (default ``max_blocks_per_seq * block_size``,
     which needs no device sync) that sizes the partition grid.
@@ -275,7 +283,7 @@ def paged_attention_triton(
         softmax_scale * math.log2(math.e),
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        block_size * kv_heads, kv_heads,
+        block_size * kv_heads * 2, kv_heads * 2,
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         num_partitions,

@@ -13,7 +13,7 @@ inputs. The prefill op covers decode too: the S query tokens are the last S of t
 cache write quantizes with the same scales the generic op names, so cache write + paged attention
 reproduce it exactly. ``int8_kv_attention_dynamic`` (the dynamic cache) becomes the ``*_dynamic``
 pair of the same ops, whose scales are two more inputs per layer, ``key_scale_cache_<i>`` and
-``value_scale_cache_<i>``, float32 ``[num_blocks, block_size, H_kv]``, written beside the codes.
+``value_scale_cache_<i>``, float32 ``[num_blocks, block_size, H_kv, 2]`` (scale, offset), written beside the codes.
 """
 
 import operator

@@ -47,7 +47,7 @@ def insert_qdq(gm: GraphModule, node: Node, scale: torch.Tensor, offset: torch.T
 
 def insert_dynamic_fake_quant(gm: GraphModule, node: Node) -> Node:
     """Replace every use of ``node`` (``[B, H_kv, S, D]``) by ``fake_quant_int8_dynamic(node)``: int8 with a
-    symmetric scale per token and kv head, as the dynamic cache stores it."""
+    asymmetric scale and offset per token and kv head, as the dynamic cache stores it."""
     val, graph = node.meta["val"], gm.graph
     users = list(node.users)
     with graph.inserting_after(node):
