@@ -6,7 +6,7 @@ import torch
 from qpass.core.errors import QpassError
 from qpass.core.int8 import affine_qparams, fake_quant, sqnr_db
 from qpass.core.observers import Observer
-from qpass.core.ranges import CLIP_GRID, channel_qparams, extreme_range, mse_range
+from qpass.core.ranges import CLIP_GRID, REACH_WINDOWS, channel_qparams, extreme_range, mse_range
 
 
 def test_asymmetric_qparams_follow_the_design_formulas():
@@ -150,7 +150,7 @@ def test_extreme_range_predicts_the_maximum_of_more_windows():
 
     obs = Observer(window=1)
     obs.update(maxima(64))
-    lo, hi = extreme_range(obs, growth=100.0)
+    lo, hi = extreme_range(obs, windows=6400.0)
     truth = torch.stack([maxima(6400).amax(0) for _ in range(20)]).mean(0)  # the expected maximum of 6,400
     assert torch.all(hi >= obs.max)
     torch.testing.assert_close(hi, truth, rtol=0.0, atol=float(beta.max()) * 1.5)
@@ -162,8 +162,24 @@ def test_extreme_range_predicts_the_maximum_of_more_windows():
 def test_extreme_range_with_one_window_is_the_observed_range():
     obs = Observer(window=4)
     obs.update(torch.randn(4, 3))
-    lo, hi = extreme_range(obs, growth=100.0)
+    lo, hi = extreme_range(obs, windows=100.0)
     assert torch.equal(lo, obs.min) and torch.equal(hi, obs.max)
     no_windows = Observer()
     no_windows.update(torch.randn(8, 3))
     assert torch.equal(extreme_range(no_windows, 100.0)[1], no_windows.max)
+
+
+def test_reach_sets_the_range_for_a_fixed_number_of_windows():
+    """``reach`` fits as ``extreme`` does but for ``REACH_WINDOWS`` windows whatever the calibration's size: with
+    3 windows that is ``extreme``'s 100x, with 64 it is less headroom than ``extreme``'s 6,400 windows."""
+    gen = torch.Generator().manual_seed(1)
+    for windows in (3, 64):
+        obs = Observer(window=8)
+        obs.update(torch.randn(windows * 8, 4, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 10.0]))
+        reach = channel_qparams(obs, "reach", symmetric=False)
+        assert all(torch.equal(a, b) for a, b in zip(reach, affine_qparams(*extreme_range(obs, REACH_WINDOWS), False)))
+        extreme = channel_qparams(obs, "extreme", symmetric=False)
+        if windows * 100 == REACH_WINDOWS:
+            assert all(torch.equal(a, b) for a, b in zip(reach, extreme))
+        else:
+            assert torch.all(reach[0] < extreme[0])  # a finer step: less headroom

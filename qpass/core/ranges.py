@@ -22,9 +22,10 @@ import torch
 from qpass.core.int8 import affine_qparams, fake_quant
 from qpass.core.observers import Observer
 
-RANGE_METHODS = ("minmax", "percentile", "mse", "extreme")
+RANGE_METHODS = ("minmax", "percentile", "mse", "extreme", "reach")
 EULER_GAMMA = 0.5772156649015329
 GROWTH = 100.0  # extreme: the range is set for this many times the calibration text
+REACH_WINDOWS = 300.0  # reach: the range is set for this many windows of text, whatever the calibration's size
 HIST_BINS = 512
 CLIP_GRID = torch.linspace(0.30, 1.0, 71)  # per-channel candidates, fractions of the observed range
 ACT_METHODS = {1: "min-max", 2: "histogram", 3: "auto"}
@@ -42,26 +43,30 @@ def channel_qparams(obs: Observer, method: str, symmetric: bool, percentile: flo
         lo, hi = torch.maximum(lo, lo_p), torch.minimum(hi, hi_p)
     elif method == "mse":
         lo, hi = mse_range(obs.sample(), lo, hi, symmetric)
-    elif method == "extreme":
-        lo, hi = extreme_range(obs, GROWTH)
+    elif method in ("extreme", "reach"):
+        windows = obs.window_extremes()[1].shape[0]
+        lo, hi = extreme_range(obs, GROWTH * windows if method == "extreme" else REACH_WINDOWS)
     elif method != "minmax":
         raise ValueError(f"unknown range method {method!r}; choose one of {', '.join(RANGE_METHODS)}")
     return affine_qparams(lo, hi, symmetric)
 
 
-def extreme_range(obs: Observer, growth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel, the range its extremes are expected to reach over ``growth`` times the calibration text.
+def extreme_range(obs: Observer, windows: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the range its extremes are expected to reach over ``windows`` windows of text.
 
     Each window's maximum is modelled as a Gumbel variable (the law of maxima of many light-tailed
     values), fitted per channel by its moments over the calibration windows; the expected maximum of
-    ``growth * windows`` such maxima is ``mean + beta * ln(growth * windows)`` with ``beta = std * sqrt(6) / pi``.
+    ``windows`` such maxima is ``mean + beta * ln(windows)`` with ``beta = std * sqrt(6) / pi``.
+    ``extreme`` asks for 100 times the calibration's windows; ``reach`` for a fixed ``REACH_WINDOWS``, so a
+    large calibration (whose observed range already covers most of what text of its kind reaches) gets less
+    headroom than a small one.
     Channels whose extremes vary from window to window (the outliers that text unlike the calibration
     text pushes further) get more headroom than steady ones; a range never shrinks below the observed one.
     """
     w_lo, w_hi = obs.window_extremes()
     if w_hi.shape[0] < 2:
         return obs.min, obs.max
-    log_m = torch.log(torch.tensor(growth * w_hi.shape[0], dtype=torch.float64))
+    log_m = torch.log(torch.tensor(windows, dtype=torch.float64))
 
     def reach(m):  # [windows, C] maxima -> [C]
         m = m.double()
