@@ -3,15 +3,19 @@
 Each domain pair (``qpass.core.corpus.domain_pairs``: the standard split, docstrings only -> source,
 source -> docstrings, one package -> another) is calibrated once (observers keep their statistics and
 each window's extremes), then every (range method, mode) is evaluated against the float program on the
-same windows of the pair's evaluation text. Prints one row per combination and a markdown table.
+same windows of the pair's evaluation text. Prints one row per combination, with the 95% interval of the
+increase over the evaluation windows (1.96 standard errors of the per-window NLL differences: how much the
+figure would move on other windows of the same text), and a markdown table. ``--between`` takes the windows
+halfway between the default ones (one fewer), a second sample of the same text.
 
     python tools/sweep_observers.py [--pairs all] [--observers minmax,mse,extreme] [--modes C8,FAQuant]
-                                    [--symmetric] [--calib-samples 64] [--eval-windows 32]
+                                    [--symmetric] [--calib-samples 64] [--eval-windows 32] [--between]
 """
 
 import argparse
 import dataclasses
 import gc
+import math
 import time
 
 import torch
@@ -20,7 +24,7 @@ from qpass.core import corpus
 from qpass.core.calibrate import SAMPLE_TOKENS, attention_qparams
 from qpass.core.config import QuantConfig
 from qpass.core.data import token_windows
-from qpass.core.evaluate import perplexity
+from qpass.core.evaluate import window_nll
 from qpass.core.observers import Observer
 from qpass.core.recipe import Recipe, geometry
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
@@ -41,13 +45,29 @@ def observe_pair(fe, samples: list[str], base: QuantConfig) -> dict[str, Observe
     return observers
 
 
-def increase(fe, observers, config: QuantConfig, ids: torch.Tensor, ppl_float: float) -> float:
-    """Perplexity increase (percent) of ``config``'s recipe from ``observers`` on ``ids``."""
+def increase(fe, observers, config: QuantConfig, ids: torch.Tensor, nll_float: torch.Tensor) -> tuple[float, float]:
+    """Perplexity increase (percent) of ``config``'s recipe from ``observers`` on ``ids [N, W]``, and the half
+    width of its 95% interval over the windows (``nll_float [N]``: the float program's per-window NLL)."""
     sites = fe.attention_sites()
     tensors, stats = attention_qparams(sites, observers, config) if config.observed_kinds else ({}, {})
-    ppl = perplexity(fe.logits(Recipe(config, geometry(sites), tensors, stats)), ids, config.batch_size, "quantized")
+    nll = window_nll(fe.logits(Recipe(config, geometry(sites), tensors, stats)), ids, config.batch_size, "quantized")
     gc.collect()  # the quantized program's module graph holds reference cycles: free its weights before the next
-    return 100.0 * (ppl / ppl_float - 1.0)
+    diff = nll - nll_float
+    return 100.0 * math.expm1(float(diff.mean())), 100.0 * 1.96 * float(diff.std()) / math.sqrt(len(diff))
+
+
+def eval_windows(tokenizer, text: str, window: int, count: int, between: bool) -> torch.Tensor:
+    """``count`` windows spread over ``text`` as calibration spreads them, or (``between``) the ``count - 1``
+    halfway between those: a second, disjoint sample of the same text."""
+    ids = token_windows(tokenizer, [text], window, None, "eval")
+    if ids.shape[0] < (2 * count if between else count + 1):
+        if between:
+            raise SystemExit(f"--between: the text has {ids.shape[0]} windows, too few for {count} between {count}")
+        return ids
+    pick = torch.linspace(0, ids.shape[0] - 1, count)
+    if between:
+        pick = pick[:-1] + (pick[1] - pick[0]) / 2
+    return ids[pick.round().long()]
 
 
 def main():
@@ -60,6 +80,7 @@ def main():
     parser.add_argument("--observers", default="minmax,mse,extreme")
     parser.add_argument("--modes", default="C8,FAQuant", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--symmetric", action="store_true", help="symmetric int8 (offset 0), as vllm-ascend and ONNX Runtime's GQA need")
+    parser.add_argument("--between", action="store_true", help="evaluate on the windows halfway between the default ones")
     args = parser.parse_args()
     torch.manual_seed(0)
     fe = TorchExportFrontend.load(args.model, args.window)
@@ -74,15 +95,15 @@ def main():
         if key not in observed:
             observed = {key: observe_pair(fe, samples, base)}  # one calibration's observers held at a time
         observers = observed[key]
-        ids = token_windows(fe.tokenizer, [text], args.window, args.eval_windows, "eval")
-        ppl_float = perplexity(float_module, ids, base.batch_size, "float")
-        print(f"  eval: {ids.numel()} tokens, float ppl {ppl_float:.4f}", flush=True)
+        ids = eval_windows(fe.tokenizer, text, args.window, args.eval_windows, args.between)
+        nll_float = window_nll(float_module, ids, base.batch_size, "float")
+        print(f"  eval: {ids.numel()} tokens, float ppl {math.exp(float(nll_float.mean())):.4f}", flush=True)
         for mode in args.modes.split(","):
             for method in args.observers.split(",") if mode != "dynamic" else ["-"]:
                 config = dataclasses.replace(base, **MODES[mode], **({"observer": method} if method != "-" else {}))
-                pct = increase(fe, observers, config, ids, ppl_float)
+                pct, half = increase(fe, observers, config, ids, nll_float)
                 table[name, mode, method] = pct
-                print(f"  {name:20} {mode:8} {method:10} {pct:+.3f}%", flush=True)
+                print(f"  {name:20} {mode:8} {method:10} {pct:+.3f}% (95% over windows: +-{half:.3f})", flush=True)
     columns = sorted({(mode, method) for _, mode, method in table}, key=lambda c: list(table).index((names[0], *c)))
     print("\n| pair | " + " | ".join(f"{mode} {method}" for mode, method in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
