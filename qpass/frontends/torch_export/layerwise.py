@@ -167,7 +167,8 @@ class _Tap(torch.nn.Module):
 
 
 class _LayerProgram:
-    """One decoder layer captured (for one layer type), with taps after its q/k/v; weights swapped per layer."""
+    """One decoder layer captured (for one layer type), with taps after its q/k/v and its Linears' inputs; weights
+    swapped per layer."""
 
     def __init__(self, gm: torch.fx.GraphModule, site: AttentionSite, linears: list[LinearSite], taps: dict[str, _Tap]):
         self.gm, self.site, self.linears, self.taps = gm, site, linears, taps
