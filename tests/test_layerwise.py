@@ -80,7 +80,7 @@ def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, ppl, frontend
     assert [s.prefix for s in lw.attention_sites()] == [s.prefix for s in whole.attention_sites()]
     assert lw.num_parameters() == whole.num_parameters()
     if ppl:
-        measured = [perplexity(whole.logits(r), windows, CONFIG.batch_size) for r in (expected, got)]
+        measured = [perplexity(whole.logits(r, verify=False), windows, CONFIG.batch_size) for r in (expected, got)]
         assert measured[1] == pytest.approx(measured[0], rel=1e-5)
 
 
