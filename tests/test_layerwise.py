@@ -250,3 +250,16 @@ def test_layerwise_is_automatic_when_the_model_would_not_fit(model_dir, tmp_path
     note = [line for line in capsys.readouterr().err.splitlines() if "one decoder layer at a time" in line]
     assert len(note) == 1 and "GiB" in note[0]
     assert result.program is None and result.report["model"]["layerwise"] is True
+
+
+@pytest.mark.parametrize("index", ['{"weight_map": ["a"]}', '{"weight_map": {"x": 3}}', '[1]', '{"weight_map": {"x": "gone.safetensors"}}', "{"])
+def test_the_memory_estimate_leaves_a_broken_directory_to_the_loader(index, model_dir, tmp_path):
+    """The automatic switch reads every shard's header; a broken index gives no estimate (the whole-model loader
+    then says what is wrong) instead of a traceback."""
+    import shutil
+
+    path = shutil.copytree(model_dir("llama"), tmp_path / "m")
+    (path / "model.safetensors.index.json").write_text(index)
+    assert layerwise.whole_model_memory(path) is None
+    assert layerwise.whole_model_memory(model_dir("llama")) > 0
+

@@ -68,7 +68,7 @@ class Checkpoint:
                 for file in sorted(path.glob("*.safetensors")):
                     with safe_open(str(file), framework="pt") as f:
                         self.files.update(dict.fromkeys(f.keys(), file))
-        except (*BROKEN_FILE, TypeError) as err:
+        except (*BROKEN_FILE, TypeError, AttributeError) as err:  # AttributeError: a weight_map that is not an object
             raise QpassError(f"MODEL {path}: cannot read its safetensors index ({type(err).__name__}: {err}); "
                              "re-download the model") from None
         if not self.files:
@@ -134,7 +134,7 @@ def whole_model_memory(path: str | Path) -> int | None:
         return None
     try:
         elements, _ = Checkpoint(path).sizes()
-    except (QpassError, *BROKEN_FILE):
+    except (QpassError, TypeError, *BROKEN_FILE):  # TypeError: a shard name in the index that is not a string
         return None  # the whole-model loader names what is wrong with it
     return int(elements * 4 * WHOLE_MODEL_FACTOR)
 
