@@ -171,9 +171,9 @@ def test_extreme_range_with_one_window_is_the_observed_range():
 
 def test_reach_sets_the_range_for_a_fixed_number_of_windows():
     """``reach`` fits as ``extreme`` does but for ``REACH_WINDOWS`` windows whatever the calibration's size: with
-    3 windows that is ``extreme``'s 100x, with 64 it is less headroom than ``extreme``'s 6,400 windows."""
+    7 windows that is ``extreme``'s 100x, with 64 it is less headroom than ``extreme``'s 6,400 windows."""
     gen = torch.Generator().manual_seed(1)
-    for windows in (3, 64):
+    for windows in (7, 64):
         obs = Observer(window=8)
         obs.update(torch.randn(windows * 8, 4, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 10.0]))
         reach = channel_qparams(obs, "reach", symmetric=False)

@@ -40,9 +40,10 @@ class QuantConfig:
         their own asymmetric scale and offset (min and max over head_dim) when they are written, stored beside
         the int8 cache (vLLM's ``int8_per_token_head`` granularity; nothing to calibrate, not with FAQuant); None keeps the
         cache in float.
-    observer: how a calibration range is chosen: ``extreme`` (default: per channel, the range its
-        extremes are expected to reach over 100x the calibration text, from how they vary across the
-        calibration windows; holds on text unlike the calibration text); ``minmax``; ``percentile`` (clip
+    observer: how a calibration range is chosen: ``reach`` (default: per channel, the range its
+        extremes are expected to reach over 700 windows of text, from how they vary across the
+        calibration windows; holds on text unlike the calibration text); ``extreme`` (the same over 100x the
+        calibration's windows, the default before); ``minmax``; ``percentile`` (clip
         at ``percentile`` of |x| per channel); ``mse`` (clip range searched on a histogram to minimise the
         L2 error on the calibration text).
     symmetric: symmetric int8 (offset 0, [-127, 127]) instead of asymmetric.
@@ -65,10 +66,10 @@ class QuantConfig:
         "--kv-int8", "int8 KV cache: bare or `static`, C8 (K and V per channel where written to the cache, "
         "calibrated); `dynamic`, a scale and offset per token and KV head computed as the cache is written",
         nargs="?", const="static", type=_kv_form, metavar="static|dynamic"))
-    observer: str = field(default="extreme", metadata=_opt(
-        "--observer", "range choice (default extreme: the range per-channel extremes reach over 100x the "
-        "calibration text; reach: the same over 300 windows, whatever the calibration's size; mse: histogram "
-        "clip search; minmax; percentile)", choices=OBSERVERS))
+    observer: str = field(default="reach", metadata=_opt(
+        "--observer", "range choice (default reach: the range per-channel extremes reach over 700 windows of "
+        "text; extreme: the same over 100x the calibration text; mse: histogram clip search; minmax; "
+        "percentile)", choices=OBSERVERS))
     symmetric: bool = field(default=False, metadata=_opt(
         "--symmetric", "symmetric int8 (offset 0) instead of asymmetric"))
     percentile: float = field(default=99.99, metadata=_opt(

@@ -1,12 +1,15 @@
 """Range choice: from an :class:`~qpass.core.observers.Observer`'s statistics to int8 scales and offsets.
 
-The per-channel default, ``extreme`` (:func:`extreme_range`), widens each channel's range to where its
-extremes are expected to reach on 100x the calibration text, judged from how they vary across the
-calibration windows. Ranges fitted to the calibration text alone clip text of another kind: calibrated
-on 3,584 tokens of Python's licence and evaluated on Python source, C8 lost 0.40% perplexity with
-``mse`` and ``minmax`` and nothing (-0.01%) with ``extreme`` (``docs/benchmarks.md``). A clip search trades range for
-resolution on the calibration text, which is the wrong trade for text it did not see; the searches
-stay for the cases they suit:
+The per-channel default, ``reach`` (:func:`extreme_range`), widens each channel's range to where its
+extremes are expected to reach over 700 windows of text (358,400 tokens at 512 a window), judged from how
+they vary across the calibration windows. Ranges fitted to the calibration text alone clip text of another
+kind: calibrated on 3,584 tokens of Python's licence and evaluated on Python source, C8 lost 0.40%
+perplexity with ``mse`` and ``minmax`` and nothing (-0.01%) with ``reach`` (``docs/benchmarks.md``). ``extreme``,
+the previous default, asks for 100x the calibration's windows instead: the same for the licence's 7
+windows, but for 64 windows of mixed text it widened ranges the text already covered and lost 0.1-0.3
+points to ``mse`` on the standard split, where ``reach`` is within the noise of ``mse``. A clip search trades
+range for resolution on the calibration text, which is the wrong trade for text it did not see; the
+searches stay for the cases they suit:
 
 - per channel (q/k/v, the KV cache: ``minmax``, ``percentile``, ``mse``): thousands of channels, so
   :func:`mse_range` scores each candidate on a per-channel histogram with prefix sums (O(1) per
@@ -25,7 +28,7 @@ from qpass.core.observers import Observer
 RANGE_METHODS = ("minmax", "percentile", "mse", "extreme", "reach")
 EULER_GAMMA = 0.5772156649015329
 GROWTH = 100.0  # extreme: the range is set for this many times the calibration text
-REACH_WINDOWS = 300.0  # reach: the range is set for this many windows of text, whatever the calibration's size
+REACH_WINDOWS = 700.0  # reach: the range is set for this many windows of text, whatever the calibration's size
 HIST_BINS = 512
 CLIP_GRID = torch.linspace(0.30, 1.0, 71)  # per-channel candidates, fractions of the observed range
 ACT_METHODS = {1: "min-max", 2: "histogram", 3: "auto"}
