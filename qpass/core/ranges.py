@@ -6,7 +6,7 @@ they vary across the calibration windows. Ranges fitted to the calibration text 
 kind: calibrated on 3,584 tokens of Python's licence and evaluated on Python source, C8 lost 0.40%
 perplexity with ``mse`` and ``minmax`` and nothing (-0.01%) with ``reach`` (``docs/benchmarks.md``). ``extreme``,
 the previous default, asks for 100x the calibration's windows instead: the same for the licence's 7
-windows, but for 64 windows of mixed text it widened ranges the text already covered and lost 0.1-0.3
+windows, but for 64 windows of mixed text it widened ranges the text already covered and lost 0.03-0.16
 points to ``mse`` on the standard split, where ``reach`` is within the noise of ``mse``. A clip search trades
 range for resolution on the calibration text, which is the wrong trade for text it did not see; the
 searches stay for the cases they suit:
