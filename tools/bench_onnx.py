@@ -99,7 +99,7 @@ def stepwise_perplexity(runner: Runner, windows: torch.Tensor, batch: int = 4) -
     return float(np.exp(nll / count))
 
 
-def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int) -> None:
+def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int, parts: list[str]) -> None:
     from qpass.frontends.torch_export.frontend import TorchExportFrontend
     from qpass.models.loaders import load_model
 
@@ -113,33 +113,49 @@ def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int
         samples, text = all_pairs[name]
         calib = token_windows(tokenizer, samples, WINDOW, calib_windows, "--calib")
         ids = token_windows(tokenizer, [text], WINDOW, eval_windows, "--eval")
-        ppl_torch = torch_fe.reference_perplexity(ids, 4)
-        ppl_onnx = perplexity(dynamo.logits(), ids, 4, "onnx float")
         print(f"{name}: {calib.numel()} calibration tokens, {ids.numel()} evaluation tokens")
-        print(f"  float: PyTorch {ppl_torch:.4f}, ONNX {ppl_onnx:.4f} ({100 * (ppl_onnx / ppl_torch - 1):+.4f}%)")
-        for mode, kwargs in (("C8", dict(kv_cache="int8")), ("FAQuant", dict(fa_quant=True)),
-                             ("C8 symmetric", dict(kv_cache="int8", symmetric=True))):
-            recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
-            ppl = perplexity(dynamo.logits(recipe), ids, 4, f"onnx {mode}")
-            print(f"  QDQ {mode}: {100 * (ppl / ppl_onnx - 1):+.3f}%")
-            del recipe
-            gc.collect()
-        float_steps = stepwise_perplexity(Runner(session(genai.model), genai.site_docs), ids)
-        ours = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True))
-        quantized, _ = genai.apply(ours)
-        ppl_ours = stepwise_perplexity(Runner(session(quantized), read_sites(quantized)), ids)
-        absmax = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True, observer="minmax"))
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            scale_file = Path(tmp) / "scales.json"
-            layers = range(len(genai.attention_sites()))
-            scale_file.write_text(json.dumps({"scales": {
-                f"{kind}_scales": [absmax.get(i, f"kv_{kind}")[0].tolist() for i in layers] for kind in ("k", "v")}}))
-            theirs = builder(work / "hf", Path(tmp) / "int8", ["kv_cache_quant_scheme=int8_per_channel",
-                                                               f"kv_cache_scale_file={scale_file}"])
-            ppl_theirs = stepwise_perplexity(Runner(session(theirs / "model.onnx"), genai.site_docs), ids)
-        print(f"  GQA int8 cache, token by token (float {float_steps:.4f}): qpass {100 * (ppl_ours / float_steps - 1):+.3f}%, "
-              f"builder with absmax scales {100 * (ppl_theirs / float_steps - 1):+.3f}%")
+        if "qdq" in parts:
+            qdq_modes(torch_fe, dynamo, calib, ids)
+        if "gqa" in parts:
+            gqa_modes(work, genai, calib, ids)
         sys.stdout.flush()
+    if "greedy" in parts:
+        greedy_tokens(torch_fe, dynamo, calib)
+
+
+def qdq_modes(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor, ids: torch.Tensor) -> None:
+    ppl_torch = torch_fe.reference_perplexity(ids, 4)
+    ppl_onnx = perplexity(dynamo.logits(), ids, 4, "onnx float")
+    print(f"  float: PyTorch {ppl_torch:.4f}, ONNX {ppl_onnx:.4f} ({100 * (ppl_onnx / ppl_torch - 1):+.4f}%)")
+    for mode, kwargs in (("C8", dict(kv_cache="int8")), ("FAQuant", dict(fa_quant=True)),
+                         ("C8 symmetric", dict(kv_cache="int8", symmetric=True))):
+        recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
+        ppl = perplexity(dynamo.logits(recipe), ids, 4, f"onnx {mode}")
+        print(f"  QDQ {mode}: {100 * (ppl / ppl_onnx - 1):+.3f}%")
+        del recipe
+        gc.collect()
+
+
+def gqa_modes(work: Path, genai: OnnxFrontend, calib: torch.Tensor, ids: torch.Tensor) -> None:
+    float_steps = stepwise_perplexity(Runner(session(genai.model), genai.site_docs), ids)
+    ours = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True))
+    quantized, _ = genai.apply(ours)
+    ppl_ours = stepwise_perplexity(Runner(session(quantized), read_sites(quantized)), ids)
+    absmax = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True, observer="minmax"))
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        scale_file = Path(tmp) / "scales.json"
+        layers = range(len(genai.attention_sites()))
+        scale_file.write_text(json.dumps({"scales": {
+            f"{kind}_scales": [absmax.get(i, f"kv_{kind}")[0].tolist() for i in layers] for kind in ("k", "v")}}))
+        theirs = builder(work / "hf", Path(tmp) / "int8", ["kv_cache_quant_scheme=int8_per_channel",
+                                                           f"kv_cache_scale_file={scale_file}"])
+        ppl_theirs = stepwise_perplexity(Runner(session(theirs / "model.onnx"), genai.site_docs), ids)
+    print(f"  GQA int8 cache, token by token (float {float_steps:.4f}): qpass {100 * (ppl_ours / float_steps - 1):+.3f}%, "
+          f"builder with absmax scales {100 * (ppl_theirs / float_steps - 1):+.3f}%")
+
+
+def greedy_tokens(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor) -> None:
+    tokenizer = dynamo.tokenizer
     prompt = token_windows(tokenizer, [corpus.eval_code()], WINDOW, 1, "--eval")[0, :16].tolist()
     for mode, kwargs in (("C8", dict(kv_cache="int8")), ("FAQuant+C8", dict(fa_quant=True, kv_cache="int8"))):
         recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
@@ -243,6 +259,7 @@ def main() -> None:
     acc = sub.choices["accuracy"]
     acc.add_argument("--pairs", nargs="+", default=["mixed->source", "mixed->docstrings", "license->source"])
     acc.add_argument("--eval-windows", type=int, default=16)
+    acc.add_argument("--parts", nargs="+", default=["qdq", "gqa", "greedy"], choices=["qdq", "gqa", "greedy"])
     acc.add_argument("--calib-windows", type=int, default=QuantConfig.__dataclass_fields__["calib_samples"].default)
     sp = sub.choices["speed"]
     sp.add_argument("--context", type=int, default=2048)
@@ -256,7 +273,7 @@ def main() -> None:
     if args.command == "prepare":
         prepare(args.work)
     elif args.command == "accuracy":
-        accuracy(args.work, args.pairs, args.eval_windows, args.calib_windows)
+        accuracy(args.work, args.pairs, args.eval_windows, args.calib_windows, args.parts)
     elif args.command == "speed":
         speed(args.work, args.context, args.steps, args.repeats, args.threads)
     else:
