@@ -380,6 +380,9 @@ def staged_output(out_dir: str | Path, force: bool):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qpass-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the output is an ordinary directory
     except OSError as err:
         raise QpassError(f"-o {out}: cannot create it ({err.strerror}); choose an output path you can write") from None
     try:

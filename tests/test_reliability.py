@@ -242,3 +242,15 @@ def test_two_lowerings_save_the_same_decoder_bytes(tmp_path):
         torch.export.save(lowered, str(tmp_path / run / "decoder.pt2"))
         saved.append((tmp_path / run / "decoder.pt2").read_bytes())
     assert saved[0] == saved[1]
+
+
+def test_the_output_directory_has_the_usual_permissions(tmp_path):
+    import os
+
+    from qpass.api import staged_output
+
+    with staged_output(tmp_path / "out", force=False) as tmp:
+        (tmp / "f").write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
