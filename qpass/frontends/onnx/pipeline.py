@@ -63,10 +63,9 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
                          "please report this model") from None
     counts = {}
     for p in passes:
-        count = p.rewritten if isinstance(p, QuantizeGQAKVCachePass) else p.count
-        if not count and not isinstance(p, FoldKVCacheScalesPass):  # a softcapped Attention keeps the QDQ form
+        if not p.count and not isinstance(p, FoldKVCacheScalesPass):  # a softcapped Attention keeps the QDQ form
             raise QpassError(f"{type(p).__name__} rewrote nothing although the recipe asks for it; please report this model")
-        counts[type(p).__name__] = count
+        counts[type(p).__name__] = p.count
     model.metadata_props[SITES_METADATA] = json.dumps([site_doc(s, c) for s, c in found])
     return model, counts
 

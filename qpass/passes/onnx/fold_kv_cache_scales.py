@@ -19,22 +19,17 @@ import onnx_ir as ir
 import torch
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qpass.core.recipe import Recipe
 from qpass.core.sites import AttentionSite
 from qpass.passes.onnx import qdq
-from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.base import SitePass
 from qpass.passes.onnx.insert_kv_cache_qdq import DEQUANTIZED
 
 
-class FoldKVCacheScalesPass(ir.passes.InPlacePass):
+class FoldKVCacheScalesPass(SitePass):
     """Replace each dequantized cache with a Cast and fold its scales into q and the attention output; ``count``:
     sites lowered."""
 
-    def __init__(self, sites: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe):
-        super().__init__()
-        self.sites, self.recipe, self.count = sites, recipe, 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def rewrite(self, model: ir.Model) -> int:
         graph, values, count = model.graph, qdq.named_values(model.graph), 0
         for site, cache in self.sites:
             attention = values[site.attention].producer()
@@ -62,8 +57,7 @@ class FoldKVCacheScalesPass(ir.passes.InPlacePass):
             count += 1
         if count:
             RemoveUnusedNodesPass()(model)  # the DequantizeLinear chains nothing reads now
-        self.count += count
-        return ir.passes.PassResult(model, count > 0)
+        return count
 
     def _per_head(self, site: AttentionSite, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """``(scale, offset)`` of ``kv_<kind>`` as float32 ``[1, heads, 1, head_dim]``, query head h taking KV head

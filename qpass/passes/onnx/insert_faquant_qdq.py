@@ -8,21 +8,15 @@ tokens before the float cache's Concat, so the cache holds values already on FAQ
 
 import onnx_ir as ir
 
-from qpass.core.recipe import Recipe
-from qpass.core.sites import AttentionSite
 from qpass.passes.onnx import qdq
-from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.base import SitePass
 from qpass.passes.onnx.insert_kv_cache_qdq import DEQUANTIZED
 
 
-class InsertFAQuantQDQPass(ir.passes.InPlacePass):
+class InsertFAQuantQDQPass(SitePass):
     """Insert FAQuant's round trip on each site's q, k and v; ``count``: values rewritten."""
 
-    def __init__(self, sites: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe):
-        super().__init__()
-        self.sites, self.recipe, self.count = sites, recipe, 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def rewrite(self, model: ir.Model) -> int:
         graph, values, count = model.graph, qdq.named_values(model.graph), 0
         for site, cache in self.sites:
             for kind in ("q", "k", "v"):
@@ -36,5 +30,4 @@ class InsertFAQuantQDQPass(ir.passes.InPlacePass):
                 qdq.replace_uses(target, out, keep=set(nodes))
                 graph.insert_after(target.producer(), nodes)  # q, k, v are computed: never graph inputs
                 count += 1
-        self.count += count
-        return ir.passes.PassResult(model, count > 0)
+        return count

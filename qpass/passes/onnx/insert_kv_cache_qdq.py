@@ -10,22 +10,16 @@ layout change around the per-axis ops).
 import onnx_ir as ir
 
 from qpass.core.errors import QpassError
-from qpass.core.recipe import Recipe
-from qpass.core.sites import AttentionSite
 from qpass.passes.onnx import qdq
-from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.base import SitePass
 
 DEQUANTIZED = ".dequantized"  # suffix of the float cache value attention reads (the FAQuant pass finds it by it)
 
 
-class InsertKVCacheQDQPass(ir.passes.InPlacePass):
+class InsertKVCacheQDQPass(SitePass):
     """Quantize each site's k and v into the cache and dequantize what attention reads; ``count``: values rewritten."""
 
-    def __init__(self, sites: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe):
-        super().__init__()
-        self.sites, self.recipe, self.count = sites, recipe, 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def rewrite(self, model: ir.Model) -> int:
         graph, values, count = model.graph, qdq.named_values(model.graph), 0
         for site, cache in self.sites:
             if cache is None:
@@ -46,6 +40,5 @@ class InsertKVCacheQDQPass(ir.passes.InPlacePass):
                 qdq.replace_uses(present_value, dq_out, keep=set(dq_nodes))
                 graph.insert_after(concat, dq_nodes)
                 count += 1
-        self.count += count
-        return ir.passes.PassResult(model, count > 0)
+        return count
 

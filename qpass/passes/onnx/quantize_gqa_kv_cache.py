@@ -60,13 +60,13 @@ class QuantizeGQAKVCachePass(ir.passes.InPlacePass):
     All sites are checked before anything changes, so a refused model is left as it was. A graph without
     GQA nodes is refused (say so, rather than do nothing), and so is a node already quantized differently;
     a node that already carries exactly this cache is left alone, so ``modified`` is False on a second run.
-    ``self.rewritten`` counts the nodes this pass changed (over all calls).
+    ``self.count`` counts the nodes this pass changed (over all calls).
     """
 
     def __init__(self, scales: Sequence[GQAKVScales]):
         super().__init__()
         self.scales = tuple(scales)
-        self.rewritten = 0
+        self.count = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_gqa_sites(model)
@@ -81,7 +81,7 @@ class QuantizeGQAKVCachePass(ir.passes.InPlacePass):
                 if _check(model.graph, node, site, scales)]
         for node, site, scales in todo:
             _rewrite(model.graph, node, site, scales)
-        self.rewritten += len(todo)
+        self.count += len(todo)
         return ir.passes.PassResult(model, modified=bool(todo))
 
 
