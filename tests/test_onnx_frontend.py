@@ -288,11 +288,13 @@ def test_two_compiles_write_the_same_bytes(onnx_dirs, text_files, tmp_path):
 # onnxruntime-genai's builder output (GroupQueryAttention, RoPE fused inside)
 
 
-@pytest.fixture(scope="module")
-def compiled_genai(genai_float_dir, text_files, tmp_path_factory):
+@pytest.fixture(scope="module", params=[["--symmetric"], []], ids=["symmetric", "centred"])
+def compiled_genai(genai_float_dir, text_files, tmp_path_factory, request):
+    """The builder's model through ``--kv-int8 --symmetric`` (the builder's own form) and ``--kv-int8`` (an
+    asymmetric recipe: K and V centred in the graph before the symmetric cache)."""
     out = tmp_path_factory.mktemp("genai-compiled") / "out"
     before = _digest(genai_float_dir)
-    assert main(["compile", str(genai_float_dir), "--kv-int8", "--symmetric", "--calib", str(text_files["calib"]),
+    assert main(["compile", str(genai_float_dir), "--kv-int8", *request.param, "--calib", str(text_files["calib"]),
                  "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
     assert _digest(genai_float_dir) == before
     return out
@@ -322,7 +324,8 @@ def test_a_genai_model_compiles_to_a_directory_onnxruntime_genai_runs(compiled_g
     assert theirs[:10] == ours
 
 
-@pytest.mark.parametrize("flags, message", [(["--kv-int8"], "add --symmetric"), (["--fa-quant"], "applies RoPE inside the op")])
+@pytest.mark.parametrize("flags, message", [(["--fa-quant"], "applies RoPE inside the op"),
+                                           (["--kv-int8", "dynamic"], "no per-token int8 cache form")])
 def test_genai_refuses_what_its_cache_cannot_hold(genai_float_dir, text_files, tmp_path, capsys, flags, message):
     capsys.readouterr()
     assert main(["compile", str(genai_float_dir), *flags, "--calib", str(text_files["calib"]), "-o", str(tmp_path / "o"), *SMALL]) == 2

@@ -6,16 +6,20 @@ default domain, which ``onnx.checker`` rejects even in the builder's own output,
 is the check.
 """
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import onnx_ir as ir
 import pytest
+import torch
 from onnx_genai_cases import absmax_scales, cache_io, empty_cache, forward, genai_float_dir, greedy, run_builder_int8, session  # noqa: F401
 
 from qpass.core.errors import QpassError
+from qpass.core.int8 import affine_qparams, quantize
 from qpass.passes.onnx.find_gqa_sites import GQASite, find_gqa_sites
+from qpass.passes.onnx.gqa_centre import Positions, centre
 from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass, int8_kv_genai_config, write_int8_kv_genai_config
 
 HEAD_DIM, KV_HEADS, LAYERS = 16, 2, 2  # conftest's tiny Llama
@@ -220,6 +224,105 @@ def test_onnxruntime_genai_generates(ours_dir, ours_sess, prompt):
         generator.generate_next_token()
     generated = [int(t) for t in generator.get_sequence(0)[prompt.shape[1]:]]
     assert generated == greedy(ours_sess, prompt, steps, HEAD_DIM)[0]
+
+
+# ---- centring (an asymmetric recipe through the symmetric cache) ------------------------------------------
+
+
+def centred_float(model_dir, centres, tmp_path, rotate: bool = True):
+    """A session of the float model with K and V centred (no int8: the centring alone), or, not ``rotate``, with
+    K's centre subtracted before RoPE unrotated (what the centring would be without GQA's positions)."""
+    model = ir.load(model_dir / "model.onnx")
+    positions = Positions(model.graph)
+    for node, site, (k, v) in zip(gqa_nodes(model), find_gqa_sites(model), centres, strict=True):
+        centre(model.graph, node, site if rotate else dataclasses.replace(site, do_rotary=False), k, v, positions)
+    ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data")
+    return session(tmp_path / "model.onnx")
+
+
+def run(sess, ids, mask, past):
+    past_names, present_names = cache_io(sess)
+    outs = sess.run(["logits", *present_names], {"input_ids": ids, "attention_mask": mask, **past})
+    return outs[0], dict(zip(past_names, outs[1:], strict=True))
+
+
+@pytest.fixture(scope="module")
+def centres():
+    """Per layer, K and V centres far from 0 (several times the values' own spread)."""
+    rng = np.random.default_rng(3)
+    return [(rng.normal(0, 3, KV_HEADS * HEAD_DIM).astype(np.float32),
+             rng.normal(0, 3, KV_HEADS * HEAD_DIM).astype(np.float32)) for _ in range(LAYERS)]
+
+
+def test_centring_leaves_the_float_model_unchanged(genai_float_dir, float_sess, centres, tmp_path):
+    """Prefill, a second chunk after it, a decode step, and a batch of two with the second row padded: the
+    centred model's logits are the float model's, and its cache holds RoPE'd K and V less their centres at
+    every position, which holds only if the centring rotates by GQA's own positions."""
+    sess = centred_float(genai_float_dir, centres, tmp_path)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, VOCAB, (2, 20))
+    mask = np.ones((2, 20), np.int64)
+    mask[1, 13:] = 0  # the second row is 13 tokens, right-padded
+    chunk, step = rng.integers(0, VOCAB, (1, 7)), rng.integers(0, VOCAB, (1, 1))
+    float_past, centred_past = empty_cache(float_sess, HEAD_DIM, 2), empty_cache(sess, HEAD_DIM, 2)
+    cases = [("padded batch", ids, mask, float_past, centred_past)]
+    _, f_past = run(float_sess, ids[:1], np.ones((1, 20), np.int64), empty_cache(float_sess, HEAD_DIM))
+    _, c_past = run(sess, ids[:1], np.ones((1, 20), np.int64), empty_cache(sess, HEAD_DIM))
+    cases.append(("chunk after a prompt", chunk, np.ones((1, 27), np.int64), f_past, c_past))
+    cases.append(("decode step", step, np.ones((1, 21), np.int64), f_past, c_past))
+    for what, x, m, fp, cp in cases:
+        want, want_past = run(float_sess, x, m, fp)
+        got, got_past = run(sess, x, m, cp)
+        valid = m[:, -x.shape[1]:].astype(bool)
+        scale = np.abs(want[valid]).max()
+        assert np.abs(got[valid] - want[valid]).max() < 1e-4 * scale, what
+        for layer, (k, v) in enumerate(centres):
+            for side, c in (("key", k), ("value", v)):
+                name = f"past_key_values.{layer}.{side}"
+                expected = want_past[name] - c.reshape(1, KV_HEADS, 1, HEAD_DIM)
+                rows = m.astype(bool)[:, None, :, None] & np.ones_like(expected, bool)
+                assert np.abs(got_past[name] - expected)[rows].max() < 1e-4, (what, name)
+
+
+def test_centring_k_needs_the_rotation(genai_float_dir, float_sess, centres, tmp_path, prompt):
+    """Subtracting K's centre before RoPE without rotating it back changes the logits: the check above can fail."""
+    sess = centred_float(genai_float_dir, centres, tmp_path, rotate=False)
+    want, _ = forward(float_sess, prompt, empty_cache(float_sess, HEAD_DIM))
+    got, _ = forward(sess, prompt, empty_cache(sess, HEAD_DIM))
+    assert np.abs(got - want).max() > 1e-2 * np.abs(want).max()
+
+
+def test_centred_int8_cache_holds_the_asymmetric_codes(genai_float_dir, float_sess, scales, prompt, tmp_path):
+    """Through the pass with an asymmetric recipe's scale and offset, layer 0's int8 cache holds
+    ``round(x / scale) + offset`` (qpass's asymmetric codes; later layers read the int8 layers before them), and
+    the logits are within the tolerance of the float model's."""
+    _, calib_past = forward(float_sess, np.random.default_rng(1).integers(0, VOCAB, (4, 128)),
+                            empty_cache(float_sess, HEAD_DIM, 4))
+    affine = []
+    for layer in range(LAYERS):
+        per_kind = []
+        for side in ("key", "value"):
+            x = calib_past[f"past_key_values.{layer}.{side}"]
+            lo, hi = x.min(axis=(0, 2)).reshape(-1), x.max(axis=(0, 2)).reshape(-1)
+            scale, offset = affine_qparams(torch.from_numpy(lo), torch.from_numpy(hi), symmetric=False)
+            per_kind.append((scale.numpy(), offset.numpy()))
+        affine.append(per_kind)
+    model = ir.load(genai_float_dir / "model.onnx")
+    rewrite = QuantizeGQAKVCachePass([GQAKVScales.from_affine(k, v, centred=True) for k, v in affine])
+    assert rewrite(model).modified and rewrite.count == LAYERS
+    assert not rewrite(model).modified  # a second run changes nothing
+    ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data")
+    sess = session(tmp_path / "model.onnx")
+    want, float_past = forward(float_sess, prompt, empty_cache(float_sess, HEAD_DIM))
+    got, int8_past = forward(sess, prompt, empty_cache(sess, HEAD_DIM))
+    for side, (scale, offset) in zip(("key", "value"), affine[0], strict=True):
+        name = f"past_key_values.0.{side}"
+        codes = quantize(torch.from_numpy(float_past[name]), torch.from_numpy(scale).reshape(1, KV_HEADS, 1, HEAD_DIM),
+                         torch.from_numpy(offset).reshape(1, KV_HEADS, 1, HEAD_DIM)).numpy()
+        diff = np.abs(int8_past[name].astype(np.int32) - codes)
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99, name  # 1 LSB where x / scale is near a half
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert 0 < error < LOGIT_TOLERANCE
 
 
 # ---- negatives ---------------------------------------------------------------------------------------------

@@ -85,18 +85,25 @@ def builder(hf: Path, out: Path, extra: list[str] = ()) -> Path:
     return out
 
 
-def stepwise_perplexity(runner: Runner, windows: torch.Tensor, batch: int = 4) -> float:
-    """Perplexity with every token fed one at a time on the cache the model returns (its int8 cache exercised)."""
-    nll, count = 0.0, 0
+def stepwise_nll(runner: Runner, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """Mean NLL per window ``[N]`` with every token fed one at a time on the cache the model returns (its int8
+    cache exercised)."""
+    per_window = []
     for rows in windows.split(batch):
         ids, past, logits = rows.numpy(), None, []
         for t in range(ids.shape[1] - 1):
             out, past = runner.step(ids[:, t : t + 1], past, t)
             logits.append(torch.from_numpy(out[:, -1]))
         logp = torch.log_softmax(torch.stack(logits, 1).double(), -1)
-        nll -= float(logp.gather(-1, rows[:, 1:, None]).sum())
-        count += rows[:, 1:].numel()
-    return float(np.exp(nll / count))
+        per_window.append(-logp.gather(-1, rows[:, 1:, None])[..., 0].mean(1))
+    return torch.cat(per_window)
+
+
+def increase(nll: torch.Tensor, base: torch.Tensor) -> str:
+    """``nll``'s perplexity increase over ``base`` (same windows), with the 95% half width over the windows."""
+    diff = nll - base
+    half = 1.96 * float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+    return f"{100 * float(torch.expm1(diff.mean())):+.3f}% (+-{100 * half:.3f})"
 
 
 def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int, parts: list[str]) -> None:
@@ -137,10 +144,18 @@ def qdq_modes(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor, ids: torch.Te
 
 
 def gqa_modes(work: Path, genai: OnnxFrontend, calib: torch.Tensor, ids: torch.Tensor) -> None:
-    float_steps = stepwise_perplexity(Runner(session(genai.model), genai.site_docs), ids)
-    ours = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True))
-    quantized, _ = genai.apply(ours)
-    ppl_ours = stepwise_perplexity(Runner(session(quantized), read_sites(quantized)), ids)
+    """Through GroupQueryAttention's int8 cache, token by token: qpass centred (``--kv-int8``, the default) and
+    symmetric (``--symmetric``), and the builder's own int8 model fed absmax scales; paired differences."""
+    float_nll = stepwise_nll(Runner(session(genai.model), genai.site_docs), ids)
+    print(f"  GQA float, token by token: ppl {float(float_nll.mean().exp()):.4f}", flush=True)
+    nll = {}
+    for label, config in (("qpass centred (--kv-int8)", QuantConfig(kv_cache="int8")),
+                          ("qpass symmetric (--symmetric)", QuantConfig(kv_cache="int8", symmetric=True))):
+        quantized, _ = genai.apply(calibrate(genai, calib, config))
+        nll[label] = stepwise_nll(Runner(session(quantized), read_sites(quantized)), ids)
+        print(f"  GQA int8 cache, {label}: {increase(nll[label], float_nll)}", flush=True)
+        del quantized
+        gc.collect()
     absmax = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True, observer="minmax"))
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         scale_file = Path(tmp) / "scales.json"
@@ -149,9 +164,12 @@ def gqa_modes(work: Path, genai: OnnxFrontend, calib: torch.Tensor, ids: torch.T
             f"{kind}_scales": [absmax.get(i, f"kv_{kind}")[0].tolist() for i in layers] for kind in ("k", "v")}}))
         theirs = builder(work / "hf", Path(tmp) / "int8", ["kv_cache_quant_scheme=int8_per_channel",
                                                            f"kv_cache_scale_file={scale_file}"])
-        ppl_theirs = stepwise_perplexity(Runner(session(theirs / "model.onnx"), genai.site_docs), ids)
-    print(f"  GQA int8 cache, token by token (float {float_steps:.4f}): qpass {100 * (ppl_ours / float_steps - 1):+.3f}%, "
-          f"builder with absmax scales {100 * (ppl_theirs / float_steps - 1):+.3f}%")
+        builder_nll = stepwise_nll(Runner(session(theirs / "model.onnx"), genai.site_docs), ids)
+    print(f"  GQA int8 cache, builder with absmax scales: {increase(builder_nll, float_nll)}")
+    for label, ours in nll.items():
+        diff = ours - builder_nll
+        print(f"  paired, {label} - builder: {100 * float(diff.mean()):+.3f} points "
+              f"(+-{100 * 1.96 * float(diff.std()) / len(diff) ** 0.5:.3f})")
 
 
 def greedy_tokens(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
 """The ONNX frontend's pass pipeline: the recipe's Q/DQ into an onnx-ir model, in this order.
 
 1. ``InsertKVCacheQDQPass`` (C8): the cache I/O becomes int8; attention reads the dequantized cache (on
-   GroupQueryAttention graphs ``QuantizeGQAKVCachePass`` instead: ONNX Runtime's own int8 cache);
+   GroupQueryAttention graphs ``QuantizeGQAKVCachePass`` instead: ONNX Runtime's own int8 cache, symmetric,
+   with an asymmetric recipe's zero points moved into the graph as centres);
    with C8 alone, ``FoldKVCacheScalesPass`` then lowers that for ONNX Runtime: attention reads ``Cast(present)``
    and the scales fold into q and the attention output (no per-step transpose of the whole cache);
 2. ``InsertFAQuantQDQPass`` (FAQuant): q, k, v round trips; after C8 because with both, FAQuant's k and v
@@ -40,7 +41,8 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
     gqa = any(site.form == GQA_FORM for site, _ in found)
     passes = []
     if config.kv_cache == "int8" and gqa:
-        scales = [GQAKVScales(*(recipe.get(site.layer, f"kv_{kind}")[0].numpy() for kind in ("k", "v"))) for site, _ in found]
+        affine = [[tuple(t.numpy() for t in recipe.get(site.layer, f"kv_{kind}")) for kind in ("k", "v")] for site, _ in found]
+        scales = [GQAKVScales.from_affine(k, v, centred=not config.symmetric) for k, v in affine]
         passes.append(QuantizeGQAKVCachePass(scales))
     elif config.kv_cache == "int8":
         passes.append(InsertKVCacheQDQPass(found, recipe))
@@ -72,7 +74,8 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
 
 def check_config(config, sites: list[AttentionSite]) -> None:
     """Refuse what an ONNX model cannot carry: W8A8 and the dynamic cache (no ONNX form here), and on
-    GroupQueryAttention (RoPE fused inside, an int8 cache with no zero point) FAQuant and an asymmetric cache."""
+    GroupQueryAttention (RoPE fused inside) FAQuant. An asymmetric cache on GroupQueryAttention, whose int8 cache
+    has no zero point, is centred in the graph instead (:mod:`qpass.passes.onnx.gqa_centre`)."""
     if config.w8a8:
         raise QpassError("--w8a8: qpass quantizes the attention of ONNX models (--kv-int8, --fa-quant), not their Linears; "
                          "compile the PyTorch model (a Hugging Face directory or .gguf) for W8A8")
@@ -81,10 +84,7 @@ def check_config(config, sites: list[AttentionSite]) -> None:
     if any(site.form == GQA_FORM for site in sites):
         if config.fa_quant:
             raise QpassError("--fa-quant: this model's GroupQueryAttention applies RoPE inside the op, so q, k and v after "
-                             "RoPE never appear in the graph; use --kv-int8 --symmetric, or export the model with torch.onnx")
-        if config.kv_cache == "int8" and not config.symmetric:
-            raise QpassError("--kv-int8 on GroupQueryAttention: ONNX Runtime's int8 cache has a scale and no zero point, "
-                             "so it is symmetric only; add --symmetric")
+                             "RoPE never appear in the graph; use --kv-int8, or export the model with torch.onnx")
 
 
 def read_sites(model: ir.Model) -> list[dict]:

@@ -7,7 +7,9 @@ kv_cache_quant_scheme=int8_per_channel kv_cache_scale_file=...`` (checked agains
 ``[kv_num_heads * head_dim]`` at inputs 12 (``k_scale``) and 13 (``v_scale``), and int8 past/present cache
 graph I/O ``[batch, kv_num_heads, seq, head_dim]``. The kernel quantizes what it appends
 (``clamp(round_half_even(x / scale), -128, 127)``) and dequantizes on read; it has no zero point, so the cache
-is symmetric only. ``genai_config.json`` then needs ``search.past_present_share_buffer = false`` on CPU
+is symmetric only. With centres (an asymmetric recipe's zero points, ``-offset * scale``), K and V are
+centred before the cache (:mod:`qpass.passes.onnx.gqa_centre`), which gives the symmetric cache the
+asymmetric recipe's codes exactly. ``genai_config.json`` then needs ``search.past_present_share_buffer = false`` on CPU
 (:func:`int8_kv_genai_config`).
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.core.errors import QpassError
+from qpass.passes.onnx.gqa_centre import Positions, centre
 from qpass.passes.onnx.find_gqa_sites import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, GQASite, find_gqa_sites, gqa_nodes
 
 K_SCALE, V_SCALE = 12, 13  # GroupQueryAttention's k_scale / v_scale inputs (onnxruntime 1.31 contrib schema)
@@ -31,13 +34,42 @@ _TYPE_BLIND = frozenset({("", "Shape"), ("", "Size")})
 
 @dataclass(frozen=True)
 class GQAKVScales:
-    """One layer's symmetric per-channel int8 scales: ``k_scale``, ``v_scale`` ``[kv_num_heads * head_dim]``
-    float32, channel ``h * head_dim + d`` for KV head ``h``, dim ``d`` (``x ≈ q * scale``)."""
+    """One layer's per-channel int8 scales: ``k_scale``, ``v_scale`` ``[kv_num_heads * head_dim]`` float32,
+    channel ``h * head_dim + d`` for KV head ``h``, dim ``d`` (``x ≈ q * scale``), and optional centres of the
+    same shape (``x ≈ centre + q * scale``; None: the builder's plain symmetric cache)."""
 
     k_scale: np.ndarray
     v_scale: np.ndarray
+    k_centre: np.ndarray | None = None
+    v_centre: np.ndarray | None = None
+
+    @classmethod
+    def from_affine(cls, k: tuple, v: tuple, centred: bool) -> "GQAKVScales":
+        """From a recipe's ``(scale, offset)`` per kind: centred at ``-offset * scale`` (the asymmetric
+        recipe's codes) or, not ``centred``, the scales alone (a symmetric recipe's offsets are 0)."""
+        def split(scale, offset):
+            s, o = np.asarray(scale, dtype=np.float32), np.asarray(offset, dtype=np.float32)
+            return s, ((-o * s).astype(np.float32) if centred else None)
+        (k_scale, k_centre), (v_scale, v_centre) = split(*k), split(*v)
+        return cls(k_scale, v_scale, k_centre, v_centre)
+
+    @property
+    def centred(self) -> bool:
+        return self.k_centre is not None
 
     def __post_init__(self):
+        if (self.k_centre is None) != (self.v_centre is None):
+            raise QpassError("GQA centres: give both k_centre and v_centre, or neither")
+        for key in ("k_centre", "v_centre"):
+            raw = getattr(self, key)
+            if raw is None:
+                continue
+            centre = np.asarray(raw).astype(np.float32)
+            if centre.shape != np.asarray(getattr(self, key.replace("centre", "scale"))).shape or not np.isfinite(centre).all():
+                raise QpassError(f"GQA {key}: shape {list(centre.shape)} or values do not fit; give one finite "
+                                 "centre per KV channel, the shape of its scale")
+            centre.setflags(write=False)
+            object.__setattr__(self, key, centre)
         for key in ("k_scale", "v_scale"):
             raw = np.asarray(getattr(self, key))
             if raw.ndim != 1 or raw.size == 0:
@@ -79,8 +111,11 @@ class QuantizeGQAKVCachePass(ir.passes.InPlacePass):
         nodes = gqa_nodes(model.graph)
         todo = [(node, site, scales) for node, site, scales in zip(nodes, sites, self.scales, strict=True)
                 if _check(model.graph, node, site, scales)]
+        positions = Positions(model.graph)
         for node, site, scales in todo:
             _rewrite(model.graph, node, site, scales)
+            if scales.centred:
+                centre(model.graph, node, site, scales.k_centre, scales.v_centre, positions)
         self.count += len(todo)
         return ir.passes.PassResult(model, modified=bool(todo))
 
