@@ -2,6 +2,7 @@
 
     python tools/bench_layerwise.py rss  [--layers 4 32] [--windows 8] [--window 256]
     python tools/bench_layerwise.py time [--windows 32] [--window 512]
+    python tools/bench_layerwise.py large [--layers 54] [--windows 2] [--window 512] [--dir DIR]
 
 ``rss``: random-weight Llamas of the same width (hidden 2048, 16 heads, 8 KV heads, intermediate 5632, vocabulary
 32000), one per depth, written straight to sharded bfloat16 safetensors (one shard per layer, never the whole
@@ -11,10 +12,18 @@ resident memory (``ru_maxrss``) is reported. Target: RSS(32 layers) / RSS(4 laye
 ``time``: SmolLM2-135M (``load_model("default")``, float32) saved as a Hugging Face directory, then C8 + FAQuant
 calibrated from that directory by the whole-model path (load, capture, calibrate) and layer-wise (read, capture
 one layer, calibrate), each in its own child process. Target: layer-wise <= 1.3x the whole-model path.
+
+``large``: a random-weight Llama wider than the ``rss`` ones (hidden 5120, 40 heads, 8 KV heads, intermediate
+13824, as Llama-2-13B; 54 layers are about 30 GB in bfloat16), written to ``--dir`` (a temporary directory by
+default; the disk needs its size free), then ``qpass compile DIR --kv-int8`` in a child process without
+``--layerwise``: the weights exceed this machine's memory, so qpass must choose layer-wise calibration itself.
+Prints the child's peak resident memory (``ru_maxrss`` of the children), the time per layer and the note qpass
+printed. Target: it compiles within the machine's memory.
 """
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,7 +36,8 @@ import torch
 HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 2048, 16, 8, 5632, 32000
 
 
-def write_random_llama(path: Path, layers: int) -> int:
+def write_random_llama(path: Path, layers: int, hidden: int = HIDDEN, heads: int = HEADS, kv_heads: int = KV_HEADS,
+                       intermediate: int = INTERMEDIATE) -> int:
     """A random-weight Llama of ``layers`` layers as bfloat16 safetensors, one shard per layer; returns its bytes."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -35,23 +45,23 @@ def write_random_llama(path: Path, layers: int) -> int:
     from qpass.models.tiny import byte_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
                          max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
-    head_dim = HIDDEN // HEADS
-    shapes = {"self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-              "self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-              "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-              "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE)}
+    head_dim = hidden // heads
+    shapes = {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+              "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+              "mlp.gate_proj.weight": (intermediate, hidden), "mlp.up_proj.weight": (intermediate, hidden),
+              "mlp.down_proj.weight": (hidden, intermediate)}
     generator = torch.Generator().manual_seed(0)
-    shards = [{"model.embed_tokens.weight": (VOCAB, HIDDEN)}]
+    shards = [{"model.embed_tokens.weight": (VOCAB, hidden)}]
     shards += [{f"model.layers.{i}.{name}": shape for name, shape in shapes.items()} |
-               {f"model.layers.{i}.input_layernorm.weight": (HIDDEN,), f"model.layers.{i}.post_attention_layernorm.weight": (HIDDEN,)}
+               {f"model.layers.{i}.input_layernorm.weight": (hidden,), f"model.layers.{i}.post_attention_layernorm.weight": (hidden,)}
                for i in range(layers)]
-    shards += [{"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}]
+    shards += [{"model.norm.weight": (hidden,), "lm_head.weight": (VOCAB, hidden)}]
     weight_map, total = {}, 0
     for n, shard in enumerate(shards):
         file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -139,6 +149,33 @@ def bench_time(args) -> None:
           f"total {lw['total_s'] / whole['total_s']:.3f}x (target <= 1.3x)")
 
 
+def bench_large(args) -> None:
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix="qpass-bench-large-", dir=args.dir) as tmp:
+        path, out = Path(tmp) / "llama", Path(tmp) / "out"
+        start = time.perf_counter()
+        size = write_random_llama(path, args.layers, 5120, 40, 8, 13824)
+        print(f"wrote {args.layers} layers, {size / 1e9:.1f} GB bf16 ({size / 2**30:.1f} GiB) in "
+              f"{time.perf_counter() - start:.0f}s; memory {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB",
+              flush=True)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "qpass.cli", "compile", str(path), "--kv-int8", "--calib-samples",
+                               str(args.windows), "--window", str(args.window), "-o", str(out)],
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        notes = [line for line in done.stderr.splitlines() if "--layerwise" in line]
+        if done.returncode:
+            raise SystemExit(f"qpass compile failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        report = json.loads((out / "report.json").read_text())
+        print(f"qpass compile --kv-int8: {seconds:.0f}s ({seconds / args.layers:.1f}s/layer, {args.windows} x "
+              f"{args.window} tokens), peak RSS {rss:.2f} GiB, layer-wise: {report['model'].get('layerwise')}, "
+              f"written: {sorted(p.name for p in out.iterdir())}")
+        print(f"qpass said: {' / '.join(notes) or '(nothing)'}")
+        shutil.rmtree(path)
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
@@ -152,8 +189,13 @@ def main():
     timing = sub.add_parser("time", help="layer-wise against whole-model calibration time on SmolLM2")
     timing.add_argument("--windows", type=int, default=32)
     timing.add_argument("--window", type=int, default=512)
+    large = sub.add_parser("large", help="a ~30 GB random Llama through qpass compile --kv-int8 (layer-wise by itself)")
+    large.add_argument("--layers", type=int, default=54)
+    large.add_argument("--windows", type=int, default=2)
+    large.add_argument("--window", type=int, default=512)
+    large.add_argument("--dir", default=None, help="where to write the model (default: the temporary directory)")
     args = parser.parse_args()
-    (bench_rss if args.what == "rss" else bench_time)(args)
+    {"rss": bench_rss, "time": bench_time, "large": bench_large}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -205,23 +205,29 @@ def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int) 
     genai = OnnxFrontend.load(work / "genai", WINDOW)
     calib = token_windows(dynamo.tokenizer, corpus.calibration_samples(), WINDOW, 8, "--calib")
     context = token_windows(dynamo.tokenizer, [corpus.eval_code()], context_len, 1, "--eval").numpy()
-    for form, frontend, config in (("QDQ (torch.onnx, MatMul attention)", dynamo, QuantConfig(kv_cache="int8")),
-                                   ("GroupQueryAttention (onnxruntime-genai)", genai, QuantConfig(kv_cache="int8", symmetric=True))):
-        quantized, _ = frontend.apply(calibrate(frontend, calib, config))
-        runners = {"float": Runner(session(frontend.model, threads), frontend.site_docs),
-                   "int8": Runner(session(quantized, threads), read_sites(quantized))}
-        times = {name: ([], []) for name in runners}
+    forms = (("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": QuantConfig(kv_cache="int8")}),
+             ("GroupQueryAttention (onnxruntime-genai)", genai, {"int8 centred": QuantConfig(kv_cache="int8"),
+                                                                 "int8 symmetric": QuantConfig(kv_cache="int8", symmetric=True)}))
+    for form, frontend, configs in forms:
+        runners = {"float": Runner(session(frontend.model, threads), frontend.site_docs)}
+        for name, config in configs.items():
+            quantized, _ = frontend.apply(calibrate(frontend, calib, config))
+            runners[name] = Runner(session(quantized, threads), read_sites(quantized))
+            del quantized
+        names = list(runners)
+        times = {name: ([], []) for name in names}
         for r in range(repeats):
-            for name in (("float", "int8") if r % 2 == 0 else ("int8", "float")):
+            for name in names[r % len(names):] + names[: r % len(names)]:  # each repeat starts with another
                 prefill, decode = timed_decode(runners[name], context, steps)
                 times[name][0].append(prefill)
                 times[name][1].append(decode)
         med = {name: (statistics.median(p), statistics.median(d)) for name, (p, d) in times.items()}
-        print(f"{form}, {context_len}-token context, {threads} threads, {repeats} alternating repeats:")
-        print(f"  prefill: float {med['float'][0]:.3f}s, int8 {med['int8'][0]:.3f}s, ratio {med['int8'][0] / med['float'][0]:.2f}x")
-        print(f"  decode:  float {1000 * med['float'][1]:.2f} ms/token, int8 {1000 * med['int8'][1]:.2f} ms/token, "
-              f"ratio {med['int8'][1] / med['float'][1]:.2f}x")
-        del runners, quantized
+        print(f"{form}, {context_len}-token context, {threads} threads, {repeats} rotating repeats (medians):")
+        for name in names[1:]:
+            print(f"  {name}: prefill float {med['float'][0]:.3f}s, int8 {med[name][0]:.3f}s, ratio "
+                  f"{med[name][0] / med['float'][0]:.2f}x; decode float {1000 * med['float'][1]:.2f} ms/token, int8 "
+                  f"{1000 * med[name][1]:.2f} ms/token, ratio {med[name][1] / med['float'][1]:.2f}x")
+        del runners
         gc.collect()
 
 

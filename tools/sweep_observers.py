@@ -9,7 +9,7 @@ figure would move on other windows of the same text), and a markdown table. ``--
 halfway between the default ones (one fewer), a second sample of the same text.
 
     python tools/sweep_observers.py [--pairs all] [--observers minmax,mse,extreme] [--modes C8,FAQuant]
-                                    [--symmetric] [--calib-samples 64] [--eval-windows 32] [--between]
+                                    [--symmetric]  (or the modes C8-symmetric, FAQuant-symmetric) [--calib-samples 64] [--eval-windows 32] [--between]
 """
 
 import argparse
@@ -30,7 +30,9 @@ from qpass.core.recipe import Recipe, geometry
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 
 MODES = {"C8": dict(fa_quant=False, kv_cache="int8"), "FAQuant": dict(fa_quant=True, kv_cache=None),
-         "dynamic": dict(fa_quant=False, kv_cache="dynamic")}
+         "dynamic": dict(fa_quant=False, kv_cache="dynamic"),
+         "C8-symmetric": dict(fa_quant=False, kv_cache="int8", symmetric=True),
+         "FAQuant-symmetric": dict(fa_quant=True, kv_cache=None, symmetric=True)}
 
 
 def observe_pair(fe, samples: list[str], base: QuantConfig) -> dict[str, Observer]:
