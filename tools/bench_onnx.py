@@ -200,15 +200,15 @@ def timed_decode(runner: Runner, context: np.ndarray, steps: int) -> tuple[float
     return prefill, (time.perf_counter() - start) / steps
 
 
-def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int) -> None:
+def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int, forms: list[str]) -> None:
     dynamo = OnnxFrontend.load(work / "dynamo20", WINDOW)
     genai = OnnxFrontend.load(work / "genai", WINDOW)
     calib = token_windows(dynamo.tokenizer, corpus.calibration_samples(), WINDOW, 8, "--calib")
     context = token_windows(dynamo.tokenizer, [corpus.eval_code()], context_len, 1, "--eval").numpy()
-    forms = (("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": QuantConfig(kv_cache="int8")}),
+    forms_all = (("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": QuantConfig(kv_cache="int8")}),
              ("GroupQueryAttention (onnxruntime-genai)", genai, {"int8 centred": QuantConfig(kv_cache="int8"),
                                                                  "int8 symmetric": QuantConfig(kv_cache="int8", symmetric=True)}))
-    for form, frontend, configs in forms:
+    for form, frontend, configs in (f for f, key in zip(forms_all, ("qdq", "gqa"), strict=True) if key in forms):
         runners = {"float": Runner(session(frontend.model, threads), frontend.site_docs)}
         for name, config in configs.items():
             quantized, _ = frontend.apply(calibrate(frontend, calib, config))
@@ -290,6 +290,7 @@ def main() -> None:
     sp.add_argument("--steps", type=int, default=32)
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--forms", nargs="+", default=["qdq", "gqa"], choices=["qdq", "gqa"])
     st = sub.add_parser("structure")
     st.add_argument("--layers", type=int, nargs="*", default=[80])
     st.add_argument("--model", type=Path, help="also time this ONNX model (e.g. out/onnx-bench/dynamo20/model.onnx)")
@@ -299,7 +300,7 @@ def main() -> None:
     elif args.command == "accuracy":
         accuracy(args.work, args.pairs, args.eval_windows, args.calib_windows, args.parts)
     elif args.command == "speed":
-        speed(args.work, args.context, args.steps, args.repeats, args.threads)
+        speed(args.work, args.context, args.steps, args.repeats, args.threads, args.forms)
     else:
         structure(args.layers, args.model)
 
