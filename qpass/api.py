@@ -109,7 +109,7 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     """
     timings, warnings, held_ids = {}, [], None
     check_eval_windows(eval_windows)
-    if layerwise or (layerwise is None and recipe is None and _too_big(model)):
+    if layerwise or (layerwise is None and recipe is None and too_big(model)):
         return compile_layerwise(model, config, calib, eval=eval, recipe=recipe)
     # the text files first, so that a bad one is refused before the model loads
     eval_text = None if eval is None else read_text(eval, "--eval")
@@ -198,16 +198,18 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     return CompileResult(quantized, recipe, sites, report, frontend.tokenizer, decoder, compiled)
 
 
-def _too_big(model) -> bool:
-    """Whether a whole-model compile of the directory ``model`` would not fit in the memory available (a note says so)."""
+def too_big(model, note: bool = True) -> bool:
+    """Whether a whole-model compile of the directory ``model`` would not fit in the memory available (a note says
+    so, unless not ``note``)."""
     if isinstance(model, LoadedModel) or is_onnx(model):
         return False
     need = layerwise.whole_model_memory(model)
     available = layerwise.available_memory()
     if need is None or need <= available:
         return False
-    print(f"qpass: MODEL {model}: a whole-model compile needs about {need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
-          "is available; calibrating one decoder layer at a time (--layerwise)", file=sys.stderr)
+    if note:
+        print(f"qpass: MODEL {model}: a whole-model compile needs about {need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
+              "is available; calibrating one decoder layer at a time (--layerwise)", file=sys.stderr)
     return True
 
 

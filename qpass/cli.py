@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_compile(args) -> int:
     import qpass
-    from qpass.api import check_output_dir, output_format
+    from qpass.api import check_output_dir, output_format, too_big
     from qpass.core.report import summary
     from qpass.exporters import registry
 
@@ -101,6 +101,10 @@ def cmd_compile(args) -> int:
     if args.layerwise and args.format != "qpass":
         raise QpassError(f"--format {args.format} with --layerwise: a layer-wise compile writes the recipe only "
                          "(--format qpass: recipe/, tokenizer/, report); drop --format")
+    if args.format != "qpass" and args.layerwise is None and not args.recipe and too_big(args.model, note=False):
+        raise QpassError(f"MODEL {args.model}: its weights do not fit in this machine's memory for a whole-model compile, "
+                         f"and a layer-wise compile writes the recipe only, not --format {args.format}; drop --format "
+                         "(recipe/, tokenizer/, report), or compile on a machine with more memory")
     names = [name for name, _, _ in cli_options()]
     recipe = None
     if args.recipe:

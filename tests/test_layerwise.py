@@ -252,6 +252,19 @@ def test_layerwise_is_automatic_when_the_model_would_not_fit(model_dir, tmp_path
     assert result.program is None and result.report["model"]["layerwise"] is True
 
 
+def test_a_weight_format_for_a_model_too_big_is_refused_before_calibrating(model_dir, tmp_path, monkeypatch, capsys):
+    """Too big for a whole-model compile, with --format mindie: one line before any calibration (a layer-wise
+    compile writes no weights), nothing written."""
+    monkeypatch.setattr(layerwise, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(LayerwiseFrontend, "observe_layers", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    args = ["compile", str(model_dir("llama")), "--kv-int8", "--window", str(WINDOW), "--calib-samples", "2"]
+    capsys.readouterr()
+    assert main([*args, "--w8a8", "--format", "mindie", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "do not fit in this machine's memory" in err and "drop --format" in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("index", ['{"weight_map": ["a"]}', '{"weight_map": {"x": 3}}', '[1]', '{"weight_map": {"x": "gone.safetensors"}}', "{"])
 def test_the_memory_estimate_leaves_a_broken_directory_to_the_loader(index, model_dir, tmp_path):
     """The automatic switch reads every shard's header; a broken index gives no estimate (the whole-model loader
