@@ -68,6 +68,8 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
         if not p.count and not isinstance(p, FoldKVCacheScalesPass):  # a softcapped Attention keeps the QDQ form
             raise QpassError(f"{type(p).__name__} rewrote nothing although the recipe asks for it; please report this model")
         counts[type(p).__name__] = p.count
+        if getattr(p, "centred", 0):  # the GQA cache with K and V centred (an asymmetric recipe), reported as such
+            counts["GQA K/V centred"] = p.centred
     model.metadata_props[SITES_METADATA] = json.dumps([site_doc(s, c) for s, c in found])
     return model, counts
 

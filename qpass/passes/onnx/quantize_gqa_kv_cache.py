@@ -92,13 +92,14 @@ class QuantizeGQAKVCachePass(ir.passes.InPlacePass):
     All sites are checked before anything changes, so a refused model is left as it was. A graph without
     GQA nodes is refused (say so, rather than do nothing), and so is a node already quantized differently;
     a node that already carries exactly this cache is left alone, so ``modified`` is False on a second run.
-    ``self.count`` counts the nodes this pass changed (over all calls).
+    ``self.count`` counts the nodes this pass changed (over all calls), ``self.centred`` those of them whose K and V
+    it centred.
     """
 
     def __init__(self, scales: Sequence[GQAKVScales]):
         super().__init__()
         self.scales = tuple(scales)
-        self.count = 0
+        self.count = self.centred = 0
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_gqa_sites(model)
@@ -116,6 +117,7 @@ class QuantizeGQAKVCachePass(ir.passes.InPlacePass):
             _rewrite(model.graph, node, site, scales)
             if scales.centred:
                 centre(model.graph, node, site, scales.k_centre, scales.v_centre, positions)
+                self.centred += 1
         self.count += len(todo)
         return ir.passes.PassResult(model, modified=bool(todo))
 
