@@ -71,12 +71,14 @@ def empty_cache(sess, head_dim: int, batch: int = 1) -> dict[str, np.ndarray]:
             for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
 
 
-def forward(sess, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def forward(sess, ids: np.ndarray, past: dict[str, np.ndarray],
+            mask: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One step: logits ``[B, S, vocab]`` of ``ids [B, S]`` after ``past``, and the next step's past (the
-    present outputs, fed back unchanged)."""
+    present outputs, fed back unchanged). ``mask``: the attention mask ``[B, past + S]`` (default all ones)."""
     past_names, present_names = cache_io(sess)
-    total = ids.shape[1] + next(iter(past.values())).shape[2]
-    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((ids.shape[0], total), np.int64), **past}
+    if mask is None:
+        mask = np.ones((ids.shape[0], ids.shape[1] + next(iter(past.values())).shape[2]), np.int64)
+    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask, **past}
     outs = sess.run(["logits", *present_names], feeds)
     return outs[0], dict(zip(past_names, outs[1:], strict=True))
 

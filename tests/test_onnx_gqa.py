@@ -240,12 +240,6 @@ def centred_float(model_dir, centres, tmp_path, rotate: bool = True):
     return session(tmp_path / "model.onnx")
 
 
-def run(sess, ids, mask, past):
-    past_names, present_names = cache_io(sess)
-    outs = sess.run(["logits", *present_names], {"input_ids": ids, "attention_mask": mask, **past})
-    return outs[0], dict(zip(past_names, outs[1:], strict=True))
-
-
 @pytest.fixture(scope="module")
 def centres():
     """Per layer, K and V centres far from 0 (several times the values' own spread)."""
@@ -266,13 +260,13 @@ def test_centring_leaves_the_float_model_unchanged(genai_float_dir, float_sess, 
     chunk, step = rng.integers(0, VOCAB, (1, 7)), rng.integers(0, VOCAB, (1, 1))
     float_past, centred_past = empty_cache(float_sess, HEAD_DIM, 2), empty_cache(sess, HEAD_DIM, 2)
     cases = [("padded batch", ids, mask, float_past, centred_past)]
-    _, f_past = run(float_sess, ids[:1], np.ones((1, 20), np.int64), empty_cache(float_sess, HEAD_DIM))
-    _, c_past = run(sess, ids[:1], np.ones((1, 20), np.int64), empty_cache(sess, HEAD_DIM))
+    _, f_past = forward(float_sess, ids[:1], empty_cache(float_sess, HEAD_DIM))
+    _, c_past = forward(sess, ids[:1], empty_cache(sess, HEAD_DIM))
     cases.append(("chunk after a prompt", chunk, np.ones((1, 27), np.int64), f_past, c_past))
     cases.append(("decode step", step, np.ones((1, 21), np.int64), f_past, c_past))
     for what, x, m, fp, cp in cases:
-        want, want_past = run(float_sess, x, m, fp)
-        got, got_past = run(sess, x, m, cp)
+        want, want_past = forward(float_sess, x, fp, m)
+        got, got_past = forward(sess, x, cp, m)
         valid = m[:, -x.shape[1]:].astype(bool)
         scale = np.abs(want[valid]).max()
         assert np.abs(got[valid] - want[valid]).max() < 1e-4 * scale, what

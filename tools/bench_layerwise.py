@@ -150,8 +150,6 @@ def bench_time(args) -> None:
 
 
 def bench_large(args) -> None:
-    import shutil
-
     with tempfile.TemporaryDirectory(prefix="qpass-bench-large-", dir=args.dir) as tmp:
         path, out = Path(tmp) / "llama", Path(tmp) / "out"
         start = time.perf_counter()
@@ -173,7 +171,6 @@ def bench_large(args) -> None:
               f"{args.window} tokens), peak RSS {rss:.2f} GiB, layer-wise: {report['model'].get('layerwise')}, "
               f"written: {sorted(p.name for p in out.iterdir())}")
         print(f"qpass said: {' / '.join(notes) or '(nothing)'}")
-        shutil.rmtree(path)
 
 
 def main():

@@ -99,11 +99,15 @@ def stepwise_nll(runner: Runner, windows: torch.Tensor, batch: int = 4) -> torch
     return torch.cat(per_window)
 
 
+def half_width(diff: torch.Tensor) -> float:
+    """The 95% half width of ``diff``'s mean over the windows (nan for one window)."""
+    return 1.96 * float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+
+
 def increase(nll: torch.Tensor, base: torch.Tensor) -> str:
     """``nll``'s perplexity increase over ``base`` (same windows), with the 95% half width over the windows."""
     diff = nll - base
-    half = 1.96 * float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
-    return f"{100 * float(torch.expm1(diff.mean())):+.3f}% (+-{100 * half:.3f})"
+    return f"{100 * float(torch.expm1(diff.mean())):+.3f}% (+-{100 * half_width(diff):.3f})"
 
 
 def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int, parts: list[str]) -> None:
@@ -169,7 +173,7 @@ def gqa_modes(work: Path, genai: OnnxFrontend, calib: torch.Tensor, ids: torch.T
     for label, ours in nll.items():
         diff = ours - builder_nll
         print(f"  paired, {label} - builder: {100 * float(diff.mean()):+.3f} points "
-              f"(+-{100 * 1.96 * float(diff.std()) / len(diff) ** 0.5:.3f})")
+              f"(+-{100 * half_width(diff):.3f})")
 
 
 def greedy_tokens(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor) -> None:

@@ -76,19 +76,19 @@ def _site(layer: int, node: ir.Node) -> GQASite:
     if num_heads % kv_num_heads:
         raise QpassError(f"{name}: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}; "
                          "this is not a valid GroupQueryAttention node")
-    packed = _input(node, KEY) is None
+    packed = input_at(node, KEY) is None
     head_dim = _head_dim(node, name, num_heads, kv_num_heads, packed)
     return GQASite(
         layer=layer,
         node_name=node.name or "",
-        past_key=_graph_input_name(_input(node, PAST_KEY)),
-        past_value=_graph_input_name(_input(node, PAST_VALUE)),
+        past_key=_graph_input_name(input_at(node, PAST_KEY)),
+        past_value=_graph_input_name(input_at(node, PAST_VALUE)),
         present_key=_graph_output_name(_output(node, PRESENT_KEY)),
         present_value=_graph_output_name(_output(node, PRESENT_VALUE)),
         num_heads=num_heads,
         kv_num_heads=kv_num_heads,
         head_dim=head_dim,
-        do_rotary=_attr_int(node, "do_rotary", 0) == 1,
+        do_rotary=attr_int(node, "do_rotary", 0) == 1,
         packed_qkv=packed,
     )
 
@@ -103,7 +103,7 @@ def _head_dim(node: ir.Node, name: str, num_heads: int, kv_num_heads: int, packe
     """
     candidates: dict[str, int] = {}
     for port in (PAST_KEY, PAST_VALUE):
-        value = _input(node, port)
+        value = input_at(node, port)
         shape = value.shape if value is not None else None
         if shape is not None and len(shape) == 4:
             if isinstance(shape[1], int) and shape[1] != kv_num_heads:
@@ -111,7 +111,7 @@ def _head_dim(node: ir.Node, name: str, num_heads: int, kv_num_heads: int, packe
                                  f"[batch, kv_heads, seq, head_dim] but kv_num_heads={kv_num_heads}")
             if isinstance(shape[3], int):
                 candidates[f"cache input {value.name}"] = shape[3]
-    query = _input(node, QUERY)
+    query = input_at(node, QUERY)
     heads = num_heads + 2 * kv_num_heads if packed else num_heads
     _divided(candidates, query, heads, f"query {query.name if query is not None else ''}")
     _divided(candidates, _output(node, 0), num_heads, "output")
@@ -135,7 +135,7 @@ def _divided(candidates: dict[str, int], value: ir.Value | None, heads: int, whe
     candidates[where] = width // heads
 
 
-def _input(node: ir.Node, index: int) -> ir.Value | None:
+def input_at(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
 
 
@@ -151,13 +151,13 @@ def _graph_output_name(value: ir.Value | None) -> str | None:
     return value.name if value is not None and value.is_graph_output() else None
 
 
-def _attr_int(node: ir.Node, key: str, default: int) -> int:
+def attr_int(node: ir.Node, key: str, default: int) -> int:
     attr = node.attributes.get(key)
     return default if attr is None else attr.as_int()
 
 
 def _int_attr(node: ir.Node, key: str, name: str) -> int:
-    value = _attr_int(node, key, 0)
+    value = attr_int(node, key, 0)
     if value <= 0:
         raise QpassError(f"{name}: attribute {key} is missing or not positive; "
                          "GroupQueryAttention needs num_heads and kv_num_heads")

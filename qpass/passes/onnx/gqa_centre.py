@@ -24,8 +24,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.core.errors import QpassError
-from qpass.passes.onnx.find_gqa_sites import QUERY, GQASite
-from qpass.passes.onnx.qdq import initializer, node
+from qpass.passes.onnx.find_gqa_sites import QUERY, GQASite, attr_int, input_at
+from qpass.passes.onnx.qdq import initializer, node, replace_uses
 
 SEQLENS_K, TOTAL_SEQUENCE_LENGTH, COS_CACHE, SIN_CACHE, POSITION_IDS = 5, 6, 7, 8, 9
 MS = "com.microsoft"
@@ -41,10 +41,10 @@ class Positions:
         self._neg_sin: dict[int, ir.Value] = {}
 
     def of(self, gqa: ir.Node, query: ir.Value) -> ir.Value:
-        given = _input(gqa, POSITION_IDS)
+        given = input_at(gqa, POSITION_IDS)
         if given is not None:
             return given
-        seqlens, total = _input(gqa, SEQLENS_K), _input(gqa, TOTAL_SEQUENCE_LENGTH)
+        seqlens, total = input_at(gqa, SEQLENS_K), input_at(gqa, TOTAL_SEQUENCE_LENGTH)
         key = (id(seqlens), id(total))
         if key not in self._positions:
             self._positions[key] = self._build(gqa, query, seqlens, total)
@@ -60,8 +60,8 @@ class Positions:
     def _build(self, gqa: ir.Node, query: ir.Value, seqlens: ir.Value, total: ir.Value) -> ir.Value:
         tag = f"qpass.gqa.positions.{len(self._positions)}"
         i64 = ir.AttrInt64("to", ir.DataType.INT64)
-        zero, one, axis0 = (self._const(f"{tag}.{n}", np.array(v, dtype=np.int64)) for n, v in
-                            (("zero", 0), ("one", 1), ("axis", [0])))
+        zero, one, axis0, axis1 = (initializer(self.graph, f"{tag}.{n}", np.array(v, dtype=np.int64)) for n, v in
+                                   (("zero", 0), ("one", 1), ("axis0", [0]), ("axis1", [1])))
         seq = node("Shape", [query], f"{tag}.seq", ir.AttrInt64("start", 1), ir.AttrInt64("end", 2))  # [1]
         seq_scalar = node("Squeeze", [seq.outputs[0], axis0], f"{tag}.seq_scalar")
         steps = node("Range", [zero, seq_scalar.outputs[0], one], f"{tag}.steps")  # [S]: 0 .. S-1
@@ -70,17 +70,12 @@ class Positions:
         seqlens64 = node("Cast", [seqlens], f"{tag}.seqlens", i64)  # [B]: total length - 1 per row
         past = node("Sub", [seqlens64.outputs[0], seq.outputs[0]], f"{tag}.past_minus_one")
         start = node("Add", [past.outputs[0], one], f"{tag}.start")
-        start_col = node("Unsqueeze", [start.outputs[0], self._const(f"{tag}.axis1", np.array([1], dtype=np.int64))],
-                         f"{tag}.start_col")  # [B, 1]
+        start_col = node("Unsqueeze", [start.outputs[0], axis1], f"{tag}.start_col")  # [B, 1]
         later = node("Add", [start_col.outputs[0], steps.outputs[0]], f"{tag}.later")  # [B, S]
         positions = node("Where", [first.outputs[0], steps.outputs[0], later.outputs[0]], f"{tag}.ids")
         nodes = [seq, seq_scalar, steps, total64, first, seqlens64, past, start, start_col, later, positions]
         self.graph.insert_before(gqa, nodes)
         return positions.outputs[0]
-
-    def _const(self, name: str, array: np.ndarray) -> ir.Value:
-        existing = self.graph.initializers.get(name)
-        return existing if existing is not None else initializer(self.graph, name, array)
 
 
 def centre(graph: ir.Graph, gqa: ir.Node, site: GQASite, k_centre: np.ndarray, v_centre: np.ndarray,
@@ -101,15 +96,15 @@ def centre(graph: ir.Graph, gqa: ir.Node, site: GQASite, k_centre: np.ndarray, v
     v_c = initializer(graph, f"{tag}.v", v_centre.reshape(1, 1, kv).astype(np.float32))
     nodes = []
     if site.do_rotary:
-        cos, sin = _input(gqa, COS_CACHE), _input(gqa, SIN_CACHE)
+        cos, sin = input_at(gqa, COS_CACHE), input_at(gqa, SIN_CACHE)
         if cos is None or sin is None:
             raise QpassError(f"GQA layer {site.layer}: do_rotary is set but cos_cache/sin_cache are not wired; "
                              "this GroupQueryAttention node cannot run")
-        pos = positions.of(gqa, q if split is None else query)
+        pos = positions.of(gqa, query)  # the query, packed or not, gives S
         neg_sin = positions.neg_sin(gqa, sin)
         k_shape = node("Shape", [k], f"{tag}.k_shape")
         wide = node("Expand", [k_c, k_shape.outputs[0]], f"{tag}.k_wide")  # [B, S, kv * head_dim]
-        attrs = [ir.AttrInt64("interleaved", _attr_int(gqa, "rotary_interleaved", 0)),
+        attrs = [ir.AttrInt64("interleaved", attr_int(gqa, "rotary_interleaved", 0)),
                  ir.AttrInt64("num_heads", site.kv_num_heads)]
         rotary_dim = _rotary_dim(cos, d)
         if rotary_dim is not None:
@@ -132,9 +127,7 @@ def centre(graph: ir.Graph, gqa: ir.Node, site: GQASite, k_centre: np.ndarray, v
     out = gqa.outputs[0]
     add = node("Add", [out, o_c], f"{tag}.out_add")
     graph.insert_after(gqa, [add])
-    for use in list(out.uses()):
-        if use.node is not add:
-            use.node.replace_input_with(use.idx, add.outputs[0])
+    replace_uses(out, add.outputs[0], keep={add})
     if out.is_graph_output():
         outputs = graph.outputs
         outputs[outputs.index(out)] = add.outputs[0]
@@ -147,12 +140,3 @@ def _rotary_dim(cos: ir.Value, head_dim: int) -> int | None:
     if shape is None or len(shape) != 2 or not isinstance(shape[1], int):
         return None
     return 2 * shape[1] if 2 * shape[1] < head_dim else None
-
-
-def _input(n: ir.Node, index: int) -> ir.Value | None:
-    return n.inputs[index] if index < len(n.inputs) else None
-
-
-def _attr_int(n: ir.Node, key: str, default: int) -> int:
-    attr = n.attributes.get(key)
-    return default if attr is None else attr.as_int()
