@@ -45,10 +45,13 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig) -> 
     observers, batch_size)`` yields each layer's index once that layer has seen every window. Each site's ranges are
     chosen as soon as its layer is done and its observers dropped, so the statistics held grow with one layer, not
     with depth; the recipe is :func:`calibrate`'s (the same observers, the same :func:`attention_qparams`, site by
-    site). W8A8 goes through :func:`calibrate` (its fallback ranks every Linear at once)."""
+    site). W8A8 too (:func:`_calibrate_w8a8_by_layer`): smoothing and the Linears' ranges layer by layer; ``Ln``
+    ranks every Linear at the end, from the figures kept per Linear."""
+    if config.w8a8:
+        return _calibrate_w8a8_by_layer(frontend, windows, config)
     sites = {s.layer: s for s in frontend.attention_sites()}
     observers = attention_observers(list(sites.values()), config, windows.numel())
-    if config.w8a8 or not observers:
+    if not observers:
         return calibrate(frontend, windows, config)
     tensors, stats = {}, {}
     for layer in frontend.observe_layers(windows, observers, config.batch_size):
@@ -98,35 +101,118 @@ def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer]
 
 
 def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: torch.Tensor, config: QuantConfig) -> Recipe:
-    linears = frontend.linear_sites()
-    if not linears:
-        raise QpassError("--w8a8: found no Linear with a parameter weight outside the LM head; this model has nothing W8A8 can quantize")
+    linears = _linears(frontend)
     calib, held = split_held_out(windows, config)
     stride = max(1, calib.numel() // LINEAR_SAMPLE_TOKENS)
-    doc = {"act_method": config.act_method, "anti_method": config.anti_method, "alpha": config.alpha,
-           "disable_level": config.disable_level, "smooth": [], "float_linears": {}}
-    tensors, w8a8_stats = {}, {}
+    doc, tensors, w8a8_stats = _w8a8_doc(config), {}, {}
     state, smoothed = frontend.state_dict(), None
     if config.anti_method is not None:
-        groups = frontend.smoothing_groups(linears)
-        if not groups:
-            raise QpassError(f"--anti-method {config.anti_method}: found no norm or Linear whose output feeds only Linears; "
-                             "this model has nothing to smooth (drop --anti-method)")
+        groups = _smoothing_groups(frontend, linears, config)
         group_obs = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({g.input for g in groups})}
         frontend.observe(calib, group_obs, config.batch_size, desc="calibrate (smoothing)")
-        scales, chosen = smoothing_scales(config.anti_method, groups, group_obs, state, config.act_method, config.alpha)
-        for i, (g, s) in enumerate(zip(groups, scales)):
-            tensors[smooth_key(i)] = s.contiguous()
-            doc["smooth"].append(g.to_recipe(smooth_key(i)))
+        chosen = _smooth(config, list(enumerate(groups)), group_obs, state, tensors, doc)
         w8a8_stats["smooth"] = {"groups": len(groups), **_chosen(chosen)}
         state = smoothed = apply_smoothing(state, doc["smooth"], tensors)
     linear_obs = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({s.input for s in linears})}
     attention_obs = attention_observers(sites, config, calib.numel())
     frontend.observe(calib, {**linear_obs, **attention_obs}, config.batch_size, state_dict=smoothed)
     attn_tensors, stats = attention_qparams(sites, attention_obs, config)
+    linear_tensors, per_linear = linear_qparams(linears, linear_obs, state, config)
+    tensors.update(linear_tensors)
+    return _fallback(frontend, config, sites, linears, calib, held, {**attn_tensors, **tensors}, stats,
+                     {**w8a8_stats, **per_linear}, doc)
+
+
+def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfig) -> Recipe:
+    """:func:`_calibrate_w8a8` one decoder layer at a time (``frontend.observe_layers``): each layer's smoothing scales
+    are computed from its float run and folded into its weights before its calibration run, and its Linears' and
+    attention's ranges are chosen, and their observers dropped, as soon as the layer is done. ``--disable-level auto``
+    is not supported (its search runs the whole quantized model)."""
+    layers = list(frontend.layers())
+    sites, linears = [layer.attention for layer in layers], _linears(frontend)
+    stride = max(1, windows.numel() // LINEAR_SAMPLE_TOKENS)
+    doc, tensors, stats, chosen = _w8a8_doc(config), {}, {}, []
     per_linear = {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
+    state, smoothed = frontend.state_dict(), {}  # smoothed: the layer's smoothed tensors, by name
+    groups = _smoothing_groups(frontend, linears, config) if config.anti_method is not None else []
+    layer_of = {s.module: layer.index for layer in layers for s in layer.linears}
+    layer_groups: dict[int, list] = {}
+    for i, g in enumerate(groups):
+        layer_groups.setdefault(layer_of[g.consumers[0]], []).append((i, g))
+
+    def smooth(layer: int, peek) -> dict[str, torch.Tensor]:
+        entries = layer_groups.get(layer, [])
+        if not entries:
+            return {}
+        group_obs = {g.input: Observer(stride, LINEAR_SAMPLE_TOKENS) for _, g in entries}
+        peek(group_obs)
+        first = len(doc["smooth"])
+        chosen.extend(_smooth(config, entries, group_obs, state, tensors, doc))
+        names = {f"{m}.{p}" for g in doc["smooth"][first:] for m in (g["prev"], *g["consumers"]) for p in ("weight", "bias")}
+        smoothed.clear()
+        smoothed.update(apply_smoothing({n: state[n] for n in sorted(names) if n in state}, doc["smooth"][first:], tensors))
+        return dict(smoothed)
+
+    observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({s.input for s in linears})}
+    observers.update(attention_observers(sites, config, windows.numel()))  # each popped when its layer is done
+    by_layer = {layer.index: layer for layer in layers}
+    for index in frontend.observe_layers(windows, observers, config.batch_size, smooth=smooth if groups else None):
+        layer = by_layer[index]
+        done = {name: observers.pop(name) for name in (getattr(layer.attention, kind) for kind in config.observed_kinds)}
+        site_tensors, site_stats = attention_qparams([layer.attention], done, config)
+        tensors.update(site_tensors)
+        for key, table in site_stats.items():
+            stats.setdefault(key, {}).update(table)
+        inputs = {name: observers.pop(name) for name in dict.fromkeys(s.input for s in layer.linears)}
+        layer_state = {n: smoothed[n] if n in smoothed else state[n] for n in (f"{s.module}.weight" for s in layer.linears)}
+        layer_tensors, layer_stats = linear_qparams(list(layer.linears), inputs, layer_state, config)
+        tensors.update(layer_tensors)
+        for key, table in layer_stats.items():
+            per_linear[key].update(table)
+        del done, inputs, layer_state
+        smoothed.clear()
+    w8a8_stats = {"smooth": {"groups": len(groups), **_chosen(chosen)}} if groups else {}
+    return _fallback(frontend, config, sites, linears, windows, None, tensors, stats, {**w8a8_stats, **per_linear}, doc)
+
+
+def _linears(frontend) -> list:
+    linears = frontend.linear_sites()
+    if not linears:
+        raise QpassError("--w8a8: found no Linear with a parameter weight outside the LM head; this model has nothing W8A8 can quantize")
+    return linears
+
+
+def _w8a8_doc(config: QuantConfig) -> dict:
+    """The recipe's ``w8a8`` section before the smoothing groups and the float Linears are known."""
+    return {"act_method": config.act_method, "anti_method": config.anti_method, "alpha": config.alpha,
+            "disable_level": config.disable_level, "smooth": [], "float_linears": {}}
+
+
+def _smoothing_groups(frontend, linears: list, config: QuantConfig) -> list:
+    groups = frontend.smoothing_groups(linears)
+    if not groups:
+        raise QpassError(f"--anti-method {config.anti_method}: found no norm or Linear whose output feeds only Linears; "
+                         "this model has nothing to smooth (drop --anti-method)")
+    return groups
+
+
+def _smooth(config: QuantConfig, entries: list, observers: dict[str, Observer], state, tensors: dict, doc: dict) -> list[dict]:
+    """The smoothing scales of ``entries`` (``(recipe index, group)``) into ``tensors`` and ``doc["smooth"]``; what the
+    method chose per group."""
+    groups = [g for _, g in entries]
+    scales, chosen = smoothing_scales(config.anti_method, groups, observers, state, config.act_method, config.alpha)
+    for (i, g), s in zip(entries, scales):
+        tensors[smooth_key(i)] = s.contiguous()
+        doc["smooth"].append(g.to_recipe(smooth_key(i)))
+    return chosen
+
+
+def linear_qparams(linears: list, observers: dict[str, Observer], state, config: QuantConfig) -> tuple[dict, dict]:
+    """Each Linear's W8A8 input qparams (recipe tensors) and its statistics (``range_ratio``, ``act_method_used``,
+    ``output_sqnr_db`` by module), from the observers of the Linears' inputs and their (smoothed) weights ``state``."""
+    tensors, per_linear = {}, {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
     for site in linears:
-        obs = linear_obs[site.input]
+        obs = observers[site.input]
         if float(obs.min.min()) == 0.0 == float(obs.max.max()):
             raise QpassError(f"calibration: the input of Linear {site.module} was 0 over the whole calibration text, so it "
                              "has no range to quantize; check the model and the calibration text")
@@ -136,8 +222,13 @@ def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: tor
         per_linear["range_ratio"][site.module] = round(obs.range_ratio(), 3)
         per_linear["act_method_used"][site.module] = used
         per_linear["output_sqnr_db"][site.module] = round(output_sqnr_db(obs.sample(), weight, scale, offset), 3)
-    w8a8_stats.update(per_linear)
-    base = Recipe(config, geometry(sites), {**attn_tensors, **tensors}, {**stats, "w8a8": w8a8_stats}, doc)
+    return tensors, per_linear
+
+
+def _fallback(frontend, config: QuantConfig, sites: list[AttentionSite], linears: list, calib: torch.Tensor,
+              held: torch.Tensor | None, tensors: dict, stats: dict, w8a8_stats: dict, doc: dict) -> Recipe:
+    """The recipe with the Linears ``config.disable_level`` keeps float (their qparams dropped)."""
+    base = Recipe(config, geometry(sites), tensors, {**stats, "w8a8": w8a8_stats}, doc)
     if config.disable_level == "auto":
         sensitivity = frontend.loss_sensitivity(base, linears, calib[: config.batch_size])
         if sensitivity is not None:

@@ -17,7 +17,12 @@ so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does fo
 - observers get q/k/v as ``[tokens, channels]`` (``c = h * head_dim + d``; K/V before GQA's repeat, after RoPE)
   and each Linear's input as ``[tokens, in_features]`` (W8A8; the Linears found on the capture by the fx finder),
   batch by batch, in the whole-model path's order; W8A8's weights are read again one at a time when looked up
-  (:class:`LazyStateDict`). Smoothing and ``--disable-level auto`` need a whole-model forward: not layer-wise yet.
+  (:class:`LazyStateDict`);
+- smoothing (``--anti-method``) runs each layer twice: with its float weights, feeding the smoothing groups'
+  observers (its output dropped), then with the groups' scales folded into its weights, feeding every other
+  observer and passing the hidden states on (``observe_layers``' ``smooth``). Smoothing leaves the float
+  function unchanged, so the layers after see the hidden states the whole-model path's float run sees.
+  ``--disable-level auto`` needs a whole-model forward: not layer-wise yet.
 
 The embedding is read first; the LM head and the final norm are never read.
 """
@@ -36,11 +41,11 @@ from torch.export import Dim
 
 from qpass.core.errors import QpassError
 from qpass.core.observers import Observer
-from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite
+from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, param_names
 from qpass.models.loaders import BROKEN_FILE, check_remote_code
 from qpass.passes.fx.find_attention_sites import find_attention_sites
-from qpass.passes.fx.find_linear_sites import find_linear_sites
+from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
 
 # base models made of embed_tokens, layers.<i>, norm and rotary_emb, whose embedding is used unscaled
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -170,8 +175,9 @@ class _LayerProgram:
     """One decoder layer captured (for one layer type), with taps after its q/k/v and its Linears' inputs; weights
     swapped per layer."""
 
-    def __init__(self, gm: torch.fx.GraphModule, site: AttentionSite, linears: list[LinearSite], taps: dict[str, _Tap]):
-        self.gm, self.site, self.linears, self.taps = gm, site, linears, taps
+    def __init__(self, gm: torch.fx.GraphModule, site: AttentionSite, linears: list[LinearSite], groups: list[SmoothGroup],
+                 taps: dict[str, _Tap]):
+        self.gm, self.site, self.linears, self.groups, self.taps = gm, site, linears, groups, taps
         self.params = {name.removeprefix(WRAPPER_PREFIX): p for name, p in gm.named_parameters()}
 
     def load(self, checkpoint: Checkpoint, layer: int) -> None:
@@ -188,6 +194,16 @@ class _LayerProgram:
             setattr(self.gm.get_submodule(owner), leaf, param)
             self.params[name] = param
             del value
+
+    def replace(self, layer: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put ``tensors`` (``model.layers.<layer>...`` names, e.g. smoothed weights) in place of the loaded ones."""
+        captured = {f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}": name for name in self.params}
+        for stored, value in tensors.items():
+            name = captured[stored]
+            owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
+            param = torch.nn.Parameter(value.detach().to(torch.float32), requires_grad=False)
+            setattr(self.gm.get_submodule(owner), leaf, param)
+            self.params[name] = param
 
     def release(self) -> None:
         """Drop the weights of the layer last loaded (empty tensors of the same shapes take their place)."""
@@ -282,18 +298,19 @@ class LayerwiseFrontend:
             raise QpassError(f"--layerwise: one decoder layer of {self.name} holds {len(sites)} attention sites, not 1; "
                              "drop --layerwise to compile the whole model")
         linears = find_linear_sites(program.graph, param_names(program))
+        groups = find_smoothing_groups(program.graph, linears, param_names(program))
         gm = program.module()
         del program, base
         nodes, taps = {n.name: n for n in gm.graph.nodes}, {}
         values = [(getattr(sites[0], kind), True) for kind in ("q", "k", "v")]
-        values += [(name, False) for name in dict.fromkeys(s.input for s in linears)]
+        values += [(name, False) for name in dict.fromkeys([*(s.input for s in linears), *(g.input for g in groups)])]
         for i, (value, attention) in enumerate(values):
             taps[value] = _Tap(attention)
             gm.add_submodule(f"qpass_tap_{i}", taps[value])
             with gm.graph.inserting_after(nodes[value]):
                 gm.graph.call_module(f"qpass_tap_{i}", (nodes[value],))
         gm.recompile()
-        result = _LayerProgram(gm, sites[0], linears, taps)
+        result = _LayerProgram(gm, sites[0], linears, groups, taps)
         result.release()
         return result
 
@@ -324,6 +341,15 @@ class LayerwiseFrontend:
                             for s in self._program(site.layer).linears)
             yield DecoderLayer(site.layer, site, linears)
 
+    def smoothing_groups(self, linears: list[LinearSite] | None = None) -> list[SmoothGroup]:
+        """Each layer's smoothing groups (found on its layer type's capture), renamed to the layer, in layer order."""
+        out = []
+        for layer in range(self.num_layers):
+            module, named = _module_path(layer), f"layers.{layer}.".__add__
+            out += [replace(g, input=named(g.input), prev=module(g.prev), consumers=tuple(module(c) for c in g.consumers))
+                    for g in self._program(layer).groups]
+        return out
+
     def state_dict(self) -> "LazyStateDict":
         """The float parameters by module path, each read (as float32) only when it is looked up."""
         return LazyStateDict(self.checkpoint)
@@ -333,14 +359,20 @@ class LayerwiseFrontend:
         """Run ``windows [N, W]`` through the layers one at a time, feeding each site's q/k/v (and each Linear's input)
         to the observer keyed by it."""
         if state_dict is not None:
-            raise QpassError("--layerwise: smoothing (--anti-method) is not supported layer-wise yet; drop --layerwise")
+            raise QpassError("--layerwise: a whole-model smoothed state dict cannot be streamed; smoothing layer-wise goes "
+                             "through calibrate_by_layer")
         for _ in self.observe_layers(windows, observers, batch_size, desc):
             pass
 
     def observe_layers(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
-                       desc: str = "calibrate") -> Iterator[int]:
+                       desc: str = "calibrate", smooth=None) -> Iterator[int]:
         """:meth:`observe`, yielding each layer's index once its observers have seen every window (for
-        :func:`qpass.core.calibrate.calibrate_by_layer`, which then drops them)."""
+        :func:`qpass.core.calibrate.calibrate_by_layer`, which then drops them).
+
+        ``smooth(layer, peek)``, when given, is called with each layer's float weights loaded; ``peek(observers)`` runs
+        every window through the layer feeding ``observers`` (keyed as ``observers`` are), its output dropped. The
+        tensors it returns (``model.layers.<layer>...`` names) replace the layer's before the run that feeds
+        ``observers`` and passes the hidden states on."""
         from tqdm.auto import tqdm
 
         shape = (windows.shape[0], windows.shape[1], self.config.hidden_size)
@@ -354,16 +386,12 @@ class LayerwiseFrontend:
             for site in tqdm(self.attention_sites(), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
                 program = self._program(site.layer)
                 program.load(self.checkpoint, site.layer)
-                for value, tap in program.taps.items():
-                    tap.observer = observers.get(f"layers.{site.layer}.{value}")
                 try:
-                    with torch.no_grad():
-                        for start in range(0, windows.shape[0], batch_size):
-                            rows = slice(start, start + batch_size)
-                            hidden[rows] = program.gm(hidden[rows])
+                    if smooth is not None:
+                        program.replace(site.layer, smooth(site.layer, lambda peeked: _run(program, site.layer, peeked,
+                                                                                          hidden, batch_size, False)))
+                    _run(program, site.layer, observers, hidden, batch_size, True)
                 finally:
-                    for tap in program.taps.values():
-                        tap.observer = None
                     program.release()
                     _trim_heap()
                 yield site.layer
@@ -392,6 +420,24 @@ class LayerwiseFrontend:
 
 
 
+def _run(program: _LayerProgram, layer: int, observers: dict[str, Observer], hidden: torch.Tensor, batch_size: int,
+         advance: bool) -> None:
+    """Every window's hidden states through ``program`` (layer ``layer``'s weights loaded), feeding the observers keyed
+    ``layers.<layer>.<value>``; ``advance`` writes the outputs back in place (the next layer's inputs)."""
+    for value, tap in program.taps.items():
+        tap.observer = observers.get(f"layers.{layer}.{value}")
+    try:
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], batch_size):
+                rows = slice(start, start + batch_size)
+                out = program.gm(hidden[rows])
+                if advance:
+                    hidden[rows] = out
+    finally:
+        for tap in program.taps.values():
+            tap.observer = None
+
+
 def _module_path(layer: int):
     """``layers.0.self_attn...`` (the capture's module paths) -> ``model.layers.<layer>.self_attn...``."""
     def module(name: str) -> str:
@@ -409,6 +455,9 @@ class LazyStateDict(Mapping):
         if name not in self.checkpoint.files:
             raise KeyError(name)
         return self.checkpoint.read([name])[name].to(torch.float32)
+
+    def __contains__(self, name) -> bool:  # without reading the tensor (Mapping's would)
+        return name in self.checkpoint.files
 
     def __iter__(self):
         return iter(self.checkpoint.files)
