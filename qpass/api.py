@@ -22,6 +22,7 @@ from qpass.core.config import EVAL_WINDOWS, QuantConfig
 from qpass.core.data import calibration_text_warning, read_samples, read_text, token_windows
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import perplexity
+from qpass.core.fallback import smoothing_hint
 from qpass.core.recipe import Recipe, geometry
 from qpass.core.sites import AttentionSite
 from qpass.exporters import registry
@@ -148,6 +149,7 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         feeds = _feeds(config, sites)
         if feeds:  # a dynamic cache alone calibrates nothing
             _warn(warnings, calibration_text_warning(calib_ids, feeds))
+        _warn(warnings, smoothing_hint(recipe))
     else:
         recipe.check_matches(geometry(sites))
         calib_info = {"file": "recipe", "windows": 0, "tokens": 0}
@@ -217,11 +219,10 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
                       eval: str | Path | None = None, recipe=None, hidden_budget: int | None = None) -> CompileResult:
     """Calibrate the Hugging Face directory ``model`` one decoder layer at a time (:mod:`qpass.frontends.torch_export.
     layerwise`): the result holds the recipe and the report, no program (``save`` writes ``recipe/``, ``tokenizer/``
-    and the report). FAQuant, C8, and W8A8 without smoothing and with ``disable_level`` L0 or Ln; every calibration
+    and the report). FAQuant, C8, and W8A8 (with smoothing) with ``disable_level`` L0 or Ln; every calibration
     window fits the ranges (nothing is held out: there is no quantized forward to measure saturation on, so the
     report gives calibration's figures)."""
     refusal = next((why for why, bad in (
-        ("--anti-method (smoothing) is not supported layer-wise yet; drop --layerwise or --anti-method", config.anti_method),
         ("--disable-level auto is not supported layer-wise yet (its search runs the whole quantized model); use L0 or Ln",
          config.disable_level == "auto"),
         ("--eval is not supported layer-wise yet (a layer-wise compile writes the recipe only); drop --eval, and measure "
@@ -242,6 +243,7 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
     with _timed(timings, "calibrate"):
         recipe = calibrate_by_layer(frontend, calib_ids, config)
     _warn(warnings, calibration_text_warning(calib_ids, _feeds(config, sites)))
+    _warn(warnings, smoothing_hint(recipe))
     report = {
         "model": model_info(frontend, sites), "config": config.to_dict(), "sites": [site_info(s) for s in sites],
         "passes": {}, "sqnr_db": dict(recipe.stats.get("sqnr_db", {})),

@@ -114,6 +114,16 @@ def test_disable_level_n_keeps_the_widest_ranges_float(tiny):
         _recipe(tiny, disable_level="L15")
 
 
+def test_many_float_linears_without_smoothing_get_a_hint(tiny):
+    from qpass.core.fallback import smoothing_hint
+
+    hint = smoothing_hint(_recipe(tiny, disable_level="L2"))  # 2 of 14 float: more than 10%
+    assert hint == ("W8A8: 2 of 14 Linears stay float, without smoothing; smoothing usually lets far fewer stay float: "
+                    "add --anti-method m3 --act-method 3")
+    assert smoothing_hint(_recipe(tiny, disable_level="L1")) is None  # 1 of 14: within 10%
+    assert smoothing_hint(_recipe(tiny, disable_level="L2", anti_method="m1")) is None  # smoothed already
+
+
 def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     loose = _recipe(tiny, disable_level="auto", max_ppl_increase=50.0)  # real perplexities: W8A8 is within 50%
     assert loose.w8a8["float_linears"] == {}
@@ -148,6 +158,35 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert len(noisy.w8a8["float_linears"]) == 5  # 10 quantized: +1.0% estimated, bound +2.7%; 9: +0%, bound +1.7%
     last = noisy.stats["w8a8"]["search"][-1]
     assert last["upper_95_pct"] > last["ppl_increase_pct"]
+
+
+def test_auto_searches_the_ranking_with_the_lower_estimate_not_the_lower_bound(monkeypatch):
+    """At 10% float, ranking `loss` estimates +0.2% on two held-out windows that disagree (bound +0.5%) and `sqnr`
+    +0.4% on two that agree (bound +0.4%): the rankings are compared on the same windows, so the estimates decide."""
+    from types import SimpleNamespace
+
+    import qpass.core.fallback as fallback
+
+    names = [f"l{i}" for i in range(20)]
+    diffs = {frozenset(): [0.03, 0.03], frozenset(names[:1]): [0.02, 0.02], frozenset(names[:2]): [0.0, 0.004],
+             frozenset(names[-2:]): [0.0039, 0.0041]}
+
+    class Trial(SimpleNamespace):
+        def replace(self, w8a8):
+            return Trial(config=self.config, stats=self.stats, w8a8=w8a8)
+
+    stats = {"loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)},  # l0 the most sensitive
+             "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)}}    # l19 the most sensitive
+    recipe = Trial(config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0), stats={"w8a8": stats},
+                   w8a8={"float_linears": {}})
+    logits = lambda trial, verify: frozenset(trial.w8a8["float_linears"]) if trial is not None else None  # noqa: E731
+    monkeypatch.setattr(fallback, "window_nll", lambda floats, windows, batch, desc: torch.zeros(2, dtype=torch.float64)
+                        if floats is None else torch.tensor(diffs[floats], dtype=torch.float64))
+    floats, search = fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names],
+                                                   torch.zeros(2, 8, dtype=torch.long), logits)
+    at_cap = {step["ranking"]: step for step in search[1:] if step["float_linears"] == 2}
+    assert at_cap["loss"]["upper_95_pct"] > at_cap["sqnr"]["upper_95_pct"] > at_cap["sqnr"]["ppl_increase_pct"] > at_cap["loss"]["ppl_increase_pct"]
+    assert sorted(floats) == ["l0", "l1"] and search[-1]["ranking"] == "loss"
 
 
 def test_increase_bound_is_the_estimate_for_one_window_and_above_it_for_several():

@@ -1,0 +1,87 @@
+"""W8A8 + FAQuant + C8 with ``--disable-level auto`` from a small calibration file, on SmolLM2: how many
+Linears stay float and what unseen prose and code then measure, per smoothing and activation method.
+
+Loads and captures the model once, then for each variant (``ANTI:ACT``, e.g. ``none:1`` for no smoothing
+and min-max, ``m3:3``) calibrates on ``--calib-samples`` windows of the standard-library corpus (as
+``qpass compile default --w8a8 --fa-quant --kv-int8 --disable-level auto --calib-samples 14`` does; `auto`
+holds the last quarter out) and evaluates the compiled program against the float one on the same
+windows of ``--prose`` and ``--code`` (text from modules the corpus leaves out: ``tools/make_corpus.py``).
+Prints the search log, the float Linears and each text's increase with the 95% interval over windows.
+
+    python tools/bench_w8a8.py [--variants none:1 m3:3] [--calib-samples 14] [--eval-windows 16]
+                               [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt]
+"""
+
+import argparse
+import math
+import time
+
+import torch
+
+from qpass.core import corpus
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.core.data import read_text, token_windows
+from qpass.core.evaluate import window_nll
+from qpass.frontends.torch_export.frontend import TorchExportFrontend
+
+
+def increase(diff: torch.Tensor) -> str:
+    """``+x.xxx% +-h`` from per-window NLL differences: the increase and its 95% half width over the windows."""
+    half = 100.0 * 1.96 * float(diff.std()) / math.sqrt(diff.numel())
+    return f"{100.0 * math.expm1(float(diff.mean())):+.3f}% +-{half:.3f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--variants", nargs="+", default=["none:1", "m3:3"], help="ANTI:ACT pairs, e.g. none:1 m3:3 m4:3")
+    parser.add_argument("--calib-samples", type=int, default=14)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--max-ppl-increase", type=float, default=2.0)
+    parser.add_argument("--prose", default="out/corpus/eval_prose.txt")
+    parser.add_argument("--code", default="out/corpus/eval_code.txt")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    fe = TorchExportFrontend.load(args.model, args.window)
+    calib = token_windows(fe.tokenizer, corpus.calibration_samples(), args.window, args.calib_samples, "calib")
+    texts = {name: token_windows(fe.tokenizer, [read_text(path, name)], args.window, args.eval_windows, name)
+             for name, path in (("prose", args.prose), ("code", args.code))}
+    float_module = fe.logits()
+    nll_float = {name: window_nll(float_module, ids, 4, f"float {name}") for name, ids in texts.items()}
+    print(f"calibration {calib.shape[0]} x {args.window}; float ppl " +
+          ", ".join(f"{n} {math.exp(float(v.mean())):.4f}" for n, v in nll_float.items()), flush=True)
+    rows = []
+    for variant in args.variants:
+        anti, act = variant.split(":")
+        config = QuantConfig(fa_quant=True, kv_cache="int8", w8a8=True, disable_level="auto",
+                             max_ppl_increase=args.max_ppl_increase, calib_samples=args.calib_samples,
+                             window=args.window, anti_method=None if anti == "none" else anti, act_method=int(act))
+        start = time.perf_counter()
+        recipe = calibrate(fe, calib, config)
+        seconds = time.perf_counter() - start
+        search = recipe.stats["w8a8"]["search"]
+        for step in search[1:]:
+            print(f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
+                  f"(95% bound {step['upper_95_pct']:+.3f}%)", flush=True)
+        floats = recipe.w8a8["float_linears"]
+        quantized = fe.logits(recipe, verify=False)
+        measured = {n: increase(window_nll(quantized, ids, 4, f"{variant} {n}") - nll_float[n]) for n, ids in texts.items()}
+        del quantized
+        all_int8 = search[1]
+        chosen = next(s for s in search[1:] if s["float_linears"] == len(floats))
+        row = (f"| {variant} | {len(floats)} ({100 * len(floats) / len(recipe.stats['w8a8']['range_ratio']):.1f}%) | "
+               f"{all_int8['ppl_increase_pct']:+.2f}% | {chosen['ppl_increase_pct']:+.2f}% / {chosen['upper_95_pct']:+.2f}% | "
+               f"{measured['prose']} | {measured['code']} | {seconds:.0f} s |")
+        print(row, flush=True)
+        print(f"  float: {', '.join(sorted(floats))}", flush=True)
+        rows.append(row)
+    print("\n| variant (anti:act) | Linears float | held-out all-int8 | held-out at the choice (estimate / 95% bound) "
+          "| unseen prose | unseen code | calibration |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
