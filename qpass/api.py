@@ -219,7 +219,8 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
                       eval: str | Path | None = None, recipe=None, hidden_budget: int | None = None) -> CompileResult:
     """Calibrate the Hugging Face directory ``model`` one decoder layer at a time (:mod:`qpass.frontends.torch_export.
     layerwise`): the result holds the recipe and the report, no program (``save`` writes ``recipe/``, ``tokenizer/``
-    and the report). FAQuant, C8, and W8A8 (with smoothing) with ``disable_level`` L0 or Ln; every calibration
+    and the report, or with a W8A8 recipe ``format="mindie"`` / ``"vllm-ascend"``, whose writer reads the checkpoint
+    one decoder layer at a time). FAQuant, C8, and W8A8 (with smoothing) with ``disable_level`` L0 or Ln; every calibration
     window fits the ranges (nothing is held out: there is no quantized forward to measure saturation on, so the
     report gives calibration's figures)."""
     refusal = next((why for why, bad in (
@@ -260,7 +261,8 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
     _warn(warnings, saturation.warning(report["saturation"]))
     report["warnings"] = warnings
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    compiled = registry.Compiled(recipe, report, {}, frontend.config_json(), frontend.tokenizer)
+    compiled = registry.Compiled(recipe, report, frontend.state_dict(), frontend.config_json(), frontend.tokenizer,
+                                 by_layer=True)
     return CompileResult(None, recipe, sites, report, frontend.tokenizer, None, compiled)
 
 

@@ -10,6 +10,7 @@ import sys
 
 from qpass.core.config import EVAL_WINDOWS, QuantConfig, cli_options
 from qpass.core.errors import QpassError
+from qpass.exporters import LAYERWISE as LAYERWISE_FORMATS
 from qpass.exporters import NAMES as FORMATS
 from qpass.exporters.mindie_format import dynamic_kv_refusal
 
@@ -98,13 +99,13 @@ def cmd_compile(args) -> int:
     check_output_dir(args.output, args.force)  # fail before the slow part
     args.format = output_format(args.model, args.format)
     check_format_args(args)
-    if args.layerwise and args.format != "qpass":
-        raise QpassError(f"--format {args.format} with --layerwise: a layer-wise compile writes the recipe only "
-                         "(--format qpass: recipe/, tokenizer/, report); drop --format")
-    if args.format != "qpass" and args.layerwise is None and not args.recipe and too_big(args.model, note=False):
+    if args.layerwise and args.format not in LAYERWISE_FORMATS:
+        raise QpassError(f"--format {args.format} with --layerwise: a layer-wise compile writes {', '.join(LAYERWISE_FORMATS)}; "
+                         "choose one of those")
+    if args.format not in LAYERWISE_FORMATS and args.layerwise is None and not args.recipe and too_big(args.model, note=False):
         raise QpassError(f"MODEL {args.model}: its weights do not fit in this machine's memory for a whole-model compile, "
-                         f"and a layer-wise compile writes the recipe only, not --format {args.format}; drop --format "
-                         "(recipe/, tokenizer/, report), or compile on a machine with more memory")
+                         f"and a layer-wise compile does not write --format {args.format}; choose one of "
+                         f"{', '.join(LAYERWISE_FORMATS)}, or compile on a machine with more memory")
     names = [name for name, _, _ in cli_options()]
     recipe = None
     if args.recipe:

@@ -269,7 +269,6 @@ def test_cli_writes_the_recipe_a_whole_model_compile_reuses(model_dir, frontends
 
 @pytest.mark.parametrize("extra, words", [
     (["--w8a8", "--disable-level", "auto"], "--disable-level auto is not supported layer-wise yet"),
-    (["--format", "mindie", "--w8a8"], "--layerwise"),
     (["--eval", "EVAL"], "--eval is not supported layer-wise yet"),
     (["--kv-int8", "dynamic"], "nothing to calibrate"),
 ])
@@ -277,7 +276,9 @@ def test_what_layerwise_does_not_do_is_refused_in_one_line(extra, words, model_d
     evaluation = text_files["prose"]
     extra = [str(evaluation) if e == "EVAL" else e for e in extra]
     quantize = [] if "--kv-int8" in extra else ["--kv-int8"]
-    assert main(["compile", str(model_dir("llama")), *quantize, *extra, "--layerwise", "-o", str(tmp_path / "o")]) == 2
+    model = model_dir("llama")
+    capsys.readouterr()  # the fixture's own output, when it made the model here
+    assert main(["compile", str(model), *quantize, *extra, "--layerwise", "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
@@ -301,17 +302,93 @@ def test_layerwise_is_automatic_when_the_model_would_not_fit(model_dir, tmp_path
     assert result.program is None and result.report["model"]["layerwise"] is True
 
 
-def test_a_weight_format_for_a_model_too_big_is_refused_before_calibrating(model_dir, tmp_path, monkeypatch, capsys):
-    """Too big for a whole-model compile, with --format mindie: one line before any calibration (a layer-wise
-    compile writes no weights), nothing written."""
+def test_a_model_too_big_is_written_as_a_mindie_directory_layer_by_layer(model_dir, text_files, tmp_path, monkeypatch, capsys):
+    """Too big for a whole-model compile, with --format mindie: calibrated layer-wise (the note) and written as shards."""
+    from qpass.exporters.mindie_format import WEIGHTS_FILE, WEIGHTS_INDEX, shard_name
+
     monkeypatch.setattr(layerwise, "available_memory", lambda: 1 << 20)
-    monkeypatch.setattr(LayerwiseFrontend, "observe_layers", lambda *a, **k: pytest.fail("calibrated before refusing"))
-    args = ["compile", str(model_dir("llama")), "--kv-int8", "--window", str(WINDOW), "--calib-samples", "2"]
-    capsys.readouterr()
-    assert main([*args, "--w8a8", "--format", "mindie", "-o", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "do not fit in this machine's memory" in err and "drop --format" in err
-    assert not (tmp_path / "o").exists()
+    args = ["compile", str(model_dir("llama")), "--kv-int8", "--w8a8", "--window", str(WINDOW), "--calib-samples", "4",
+            "--calib", str(text_files["calib"]), "--format", "mindie", "-o", str(tmp_path / "o")]
+    assert main(args) == 0
+    assert "calibrating one decoder layer at a time" in capsys.readouterr().err
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert WEIGHTS_INDEX in names and WEIGHTS_FILE not in names
+    assert [n for n in names if n.endswith(".safetensors")] == [shard_name(i, LAYERS + 1) for i in range(1, LAYERS + 2)]
+
+
+@pytest.mark.parametrize("damage, words", [("shard", "not a file in the directory"), ("tensor", "which has no such tensor"),
+                                           ("map", "no weight_map")])
+def test_a_damaged_sharded_directory_is_refused_naming_what(damage, words, model_dir, text_files, tmp_path):
+    import qpass.api
+    from qpass.exporters.mindie_format import WEIGHTS_INDEX
+    from qpass.exporters.mindie_load import load as load_mindie
+
+    config = QuantConfig(w8a8=True, window=WINDOW, calib_samples=2)
+    qpass.api.compile(str(model_dir("llama")), config, calib=[text_files["calib"].read_text(encoding="utf-8")],
+                      layerwise=True).save(tmp_path / "d", format="mindie")
+    index_path = tmp_path / "d" / WEIGHTS_INDEX
+    index = json.loads(index_path.read_text())
+    if damage == "shard":
+        (tmp_path / "d" / index["weight_map"]["model.norm.weight"]).unlink()
+    elif damage == "tensor":
+        index["weight_map"]["model.layers.0.mlp.gate_proj.weight"] = index["weight_map"]["model.norm.weight"]
+    else:
+        index = {"metadata": {}}
+    if damage != "shard":
+        index_path.write_text(json.dumps(index))
+    with pytest.raises(QpassError, match=words):
+        load_mindie(tmp_path / "d")
+
+
+@pytest.mark.parametrize("target, extra", [("mindie", dict(fa_quant=True, anti_method="m1")),
+                                           ("vllm-ascend", dict(symmetric=True, anti_method="m3", disable_level="L2"))])
+def test_a_layerwise_mindie_directory_holds_the_whole_models_tensors(target, extra, model_dir, text_files, tmp_path, monkeypatch):
+    """The same recipe written by the whole-model path (one file) and layer by layer (a shard per layer, then the
+    rest, with the index): the same tensors bit for bit, the same description and config; the reader loads both to
+    the same perplexity. The layer-wise writer reads one tensor at a time, layer after layer."""
+    import qpass.api
+    from qpass.exporters.mindie_format import CONFIG_FILE, DESCRIPTION_FILE, WEIGHTS_FILE, WEIGHTS_INDEX
+    from qpass.exporters.mindie_load import load as load_mindie
+    from safetensors.torch import load_file
+
+    path = model_dir("llama")
+    config = QuantConfig(w8a8=True, kv_cache="int8", window=WINDOW, calib_samples=4, batch_size=4, **extra)
+    calib = [text_files["calib"].read_text(encoding="utf-8")]
+    by_layer = qpass.api.compile(str(path), config, calib=calib, layerwise=True)
+    whole = qpass.api.compile(str(path), config, recipe=by_layer.recipe, layerwise=False)
+    reads = []
+    original_read = layerwise.Checkpoint.read
+
+    def read(self, names):
+        reads.append(list(names))
+        return original_read(self, names)
+
+    monkeypatch.setattr(layerwise.Checkpoint, "read", read)
+    by_layer.save(tmp_path / "layerwise", format=target)
+    monkeypatch.undo()
+    whole.save(tmp_path / "whole", format=target)
+    assert all(len(names) == 1 for names in reads)
+    layers = [int(n.split(".")[2]) if n.startswith("model.layers.") else LAYERS for names in reads for n in names]
+    assert layers == sorted(layers) and set(layers) == set(range(LAYERS + 1))  # layer after layer, the rest last
+    index = json.loads((tmp_path / "layerwise" / WEIGHTS_INDEX).read_text())
+    sharded = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        sharded.update(load_file(str(tmp_path / "layerwise" / shard)))
+    expected = load_file(str(tmp_path / "whole" / WEIGHTS_FILE))
+    assert sorted(sharded) == sorted(expected) == sorted(index["weight_map"])
+    for name, tensor in expected.items():
+        assert sharded[name].dtype == tensor.dtype and torch.equal(sharded[name], tensor), name
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+    for name in (DESCRIPTION_FILE, CONFIG_FILE):
+        assert json.loads((tmp_path / "layerwise" / name).read_text()) == json.loads((tmp_path / "whole" / name).read_text())
+    windows = token_windows(byte_tokenizer(), calib, WINDOW, 4, "--eval")
+    ppl = [perplexity(lambda ids, m=load_mindie(tmp_path / d).model: m(ids).logits, windows, 4) for d in ("layerwise", "whole")]
+    assert ppl[0] == ppl[1]
+    if target == "vllm-ascend":  # vLLM reads every *.safetensors of the directory (its index filter names model.safetensors.index.json)
+        from vllm_ascend_loader import load as vllm_ascend_load
+
+        params, expected_params = vllm_ascend_load(tmp_path / "layerwise"), vllm_ascend_load(tmp_path / "whole")
+        assert sorted(params) == sorted(expected_params) and all(torch.equal(params[k], expected_params[k]) for k in params)
 
 
 @pytest.mark.parametrize("index", ['{"weight_map": ["a"]}', '{"weight_map": {"x": 3}}', '[1]', '{"weight_map": {"x": "gone.safetensors"}}', "{"])

@@ -22,6 +22,7 @@ class Compiled:
     program: object = field(repr=False, default=None)  # the frontend's quantized program, when it has one
     decoder: object = field(repr=False, default=None)  # the same lowered to paged int8 attention
     files: dict[str, str] = field(repr=False, default_factory=dict)  # text files the frontend carries over (genai_config.json)
+    by_layer: bool = False  # state_dict reads each tensor when looked up (a layer-wise compile): write layer by layer
 
 
 @dataclass

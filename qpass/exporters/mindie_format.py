@@ -5,7 +5,10 @@ Hugging Face model that runs the format's integer arithmetic on the CPU.
 
 A directory holds ``config.json`` (with ``quantization_config``), ``quant_model_weight_w8a8.safetensors``
 (every tensor, float ones included), ``quant_model_description.json`` (tensor name -> ``FLOAT`` / ``W8A8`` /
-``FAQuant`` plus the model-level keys) and the tokenizer files. Per quantized Linear ``<p>``:
+``FAQuant`` plus the model-level keys) and the tokenizer files. A layer-wise compile writes the weights in
+shards instead, as msModelSlim's saver does when it splits them: ``quant_model_weight_w8a8-00001-of-000NN.safetensors``
+(one per decoder layer, then one for the rest) and ``quant_model_weight_w8a8.safetensors.index.json``
+(``{"metadata": {"total_size": bytes}, "weight_map": {tensor: shard}}``). Per quantized Linear ``<p>``:
 
     <p>.weight        int8                 [n, k]   symmetric per output channel
     <p>.input_scale   model dtype          [1]      per-tensor activation scale
@@ -34,6 +37,13 @@ and FAQuant / C8 applied by qpass's passes from the :class:`Recipe` it returns.
 from pathlib import Path
 
 WEIGHTS_FILE = "quant_model_weight_w8a8.safetensors"
+WEIGHTS_INDEX = "quant_model_weight_w8a8.safetensors.index.json"  # sharded weights (a layer-wise compile)
+
+
+def shard_name(i: int, count: int) -> str:
+    """The ``i``-th (from 1) of ``count`` weight shards, named as msModelSlim's saver names them."""
+    return f"quant_model_weight_w8a8-{i:05d}-of-{count:05d}.safetensors"
+
 DESCRIPTION_FILE = "quant_model_description.json"
 CONFIG_FILE = "config.json"
 FLOAT, W8A8, FAQUANT, C8 = "FLOAT", "W8A8", "FAQuant", "C8"

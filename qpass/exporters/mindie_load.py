@@ -22,7 +22,7 @@ from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe, SiteGeometry, site_key
 from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_TYPES, FAQUANT, FLOAT,
-                                          MODEL_KEYS, W8A8, W8A8_SUFFIXES, WEIGHTS_FILE)
+                                          MODEL_KEYS, W8A8, W8A8_SUFFIXES, WEIGHTS_FILE, WEIGHTS_INDEX)
 from qpass.exporters.base import Loaded
 from qpass.models.loaders import check_remote_code
 from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights
@@ -41,18 +41,16 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     :class:`QpassError` naming the tensor.
     """
     d = Path(directory)
-    for f in (CONFIG_FILE, WEIGHTS_FILE, DESCRIPTION_FILE):
+    weights = WEIGHTS_INDEX if not (d / WEIGHTS_FILE).is_file() and (d / WEIGHTS_INDEX).is_file() else WEIGHTS_FILE
+    for f in (CONFIG_FILE, weights, DESCRIPTION_FILE):
         if not (d / f).is_file():
-            raise QpassError(f"{d}: no {f}; a MindIE directory needs {CONFIG_FILE}, {WEIGHTS_FILE} and {DESCRIPTION_FILE}")
+            raise QpassError(f"{d}: no {f}; a MindIE directory needs {CONFIG_FILE}, {WEIGHTS_FILE} (or {WEIGHTS_INDEX} and its "
+                             f"shards) and {DESCRIPTION_FILE}")
     config_json = _read_json(d, CONFIG_FILE)
     description = _read_json(d, DESCRIPTION_FILE)
     model_dtype = _model_dtype(d, config_json)
     fa, c8 = _quant_kinds(d, config_json, description)
-    try:
-        with safe_open(str(d / WEIGHTS_FILE), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise QpassError(f"{d}: cannot read {WEIGHTS_FILE} ({err}); re-export the directory") from err
+    tensors = _read_weights(d, weights)
     # msModelSlim also writes per-module metadata strings (``<a>.quant_type``) that name no tensor
     types = {k: v for k, v in description.items() if k not in MODEL_KEYS and not k.endswith(".quant_type")}
     tied = bool(config_json.get("tie_word_embeddings"))
@@ -128,6 +126,35 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     info = {"format": "mindie", "model_dtype": str(model_dtype).removeprefix("torch."), "w8a8_linears": len(w8a8),
             "fa_quant": fa, "kv_cache": "int8" if c8 else None}
     return Loaded("mindie", tokenizer, recipe, model=model, info=info)
+
+
+def _read_weights(d: Path, weights: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the weights file, or of the shards the index maps them to (each tensor in its mapped shard)."""
+    files = {WEIGHTS_FILE: None}
+    if weights == WEIGHTS_INDEX:
+        weight_map = _read_json(d, WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise QpassError(f"{d}: {WEIGHTS_INDEX} has no weight_map of tensor names to shard files; re-export the directory")
+        files = {}
+        for name, shard in weight_map.items():
+            files.setdefault(shard, []).append(name)
+    tensors = {}
+    for file, names in files.items():
+        if Path(file).name != file or not (d / file).is_file():
+            raise QpassError(f"{d}: {WEIGHTS_INDEX} maps tensors to {file}, which is not a file in the directory; "
+                             "re-export the directory")
+        try:
+            with safe_open(str(d / file), framework="pt") as f:
+                missing = sorted(set(names or ()) - set(f.keys()))
+                if missing:
+                    raise QpassError(f"{d}: {WEIGHTS_INDEX} maps {missing[0]} to {file}, which has no such tensor; "
+                                     "re-export the directory")
+                tensors.update({k: f.get_tensor(k) for k in (names or f.keys())})
+        except QpassError:
+            raise
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise QpassError(f"{d}: cannot read {file} ({err}); re-export the directory") from err
+    return tensors
 
 
 def check(directory: Path) -> None:

@@ -12,6 +12,8 @@ sites' module names and the float state dict, for one of two consumers (``target
 """
 
 import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,8 +21,9 @@ from safetensors.torch import save_file
 
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
+from qpass.core.smoothing import apply_smoothing
 from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_KINDS, FAQUANT, FLOAT,
-                                          W8A8, WEIGHTS_FILE, dynamic_kv_refusal)
+                                          W8A8, WEIGHTS_FILE, WEIGHTS_INDEX, dynamic_kv_refusal, shard_name)
 from qpass.runtime.w8a8 import w8a8_weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -80,8 +83,63 @@ def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe
     qparams (``w8a8.<p>.input_scale/.input_offset``) and, as its config asks, FAQuant / C8 tensors.
     ``dtype``: the model dtype, ``torch.float16`` or ``torch.bfloat16``.
     """
-    name = next((k for k, v in MODEL_DTYPES.items() if v == dtype), None)
-    if name is None:
+    linears, tied = _check(config_json, recipe, dtype, target)
+    tensors, types = _tensors(state_dict, recipe, linears, recipe.sites, tied, dtype, target)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # one metadata key: safetensors writes a multi-key metadata map in no fixed order
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    return _finish(out, config_json, recipe, types, tokenizer, dtype, target)
+
+
+def export_mindie_by_layer(config_json: dict, checkpoint: Mapping[str, torch.Tensor], recipe: Recipe, tokenizer,
+                           out_dir: str | Path, dtype: torch.dtype, target: str = "mindie") -> Path:
+    """:func:`export_mindie` for a model that need not fit in memory: ``checkpoint`` maps every float tensor name to
+    its tensor, read when looked up (a layer-wise compile's checkpoint, unsmoothed). Each decoder layer's tensors
+    (``model.layers.<i>.``) are read, that layer's smoothing groups folded in, its Linears quantized, and written as
+    one shard before the next layer is read; the other tensors (embedding, final norm, LM head) make the last shard.
+    The files hold the same tensors as :func:`export_mindie` writes into one (``mindie_format``: the shards, the index)."""
+    linears, tied = _check(config_json, recipe, dtype, target)
+    parts: dict[int | None, list[str]] = {}
+    for name in checkpoint:
+        parts.setdefault(_layer_of(name), []).append(name)
+    order = sorted(k for k in parts if k is not None) + ([None] if None in parts else [])
+    groups: dict[int | None, list[dict]] = {}
+    for g in recipe.smoothing:
+        layers = {_layer_of(f"{m}.") for m in (g["prev"], *g["consumers"])}
+        if len(layers) != 1:
+            raise QpassError(f"--format {target}: smoothing group of {g['prev']} spans decoder layers {sorted(map(str, layers))}; "
+                             "a layer-wise export folds smoothing one layer at a time: compile the whole model")
+        groups.setdefault(layers.pop(), []).append(g)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    types, weight_map, total = {}, {}, 0
+    for i, layer in enumerate(order, start=1):
+        state = apply_smoothing({name: checkpoint[name] for name in parts[layer]}, groups.get(layer, []), recipe.tensors)
+        part_linears = [p for p in linears if _layer_of(f"{p}.") == layer]
+        sites = [site for site in recipe.sites if site.layer == layer] if layer is not None else []
+        tensors, part_types = _tensors(state, recipe, part_linears, sites, tied, dtype, target)
+        del state
+        shard = shard_name(i, len(order))
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(sorted(tensors), shard))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        types.update(part_types)
+        del tensors
+    _write_json(out / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                sort_keys=False)
+    return _finish(out, config_json, recipe, types, tokenizer, dtype, target)
+
+
+def _layer_of(name: str) -> int | None:
+    """The decoder layer a tensor or module path (ending in ``.``) belongs to, ``model.layers.<i>.``; None for the rest."""
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _check(config_json: dict, recipe: Recipe, dtype: torch.dtype, target: str) -> tuple[list[str], bool]:
+    """Refuse what the format or ``target`` cannot hold; the W8A8 Linears to write and whether the LM head is tied."""
+    if not any(v == dtype for v in MODEL_DTYPES.values()):
         raise QpassError(f"--dtype {dtype}: the MindIE format stores float16 or bfloat16 models; choose one of those")
     check_target(recipe, target)
     fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "int8"
@@ -98,6 +156,13 @@ def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe
     tied = bool(config_json.get("tie_word_embeddings"))
     if tied and "lm_head" in linears:
         raise QpassError("recipe quantizes lm_head, but this model ties lm_head to its embeddings; keep lm_head in float")
+    return linears, tied
+
+
+def _tensors(state_dict: Mapping[str, torch.Tensor], recipe: Recipe, linears: list[str], sites, tied: bool,
+             dtype: torch.dtype, target: str) -> tuple[dict, dict]:
+    """The format's tensors and their types for the (smoothed) float tensors ``state_dict``, the W8A8 Linears
+    ``linears`` among them and the attention ``sites``."""
     tensors, types = {}, {}
     for p in linears:
         if f"{p}.weight" not in state_dict:
@@ -112,7 +177,8 @@ def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe
         if not value.is_floating_point():
             raise QpassError(f"state_dict tensor {key} is {value.dtype}, not float; give the float model's state dict")
         tensors[key], types[key] = value.detach().to(dtype), FLOAT
-    for site in recipe.sites:
+    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "int8"
+    for site in sites:
         a = site.prefix
         if fa:
             for kind in FA_KINDS:
@@ -124,6 +190,13 @@ def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe
                 scale, offset = recipe.get(site.layer, kind)
                 tensors[f"{a}.{proj}.kv_cache_scale"], tensors[f"{a}.{proj}.kv_cache_offset"] = scale.to(dtype), offset.to(dtype)
                 types[f"{a}.{proj}.kv_cache_scale"] = types[f"{a}.{proj}.kv_cache_offset"] = C8 if target == "vllm-ascend" else W8A8
+    return tensors, types
+
+
+def _finish(out: Path, config_json: dict, recipe: Recipe, types: dict, tokenizer, dtype: torch.dtype, target: str) -> Path:
+    """The description, config.json and the tokenizer files beside the weights."""
+    name = next(k for k, v in MODEL_DTYPES.items() if v == dtype)
+    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "int8"
     description = {"model_quant_type": W8A8}
     if fa:
         description["fa_quant_type"] = FAQUANT
@@ -140,10 +213,6 @@ def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe
     if target == "mindie":
         config["quantization_config"] = {k: v for k, v in (("fa_quant_type", FAQUANT if fa else None),
                                                            ("kv_quant_type", C8 if c8 else None)) if v}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # one metadata key: safetensors writes a multi-key metadata map in no fixed order
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     _write_json(out / DESCRIPTION_FILE, description, sort_keys=False)
     _write_json(out / CONFIG_FILE, config, sort_keys=True)
     if tokenizer is not None:
@@ -176,22 +245,25 @@ def _write_json(path: Path, doc: dict, sort_keys: bool) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
-FILES = ("quant_model_weight_w8a8.safetensors, quant_model_description.json, config.json, tokenizer, "
-         "report.json, report.txt, report.png")
+FILES = ("quant_model_weight_w8a8.safetensors (layer-wise: its shards and index), quant_model_description.json, "
+         "config.json, tokenizer, report.json, report.txt, report.png")
 
 
 def write(compiled, directory: Path, options: dict, target: str = "mindie") -> None:
     """The exporter's entry point: smoothing folded into the float weights, then :func:`export_mindie`; the
     report records the target and any Linear made float for fusion (``export``)."""
     from qpass.core import report as reporting
-    from qpass.core.smoothing import apply_smoothing
 
     dtype = options.get("dtype") or "float16"
     if dtype not in MODEL_DTYPES:
         raise QpassError(f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those")
     recipe = compiled.recipe
-    state = apply_smoothing(compiled.state_dict, recipe.smoothing, recipe.tensors)
-    export_mindie(compiled.config_json, state, recipe, compiled.tokenizer, directory, MODEL_DTYPES[dtype], target)
+    if compiled.by_layer:  # a layer-wise compile: its checkpoint is read one decoder layer at a time
+        export_mindie_by_layer(compiled.config_json, compiled.state_dict, recipe, compiled.tokenizer, directory,
+                               MODEL_DTYPES[dtype], target)
+    else:
+        state = apply_smoothing(compiled.state_dict, recipe.smoothing, recipe.tensors)
+        export_mindie(compiled.config_json, state, recipe, compiled.tokenizer, directory, MODEL_DTYPES[dtype], target)
     export = {"format": target, "dtype": dtype}
     if target == "vllm-ascend":
         export["float_for_fusion"] = fused_floats(recipe)
