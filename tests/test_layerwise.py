@@ -127,14 +127,24 @@ def test_smoothed_w8a8_recipe_equals_the_whole_models(arch, anti, frontends, win
 
 
 def test_smoothed_w8a8_holds_one_layers_statistics_at_a_time(frontends, windows, monkeypatch):
-    """With smoothing, each layer's weights are read once for the run (and its smoothed tensors again when its scales
-    are computed), and when a layer loads no observer that has seen data is alive but that layer's."""
+    """With smoothing, each layer is loaded once, in order, and when a layer loads no observer that has seen data is
+    alive (the earlier layers' ranges are chosen; the smoothing groups' observers live only in the layer's float run)."""
+    lw = frontends("llama")[1]
+    made, alive, loads = _track_observers(monkeypatch)
+    config = QuantConfig(w8a8=True, kv_cache="int8", anti_method="m3", window=WINDOW, batch_size=4)
+    calibrate_by_layer(lw, windows, config)
+    assert loads == list(range(LAYERS)) and alive == [0] * LAYERS
+
+
+def _track_observers(monkeypatch) -> tuple[list, list, list]:
+    """``(observers made (weak references), observers that had seen data alive at each layer load, layers loaded)``,
+    filled as calibration runs."""
     import gc
     import weakref
 
     from qpass.core import observers as observers_module
 
-    lw, made, alive, loads = frontends("llama")[1], [], [], []
+    made, alive, loads = [], [], []
     original_init, original_load = observers_module.Observer.__init__, layerwise._LayerProgram.load
 
     def init(self, *args, **kwargs):
@@ -149,9 +159,7 @@ def test_smoothed_w8a8_holds_one_layers_statistics_at_a_time(frontends, windows,
 
     monkeypatch.setattr(observers_module.Observer, "__init__", init)
     monkeypatch.setattr(layerwise._LayerProgram, "load", load)
-    config = QuantConfig(w8a8=True, kv_cache="int8", anti_method="m3", window=WINDOW, batch_size=4)
-    calibrate_by_layer(lw, windows, config)
-    assert loads == list(range(LAYERS)) and alive == [0] * LAYERS
+    return made, alive, loads
 
 
 def test_one_layer_of_weights_at_a_time(frontends, windows, monkeypatch):
@@ -190,25 +198,8 @@ def test_one_layer_of_weights_at_a_time(frontends, windows, monkeypatch):
 def test_each_layers_statistics_are_dropped_when_it_is_done(frontends, windows, monkeypatch):
     """calibrate_by_layer holds the observers of one layer at a time: when a layer's weights are loaded, no
     observer that has seen data is alive but that layer's (the earlier layers' ranges are already chosen)."""
-    import gc
-    import weakref
-
-    from qpass.core import observers as observers_module
-
-    lw, made, alive = frontends("llama")[1], [], []
-    original_init, original_load = observers_module.Observer.__init__, layerwise._LayerProgram.load
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        made.append(weakref.ref(self))
-
-    def load(self, checkpoint, layer):
-        gc.collect()
-        alive.append(sum(1 for ref in made if ref() is not None and ref().min is not None))
-        original_load(self, checkpoint, layer)
-
-    monkeypatch.setattr(observers_module.Observer, "__init__", init)
-    monkeypatch.setattr(layerwise._LayerProgram, "load", load)
+    lw = frontends("llama")[1]
+    made, alive, _ = _track_observers(monkeypatch)
     recipe = calibrate_by_layer(lw, windows, CONFIG)
     assert len(made) == 3 * LAYERS and alive == [0] * LAYERS  # q, k, v per layer; none left over when the next loads
     assert sorted({int(k.split(".")[1]) for k in recipe.tensors}) == list(range(LAYERS))

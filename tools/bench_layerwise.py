@@ -1,14 +1,14 @@
 """Layer-wise calibration (issue 13): peak memory against depth, and time against the whole-model path.
 
-    python tools/bench_layerwise.py rss  [--layers 4 32] [--windows 8] [--window 256] [--config kv|w8a8]
+    python tools/bench_layerwise.py rss  [--layers 4 32] [--windows 8] [--window 256] [--config kv|w8a8|w8a8-mindie]
     python tools/bench_layerwise.py time [--windows 32] [--window 512]
     python tools/bench_layerwise.py large [--layers 54] [--windows 2] [--window 512] [--dir DIR]
 
 ``rss``: random-weight Llamas of the same width (hidden 2048, 16 heads, 8 KV heads, intermediate 5632, vocabulary
 32000), one per depth, written straight to sharded bfloat16 safetensors (one shard per layer, never the whole
 model in memory); each is calibrated layer-wise for C8 (or, ``--config w8a8``, W8A8 + C8 with m1 smoothing: every
-Linear's input observed and every layer smoothed; recipe only, in a child process) and the child's peak resident
-memory (``ru_maxrss``) is reported. Target: RSS(32 layers) / RSS(4 layers) <= 1.3.
+Linear's input observed and every layer smoothed; ``w8a8-mindie``: then its float16 MindIE directory written layer by
+layer; in a child process) and the child's peak resident memory (``ru_maxrss``) is reported. Target: RSS(32 layers) / RSS(4 layers) <= 1.3.
 
 ``time``: SmolLM2-135M (``load_model("default")``, float32) saved as a Hugging Face directory, then C8 + FAQuant
 calibrated from that directory by the whole-model path (load, capture, calibrate) and layer-wise (read, capture
@@ -82,7 +82,7 @@ def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> 
     from qpass.core.config import QuantConfig
     from qpass.core.data import token_windows
 
-    w8a8 = dict(w8a8=True, anti_method="m1", act_method=3) if config_kind == "w8a8" else {}
+    w8a8 = dict(w8a8=True, anti_method="m1") if config_kind.startswith("w8a8") else {}
     config = QuantConfig(kv_cache="int8", fa_quant=config_kind == "fa", window=window, calib_samples=windows, **w8a8)
     start = time.perf_counter()
     if mode == "layerwise":
@@ -97,10 +97,16 @@ def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> 
     ids = token_windows(frontend.tokenizer, corpus.calibration_samples(), window, windows, "calib")
     frontend.attention_sites()
     loaded = time.perf_counter()
-    (calibrate_by_layer if mode == "layerwise" else calibrate)(frontend, ids, config)  # as qpass compile calibrates
+    recipe = (calibrate_by_layer if mode == "layerwise" else calibrate)(frontend, ids, config)  # as qpass compile calibrates
     done = time.perf_counter()
+    if config_kind == "w8a8-mindie":  # the MindIE directory too, written layer by layer from the checkpoint
+        from qpass.exporters.mindie_write import export_mindie_by_layer
+
+        with tempfile.TemporaryDirectory(prefix="qpass-bench-mindie-") as out:
+            export_mindie_by_layer(frontend.config_json(), frontend.state_dict(), recipe, None, out, torch.float16)
+    written = time.perf_counter()
     print(json.dumps({"mode": mode, "tokens": int(ids.numel()), "load_capture_s": round(loaded - start, 2),
-                      "calibrate_s": round(done - loaded, 2), "total_s": round(done - start, 2),
+                      "calibrate_s": round(done - loaded, 2), "write_s": round(written - done, 2), "total_s": round(written - start, 2),
                       "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
 
 
@@ -121,7 +127,8 @@ def bench_rss(args) -> None:
             results[layers] = result
             print(f"{layers:3d} layers ({size / 2**30:.2f} GiB bf16): peak RSS {result['peak_rss_gib']:.3f} GiB, "
                   f"load+capture {result['load_capture_s']:.1f}s, calibrate {result['calibrate_s']:.1f}s "
-                  f"({result['calibrate_s'] / layers:.2f}s/layer, {result['tokens']} tokens)", flush=True)
+                  f"({result['calibrate_s'] / layers:.2f}s/layer, {result['tokens']} tokens)"
+                  + (f", MindIE directory written in {result['write_s']:.1f}s" if result["write_s"] else ""), flush=True)
             import shutil
 
             shutil.rmtree(path)
@@ -185,8 +192,9 @@ def main():
     rss.add_argument("--layers", type=int, nargs="+", default=[4, 32])
     rss.add_argument("--windows", type=int, default=8)
     rss.add_argument("--window", type=int, default=256)
-    rss.add_argument("--config", choices=("kv", "w8a8"), default="kv",
-                     help="kv: C8 (default); w8a8: W8A8 + C8 with m1 smoothing and --act-method 3")
+    rss.add_argument("--config", choices=("kv", "w8a8", "w8a8-mindie"), default="kv",
+                     help="kv: C8 (default); w8a8: W8A8 + C8 with m1 smoothing; w8a8-mindie: the same, then its MindIE "
+                          "directory written layer by layer")
     timing = sub.add_parser("time", help="layer-wise against whole-model calibration time on SmolLM2")
     timing.add_argument("--windows", type=int, default=32)
     timing.add_argument("--window", type=int, default=512)

@@ -7,9 +7,11 @@ and min-max, ``m3:3``) calibrates on ``--calib-samples`` windows of the standard
 holds the last quarter out) and evaluates the compiled program against the float one on the same
 windows of ``--prose`` and ``--code`` (text from modules the corpus leaves out: ``tools/make_corpus.py``).
 Prints the search log, the float Linears and each text's increase with the 95% interval over windows.
+``--samples between`` takes the windows halfway between the default ones (one fewer): a second sample of the same
+text; ``--samples both`` measures both.
 
     python tools/bench_w8a8.py [--variants none:1 m3:3] [--calib-samples 14] [--eval-windows 16]
-                               [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt]
+                               [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt] [--samples between|both]
 """
 
 import argparse
@@ -24,6 +26,7 @@ from qpass.core.config import QuantConfig
 from qpass.core.data import read_text, token_windows
 from qpass.core.evaluate import window_nll
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
+from sweep_observers import eval_windows  # tools/ is the script's directory
 
 
 def increase(diff: torch.Tensor) -> str:
@@ -42,12 +45,16 @@ def main():
     parser.add_argument("--max-ppl-increase", type=float, default=2.0)
     parser.add_argument("--prose", default="out/corpus/eval_prose.txt")
     parser.add_argument("--code", default="out/corpus/eval_code.txt")
+    parser.add_argument("--samples", choices=("", "between", "both"), default="",
+                        help="between: evaluate on the windows halfway between the default ones; both: on both samples")
     args = parser.parse_args()
     torch.manual_seed(0)
     fe = TorchExportFrontend.load(args.model, args.window)
     calib = token_windows(fe.tokenizer, corpus.calibration_samples(), args.window, args.calib_samples, "calib")
-    texts = {name: token_windows(fe.tokenizer, [read_text(path, name)], args.window, args.eval_windows, name)
-             for name, path in (("prose", args.prose), ("code", args.code))}
+    samples = {"": [False], "between": [True], "both": [False, True]}[args.samples]
+    texts = {name + ("-between" if between else ""): eval_windows(fe.tokenizer, read_text(path, name), args.window,
+                                                                  args.eval_windows, between)
+             for between in samples for name, path in (("prose", args.prose), ("code", args.code))}
     float_module = fe.logits()
     nll_float = {name: window_nll(float_module, ids, 4, f"float {name}") for name, ids in texts.items()}
     print(f"calibration {calib.shape[0]} x {args.window}; float ppl " +
@@ -73,13 +80,13 @@ def main():
         chosen = next(s for s in search[1:] if s["float_linears"] == len(floats))
         row = (f"| {variant} | {len(floats)} ({100 * len(floats) / len(recipe.stats['w8a8']['range_ratio']):.1f}%) | "
                f"{all_int8['ppl_increase_pct']:+.2f}% | {chosen['ppl_increase_pct']:+.2f}% / {chosen['upper_95_pct']:+.2f}% | "
-               f"{measured['prose']} | {measured['code']} | {seconds:.0f} s |")
+               + " | ".join(measured.values()) + f" | {seconds:.0f} s |")
         print(row, flush=True)
         print(f"  float: {', '.join(sorted(floats))}", flush=True)
         rows.append(row)
-    print("\n| variant (anti:act) | Linears float | held-out all-int8 | held-out at the choice (estimate / 95% bound) "
-          "| unseen prose | unseen code | calibration |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| variant (anti:act) | Linears float | held-out all-int8 | held-out at the choice (estimate / 95% bound) | "
+          + " | ".join(f"unseen {name}" for name in texts) + " | calibration |")
+    print("|---" * (5 + len(texts)) + "|")
     print("\n".join(rows))
 
 
