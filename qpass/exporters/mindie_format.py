@@ -38,12 +38,6 @@ from pathlib import Path
 
 WEIGHTS_FILE = "quant_model_weight_w8a8.safetensors"
 WEIGHTS_INDEX = "quant_model_weight_w8a8.safetensors.index.json"  # sharded weights (a layer-wise compile)
-
-
-def shard_name(i: int, count: int) -> str:
-    """The ``i``-th (from 1) of ``count`` weight shards, named as msModelSlim's saver names them."""
-    return f"quant_model_weight_w8a8-{i:05d}-of-{count:05d}.safetensors"
-
 DESCRIPTION_FILE = "quant_model_description.json"
 CONFIG_FILE = "config.json"
 FLOAT, W8A8, FAQUANT, C8 = "FLOAT", "W8A8", "FAQuant", "C8"
@@ -52,6 +46,11 @@ MODEL_KEYS = ("model_quant_type", "fa_quant_type", "kv_cache_type", "kv_quant_ty
 W8A8_SUFFIXES = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset")
 FA_KINDS = ("fa_q", "fa_k", "fa_v")
 C8_PROJECTIONS = {"kv_k": "k_proj", "kv_v": "v_proj"}  # recipe kind -> the projection module the format names
+
+
+def shard_name(i: int, count: int) -> str:
+    """The ``i``-th (from 1) of ``count`` weight shards, named as msModelSlim's saver names them."""
+    return f"quant_model_weight_w8a8-{i:05d}-of-{count:05d}.safetensors"
 
 
 def dynamic_kv_refusal(target: str) -> str:

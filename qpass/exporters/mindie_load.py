@@ -130,30 +130,34 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
 
 def _read_weights(d: Path, weights: str) -> dict[str, torch.Tensor]:
     """Every tensor of the weights file, or of the shards the index maps them to (each tensor in its mapped shard)."""
-    files = {WEIGHTS_FILE: None}
-    if weights == WEIGHTS_INDEX:
-        weight_map = _read_json(d, WEIGHTS_INDEX).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-            raise QpassError(f"{d}: {WEIGHTS_INDEX} has no weight_map of tensor names to shard files; re-export the directory")
-        files = {}
-        for name, shard in weight_map.items():
-            files.setdefault(shard, []).append(name)
+    if weights == WEIGHTS_FILE:
+        return _read_safetensors(d, WEIGHTS_FILE, None)
+    weight_map = _read_json(d, WEIGHTS_INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise QpassError(f"{d}: {WEIGHTS_INDEX} has no weight_map of tensor names to shard files; re-export the directory")
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
     tensors = {}
-    for file, names in files.items():
-        if Path(file).name != file or not (d / file).is_file():
-            raise QpassError(f"{d}: {WEIGHTS_INDEX} maps tensors to {file}, which is not a file in the directory; "
+    for shard, names in shards.items():
+        if Path(shard).name != shard or not (d / shard).is_file():
+            raise QpassError(f"{d}: {WEIGHTS_INDEX} maps tensors to {shard}, which is not a file in the directory; "
                              "re-export the directory")
-        try:
-            with safe_open(str(d / file), framework="pt") as f:
-                missing = sorted(set(names or ()) - set(f.keys()))
-                if missing:
-                    raise QpassError(f"{d}: {WEIGHTS_INDEX} maps {missing[0]} to {file}, which has no such tensor; "
-                                     "re-export the directory")
-                tensors.update({k: f.get_tensor(k) for k in (names or f.keys())})
-        except QpassError:
-            raise
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise QpassError(f"{d}: cannot read {file} ({err}); re-export the directory") from err
+        tensors.update(_read_safetensors(d, shard, names))
+    return tensors
+
+
+def _read_safetensors(d: Path, file: str, names: list[str] | None) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of ``file`` (all of them for None); a name the file lacks is refused."""
+    try:
+        with safe_open(str(d / file), framework="pt") as f:
+            stored = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in (stored if names is None else stored.intersection(names))}
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise QpassError(f"{d}: cannot read {file} ({err}); re-export the directory") from err
+    missing = sorted(set(names or ()) - stored)
+    if missing:
+        raise QpassError(f"{d}: {WEIGHTS_INDEX} maps {missing[0]} to {file}, which has no such tensor; re-export the directory")
     return tensors
 
 

@@ -250,8 +250,9 @@ FILES = ("quant_model_weight_w8a8.safetensors (layer-wise: its shards and index)
 
 
 def write(compiled, directory: Path, options: dict, target: str = "mindie") -> None:
-    """The exporter's entry point: smoothing folded into the float weights, then :func:`export_mindie`; the
-    report records the target and any Linear made float for fusion (``export``)."""
+    """The exporter's entry point: smoothing folded into the float weights, then :func:`export_mindie` (a layer-wise
+    compile's checkpoint: :func:`export_mindie_by_layer`, which folds it layer by layer); the report records the
+    target and any Linear made float for fusion (``export``)."""
     from qpass.core import report as reporting
 
     dtype = options.get("dtype") or "float16"

@@ -182,36 +182,36 @@ class _LayerProgram:
 
     def load(self, checkpoint: Checkpoint, layer: int) -> None:
         """Put layer ``layer``'s tensors (read from ``checkpoint``) in place of the parameters, as float32."""
-        names = {f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}": name for name in self.params}
+        names = self._stored_names(layer)
         tensors = checkpoint.read(list(names))
         for stored, name in names.items():
             value = tensors.pop(stored)
             if tuple(value.shape) != tuple(self.params[name].shape):
                 raise QpassError(f"MODEL {checkpoint.path}: weight {stored} is {list(value.shape)} but config.json makes it "
                                  f"{list(self.params[name].shape)}; repair config.json or re-download the model")
-            owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
-            param = torch.nn.Parameter(value.to(torch.float32), requires_grad=False)
-            setattr(self.gm.get_submodule(owner), leaf, param)
-            self.params[name] = param
+            self._set(name, value.to(torch.float32))
             del value
 
     def replace(self, layer: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Put ``tensors`` (``model.layers.<layer>...`` names, e.g. smoothed weights) in place of the loaded ones."""
-        captured = {f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}": name for name in self.params}
+        names = self._stored_names(layer)
         for stored, value in tensors.items():
-            name = captured[stored]
-            owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
-            param = torch.nn.Parameter(value.detach().to(torch.float32), requires_grad=False)
-            setattr(self.gm.get_submodule(owner), leaf, param)
-            self.params[name] = param
+            self._set(names[stored], value.detach().to(torch.float32))
 
     def release(self) -> None:
         """Drop the weights of the layer last loaded (empty tensors of the same shapes take their place)."""
         for name, p in self.params.items():
-            owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
-            empty = torch.nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
-            setattr(self.gm.get_submodule(owner), leaf, empty)
-            self.params[name] = empty
+            self._set(name, torch.empty(p.shape, device="meta"))
+
+    def _stored_names(self, layer: int) -> dict[str, str]:
+        """The checkpoint's name of each parameter for layer ``layer`` -> the capture's name."""
+        return {f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}": name for name in self.params}
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
+        param = torch.nn.Parameter(value, requires_grad=False)
+        setattr(self.gm.get_submodule(owner), leaf, param)
+        self.params[name] = param
 
 
 class LayerwiseFrontend:
