@@ -67,8 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: staged outputs are removed on the way out
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised by the console script's own handler.
+
+    A subclass, not KeyboardInterrupt itself: CPython flags a bare KeyboardInterrupt that leaves code run
+    through PyRun_String (as pybind11's exec does) and then, even when `main` has handled it, ends the
+    process by SIGINT instead of with `main`'s status (seen once in CI-like runs: status -2).
+    """
+
+
+def _interrupt(signum, frame):
+    raise Interrupted  # unwinds like Ctrl-C: staged outputs are removed on the way out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # a usage error (one line, status 2) or --help: returned like any other outcome
         return done.code
     if argv is None:  # the console script owns the process; a caller of main() keeps its own handlers
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         return {"compile": cmd_compile, "eval": cmd_eval, "inspect": cmd_inspect, "run": cmd_run}[args.command](args)
     except QpassError as err:

@@ -189,6 +189,38 @@ def test_auto_searches_the_ranking_with_the_lower_estimate_not_the_lower_bound(m
     assert sorted(floats) == ["l0", "l1"] and search[-1]["ranking"] == "loss"
 
 
+def test_auto_spends_the_float_share_when_only_the_95_bound_passes_within_it(monkeypatch):
+    """Held-out windows from the calibration text are optimistic about other text: a count within the 10% share
+    must pass twice the 95% margin. One float Linear passes only the 95% bound (+0.3%, bound +0.63%): the search
+    keeps the whole share float (2 of 20) instead, and beyond the share the 95% bound decides."""
+    from types import SimpleNamespace
+
+    import qpass.core.fallback as fallback
+
+    names = [f"l{i}" for i in range(20)]
+
+    class Trial(SimpleNamespace):
+        def replace(self, w8a8):
+            return Trial(config=self.config, stats=self.stats, w8a8=w8a8)
+
+    def choose(diffs):
+        stats = {"loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)}, "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)}}
+        recipe = Trial(config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0), stats={"w8a8": stats},
+                       w8a8={"float_linears": {}})
+        logits = lambda trial, verify: len(trial.w8a8["float_linears"]) if trial is not None else None  # noqa: E731
+        monkeypatch.setattr(fallback, "window_nll", lambda floats, windows, batch, desc: torch.zeros(2, dtype=torch.float64)
+                            if floats is None else torch.tensor(diffs.get(floats, [0.0, 0.0]), dtype=torch.float64))
+        return fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), logits)
+
+    diffs = {0: [0.03, 0.03], 1: [0.001, 0.005], 2: [0.0, 0.006], 3: [0.0, 0.001]}
+    floats, search = choose(diffs)
+    assert sorted(floats) == ["l0", "l1"] and "99.95% +1.30%" in floats["l0"] and "95% +0.80% (within 1.0%)" in floats["l0"]
+    assert [step["float_linears"] for step in search[1:]] == [0, 2, 2]  # none, both rankings at the share, no search below it
+    diffs = {**diffs, 2: [0.0, 0.02], 3: [0.0, 0.006]}  # the share fails: beyond it, 3 passes the 95% bound only
+    floats, search = choose(diffs)
+    assert sorted(floats) == ["l0", "l1", "l2"] and search[-1]["upper_95_pct"] < 1.0 < search[-1]["upper_strict_pct"]
+
+
 def test_increase_bound_is_the_estimate_for_one_window_and_above_it_for_several():
     from qpass.core.fallback import increase_bound
 

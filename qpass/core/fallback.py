@@ -7,10 +7,15 @@ keeps the ranking whose held-out perplexity is lower with 10% of the Linears flo
 the two are measured on the same windows, so their difference is paired and the windows' spread, which the
 bound adds, says nothing about which is better), and binary-searches the fewest
 float Linears that keep the perplexity increase on held-out calibration windows within
-``max_ppl_increase``. The increase is measured on a sample of windows, so the search holds its
-one-sided 95% upper bound (over the per-window NLL differences) to the limit, not the point
-estimate: text the calibration never saw lands within the limit too (SmolLM2: held-out +1.89% gave
-+2.11% on prose and +2.6% on code).
+``max_ppl_increase``. The increase is measured on a sample of windows, so the search holds an upper
+bound over the per-window NLL differences to the limit, not the point estimate.
+
+Two bounds, on either side of the 10% share. Up to the share, which is the float budget a W8A8 user
+accepts, the search asks for twice the 95% margin (``STRICT_Z``): the held-out windows come from the
+calibration text and a few of them are optimistic about other text (SmolLM2, 14 windows: 19 float Linears
+at held-out +0.92%, 95% bound +1.92%, gave +1.77% on unseen prose and +2.22% on unseen code), so a count
+that only the 95% bound passes takes the whole share instead. Beyond the share each float Linear costs
+speed, and the one-sided 95% bound (``UPPER_Z``) decides.
 """
 
 import math
@@ -26,6 +31,7 @@ from qpass.core.sites import LinearSite
 
 MAX_HELD_OUT = 16            # calibration windows held out for the `auto` perplexity search, at most
 UPPER_Z = 1.645              # one-sided 95% normal quantile for the bound on the perplexity increase
+STRICT_Z = 2 * UPPER_Z       # the bound within the float share: twice the 95% margin (one-sided 99.95%)
 FALLBACK_SHARE = 0.10        # `auto` first tries this share of the Linears in float, then searches below or above
 
 
@@ -44,12 +50,13 @@ def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Te
     return windows[:-held], windows[-held:]
 
 
-def increase_bound(diff: torch.Tensor) -> tuple[float, float]:
-    """``(perplexity increase %, its one-sided 95% upper bound %)`` from per-window NLL differences
-    ``diff [N]`` (quantized minus float, equal-length windows); the bound is the estimate when N < 2."""
+def increase_bound(diff: torch.Tensor, z: float = UPPER_Z) -> tuple[float, float]:
+    """``(perplexity increase %, its one-sided upper bound %)`` from per-window NLL differences ``diff [N]``
+    (quantized minus float, equal-length windows), the bound ``z`` standard errors above the mean NLL
+    difference (95% for ``UPPER_Z``); the bound is the estimate when N < 2."""
     mean = float(diff.mean())
     se = float(diff.std()) / math.sqrt(diff.numel()) if diff.numel() > 1 else 0.0
-    return (math.exp(mean) - 1.0) * 100.0, (math.exp(mean + UPPER_Z * se) - 1.0) * 100.0
+    return (math.exp(mean) - 1.0) * 100.0, (math.exp(mean + z * se) - 1.0) * 100.0
 
 
 def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.Tensor | None,
@@ -74,14 +81,15 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
     target = config.max_ppl_increase
     nll_float = window_nll(logits(None, verify=False), held, config.batch_size, "fallback float")
     ppl_float = math.exp(float(nll_float.mean()))
-    log, estimates = [], {}
+    log, estimates, strict = [], {}, {}
 
     def measure(names: list[str], label: str) -> float:
         trial = recipe.replace(w8a8={**recipe.w8a8, "float_linears": {n: "trial" for n in names}})
         diff = window_nll(logits(trial, verify=False), held, config.batch_size, f"fallback {label}") - nll_float
         inc, upper = increase_bound(diff)
+        strict[label] = increase_bound(diff, STRICT_Z)[1]
         log.append({"ranking": label.split(" ")[0], "float_linears": len(names), "ppl_increase_pct": round(inc, 4),
-                    "upper_95_pct": round(upper, 4)})
+                    "upper_95_pct": round(upper, 4), "upper_strict_pct": round(strict[label], 4)})
         estimates[label] = inc
         return upper
 
@@ -94,7 +102,7 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
         rankings = {"loss": sorted(linears, key=lambda s: -stats["loss_sensitivity"][s.module]), **rankings}
     cap = max(1, math.ceil(FALLBACK_SHARE * n_all))
     tried: dict[int, float] = {0: measure([], "none 0")}
-    if tried[0] > target:
+    if strict["none 0"] > target:
         at_cap = {name: measure([s.module for s in r[:cap]], f"{name} {cap}") for name, r in rankings.items()}
         best = min(at_cap, key=lambda name: estimates[f"{name} {cap}"])
         tried[cap] = at_cap[best]
@@ -102,33 +110,41 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
         best = next(iter(rankings))
     ranked = rankings[best]
 
-    def increase(k: int) -> float:
-        if k not in tried:
-            tried[k] = measure([s.module for s in ranked[:k]], f"{best} {k}")
-        return tried[k]
+    def label(k: int) -> str:
+        return f"{best} {k}" if k else "none 0"
 
-    if increase(0) <= target:
-        k = 0
-    else:
-        lo, hi = 0, cap  # invariant: increase(lo) > target, increase(hi) <= target
-        if increase(cap) > target:
-            lo, hi = cap, n_all
-            if increase(n_all) > target:  # not reachable by keeping Linears float: take the best tried
-                hi = min(tried, key=lambda j: (tried[j], j))
-                lo = hi
+    def within(k: int) -> bool:
+        """Whether k float Linears pass: the strict bound up to the share, the 95% bound beyond it."""
+        if k not in tried:
+            tried[k] = measure([s.module for s in ranked[:k]], label(k))
+        return (strict[label(k)] if k <= cap else tried[k]) <= target
+
+    def fewest(lo: int, hi: int) -> int:
+        """The fewest passing count in (lo, hi], given that lo fails and hi passes."""
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if increase(mid) <= target:
+            if within(mid):
                 hi = mid
             else:
                 lo = mid
-        k = hi
+        return hi
+
+    if within(0):
+        k = 0
+    elif within(cap):
+        k = fewest(0, cap)
+    elif tried[cap] <= target:  # only the 95% bound passes: the whole share
+        k = cap
+    elif within(n_all):
+        k = fewest(cap, n_all)
+    else:  # not reachable by keeping Linears float: take the best tried
+        k = min(tried, key=lambda j: (tried[j], j))
     reached = "within" if tried[k] <= target else "NOT within"
     loss = stats.get("loss_sensitivity", {})
     floats = {s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} (loss sensitivity "
                         f"{loss.get(s.module, float('nan')):.3g}, output SQNR {stats['output_sqnr_db'][s.module]:.1f} dB); "
-                        f"{k} float Linears keep held-out perplexity at {estimates[f'{best} {k}' if k else 'none 0']:+.2f}%, 95% upper bound "
-                        f"{tried[k]:+.2f}% ({reached} {target}%)"
+                        f"{k} float Linears keep held-out perplexity at {estimates[label(k)]:+.2f}%, upper bounds 95% "
+                        f"{tried[k]:+.2f}% ({reached} {target}%) and 99.95% {strict[label(k)]:+.2f}%"
               for i, s in enumerate(ranked[:k])}
     return floats, [{"held_out_windows": int(held.shape[0]), "ppl_float": ppl_float}, *log]
 
