@@ -5,6 +5,7 @@ torch.export otherwise) and an exporter for the output (``--format``, or the one
 ``evaluate_saved`` is given). The work is theirs and the core's.
 """
 
+import math
 import os
 import shutil
 import sys
@@ -111,7 +112,7 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     timings, warnings, held_ids = {}, [], None
     check_eval_windows(eval_windows)
     if layerwise or (layerwise is None and recipe is None and too_big(model)):
-        return compile_layerwise(model, config, calib, eval=eval, recipe=recipe)
+        return compile_layerwise(model, config, calib, eval=eval, recipe=recipe, eval_windows=eval_windows)
     # the text files first, so that a bad one is refused before the model loads
     eval_text = None if eval is None else read_text(eval, "--eval")
     calib_texts = calib if calib is None or isinstance(calib, list) or recipe is not None else read_samples(calib, "--calib")
@@ -216,29 +217,32 @@ def too_big(model, note: bool = True) -> bool:
 
 
 def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path | list[str] | None = None,
-                      eval: str | Path | None = None, recipe=None, hidden_budget: int | None = None) -> CompileResult:
+                      eval: str | Path | None = None, recipe=None, hidden_budget: int | None = None,
+                      eval_windows: int = EVAL_WINDOWS) -> CompileResult:
     """Calibrate the Hugging Face directory ``model`` one decoder layer at a time (:mod:`qpass.frontends.torch_export.
     layerwise`): the result holds the recipe and the report, no program (``save`` writes ``recipe/``, ``tokenizer/``
     and the report, or with a W8A8 recipe ``format="mindie"`` / ``"vllm-ascend"``, whose writer reads the checkpoint
-    one decoder layer at a time). FAQuant, C8, and W8A8 (with smoothing) with ``disable_level`` L0 or Ln; every calibration
-    window fits the ranges (nothing is held out: there is no quantized forward to measure saturation on, so the
-    report gives calibration's figures)."""
+    one decoder layer at a time). FAQuant, C8, and W8A8 (with smoothing and any ``disable_level``). The quantized
+    model runs layer by layer too (the frontend's ``window_nll``): ``eval`` is measured that way, and without it
+    saturation is measured on held-out calibration windows, as :func:`compile` does."""
     refusal = next((why for why, bad in (
-        ("--disable-level auto is not supported layer-wise yet (its search runs the whole quantized model); use L0 or Ln",
-         config.disable_level == "auto"),
-        ("--eval is not supported layer-wise yet (a layer-wise compile writes the recipe only); drop --eval, and measure "
-         "with `qpass compile MODEL --recipe OUT/recipe --eval FILE` where the model fits", eval is not None),
         ("--recipe leaves nothing to calibrate; drop --layerwise", recipe is not None),
         ("the dynamic int8 cache has nothing to calibrate; drop --layerwise", config.kv_cache == "dynamic" and not config.fa_quant and not config.w8a8),
         ("it reads a Hugging Face model directory (config.json + *.safetensors); give one", isinstance(model, LoadedModel) or is_onnx(model)),
     ) if bad), None)
     if refusal:
         raise QpassError(f"--layerwise: {refusal}")
-    timings, warnings = {}, []
+    check_eval_windows(eval_windows)
+    timings, warnings, held_ids, eval_ids = {}, [], None, None
+    eval_text = None if eval is None else read_text(eval, "--eval")
     calib_texts = corpus.calibration_samples() if calib is None else calib if isinstance(calib, list) else read_samples(calib, "--calib")
     with _timed(timings, "load"):
         frontend = layerwise.LayerwiseFrontend.load(model, config.window, hidden_budget)
+        if eval_text is not None:
+            eval_ids = token_windows(frontend.tokenizer, [eval_text], config.window, eval_windows, "--eval")
         calib_ids = token_windows(frontend.tokenizer, calib_texts, config.window, config.calib_samples, "--calib")
+        if eval_ids is None and (config.fa_quant or config.kv_cache == "int8"):
+            calib_ids, held_ids = saturation.hold_out(calib_ids)
     with _timed(timings, "capture"):
         sites = frontend.attention_sites()
     with _timed(timings, "calibrate"):
@@ -249,7 +253,8 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
         "model": model_info(frontend, sites), "config": config.to_dict(), "sites": [site_info(s) for s in sites],
         "passes": {}, "sqnr_db": dict(recipe.stats.get("sqnr_db", {})),
         "calibration": {"file": "stdlib corpus" if calib is None else str(calib) if not isinstance(calib, list) else "texts",
-                        "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel()), "held_out_windows": 0,
+                        "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel()),
+                        "held_out_windows": 0 if held_ids is None else int(held_ids.shape[0]),
                         "layerwise": True, "hidden_states_spilled": frontend.spilled is not None},
         "decoder": {"skipped": "layer-wise compile: the recipe only"},
     }
@@ -257,8 +262,23 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
         report["zero_range_channels"] = dict(recipe.stats["zero_range_channels"])
     if config.w8a8:
         report["w8a8"] = reporting.w8a8_section(recipe)
-    report["saturation"] = saturation.section(recipe, None, None, None)
-    _warn(warnings, saturation.warning(report["saturation"]))
+    counted, measured_on, measured_ids = saturation.counters(recipe), None, None
+    if eval_ids is not None:
+        with _timed(timings, "eval"):
+            nll_float = frontend.window_nll(None, eval_ids, config.batch_size, "eval float")
+            nll_quant = frontend.window_nll(recipe, eval_ids, config.batch_size, "eval quantized", counters=counted)
+        ppl_float, ppl_quant = math.exp(float(nll_float.mean())), math.exp(float(nll_quant.mean()))
+        report["eval"] = {"file": str(eval), "tokens": int(eval_ids.numel()), "windows": int(eval_ids.shape[0]),
+                          "window": config.window, "ppl_reference": None, "ppl_float": ppl_float, "ppl_quant": ppl_quant,
+                          "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0, "layerwise": True}
+        measured_on, measured_ids = "eval", eval_ids
+    elif held_ids is not None and counted:
+        with _timed(timings, "saturation"):
+            frontend.window_nll(recipe, held_ids, config.batch_size, "saturation", counters=counted)
+        measured_on, measured_ids = "held_out", held_ids
+    if counted:
+        report["saturation"] = saturation.section(recipe, counted if measured_on else None, measured_on, measured_ids)
+        _warn(warnings, saturation.warning(report["saturation"]))
     report["warnings"] = warnings
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     compiled = registry.Compiled(recipe, report, frontend.state_dict(), frontend.config_json(), frontend.tokenizer,

@@ -259,13 +259,12 @@ def test_cli_writes_the_recipe_a_whole_model_compile_reuses(model_dir, frontends
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--w8a8", "--disable-level", "auto"], "--disable-level auto is not supported layer-wise yet"),
-    (["--eval", "EVAL"], "--eval is not supported layer-wise yet"),
     (["--kv-int8", "dynamic"], "nothing to calibrate"),
+    (["--eval", "MISSING"], "--eval"),
 ])
 def test_what_layerwise_does_not_do_is_refused_in_one_line(extra, words, model_dir, text_files, tmp_path, capsys):
     evaluation = text_files["prose"]
-    extra = [str(evaluation) if e == "EVAL" else e for e in extra]
+    extra = [str(evaluation) if e == "EVAL" else str(tmp_path / "missing.txt") if e == "MISSING" else e for e in extra]
     quantize = [] if "--kv-int8" in extra else ["--kv-int8"]
     model = model_dir("llama")
     capsys.readouterr()  # the fixture's own output, when it made the model here
@@ -393,3 +392,63 @@ def test_the_memory_estimate_leaves_a_broken_directory_to_the_loader(index, mode
     assert layerwise.whole_model_memory(path) is None
     assert layerwise.whole_model_memory(model_dir("llama")) > 0
 
+
+
+@pytest.mark.parametrize("arch, extra", [("llama", {"fa_quant": True, "kv_cache": "int8"}),
+                                         ("qwen2", {"w8a8": True, "kv_cache": "int8", "anti_method": "m3", "act_method": 3,
+                                                    "disable_level": "L2"})])
+def test_the_streamed_forward_gives_the_whole_models_nll(arch, extra, frontends, windows):
+    """Layer by layer over every window, float and quantized (smoothing, Q/DQ, W8A8 and float Linears from the recipe),
+    the per-window NLL is the whole-model program's; saturation is counted site by site as the whole model counts it."""
+    from qpass.core import saturation
+    from qpass.core.evaluate import window_nll
+
+    whole, lw = frontends(arch)
+    config = QuantConfig(window=WINDOW, batch_size=3, **extra)
+    recipe = calibrate(whole, windows, config)
+    torch.testing.assert_close(lw.window_nll(None, windows, 3), window_nll(whole.logits(), windows, 3), rtol=1e-5, atol=1e-6)
+    expected, got = saturation.counters(recipe), saturation.counters(recipe)
+    quantized, _ = whole.apply(recipe, verify=False)
+    nll = window_nll(whole.counting_logits(quantized, expected), windows, 3)
+    torch.testing.assert_close(lw.window_nll(recipe, windows, 3, counters=got), nll, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(nll, window_nll(whole.logits(), windows, 3))  # quantization shows
+    assert {k: (c.hits, c.values) for k, c in got.items()} == {k: (c.hits, c.values) for k, c in expected.items()}
+    assert len(got) == LAYERS * (3 if config.fa_quant else 2)
+
+
+def test_layerwise_eval_and_saturation_equal_the_whole_models(model_dir, text_files, tmp_path):
+    """``--layerwise --eval``: the float and quantized perplexity, measured layer by layer, are the whole-model compile's,
+    and so is the saturation on the evaluation text; without ``--eval``, saturation is measured on held-out windows."""
+    path, calib, prose = model_dir("llama"), text_files["calib"], text_files["prose"]
+    args = ["compile", str(path), "--kv-int8", "--fa-quant", "--window", str(WINDOW), "--calib-samples", "6", "--calib", str(calib),
+            "--eval", str(prose), "--eval-windows", "5"]
+    assert main([*args, "-o", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--layerwise", "-o", str(tmp_path / "lw")]) == 0
+    whole, lw = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("whole", "lw"))
+    assert lw["eval"]["layerwise"] is True and lw["eval"]["windows"] == whole["eval"]["windows"] == 5
+    for key in ("ppl_float", "ppl_quant"):
+        assert lw["eval"][key] == pytest.approx(whole["eval"][key], rel=1e-5)
+    assert lw["saturation"]["measured_on"] == "eval" and lw["saturation"]["measured"] == whole["saturation"]["measured"]
+    assert "float layer by layer" in (tmp_path / "lw" / "report.txt").read_text()
+    held = args[:-4] + ["--layerwise", "-o", str(tmp_path / "held")]
+    assert main(held) == 0
+    report = json.loads((tmp_path / "held" / "report.json").read_text())
+    assert report["saturation"]["measured_on"] == "held_out" and report["calibration"]["held_out_windows"] == 1
+    assert set(report["saturation"]["measured"]) == {str(i) for i in range(LAYERS)}
+
+
+def test_layerwise_auto_searches_as_the_whole_model_does(frontends, windows, monkeypatch):
+    """``--disable-level auto`` layer-wise: the SQNR ranking (no backward pass layer by layer), trials measured by the
+    streamed forward on the held-out windows; the whole model, given the same ranking, keeps the same Linears float."""
+    whole, lw = frontends("llama")
+    monkeypatch.setattr(TorchExportFrontend, "loss_sensitivity", lambda *args: None)
+    config = QuantConfig(w8a8=True, kv_cache="int8", act_method=3, disable_level="auto", max_ppl_increase=0.1,
+                         window=WINDOW, batch_size=4)  # all-int8: +0.011%, bound +0.078%: the search runs 7 trials
+    expected, got = calibrate(whole, windows, config), calibrate_by_layer(lw, windows, config)
+    search = got.stats["w8a8"]["search"]
+    assert search[0]["held_out_windows"] == 2 and {step["ranking"] for step in search[1:]} <= {"none", "sqnr"}
+    assert len(search) > 4  # a binary search ran: all-int8 was not within the limit
+    assert dict(got.w8a8) == dict(expected.w8a8)
+    for ours, theirs in zip(search[1:], expected.stats["w8a8"]["search"][1:], strict=True):
+        assert ours["float_linears"] == theirs["float_linears"]
+        assert ours["ppl_increase_pct"] == pytest.approx(theirs["ppl_increase_pct"], abs=1e-3)

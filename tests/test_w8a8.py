@@ -129,7 +129,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert loose.w8a8["float_linears"] == {}
     assert loose.stats["w8a8"]["search"][1]["float_linears"] == 0
 
-    import qpass.core.fallback as fallback
+    import qpass.frontends.torch_export.frontend as torch_frontend
 
     def fake_window_nll(module, windows, batch_size, desc, noise=0.0):  # +1% per quantized Linear beyond the 9 least sensitive
         if desc == "fallback float":
@@ -138,7 +138,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
         nll = torch.full((windows.shape[0],), math.log(100.0 * (1 + max(0, quantized - 9) / 100)), dtype=torch.float64)
         return nll + noise * (quantized > 0) * torch.tensor([1.0, -1.0]).repeat(windows.shape[0] // 2)
 
-    monkeypatch.setattr(fallback, "window_nll", fake_window_nll)
+    monkeypatch.setattr(torch_frontend, "window_nll", fake_window_nll)
     strict = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
     floats = strict.w8a8["float_linears"]
     assert len(floats) == 3  # 14 - 3 = 11 quantized: +2%
@@ -153,7 +153,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert all(v >= 0 for v in strict.stats["w8a8"]["loss_sensitivity"].values())
 
     # Held-out windows that disagree (+-1% NLL): the 95% upper bound, not the mean, is held to the limit.
-    monkeypatch.setattr(fallback, "window_nll", lambda *args: fake_window_nll(*args, noise=0.01))
+    monkeypatch.setattr(torch_frontend, "window_nll", lambda *args: fake_window_nll(*args, noise=0.01))
     noisy = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
     assert len(noisy.w8a8["float_linears"]) == 5  # 10 quantized: +1.0% estimated, bound +2.7%; 9: +0%, bound +1.7%
     last = noisy.stats["w8a8"]["search"][-1]
@@ -179,11 +179,12 @@ def test_auto_searches_the_ranking_with_the_lower_estimate_not_the_lower_bound(m
              "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)}}    # l19 the most sensitive
     recipe = Trial(config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0), stats={"w8a8": stats},
                    w8a8={"float_linears": {}})
-    logits = lambda trial, verify: frozenset(trial.w8a8["float_linears"]) if trial is not None else None  # noqa: E731
-    monkeypatch.setattr(fallback, "window_nll", lambda floats, windows, batch, desc: torch.zeros(2, dtype=torch.float64)
-                        if floats is None else torch.tensor(diffs[floats], dtype=torch.float64))
+    def nll(trial, windows, batch, desc):
+        return torch.zeros(2, dtype=torch.float64) if trial is None else torch.tensor(diffs[frozenset(trial.w8a8["float_linears"])],
+                                                                                      dtype=torch.float64)
+
     floats, search = fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names],
-                                                   torch.zeros(2, 8, dtype=torch.long), logits)
+                                                   torch.zeros(2, 8, dtype=torch.long), nll)
     at_cap = {step["ranking"]: step for step in search[1:] if step["float_linears"] == 2}
     assert at_cap["loss"]["upper_95_pct"] > at_cap["sqnr"]["upper_95_pct"] > at_cap["sqnr"]["ppl_increase_pct"] > at_cap["loss"]["ppl_increase_pct"]
     assert sorted(floats) == ["l0", "l1"] and search[-1]["ranking"] == "loss"
@@ -207,10 +208,11 @@ def test_auto_spends_the_float_share_when_only_the_95_bound_passes_within_it(mon
         stats = {"loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)}, "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)}}
         recipe = Trial(config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0), stats={"w8a8": stats},
                        w8a8={"float_linears": {}})
-        logits = lambda trial, verify: len(trial.w8a8["float_linears"]) if trial is not None else None  # noqa: E731
-        monkeypatch.setattr(fallback, "window_nll", lambda floats, windows, batch, desc: torch.zeros(2, dtype=torch.float64)
-                            if floats is None else torch.tensor(diffs.get(floats, [0.0, 0.0]), dtype=torch.float64))
-        return fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), logits)
+        def nll(trial, windows, batch, desc):
+            floats = None if trial is None else len(trial.w8a8["float_linears"])
+            return torch.zeros(2, dtype=torch.float64) if floats is None else torch.tensor(diffs.get(floats, [0.0, 0.0]), dtype=torch.float64)
+
+        return fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), nll)
 
     diffs = {0: [0.03, 0.03], 1: [0.001, 0.005], 2: [0.0, 0.006], 3: [0.0, 0.001]}
     floats, search = choose(diffs)

@@ -3,6 +3,7 @@
     python tools/bench_layerwise.py rss  [--layers 4 32] [--windows 8] [--window 256] [--config kv|w8a8|w8a8-mindie]
     python tools/bench_layerwise.py time [--windows 32] [--window 512]
     python tools/bench_layerwise.py large [--layers 54] [--windows 2] [--window 512] [--dir DIR]
+    python tools/bench_layerwise.py auto [--eval out/corpus/eval_prose.txt] [--calib-samples 14]
 
 ``rss``: random-weight Llamas of the same width (hidden 2048, 16 heads, 8 KV heads, intermediate 5632, vocabulary
 32000), one per depth, written straight to sharded bfloat16 safetensors (one shard per layer, never the whole
@@ -20,12 +21,18 @@ default; the disk needs its size free), then ``qpass compile DIR --kv-int8`` in 
 ``--layerwise``: the weights exceed this machine's memory, so qpass must choose layer-wise calibration itself.
 Prints the child's peak resident memory (``ru_maxrss`` of the children), the time per layer and the note qpass
 printed. Target: it compiles within the machine's memory.
+
+``auto``: SmolLM2 saved as a Hugging Face directory, then ``qpass compile DIR --w8a8 --fa-quant --kv-int8
+--disable-level auto --max-ppl-increase 2 --anti-method m3 --act-method 3 --calib-samples 14 --eval FILE`` whole-model
+and with ``--layerwise`` (each in its own child process): the float Linears, the ranking searched, the evaluation
+(float and quantized perplexity, measured layer by layer in the layer-wise run), the time and the peak RSS of each.
 """
 
 import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,8 +136,6 @@ def bench_rss(args) -> None:
                   f"load+capture {result['load_capture_s']:.1f}s, calibrate {result['calibrate_s']:.1f}s "
                   f"({result['calibrate_s'] / layers:.2f}s/layer, {result['tokens']} tokens)"
                   + (f", MindIE directory written in {result['write_s']:.1f}s" if result["write_s"] else ""), flush=True)
-            import shutil
-
             shutil.rmtree(path)
     low, high = min(args.layers), max(args.layers)
     ratio = results[high]["peak_rss_gib"] / results[low]["peak_rss_gib"]
@@ -138,17 +143,8 @@ def bench_rss(args) -> None:
 
 
 def bench_time(args) -> None:
-    from qpass.models.loaders import load_model
-
     with tempfile.TemporaryDirectory(prefix="qpass-bench-layerwise-") as tmp:
-        loaded = load_model("default")
-        loaded.model.hf_quantizer = None
-        loaded.model.config.quantization_config = None
-        if hasattr(loaded.model.config, "quantization_config"):
-            del loaded.model.config.quantization_config
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        del loaded
+        save_smollm2(tmp)
         whole = run_child("whole", tmp, args.windows, args.window, "fa")
         lw = run_child("layerwise", tmp, args.windows, args.window, "fa")
     for r in (whole, lw):
@@ -182,9 +178,60 @@ def bench_large(args) -> None:
         print(f"qpass said: {' / '.join(notes) or '(nothing)'}")
 
 
+def save_smollm2(path: str) -> None:
+    """SmolLM2-135M (the default model, float32) as a Hugging Face directory."""
+    from qpass.models.loaders import load_model
+
+    loaded = load_model("default")
+    loaded.model.hf_quantizer = None
+    loaded.model.config.quantization_config = None
+    if hasattr(loaded.model.config, "quantization_config"):
+        del loaded.model.config.quantization_config
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+
+
+def cli_child(argv: list[str]) -> None:
+    """Runs in the child: ``qpass`` with ``argv``, then one JSON line with its wall time and peak RSS."""
+    from qpass.cli import main as qpass_main
+
+    start = time.perf_counter()
+    status = qpass_main(argv)
+    print(json.dumps({"status": status, "seconds": round(time.perf_counter() - start, 1),
+                      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
+
+
+def bench_auto(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="qpass-bench-auto-") as tmp:
+        model = Path(tmp) / "smollm2"
+        save_smollm2(str(model))
+        flags = ["--w8a8", "--fa-quant", "--kv-int8", "--disable-level", "auto", "--max-ppl-increase", "2", "--anti-method", "m3",
+                 "--act-method", "3", "--calib-samples", str(args.calib_samples), "--eval", args.eval, "--eval-windows",
+                 str(args.eval_windows)]
+        for mode, extra in (("whole", []), ("layerwise", ["--layerwise"])):
+            out = Path(tmp) / mode
+            done = subprocess.run([sys.executable, __file__, "_cli", "compile", str(model), *flags, *extra, "-o", str(out)],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{mode} compile failed:\n{done.stderr[-3000:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            report = json.loads((out / "report.json").read_text())
+            w, ev = report["w8a8"], report["eval"]
+            search = report["w8a8"].get("search") or []
+            rankings = sorted({step["ranking"] for step in search[1:] if step["ranking"] != "none"})
+            print(f"{mode:>9}: {len(w['float_linears'])} of {w['linears']} Linears float (rankings {', '.join(rankings)}; "
+                  f"{len(search) - 1} trials), eval ppl float {ev['ppl_float']:.4f}, quantized {ev['ppl_quant']:.4f} "
+                  f"({ev['ppl_increase_pct']:+.2f}%), {run['seconds']:.0f}s (calibrate {report['timings_s']['calibrate']:.0f}s), "
+                  f"peak RSS {run['peak_rss_gib']:.2f} GiB", flush=True)
+            shutil.rmtree(out)
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_cli":
+        cli_child(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -203,8 +250,12 @@ def main():
     large.add_argument("--windows", type=int, default=2)
     large.add_argument("--window", type=int, default=512)
     large.add_argument("--dir", default=None, help="where to write the model (default: the temporary directory)")
+    auto = sub.add_parser("auto", help="--disable-level auto whole-model and layer-wise on SmolLM2, with --eval")
+    auto.add_argument("--eval", default="out/corpus/eval_prose.txt")
+    auto.add_argument("--eval-windows", type=int, default=16)
+    auto.add_argument("--calib-samples", type=int, default=14)
     args = parser.parse_args()
-    {"rss": bench_rss, "time": bench_time, "large": bench_large}[args.what](args)
+    {"rss": bench_rss, "time": bench_time, "large": bench_large, "auto": bench_auto}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -127,9 +127,11 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
     """:func:`_calibrate_w8a8` one decoder layer at a time (``frontend.observe_layers``): each layer's smoothing scales
     are computed from its float run and folded into its weights before its calibration run, and its Linears' and
     attention's ranges are chosen, and their observers dropped, as soon as the layer is done. ``--disable-level auto``
-    is not supported (its search runs the whole quantized model)."""
+    holds windows out as the whole-model path does and measures its trials with the frontend's streamed ``window_nll``
+    (the SQNR ranking alone: no backward pass runs layer by layer)."""
     layers = list(frontend.layers())
     sites, linears = [layer.attention for layer in layers], _linears(frontend)
+    windows, held = split_held_out(windows, config)
     stride = max(1, windows.numel() // LINEAR_SAMPLE_TOKENS)
     doc, tensors, stats, chosen = _w8a8_doc(config), {}, {}, []
     per_linear = {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
@@ -172,7 +174,7 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
         del done, inputs, layer_state
         smoothed.clear()
     w8a8_stats = {"smooth": {"groups": len(groups), **_chosen(chosen)}} if groups else {}
-    return _fallback(frontend, config, sites, linears, windows, None, tensors, stats, {**w8a8_stats, **per_linear}, doc)
+    return _fallback(frontend, config, sites, linears, windows, held, tensors, stats, {**w8a8_stats, **per_linear}, doc)
 
 
 def _linears(frontend) -> list:
@@ -234,7 +236,7 @@ def _fallback(frontend, config: QuantConfig, sites: list[AttentionSite], linears
         if sensitivity is not None:
             w8a8_stats = {**w8a8_stats, "loss_sensitivity": sensitivity}
             base = base.replace(stats={**stats, "w8a8": w8a8_stats})
-    floats, search = choose_float_linears(base, linears, held, frontend.logits)
+    floats, search = choose_float_linears(base, linears, held, frontend.window_nll)
     if search:
         w8a8_stats = {**w8a8_stats, "search": search}
     drop = {linear_key(name, part) for name in floats for part in ("scale", "offset")}  # float Linears have no qparams

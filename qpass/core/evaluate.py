@@ -19,10 +19,11 @@ def perplexity(logits_fn, windows: torch.Tensor, batch_size: int, desc: str = "e
 
 def window_nll(logits_fn, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
     """The mean next-token NLL of each of ``windows [N, W]``, float64 ``[N]``."""
-    out = []
     with torch.no_grad():
-        for batch in batches(windows, batch_size, desc):
-            logits = logits_fn(batch)
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-            out.append(nll.double().view(batch.shape[0], -1).mean(1))
-    return torch.cat(out)
+        return torch.cat([batch_nll(logits_fn(batch), batch) for batch in batches(windows, batch_size, desc)])
+
+
+def batch_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """The mean next-token NLL of each window of ``batch [B, W]`` from its ``logits [B, W, vocab]``, float64 ``[B]``."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+    return nll.double().view(batch.shape[0], -1).mean(1)

@@ -25,7 +25,6 @@ import torch
 
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import window_nll
 from qpass.core.recipe import Recipe
 from qpass.core.sites import LinearSite
 
@@ -60,10 +59,11 @@ def increase_bound(diff: torch.Tensor, z: float = UPPER_Z) -> tuple[float, float
 
 
 def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.Tensor | None,
-                         logits: Callable) -> tuple[dict[str, str], list[dict]]:
+                         nll: Callable) -> tuple[dict[str, str], list[dict]]:
     """``({module: why it stays float}, search log)`` for ``recipe.config.disable_level``.
 
-    ``logits(recipe_or_None, verify=False)`` gives the frontend's logits function, float for None.
+    ``nll(recipe_or_None, windows, batch_size, desc)`` gives the per-window NLL of the frontend's model, float for None
+    (:meth:`qpass.core.frontend.Frontend.window_nll`).
     """
     config = recipe.config
     level = config.disable_level
@@ -79,13 +79,13 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
         return {s.module: f"{level}: activation range max|x|/std = {stats['range_ratio'][s.module]:.1f}, "
                           f"rank {i + 1} of {n_all}" for i, s in enumerate(ranked)}, []
     target = config.max_ppl_increase
-    nll_float = window_nll(logits(None, verify=False), held, config.batch_size, "fallback float")
+    nll_float = nll(None, held, config.batch_size, "fallback float")
     ppl_float = math.exp(float(nll_float.mean()))
     log, estimates, strict = [], {}, {}
 
     def measure(names: list[str], label: str) -> float:
         trial = recipe.replace(w8a8={**recipe.w8a8, "float_linears": {n: "trial" for n in names}})
-        diff = window_nll(logits(trial, verify=False), held, config.batch_size, f"fallback {label}") - nll_float
+        diff = nll(trial, held, config.batch_size, f"fallback {label}") - nll_float
         inc, upper = increase_bound(diff)
         strict[label] = increase_bound(diff, STRICT_Z)[1]
         log.append({"ranking": label.split(" ")[0], "float_linears": len(names), "ppl_increase_pct": round(inc, 4),

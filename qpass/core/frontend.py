@@ -63,6 +63,10 @@ class Frontend(Protocol):
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         """The float model's logits function, or that of the model quantized as ``recipe`` says."""
 
+    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
+        """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``), float (``recipe`` None) or quantized:
+        the `auto` fallback's measure, which a frontend that streams the model layer by layer answers without logits."""
+
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
         """The logits function of ``quantized`` (what :meth:`apply` returns, or a saved one) that feeds the counter

@@ -26,7 +26,9 @@ def summary(report: dict) -> str:
     ev = report.get("eval")
     if ev:
         lines.append(f"  eval: {ev['tokens']} tokens of {ev['file']}")
-        lines.append(f"  perplexity: reference {ev['ppl_reference']:.4f}, float program {ev['ppl_float']:.4f}, "
+        reference = "" if ev["ppl_reference"] is None else f"reference {ev['ppl_reference']:.4f}, "
+        run = "layer by layer" if ev.get("layerwise") else "program"
+        lines.append(f"  perplexity: {reference}float {run} {ev['ppl_float']:.4f}, "
                      f"quantized {ev['ppl_quant']:.4f} ({ev['ppl_increase_pct']:+.3f}%)")
     sq = report["sqnr_db"]
     for kind in ("q", "k", "v"):

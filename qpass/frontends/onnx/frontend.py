@@ -16,7 +16,7 @@ import onnx_ir as ir
 import torch
 
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import batches
+from qpass.core.evaluate import batches, window_nll
 from qpass.core.frontend import Logits
 from qpass.core.observers import Observer
 from qpass.core.recipe import Recipe
@@ -114,6 +114,10 @@ class OnnxFrontend:
 
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         return Runner(session(self.model if recipe is None else self.apply(recipe, verify)[0]), self.site_docs).logits
+
+    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
+        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (:meth:`logits`, unverified)."""
+        return window_nll(self.logits(recipe, verify=False), windows, batch_size, desc)
 
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import batches
+from qpass.core.evaluate import batches, window_nll
 from qpass.core.frontend import Logits
 from qpass.core.int8 import fake_quant, fake_quant_weight
 from qpass.core.observers import Observer
@@ -91,6 +91,10 @@ class TorchExportFrontend:
 
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         return self.program.module() if recipe is None else self.apply(recipe, verify)[0].module()
+
+    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
+        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (:meth:`logits`, unverified)."""
+        return window_nll(self.logits(recipe, verify=False), windows, batch_size, desc)
 
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:

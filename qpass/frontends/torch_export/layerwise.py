@@ -1,7 +1,8 @@
 """Layer-wise calibration: a Hugging Face directory read from its (sharded) safetensors one decoder layer at a time.
 
 For models whose weights do not fit in memory (issue 13). :class:`LayerwiseFrontend` answers the part of the
-:class:`qpass.core.frontend.Frontend` protocol that calibration needs (``attention_sites``, ``observe``, ``layers``),
+:class:`qpass.core.frontend.Frontend` protocol that calibration and evaluation need (``attention_sites``, ``observe``,
+``layers``, ``window_nll``),
 so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does for the whole model
 (:func:`~qpass.core.calibrate.calibrate_by_layer` the same recipe, each layer's ranges chosen when the layer is done):
 
@@ -21,10 +22,13 @@ so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does fo
 - smoothing (``--anti-method``) runs each layer twice: with its float weights, feeding the smoothing groups'
   observers (its output dropped), then with the groups' scales folded into its weights, feeding every other
   observer and passing the hidden states on (``observe_layers``' ``smooth``). Smoothing leaves the float
-  function unchanged, so the layers after see the hidden states the whole-model path's float run sees.
-  ``--disable-level auto`` needs a whole-model forward: not layer-wise yet.
+  function unchanged, so the layers after see the hidden states the whole-model path's float run sees;
+- the quantized model runs layer by layer too (:meth:`LayerwiseFrontend.window_nll`): each layer's weights read once,
+  quantized by the whole-model pass pipeline applied to the one-layer capture with that layer's part of the recipe
+  (:func:`layer_recipe`), every window's hidden states passed on, then the final norm and the LM head. That is the
+  evaluation (``--eval``), the saturation count on held-out windows, and ``--disable-level auto``'s trials.
 
-The embedding is read first; the LM head and the final norm are never read.
+The embedding is read first; the final norm and the LM head only by the streamed forward, after the last layer.
 """
 
 import copy
@@ -40,9 +44,13 @@ import torch
 from torch.export import Dim
 
 from qpass.core.errors import QpassError
+from qpass.core.evaluate import batch_nll
 from qpass.core.observers import Observer
+from qpass.core.recipe import SITE_KINDS, Recipe, geometry, linear_key, site_key
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, param_names
+from qpass.frontends.torch_export.frontend import TorchExportFrontend
+from qpass.frontends.torch_export.pipeline import quantize_program
 from qpass.models.loaders import BROKEN_FILE, check_remote_code
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
@@ -51,6 +59,8 @@ from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 LAYER_PREFIX = "model.layers."   # how a causal LM's checkpoint names its decoder layers
 EMBEDDING = "model.embed_tokens.weight"
+NORM = "model.norm.weight"       # the final norm
+LM_HEAD = "lm_head.weight"       # untied models' LM head
 CAPTURE_PREFIX = "layers.0."     # the one layer's parameters in the capture (after the wrapper's prefix)
 WHOLE_MODEL_FACTOR = 2.0         # a whole-model compile holds about twice the float32 weights (model and capture)
 
@@ -175,10 +185,20 @@ class _LayerProgram:
     """One decoder layer captured (for one layer type), with taps after its q/k/v and its Linears' inputs; weights
     swapped per layer."""
 
-    def __init__(self, gm: torch.fx.GraphModule, site: AttentionSite, linears: list[LinearSite], groups: list[SmoothGroup],
-                 taps: dict[str, _Tap]):
-        self.gm, self.site, self.linears, self.groups, self.taps = gm, site, linears, groups, taps
+    def __init__(self, exported: torch.export.ExportedProgram, gm: torch.fx.GraphModule, site: AttentionSite,
+                 linears: list[LinearSite], groups: list[SmoothGroup], taps: dict[str, _Tap]):
+        self.exported, self.gm, self.site, self.linears, self.groups, self.taps = exported, gm, site, linears, groups, taps
         self.params = {name.removeprefix(WRAPPER_PREFIX): p for name, p in gm.named_parameters()}
+
+    def quantized(self, layer: int, recipe, counters: dict | None = None) -> torch.nn.Module:
+        """The layer, its weights loaded, quantized as ``recipe`` says for layer ``layer``: the whole-model pass
+        pipeline run on the one-layer capture with :func:`layer_recipe`; ``counters`` (keyed ``(layer, kind)``, see
+        :mod:`qpass.core.saturation`) are fed what that layer's first int8 Quantizes receive."""
+        for key in self.exported.state_dict:  # the loaded layer's tensors (the same objects: nothing is copied)
+            self.exported.state_dict[key] = self.params[key.removeprefix(WRAPPER_PREFIX)]
+        program, _ = quantize_program(self.exported, [self.site], layer_recipe(recipe, layer, self.site), verify=False)
+        mine = {(self.site.layer, kind): c for (at, kind), c in (counters or {}).items() if at == layer}
+        return TorchExportFrontend.counting_logits(program, mine)
 
     def load(self, checkpoint: Checkpoint, layer: int) -> None:
         """Put layer ``layer``'s tensors (read from ``checkpoint``) in place of the parameters, as float32."""
@@ -202,6 +222,8 @@ class _LayerProgram:
         """Drop the weights of the layer last loaded (empty tensors of the same shapes take their place)."""
         for name, p in self.params.items():
             self._set(name, torch.empty(p.shape, device="meta"))
+        for key, value in self.exported.state_dict.items():
+            self.exported.state_dict[key] = torch.empty(value.shape, device="meta")
 
     def _stored_names(self, layer: int) -> dict[str, str]:
         """The checkpoint's name of each parameter for layer ``layer`` -> the capture's name."""
@@ -252,6 +274,7 @@ class LayerwiseFrontend:
         self.spilled: str | None = None  # the temporary file the last observe() spilled to (removed since)
         self._programs: dict[str, _LayerProgram] = {}
         self._sites: list[AttentionSite] | None = None
+        self._norm: torch.nn.Module | None = None  # the model's final norm, on meta until the streamed forward runs
 
     @classmethod
     def load(cls, spec: str | Path, window: int, hidden_budget: int | None = None) -> "LayerwiseFrontend":
@@ -283,7 +306,7 @@ class LayerwiseFrontend:
         with torch.device("meta"):
             base = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         base.rotary_emb = type(base.rotary_emb)(config=config)  # its inv_freq computed, not left on meta
-        base.embed_tokens, base.norm = torch.nn.Identity(), torch.nn.Identity()
+        norm, base.embed_tokens, base.norm = base.norm, torch.nn.Identity(), torch.nn.Identity()
         base.layers[0].to_empty(device="cpu")  # tracing needs shapes, not values: the weights are read per layer later
         example = torch.zeros((2, self.window, self.config.hidden_size))
         try:
@@ -299,8 +322,10 @@ class LayerwiseFrontend:
                              "drop --layerwise to compile the whole model")
         linears = find_linear_sites(program.graph, param_names(program))
         groups = find_smoothing_groups(program.graph, linears, param_names(program))
+        if self._norm is None:  # the final norm, for the streamed forward's logits (its weight read when it runs)
+            self._norm = norm
         gm = program.module()
-        del program, base
+        del base
         nodes, taps = {n.name: n for n in gm.graph.nodes}, {}
         values = [(getattr(sites[0], kind), True) for kind in ("q", "k", "v")]
         values += [(name, False) for name in dict.fromkeys([*(s.input for s in linears), *(g.input for g in groups)])]
@@ -310,7 +335,7 @@ class LayerwiseFrontend:
             with gm.graph.inserting_after(nodes[value]):
                 gm.graph.call_module(f"qpass_tap_{i}", (nodes[value],))
         gm.recompile()
-        result = _LayerProgram(gm, sites[0], linears, groups, taps)
+        result = _LayerProgram(program, gm, sites[0], linears, groups, taps)
         result.release()
         return result
 
@@ -378,11 +403,7 @@ class LayerwiseFrontend:
         shape = (windows.shape[0], windows.shape[1], self.config.hidden_size)
         with hidden_states(shape, self.hidden_budget) as (hidden, spilled):
             self.spilled = spilled
-            embedding = self.checkpoint.read([EMBEDDING])[EMBEDDING]
-            for start in range(0, windows.shape[0], batch_size):
-                rows = slice(start, start + batch_size)
-                hidden[rows] = torch.nn.functional.embedding(windows[rows], embedding).float()
-            del embedding
+            self._embed(windows, hidden, batch_size)
             for site in tqdm(self.attention_sites(), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
                 program = self._program(site.layer)
                 program.load(self.checkpoint, site.layer)
@@ -396,9 +417,59 @@ class LayerwiseFrontend:
                     _trim_heap()
                 yield site.layer
 
-    def logits(self, recipe=None, verify: bool = True):
-        """Not layer-wise yet: a logits function would run the whole model (``--disable-level auto``, evaluation)."""
-        raise QpassError("--layerwise: no whole-model forward layer-wise yet (--disable-level auto, --eval); drop --layerwise")
+    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
+                   counters: dict | None = None) -> torch.Tensor:
+        """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``, as
+        :func:`qpass.core.evaluate.window_nll` gives it) for the float model (``recipe`` None) or the model quantized
+        as ``recipe`` says, run one decoder layer at a time over every window: each layer's weights are read once,
+        quantized by the whole-model pass pipeline on the one-layer capture (smoothing folded in, Q/DQ, W8A8), and the
+        hidden states pass on as calibration's do (spilled past the budget); then the final norm and the LM head, a
+        batch at a time. ``counters`` (:func:`qpass.core.saturation.counters`) count each layer's saturation."""
+        from tqdm.auto import tqdm
+
+        shape = (windows.shape[0], windows.shape[1], self.config.hidden_size)
+        with hidden_states(shape, self.hidden_budget) as (hidden, _):
+            self._embed(windows, hidden, batch_size)
+            for layer in tqdm(range(self.num_layers), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
+                program = self._program(layer)
+                program.load(self.checkpoint, layer)
+                try:
+                    module = program.gm if recipe is None else program.quantized(layer, recipe, counters)
+                    with torch.no_grad():
+                        for start in range(0, windows.shape[0], batch_size):
+                            rows = slice(start, start + batch_size)
+                            hidden[rows] = module(hidden[rows])
+                    del module
+                finally:
+                    program.release()
+                    _trim_heap()
+            return self._head_nll(windows, hidden, batch_size)
+
+    def _embed(self, windows: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> None:
+        """``hidden`` = the embedding of ``windows``, as float32 (the embedding read, used and dropped)."""
+        embedding = self.checkpoint.read([EMBEDDING])[EMBEDDING]
+        for start in range(0, windows.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            hidden[rows] = torch.nn.functional.embedding(windows[rows], embedding).float()
+
+    def _head_nll(self, windows: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Per-window NLL from the last layer's hidden states: the final norm, the LM head (the embedding where the
+        config ties them), the next-token cross-entropy."""
+        head_name = EMBEDDING if getattr(self.config, "tie_word_embeddings", False) else LM_HEAD
+        norm = self._norm.to_empty(device="cpu")
+        try:
+            with torch.no_grad():
+                norm.weight.copy_(self.checkpoint.read([NORM])[NORM].float())
+                head = self.checkpoint.read([head_name])[head_name].float()
+                out = [batch_nll(torch.nn.functional.linear(norm(hidden[rows]), head), windows[rows])
+                       for rows in (slice(i, i + batch_size) for i in range(0, windows.shape[0], batch_size))]
+        finally:
+            self._norm = norm.to(device="meta")
+        return torch.cat(out)
+
+    def loss_sensitivity(self, recipe, linears: list[LinearSite], windows: torch.Tensor) -> None:
+        """None: a backward pass needs the whole model (``auto`` ranks by output SQNR alone, layer-wise)."""
+        return None
 
     def num_parameters(self) -> int:
         """Parameters in the safetensors files (a tied LM head once: it is not stored)."""
@@ -436,6 +507,26 @@ def _run(program: _LayerProgram, layer: int, observers: dict[str, Observer], hid
     finally:
         for tap in program.taps.values():
             tap.observer = None
+
+
+def layer_recipe(recipe, layer: int, site: AttentionSite):
+    """The part of ``recipe`` that concerns decoder layer ``layer``, renamed for the one-layer capture whose attention
+    site is ``site`` (layer 0, module paths ``layers.0...``): its attention site's scales, its Linears' input qparams and
+    float Linears, and its smoothing groups (keeping their scale names)."""
+    ours, to_capture = f"{LAYER_PREFIX}{layer}.", lambda name: CAPTURE_PREFIX + name.removeprefix(f"{LAYER_PREFIX}{layer}.")
+    tensors = {site_key(site.layer, kind, part): t for kind in SITE_KINDS for part in ("scale", "offset")
+               if (t := recipe.tensors.get(site_key(layer, kind, part))) is not None}
+    groups = [{**g, "prev": to_capture(g["prev"]), "consumers": [to_capture(c) for c in g["consumers"]]}
+              for g in recipe.smoothing if g["prev"].startswith(ours)]
+    tensors.update({g["scale"]: recipe.tensors[g["scale"]] for g in groups})
+    for module in {m for m in (k.removeprefix("w8a8.").rsplit(".input_", 1)[0] for k in recipe.tensors if k.startswith("w8a8."))
+                   if m.startswith(ours)}:
+        for part in ("scale", "offset"):
+            tensors[linear_key(to_capture(module), part)] = recipe.tensors[linear_key(module, part)]
+    w8a8 = dict(recipe.w8a8)
+    if w8a8:
+        w8a8.update(smooth=groups, float_linears={to_capture(m): why for m, why in recipe.float_linears.items() if m.startswith(ours)})
+    return Recipe(recipe.config, geometry([site]), tensors, {}, w8a8)
 
 
 def _module_path(layer: int):
