@@ -395,6 +395,8 @@ def test_the_memory_estimate_leaves_a_broken_directory_to_the_loader(index, mode
 
 
 @pytest.mark.parametrize("arch, extra", [("llama", {"fa_quant": True, "kv_cache": "int8"}),
+                                         ("llama", {"w8a8": True, "fa_quant": True, "kv_cache": "int8", "anti_method": "m3",
+                                                    "act_method": 3, "disable_level": "L2"}),
                                          ("qwen2", {"w8a8": True, "kv_cache": "int8", "anti_method": "m3", "act_method": 3,
                                                     "disable_level": "L2"})])
 def test_the_streamed_forward_gives_the_whole_models_nll(arch, extra, frontends, windows):

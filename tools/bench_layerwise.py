@@ -2,7 +2,7 @@
 
     python tools/bench_layerwise.py rss  [--layers 4 32] [--windows 8] [--window 256] [--config kv|w8a8|w8a8-mindie]
     python tools/bench_layerwise.py time [--windows 32] [--window 512]
-    python tools/bench_layerwise.py large [--layers 54] [--windows 2] [--window 512] [--dir DIR]
+    python tools/bench_layerwise.py large [--layers 54] [--windows 2] [--window 512] [--dir DIR] [--config kv|w8a8-mindie]
     python tools/bench_layerwise.py auto [--eval out/corpus/eval_prose.txt] [--calib-samples 14]
 
 ``rss``: random-weight Llamas of the same width (hidden 2048, 16 heads, 8 KV heads, intermediate 5632, vocabulary
@@ -18,9 +18,10 @@ one layer, calibrate), each in its own child process. Target: layer-wise <= 1.3x
 ``large``: a random-weight Llama wider than the ``rss`` ones (hidden 5120, 40 heads, 8 KV heads, intermediate
 13824, as Llama-2-13B; 54 layers are about 30 GB in bfloat16), written to ``--dir`` (a temporary directory by
 default; the disk needs its size free), then ``qpass compile DIR --kv-int8`` in a child process without
-``--layerwise``: the weights exceed this machine's memory, so qpass must choose layer-wise calibration itself.
-Prints the child's peak resident memory (``ru_maxrss`` of the children), the time per layer and the note qpass
-printed. Target: it compiles within the machine's memory.
+``--layerwise``: the weights exceed this machine's memory, so qpass must choose layer-wise calibration itself
+(``--config w8a8-mindie``: ``--w8a8 --kv-int8 --anti-method m1 --format mindie`` instead, the MindIE directory
+written layer by layer). Prints the child's peak resident memory (``ru_maxrss`` of the children), the time per
+layer and the note qpass printed. Target: it compiles within the machine's memory.
 
 ``auto``: SmolLM2 saved as a Hugging Face directory, then ``qpass compile DIR --w8a8 --fa-quant --kv-int8
 --disable-level auto --max-ppl-increase 2 --anti-method m3 --act-method 3 --calib-samples 14 --eval FILE`` whole-model
@@ -163,7 +164,8 @@ def bench_large(args) -> None:
               f"{time.perf_counter() - start:.0f}s; memory {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB",
               flush=True)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "qpass.cli", "compile", str(path), "--kv-int8", "--calib-samples",
+        flags = ["--kv-int8"] + (["--w8a8", "--anti-method", "m1", "--format", "mindie"] if args.config == "w8a8-mindie" else [])
+        done = subprocess.run([sys.executable, "-m", "qpass.cli", "compile", str(path), *flags, "--calib-samples",
                                str(args.windows), "--window", str(args.window), "-o", str(out)],
                               capture_output=True, text=True)
         seconds = time.perf_counter() - start
@@ -172,9 +174,11 @@ def bench_large(args) -> None:
         if done.returncode:
             raise SystemExit(f"qpass compile failed ({done.returncode}):\n{done.stderr[-3000:]}")
         report = json.loads((out / "report.json").read_text())
-        print(f"qpass compile --kv-int8: {seconds:.0f}s ({seconds / args.layers:.1f}s/layer, {args.windows} x "
+        written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        print(f"qpass compile {' '.join(flags)}: {seconds:.0f}s ({seconds / args.layers:.1f}s/layer, {args.windows} x "
               f"{args.window} tokens), peak RSS {rss:.2f} GiB, layer-wise: {report['model'].get('layerwise')}, "
-              f"written: {sorted(p.name for p in out.iterdir())}")
+              f"written: {len(list(out.iterdir()))} files, {written / 1e9:.1f} GB")
+        print(f"timings: {report['timings_s']}")
         print(f"qpass said: {' / '.join(notes) or '(nothing)'}")
 
 
@@ -209,6 +213,8 @@ def bench_auto(args) -> None:
                  "--act-method", "3", "--calib-samples", str(args.calib_samples), "--eval", args.eval, "--eval-windows",
                  str(args.eval_windows)]
         for mode, extra in (("whole", []), ("layerwise", ["--layerwise"])):
+            if mode not in args.modes:
+                continue
             out = Path(tmp) / mode
             done = subprocess.run([sys.executable, __file__, "_cli", "compile", str(model), *flags, *extra, "-o", str(out)],
                                   capture_output=True, text=True)
@@ -217,12 +223,15 @@ def bench_auto(args) -> None:
             run = json.loads(done.stdout.strip().splitlines()[-1])
             report = json.loads((out / "report.json").read_text())
             w, ev = report["w8a8"], report["eval"]
-            search = report["w8a8"].get("search") or []
+            search = report["w8a8"]["fallback_search"]
             rankings = sorted({step["ranking"] for step in search[1:] if step["ranking"] != "none"})
             print(f"{mode:>9}: {len(w['float_linears'])} of {w['linears']} Linears float (rankings {', '.join(rankings)}; "
                   f"{len(search) - 1} trials), eval ppl float {ev['ppl_float']:.4f}, quantized {ev['ppl_quant']:.4f} "
                   f"({ev['ppl_increase_pct']:+.2f}%), {run['seconds']:.0f}s (calibrate {report['timings_s']['calibrate']:.0f}s), "
                   f"peak RSS {run['peak_rss_gib']:.2f} GiB", flush=True)
+            for step in search[1:]:
+                print(f"    {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
+                      f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)", flush=True)
             shutil.rmtree(out)
 
 
@@ -250,10 +259,13 @@ def main():
     large.add_argument("--windows", type=int, default=2)
     large.add_argument("--window", type=int, default=512)
     large.add_argument("--dir", default=None, help="where to write the model (default: the temporary directory)")
+    large.add_argument("--config", choices=("kv", "w8a8-mindie"), default="kv",
+                       help="kv: --kv-int8 (default); w8a8-mindie: --w8a8 --kv-int8 --anti-method m1 --format mindie")
     auto = sub.add_parser("auto", help="--disable-level auto whole-model and layer-wise on SmolLM2, with --eval")
     auto.add_argument("--eval", default="out/corpus/eval_prose.txt")
     auto.add_argument("--eval-windows", type=int, default=16)
     auto.add_argument("--calib-samples", type=int, default=14)
+    auto.add_argument("--modes", nargs="+", choices=("whole", "layerwise"), default=["whole", "layerwise"])
     args = parser.parse_args()
     {"rss": bench_rss, "time": bench_time, "large": bench_large, "auto": bench_auto}[args.what](args)
 

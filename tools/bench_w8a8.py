@@ -71,7 +71,7 @@ def main():
         search = recipe.stats["w8a8"]["search"]
         for step in search[1:]:
             print(f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
-                  f"(95% bound {step['upper_95_pct']:+.3f}%)", flush=True)
+                  f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)", flush=True)
         floats = recipe.w8a8["float_linears"]
         quantized = fe.logits(recipe, verify=False)
         measured = {n: increase(window_nll(quantized, ids, 4, f"{variant} {n}") - nll_float[n]) for n, ids in texts.items()}
