@@ -19,10 +19,10 @@ so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does fo
   and each Linear's input as ``[tokens, in_features]`` (W8A8; the Linears found on the capture by the fx finder),
   batch by batch, in the whole-model path's order; W8A8's weights are read again one at a time when looked up
   (:class:`LazyStateDict`);
-- smoothing (``--anti-method``) runs each layer twice: with its float weights, feeding the smoothing groups'
-  observers (its output dropped), then with the groups' scales folded into its weights, feeding every other
-  observer and passing the hidden states on (``observe_layers``' ``smooth``). Smoothing leaves the float
-  function unchanged, so the layers after see the hidden states the whole-model path's float run sees;
+- smoothing (``--anti-method``) runs each layer twice, as the whole-model path runs the model twice: with its
+  float weights on the float model's hidden states, feeding the smoothing groups' observers, then with the groups'
+  scales folded into its weights on the smoothed model's hidden states, feeding every other observer; both
+  streams pass on (``observe_layers``' ``smooth``), so each run sees the inputs its whole-model run sees, to the bit;
 - the quantized model runs layer by layer too (:meth:`LayerwiseFrontend.window_nll`): each layer's weights read once,
   quantized by the whole-model pass pipeline applied to the one-layer capture with that layer's part of the recipe
   (:func:`layer_recipe`), every window's hidden states passed on, then the final norm and the LM head. That is the
@@ -36,7 +36,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -395,22 +395,41 @@ class LayerwiseFrontend:
         :func:`qpass.core.calibrate.calibrate_by_layer`, which then drops them).
 
         ``smooth(layer, peek)``, when given, is called with each layer's float weights loaded; ``peek(observers)`` runs
-        every window through the layer feeding ``observers`` (keyed as ``observers`` are), its output dropped. The
-        tensors it returns (``model.layers.<layer>...`` names) replace the layer's before the run that feeds
-        ``observers`` and passes the hidden states on."""
+        every window of the float model's own hidden states through the layer, feeding ``observers`` (keyed as
+        ``observers`` are). The tensors it returns (``model.layers.<layer>...`` names) replace the layer's before the
+        run that feeds ``observers`` and passes the smoothed model's hidden states on.
+
+        With ``smooth``, two streams of hidden states pass from layer to layer, as the whole-model path's two runs
+        see them: the float model's (what its smoothing run observes) and the smoothed model's (its calibration
+        run). Smoothing leaves the float function unchanged only up to rounding, and a search over smoothing
+        exponents can turn on a difference that small (SmolLM2: two of m3's candidates 9e-5 apart, flipped by
+        hidden states 1e-6 apart), so the layers after are given the same inputs as the whole model's."""
         from tqdm.auto import tqdm
 
         shape = (windows.shape[0], windows.shape[1], self.config.hidden_size)
-        with hidden_states(shape, self.hidden_budget) as (hidden, spilled):
-            self.spilled = spilled
+        budget = self.hidden_budget if self.hidden_budget is not None else available_memory() // 4
+        budget //= 1 if smooth is None else 2
+        with ExitStack() as stack:
+            hidden, self.spilled = stack.enter_context(hidden_states(shape, budget))
             self._embed(windows, hidden, batch_size)
+            if smooth is not None:
+                float_hidden, _ = stack.enter_context(hidden_states(shape, budget))
+                float_hidden.copy_(hidden)
             for site in tqdm(self.attention_sites(), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
                 program = self._program(site.layer)
                 program.load(self.checkpoint, site.layer)
                 try:
                     if smooth is not None:
-                        program.replace(site.layer, smooth(site.layer, lambda peeked: _run(program, site.layer, peeked,
-                                                                                          hidden, batch_size, False)))
+                        advanced = []
+
+                        def peek(peeked: dict[str, Observer]) -> None:
+                            _run(program, site.layer, peeked, float_hidden, batch_size, not advanced)
+                            advanced.append(True)
+
+                        replacement = smooth(site.layer, peek)
+                        if not advanced:  # a layer with nothing to smooth: the float stream still moves on
+                            _run(program, site.layer, {}, float_hidden, batch_size, True)
+                        program.replace(site.layer, replacement)
                     _run(program, site.layer, observers, hidden, batch_size, True)
                 finally:
                     program.release()
