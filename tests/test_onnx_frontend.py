@@ -226,6 +226,30 @@ def test_external_data_in_and_out(tiny_model_dir, text_files, tmp_path):
     assert quantized.graph.inputs[3].dtype == ir.DataType.INT8
 
 
+
+def test_external_weights_stay_in_the_input_file_until_written(tiny_model_dir, text_files, tmp_path):
+    """The passes never read an ONNX input's external weights (they only add Q/DQ and scales): every external tensor of
+    the compiled model still points into the input's data file, so the writer copies the weights one tensor at a time
+    (onnx-ir's external-data writer), and the whole model is never held by qpass itself."""
+    import qpass
+    from tests.onnx_cases import export_dir
+
+    source = export_dir(tiny_model_dir, tmp_path / "ext", 20, external_data=True)
+    before = {name: v.const_value for name, v in ir.load(source / "model.onnx").graph.initializers.items()
+              if isinstance(v.const_value, ir.ExternalTensor)}
+    assert before
+    config = QuantConfig(kv_cache="int8", window=64, calib_samples=4, batch_size=2)
+    result = qpass.compile(str(source), config, calib=str(text_files["calib"]))
+    after = {name: v.const_value for name, v in result.program.graph.initializers.items()}
+    for name, tensor in before.items():
+        kept = after[name]
+        assert isinstance(kept, ir.ExternalTensor), name
+        assert Path(kept.path).resolve() == Path(tensor.path).resolve() and kept.offset == tensor.offset, name
+    out = result.save(tmp_path / "out")
+    written = ir.load(out / "model.onnx")
+    for name, tensor in before.items():
+        np.testing.assert_array_equal(written.graph.initializers[name].const_value.numpy(), tensor.numpy())
+
 def _bad_inputs(source: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments after `compile`, what the one-line error says)."""
     data = (source / "model.onnx").read_bytes()
