@@ -327,6 +327,46 @@ def test_a_damaged_sharded_directory_is_refused_naming_what(damage, words, model
         load_mindie(tmp_path / "d")
 
 
+def test_the_read_back_check_keeps_one_linears_tensors_at_a_time(model_dir, text_files, tmp_path, monkeypatch):
+    """The check before a directory is moved into place reads every tensor and keeps none (a layer-wise writer's
+    directory may be larger than memory): at any read, at most one Linear's tensors are alive, where loading the
+    model keeps every W8A8 weight. It refuses what loading refuses (a NaN scale in one shard)."""
+    import weakref
+
+    import qpass.api
+    from qpass.exporters import mindie_load
+    from qpass.exporters.mindie_format import WEIGHTS_INDEX
+    from safetensors.torch import load_file, save_file
+
+    config = QuantConfig(w8a8=True, kv_cache="int8", window=WINDOW, calib_samples=2)
+    qpass.api.compile(str(model_dir("llama")), config, calib=[text_files["calib"].read_text(encoding="utf-8")],
+                      layerwise=True).save(tmp_path / "d", format="mindie")
+    alive, peak, reads = [], [0], [0]
+    original = mindie_load._Tensors.__getitem__
+
+    def get(self, name):
+        tensor = original(self, name)
+        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(tensor)]
+        peak[0], reads[0] = max(peak[0], len(alive)), reads[0] + 1
+        return tensor
+
+    monkeypatch.setattr(mindie_load._Tensors, "__getitem__", get)
+    mindie_load.check(tmp_path / "d")
+    weight_map = json.loads((tmp_path / "d" / WEIGHTS_INDEX).read_text())["weight_map"]
+    assert reads[0] >= len(weight_map) and peak[0] <= 8
+    alive.clear()
+    kept = mindie_load.load(tmp_path / "d")
+    assert kept.model is not None and len(alive) >= 7 * LAYERS  # the measure can fail: the built model holds them
+    monkeypatch.undo()
+    name = "model.layers.1.self_attn.k_proj.kv_cache_scale"
+    shard = tmp_path / "d" / weight_map[name]
+    tensors = load_file(str(shard))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(QpassError, match="kv_cache_scale .*not a positive finite number"):
+        mindie_load.check(tmp_path / "d")
+
+
 @pytest.mark.parametrize("target, extra", [("mindie", dict(fa_quant=True, anti_method="m1")),
                                            ("vllm-ascend", dict(symmetric=True, anti_method="m3", disable_level="L2"))])
 def test_a_layerwise_mindie_directory_holds_the_whole_models_tensors(target, extra, model_dir, text_files, tmp_path, monkeypatch):

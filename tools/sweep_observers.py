@@ -47,15 +47,21 @@ def observe_pair(fe, samples: list[str], base: QuantConfig) -> dict[str, Observe
     return observers
 
 
-def increase(fe, observers, config: QuantConfig, ids: torch.Tensor, nll_float: torch.Tensor) -> tuple[float, float]:
-    """Perplexity increase (percent) of ``config``'s recipe from ``observers`` on ``ids [N, W]``, and the half
-    width of its 95% interval over the windows (``nll_float [N]``: the float program's per-window NLL)."""
+def increase(fe, observers, config: QuantConfig, ids: torch.Tensor, nll_float: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """Perplexity increase (percent) of ``config``'s recipe from ``observers`` on ``ids [N, W]``, the half
+    width of its 95% interval over the windows (``nll_float [N]``: the float program's per-window NLL), and the
+    per-window NLL increase."""
     sites = fe.attention_sites()
     tensors, stats = attention_qparams(sites, observers, config) if config.observed_kinds else ({}, {})
     nll = window_nll(fe.logits(Recipe(config, geometry(sites), tensors, stats)), ids, config.batch_size, "quantized")
     gc.collect()  # the quantized program's module graph holds reference cycles: free its weights before the next
     diff = nll - nll_float
-    return 100.0 * math.expm1(float(diff.mean())), 100.0 * 1.96 * float(diff.std()) / math.sqrt(len(diff))
+    return 100.0 * math.expm1(float(diff.mean())), _half_width(diff), diff
+
+
+def _half_width(diff: torch.Tensor) -> float:
+    """The 95% half width over the windows of a per-window NLL difference, in points (percent)."""
+    return 100.0 * 1.96 * float(diff.std()) / math.sqrt(len(diff))
 
 
 def eval_windows(tokenizer, text: str, window: int, count: int, between: bool) -> torch.Tensor:
@@ -101,11 +107,18 @@ def main():
         nll_float = window_nll(float_module, ids, base.batch_size, "float")
         print(f"  eval: {ids.numel()} tokens, float ppl {math.exp(float(nll_float.mean())):.4f}", flush=True)
         for mode in args.modes.split(","):
+            first = None  # (method, per-window increase): later methods are paired against it
             for method in args.observers.split(",") if mode != "dynamic" else ["-"]:
                 config = dataclasses.replace(base, **MODES[mode], **({"observer": method} if method != "-" else {}))
-                pct, half = increase(fe, observers, config, ids, nll_float)
+                pct, half, diff = increase(fe, observers, config, ids, nll_float)
                 table[name, mode, method] = pct
                 print(f"  {name:20} {mode:8} {method:10} {pct:+.3f}% (95% over windows: +-{half:.3f})", flush=True)
+                if first is None:
+                    first = method, diff
+                else:
+                    paired = diff - first[1]  # the same windows: their spread cancels
+                    print(f"  {'':20} {mode:8} paired {method} - {first[0]}: {100.0 * float(paired.mean()):+.3f} "
+                          f"+-{_half_width(paired):.3f} points", flush=True)
     columns = sorted({(mode, method) for _, mode, method in table}, key=lambda c: list(table).index((names[0], *c)))
     print("\n| pair | " + " | ".join(f"{mode} {method}" for mode, method in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")

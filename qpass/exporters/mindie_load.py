@@ -13,6 +13,7 @@ applies. Remote code is never run.
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -32,13 +33,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtype = torch.float32,
-         load_tokenizer: bool = True) -> Loaded:
+         load_tokenizer: bool = True, build: bool = True) -> Loaded:
     """Validate a MindIE directory and build the model it describes (:mod:`qpass.exporters.mindie_format`):
     a Hugging Face model with W8A8 Linears in integer arithmetic, computing in ``compute_dtype``, and the
     recipe of its FAQuant / C8 tensors (None when it has neither). ``purpose`` does not change what is read.
 
     A missing file or tensor, a wrong dtype or shape, or a description that disagrees with the weights raises
-    :class:`QpassError` naming the tensor.
+    :class:`QpassError` naming the tensor. Tensors are read from their file (or shard) when they are checked;
+    ``build=False`` checks every one the same way, on a model built on the meta device, and keeps none of them
+    (:func:`check`: a directory larger than memory is read one tensor at a time).
     """
     d = Path(directory)
     weights = WEIGHTS_INDEX if not (d / WEIGHTS_FILE).is_file() and (d / WEIGHTS_INDEX).is_file() else WEIGHTS_FILE
@@ -77,7 +80,8 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
                          "give the directory of a causal LM of a built-in architecture (llama, qwen2, ...)")
     try:
         config = AutoConfig.for_model(model_type, **hf_json)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=compute_dtype)
+        with torch.device("cpu" if build else "meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=compute_dtype)
     except Exception as err:  # transformers validates configs with many error types of its own
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise QpassError(f"{d}: cannot build a model from {CONFIG_FILE} (model_type {model_type!r}: {first}); "
@@ -90,9 +94,11 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
             raise QpassError(f"{d}: {p}.weight is typed W8A8, but {p} is not a Linear of this {model_type} model; "
                              "type it FLOAT or fix the name")
         module = linears[p]
-        replacement = W8A8Linear(check.w8a8(p, module.out_features, module.in_features))
-        parent, _, child = p.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        weights = check.w8a8(p, module.out_features, module.in_features)
+        if build:
+            parent, _, child = p.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, W8A8Linear(weights))
+        del weights
     extra = {f"{p}.{s}" for p in w8a8 for s in W8A8_SUFFIXES if f"{p}.{s}" in tensors}
     for p in w8a8:  # msModelSlim keeps a W8A8 Linear's float bias too (FLOAT); quant_bias already holds it
         if f"{p}.bias" in tensors:
@@ -105,12 +111,17 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
             continue
         if tied and key == "lm_head.weight" and key not in tensors:
             continue  # tied to model.embed_tokens.weight, as config.json says
-        floats[key] = check.float_tensor(key, tuple(param.shape)).to(compute_dtype)
-    model.load_state_dict(floats, strict=False)
-    if tied:
-        model.tie_weights()
+        value = check.float_tensor(key, tuple(param.shape))
+        if build:
+            floats[key] = value.to(compute_dtype)
+        del value
+    if build:
+        model.load_state_dict(floats, strict=False)
+        if tied:
+            model.tie_weights()
     recipe, attention = _recipe(config, check, fa, c8)
-    unknown = sorted(set(tensors) - extra - set(floats) - attention - ({"lm_head.weight"} if tied else set()))
+    floats_named = {k for k in expected if k.rpartition(".")[0] not in w8a8 and k in tensors}
+    unknown = sorted(set(tensors) - extra - floats_named - attention - ({"lm_head.weight"} if tied else set()))
     if unknown:
         raise QpassError(f"{d}: tensor {unknown[0]} is not a parameter of this {model_type} model nor a tensor the format "
                          f"defines ({len(unknown)} such); remove it or fix its name")
@@ -125,46 +136,69 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
                              "tokenizer_config.json") from None
     info = {"format": "mindie", "model_dtype": str(model_dtype).removeprefix("torch."), "w8a8_linears": len(w8a8),
             "fa_quant": fa, "kv_cache": "int8" if c8 else None}
-    return Loaded("mindie", tokenizer, recipe, model=model, info=info)
+    return Loaded("mindie", tokenizer, recipe, model=model if build else None, info=info)
 
 
-def _read_weights(d: Path, weights: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the weights file, or of the shards the index maps them to (each tensor in its mapped shard)."""
+def _read_weights(d: Path, weights: str) -> "_Tensors":
+    """Every tensor of the weights file, or of the shards the index maps them to (each tensor in its mapped shard),
+    read when it is looked up; the names are checked against each file's header now."""
     if weights == WEIGHTS_FILE:
-        return _read_safetensors(d, WEIGHTS_FILE, None)
+        return _Tensors(d, {name: WEIGHTS_FILE for name in _stored_names(d, WEIGHTS_FILE)})
     weight_map = _read_json(d, WEIGHTS_INDEX).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise QpassError(f"{d}: {WEIGHTS_INDEX} has no weight_map of tensor names to shard files; re-export the directory")
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         shards.setdefault(shard, []).append(name)
-    tensors = {}
     for shard, names in shards.items():
         if Path(shard).name != shard or not (d / shard).is_file():
             raise QpassError(f"{d}: {WEIGHTS_INDEX} maps tensors to {shard}, which is not a file in the directory; "
                              "re-export the directory")
-        tensors.update(_read_safetensors(d, shard, names))
-    return tensors
+        missing = sorted(set(names) - _stored_names(d, shard))
+        if missing:
+            raise QpassError(f"{d}: {WEIGHTS_INDEX} maps {missing[0]} to {shard}, which has no such tensor; re-export the directory")
+    return _Tensors(d, dict(weight_map))
 
 
-def _read_safetensors(d: Path, file: str, names: list[str] | None) -> dict[str, torch.Tensor]:
-    """The tensors ``names`` of ``file`` (all of them for None); a name the file lacks is refused."""
+def _stored_names(d: Path, file: str) -> set[str]:
+    """The tensor names in ``file``'s header."""
     try:
         with safe_open(str(d / file), framework="pt") as f:
-            stored = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in (stored if names is None else stored.intersection(names))}
+            return set(f.keys())
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise QpassError(f"{d}: cannot read {file} ({err}); re-export the directory") from err
-    missing = sorted(set(names or ()) - stored)
-    if missing:
-        raise QpassError(f"{d}: {WEIGHTS_INDEX} maps {missing[0]} to {file}, which has no such tensor; re-export the directory")
-    return tensors
+
+
+class _Tensors(Mapping):
+    """Tensor name -> tensor, read from its file when looked up (the last file kept open: reads go in order)."""
+
+    def __init__(self, d: Path, files: dict[str, str]):
+        self.d, self.files, self._open = d, files, (None, None)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        try:
+            if self._open[0] != file:
+                self._open = file, safe_open(str(self.d / file), framework="pt")
+            return self._open[1].get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise QpassError(f"{self.d}: cannot read {name} from {file} ({err}); re-export the directory") from err
+
+    def __contains__(self, name) -> bool:  # Mapping's would read the tensor
+        return name in self.files
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
 
 
 def check(directory: Path) -> None:
     """Re-read a directory just written: every tensor's name, type, dtype and shape, every scale and offset, and
-    the tokenizer when one was written."""
-    load(directory, load_tokenizer=(Path(directory) / "tokenizer_config.json").is_file())
+    the tokenizer when one was written; one tensor at a time, no model built (the layer-wise writer's directories
+    may be larger than memory)."""
+    load(directory, load_tokenizer=(Path(directory) / "tokenizer_config.json").is_file(), build=False)
 
 
 def _read_json(d: Path, name: str) -> dict:
