@@ -32,6 +32,7 @@ The embedding is read first; the final norm and the LM head only by the streamed
 """
 
 import copy
+import gc
 import json
 import os
 import tempfile
@@ -461,6 +462,7 @@ class LayerwiseFrontend:
                     del module
                 finally:
                     program.release()
+                    gc.collect()  # the quantized program's fx graph holds reference cycles, and with them its weights
                     _trim_heap()
             return self._head_nll(windows, hidden, batch_size)
 
