@@ -114,8 +114,7 @@ def test_smoothed_w8a8_recipe_equals_the_whole_models(arch, anti, frontends, win
     expected, got = calibrate(whole, windows, config), calibrate_by_layer(lw, windows, config)
     # bit for bit: the float and the smoothed model's hidden states pass on as the whole model's two runs see them, so
     # no offset at a rounding half (m3's r = 1 on max|X| puts one there) and no near-tie of a search can go another way
-    assert got.sites == expected.sites and got.config == expected.config and sorted(got.tensors) == sorted(expected.tensors)
-    assert [name for name in expected.tensors if not torch.equal(got.tensors[name], expected.tensors[name])] == []
+    _same(got, expected)
     assert len([k for k in got.tensors if k.startswith("smooth.")]) == len(expected.w8a8["smooth"]) >= 3 * LAYERS
     assert dict(got.w8a8) == dict(expected.w8a8)  # the same groups, in the same order, and the same float Linears
     assert got.stats["w8a8"] == expected.stats["w8a8"]  # what the method chose, group by group; SQNR, range ratios

@@ -226,7 +226,6 @@ def test_external_data_in_and_out(tiny_model_dir, text_files, tmp_path):
     assert quantized.graph.inputs[3].dtype == ir.DataType.INT8
 
 
-
 def test_external_weights_stay_in_the_input_file_until_written(tiny_model_dir, text_files, tmp_path):
     """The passes never read an ONNX input's external weights (they only add Q/DQ and scales): every external tensor of
     the compiled model still points into the input's data file, so the writer copies the weights one tensor at a time
@@ -249,6 +248,7 @@ def test_external_weights_stay_in_the_input_file_until_written(tiny_model_dir, t
     written = ir.load(out / "model.onnx")
     for name, tensor in before.items():
         np.testing.assert_array_equal(written.graph.initializers[name].const_value.numpy(), tensor.numpy())
+
 
 def _bad_inputs(source: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments after `compile`, what the one-line error says)."""

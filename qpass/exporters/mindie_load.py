@@ -104,7 +104,7 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
         if f"{p}.bias" in tensors:
             check.get(f"{p}.bias", (FLOAT,), FLOAT_DTYPES, (linears[p].out_features,), "the float bias of a W8A8 Linear")
             extra.add(f"{p}.bias")
-    floats = {}
+    floats, checked = {}, set()  # checked: the float tensors read (and kept in floats when building)
     expected = model.state_dict()
     for key, param in expected.items():
         if key.rpartition(".")[0] in w8a8:  # W8A8Linear buffers, filled from the format's tensors above
@@ -112,6 +112,7 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
         if tied and key == "lm_head.weight" and key not in tensors:
             continue  # tied to model.embed_tokens.weight, as config.json says
         value = check.float_tensor(key, tuple(param.shape))
+        checked.add(key)
         if build:
             floats[key] = value.to(compute_dtype)
         del value
@@ -120,8 +121,7 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
         if tied:
             model.tie_weights()
     recipe, attention = _recipe(config, check, fa, c8)
-    floats_named = {k for k in expected if k.rpartition(".")[0] not in w8a8 and k in tensors}
-    unknown = sorted(set(tensors) - extra - floats_named - attention - ({"lm_head.weight"} if tied else set()))
+    unknown = sorted(set(tensors) - extra - checked - attention - ({"lm_head.weight"} if tied else set()))
     if unknown:
         raise QpassError(f"{d}: tensor {unknown[0]} is not a parameter of this {model_type} model nor a tensor the format "
                          f"defines ({len(unknown)} such); remove it or fix its name")

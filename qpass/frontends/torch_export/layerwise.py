@@ -408,8 +408,7 @@ class LayerwiseFrontend:
         from tqdm.auto import tqdm
 
         shape = (windows.shape[0], windows.shape[1], self.config.hidden_size)
-        budget = self.hidden_budget if self.hidden_budget is not None else available_memory() // 4
-        budget //= 1 if smooth is None else 2
+        budget = hidden_budget(self.hidden_budget, 1 if smooth is None else 2)
         with ExitStack() as stack:
             hidden, self.spilled = stack.enter_context(hidden_states(shape, budget))
             self._embed(windows, hidden, batch_size)
@@ -590,15 +589,19 @@ def _trim_heap() -> None:
         pass
 
 
+def hidden_budget(budget: int | None, streams: int = 1) -> int:
+    """The bytes each of ``streams`` hidden-state buffers may take in memory: a share of ``budget``, by default of a
+    quarter of the memory available now."""
+    return (budget if budget is not None else available_memory() // 4) // streams
+
+
 @contextmanager
 def hidden_states(shape: tuple[int, int, int], budget: int | None):
     """Yield ``(buffer, spill path or None)``: a float32 ``[N, W, hidden]`` tensor, in memory when it takes at most
-    ``budget`` bytes (default a quarter of the memory available now), else a numpy memmap in a temporary directory
-    that is removed on the way out, however the block ends."""
+    ``budget`` bytes (default :func:`hidden_budget`'s), else a numpy memmap in a temporary directory that is removed
+    on the way out, however the block ends."""
     nbytes = 4 * shape[0] * shape[1] * shape[2]
-    if budget is None:
-        budget = available_memory() // 4
-    if nbytes <= budget:
+    if nbytes <= hidden_budget(budget):
         yield torch.zeros(shape), None
         return
     import numpy as np
