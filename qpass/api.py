@@ -29,6 +29,7 @@ from qpass.core.sites import AttentionSite
 from qpass.exporters import registry
 from qpass.frontends.onnx.frontend import OnnxFrontend
 from qpass.frontends.onnx.load import is_onnx
+from qpass.frontends.onnx.load import whole_model_memory as onnx_memory
 from qpass.frontends.torch_export import layerwise
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from qpass.models.loaders import LoadedModel, load_model
@@ -81,12 +82,12 @@ def output_format(model, format: str | None) -> str:
     return format
 
 
-def frontend_for(model: str | LoadedModel, window: int, tokenizer: str | Path | None = None):
+def frontend_for(model: str | LoadedModel, window: int, tokenizer: str | Path | None = None, layerwise: bool = False):
     """The frontend that loads ``model``: an ONNX file (or a directory holding ``model.onnx``), a model directory,
     a ``.gguf`` file, ``default``, or a loaded model. ``tokenizer``: a tokenizer directory (ONNX models only;
-    by default the tokenizer files next to the model)."""
+    by default the tokenizer files next to the model); ``layerwise``: an ONNX model runs one layer at a time."""
     if is_onnx(model):
-        return OnnxFrontend.load(model, window, tokenizer)
+        return OnnxFrontend.load(model, window, tokenizer, layerwise)
     if tokenizer is not None:
         raise QpassError("--tokenizer: only ONNX models take a separate tokenizer; a Hugging Face directory or .gguf carries its own")
     return TorchExportFrontend.load(model, window)
@@ -106,13 +107,16 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     are held out of the range fitting to measure saturation on (:mod:`qpass.core.saturation`).
     Warnings (calibration text too small or too repetitive, saturation far above calibration's) go to stderr, one
     line each, and into ``report["warnings"]``.
-    ``layerwise``: True calibrates a Hugging Face directory one decoder layer at a time (:func:`compile_layerwise`);
-    None does so when the whole model would not fit in memory, with a one-line note; False never.
+    ``layerwise``: True calibrates a Hugging Face directory one decoder layer at a time (:func:`compile_layerwise`),
+    and runs an ONNX model in ONNX Runtime one layer at a time (:mod:`qpass.frontends.onnx.staged`); None does so
+    when the whole model would not fit in memory, with a one-line note; False never.
     """
     timings, warnings, held_ids = {}, [], None
     check_eval_windows(eval_windows)
-    if layerwise or (layerwise is None and recipe is None and too_big(model)):
+    onnx_input = is_onnx(model)
+    if not onnx_input and (layerwise or (layerwise is None and recipe is None and too_big(model))):
         return compile_layerwise(model, config, calib, eval=eval, recipe=recipe, eval_windows=eval_windows)
+    staged = onnx_input and bool(layerwise or (layerwise is None and too_big(model)))
     # the text files first, so that a bad one is refused before the model loads
     eval_text = None if eval is None else read_text(eval, "--eval")
     calib_texts = calib if calib is None or isinstance(calib, list) or recipe is not None else read_samples(calib, "--calib")
@@ -121,9 +125,8 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             recipe = Recipe.load(Path(recipe))
         if recipe is not None:
             config = recipe.config
-        onnx_input = is_onnx(model)
         if onnx_input:  # loading is capture: the graph is read as it is
-            frontend = frontend_for(model, config.window, tokenizer)
+            frontend = frontend_for(model, config.window, tokenizer, staged)
             frontend.check_config(config)
         else:
             loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -154,6 +157,8 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     else:
         recipe.check_matches(geometry(sites))
         calib_info = {"file": "recipe", "windows": 0, "tokens": 0}
+    if staged:  # the ONNX writer's read-back runs it one layer at a time too
+        calib_info["layerwise"] = True
     with _timed(timings, "passes"):
         quantized, counts = frontend.apply(recipe, verify=verify)
     with _timed(timings, "decoder"):
@@ -174,10 +179,16 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     counted, measured_on, measured_ids = saturation.counters(recipe), None, None
     if eval_ids is not None:
         with _timed(timings, "eval"):
-            ppl_ref = frontend.reference_perplexity(eval_ids, config.batch_size)
-            ppl_float = perplexity(frontend.logits(), eval_ids, config.batch_size, "eval float")
-            ppl_quant = perplexity(frontend.counting_logits(quantized, counted), eval_ids, config.batch_size, "eval quantized")
-        float_gap = abs(ppl_float / ppl_ref - 1.0) * 100.0
+            if staged:  # one layer at a time: no whole-model reference run
+                ppl_ref = None
+                ppl_float = math.exp(float(frontend.window_nll(None, eval_ids, config.batch_size, "eval float").mean()))
+                ppl_quant = math.exp(float(frontend.program_nll(quantized, eval_ids, config.batch_size, "eval quantized",
+                                                                counted).mean()))
+            else:
+                ppl_ref = frontend.reference_perplexity(eval_ids, config.batch_size)
+                ppl_float = perplexity(frontend.logits(), eval_ids, config.batch_size, "eval float")
+                ppl_quant = perplexity(frontend.counting_logits(quantized, counted), eval_ids, config.batch_size, "eval quantized")
+        float_gap = 0.0 if ppl_ref is None else abs(ppl_float / ppl_ref - 1.0) * 100.0
         if float_gap > FLOAT_MATCH_PCT:
             raise QpassError(f"capture changed the float model: perplexity {ppl_float:.4f} vs the model's own {ppl_ref:.4f} "
                              f"({float_gap:.4f}% apart, limit {FLOAT_MATCH_PCT}%); please report this model")
@@ -186,10 +197,15 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             "ppl_reference": ppl_ref, "ppl_float": ppl_float, "ppl_quant": ppl_quant,
             "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0,
         }
+        if staged:
+            report["eval"]["layerwise"] = True
         measured_on, measured_ids = "eval", eval_ids
     elif held_ids is not None and counted:
         with _timed(timings, "saturation"):
-            saturation.run(frontend.counting_logits(quantized, counted), held_ids, config.batch_size)
+            if staged:
+                frontend.program_nll(quantized, held_ids, config.batch_size, "saturation", counted)
+            else:
+                saturation.run(frontend.counting_logits(quantized, counted), held_ids, config.batch_size)
         measured_on, measured_ids = "held_out", held_ids
     if counted:  # measured_on None (a reused recipe, no --eval): the calibration figures alone
         report["saturation"] = saturation.section(recipe, counted if measured_on else None, measured_on, measured_ids)
@@ -202,17 +218,19 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
 
 
 def too_big(model, note: bool = True) -> bool:
-    """Whether a whole-model compile of the directory ``model`` would not fit in the memory available (a note says
-    so, unless not ``note``)."""
-    if isinstance(model, LoadedModel) or is_onnx(model):
+    """Whether a whole-model compile of ``model`` (a Hugging Face directory, or an ONNX model run whole in ONNX
+    Runtime) would not fit in the memory available (a note says so, unless not ``note``)."""
+    if isinstance(model, LoadedModel):
         return False
-    need = layerwise.whole_model_memory(model)
+    onnx_input = is_onnx(model)
+    need = onnx_memory(model) if onnx_input else layerwise.whole_model_memory(model)
     available = layerwise.available_memory()
     if need is None or need <= available:
         return False
     if note:
+        how = "running it in ONNX Runtime" if onnx_input else "calibrating"
         print(f"qpass: MODEL {model}: a whole-model compile needs about {need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
-              "is available; calibrating one decoder layer at a time (--layerwise)", file=sys.stderr)
+              f"is available; {how} one decoder layer at a time (--layerwise)", file=sys.stderr)
     return True
 
 

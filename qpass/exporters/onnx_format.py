@@ -17,6 +17,8 @@ from qpass.core import report as reporting
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.exporters.base import Compiled, Loaded
+from qpass.passes.onnx.base import SITES_METADATA
+from qpass.passes.onnx.split_layers import anchor_values, run_stages, split
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 RECIPE_DIR = "recipe"
@@ -54,12 +56,30 @@ def check(path: Path) -> None:
             import onnx
 
             onnx.checker.check_model(str(path / MODEL_FILE), full_check=True)
-        ort.InferenceSession(str(path / MODEL_FILE), providers=["CPUExecutionProvider"])
+        if report.get("calibration", {}).get("layerwise"):  # a model larger than memory: one layer's session at a time
+            _load_by_layer(path / MODEL_FILE)
+        else:
+            ort.InferenceSession(str(path / MODEL_FILE), providers=["CPUExecutionProvider"])
+    except QpassError:
+        raise
     except Exception as err:  # onnx's ValidationError, onnxruntime's Fail / InvalidGraph
         raise QpassError(f"{path / MODEL_FILE}: did not read back as a valid model ({str(err).splitlines()[0][:200]}); "
                          "check the disk and compile again") from None
     for name in path.glob("*.json"):
         json.loads(name.read_text(encoding="utf-8"))
+
+
+def _load_by_layer(path: Path) -> None:
+    """ONNX Runtime loads every stage of the model at ``path`` (:mod:`qpass.passes.onnx.split_layers`), one at a time."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    sites = json.loads(next((p.value for p in proto.metadata_props if p.key == SITES_METADATA), "[]"))
+    attention = [site.get("attention") for site in sites]
+    if not sites or None in attention:
+        raise QpassError(f"{path}: its {SITES_METADATA} metadata does not name each site's attention; compile again")
+    stages = split(proto.graph, anchor_values(proto.graph, attention))
+    run_stages(proto, stages, path.parent, lambda index, stage: stage.outputs, lambda index, session, outputs: None)
 
 
 def detect(path: Path) -> bool:

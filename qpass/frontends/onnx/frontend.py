@@ -8,7 +8,7 @@ dynamic cache have no ONNX form here and are refused.
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from qpass.frontends.onnx import load as loading
 from qpass.frontends.onnx.load import GENAI_CONFIG, GQA_FORM
 from qpass.frontends.onnx.pipeline import SITES_METADATA, check_config, quantize_model, read_sites, site_doc
 from qpass.frontends.onnx.session import Runner, greedy, session
+from qpass.frontends.onnx.staged import StagedModel
 from qpass.passes.onnx.find_attention_sites import CacheIO
 from qpass.passes.onnx.quantize_gqa_kv_cache import int8_kv_genai_config
 
@@ -33,8 +34,11 @@ from qpass.passes.onnx.quantize_gqa_kv_cache import int8_kv_genai_config
 class OnnxFrontend:
     """An ONNX decoder over token ids ``[batch, window]`` (batch and sequence are dynamic in the graph)."""
 
-    def __init__(self, path: Path, window: int, tokenizer_dir: str | Path | None = None):
+    def __init__(self, path: Path, window: int, tokenizer_dir: str | Path | None = None, layerwise: bool = False):
+        """``layerwise``: run the graph one attention site's stage at a time (:mod:`qpass.frontends.onnx.staged`),
+        holding one layer's weights, for models larger than memory; else in one ONNX Runtime session."""
         self.path = path
+        self.layerwise = layerwise
         self.model, self.found = loading.load_decoder(path)
         self.tokenizer = loading.load_tokenizer(path, tokenizer_dir, self.model)
         self.name, self.source = path.parent.name if path.name == "model.onnx" else path.stem, str(path)
@@ -44,8 +48,8 @@ class OnnxFrontend:
         self.site_docs = [site_doc(site, cache) for site, cache in self.found]
 
     @classmethod
-    def load(cls, spec: str | Path, window: int, tokenizer: str | Path | None = None) -> "OnnxFrontend":
-        return cls(loading.model_path(spec), window, tokenizer)
+    def load(cls, spec: str | Path, window: int, tokenizer: str | Path | None = None, layerwise: bool = False) -> "OnnxFrontend":
+        return cls(loading.model_path(spec), window, tokenizer, layerwise)
 
     def check_config(self, config) -> None:
         """Refuse, before calibrating, what this model cannot carry (see :func:`pipeline.check_config`)."""
@@ -102,6 +106,10 @@ class OnnxFrontend:
         if state_dict is not None:
             raise QpassError("ONNX models are observed as they are; smoothing (--anti-method) needs the PyTorch model")
         names = list(observers)
+        if self.layerwise:
+            updates = {name: (lambda value, name=name: observers[name].update(_channels(value))) for name in names}
+            self._staged(self.model).window_nll(windows, batch_size, desc, updates, nll=False)
+            return
         runner = Runner(_session_with_outputs(self.model, names), self.site_docs, names)
         for batch in batches(windows, batch_size, desc):
             for name, value in zip(names, runner.run(batch)[1:]):
@@ -115,9 +123,23 @@ class OnnxFrontend:
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         return Runner(session(self.model if recipe is None else self.apply(recipe, verify)[0]), self.site_docs).logits
 
-    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
-        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (:meth:`logits`, unverified)."""
-        return window_nll(self.logits(recipe, verify=False), windows, batch_size, desc)
+    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
+                   counters: dict[tuple[int, str], SaturationCounter] | None = None) -> torch.Tensor:
+        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (unverified)."""
+        return self.program_nll(self.model if recipe is None else self.apply(recipe, verify=False)[0], windows, batch_size,
+                                desc, counters)
+
+    def program_nll(self, model: ir.Model, windows: torch.Tensor, batch_size: int, desc: str = "eval",
+                    counters: dict[tuple[int, str], SaturationCounter] | None = None) -> torch.Tensor:
+        """Per-window NLL ``[N]`` of ``model`` (the input's, or a quantized one :meth:`apply` returned), counting
+        saturation into ``counters`` as :meth:`counting_logits` does; one stage at a time where layer-wise."""
+        if self.layerwise:
+            return self._staged(model).window_nll(windows, batch_size, desc, _count_updates(model, counters) if counters else None)
+        logits = self.counting_logits(model, counters) if counters else Runner(session(model), self.site_docs).logits
+        return window_nll(logits, windows, batch_size, desc)
+
+    def _staged(self, model: ir.Model) -> StagedModel:
+        return StagedModel(model, self.site_docs, [site.attention for site in self.attention_sites()], self.path.parent)
 
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
@@ -126,21 +148,14 @@ class OnnxFrontend:
         sites' q/k/v as the model's ``qpass.sites`` metadata names them, as extra outputs. GroupQueryAttention
         quantizes inside the op; there the int8 ``present.*`` it writes is read and its codes counted (as the
         values ``code * scale``, whose code is the same)."""
-        sites = read_sites(quantized)
-        names = {(s["layer"], kind): (s[kind], s.get("form") == GQA_FORM) for s in sites for kind in ("q", "k", "v") if s[kind]}
-        missing = sorted(set(counters) - set(names))
-        if missing:
-            raise QpassError(f"saturation: the ONNX model's {SITES_METADATA} metadata lacks sites {missing}; "
-                             "recompile it with this qpass")
-        wanted = list(counters)
-        outputs = [names[k][0] for k in wanted]
-        runner = Runner(_session_with_outputs(quantized, outputs), sites, outputs)
+        updates = _count_updates(quantized, counters)
+        outputs = list(updates)
+        runner = Runner(_session_with_outputs(quantized, outputs), read_sites(quantized), outputs)
 
         def logits(ids: torch.Tensor) -> torch.Tensor:
             out = runner.run(ids)
-            for key, value in zip(wanted, out[1:]):
-                channels = _channels(value)
-                counters[key].update(channels.float() * counters[key].scale if names[key][1] else channels)
+            for name, value in zip(outputs, out[1:]):
+                updates[name](value)
             return torch.from_numpy(out[0])
 
         return logits
@@ -160,6 +175,25 @@ class OnnxFrontend:
     def layers(self) -> Iterator[DecoderLayer]:
         for site in self.attention_sites():
             yield DecoderLayer(site.layer, site, ())
+
+
+def _count_updates(quantized: ir.Model, counters: dict[tuple[int, str], SaturationCounter]) -> dict[str, Callable]:
+    """For each counter keyed ``(layer, kind)``, the value of ``quantized`` it counts (as its ``qpass.sites`` metadata
+    names the site's q/k/v, or GroupQueryAttention's int8 ``present.*``) and the function that counts a batch of it."""
+    sites = read_sites(quantized)
+    names = {(s["layer"], kind): (s[kind], s.get("form") == GQA_FORM) for s in sites for kind in ("q", "k", "v") if s[kind]}
+    missing = sorted(set(counters) - set(names))
+    if missing:
+        raise QpassError(f"saturation: the ONNX model's {SITES_METADATA} metadata lacks sites {missing}; "
+                         "recompile it with this qpass")
+
+    def update(counter: SaturationCounter, codes: bool) -> Callable:
+        def count(value: np.ndarray) -> None:
+            channels = _channels(value)
+            counter.update(channels.float() * counter.scale if codes else channels)
+        return count
+
+    return {names[key][0]: update(counter, names[key][1]) for key, counter in counters.items()}
 
 
 def _channels(value: np.ndarray) -> torch.Tensor:

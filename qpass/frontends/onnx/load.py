@@ -17,6 +17,7 @@ MIN_OPSET = 17
 GQA_FORM = "gqa"  # AttentionSite.form of com.microsoft.GroupQueryAttention (RoPE fused inside: no q to observe)
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
+ORT_FACTOR = 2.0  # ONNX Runtime's peak memory over the weights' bytes, whole model (docs/benchmarks.md, issue 13)
 
 
 def is_onnx(spec) -> bool:
@@ -34,6 +35,21 @@ def model_path(spec: str | Path) -> Path:
     if not path.is_file():
         raise QpassError(f"{spec}: no such ONNX file; give a .onnx file or a directory holding {MODEL_FILE}")
     return path
+
+
+def whole_model_memory(spec: str | Path) -> int | None:
+    """Bytes ONNX Runtime needs to run the model whole, about: its weights (the protobuf and the external data files
+    it names) times :data:`ORT_FACTOR`; None when ``spec`` is not a readable ONNX file (loading names the problem)."""
+    import onnx
+
+    path = Path(spec) / MODEL_FILE if Path(spec).is_dir() else Path(spec)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 (protobuf's DecodeError, OSError): load_decoder refuses it in one line
+        return None
+    locations = {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data if entry.key == "location"}
+    files = [path, *(path.parent / location for location in locations)]
+    return int(sum(f.stat().st_size for f in files if f.is_file()) * ORT_FACTOR)
 
 
 def load_decoder(path: Path) -> tuple[ir.Model, list[tuple[AttentionSite, CacheIO | None]]]:

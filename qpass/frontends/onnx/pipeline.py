@@ -25,12 +25,11 @@ from qpass.core.sites import AttentionSite
 from qpass.frontends.onnx.load import GQA_FORM
 from qpass.passes.onnx.find_attention_sites import CacheIO
 from qpass.passes.onnx.fold_kv_cache_scales import FoldKVCacheScalesPass
+from qpass.passes.onnx.base import SITES_METADATA
 from qpass.passes.onnx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass
 from qpass.passes.onnx.verify_int8_cache import VerifyInt8CachePass
-
-SITES_METADATA = "qpass.sites"
 
 
 def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe, verify: bool = True,
@@ -99,7 +98,7 @@ def read_sites(model: ir.Model) -> list[dict]:
 
 def site_doc(site: AttentionSite, cache: CacheIO | None) -> dict:
     """A site and its cache as JSON (the ``qpass.sites`` metadata, and what :class:`session.Runner` sizes caches by)."""
-    doc = {"layer": site.layer, "form": site.form, "q": site.q, "k": site.k, "v": site.v, "num_heads": site.num_heads,
+    doc = {"layer": site.layer, "form": site.form, "attention": site.attention, "q": site.q, "k": site.k, "v": site.v, "num_heads": site.num_heads,
            "num_kv_heads": site.num_kv_heads, "head_dim": site.head_dim}
     if cache is not None:
         doc.update(past_key=cache.past_key, past_value=cache.past_value, present_key=cache.present_key,

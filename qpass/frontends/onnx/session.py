@@ -19,6 +19,8 @@ IN_MEMORY_BYTES = 1 << 30  # models with more initializer bytes go to ONNX Runti
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_ORT_NAMES = {ir.DataType.FLOAT: "float", ir.DataType.FLOAT16: "float16", ir.DataType.INT8: "int8", ir.DataType.UINT8: "uint8",
+              ir.DataType.INT64: "int64", ir.DataType.INT32: "int32"}
 
 
 def session(source: ir.Model | Path, threads: int | None = None):
@@ -53,25 +55,34 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-class Runner:
-    """Feeds and runs one session: ``logits(ids)`` over whole windows, ``step`` for decoding."""
+class Feeds:
+    """The feeds of a decoder's graph inputs for a batch of token ids: ``input_ids``, ``attention_mask`` and
+    ``position_ids`` where the graph has them, and the ``past_key_values.*`` given, or empty."""
 
-    def __init__(self, sess, sites: list[dict], outputs: list[str] | None = None):
-        """``sites``: the site documents (:func:`qpass.frontends.onnx.pipeline.site_doc`), whose cache heads and
-        head_dim size the empty past where the graph leaves them symbolic (onnxruntime-genai's ``kv_cache_dim``)."""
-        self.sess = sess
+    def __init__(self, inputs: dict[str, tuple[str, list]], sites: list[dict]):
+        """``inputs``: each graph input's ONNX Runtime type (``tensor(float)``) and shape; ``sites``: the site documents
+        (:func:`qpass.frontends.onnx.pipeline.site_doc`), whose cache heads and head_dim size the empty past where the
+        graph leaves them symbolic (onnxruntime-genai's ``kv_cache_dim``)."""
+        self.inputs = inputs
         self.cache_dims = {s[name]: (s["num_kv_heads"], s["head_dim"]) for s in sites
                            for name in ("past_key", "past_value") if s.get(name)}
-        self.inputs = {i.name: i for i in sess.get_inputs()}
-        self.pasts = [name for name in self.inputs if name.startswith(PAST_PREFIX)]
-        unknown = set(self.inputs) - {"input_ids", "attention_mask", "position_ids", *self.pasts}
-        if "input_ids" not in self.inputs or unknown:
-            raise QpassError(f"the ONNX model's inputs are {', '.join(self.inputs)}; qpass runs decoders with input_ids, "
+        self.pasts = [name for name in inputs if name.startswith(PAST_PREFIX)]
+        unknown = set(inputs) - {"input_ids", "attention_mask", "position_ids", *self.pasts}
+        if "input_ids" not in inputs or unknown:
+            raise QpassError(f"the ONNX model's inputs are {', '.join(inputs)}; qpass runs decoders with input_ids, "
                              "optionally attention_mask and position_ids, and past_key_values.<i>.key/value: export it so")
-        self.presents = [PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.pasts]
-        self.outputs = ["logits", *(outputs or [])]
 
-    def feeds(self, ids: np.ndarray, past: dict[str, np.ndarray] | None, start: int) -> dict[str, np.ndarray]:
+    @classmethod
+    def of_graph(cls, graph: ir.Graph, sites: list[dict]) -> "Feeds":
+        """The feeds of an onnx-ir graph's inputs (typed as ONNX Runtime would report them)."""
+        inputs = {}
+        for value in graph.inputs:
+            kind = f"tensor({_ORT_NAMES.get(value.dtype, str(value.dtype))})" if value.dtype is not None else "untyped"
+            dims = [] if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
+            inputs[value.name] = (kind, dims)
+        return cls(inputs, sites)
+
+    def __call__(self, ids: np.ndarray, past: dict[str, np.ndarray] | None, start: int) -> dict[str, np.ndarray]:
         batch, seq = ids.shape
         feeds = {"input_ids": ids.astype(np.int64)}
         if "attention_mask" in self.inputs:
@@ -82,13 +93,31 @@ class Runner:
             if past is not None:
                 feeds[name] = past[name]
                 continue
-            shape = self.inputs[name].shape  # [B, kv_heads, past, head_dim]
-            heads, head_dim = self.cache_dims.get(name, (shape[1], shape[3]))
+            shape = self.inputs[name][1]  # [B, kv_heads, past, head_dim]
+            heads, head_dim = self.cache_dims.get(name, (shape[1], shape[3]) if len(shape) == 4 else (None, None))
             if not all(isinstance(d, int) for d in (heads, head_dim)):
                 raise QpassError(f"the ONNX model's input {name} has shape {shape} and no attention site reads it; "
                                  "its heads and head_dim must be static")
             feeds[name] = np.zeros((batch, heads, 0, head_dim), dtype=self._dtype(name))
         return feeds
+
+    def _dtype(self, name: str):
+        kind = self.inputs[name][0]
+        if kind not in _NUMPY:
+            raise QpassError(f"the ONNX model's input {name} is {kind}; qpass feeds {', '.join(_NUMPY)}")
+        return _NUMPY[kind]
+
+
+class Runner:
+    """Feeds and runs one session: ``logits(ids)`` over whole windows, ``step`` for decoding."""
+
+    def __init__(self, sess, sites: list[dict], outputs: list[str] | None = None):
+        """``sites``: the site documents, as :class:`Feeds` takes them; ``outputs``: values fetched after the logits."""
+        self.sess = sess
+        self.feeds = Feeds({i.name: (i.type, i.shape) for i in sess.get_inputs()}, sites)
+        self.pasts = self.feeds.pasts
+        self.presents = [PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.pasts]
+        self.outputs = ["logits", *(outputs or [])]
 
     def run(self, ids: torch.Tensor) -> list[np.ndarray]:
         """``[logits, *outputs]`` of token ids ``[B, S]`` with an empty past."""
@@ -101,12 +130,6 @@ class Runner:
         """One forward of ``ids [1, S]`` after ``start`` cached tokens: ``(logits [1, S, vocab], the new cache)``."""
         out = self.sess.run(["logits", *self.presents], self.feeds(ids, past, start))
         return out[0], dict(zip(self.pasts, out[1:]))
-
-    def _dtype(self, name: str):
-        kind = self.inputs[name].type
-        if kind not in _NUMPY:
-            raise QpassError(f"the ONNX model's input {name} is {kind}; qpass feeds {', '.join(_NUMPY)}")
-        return _NUMPY[kind]
 
 
 def greedy(runner: Runner, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:

@@ -10,6 +10,8 @@ from qpass.core.recipe import Recipe
 from qpass.core.sites import AttentionSite
 from qpass.passes.onnx.find_attention_sites import CacheIO
 
+SITES_METADATA = "qpass.sites"  # the model metadata where a quantized model records its sites (JSON, FORMATS.md)
+
 
 class SitePass(ir.passes.InPlacePass):
     def __init__(self, sites: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe):

@@ -1,0 +1,79 @@
+"""An ONNX decoder run one layer at a time over every window (``--layerwise``), for models larger than memory.
+
+The graph is cut into one stage per attention site (:mod:`qpass.passes.onnx.split_layers`). Each stage's ONNX
+Runtime session is made, run over every window batch and dropped before the next, so only one stage's weights are
+held; the values that cross a stage boundary (the residual stream, the attention output, masks and rotary tables)
+are kept for every batch until their last reader has run. The values observed (site q/k/v, the int8 cache) are
+handed to their callbacks as their stage makes them, in batch order, as a whole-model run hands them over.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from tqdm.auto import tqdm
+
+from qpass.core.errors import QpassError
+from qpass.core.evaluate import batch_nll
+from qpass.frontends.onnx.session import Feeds
+from qpass.passes.onnx.split_layers import anchor_values, run_stages, split
+
+
+class StagedModel:
+    """``model`` (an onnx-ir decoder, its weights external data under ``base_dir`` or in memory) cut at ``attention``
+    (each site's attention output value, or its GroupQueryAttention node's name)."""
+
+    def __init__(self, model: ir.Model, sites: list[dict], attention: list[str], base_dir: Path):
+        self.proto = ir.to_proto(model)  # external tensors stay references into their file: nothing is read
+        self.base_dir = base_dir
+        self.stages = split(self.proto.graph, anchor_values(self.proto.graph, attention))
+        self.feeds = Feeds.of_graph(model.graph, sites)
+        self.made = {name: index for index, stage in enumerate(self.stages) for j in stage.nodes
+                     for name in self.proto.graph.node[j].output if name}
+        self.last_read = {}
+        for index, stage in enumerate(self.stages):
+            for name in stage.inputs:
+                if name in self.made:
+                    self.last_read[name] = index
+
+    def window_nll(self, windows: torch.Tensor, batch_size: int, desc: str,
+                   observe: dict[str, Callable[[np.ndarray], None]] | None = None, nll: bool = True) -> torch.Tensor | None:
+        """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``, None unless ``nll``), and
+        ``observe[name](value)`` for each batch's value of each name observed."""
+        observe = observe or {}
+        unknown = [name for name in observe if name not in self.made]
+        if unknown:
+            raise QpassError(f"--layerwise: no node of the ONNX graph makes {unknown[0]}; please report this model")
+        batches = list(windows.split(batch_size))
+        graph_feeds = [self.feeds(batch.numpy(), None, 0) for batch in batches]
+        kept: dict[str, list[np.ndarray]] = {}
+        result = []
+        bar = tqdm(total=len(self.stages), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None)
+
+        def fetch(index, stage) -> list[str]:
+            wanted = [name for name in stage.outputs if name in self.last_read or (nll and name == "logits")]
+            return wanted + [name for name in observe if self.made[name] == index]
+
+        def use(index, session, outputs) -> None:
+            stage = self.stages[index]
+            for b, batch in enumerate(batches):
+                feed = {name: kept[name][b] if name in kept else graph_feeds[b][name] for name in stage.inputs}
+                for name, value in zip(outputs, session.run(outputs, feed)):
+                    if name in self.last_read:
+                        kept.setdefault(name, []).append(value)
+                    if name in observe:
+                        observe[name](value)
+                    if name == "logits" and nll:
+                        result.append(batch_nll(torch.from_numpy(value), batch))
+            for name in [name for name in kept if self.last_read[name] == index]:
+                del kept[name]
+            bar.update(1)
+
+        try:
+            with torch.no_grad():
+                run_stages(self.proto, self.stages, self.base_dir, fetch, use)
+        finally:
+            bar.close()
+        return torch.cat(result) if nll else None
