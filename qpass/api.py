@@ -145,8 +145,8 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
             frontend = frontend_for(loaded, config.window, tokenizer)
         sites = frontend.attention_sites()
     if recipe is None:
-        with _timed(timings, "calibrate"):
-            recipe = calibrate(frontend, calib_ids, config)
+        with _timed(timings, "calibrate"):  # layer-wise: each site's ranges chosen, and its observers dropped, when done
+            recipe = (calibrate_by_layer if staged else calibrate)(frontend, calib_ids, config)
         calib_info = {"file": "stdlib corpus" if calib is None else str(calib) if not isinstance(calib, list) else "texts",
                       "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel()),
                       "held_out_windows": 0 if held_ids is None else int(held_ids.shape[0])}
@@ -311,11 +311,12 @@ def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = EV
     start = time.perf_counter()
     loaded = registry.detect(out_dir).load(Path(out_dir), "eval")
     counted = saturation.counters(loaded.recipe) if loaded.recipe is not None else {}
+    staged = loaded.format == "onnx" and too_big(Path(out_dir) / "model.onnx", note=False)  # one layer at a time
     if loaded.program is not None:
         config = loaded.recipe.config
         window, batch_size = config.window, config.batch_size
         frontend_class = OnnxFrontend if loaded.format == "onnx" else TorchExportFrontend
-        logits = frontend_class.counting_logits(loaded.program, counted)
+        logits = None if staged else frontend_class.counting_logits(loaded.program, counted)
     else:
         window = min(DEFAULT_WINDOW, getattr(loaded.model.config, "max_position_embeddings", None) or DEFAULT_WINDOW)
         batch_size = DEFAULT_BATCH
@@ -323,10 +324,16 @@ def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = EV
     ids = token_windows(loaded.tokenizer, [text], window, eval_windows, "--eval")
     loaded_s = time.perf_counter() - start
     start = time.perf_counter()
-    ppl = perplexity(logits, ids, batch_size, "eval quantized")
+    if staged:
+        nll = OnnxFrontend.staged_nll(loaded.program, Path(out_dir), ids, batch_size, "eval quantized", counted)
+        ppl = math.exp(float(nll.mean()))
+    else:
+        ppl = perplexity(logits, ids, batch_size, "eval quantized")
     timings = {"load": round(loaded_s, 3), "eval": round(time.perf_counter() - start, 3)}
     result = {"file": str(eval), **loaded.info, "tokens": int(ids.numel()), "windows": int(ids.shape[0]), "window": window,
               "ppl_quant": ppl, "timings_s": timings if loaded.program is None else {"eval": timings["eval"]}}
+    if staged:
+        result["layerwise"] = True
     if counted:
         result["saturation"] = saturation.section(loaded.recipe, counted, "eval", ids)
         result["warnings"] = _warn([], saturation.warning(result["saturation"]))

@@ -4,6 +4,9 @@
     python tools/bench_layerwise.py time [--windows 32] [--window 512]
     python tools/bench_layerwise.py large [--layers 54] [--windows 2] [--window 512] [--dir DIR] [--config kv|w8a8-mindie]
     python tools/bench_layerwise.py auto [--eval out/corpus/eval_prose.txt] [--calib-samples 14]
+    python tools/bench_layerwise.py onnx [--work out/onnx-bench] [--eval out/corpus/eval_prose.txt]
+    python tools/bench_layerwise.py onnx-rss [--layers 4 32] [--windows 8] [--window 256]
+    python tools/bench_layerwise.py onnx-large [--layers 20] [--windows 2] [--window 512] [--dir DIR]
 
 ``rss``: random-weight Llamas of the same width (hidden 2048, 16 heads, 8 KV heads, intermediate 5632, vocabulary
 32000), one per depth, written straight to sharded bfloat16 safetensors (one shard per layer, never the whole
@@ -27,6 +30,19 @@ layer and the note qpass printed. Target: it compiles within the machine's memor
 --disable-level auto --max-ppl-increase 2 --anti-method m3 --act-method 3 --calib-samples 14 --eval FILE`` whole-model
 and with ``--layerwise`` (each in its own child process): the float Linears, the ranking searched, the evaluation
 (float and quantized perplexity, measured layer by layer in the layer-wise run), the time and the peak RSS of each.
+
+``onnx``: SmolLM2's two ONNX exports (``python tools/bench_onnx.py prepare --work DIR``: torch.onnx opset 20 with
+FAQuant + C8, onnxruntime-genai's builder model with C8) through ``qpass compile --eval`` whole and with
+``--layerwise`` (ONNX Runtime one layer's stage at a time), each in its own child process: time, peak RSS, the
+perplexities, and whether the recipe and ``model.onnx`` are the same bytes.
+
+``onnx-rss``: the ``rss`` Llamas (hidden 2048) turned into ONNX by onnxruntime-genai's builder (``-p fp32 -e cpu``:
+float32 weights as external data, 4.4 GiB at 32 layers), then ``qpass compile --kv-int8`` with ``--layerwise`` and
+whole, in child processes. Target: RSS(32 layers) / RSS(4 layers) <= 1.3 layer-wise.
+
+``onnx-large``: a random Llama at the ``large`` width turned into ONNX by the builder (20 layers: 26.6 GB of float32
+external data, more than this machine's 23.5 GiB), then ``qpass compile MODEL --kv-int8`` without ``--layerwise``:
+qpass must choose to run it one layer at a time. The bfloat16 directory is deleted once the builder is done.
 """
 
 import argparse
@@ -235,6 +251,96 @@ def bench_auto(args) -> None:
             shutil.rmtree(out)
 
 
+def write_random_onnx(path: Path, layers: int, *width) -> int:
+    """:func:`write_random_llama` into ``path / "hf"``, then onnxruntime-genai's builder (``-p fp32 -e cpu``, offline) into
+    ``path / "onnx"``, the Hugging Face directory deleted; the ONNX weights' bytes."""
+    hf, onnx_dir = path / "hf", path / "onnx"
+    write_random_llama(hf, layers, *width)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(onnx_dir),
+                           "-p", "fp32", "-e", "cpu", "-c", str(path / "cache")], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"the onnxruntime-genai builder failed:\n{done.stderr[-3000:]}")
+    shutil.rmtree(hf)
+    shutil.rmtree(path / "cache", ignore_errors=True)
+    return sum(f.stat().st_size for f in onnx_dir.iterdir() if f.name.startswith("model.onnx"))
+
+
+def compile_child(model: Path, out: Path, flags: list[str]) -> tuple[dict, dict]:
+    """``qpass compile MODEL FLAGS -o OUT`` in a child process: its JSON line (time, peak RSS) and the report."""
+    done = subprocess.run([sys.executable, __file__, "_cli", "compile", str(model), *flags, "-o", str(out)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"qpass compile {model} {' '.join(flags)} failed:\n{done.stderr[-3000:]}")
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    run["notes"] = [line for line in done.stderr.splitlines() if "--layerwise" in line]
+    return run, json.loads((out / "report.json").read_text())
+
+
+def bench_onnx(args) -> None:
+    import hashlib
+
+    def sha(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    for form, flags in (("dynamo20", ["--kv-int8", "--fa-quant"]), ("genai", ["--kv-int8"])):
+        model = Path(args.work) / form
+        if not (model / "model.onnx").is_file():
+            raise SystemExit(f"{model}: no model.onnx; run `python tools/bench_onnx.py prepare --work {args.work}` first")
+        flags = flags + ["--calib-samples", str(args.calib_samples), "--eval", args.eval, "--eval-windows", str(args.eval_windows)]
+        with tempfile.TemporaryDirectory(prefix="qpass-bench-onnx-") as tmp:
+            outs = {}
+            for mode, extra in (("whole", []), ("layerwise", ["--layerwise"])):
+                outs[mode] = Path(tmp) / mode
+                run, report = compile_child(model, outs[mode], flags + extra)
+                ev, t = report["eval"], report["timings_s"]
+                print(f"{form} {' '.join(flags[:2 if form == 'dynamo20' else 1])} {mode:>9}: {run['seconds']:.1f}s "
+                      f"(calibrate {t['calibrate']:.1f}s, eval {t['eval']:.1f}s), peak RSS {run['peak_rss_gib']:.2f} GiB, "
+                      f"ppl float {ev['ppl_float']:.4f} quantized {ev['ppl_quant']:.4f} ({ev['ppl_increase_pct']:+.3f}%)", flush=True)
+            same = {name: sha(outs["whole"] / name) == sha(outs["layerwise"] / name)
+                    for name in ("model.onnx", "recipe/recipe.safetensors")}
+            print(f"{form}: the same bytes layer-wise and whole: {same}", flush=True)
+
+
+def bench_onnx_rss(args) -> None:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="qpass-bench-onnx-rss-") as tmp:
+        for layers in args.layers:
+            path = Path(tmp) / f"llama-{layers}"
+            size = write_random_onnx(path, layers)
+            flags = ["--kv-int8", "--calib-samples", str(args.windows), "--window", str(args.window)]
+            for mode in args.modes:
+                run, report = compile_child(path / "onnx", path / mode, flags + (["--layerwise"] if mode == "layerwise" else []))
+                results[layers, mode] = run["peak_rss_gib"]
+                print(f"{layers:3d} layers ({size / 2**30:.2f} GiB fp32 ONNX) {mode:>9}: peak RSS {run['peak_rss_gib']:.3f} GiB, "
+                      f"{run['seconds']:.1f}s (calibrate {report['timings_s']['calibrate']:.1f}s, "
+                      f"{report['timings_s']['calibrate'] / layers:.2f}s/layer)", flush=True)
+                shutil.rmtree(path / mode)
+            shutil.rmtree(path)
+    low, high = min(args.layers), max(args.layers)
+    for mode in args.modes:
+        print(f"{mode}: RSS({high} layers) / RSS({low} layers) = {results[high, mode] / results[low, mode]:.3f}"
+              + (" (target <= 1.3)" if mode == "layerwise" else ""))
+
+
+def bench_onnx_large(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="qpass-bench-onnx-large-", dir=args.dir) as tmp:
+        path = Path(tmp)
+        start = time.perf_counter()
+        size = write_random_onnx(path, args.layers, 5120, 40, 8, 13824)
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        print(f"wrote {args.layers} layers as ONNX, {size / 1e9:.1f} GB fp32 ({size / 2**30:.1f} GiB) in "
+              f"{time.perf_counter() - start:.0f}s; memory {memory / 2**30:.1f} GiB", flush=True)
+        flags = ["--kv-int8", "--calib-samples", str(args.windows), "--window", str(args.window)]
+        run, report = compile_child(path / "onnx", path / "out", flags)
+        written = sum(f.stat().st_size for f in (path / "out").iterdir() if f.is_file())
+        print(f"qpass compile --kv-int8: {run['seconds']:.0f}s ({run['seconds'] / args.layers:.1f}s/layer, {args.windows} x "
+              f"{args.window} tokens), peak RSS {run['peak_rss_gib']:.2f} GiB, layer-wise: "
+              f"{report['calibration'].get('layerwise')}, written {written / 1e9:.1f} GB")
+        print(f"timings: {report['timings_s']}")
+        print(f"qpass said: {' / '.join(run['notes']) or '(nothing)'}")
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
@@ -266,8 +372,24 @@ def main():
     auto.add_argument("--eval-windows", type=int, default=16)
     auto.add_argument("--calib-samples", type=int, default=14)
     auto.add_argument("--modes", nargs="+", choices=("whole", "layerwise"), default=["whole", "layerwise"])
+    onnx_bench = sub.add_parser("onnx", help="SmolLM2's ONNX exports whole and --layerwise, with --eval")
+    onnx_bench.add_argument("--work", default="out/onnx-bench")
+    onnx_bench.add_argument("--eval", default="out/corpus/eval_prose.txt")
+    onnx_bench.add_argument("--eval-windows", type=int, default=16)
+    onnx_bench.add_argument("--calib-samples", type=int, default=32)
+    onnx_rss = sub.add_parser("onnx-rss", help="peak RSS of ONNX C8 compiles against depth (builder models of the rss Llamas)")
+    onnx_rss.add_argument("--layers", type=int, nargs="+", default=[4, 32])
+    onnx_rss.add_argument("--windows", type=int, default=8)
+    onnx_rss.add_argument("--window", type=int, default=256)
+    onnx_rss.add_argument("--modes", nargs="+", choices=("whole", "layerwise"), default=["layerwise", "whole"])
+    onnx_large = sub.add_parser("onnx-large", help="an ONNX model larger than memory through qpass compile --kv-int8")
+    onnx_large.add_argument("--layers", type=int, default=20)
+    onnx_large.add_argument("--windows", type=int, default=2)
+    onnx_large.add_argument("--window", type=int, default=512)
+    onnx_large.add_argument("--dir", default=None, help="where to write the model (default: the temporary directory)")
     args = parser.parse_args()
-    {"rss": bench_rss, "time": bench_time, "large": bench_large, "auto": bench_auto}[args.what](args)
+    {"rss": bench_rss, "time": bench_time, "large": bench_large, "auto": bench_auto, "onnx": bench_onnx,
+     "onnx-rss": bench_onnx_rss, "onnx-large": bench_onnx_large}[args.what](args)
 
 
 if __name__ == "__main__":

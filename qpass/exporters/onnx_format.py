@@ -79,7 +79,8 @@ def _load_by_layer(path: Path) -> None:
     if not sites or None in attention:
         raise QpassError(f"{path}: its {SITES_METADATA} metadata does not name each site's attention; compile again")
     stages = split(proto.graph, anchor_values(proto.graph, attention))
-    run_stages(proto, stages, path.parent, lambda index, stage: stage.outputs, lambda index, session, outputs: None)
+    for _ in run_stages(proto, stages, path.parent, lambda index, stage: stage.outputs, lambda index, session, outputs: None):
+        pass
 
 
 def detect(path: Path) -> bool:

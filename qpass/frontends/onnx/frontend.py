@@ -107,13 +107,26 @@ class OnnxFrontend:
             raise QpassError("ONNX models are observed as they are; smoothing (--anti-method) needs the PyTorch model")
         names = list(observers)
         if self.layerwise:
-            updates = {name: (lambda value, name=name: observers[name].update(_channels(value))) for name in names}
-            self._staged(self.model).window_nll(windows, batch_size, desc, updates, nll=False)
+            for _ in self.observe_layers(windows, observers, batch_size, desc):
+                pass
             return
         runner = Runner(_session_with_outputs(self.model, names), self.site_docs, names)
         for batch in batches(windows, batch_size, desc):
             for name, value in zip(names, runner.run(batch)[1:]):
                 observers[name].update(_channels(value))
+
+    def observe_layers(self, windows, observers: dict[str, Observer], batch_size: int, desc: str = "calibrate") -> Iterator[int]:
+        """:meth:`observe` one stage at a time (layer-wise), yielding each site's layer once its observers have seen
+        every window (for :func:`qpass.core.calibrate.calibrate_by_layer`, which then drops them)."""
+        staged = self._staged(self.model)
+        updates = {name: (lambda value, name=name: observers[name].update(_channels(value))) for name in observers}
+        done_at: dict[int, list[int]] = {}
+        for site in self.attention_sites():
+            names = [name for name in (site.q, site.k, site.v) if name in observers]
+            if names:
+                done_at.setdefault(max(staged.made.get(name, 0) for name in names), []).append(site.layer)
+        for index in staged.run(windows, batch_size, desc, updates):
+            yield from done_at.get(index, [])
 
     def apply(self, recipe: Recipe, verify: bool = True):
         """``(the quantized onnx-ir model, each pass's count)``; the input file is read again, never changed."""
@@ -137,6 +150,18 @@ class OnnxFrontend:
             return self._staged(model).window_nll(windows, batch_size, desc, _count_updates(model, counters) if counters else None)
         logits = self.counting_logits(model, counters) if counters else Runner(session(model), self.site_docs).logits
         return window_nll(logits, windows, batch_size, desc)
+
+    @staticmethod
+    def staged_nll(quantized: ir.Model, base_dir: Path, windows: torch.Tensor, batch_size: int, desc: str = "eval",
+                   counters: dict[tuple[int, str], SaturationCounter] | None = None) -> torch.Tensor:
+        """Per-window NLL ``[N]`` of a quantized model read back from ``base_dir`` (its sites from its ``qpass.sites``
+        metadata), one stage at a time (``qpass eval`` of a model larger than memory)."""
+        sites = read_sites(quantized)
+        if any("attention" not in site for site in sites):
+            raise QpassError(f"{base_dir}: its {SITES_METADATA} metadata does not name each site's attention (an older "
+                             "qpass wrote it), which a model larger than memory is cut at; compile it again")
+        staged = StagedModel(quantized, sites, [site["attention"] for site in sites], base_dir)
+        return staged.window_nll(windows, batch_size, desc, _count_updates(quantized, counters) if counters else None)
 
     def _staged(self, model: ir.Model) -> StagedModel:
         return StagedModel(model, self.site_docs, [site.attention for site in self.attention_sites()], self.path.parent)

@@ -38,8 +38,9 @@ def model_path(spec: str | Path) -> Path:
 
 
 def whole_model_memory(spec: str | Path) -> int | None:
-    """Bytes ONNX Runtime needs to run the model whole, about: its weights (the protobuf and the external data files
-    it names) times :data:`ORT_FACTOR`; None when ``spec`` is not a readable ONNX file (loading names the problem)."""
+    """Bytes ONNX Runtime needs to run the model whole, about: its initializers' bytes (external data by the lengths
+    the graph gives, without reading it) times :data:`ORT_FACTOR`; None when ``spec`` is not a readable ONNX file
+    (loading names the problem)."""
     import onnx
 
     path = Path(spec) / MODEL_FILE if Path(spec).is_dir() else Path(spec)
@@ -47,9 +48,11 @@ def whole_model_memory(spec: str | Path) -> int | None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 (protobuf's DecodeError, OSError): load_decoder refuses it in one line
         return None
-    locations = {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data if entry.key == "location"}
-    files = [path, *(path.parent / location for location in locations)]
-    return int(sum(f.stat().st_size for f in files if f.is_file()) * ORT_FACTOR)
+    total = 0
+    for tensor in proto.graph.initializer:
+        external = {entry.key: entry.value for entry in tensor.external_data}
+        total += int(external.get("length", 0)) if external else tensor.ByteSize()
+    return int(total * ORT_FACTOR)
 
 
 def load_decoder(path: Path) -> tuple[ir.Model, list[tuple[AttentionSite, CacheIO | None]]]:

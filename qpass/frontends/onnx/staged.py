@@ -7,7 +7,7 @@ are kept for every batch until their last reader has run. The values observed (s
 handed to their callbacks as their stage makes them, in batch order, as a whole-model run hands them over.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,16 @@ class StagedModel:
                    observe: dict[str, Callable[[np.ndarray], None]] | None = None, nll: bool = True) -> torch.Tensor | None:
         """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``, None unless ``nll``), and
         ``observe[name](value)`` for each batch's value of each name observed."""
+        result = [] if nll else None
+        for _ in self.run(windows, batch_size, desc, observe, result):
+            pass
+        return torch.cat(result) if nll else None
+
+    def run(self, windows: torch.Tensor, batch_size: int, desc: str,
+            observe: dict[str, Callable[[np.ndarray], None]] | None = None, nll: list | None = None) -> Iterator[int]:
+        """Runs every stage over ``windows``, yielding each stage's index once it is done (and its session gone):
+        ``observe[name](value)`` for each batch's value of each name observed, and each batch's NLL appended to
+        ``nll`` where it is a list."""
         observe = observe or {}
         unknown = [name for name in observe if name not in self.made]
         if unknown:
@@ -49,11 +59,9 @@ class StagedModel:
         batches = list(windows.split(batch_size))
         graph_feeds = [self.feeds(batch.numpy(), None, 0) for batch in batches]
         kept: dict[str, list[np.ndarray]] = {}
-        result = []
-        bar = tqdm(total=len(self.stages), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None)
 
         def fetch(index, stage) -> list[str]:
-            wanted = [name for name in stage.outputs if name in self.last_read or (nll and name == "logits")]
+            wanted = [name for name in stage.outputs if name in self.last_read or (nll is not None and name == "logits")]
             return wanted + [name for name in observe if self.made[name] == index]
 
         def use(index, session, outputs) -> None:
@@ -65,15 +73,13 @@ class StagedModel:
                         kept.setdefault(name, []).append(value)
                     if name in observe:
                         observe[name](value)
-                    if name == "logits" and nll:
-                        result.append(batch_nll(torch.from_numpy(value), batch))
+                    if name == "logits" and nll is not None:
+                        nll.append(batch_nll(torch.from_numpy(value), batch))
             for name in [name for name in kept if self.last_read[name] == index]:
                 del kept[name]
-            bar.update(1)
 
-        try:
-            with torch.no_grad():
-                run_stages(self.proto, self.stages, self.base_dir, fetch, use)
-        finally:
-            bar.close()
-        return torch.cat(result) if nll else None
+        with torch.no_grad(), tqdm(total=len(self.stages), desc=f"{desc} (layer-wise)", unit="layer", leave=False,
+                                   disable=None) as bar:
+            for index in run_stages(self.proto, self.stages, self.base_dir, fetch, use):
+                bar.update(1)
+                yield index

@@ -46,6 +46,7 @@ from torch.export import Dim
 
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
+from qpass.core.memory import trim_heap
 from qpass.core.observers import Observer
 from qpass.core.recipe import SITE_KINDS, Recipe, geometry, linear_key, site_key
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
@@ -433,7 +434,7 @@ class LayerwiseFrontend:
                     _run(program, site.layer, observers, hidden, batch_size, True)
                 finally:
                     program.release()
-                    _trim_heap()
+                    trim_heap()
                 yield site.layer
 
     def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
@@ -462,7 +463,7 @@ class LayerwiseFrontend:
                 finally:
                     program.release()
                     gc.collect()  # the quantized program's fx graph holds reference cycles, and with them its weights
-                    _trim_heap()
+                    trim_heap()
             return self._head_nll(windows, hidden, batch_size)
 
     def _embed(self, windows: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> None:
@@ -575,18 +576,6 @@ class LazyStateDict(Mapping):
 
     def __len__(self) -> int:
         return len(self.checkpoint.files)
-
-
-def _trim_heap() -> None:
-    """Give the memory freed with a layer's weights back to the system (glibc keeps freed blocks below its mmap
-    threshold in the heap, and fragments of them add up over the layers: measured 60 MB a layer at hidden 2048)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim this way
-        pass
 
 
 def hidden_budget(budget: int | None, streams: int = 1) -> int:

@@ -17,13 +17,14 @@ memory-mapped and from which it copies only that stage's tensors. The cut is on 
 node order is the graph's (topological).
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from qpass.core.errors import QpassError
+from qpass.core.memory import trim_heap
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,11 @@ def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return types
 
 
-def run_stages(model: onnx.ModelProto, stages: list[Stage], base_dir: Path | None, fetch, use) -> None:
+def run_stages(model: onnx.ModelProto, stages: list[Stage], base_dir: Path | None, fetch, use) -> Iterator[int]:
     """``use(index, session, outputs)`` for each stage in turn, ``fetch(index, stage)`` naming the outputs (values the
-    stage makes) its session is built with; a stage with none is skipped. Each session is dropped when ``use``
-    returns, before the next is made (``use`` keeps none), so one stage's weights are held at a time. Values crossing a boundary without a type in the graph (outputs of ONNX Runtime's own ops, which ``onnx`` shape
+    stage makes) its session is built with; a stage with none is skipped. Yields each stage's index when it is done.
+    Each session is dropped when ``use`` returns, before the next is made (``use`` keeps none), and its memory given
+    back to the system, so one stage's weights are held at a time. Values crossing a boundary without a type in the graph (outputs of ONNX Runtime's own ops, which ``onnx`` shape
     inference does not know) are typed as ONNX Runtime inferred them in the stage that made them."""
     types = value_types(model)
     for index, stage in enumerate(stages):
@@ -177,6 +179,8 @@ def run_stages(model: onnx.ModelProto, stages: list[Stage], base_dir: Path | Non
                     types[value.name] = onnx.helper.make_tensor_type_proto(elem, None)
         use(index, session, outputs)
         del session
+        trim_heap()
+        yield index
 
 
 def stage_session(model: onnx.ModelProto, base_dir: Path | None, threads: int | None = None):
