@@ -150,6 +150,8 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         calib_info = {"file": "stdlib corpus" if calib is None else str(calib) if not isinstance(calib, list) else "texts",
                       "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel()),
                       "held_out_windows": 0 if held_ids is None else int(held_ids.shape[0])}
+        if staged:
+            calib_info["hidden_states_spilled"] = frontend.spilled
         feeds = _feeds(config, sites)
         if feeds:  # a dynamic cache alone calibrates nothing
             _warn(warnings, calibration_text_warning(calib_ids, feeds))

@@ -145,3 +145,54 @@ def test_a_config_for_a_small_model_is_not_refused(onnx_dirs):
     """``--layerwise`` needs nothing of the config that the whole-model path does not: the same checks apply."""
     frontend = OnnxFrontend.load(onnx_dirs[20], 64, layerwise=True)
     frontend.check_config(QuantConfig(kv_cache="int8", fa_quant=True))
+
+
+def test_qpass_eval_runs_an_output_too_large_for_memory_by_stage(onnx_dirs, text_files, tmp_path, monkeypatch, capsys):
+    """``qpass eval`` of an ONNX output that would not fit in memory runs it one stage at a time: the same perplexity
+    and saturation as the whole-model run."""
+    from qpass.frontends.torch_export import layerwise
+
+    out = tmp_path / "out"
+    assert main(["compile", str(onnx_dirs[20]), "--kv-int8", "--fa-quant", "--calib", str(text_files["calib"]),
+                 "-o", str(out), *SMALL]) == 0
+    results = []
+    for memory in (None, 1 << 20):
+        if memory:
+            monkeypatch.setattr(layerwise, "available_memory", lambda: memory)
+        capsys.readouterr()
+        assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    whole, staged = results
+    assert "layerwise" not in whole and staged["layerwise"] is True
+    assert staged["ppl_quant"] == pytest.approx(whole["ppl_quant"], rel=1e-9)
+    assert staged["saturation"] == whole["saturation"]
+
+
+def test_the_memory_a_whole_run_needs_is_read_from_the_graph_without_the_weights(genai_float_dir, onnx_dirs):
+    """External weights count by the lengths the graph gives (the data file is not read), embedded ones by their size."""
+    from qpass.frontends.onnx.load import ORT_FACTOR, whole_model_memory
+
+    external = (genai_float_dir / "model.onnx.data").stat().st_size
+    assert whole_model_memory(genai_float_dir) == pytest.approx(external * ORT_FACTOR, rel=0.01)
+    embedded = (onnx_dirs[20] / "model.onnx").stat().st_size
+    assert whole_model_memory(onnx_dirs[20] / "model.onnx") == pytest.approx(embedded * ORT_FACTOR, rel=0.05)
+    assert whole_model_memory(onnx_dirs[20] / "missing.onnx") is None
+
+
+def test_boundary_values_past_the_budget_go_to_temporary_files_and_give_the_same_numbers(onnx_dirs, text_files, monkeypatch):
+    """With no memory to spare, every value crossing a stage boundary is kept in a temporary file, removed when its
+    last reader is done; the perplexity is the in-memory run's, and no file is left behind."""
+    import tempfile
+
+    from qpass.frontends.onnx import staged
+
+    frontend = OnnxFrontend.load(onnx_dirs[20], 64, layerwise=True)
+    windows = token_windows(frontend.tokenizer, read_samples(text_files["calib"], "--calib"), 64, 4, "--calib")
+    in_memory = frontend.window_nll(None, windows, 2)
+    before = set(Path(tempfile.gettempdir()).glob("qpass-stages-*"))
+    monkeypatch.setattr(staged, "available_memory", lambda: 0)
+    model = staged.StagedModel(frontend.model, frontend.site_docs, [s.attention for s in frontend.attention_sites()],
+                               frontend.path.parent)
+    spilled = model.window_nll(windows, 2, "eval")
+    assert model.spilled and set(Path(tempfile.gettempdir()).glob("qpass-stages-*")) == before
+    assert spilled.tolist() == in_memory.tolist()

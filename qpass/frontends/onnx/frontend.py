@@ -39,6 +39,7 @@ class OnnxFrontend:
         holding one layer's weights, for models larger than memory; else in one ONNX Runtime session."""
         self.path = path
         self.layerwise = layerwise
+        self.spilled = False  # whether a layer-wise run kept boundary values in temporary files
         self.model, self.found = loading.load_decoder(path)
         self.tokenizer = loading.load_tokenizer(path, tokenizer_dir, self.model)
         self.name, self.source = path.parent.name if path.name == "model.onnx" else path.stem, str(path)
@@ -126,6 +127,7 @@ class OnnxFrontend:
             if names:
                 done_at.setdefault(max(staged.made.get(name, 0) for name in names), []).append(site.layer)
         for index in staged.run(windows, batch_size, desc, updates):
+            self.spilled |= staged.spilled
             yield from done_at.get(index, [])
 
     def apply(self, recipe: Recipe, verify: bool = True):

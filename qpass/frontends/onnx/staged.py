@@ -3,10 +3,12 @@
 The graph is cut into one stage per attention site (:mod:`qpass.passes.onnx.split_layers`). Each stage's ONNX
 Runtime session is made, run over every window batch and dropped before the next, so only one stage's weights are
 held; the values that cross a stage boundary (the residual stream, the attention output, masks and rotary tables)
-are kept for every batch until their last reader has run. The values observed (site q/k/v, the int8 cache) are
-handed to their callbacks as their stage makes them, in batch order, as a whole-model run hands them over.
+are kept for every batch until their last reader has run (in memory up to a budget, past it in temporary files).
+The values observed (site q/k/v, the int8 cache) are handed to their callbacks as their stage makes them, in batch
+order, as a whole-model run hands them over.
 """
 
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
+from qpass.core.memory import available_memory
 from qpass.frontends.onnx.session import Feeds
 from qpass.passes.onnx.split_layers import anchor_values, run_stages, split
 
@@ -25,7 +28,11 @@ class StagedModel:
     """``model`` (an onnx-ir decoder, its weights external data under ``base_dir`` or in memory) cut at ``attention``
     (each site's attention output value, or its GroupQueryAttention node's name)."""
 
-    def __init__(self, model: ir.Model, sites: list[dict], attention: list[str], base_dir: Path):
+    def __init__(self, model: ir.Model, sites: list[dict], attention: list[str], base_dir: Path, budget: int | None = None):
+        """``budget``: the bytes of boundary values kept in memory (default a quarter of the memory available);
+        past it they go to files in a temporary directory."""
+        self.budget = budget
+        self.spilled = False
         self.proto = ir.to_proto(model)  # external tensors stay references into their file: nothing is read
         self.base_dir = base_dir
         self.stages = split(self.proto.graph, anchor_values(self.proto.graph, attention))
@@ -58,7 +65,7 @@ class StagedModel:
             raise QpassError(f"--layerwise: no node of the ONNX graph makes {unknown[0]}; please report this model")
         batches = list(windows.split(batch_size))
         graph_feeds = [self.feeds(batch.numpy(), None, 0) for batch in batches]
-        kept: dict[str, list[np.ndarray]] = {}
+        kept = _Kept(available_memory() // 4 if self.budget is None else self.budget)
 
         def fetch(index, stage) -> list[str]:
             wanted = [name for name in stage.outputs if name in self.last_read or (nll is not None and name == "logits")]
@@ -67,19 +74,69 @@ class StagedModel:
         def use(index, session, outputs) -> None:
             stage = self.stages[index]
             for b, batch in enumerate(batches):
-                feed = {name: kept[name][b] if name in kept else graph_feeds[b][name] for name in stage.inputs}
+                feed = {name: kept.get(name, b) if name in kept else graph_feeds[b][name] for name in stage.inputs}
                 for name, value in zip(outputs, session.run(outputs, feed)):
                     if name in self.last_read:
-                        kept.setdefault(name, []).append(value)
+                        kept.add(name, value)
                     if name in observe:
                         observe[name](value)
                     if name == "logits" and nll is not None:
                         nll.append(batch_nll(torch.from_numpy(value), batch))
-            for name in [name for name in kept if self.last_read[name] == index]:
-                del kept[name]
+            for name in [name for name in kept.names() if self.last_read[name] == index]:
+                kept.drop(name)
 
-        with torch.no_grad(), tqdm(total=len(self.stages), desc=f"{desc} (layer-wise)", unit="layer", leave=False,
-                                   disable=None) as bar:
+        with kept, torch.no_grad(), tqdm(total=len(self.stages), desc=f"{desc} (layer-wise)", unit="layer", leave=False,
+                                         disable=None) as bar:
             for index in run_stages(self.proto, self.stages, self.base_dir, fetch, use):
                 bar.update(1)
+                self.spilled |= kept.directory is not None
                 yield index
+
+
+class _Kept:
+    """The values crossing stage boundaries, one array per batch: in memory up to ``budget`` bytes, past it in
+    ``.npy`` files of a temporary directory, each removed when its value's last reader is done, and the directory
+    removed however the run ends (a context manager)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.held, self.count = budget, 0, 0
+        self.values: dict[str, list[np.ndarray]] = {}
+        self.files: dict[str, list[Path]] = {}
+        self.directory: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> "_Kept":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.values.clear()
+        if self.directory is not None:
+            self.directory.cleanup()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    def names(self) -> list[str]:
+        return list(self.values)
+
+    def get(self, name: str, batch: int) -> np.ndarray:
+        return self.values[name][batch]
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        if self.held + value.nbytes <= self.budget:
+            self.held += value.nbytes
+        else:
+            if self.directory is None:
+                self.directory = tempfile.TemporaryDirectory(prefix="qpass-stages-")
+            path = Path(self.directory.name) / f"{self.count}.npy"
+            self.count += 1
+            spilled = np.lib.format.open_memmap(path, mode="w+", dtype=value.dtype, shape=value.shape)
+            spilled[...] = value
+            spilled.flush()
+            self.files.setdefault(name, []).append(path)
+            value = spilled
+        self.values.setdefault(name, []).append(value)
+
+    def drop(self, name: str) -> None:
+        self.held -= sum(value.nbytes for value in self.values.pop(name) if not isinstance(value, np.memmap))
+        for path in self.files.pop(name, []):
+            path.unlink()

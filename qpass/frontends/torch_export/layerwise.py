@@ -46,7 +46,7 @@ from torch.export import Dim
 
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
-from qpass.core.memory import trim_heap
+from qpass.core.memory import available_memory, trim_heap
 from qpass.core.observers import Observer
 from qpass.core.recipe import SITE_KINDS, Recipe, geometry, linear_key, site_key
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
@@ -130,17 +130,6 @@ class Checkpoint:
 
 def _itemsize(dtype: str) -> int:
     return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(dtype, 1)
-
-
-def available_memory() -> int:
-    """Bytes of memory available to this process now (``MemAvailable``; the free pages where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def whole_model_memory(path: str | Path) -> int | None:
