@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "C8 needs --symmetric, no --fa-quant)")
     c.add_argument("--dtype", choices=("float16", "bfloat16"), help="model dtype of --format mindie / vllm-ascend (default float16)")
     c.add_argument("--layerwise", action="store_true", default=None,
-                   help="calibrate a Hugging Face directory one decoder layer at a time from its safetensors (automatic when "
-                        "the model would not fit in memory); --fa-quant, --kv-int8, --w8a8 without smoothing; writes recipe/, tokenizer/ "
-                        "and the report")
+                   help="calibrate a Hugging Face directory one decoder layer at a time from its safetensors, or run an ONNX "
+                        "model in ONNX Runtime one layer's stage at a time (automatic when the model would not fit in memory); "
+                        "--fa-quant, --kv-int8, --w8a8 with or without smoothing; writes recipe/, tokenizer/ and the report, "
+                        "the MindIE / vllm-ascend directory, or the ONNX directory")
 
     e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
     e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")

@@ -46,6 +46,7 @@ def test_layer_at_a_time_writes_what_the_whole_model_run_writes(onnx_dirs, genai
         assert _sha(tmp_path / "whole" / name) == _sha(tmp_path / "layerwise" / name), name
     whole, staged = reports["whole"], reports["layerwise"]
     assert staged["calibration"]["layerwise"] is True and "layerwise" not in whole["calibration"]
+    assert staged["model"]["layerwise"] is True and "layerwise" not in whole["model"]
     assert staged["eval"]["ppl_reference"] is None
     for key in ("ppl_float", "ppl_quant"):
         assert staged["eval"][key] == pytest.approx(whole["eval"][key], rel=1e-9), key

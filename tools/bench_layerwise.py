@@ -6,7 +6,7 @@
     python tools/bench_layerwise.py auto [--eval out/corpus/eval_prose.txt] [--calib-samples 14]
     python tools/bench_layerwise.py onnx [--work out/onnx-bench] [--eval out/corpus/eval_prose.txt]
     python tools/bench_layerwise.py onnx-rss [--layers 4 32] [--windows 8] [--window 256]
-    python tools/bench_layerwise.py onnx-large [--layers 20] [--windows 2] [--window 512] [--dir DIR]
+    python tools/bench_layerwise.py onnx-large [--layers 24] [--windows 2] [--window 512] [--dir DIR]
 
 ``rss``: random-weight Llamas of the same width (hidden 2048, 16 heads, 8 KV heads, intermediate 5632, vocabulary
 32000), one per depth, written straight to sharded bfloat16 safetensors (one shard per layer, never the whole
@@ -40,8 +40,8 @@ perplexities, and whether the recipe and ``model.onnx`` are the same bytes.
 float32 weights as external data, 4.4 GiB at 32 layers), then ``qpass compile --kv-int8`` with ``--layerwise`` and
 whole, in child processes. Target: RSS(32 layers) / RSS(4 layers) <= 1.3 layer-wise.
 
-``onnx-large``: a random Llama at the ``large`` width turned into ONNX by the builder (20 layers: 26.6 GB of float32
-external data, more than this machine's 23.5 GiB), then ``qpass compile MODEL --kv-int8`` without ``--layerwise``:
+``onnx-large``: a random Llama at the ``large`` width turned into ONNX by the builder (24 layers: about 27.7 GB of
+float32 external data, more than this machine's 23.5 GiB), then ``qpass compile MODEL --kv-int8`` without ``--layerwise``:
 qpass must choose to run it one layer at a time. The bfloat16 directory is deleted once the builder is done.
 """
 
@@ -383,7 +383,7 @@ def main():
     onnx_rss.add_argument("--window", type=int, default=256)
     onnx_rss.add_argument("--modes", nargs="+", choices=("whole", "layerwise"), default=["layerwise", "whole"])
     onnx_large = sub.add_parser("onnx-large", help="an ONNX model larger than memory through qpass compile --kv-int8")
-    onnx_large.add_argument("--layers", type=int, default=20)
+    onnx_large.add_argument("--layers", type=int, default=24)
     onnx_large.add_argument("--windows", type=int, default=2)
     onnx_large.add_argument("--window", type=int, default=512)
     onnx_large.add_argument("--dir", default=None, help="where to write the model (default: the temporary directory)")

@@ -4,7 +4,8 @@ It implements :class:`qpass.core.frontend.Frontend` for FAQuant and C8: sites fr
 (:mod:`qpass.passes.onnx.find_attention_sites`), calibration with the site values as extra graph outputs
 of an ONNX Runtime session (the idea of ONNX Runtime's own calibrators), reduced by the core's observers,
 and quantization through its onnx-ir pass pipeline (:mod:`qpass.frontends.onnx.pipeline`). W8A8 and the
-dynamic cache have no ONNX form here and are refused.
+dynamic cache have no ONNX form here and are refused. A model larger than memory runs one attention site's
+stage at a time (``layerwise``, :mod:`qpass.frontends.onnx.staged`), with the same numbers.
 """
 
 import json
@@ -58,10 +59,12 @@ class OnnxFrontend:
 
     def model_facts(self) -> dict:
         """What the report says of the input beyond its geometry: the frontend, the opset, whether ``onnx.checker``
-        accepts it (the output is then held to the same), and whether its weights are external data."""
+        accepts it (the output is then held to the same), whether its weights are external data, and whether it ran
+        layer by layer."""
         external = any(isinstance(v.const_value, ir.ExternalTensor) for v in self.model.graph.initializers.values())
-        return {"frontend": "onnx", "opset": self.model.opset_imports.get("", 0), "checker_full": self.checker_ok,
-                "external_data": external, "genai": self.genai_config is not None}
+        facts = {"frontend": "onnx", "opset": self.model.opset_imports.get("", 0), "checker_full": self.checker_ok,
+                 "external_data": external, "genai": self.genai_config is not None}
+        return {**facts, "layerwise": True} if self.layerwise else facts
 
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
         """``genai_config.json`` for the output, where the input had one (updated for GQA's int8 cache)."""

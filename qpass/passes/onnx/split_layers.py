@@ -42,8 +42,7 @@ def anchor_values(graph: onnx.GraphProto, attention: list[str]) -> list[str]:
     """Each site's anchor value: ``attention`` names the value its attention makes, or (GroupQueryAttention) the node."""
     made = {name for node in graph.node for name in node.output}
     first = {node.name: node.output[0] for node in graph.node if node.name and node.output}
-    values = [name if name in made else first.get(name, name) for name in attention]
-    return values
+    return [name if name in made else first.get(name, name) for name in attention]
 
 
 def split(graph: onnx.GraphProto, anchors: list[str]) -> list[Stage]:
@@ -164,8 +163,9 @@ def run_stages(model: onnx.ModelProto, stages: list[Stage], base_dir: Path | Non
     """``use(index, session, outputs)`` for each stage in turn, ``fetch(index, stage)`` naming the outputs (values the
     stage makes) its session is built with; a stage with none is skipped. Yields each stage's index when it is done.
     Each session is dropped when ``use`` returns, before the next is made (``use`` keeps none), and its memory given
-    back to the system, so one stage's weights are held at a time. Values crossing a boundary without a type in the graph (outputs of ONNX Runtime's own ops, which ``onnx`` shape
-    inference does not know) are typed as ONNX Runtime inferred them in the stage that made them."""
+    back to the system, so one stage's weights are held at a time. Values crossing a boundary without a type in the
+    graph (outputs of ONNX Runtime's own ops, which ``onnx`` shape inference does not know) are typed as ONNX Runtime
+    inferred them in the stage that made them."""
     types = value_types(model)
     for index, stage in enumerate(stages):
         outputs = list(dict.fromkeys(fetch(index, stage)))
