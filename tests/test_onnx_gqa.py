@@ -91,7 +91,7 @@ def gqa_nodes(model: ir.Model) -> list[ir.Node]:
 def test_sites_of_the_builders_graph(float_model):
     sites = find_gqa_sites(float_model)
     assert sites == [GQASite(layer=i, node_name=f"/model/layers.{i}/attn/GroupQueryAttention",
-                             past_key=f"past_key_values.{i}.key", past_value=f"past_key_values.{i}.value",
+                             output=f"/model/layers.{i}/attn/GroupQueryAttention/output_0", past_key=f"past_key_values.{i}.key", past_value=f"past_key_values.{i}.value",
                              present_key=f"present.{i}.key", present_value=f"present.{i}.value",
                              num_heads=4, kv_num_heads=KV_HEADS, head_dim=HEAD_DIM, do_rotary=True, packed_qkv=True)
                      for i in range(LAYERS)]

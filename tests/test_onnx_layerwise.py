@@ -14,10 +14,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from qpass.cli import main
-from qpass.core.config import QuantConfig
 from qpass.core.data import read_samples, token_windows
 from qpass.frontends.onnx.frontend import OnnxFrontend
-from qpass.passes.onnx import split_layers
+from qpass.runtime import onnx_stages
 from tests.onnx_cases import onnx_dirs  # noqa: F401  (fixture)
 from tests.onnx_genai_cases import genai_float_dir  # noqa: F401  (fixture)
 
@@ -53,16 +52,16 @@ def test_layer_at_a_time_writes_what_the_whole_model_run_writes(onnx_dirs, genai
     assert staged["saturation"] == whole["saturation"]
 
 
-def test_saturation_on_held_out_windows_and_the_note_when_the_model_would_not_fit(onnx_dirs, text_files, tmp_path, monkeypatch, capsys):
-    """Without ``--layerwise``, a model whose weights would not fit runs one layer at a time, with a one-line note;
-    without ``--eval`` its saturation is measured on held-out calibration windows, as the whole-model run's is."""
+def test_saturation_on_held_out_windows_and_the_note_when_the_model_would_not_fit(genai_float_dir, text_files, tmp_path, monkeypatch, capsys):
+    """Without ``--layerwise``, a model whose external weights would not fit runs one layer at a time, with a one-line
+    note; without ``--eval`` its saturation is measured on held-out calibration windows, as the whole-model run's is."""
     from qpass.frontends.torch_export import layerwise
 
     args = ["--kv-int8", "--calib", str(text_files["calib"]), *SMALL[:-4], "--calib-samples", "8"]
-    assert main(["compile", str(onnx_dirs[20]), *args, "-o", str(tmp_path / "whole")]) == 0
+    assert main(["compile", str(genai_float_dir), *args, "-o", str(tmp_path / "whole")]) == 0
     monkeypatch.setattr(layerwise, "available_memory", lambda: 1 << 20)
     capsys.readouterr()
-    assert main(["compile", str(onnx_dirs[20]), *args, "-o", str(tmp_path / "auto")]) == 0
+    assert main(["compile", str(genai_float_dir), *args, "-o", str(tmp_path / "auto")]) == 0
     err = capsys.readouterr().err
     assert re.search(r"a whole-model compile needs about [\d.]+ GiB .* running it in ONNX Runtime one decoder layer at a time", err)
     whole, auto = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("whole", "auto"))
@@ -78,16 +77,16 @@ def test_one_stage_of_weights_is_held_at_a_time(onnx_dirs, genai_float_dir, text
     ``layers.<count>.final_norm``); the stages together hold every weight."""
     source = FORMS[form][0](onnx_dirs, genai_float_dir)
     made, held = [], []
-    real = split_layers.stage_session
+    real = onnx_stages.stage_session
 
-    def recording(model, base_dir, threads=None):
+    def recording(model, base_dir):
         assert all(ref() is None for ref in made), "a stage's session outlived its turn"
-        session = real(model, base_dir, threads)
-        made.append(weakref.ref(session))
+        session = real(model, base_dir)
+        made.append(weakref.ref(session._sess))  # ONNX Runtime's own session, which holds the weights
         held.append({tensor.name for tensor in model.graph.initializer})
         return session
 
-    monkeypatch.setattr(split_layers, "stage_session", recording)
+    monkeypatch.setattr(onnx_stages, "stage_session", recording)
     frontend = OnnxFrontend.load(source, 64, layerwise=True)
     windows = token_windows(frontend.tokenizer, read_samples(text_files["calib"], "--calib"), 64, 4, "--calib")
     frontend.window_nll(None, windows, 2)
@@ -100,7 +99,8 @@ def test_one_stage_of_weights_is_held_at_a_time(onnx_dirs, genai_float_dir, text
 
 
 def test_the_written_model_is_read_back_one_stage_at_a_time(onnx_dirs, text_files, tmp_path, monkeypatch):
-    """The ONNX writer's read-back of a layer-wise compile loads every stage in ONNX Runtime and never the whole model."""
+    """Every ONNX Runtime session of a layer-wise compile, the writer's read-back included, holds one stage: fewer
+    nodes than the model has."""
     import onnxruntime as ort
 
     loaded = []
@@ -108,15 +108,37 @@ def test_the_written_model_is_read_back_one_stage_at_a_time(onnx_dirs, text_file
 
     class Recording(real):
         def __init__(self, model, *args, **kwargs):
-            loaded.append(model if isinstance(model, str) else "stage")
+            loaded.append(len((onnx.load(model, load_external_data=False) if isinstance(model, str)
+                               else onnx.load_from_string(model)).graph.node))
             super().__init__(model, *args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", Recording)
     out = tmp_path / "out"
     assert main(["compile", str(onnx_dirs[23]), "--fa-quant", "--layerwise", "--calib", str(text_files["calib"]),
                  "-o", str(out), *SMALL]) == 0
-    assert loaded and set(loaded) == {"stage"}  # calibration, saturation and the read-back: stages only
-    assert loaded.count("stage") == 2 * 3  # two stages each for calibration, held-out saturation and the read-back
+    assert len(loaded) == 2 * 3  # two stages each for calibration, held-out saturation and the read-back
+    assert max(loaded) < len(onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+
+
+def test_values_crossing_a_boundary_are_dropped_after_their_last_reader(onnx_dirs, text_files, monkeypatch):
+    """Each value kept for a later stage is dropped once the last stage reading it has run, never before."""
+    from qpass.frontends.onnx import staged
+
+    events = []
+    real_add, real_drop = staged._Kept.add, staged._Kept.drop
+    monkeypatch.setattr(staged._Kept, "add", lambda self, name, value: (events.append(("add", name)), real_add(self, name, value)))
+    monkeypatch.setattr(staged._Kept, "drop", lambda self, name: (events.append(("drop", name)), real_drop(self, name)))
+    frontend = OnnxFrontend.load(onnx_dirs[20], 64, layerwise=True)
+    windows = token_windows(frontend.tokenizer, read_samples(text_files["calib"], "--calib"), 64, 4, "--calib")
+    model = frontend._staged(frontend.model)
+    frontend.window_nll(None, windows, 2)
+    added = {name for kind, name in events if kind == "add"}
+    dropped = [name for kind, name in events if kind == "drop"]
+    assert added and sorted(dropped) == sorted(added)  # each once
+    for name in added:  # dropped after the last add of every value its last reader reads
+        last_reader = model.stages[model.last_read[name]]
+        last_input = max(i for i, (kind, n) in enumerate(events) if kind == "add" and n in last_reader.inputs)
+        assert events.index(("drop", name)) > last_input, name
 
 
 def test_a_value_an_if_branch_reads_from_outside_crosses_into_its_stage():
@@ -136,26 +158,19 @@ def test_a_value_an_if_branch_reads_from_outside_crosses_into_its_stage():
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])],
         [helper.make_tensor("w", TensorProto.FLOAT, [1], [2.0])])
     onnx.checker.check_model(helper.make_model(graph))
-    first, second = split_layers.split(graph, ["att0", "att1"])
+    first, second = onnx_stages.split(graph, ["att0", "att1"])
     assert first.nodes == (0, 1) and set(first.outputs) == {"a", "att0"}
     assert second.nodes == (2, 3, 4, 5) and set(second.inputs) == {"a", "att0"}  # the Constant goes with its reader
     assert second.initializers == ("w",) and "logits" in second.outputs
 
 
-def test_a_config_for_a_small_model_is_not_refused(onnx_dirs):
-    """``--layerwise`` needs nothing of the config that the whole-model path does not: the same checks apply."""
-    frontend = OnnxFrontend.load(onnx_dirs[20], 64, layerwise=True)
-    frontend.check_config(QuantConfig(kv_cache="int8", fa_quant=True))
-
-
-def test_qpass_eval_runs_an_output_too_large_for_memory_by_stage(onnx_dirs, text_files, tmp_path, monkeypatch, capsys):
+def test_qpass_eval_runs_an_output_too_large_for_memory_by_stage(genai_float_dir, text_files, tmp_path, monkeypatch, capsys):
     """``qpass eval`` of an ONNX output that would not fit in memory runs it one stage at a time: the same perplexity
     and saturation as the whole-model run."""
     from qpass.frontends.torch_export import layerwise
 
     out = tmp_path / "out"
-    assert main(["compile", str(onnx_dirs[20]), "--kv-int8", "--fa-quant", "--calib", str(text_files["calib"]),
-                 "-o", str(out), *SMALL]) == 0
+    assert main(["compile", str(genai_float_dir), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]) == 0
     results = []
     for memory in (None, 1 << 20):
         if memory:
@@ -170,13 +185,13 @@ def test_qpass_eval_runs_an_output_too_large_for_memory_by_stage(onnx_dirs, text
 
 
 def test_the_memory_a_whole_run_needs_is_read_from_the_graph_without_the_weights(genai_float_dir, onnx_dirs):
-    """External weights count by the lengths the graph gives (the data file is not read), embedded ones by their size."""
+    """External weights count by the lengths the graph gives (the data file is not read); a model with every weight
+    inside its protobuf (under 2 GiB) is not counted: it runs whole."""
     from qpass.frontends.onnx.load import ORT_FACTOR, whole_model_memory
 
     external = (genai_float_dir / "model.onnx.data").stat().st_size
     assert whole_model_memory(genai_float_dir) == pytest.approx(external * ORT_FACTOR, rel=0.01)
-    embedded = (onnx_dirs[20] / "model.onnx").stat().st_size
-    assert whole_model_memory(onnx_dirs[20] / "model.onnx") == pytest.approx(embedded * ORT_FACTOR, rel=0.05)
+    assert whole_model_memory(onnx_dirs[20] / "model.onnx") is None
     assert whole_model_memory(onnx_dirs[20] / "missing.onnx") is None
 
 

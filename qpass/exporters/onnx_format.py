@@ -18,7 +18,7 @@ from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.exporters.base import Compiled, Loaded
 from qpass.passes.onnx.base import SITES_METADATA
-from qpass.passes.onnx.split_layers import anchor_values, run_stages, split
+from qpass.runtime.onnx_stages import run_stages, split
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 RECIPE_DIR = "recipe"
@@ -46,7 +46,8 @@ def write(compiled: Compiled, directory: Path, options: dict) -> None:
 
 def check(path: Path) -> None:
     """Re-read a directory just written: the recipe (its scales checked), the model through ``onnx.checker``
-    (with ``full_check`` where the input passed it) and an ONNX Runtime session, and the JSON files."""
+    (with ``full_check`` where the input passed it) and an ONNX Runtime session (one per stage, one at a time, after a
+    layer-wise compile), and the JSON files."""
     import onnxruntime as ort
 
     Recipe.load(path / RECIPE_DIR)
@@ -70,7 +71,7 @@ def check(path: Path) -> None:
 
 
 def _load_by_layer(path: Path) -> None:
-    """ONNX Runtime loads every stage of the model at ``path`` (:mod:`qpass.passes.onnx.split_layers`), one at a time."""
+    """ONNX Runtime loads every stage of the model at ``path`` (:mod:`qpass.runtime.onnx_stages`), one at a time."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
@@ -78,7 +79,7 @@ def _load_by_layer(path: Path) -> None:
     attention = [site.get("attention") for site in sites]
     if not sites or None in attention:
         raise QpassError(f"{path}: its {SITES_METADATA} metadata does not name each site's attention; compile again")
-    stages = split(proto.graph, anchor_values(proto.graph, attention))
+    stages = split(proto.graph, attention)
     for _ in run_stages(proto, stages, path.parent, lambda index, stage: stage.outputs, lambda index, session, outputs: None):
         pass
 

@@ -41,6 +41,7 @@ class OnnxFrontend:
         self.path = path
         self.layerwise = layerwise
         self.spilled = False  # whether a layer-wise run kept boundary values in temporary files
+        self._float_stages: StagedModel | None = None
         self.model, self.found = loading.load_decoder(path)
         self.tokenizer = loading.load_tokenizer(path, tokenizer_dir, self.model)
         self.name, self.source = path.parent.name if path.name == "model.onnx" else path.stem, str(path)
@@ -169,7 +170,13 @@ class OnnxFrontend:
         return staged.window_nll(windows, batch_size, desc, _count_updates(quantized, counters) if counters else None)
 
     def _staged(self, model: ir.Model) -> StagedModel:
-        return StagedModel(model, self.site_docs, [site.attention for site in self.attention_sites()], self.path.parent)
+        """``model`` cut into stages; the input's own once (its serialized graph holds any weights kept inside it)."""
+        if model is self.model and self._float_stages is not None:
+            return self._float_stages
+        staged = StagedModel(model, self.site_docs, [site.attention for site in self.attention_sites()], self.path.parent)
+        if model is self.model:
+            self._float_stages = staged
+        return staged
 
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:

@@ -39,8 +39,9 @@ def model_path(spec: str | Path) -> Path:
 
 def whole_model_memory(spec: str | Path) -> int | None:
     """Bytes ONNX Runtime needs to run the model whole, about: its initializers' bytes (external data by the lengths
-    the graph gives, without reading it) times :data:`ORT_FACTOR`; None when ``spec`` is not a readable ONNX file
-    (loading names the problem)."""
+    the graph gives, without reading it) times :data:`ORT_FACTOR`. None when ``spec`` is not a readable ONNX file
+    (loading names the problem), or keeps every weight inside the protobuf (it is then under protobuf's 2 GiB, and
+    a layer-by-layer run, which serializes the graph again, would hold those weights twice)."""
     import onnx
 
     path = Path(spec) / MODEL_FILE if Path(spec).is_dir() else Path(spec)
@@ -48,10 +49,12 @@ def whole_model_memory(spec: str | Path) -> int | None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 (protobuf's DecodeError, OSError): load_decoder refuses it in one line
         return None
-    total = 0
-    for tensor in proto.graph.initializer:
-        external = {entry.key: entry.value for entry in tensor.external_data}
-        total += int(external.get("length", 0)) if external else tensor.ByteSize()
+    external = [{entry.key: entry.value for entry in tensor.external_data} for tensor in proto.graph.initializer
+                if tensor.external_data]
+    if not external:  # weights inside the protobuf (under its 2 GiB): layer by layer would hold them twice
+        return None
+    total = sum(int(entry.get("length", 0)) for entry in external)
+    total += sum(tensor.ByteSize() for tensor in proto.graph.initializer if not tensor.external_data)
     return int(total * ORT_FACTOR)
 
 
@@ -86,7 +89,7 @@ def _gqa(site: GQASite) -> tuple[AttentionSite, CacheIO | None]:
     cache = None
     if None not in (site.past_key, site.past_value, site.present_key, site.present_value):
         cache = CacheIO(site.past_key, site.past_value, site.present_key, site.present_value)
-    attention = AttentionSite(layer=site.layer, attention=site.node_name, form=GQA_FORM, q="", k=site.present_key or "",
+    attention = AttentionSite(layer=site.layer, attention=site.output, form=GQA_FORM, q="", k=site.present_key or "",
                               v=site.present_value or "", num_heads=site.num_heads, num_kv_heads=site.kv_num_heads,
                               head_dim=site.head_dim, rope=site.do_rotary, qk_norm=False, q_from="?", k_from="?", v_from="?")
     return attention, cache

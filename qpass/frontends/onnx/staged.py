@@ -1,6 +1,6 @@
 """An ONNX decoder run one layer at a time over every window (``--layerwise``), for models larger than memory.
 
-The graph is cut into one stage per attention site (:mod:`qpass.passes.onnx.split_layers`). Each stage's ONNX
+The graph is cut into one stage per attention site (:mod:`qpass.runtime.onnx_stages`). Each stage's ONNX
 Runtime session is made, run over every window batch and dropped before the next, so only one stage's weights are
 held; the values that cross a stage boundary (the residual stream, the attention output, masks and rotary tables)
 are kept for every batch until their last reader has run (in memory up to a budget, past it in temporary files).
@@ -21,21 +21,18 @@ from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
 from qpass.core.memory import available_memory
 from qpass.frontends.onnx.session import Feeds
-from qpass.passes.onnx.split_layers import anchor_values, run_stages, split
+from qpass.runtime.onnx_stages import run_stages, split
 
 
 class StagedModel:
     """``model`` (an onnx-ir decoder, its weights external data under ``base_dir`` or in memory) cut at ``attention``
-    (each site's attention output value, or its GroupQueryAttention node's name)."""
+    (the value each site's attention makes)."""
 
-    def __init__(self, model: ir.Model, sites: list[dict], attention: list[str], base_dir: Path, budget: int | None = None):
-        """``budget``: the bytes of boundary values kept in memory (default a quarter of the memory available);
-        past it they go to files in a temporary directory."""
-        self.budget = budget
-        self.spilled = False
+    def __init__(self, model: ir.Model, sites: list[dict], attention: list[str], base_dir: Path):
+        self.spilled = False  # whether a run kept boundary values in temporary files (past a quarter of the memory)
         self.proto = ir.to_proto(model)  # external tensors stay references into their file: nothing is read
         self.base_dir = base_dir
-        self.stages = split(self.proto.graph, anchor_values(self.proto.graph, attention))
+        self.stages = split(self.proto.graph, attention)
         self.feeds = Feeds.of_graph(model.graph, sites)
         self.made = {name: index for index, stage in enumerate(self.stages) for j in stage.nodes
                      for name in self.proto.graph.node[j].output if name}
@@ -62,10 +59,10 @@ class StagedModel:
         observe = observe or {}
         unknown = [name for name in observe if name not in self.made]
         if unknown:
-            raise QpassError(f"--layerwise: no node of the ONNX graph makes {unknown[0]}; please report this model")
+            raise QpassError(f"layer by layer: no node of the ONNX graph makes {unknown[0]}; please report this model")
         batches = list(windows.split(batch_size))
         graph_feeds = [self.feeds(batch.numpy(), None, 0) for batch in batches]
-        kept = _Kept(available_memory() // 4 if self.budget is None else self.budget)
+        kept = _Kept(available_memory() // 4)
 
         def fetch(index, stage) -> list[str]:
             wanted = [name for name in stage.outputs if name in self.last_read or (nll is not None and name == "logits")]
@@ -75,7 +72,12 @@ class StagedModel:
             stage = self.stages[index]
             for b, batch in enumerate(batches):
                 feed = {name: kept.get(name, b) if name in kept else graph_feeds[b][name] for name in stage.inputs}
-                for name, value in zip(outputs, session.run(outputs, feed)):
+                try:
+                    values = session.run(outputs, feed)
+                except Exception as err:  # onnxruntime's own Fail / RuntimeException types (out of memory among them)
+                    raise QpassError(f"layer by layer: ONNX Runtime failed on layer {index} of {len(self.stages)} "
+                                     f"({str(err).splitlines()[0][:300]}); a smaller --batch-size needs less memory") from None
+                for name, value in zip(outputs, values):
                     if name in self.last_read:
                         kept.add(name, value)
                     if name in observe:
@@ -95,13 +97,12 @@ class StagedModel:
 
 class _Kept:
     """The values crossing stage boundaries, one array per batch: in memory up to ``budget`` bytes, past it in
-    ``.npy`` files of a temporary directory, each removed when its value's last reader is done, and the directory
-    removed however the run ends (a context manager)."""
+    ``.npy`` files of a temporary directory (each read back memory-mapped when fed, and removed when its value's last
+    reader is done), the directory removed however the run ends (a context manager)."""
 
     def __init__(self, budget: int):
         self.budget, self.held, self.count = budget, 0, 0
-        self.values: dict[str, list[np.ndarray]] = {}
-        self.files: dict[str, list[Path]] = {}
+        self.values: dict[str, list[np.ndarray | Path]] = {}
         self.directory: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> "_Kept":
@@ -119,24 +120,24 @@ class _Kept:
         return list(self.values)
 
     def get(self, name: str, batch: int) -> np.ndarray:
-        return self.values[name][batch]
+        value = self.values[name][batch]
+        return np.load(value, mmap_mode="r") if isinstance(value, Path) else value
 
     def add(self, name: str, value: np.ndarray) -> None:
         if self.held + value.nbytes <= self.budget:
             self.held += value.nbytes
-        else:
+        else:  # to a file, with no file handle kept open
             if self.directory is None:
                 self.directory = tempfile.TemporaryDirectory(prefix="qpass-stages-")
             path = Path(self.directory.name) / f"{self.count}.npy"
             self.count += 1
-            spilled = np.lib.format.open_memmap(path, mode="w+", dtype=value.dtype, shape=value.shape)
-            spilled[...] = value
-            spilled.flush()
-            self.files.setdefault(name, []).append(path)
-            value = spilled
+            np.save(path, value)
+            value = path
         self.values.setdefault(name, []).append(value)
 
     def drop(self, name: str) -> None:
-        self.held -= sum(value.nbytes for value in self.values.pop(name) if not isinstance(value, np.memmap))
-        for path in self.files.pop(name, []):
-            path.unlink()
+        for value in self.values.pop(name):
+            if isinstance(value, Path):
+                value.unlink()
+            else:
+                self.held -= value.nbytes

@@ -31,6 +31,7 @@ class GQASite:
 
     layer: int
     node_name: str
+    output: str  # the attention output the node makes (its first output)
     past_key: str | None
     past_value: str | None
     present_key: str | None
@@ -81,6 +82,7 @@ def _site(layer: int, node: ir.Node) -> GQASite:
     return GQASite(
         layer=layer,
         node_name=node.name or "",
+        output=node.outputs[0].name,
         past_key=_graph_input_name(input_at(node, PAST_KEY)),
         past_value=_graph_input_name(input_at(node, PAST_VALUE)),
         present_key=_graph_output_name(_output(node, PRESENT_KEY)),

@@ -1,8 +1,7 @@
-"""Cutting an ONNX decoder into one sub-model per attention site, to run it one layer at a time.
+"""Running an ONNX decoder in ONNX Runtime one layer at a time: the graph cut into one stage per attention site, each
+stage's session made, run and dropped before the next, so that a model larger than memory runs.
 
-ONNX Runtime holds every weight of the graph it runs, so a model larger than memory cannot run whole. Cut into
-stages, it runs one stage at a time over every window, each stage's session made, run and dropped before the next:
-
+ONNX Runtime holds every weight of the graph it runs. The cut:
 - stage ``i`` holds the nodes that attention site ``i`` needs and no earlier site does (its anchor is the node making
   the site's attention output): the embedding, masks and rotary tables go to stage 0, and each decoder layer's MLP to
   the stage of the next layer's attention;
@@ -12,9 +11,8 @@ stages, it runs one stage at a time over every window, each stage's session made
   where onnxruntime-genai fuses the residual into ``SkipSimplifiedLayerNormalization``); graph inputs go to every
   stage that reads them, initializers to every stage that uses them.
 
-Weights kept as external data stay there: a stage's model refers to the input's data file, which ONNX Runtime is given
-memory-mapped and from which it copies only that stage's tensors. The cut is on ``onnx`` protos, whose
-node order is the graph's (topological).
+Weights kept as external data stay there: ONNX Runtime is given the data file memory-mapped and copies only that
+stage's tensors. The cut is on ``onnx`` protos, whose node order is the graph's (topological).
 """
 
 from collections.abc import Iterable, Iterator
@@ -38,19 +36,12 @@ class Stage:
     initializers: tuple[str, ...]
 
 
-def anchor_values(graph: onnx.GraphProto, attention: list[str]) -> list[str]:
-    """Each site's anchor value: ``attention`` names the value its attention makes, or (GroupQueryAttention) the node."""
-    made = {name for node in graph.node for name in node.output}
-    first = {node.name: node.output[0] for node in graph.node if node.name and node.output}
-    return [name if name in made else first.get(name, name) for name in attention]
-
-
 def split(graph: onnx.GraphProto, anchors: list[str]) -> list[Stage]:
     """The stages of ``graph``, one per anchor (the name of the value each attention site's node makes), in order."""
     producer = {name: j for j, node in enumerate(graph.node) for name in node.output if name}
     missing = [name for name in anchors if name not in producer]
     if missing:
-        raise QpassError(f"--layerwise: no node of the ONNX graph makes {missing[0]}; please report this model")
+        raise QpassError(f"layer by layer: no node of the ONNX graph makes {missing[0]}; please report this model")
     reads = [_reads(node) for node in graph.node]
     stage: list[int | None] = [None] * len(graph.node)
     for i, anchor in enumerate(anchors):  # in site order: a node keeps the first (earliest) site that needs it
@@ -99,7 +90,7 @@ def _stages(graph, stage, reads, producer, count: int) -> list[Stage]:
                 inputs[s][name] = None
     for value in graph.output:
         if value.name not in producer:
-            raise QpassError(f"--layerwise: the ONNX graph's output {value.name} is not made by a node; please report this model")
+            raise QpassError(f"layer by layer: the ONNX graph's output {value.name} is not made by a node; please report this model")
         outputs[stage[producer[value.name]]][value.name] = None
     return [Stage(tuple(nodes[s]), tuple(inputs[s]), tuple(outputs[s]), tuple(used[s])) for s in range(count)]
 
@@ -128,7 +119,7 @@ def stage_model(model: onnx.ModelProto, stage: Stage, outputs: Iterable[str], ty
     graph = model.graph
     untyped = [name for name in stage.inputs if name not in types]
     if untyped:
-        raise QpassError(f"--layerwise: the ONNX graph gives no type for {untyped[0]}, which crosses a layer boundary; "
+        raise QpassError(f"layer by layer: the ONNX graph gives no type for {untyped[0]}, which crosses a layer boundary; "
                          "please report this model")
     initializers = set(stage.initializers)
     sub = onnx.helper.make_graph(
@@ -159,7 +150,7 @@ def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     return types
 
 
-def run_stages(model: onnx.ModelProto, stages: list[Stage], base_dir: Path | None, fetch, use) -> Iterator[int]:
+def run_stages(model: onnx.ModelProto, stages: list[Stage], base_dir: Path, fetch, use) -> Iterator[int]:
     """``use(index, session, outputs)`` for each stage in turn, ``fetch(index, stage)`` naming the outputs (values the
     stage makes) its session is built with; a stage with none is skipped. Yields each stage's index when it is done.
     Each session is dropped when ``use`` returns, before the next is made (``use`` keeps none), and its memory given
@@ -172,18 +163,19 @@ def run_stages(model: onnx.ModelProto, stages: list[Stage], base_dir: Path | Non
         if not outputs:
             continue
         session = stage_session(stage_model(model, stage, outputs, types), base_dir)
-        for value in session.get_outputs():
-            if value.name not in types and value.type.startswith("tensor("):
-                elem = getattr(onnx.TensorProto, value.type[len("tensor("):-1].upper(), None)
-                if elem is not None:
-                    types[value.name] = onnx.helper.make_tensor_type_proto(elem, None)
+        # names and type strings only: an ONNX Runtime NodeArg keeps its session alive
+        inferred = {value.name: value.type for value in session.get_outputs()}
+        for name, kind in inferred.items():
+            elem = getattr(onnx.TensorProto, kind[len("tensor("):-1].upper(), None) if kind.startswith("tensor(") else None
+            if name not in types and elem is not None:
+                types[name] = onnx.helper.make_tensor_type_proto(elem, None)
         use(index, session, outputs)
         del session
         trim_heap()
         yield index
 
 
-def stage_session(model: onnx.ModelProto, base_dir: Path | None, threads: int | None = None):
+def stage_session(model: onnx.ModelProto, base_dir: Path):
     """An ONNX Runtime CPU session of a stage's model. Its external data (locations relative to ``base_dir``, the input
     model's directory) is given to ONNX Runtime as memory-mapped files, of which it copies only this stage's tensors
     (it will not read a data file outside the directory of the model it loads)."""
@@ -193,23 +185,21 @@ def stage_session(model: onnx.ModelProto, base_dir: Path | None, threads: int | 
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
     locations = sorted({entry.value for tensor in model.graph.initializer for entry in tensor.external_data
                         if entry.key == "location"})
     maps = []
     try:
         for location in locations:
-            with open(Path(base_dir) / location, "rb") as file:
+            with open(base_dir / location, "rb") as file:
                 maps.append(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
         if maps:
             options.add_external_initializers_from_files_in_memory(locations, maps, [len(m) for m in maps])
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except OSError as err:
-        raise QpassError(f"--layerwise: cannot read the model's external data ({err.strerror}: {err.filename}); "
+        raise QpassError(f"layer by layer: cannot read the model's external data ({err.strerror}: {err.filename}); "
                          "keep the data file next to the model, as it was exported") from None
     except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
-        raise QpassError(f"--layerwise: ONNX Runtime cannot load a layer of the model ({str(err).splitlines()[0][:300]}); "
+        raise QpassError(f"layer by layer: ONNX Runtime cannot load a layer of the model ({str(err).splitlines()[0][:300]}); "
                          "give a model ONNX Runtime can run") from None
     finally:
         for m in maps:
