@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qpass.core import corpus
+from qpass.core import corpus, memory
 from qpass.core import report as reporting
 from qpass.core import saturation
 from qpass.core.calibrate import calibrate, calibrate_by_layer
@@ -226,7 +226,7 @@ def too_big(model, note: bool = True) -> bool:
         return False
     onnx_input = is_onnx(model)
     need = onnx_memory(model) if onnx_input else layerwise.whole_model_memory(model)
-    available = layerwise.available_memory()
+    available = memory.available_memory()
     if need is None or need <= available:
         return False
     if note:

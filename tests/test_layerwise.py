@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qpass.cli import main
+from qpass.core import memory
 from qpass.core.calibrate import calibrate, calibrate_by_layer
 from qpass.core.config import QuantConfig
 from qpass.core.data import token_windows
@@ -280,7 +281,7 @@ def test_an_architecture_it_cannot_stream_is_refused(tmp_path):
 def test_layerwise_is_automatic_when_the_model_would_not_fit(model_dir, tmp_path, monkeypatch, capsys):
     import qpass.api
 
-    monkeypatch.setattr(layerwise, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
     result = qpass.api.compile(str(model_dir("llama")), QuantConfig(kv_cache="int8", window=WINDOW, calib_samples=2),
                                calib=["a few words of calibration text, repeated. " * 40])
     note = [line for line in capsys.readouterr().err.splitlines() if "one decoder layer at a time" in line]
@@ -292,7 +293,7 @@ def test_a_model_too_big_is_written_as_a_mindie_directory_layer_by_layer(model_d
     """Too big for a whole-model compile, with --format mindie: calibrated layer-wise (the note) and written as shards."""
     from qpass.exporters.mindie_format import WEIGHTS_FILE, WEIGHTS_INDEX, shard_name
 
-    monkeypatch.setattr(layerwise, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
     args = ["compile", str(model_dir("llama")), "--kv-int8", "--w8a8", "--window", str(WINDOW), "--calib-samples", "4",
             "--calib", str(text_files["calib"]), "--format", "mindie", "-o", str(tmp_path / "o")]
     assert main(args) == 0

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from qpass.cli import main
+from qpass.core import memory
 from qpass.core.data import read_samples, token_windows
 from qpass.frontends.onnx.frontend import OnnxFrontend
 from qpass.runtime import onnx_stages
@@ -55,11 +56,9 @@ def test_layer_at_a_time_writes_what_the_whole_model_run_writes(onnx_dirs, genai
 def test_saturation_on_held_out_windows_and_the_note_when_the_model_would_not_fit(genai_float_dir, text_files, tmp_path, monkeypatch, capsys):
     """Without ``--layerwise``, a model whose external weights would not fit runs one layer at a time, with a one-line
     note; without ``--eval`` its saturation is measured on held-out calibration windows, as the whole-model run's is."""
-    from qpass.frontends.torch_export import layerwise
-
     args = ["--kv-int8", "--calib", str(text_files["calib"]), *SMALL[:-4], "--calib-samples", "8"]
     assert main(["compile", str(genai_float_dir), *args, "-o", str(tmp_path / "whole")]) == 0
-    monkeypatch.setattr(layerwise, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
     capsys.readouterr()
     assert main(["compile", str(genai_float_dir), *args, "-o", str(tmp_path / "auto")]) == 0
     err = capsys.readouterr().err
@@ -167,14 +166,12 @@ def test_a_value_an_if_branch_reads_from_outside_crosses_into_its_stage():
 def test_qpass_eval_runs_an_output_too_large_for_memory_by_stage(genai_float_dir, text_files, tmp_path, monkeypatch, capsys):
     """``qpass eval`` of an ONNX output that would not fit in memory runs it one stage at a time: the same perplexity
     and saturation as the whole-model run."""
-    from qpass.frontends.torch_export import layerwise
-
     out = tmp_path / "out"
     assert main(["compile", str(genai_float_dir), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]) == 0
     results = []
-    for memory in (None, 1 << 20):
-        if memory:
-            monkeypatch.setattr(layerwise, "available_memory", lambda: memory)
+    for available in (None, 1 << 20):
+        if available:
+            monkeypatch.setattr(memory, "available_memory", lambda: available)
         capsys.readouterr()
         assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
         results.append(json.loads(capsys.readouterr().out))
@@ -206,7 +203,7 @@ def test_boundary_values_past_the_budget_go_to_temporary_files_and_give_the_same
     windows = token_windows(frontend.tokenizer, read_samples(text_files["calib"], "--calib"), 64, 4, "--calib")
     in_memory = frontend.window_nll(None, windows, 2)
     before = set(Path(tempfile.gettempdir()).glob("qpass-stages-*"))
-    monkeypatch.setattr(staged, "available_memory", lambda: 0)
+    monkeypatch.setattr(memory, "available_memory", lambda: 0)
     model = staged.StagedModel(frontend.model, frontend.site_docs, [s.attention for s in frontend.attention_sites()],
                                frontend.path.parent)
     spilled = model.window_nll(windows, 2, "eval")

@@ -232,12 +232,7 @@ def bench_auto(args) -> None:
             if mode not in args.modes:
                 continue
             out = Path(tmp) / mode
-            done = subprocess.run([sys.executable, __file__, "_cli", "compile", str(model), *flags, *extra, "-o", str(out)],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{mode} compile failed:\n{done.stderr[-3000:]}")
-            run = json.loads(done.stdout.strip().splitlines()[-1])
-            report = json.loads((out / "report.json").read_text())
+            run, report = compile_child(model, out, flags + extra)
             w, ev = report["w8a8"], report["eval"]
             search = report["w8a8"]["fallback_search"]
             rankings = sorted({step["ranking"] for step in search[1:] if step["ranking"] != "none"})

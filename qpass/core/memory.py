@@ -1,4 +1,5 @@
-"""The memory available, and giving freed memory back to the system between the layers of a layer-at-a-time run."""
+"""The memory available, the share of it that values passed between layers may take, and giving freed memory back
+to the system between the layers of a layer-at-a-time run."""
 
 import os
 from pathlib import Path
@@ -25,3 +26,9 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def hidden_budget(budget: int | None, streams: int = 1) -> int:
+    """The bytes each of ``streams`` buffers of values passed from layer to layer (hidden states) may take in memory
+    before they go to temporary files: a share of ``budget``, by default of a quarter of the memory available now."""
+    return (budget if budget is not None else available_memory() // 4) // streams

@@ -19,8 +19,6 @@ IN_MEMORY_BYTES = 1 << 30  # models with more initializer bytes go to ONNX Runti
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-_ORT_NAMES = {ir.DataType.FLOAT: "float", ir.DataType.FLOAT16: "float16", ir.DataType.INT8: "int8", ir.DataType.UINT8: "uint8",
-              ir.DataType.INT64: "int64", ir.DataType.INT32: "int32"}
 
 
 def session(source: ir.Model | Path, threads: int | None = None):
@@ -77,7 +75,7 @@ class Feeds:
         """The feeds of an onnx-ir graph's inputs (typed as ONNX Runtime would report them)."""
         inputs = {}
         for value in graph.inputs:
-            kind = f"tensor({_ORT_NAMES.get(value.dtype, str(value.dtype))})" if value.dtype is not None else "untyped"
+            kind = f"tensor({value.dtype.name.lower()})" if value.dtype is not None else "untyped"  # ONNX Runtime's names
             dims = [] if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
             inputs[value.name] = (kind, dims)
         return cls(inputs, sites)

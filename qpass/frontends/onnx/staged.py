@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
-from qpass.core.memory import available_memory
+from qpass.core.memory import hidden_budget
 from qpass.frontends.onnx.session import Feeds
 from qpass.runtime.onnx_stages import run_stages, split
 
@@ -62,7 +62,7 @@ class StagedModel:
             raise QpassError(f"layer by layer: no node of the ONNX graph makes {unknown[0]}; please report this model")
         batches = list(windows.split(batch_size))
         graph_feeds = [self.feeds(batch.numpy(), None, 0) for batch in batches]
-        kept = _Kept(available_memory() // 4)
+        kept = _Kept(hidden_budget(None))
 
         def fetch(index, stage) -> list[str]:
             wanted = [name for name in stage.outputs if name in self.last_read or (nll is not None and name == "logits")]

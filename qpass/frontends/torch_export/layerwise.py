@@ -46,7 +46,7 @@ from torch.export import Dim
 
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
-from qpass.core.memory import available_memory, trim_heap
+from qpass.core.memory import hidden_budget, trim_heap
 from qpass.core.observers import Observer
 from qpass.core.recipe import SITE_KINDS, Recipe, geometry, linear_key, site_key
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
@@ -565,12 +565,6 @@ class LazyStateDict(Mapping):
 
     def __len__(self) -> int:
         return len(self.checkpoint.files)
-
-
-def hidden_budget(budget: int | None, streams: int = 1) -> int:
-    """The bytes each of ``streams`` hidden-state buffers may take in memory: a share of ``budget``, by default of a
-    quarter of the memory available now."""
-    return (budget if budget is not None else available_memory() // 4) // streams
 
 
 @contextmanager
