@@ -137,7 +137,7 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
         if recipe is None:
             samples = corpus.calibration_samples() if calib is None else calib_texts
             calib_ids = token_windows(text_tokenizer, samples, config.window, config.calib_samples, "--calib")
-            if eval_ids is None and (config.fa_quant or config.kv_cache == "int8"):
+            if eval_ids is None and (config.fa_quant or config.kv_cache == "static"):
                 # saturation is then measured on windows the ranges never saw; with --eval, every window fits them
                 calib_ids, held_ids = saturation.hold_out(calib_ids)
     with _timed(timings, "capture"):
@@ -261,7 +261,7 @@ def compile_layerwise(model: str | Path, config: QuantConfig, calib: str | Path 
         if eval_text is not None:
             eval_ids = token_windows(frontend.tokenizer, [eval_text], config.window, eval_windows, "--eval")
         calib_ids = token_windows(frontend.tokenizer, calib_texts, config.window, config.calib_samples, "--calib")
-        if eval_ids is None and (config.fa_quant or config.kv_cache == "int8"):
+        if eval_ids is None and (config.fa_quant or config.kv_cache == "static"):
             calib_ids, held_ids = saturation.hold_out(calib_ids)
     with _timed(timings, "capture"):
         sites = frontend.attention_sites()
@@ -377,7 +377,7 @@ def _model_logits(loaded: registry.Loaded, window: int, counted: dict):
 
 def _feeds(config: QuantConfig, sites: list[AttentionSite]) -> str:
     """What calibration ranges are for, in words: "FAQuant q/k/v and C8 k/v at 2 attention sites"."""
-    attention = [name for name, on in (("FAQuant q/k/v", config.fa_quant), ("C8 k/v", config.kv_cache == "int8")) if on]
+    attention = [name for name, on in (("FAQuant q/k/v", config.fa_quant), ("C8 k/v", config.kv_cache == "static")) if on]
     parts = [f"{' and '.join(attention)} at {len(sites)} attention sites"] if attention else []
     return " and ".join(parts + (["the W8A8 Linears' inputs"] if config.w8a8 else []))
 

@@ -51,7 +51,7 @@ def test_faquant_quantizes_q_k_v_per_head_and_dim(arch):
 
 
 def test_c8_quantizes_k_and_v_before_the_gqa_repeat():
-    program, sites, recipe, _ = _setup("llama", kv_cache="int8")
+    program, sites, recipe, _ = _setup("llama", kv_cache="static")
     quantized, counts = quantize_program(program, sites, recipe)
     assert counts == {"InsertKVCacheQDQPass": 4}
     inputs = _quantize_inputs(quantized)
@@ -61,7 +61,7 @@ def test_c8_quantizes_k_and_v_before_the_gqa_repeat():
 
 
 def test_both_modes_read_the_cache_then_quantize_for_attention():
-    program, sites, recipe, _ = _setup("llama", fa_quant=True, kv_cache="int8")
+    program, sites, recipe, _ = _setup("llama", fa_quant=True, kv_cache="static")
     quantized, counts = quantize_program(program, sites, recipe)
     assert counts == {"InsertFAQuantQDQPass": 6, "InsertKVCacheQDQPass": 4}
     nodes = {n.name: n for n in quantized.graph.nodes}
@@ -74,7 +74,7 @@ def test_both_modes_read_the_cache_then_quantize_for_attention():
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
 def test_quantized_program_stays_close_to_float_and_saves(arch, tmp_path):
-    program, sites, recipe, ids = _setup(arch, fa_quant=True, kv_cache="int8")
+    program, sites, recipe, ids = _setup(arch, fa_quant=True, kv_cache="static")
     quantized, _ = quantize_program(program, sites, recipe)
     with torch.no_grad():
         ref = program.module()(ids[:2])
@@ -106,7 +106,7 @@ def test_recipe_without_the_needed_tensors_is_refused():
 
 
 def test_verifier_catches_a_quantize_without_dequantize():
-    program, sites, recipe, _ = _setup("llama", kv_cache="int8")
+    program, sites, recipe, _ = _setup("llama", kv_cache="static")
     gm = graph_copy(program)
     InsertKVCacheQDQPass(sites, recipe)(gm)
     dq = next(n for n in gm.graph.nodes if n.target is DEQUANTIZE)

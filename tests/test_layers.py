@@ -32,7 +32,7 @@ def test_the_core_loads_only_the_core():
 def test_mindie_names_come_from_the_sites(arch, tmp_path):
     model = tiny_model(arch, num_layers=2)
     ids = torch.randint(0, 256, (2, 16))
-    _, recipe = calibrated(model, ids, fa_quant=True, kv_cache="int8", w8a8=True)
+    _, recipe = calibrated(model, ids, fa_quant=True, kv_cache="static", w8a8=True)
     export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path, torch.float16)
     from safetensors import safe_open
 
@@ -55,7 +55,7 @@ def _phi3():
 @pytest.mark.parametrize("arch, fused", [("gpt2", "transformer.h.0.attn.c_attn"), ("phi3", "model.layers.0.self_attn.qkv_proj")])
 def test_an_architecture_the_format_cannot_name_is_refused(arch, fused, tmp_path):
     model = _phi3() if arch == "phi3" else tiny_model(arch, num_layers=1)  # q, k and v from one fused projection
-    _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="int8")
+    _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="static")
     assert recipe.sites[0].projections[1] == fused
     with pytest.raises(QpassError, match="separate k_proj and v_proj"):
         export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path, torch.float16)

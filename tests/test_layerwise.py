@@ -22,7 +22,7 @@ from qpass.models.loaders import load_model
 from qpass.models.tiny import byte_tokenizer, tiny_model
 
 WINDOW, LAYERS = 32, 3
-CONFIG = QuantConfig(fa_quant=True, kv_cache="int8", window=WINDOW, calib_samples=8, batch_size=3)
+CONFIG = QuantConfig(fa_quant=True, kv_cache="static", window=WINDOW, calib_samples=8, batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +87,14 @@ def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, ppl, frontend
 
 def test_c8_alone_and_symmetric_equal_the_whole_models(frontends, windows):
     whole, lw = frontends("qwen2")
-    config = QuantConfig(kv_cache="int8", symmetric=True, observer="minmax", window=WINDOW, batch_size=2)
+    config = QuantConfig(kv_cache="static", symmetric=True, observer="minmax", window=WINDOW, batch_size=2)
     _same(calibrate(lw, windows, config), calibrate(whole, windows, config))  # observe(): every layer, then the ranges
 
 
 @pytest.mark.parametrize("arch, level", [("llama", "L0"), ("qwen2", "L3")])  # qwen2: q/k/v with biases
 def test_w8a8_recipe_equals_the_whole_models(arch, level, frontends, windows):
     whole, lw = frontends(arch)
-    config = QuantConfig(w8a8=True, kv_cache="int8", disable_level=level, window=WINDOW, batch_size=4)
+    config = QuantConfig(w8a8=True, kv_cache="static", disable_level=level, window=WINDOW, batch_size=4)
     expected, got = calibrate(whole, windows, config), calibrate(lw, windows, config)
     _same(got, expected)
     assert len([k for k in got.tensors if k.startswith("w8a8.")]) == 2 * 7 * LAYERS - 2 * int(level[1:])
@@ -110,7 +110,7 @@ def test_smoothed_w8a8_recipe_equals_the_whole_models(arch, anti, frontends, win
     """Smoothing layer by layer (each layer's float run, its scales folded in, then its calibration run) gives the
     whole-model path's smoothing scales, W8A8 ranges and Linear statistics, and the same quantized perplexity."""
     whole, lw = frontends(arch)
-    config = QuantConfig(w8a8=True, fa_quant=True, kv_cache="int8", anti_method=anti, act_method=3, disable_level="L2",
+    config = QuantConfig(w8a8=True, fa_quant=True, kv_cache="static", anti_method=anti, act_method=3, disable_level="L2",
                          window=WINDOW, batch_size=4)
     expected, got = calibrate(whole, windows, config), calibrate_by_layer(lw, windows, config)
     # bit for bit: the float and the smoothed model's hidden states pass on as the whole model's two runs see them, so
@@ -128,7 +128,7 @@ def test_smoothed_w8a8_holds_one_layers_statistics_at_a_time(frontends, windows,
     alive (the earlier layers' ranges are chosen; the smoothing groups' observers live only in the layer's float run)."""
     lw = frontends("llama")[1]
     made, alive, loads = _track_observers(monkeypatch)
-    config = QuantConfig(w8a8=True, kv_cache="int8", anti_method="m3", window=WINDOW, batch_size=4)
+    config = QuantConfig(w8a8=True, kv_cache="static", anti_method="m3", window=WINDOW, batch_size=4)
     calibrate_by_layer(lw, windows, config)
     assert loads == list(range(LAYERS)) and alive == [0] * LAYERS
 
@@ -282,7 +282,7 @@ def test_layerwise_is_automatic_when_the_model_would_not_fit(model_dir, tmp_path
     import qpass.api
 
     monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
-    result = qpass.api.compile(str(model_dir("llama")), QuantConfig(kv_cache="int8", window=WINDOW, calib_samples=2),
+    result = qpass.api.compile(str(model_dir("llama")), QuantConfig(kv_cache="static", window=WINDOW, calib_samples=2),
                                calib=["a few words of calibration text, repeated. " * 40])
     note = [line for line in capsys.readouterr().err.splitlines() if "one decoder layer at a time" in line]
     assert len(note) == 1 and "GiB" in note[0]
@@ -338,7 +338,7 @@ def test_the_read_back_check_keeps_one_linears_tensors_at_a_time(model_dir, text
     from qpass.exporters.mindie_format import WEIGHTS_INDEX
     from safetensors.torch import load_file, save_file
 
-    config = QuantConfig(w8a8=True, kv_cache="int8", window=WINDOW, calib_samples=2)
+    config = QuantConfig(w8a8=True, kv_cache="static", window=WINDOW, calib_samples=2)
     qpass.api.compile(str(model_dir("llama")), config, calib=[text_files["calib"].read_text(encoding="utf-8")],
                       layerwise=True).save(tmp_path / "d", format="mindie")
     alive, peak, reads = [], [0], [0]
@@ -379,7 +379,7 @@ def test_a_layerwise_mindie_directory_holds_the_whole_models_tensors(target, ext
     from safetensors.torch import load_file
 
     path = model_dir("llama")
-    config = QuantConfig(w8a8=True, kv_cache="int8", window=WINDOW, calib_samples=4, batch_size=4, **extra)
+    config = QuantConfig(w8a8=True, kv_cache="static", window=WINDOW, calib_samples=4, batch_size=4, **extra)
     calib = [text_files["calib"].read_text(encoding="utf-8")]
     by_layer = qpass.api.compile(str(path), config, calib=calib, layerwise=True)
     whole = qpass.api.compile(str(path), config, recipe=by_layer.recipe, layerwise=False)
@@ -437,7 +437,7 @@ def test_the_streamed_forward_frees_each_quantized_layer_before_the_next(fronten
     import weakref
 
     whole, lw = frontends("llama")
-    config = QuantConfig(w8a8=True, kv_cache="int8", window=WINDOW, batch_size=4)
+    config = QuantConfig(w8a8=True, kv_cache="static", window=WINDOW, batch_size=4)
     recipe = calibrate(whole, windows, config)
     made, alive_at_load = [], []
     original_quantized, original_load = layerwise._LayerProgram.quantized, layerwise._LayerProgram.load
@@ -457,10 +457,10 @@ def test_the_streamed_forward_frees_each_quantized_layer_before_the_next(fronten
     assert len(made) == LAYERS and alive_at_load == [0] * LAYERS
 
 
-@pytest.mark.parametrize("arch, extra", [("llama", {"fa_quant": True, "kv_cache": "int8"}),
-                                         ("llama", {"w8a8": True, "fa_quant": True, "kv_cache": "int8", "anti_method": "m3",
+@pytest.mark.parametrize("arch, extra", [("llama", {"fa_quant": True, "kv_cache": "static"}),
+                                         ("llama", {"w8a8": True, "fa_quant": True, "kv_cache": "static", "anti_method": "m3",
                                                     "act_method": 3, "disable_level": "L2"}),
-                                         ("qwen2", {"w8a8": True, "kv_cache": "int8", "anti_method": "m3", "act_method": 3,
+                                         ("qwen2", {"w8a8": True, "kv_cache": "static", "anti_method": "m3", "act_method": 3,
                                                     "disable_level": "L2"})])
 def test_the_streamed_forward_gives_the_whole_models_nll(arch, extra, frontends, windows):
     """Layer by layer over every window, float and quantized (smoothing, Q/DQ, W8A8 and float Linears from the recipe),
@@ -507,7 +507,7 @@ def test_layerwise_auto_searches_as_the_whole_model_does(frontends, windows, mon
     streamed forward on the held-out windows; the whole model, given the same ranking, keeps the same Linears float."""
     whole, lw = frontends("llama")
     monkeypatch.setattr(TorchExportFrontend, "loss_sensitivity", lambda *args: None)
-    config = QuantConfig(w8a8=True, kv_cache="int8", act_method=3, disable_level="auto", max_ppl_increase=0.1,
+    config = QuantConfig(w8a8=True, kv_cache="static", act_method=3, disable_level="auto", max_ppl_increase=0.1,
                          window=WINDOW, batch_size=4)  # all-int8: +0.011%, bound +0.078%: the search runs 7 trials
     expected, got = calibrate(whole, windows, config), calibrate_by_layer(lw, windows, config)
     search = got.stats["w8a8"]["search"]

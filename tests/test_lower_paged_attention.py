@@ -21,7 +21,7 @@ from qpass.passes.fx.patterns import FUSED_ATTENTION, SOFTMAX
 from qpass.passes.fx.qdq import QUANTIZE
 from qpass.runtime.paged_cache import BlockAllocator, BlockTables
 
-MODES = {"kv-int8": dict(kv_cache="int8"), "fa-quant": dict(fa_quant=True), "both": dict(fa_quant=True, kv_cache="int8")}
+MODES = {"kv-int8": dict(kv_cache="static"), "fa-quant": dict(fa_quant=True), "both": dict(fa_quant=True, kv_cache="static")}
 QUANTIZE_LEFT = {"kv-int8": 0, "fa-quant": 1, "both": 3}  # per layer: Q's pair stays; with both, C8's round trip on K, V
 CASES = [("llama", "kv-int8"), ("llama", "fa-quant"), ("qwen2", "kv-int8"), ("qwen2", "both"), ("gpt2", "kv-int8"),
          ("gpt2", "fa-quant")]
@@ -210,7 +210,7 @@ def compiled_dir(tmp_path_factory, smollm2_tokenizer):
 
     torch.manual_seed(0)
     model = tiny("llama", vocab_size=len(smollm2_tokenizer))
-    config = qpass.QuantConfig(kv_cache="int8", observer="minmax", window=32, calib_samples=2)
+    config = qpass.QuantConfig(kv_cache="static", observer="minmax", window=32, calib_samples=2)
     texts = ["The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up. " * 4]
     result = qpass.compile(LoadedModel(model, smollm2_tokenizer, "tiny", "tiny-llama"), config, calib=texts)
     out = tmp_path_factory.mktemp("compiled") / "out"
@@ -258,7 +258,7 @@ def test_smollm2_greedy_tokens_match():
     loaded = load_model("default")
     text = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 8
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :128].reshape(2, 64)
-    _, recipe = calibrated(loaded.model, ids, kv_cache="int8", observer="minmax", calib_samples=2, batch_size=2)
+    _, recipe = calibrated(loaded.model, ids, kv_cache="static", observer="minmax", calib_samples=2, batch_size=2)
     reference, lowered = build_decoder(loaded.model, recipe, max_context=256)
     prompt = loaded.tokenizer("def fibonacci(n):")["input_ids"]
     assert generate_lowered(lowered, prompt, 8) == generate_reference(reference, prompt, 8)

@@ -37,12 +37,12 @@ def _one_thread():
 
 
 def config_for(fa: bool, kv: bool) -> QuantConfig:
-    return QuantConfig(fa_quant=fa, kv_cache="int8" if kv else None, w8a8=True)
+    return QuantConfig(fa_quant=fa, kv_cache="static" if kv else None, w8a8=True)
 
 
 def full_recipe(model, ids) -> Recipe:
     """FAQuant, C8 and W8A8 tensors for ``model``; :func:`variant` picks what a config asks for."""
-    _, recipe = calibrated(model, ids, fa_quant=True, kv_cache="int8", calib_samples=len(ids))
+    _, recipe = calibrated(model, ids, fa_quant=True, kv_cache="static", calib_samples=len(ids))
     return recipe.replace(tensors={**recipe.tensors, **minmax_input_qparams(model, [ids])})
 
 
@@ -178,7 +178,7 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
     if not (fa or kv):
         assert loaded.recipe is None
     else:
-        assert (loaded.recipe.config.fa_quant, loaded.recipe.config.kv_cache) == (fa, "int8" if kv else None)
+        assert (loaded.recipe.config.fa_quant, loaded.recipe.config.kv_cache) == (fa, "static" if kv else None)
         for name, t in loaded.recipe.tensors.items():
             assert torch.equal(t, full.tensors[name].to(dtype).float()), name
 
@@ -359,7 +359,7 @@ def test_msmodelslim_form_reads_like_the_documented_form(llama, tmp_path, fa, c8
     write_by_hand(model, None, tmp_path / "slim", fa=fa, c8=c8, msmodelslim=True)
     doc, slim = (load_mindie(tmp_path / d, load_tokenizer=False) for d in ("doc", "slim"))
     assert slim.info == doc.info and slim.info["w8a8_linears"] == 14
-    assert (slim.recipe.config.fa_quant, slim.recipe.config.kv_cache) == (fa, "int8" if c8 else None)
+    assert (slim.recipe.config.fa_quant, slim.recipe.config.kv_cache) == (fa, "static" if c8 else None)
     for name, t in doc.recipe.tensors.items():
         assert torch.equal(slim.recipe.tensors[name], t), name  # [heads, 1] repeated over head_dim
     with torch.no_grad():
@@ -491,7 +491,7 @@ def test_missing_file_is_named(exported, tmp_path):
 def test_cli_eval_and_run_on_exported_directory(exported, text_files, capsys):
     assert main(["eval", str(exported), "--eval", str(text_files["prose"]), "--eval-windows", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["format"] == "mindie" and result["w8a8_linears"] == 14 and result["kv_cache"] == "int8"
+    assert result["format"] == "mindie" and result["w8a8_linears"] == 14 and result["kv_cache"] == "static"
     assert result == {**result, "fa_quant": True, "model_dtype": "float16"} and result["ppl_quant"] > 1
     sat = result["saturation"]  # counted with the recipe read back from the directory, which has no calibration figures
     assert sat["calibration"] == {} and set(sat["measured"]["0"]) == {"q", "k", "v"} and sat["tokens"] == result["tokens"]

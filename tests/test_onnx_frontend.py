@@ -29,7 +29,7 @@ from tests.onnx_genai_cases import genai_float_dir  # noqa: F401  (fixture)
 
 WINDOW = 64
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
-MODES = {"C8": dict(kv_cache="int8"), "FAQuant": dict(fa_quant=True), "FAQuant+C8": dict(fa_quant=True, kv_cache="int8")}
+MODES = {"C8": dict(kv_cache="static"), "FAQuant": dict(fa_quant=True), "FAQuant+C8": dict(fa_quant=True, kv_cache="static")}
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_external_weights_stay_in_the_input_file_until_written(tiny_model_dir, t
     before = {name: v.const_value for name, v in ir.load(source / "model.onnx").graph.initializers.items()
               if isinstance(v.const_value, ir.ExternalTensor)}
     assert before
-    config = QuantConfig(kv_cache="int8", window=64, calib_samples=4, batch_size=2)
+    config = QuantConfig(kv_cache="static", window=64, calib_samples=4, batch_size=2)
     result = qpass.compile(str(source), config, calib=str(text_files["calib"]))
     after = {name: v.const_value for name, v in result.program.graph.initializers.items()}
     for name, tensor in before.items():

@@ -108,7 +108,7 @@ def saved_recipe(tmp_path_factory):
     from qpass.core.recipe import SiteGeometry
 
     d = tmp_path_factory.mktemp("recipe")
-    Recipe(QuantConfig(kv_cache="int8"), [SiteGeometry(0, 4, 2, 16)],
+    Recipe(QuantConfig(kv_cache="static"), [SiteGeometry(0, 4, 2, 16)],
            {"layers.0.kv_k.scale": torch.full((32,), 0.02), "layers.0.kv_k.offset": torch.zeros(32),
             "layers.0.kv_v.scale": torch.full((32,), 0.03), "layers.0.kv_v.offset": torch.zeros(32)}).save(d)
     return d
@@ -134,7 +134,7 @@ def mindie_dir(tmp_path_factory):
     from qpass.models.tiny import tiny_model
 
     model = tiny_model("llama", num_layers=1)
-    _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="int8", w8a8=True)
+    _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="static", w8a8=True)
     d = tmp_path_factory.mktemp("mindie") / "m"
     export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, d, torch.float16)
     return d
@@ -166,13 +166,13 @@ def test_a_value_that_is_zero_throughout_calibration_is_refused_with_its_site():
     observers = {name: Observer() for name in ("k3", "v3")}
     observers["k3"].update(torch.randn(8, 4))
     observers["v3"].update(torch.cat([torch.randn(8, 3), torch.zeros(8, 1)], 1))
-    tensors, stats = attention_qparams([site], observers, QuantConfig(kv_cache="int8"))
+    tensors, stats = attention_qparams([site], observers, QuantConfig(kv_cache="static"))
     assert stats["zero_range_channels"] == {"3": {"v": 1}}  # flagged in the report
     assert tensors["layers.3.kv_v.scale"][3] == 1.0
     observers["k3"] = Observer()
     observers["k3"].update(torch.zeros(8, 4))
     with pytest.raises(QpassError, match="k of attention layer 3 \\(model.layers.3.self_attn\\) was 0 in every channel"):
-        attention_qparams([site], observers, QuantConfig(kv_cache="int8"))
+        attention_qparams([site], observers, QuantConfig(kv_cache="static"))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def compile_result(tiny_model_dir, text_files):
     import qpass
     from qpass.core.config import QuantConfig
 
-    config = QuantConfig(kv_cache="int8", symmetric=True, w8a8=True, window=64, calib_samples=4, batch_size=2)
+    config = QuantConfig(kv_cache="static", symmetric=True, w8a8=True, window=64, calib_samples=4, batch_size=2)
     return qpass.compile(str(tiny_model_dir), config, calib=text_files["calib"])
 
 

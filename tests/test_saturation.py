@@ -56,7 +56,7 @@ def random_text():
 @pytest.fixture(scope="module")
 def fa_c8(random_text):
     model, calib, _ = random_text
-    return calibrated(model, calib, fa_quant=True, kv_cache="int8", observer="minmax")
+    return calibrated(model, calib, fa_quant=True, kv_cache="static", observer="minmax")
 
 
 def test_matched_text_is_not_flagged_and_narrow_scales_are(random_text, fa_c8):
@@ -77,7 +77,7 @@ def test_matched_text_is_not_flagged_and_narrow_scales_are(random_text, fa_c8):
 
 def test_repetitive_calibration_is_flagged_on_other_text(random_text):
     model, _, held = random_text
-    fe, recipe = calibrated(model, torch.arange(8).repeat(64).view(16, 32), kv_cache="int8")  # 8 tokens over and over
+    fe, recipe = calibrated(model, torch.arange(8).repeat(64).view(16, 32), kv_cache="static")  # 8 tokens over and over
     sat = _measured(fe, recipe, held)
     assert set(sat["flagged"]) == {"0", "1"} and set(sat["calibration"]["0"]) == {"k", "v"}
 
@@ -100,7 +100,7 @@ def text_paths(tmp_path_factory):
     return corpus.write(tmp_path_factory.mktemp("corpus"))
 
 
-CONFIG = QuantConfig(fa_quant=True, kv_cache="int8", window=64, calib_samples=64, batch_size=4)
+CONFIG = QuantConfig(fa_quant=True, kv_cache="static", window=64, calib_samples=64, batch_size=4)
 
 
 def test_healthy_calibration_compiles_without_warnings(tiny, text_paths, capsys):

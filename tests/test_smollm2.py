@@ -24,7 +24,7 @@ def test_all_thirty_sites_found_by_structure(smollm2):
 
 @pytest.mark.parametrize("mode,limit_pct", [("kv", 0.2), ("fa", 0.4)])
 def test_compile_matches_the_model_and_stays_within_target(smollm2, mode, limit_pct, tmp_path):
-    config = QuantConfig(fa_quant=mode == "fa", kv_cache="int8" if mode == "kv" else None, window=256, calib_samples=16)
+    config = QuantConfig(fa_quant=mode == "fa", kv_cache="static" if mode == "kv" else None, window=256, calib_samples=16)
     eval_path = tmp_path / "eval.txt"
     eval_path.write_text(corpus.eval_code(), encoding="utf-8")
     result = qpass.compile(smollm2, config, calib=corpus.calibration_samples(), eval=eval_path, eval_windows=8)

@@ -35,7 +35,7 @@ def llama():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     ids = torch.randint(0, 256, (6, WINDOW), generator=torch.Generator().manual_seed(2))
-    _, recipe = calibrated(model, ids, kv_cache="int8", symmetric=True, w8a8=True)
+    _, recipe = calibrated(model, ids, kv_cache="static", symmetric=True, w8a8=True)
     return model, recipe, ids
 
 
@@ -84,7 +84,7 @@ def test_both_targets_run_the_same_numbers_in_our_reader(llama, tmp_path):
 
 def test_what_vllm_ascend_cannot_run_is_refused(llama, tmp_path):
     model, recipe, ids = llama
-    asym = calibrated(model, ids, kv_cache="int8", w8a8=True)[1]
+    asym = calibrated(model, ids, kv_cache="static", w8a8=True)[1]
     with pytest.raises(QpassError, match="--kv-int8 --symmetric"):
         _export(model, asym, tmp_path / "a", "vllm-ascend")
     fa = calibrated(model, ids, fa_quant=True, w8a8=True)[1]

@@ -65,7 +65,7 @@ def test_w8a8_program_stays_close_to_float_and_smoothing_does_not_hurt(tiny):
 
 def test_fa_c8_and_w8a8_together(tiny):
     _, program, sites, ids = tiny
-    recipe = _recipe(tiny, fa_quant=True, kv_cache="int8", anti_method="m1")
+    recipe = _recipe(tiny, fa_quant=True, kv_cache="static", anti_method="m1")
     quantized, counts = quantize_program(program, sites, recipe)
     assert counts == {"InsertFAQuantQDQPass": 6, "InsertKVCacheQDQPass": 4, "InsertW8A8Pass": 14}
     assert {f"smooth.{i}.scale" for i in range(8)} <= set(recipe.tensors)
@@ -265,7 +265,7 @@ def test_decoder_with_w8a8_generates_like_its_reference():
     from qpass.frontends.torch_export.decoder import build_decoder, generate_lowered, generate_reference
 
     model = tiny_model("llama", num_layers=1, hidden_size=256)  # head_dim 64: the paged ops support it
-    _, recipe = calibrated(model, torch.randint(0, 256, (4, WINDOW)), kv_cache="int8", w8a8=True, anti_method="m1")
+    _, recipe = calibrated(model, torch.randint(0, 256, (4, WINDOW)), kv_cache="static", w8a8=True, anti_method="m1")
     reference, lowered = build_decoder(model, recipe, max_context=64)
     assert len(lowered.graph.find_nodes(op="call_function", target=W8A8_LINEAR)) == 7
     prompt = [1, 5, 9, 13]

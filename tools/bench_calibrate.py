@@ -26,7 +26,7 @@ def main():
     parser.add_argument("--observer", default="mse")
     args = parser.parse_args()
     frontend = TorchExportFrontend.load(args.model, args.window)
-    config = QuantConfig(fa_quant=True, kv_cache="int8", observer=args.observer, window=args.window,
+    config = QuantConfig(fa_quant=True, kv_cache="static", observer=args.observer, window=args.window,
                          calib_samples=args.windows)
     ids = token_windows(frontend.tokenizer, corpus.calibration_samples(), args.window, args.windows, "calib")
     sites = frontend.attention_sites()

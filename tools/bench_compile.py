@@ -25,7 +25,7 @@ WINDOW = 32
 def time_passes(num_layers: int, repeats: int) -> float:
     frontend = TorchExportFrontend(LoadedModel(smollm2_shaped(num_layers), None, "bench", "bench"), WINDOW)
     program = frontend.program
-    config = QuantConfig(fa_quant=True, kv_cache="int8", window=WINDOW)
+    config = QuantConfig(fa_quant=True, kv_cache="static", window=WINDOW)
     recipe = calibrate(frontend, torch.randint(0, 512, (2, WINDOW)), config)
     best = float("inf")
     for _ in range(repeats):

@@ -107,7 +107,7 @@ def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> 
     from qpass.core.data import token_windows
 
     w8a8 = dict(w8a8=True, anti_method="m1") if config_kind.startswith("w8a8") else {}
-    config = QuantConfig(kv_cache="int8", fa_quant=config_kind == "fa", window=window, calib_samples=windows, **w8a8)
+    config = QuantConfig(kv_cache="static", fa_quant=config_kind == "fa", window=window, calib_samples=windows, **w8a8)
     start = time.perf_counter()
     if mode == "layerwise":
         from qpass.frontends.torch_export.layerwise import LayerwiseFrontend

@@ -138,8 +138,8 @@ def qdq_modes(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor, ids: torch.Te
     ppl_torch = torch_fe.reference_perplexity(ids, 4)
     ppl_onnx = perplexity(dynamo.logits(), ids, 4, "onnx float")
     print(f"  float: PyTorch {ppl_torch:.4f}, ONNX {ppl_onnx:.4f} ({100 * (ppl_onnx / ppl_torch - 1):+.4f}%)")
-    for mode, kwargs in (("C8", dict(kv_cache="int8")), ("FAQuant", dict(fa_quant=True)),
-                         ("C8 symmetric", dict(kv_cache="int8", symmetric=True))):
+    for mode, kwargs in (("C8", dict(kv_cache="static")), ("FAQuant", dict(fa_quant=True)),
+                         ("C8 symmetric", dict(kv_cache="static", symmetric=True))):
         recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
         ppl = perplexity(dynamo.logits(recipe), ids, 4, f"onnx {mode}")
         print(f"  QDQ {mode}: {100 * (ppl / ppl_onnx - 1):+.3f}%")
@@ -153,14 +153,14 @@ def gqa_modes(work: Path, genai: OnnxFrontend, calib: torch.Tensor, ids: torch.T
     float_nll = stepwise_nll(Runner(session(genai.model), genai.site_docs), ids)
     print(f"  GQA float, token by token: ppl {float(float_nll.mean().exp()):.4f}", flush=True)
     nll = {}
-    for label, config in (("qpass centred (--kv-int8)", QuantConfig(kv_cache="int8")),
-                          ("qpass symmetric (--symmetric)", QuantConfig(kv_cache="int8", symmetric=True))):
+    for label, config in (("qpass centred (--kv-int8)", QuantConfig(kv_cache="static")),
+                          ("qpass symmetric (--symmetric)", QuantConfig(kv_cache="static", symmetric=True))):
         quantized, _ = genai.apply(calibrate(genai, calib, config))
         nll[label] = stepwise_nll(Runner(session(quantized), read_sites(quantized)), ids)
         print(f"  GQA int8 cache, {label}: {increase(nll[label], float_nll)}", flush=True)
         del quantized
         gc.collect()
-    absmax = calibrate(genai, calib, QuantConfig(kv_cache="int8", symmetric=True, observer="minmax"))
+    absmax = calibrate(genai, calib, QuantConfig(kv_cache="static", symmetric=True, observer="minmax"))
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         scale_file = Path(tmp) / "scales.json"
         layers = range(len(genai.attention_sites()))
@@ -179,7 +179,7 @@ def gqa_modes(work: Path, genai: OnnxFrontend, calib: torch.Tensor, ids: torch.T
 def greedy_tokens(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor) -> None:
     tokenizer = dynamo.tokenizer
     prompt = token_windows(tokenizer, [corpus.eval_code()], WINDOW, 1, "--eval")[0, :16].tolist()
-    for mode, kwargs in (("C8", dict(kv_cache="int8")), ("FAQuant+C8", dict(fa_quant=True, kv_cache="int8"))):
+    for mode, kwargs in (("C8", dict(kv_cache="static")), ("FAQuant+C8", dict(fa_quant=True, kv_cache="static"))):
         recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
         quantized, _ = dynamo.apply(recipe)
         ours = greedy(Runner(session(quantized), read_sites(quantized)), prompt, 32)
@@ -209,9 +209,9 @@ def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int, 
     genai = OnnxFrontend.load(work / "genai", WINDOW)
     calib = token_windows(dynamo.tokenizer, corpus.calibration_samples(), WINDOW, 8, "--calib")
     context = token_windows(dynamo.tokenizer, [corpus.eval_code()], context_len, 1, "--eval").numpy()
-    forms_all = (("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": QuantConfig(kv_cache="int8")}),
-             ("GroupQueryAttention (onnxruntime-genai)", genai, {"int8 centred": QuantConfig(kv_cache="int8"),
-                                                                 "int8 symmetric": QuantConfig(kv_cache="int8", symmetric=True)}))
+    forms_all = (("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": QuantConfig(kv_cache="static")}),
+             ("GroupQueryAttention (onnxruntime-genai)", genai, {"int8 centred": QuantConfig(kv_cache="static"),
+                                                                 "int8 symmetric": QuantConfig(kv_cache="static", symmetric=True)}))
     for form, frontend, configs in (f for f, key in zip(forms_all, ("qdq", "gqa"), strict=True) if key in forms):
         runners = {"float": Runner(session(frontend.model, threads), frontend.site_docs)}
         for name, config in configs.items():
@@ -253,7 +253,7 @@ def time_compile(path: Path, label: str) -> None:
             if kind != "q":
                 tensors[site_key(s.layer, f"kv_{kind}", "scale")] = torch.full((heads * s.head_dim,), 0.05)
                 tensors[site_key(s.layer, f"kv_{kind}", "offset")] = torch.zeros(heads * s.head_dim)
-    for config in (QuantConfig(kv_cache="int8"), QuantConfig(fa_quant=True, kv_cache="int8")):
+    for config in (QuantConfig(kv_cache="static"), QuantConfig(fa_quant=True, kv_cache="static")):
         graph, found = load_decoder(path)
         recipe = Recipe(config, geometry(sites), {k: v for k, v in tensors.items() if config.fa_quant or ".kv_" in k})
         start = time.perf_counter()

@@ -62,7 +62,7 @@ def main():
     rows = []
     for variant in args.variants:
         anti, act = variant.split(":")
-        config = QuantConfig(fa_quant=True, kv_cache="int8", w8a8=True, disable_level="auto",
+        config = QuantConfig(fa_quant=True, kv_cache="static", w8a8=True, disable_level="auto",
                              max_ppl_increase=args.max_ppl_increase, calib_samples=args.calib_samples,
                              window=args.window, anti_method=None if anti == "none" else anti, act_method=int(act))
         start = time.perf_counter()

@@ -29,9 +29,9 @@ from qpass.core.observers import Observer
 from qpass.core.recipe import Recipe, geometry
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 
-MODES = {"C8": dict(fa_quant=False, kv_cache="int8"), "FAQuant": dict(fa_quant=True, kv_cache=None),
+MODES = {"C8": dict(fa_quant=False, kv_cache="static"), "FAQuant": dict(fa_quant=True, kv_cache=None),
          "dynamic": dict(fa_quant=False, kv_cache="dynamic"),
-         "C8-symmetric": dict(fa_quant=False, kv_cache="int8", symmetric=True),
+         "C8-symmetric": dict(fa_quant=False, kv_cache="static", symmetric=True),
          "FAQuant-symmetric": dict(fa_quant=True, kv_cache=None, symmetric=True)}
 
 
@@ -92,7 +92,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     fe = TorchExportFrontend.load(args.model, args.window)
-    base = QuantConfig(kv_cache="int8", window=args.window, calib_samples=args.calib_samples, symmetric=args.symmetric)
+    base = QuantConfig(kv_cache="static", window=args.window, calib_samples=args.calib_samples, symmetric=args.symmetric)
     pairs = corpus.domain_pairs()
     names = list(pairs) if args.pairs == "all" else args.pairs.split(",")
     float_module, table, observed = fe.logits(), {}, {}

@@ -91,7 +91,7 @@ def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer]
             if config.fa_quant:
                 tensors[site_key(site.layer, f"fa_{kind}", "scale")] = scale.reshape(heads, site.head_dim)
                 tensors[site_key(site.layer, f"fa_{kind}", "offset")] = offset.reshape(heads, site.head_dim)
-            if config.kv_cache == "int8" and kind in ("k", "v"):
+            if config.kv_cache == "static" and kind in ("k", "v"):
                 tensors[site_key(site.layer, f"kv_{kind}", "scale")] = scale.clone()
                 tensors[site_key(site.layer, f"kv_{kind}", "offset")] = offset.clone()
             per_site[kind] = round(sqnr_db(obs.sample(), scale, offset), 3)

@@ -9,8 +9,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 OBSERVERS = ("minmax", "percentile", "mse", "extreme", "reach")
-KV_CACHE = (None, "int8", "dynamic")
-KV_FORMS = {"static": "int8", "dynamic": "dynamic"}  # --kv-int8 VALUE -> kv_cache (a bare --kv-int8 is static)
+KV_CACHE = (None, "static", "dynamic")
+OLD_KV_CACHE = {"int8": "static"}  # recipes written before the cache had one name on every surface
 ACT_METHODS = (1, 2, 3)
 ANTI_METHODS = (None, "m1", "m2", "m3", "m4")
 DISABLE_LEVEL = re.compile(r"L(0|[1-9][0-9]*)|auto")
@@ -22,11 +22,11 @@ def _opt(flag: str, help: str, **argparse_kwargs) -> dict:
 
 
 def _kv_form(value: str) -> str:
-    """``--kv-int8``'s value (``static`` or ``dynamic``) as ``QuantConfig.kv_cache``."""
-    if value not in KV_FORMS:
+    """``--kv-int8``'s value, ``static`` or ``dynamic``: ``QuantConfig.kv_cache`` as it is."""
+    if value not in KV_CACHE[1:]:
         raise argparse.ArgumentTypeError(f"{value!r} is not static or dynamic (a bare --kv-int8 is static; "
                                          "give MODEL before --kv-int8)")
-    return KV_FORMS[value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class QuantConfig:
 
     fa_quant: FAQuant, Q, K and V after RoPE quantized per head and per dim (``[heads, head_dim]``);
         the KV cache is then int8 too.
-    kv_cache: ``"int8"`` for C8, K and V quantized per channel (``[kv_heads * head_dim]``, calibrated) where
+    kv_cache: ``"static"`` for C8, K and V quantized per channel (``[kv_heads * head_dim]``, calibrated) where
         they are written to the cache; ``"dynamic"`` for a cache whose K and V of each token and KV head get
         their own asymmetric scale and offset (min and max over head_dim) when they are written, stored beside
         the int8 cache (vLLM's ``int8_per_token_head`` granularity; nothing to calibrate, not with FAQuant); None keeps the
@@ -94,13 +94,15 @@ class QuantConfig:
         "(95%% upper bound), percent (default 2)"))
 
     def __post_init__(self):
+        if self.kv_cache in OLD_KV_CACHE:  # an older recipe.json: the same cache under its old name
+            object.__setattr__(self, "kv_cache", OLD_KV_CACHE[self.kv_cache])
         for f in fields(self):  # the types first: a recipe.json read back may hold anything
             value, want = getattr(self, f.name), {bool: (bool,), int: (int,), float: (int, float)}.get(type(f.default))
             if want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
                 kind = {(bool,): "true or false", (int,): "an integer"}.get(want, "a number")
                 raise ValueError(f"{f.name}={value!r} is not {kind}")
         if not self.fa_quant and self.kv_cache is None and not self.w8a8:
-            raise ValueError("nothing to quantize: set fa_quant=True, kv_cache='int8' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)")
+            raise ValueError("nothing to quantize: set fa_quant=True, kv_cache='static' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)")
         if self.act_method not in ACT_METHODS:
             raise ValueError(f"act_method={self.act_method!r} is not one of 1 (min-max), 2 (histogram), 3 (auto)")
         if self.anti_method not in ANTI_METHODS:
@@ -115,7 +117,7 @@ class QuantConfig:
             raise ValueError(f"anti_method={self.anti_method!r} / disable_level={self.disable_level!r} apply to W8A8 only; "
                              "set w8a8=True (--w8a8) or drop them")
         if self.kv_cache not in KV_CACHE:
-            raise ValueError(f"kv_cache={self.kv_cache!r} is not supported; use 'int8' (static, per channel), "
+            raise ValueError(f"kv_cache={self.kv_cache!r} is not supported; use 'static' (per channel, calibrated), "
                              "'dynamic' (per token and KV head) or None")
         if self.fa_quant and self.kv_cache == "dynamic":
             raise ValueError("fa_quant=True with kv_cache='dynamic' (--fa-quant --kv-int8 dynamic): FAQuant fixes the "
@@ -138,7 +140,7 @@ class QuantConfig:
         dynamic cache (its scales are computed as it is written)."""
         if self.fa_quant:
             return ("q", "k", "v")
-        return ("k", "v") if self.kv_cache == "int8" else ()
+        return ("k", "v") if self.kv_cache == "static" else ()
 
 
 def cli_options() -> list[tuple[str, str, dict]]:

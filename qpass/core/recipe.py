@@ -30,6 +30,7 @@ import torch
 
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
+from qpass.core.naming import layer_key
 
 FORMAT_VERSION = 2   # recipe.json: version 2 added the axes of every tensor and the sites' module names
 TENSORS_VERSION = 1  # recipe.safetensors: its names and layout are unchanged since version 1
@@ -45,7 +46,7 @@ _SMOOTH_KEY = re.compile(r"smooth\.\d+\.scale")
 
 def site_key(layer: int, kind: str, part: str) -> str:
     """``layers.<layer>.<kind>.<part>``: kind in ``SITE_KINDS``, part ``scale`` or ``offset``."""
-    return f"layers.{layer}.{kind}.{part}"
+    return layer_key(layer, f"{kind}.{part}")
 
 
 def linear_key(module: str, part: str) -> str:
@@ -204,7 +205,7 @@ class Recipe:
         except Exception as err:  # safetensors raises its own error types for corrupt files
             raise QpassError(f"--recipe {directory}: cannot read {TENSORS_FILE} ({err}); {fix}") from None
         recipe = cls(config, sites, tensors, stats, w8a8)
-        kinds = ("fa_q", "fa_k", "fa_v") * config.fa_quant + ("kv_k", "kv_v") * (config.kv_cache == "int8")
+        kinds = ("fa_q", "fa_k", "fa_v") * config.fa_quant + ("kv_k", "kv_v") * (config.kv_cache == "static")
         for site in recipe.sites:  # every site's tensors, refused here rather than after the model is captured
             for kind in kinds:
                 recipe.get(site.layer, kind)

@@ -11,9 +11,9 @@ def summary(report: dict) -> str:
     lines = [f"qpass: {report['model']['name']}: {len(report['sites'])} attention sites, "
              f"{report['model']['num_heads']} heads / {report['model']['num_kv_heads']} kv heads, head_dim {report['model']['head_dim']}"]
     cfg = report["config"]
-    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), ("C8 int8 KV cache", cfg["kv_cache"] == "int8"),
+    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), ("C8 int8 KV cache", cfg["kv_cache"] == "static"),
                              ("dynamic int8 KV cache (per token and kv head)", cfg["kv_cache"] == "dynamic"), ("W8A8", cfg.get("w8a8"))) if on]
-    static = cfg["fa_quant"] or cfg["kv_cache"] == "int8"  # the observer and symmetry apply to static scales only
+    static = cfg["fa_quant"] or cfg["kv_cache"] == "static"  # the observer and symmetry apply to static scales only
     lines.append(f"  quantized: {' + '.join(modes)}" + (f"; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}"
                                                         if static else ""))
     w = report.get("w8a8")

@@ -23,7 +23,7 @@ import torch
 
 from qpass.core.evaluate import batches
 from qpass.core.int8 import saturated
-from qpass.core.recipe import Recipe
+from qpass.core.recipe import Recipe, site_key
 
 # A min-max range fitted to N tokens leaves about 2/(N+1) of a channel's fresh values outside it (order
 # statistics), so matched text saturates about as often as the calibration text: 10x is "far more". Below
@@ -60,8 +60,7 @@ def kind_qparams(recipe: Recipe, layer: int, kind: str) -> tuple[torch.Tensor, t
     ``kind`` at ``layer``: C8's for k/v (it comes first in the graph), else FAQuant's; None when it has neither."""
     names = ("fa_q",) if kind == "q" else (f"kv_{kind}", f"fa_{kind}")
     for name in names:
-        key = f"layers.{layer}.{name}.scale"
-        if key in recipe.tensors:
+        if site_key(layer, name, "scale") in recipe.tensors:
             scale, offset = recipe.get(layer, name)
             return scale.reshape(-1), offset.reshape(-1)
     return None

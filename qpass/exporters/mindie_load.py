@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
+from qpass.core.naming import LM_HEAD
 from qpass.core.recipe import Recipe, SiteGeometry, site_key
 from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_TYPES, FAQUANT, FLOAT,
                                           MODEL_KEYS, W8A8, W8A8_SUFFIXES, WEIGHTS_FILE, WEIGHTS_INDEX)
@@ -57,8 +58,8 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     # msModelSlim also writes per-module metadata strings (``<a>.quant_type``) that name no tensor
     types = {k: v for k, v in description.items() if k not in MODEL_KEYS and not k.endswith(".quant_type")}
     tied = bool(config_json.get("tie_word_embeddings"))
-    if tied and types.get("lm_head.weight") == FLOAT and "lm_head.weight" not in tensors:
-        del types["lm_head.weight"]  # vllm-ascend asks for the LM head's type even when it is the embedding
+    if tied and types.get(LM_HEAD) == FLOAT and LM_HEAD not in tensors:
+        del types[LM_HEAD]  # vllm-ascend asks for the LM head's type even when it is the embedding
     check = _Checker(d, tensors, types, model_dtype)
     for name in sorted(types):
         if name not in tensors:
@@ -109,7 +110,7 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     for key, param in expected.items():
         if key.rpartition(".")[0] in w8a8:  # W8A8Linear buffers, filled from the format's tensors above
             continue
-        if tied and key == "lm_head.weight" and key not in tensors:
+        if tied and key == LM_HEAD and key not in tensors:
             continue  # tied to model.embed_tokens.weight, as config.json says
         value = check.float_tensor(key, tuple(param.shape))
         checked.add(key)
@@ -121,7 +122,7 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
         if tied:
             model.tie_weights()
     recipe, attention = _recipe(config, check, fa, c8)
-    unknown = sorted(set(tensors) - extra - checked - attention - ({"lm_head.weight"} if tied else set()))
+    unknown = sorted(set(tensors) - extra - checked - attention - ({LM_HEAD} if tied else set()))
     if unknown:
         raise QpassError(f"{d}: tensor {unknown[0]} is not a parameter of this {model_type} model nor a tensor the format "
                          f"defines ({len(unknown)} such); remove it or fix its name")
@@ -135,7 +136,7 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
             raise QpassError(f"{d}: cannot load the tokenizer files ({_first_line(err)}); add tokenizer.json / "
                              "tokenizer_config.json") from None
     info = {"format": "mindie", "model_dtype": str(model_dtype).removeprefix("torch."), "w8a8_linears": len(w8a8),
-            "fa_quant": fa, "kv_cache": "int8" if c8 else None}
+            "fa_quant": fa, "kv_cache": "static" if c8 else None}
     return Loaded("mindie", tokenizer, recipe, model=model if build else None, info=info)
 
 
@@ -354,7 +355,7 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
                     used.add(name)
     sites = [SiteGeometry(i, heads, kv_heads, head_dim, a, ("", *(f"{a}.{p}" for p in C8_PROJECTIONS.values())) if c8 else ("", "", ""))
              for i, a in enumerate(prefixes)]
-    return Recipe(QuantConfig(fa_quant=fa, kv_cache="int8" if c8 else None), sites, tensors), used
+    return Recipe(QuantConfig(fa_quant=fa, kv_cache="static" if c8 else None), sites, tensors), used
 
 
 def _natural(path: str) -> list:

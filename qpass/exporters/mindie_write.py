@@ -12,7 +12,6 @@ sites' module names and the float state dict, for one of two consumers (``target
 """
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from qpass.core.errors import QpassError
+from qpass.core.naming import LM_HEAD, layer_of
 from qpass.core.recipe import Recipe
 from qpass.core.smoothing import apply_smoothing
 from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_KINDS, FAQUANT, FLOAT,
@@ -42,7 +42,7 @@ def check_target(recipe: Recipe, target: str) -> None:
     if recipe.config.fa_quant:
         raise QpassError("--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
                          "on MLA models, and never together with C8; drop --fa-quant (C8 stays), or write --format mindie")
-    if recipe.config.kv_cache == "int8":
+    if recipe.config.kv_cache == "static":
         offsets = [recipe.get(s.layer, kind)[1] for s in recipe.sites for kind in C8_PROJECTIONS]
         if any(bool(o.any()) for o in offsets):
             raise QpassError("--format vllm-ascend with asymmetric C8: vllm-ascend's decode dequantizes the int8 cache "
@@ -102,11 +102,11 @@ def export_mindie_by_layer(config_json: dict, checkpoint: Mapping[str, torch.Ten
     linears, tied = _check(config_json, recipe, dtype, target)
     parts: dict[int | None, list[str]] = {}
     for name in checkpoint:
-        parts.setdefault(_layer_of(name), []).append(name)
+        parts.setdefault(layer_of(name), []).append(name)
     order = sorted(k for k in parts if k is not None) + ([None] if None in parts else [])
     groups: dict[int | None, list[dict]] = {}
     for g in recipe.smoothing:
-        layers = {_layer_of(f"{m}.") for m in (g["prev"], *g["consumers"])}
+        layers = {layer_of(f"{m}.") for m in (g["prev"], *g["consumers"])}
         if len(layers) != 1:
             raise QpassError(f"--format {target}: smoothing group of {g['prev']} spans decoder layers {sorted(map(str, layers))}; "
                              "a layer-wise export folds smoothing one layer at a time: compile the whole model")
@@ -116,7 +116,7 @@ def export_mindie_by_layer(config_json: dict, checkpoint: Mapping[str, torch.Ten
     types, weight_map, total = {}, {}, 0
     for i, layer in enumerate(order, start=1):
         state = apply_smoothing({name: checkpoint[name] for name in parts[layer]}, groups.get(layer, []), recipe.tensors)
-        part_linears = [p for p in linears if _layer_of(f"{p}.") == layer]
+        part_linears = [p for p in linears if layer_of(f"{p}.") == layer]
         sites = [site for site in recipe.sites if site.layer == layer] if layer is not None else []
         tensors, part_types = _tensors(state, recipe, part_linears, sites, tied, dtype, target)
         del state
@@ -131,18 +131,12 @@ def export_mindie_by_layer(config_json: dict, checkpoint: Mapping[str, torch.Ten
     return _finish(out, config_json, recipe, types, tokenizer, dtype, target)
 
 
-def _layer_of(name: str) -> int | None:
-    """The decoder layer a tensor or module path (ending in ``.``) belongs to, ``model.layers.<i>.``; None for the rest."""
-    match = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
 def _check(config_json: dict, recipe: Recipe, dtype: torch.dtype, target: str) -> tuple[list[str], bool]:
     """Refuse what the format or ``target`` cannot hold; the W8A8 Linears to write and whether the LM head is tied."""
     if not any(v == dtype for v in MODEL_DTYPES.values()):
         raise QpassError(f"--dtype {dtype}: the MindIE format stores float16 or bfloat16 models; choose one of those")
     check_target(recipe, target)
-    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "int8"
+    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "static"
     if fa or c8:
         check_names(recipe, c8)
     if c8 and dtype == torch.bfloat16:
@@ -172,12 +166,12 @@ def _tensors(state_dict: Mapping[str, torch.Tensor], recipe: Recipe, linears: li
             tensors[f"{p}.{suffix}"], types[f"{p}.{suffix}"] = tensor, W8A8
     quantized = {f"{p}.{s}" for p in linears for s in ("weight", "bias")}
     for key, value in state_dict.items():
-        if key in quantized or (tied and key == "lm_head.weight"):
+        if key in quantized or (tied and key == LM_HEAD):
             continue  # a tied lm_head is embed_tokens: loaders tie it again from config.json
         if not value.is_floating_point():
             raise QpassError(f"state_dict tensor {key} is {value.dtype}, not float; give the float model's state dict")
         tensors[key], types[key] = value.detach().to(dtype), FLOAT
-    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "int8"
+    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "static"
     for site in sites:
         a = site.prefix
         if fa:
@@ -196,14 +190,14 @@ def _tensors(state_dict: Mapping[str, torch.Tensor], recipe: Recipe, linears: li
 def _finish(out: Path, config_json: dict, recipe: Recipe, types: dict, tokenizer, dtype: torch.dtype, target: str) -> Path:
     """The description, config.json and the tokenizer files beside the weights."""
     name = next(k for k, v in MODEL_DTYPES.items() if v == dtype)
-    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "int8"
+    fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "static"
     description = {"model_quant_type": W8A8}
     if fa:
         description["fa_quant_type"] = FAQUANT
     if c8:
         description["kv_cache_type"] = description["kv_quant_type"] = C8
-    if target == "vllm-ascend" and "lm_head.weight" not in types:
-        types["lm_head.weight"] = FLOAT  # vLLM builds the LM head and asks for its type even when it is tied
+    if target == "vllm-ascend" and LM_HEAD not in types:
+        types[LM_HEAD] = FLOAT  # vLLM builds the LM head and asks for its type even when it is tied
     description.update(sorted(types.items()))
     config = dict(config_json)
     config["torch_dtype"] = name

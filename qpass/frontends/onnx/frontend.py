@@ -72,7 +72,7 @@ class OnnxFrontend:
         if self.genai_config is None:
             return {}
         config = self.genai_config
-        if recipe.config.kv_cache == "int8" and any(s.form == GQA_FORM for s in self.attention_sites()):
+        if recipe.config.kv_cache == "static" and any(s.form == GQA_FORM for s in self.attention_sites()):
             config = int8_kv_genai_config(config)
         return {GENAI_CONFIG: json.dumps(config, indent=4) + "\n"}
 

@@ -39,11 +39,11 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
     check_config(config, [site for site, _ in found])
     gqa = any(site.form == GQA_FORM for site, _ in found)
     passes = []
-    if config.kv_cache == "int8" and gqa:
+    if config.kv_cache == "static" and gqa:
         affine = [[tuple(t.numpy() for t in recipe.get(site.layer, f"kv_{kind}")) for kind in ("k", "v")] for site, _ in found]
         scales = [GQAKVScales.from_affine(k, v, centred=not config.symmetric) for k, v in affine]
         passes.append(QuantizeGQAKVCachePass(scales))
-    elif config.kv_cache == "int8":
+    elif config.kv_cache == "static":
         passes.append(InsertKVCacheQDQPass(found, recipe))
         if not config.fa_quant:  # lower in stages: the QDQ cache first, then its scales folded for ONNX Runtime
             passes.append(FoldKVCacheScalesPass(found, recipe))

@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from torch.export import Dim
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
 from qpass.core.memory import hidden_budget, trim_heap
+from qpass.core.naming import EMBEDDING, LM_HEAD, NORM, layer_key, layer_prefix
 from qpass.core.observers import Observer
 from qpass.core.recipe import SITE_KINDS, Recipe, geometry, linear_key, site_key
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
@@ -59,10 +61,6 @@ from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_
 
 # base models made of embed_tokens, layers.<i>, norm and rotary_emb, whose embedding is used unscaled
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-LAYER_PREFIX = "model.layers."   # how a causal LM's checkpoint names its decoder layers
-EMBEDDING = "model.embed_tokens.weight"
-NORM = "model.norm.weight"       # the final norm
-LM_HEAD = "lm_head.weight"       # untied models' LM head
 CAPTURE_PREFIX = "layers.0."     # the one layer's parameters in the capture (after the wrapper's prefix)
 WHOLE_MODEL_FACTOR = 2.0         # a whole-model compile holds about twice the float32 weights (model and capture)
 
@@ -218,7 +216,7 @@ class _LayerProgram:
 
     def _stored_names(self, layer: int) -> dict[str, str]:
         """The checkpoint's name of each parameter for layer ``layer`` -> the capture's name."""
-        return {f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}": name for name in self.params}
+        return {layer_prefix(layer) + name.removeprefix(CAPTURE_PREFIX): name for name in self.params}
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         owner, _, leaf = (WRAPPER_PREFIX + name).rpartition(".")
@@ -339,8 +337,8 @@ class LayerwiseFrontend:
 
     def _site(self, layer: int) -> AttentionSite:
         template, module = self._program(layer).site, _module_path(layer)
-        return replace(template, layer=layer, attention=f"layers.{layer}.{template.attention}",
-                       q=f"layers.{layer}.{template.q}", k=f"layers.{layer}.{template.k}", v=f"layers.{layer}.{template.v}",
+        return replace(template, layer=layer, attention=layer_key(layer, template.attention),
+                       q=layer_key(layer, template.q), k=layer_key(layer, template.k), v=layer_key(layer, template.v),
                        q_from=module(template.q_from), k_from=module(template.k_from), v_from=module(template.v_from),
                        prefix=module(template.prefix) if template.prefix else "")
 
@@ -351,7 +349,7 @@ class LayerwiseFrontend:
     def layers(self) -> Iterator[DecoderLayer]:
         """The decoder layers in order, each with its attention site and Linears."""
         for site in self.attention_sites():
-            module, named = _module_path(site.layer), f"layers.{site.layer}.".__add__
+            module, named = _module_path(site.layer), partial(layer_key, site.layer)
             linears = tuple(replace(s, node=named(s.node), input=named(s.input), weight=named(s.weight),
                                     bias=None if s.bias is None else named(s.bias), module=module(s.module))
                             for s in self._program(site.layer).linears)
@@ -361,7 +359,7 @@ class LayerwiseFrontend:
         """Each layer's smoothing groups (found on its layer type's capture), renamed to the layer, in layer order."""
         out = []
         for layer in range(self.num_layers):
-            module, named = _module_path(layer), f"layers.{layer}.".__add__
+            module, named = _module_path(layer), partial(layer_key, layer)
             out += [replace(g, input=named(g.input), prev=module(g.prev), consumers=tuple(module(c) for c in g.consumers))
                     for g in self._program(layer).groups]
         return out
@@ -506,7 +504,7 @@ def _run(program: _LayerProgram, layer: int, observers: dict[str, Observer], hid
     """Every window's hidden states through ``program`` (layer ``layer``'s weights loaded), feeding the observers keyed
     ``layers.<layer>.<value>``; ``advance`` writes the outputs back in place (the next layer's inputs)."""
     for value, tap in program.taps.items():
-        tap.observer = observers.get(f"layers.{layer}.{value}")
+        tap.observer = observers.get(layer_key(layer, value))
     try:
         with torch.no_grad():
             for start in range(0, hidden.shape[0], batch_size):
@@ -523,7 +521,11 @@ def layer_recipe(recipe, layer: int, site: AttentionSite):
     """The part of ``recipe`` that concerns decoder layer ``layer``, renamed for the one-layer capture whose attention
     site is ``site`` (layer 0, module paths ``layers.0...``): its attention site's scales, its Linears' input qparams and
     float Linears, and its smoothing groups (keeping their scale names)."""
-    ours, to_capture = f"{LAYER_PREFIX}{layer}.", lambda name: CAPTURE_PREFIX + name.removeprefix(f"{LAYER_PREFIX}{layer}.")
+    ours = layer_prefix(layer)
+
+    def to_capture(name: str) -> str:
+        return CAPTURE_PREFIX + name.removeprefix(ours)
+
     tensors = {site_key(site.layer, kind, part): t for kind in SITE_KINDS for part in ("scale", "offset")
                if (t := recipe.tensors.get(site_key(layer, kind, part))) is not None}
     groups = [{**g, "prev": to_capture(g["prev"]), "consumers": [to_capture(c) for c in g["consumers"]]}
@@ -542,7 +544,7 @@ def layer_recipe(recipe, layer: int, site: AttentionSite):
 def _module_path(layer: int):
     """``layers.0.self_attn...`` (the capture's module paths) -> ``model.layers.<layer>.self_attn...``."""
     def module(name: str) -> str:
-        return f"{LAYER_PREFIX}{layer}.{name.removeprefix(CAPTURE_PREFIX)}" if name.startswith(CAPTURE_PREFIX) else name
+        return layer_prefix(layer) + name.removeprefix(CAPTURE_PREFIX) if name.startswith(CAPTURE_PREFIX) else name
     return module
 
 

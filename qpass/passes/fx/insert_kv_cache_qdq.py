@@ -12,7 +12,7 @@ from qpass.passes.fx.qdq import insert_dynamic_fake_quant, insert_site_qdq
 class InsertKVCacheQDQPass(CountingPass):
     """Insert the cache's round trip on each site's k and v; counts them.
 
-    ``kv_cache="int8"`` (C8): Quantize/Dequantize with the recipe's ``kv_k``/``kv_v`` scales
+    ``kv_cache="static"`` (C8): Quantize/Dequantize with the recipe's ``kv_k``/``kv_v`` scales
     (``[kv_heads * head_dim]``). ``kv_cache="dynamic"``: ``fake_quant_int8_dynamic``, each token and kv head
     with the symmetric scale of its own values (the recipe holds no K/V tensors).
     The site's k and v are the values before GQA's repeat, i.e. what a KV cache stores.

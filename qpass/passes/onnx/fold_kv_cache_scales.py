@@ -14,11 +14,14 @@ The int8 cache I/O and ``QuantizeLinear`` before the Concat are unchanged. Only 
 the dequantized K and V themselves, and a softcapped ``Attention`` (no longer shift-invariant) keeps the QDQ form.
 """
 
+from functools import partial
+
 import numpy as np
 import onnx_ir as ir
 import torch
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from qpass.core.naming import onnx_name
 from qpass.core.sites import AttentionSite
 from qpass.passes.onnx import qdq
 from qpass.passes.onnx.base import SitePass
@@ -39,19 +42,19 @@ class FoldKVCacheScalesPass(SitePass):
             if None in dequantized:
                 continue
             for name, value in zip((cache.present_key, cache.present_value), dequantized):
-                cast = qdq.node("Cast", [values[name]], f"qpass.layers.{site.layer}.{name}.cast", ir.AttrInt64("to", ir.DataType.FLOAT))
+                cast = qdq.node("Cast", [values[name]], onnx_name(site.layer, f"{name}.cast"), ir.AttrInt64("to", ir.DataType.FLOAT))
                 graph.insert_after(values[name].producer(), cast)
                 value.replace_all_uses_with(cast.outputs[0])
-            tag = f"qpass.layers.{site.layer}"
+            tag = partial(onnx_name, site.layer)
             s_k, _ = self._per_head(site, "k")
             s_v, z_v = self._per_head(site, "v")
             q = values[site.q]
-            scale_q = qdq.node("Mul", [q, qdq.initializer(graph, f"{tag}.kv_k.scale_per_head", s_k)], f"{tag}.fold_k_scale")
+            scale_q = qdq.node("Mul", [q, qdq.initializer(graph, tag("kv_k.scale_per_head"), s_k)], tag("fold_k_scale"))
             qdq.replace_uses(q, scale_q.outputs[0], keep={scale_q})
             graph.insert_after(q.producer(), scale_q)
             out = values[site.attention]
-            sub = qdq.node("Sub", [out, qdq.initializer(graph, f"{tag}.kv_v.offset_per_head", z_v)], f"{tag}.fold_v_offset")
-            mul = qdq.node("Mul", [sub.outputs[0], qdq.initializer(graph, f"{tag}.kv_v.scale_per_head", s_v)], f"{tag}.fold_v_scale")
+            sub = qdq.node("Sub", [out, qdq.initializer(graph, tag("kv_v.offset_per_head"), z_v)], tag("fold_v_offset"))
+            mul = qdq.node("Mul", [sub.outputs[0], qdq.initializer(graph, tag("kv_v.scale_per_head"), s_v)], tag("fold_v_scale"))
             qdq.replace_uses(out, mul.outputs[0], keep={sub})
             graph.insert_after(attention, [sub, mul])
             count += 1

@@ -8,6 +8,7 @@ tokens before the float cache's Concat, so the cache holds values already on FAQ
 
 import onnx_ir as ir
 
+from qpass.core.naming import onnx_name
 from qpass.passes.onnx import qdq
 from qpass.passes.onnx.base import SitePass
 from qpass.passes.onnx.insert_kv_cache_qdq import DEQUANTIZED
@@ -24,7 +25,7 @@ class InsertFAQuantQDQPass(SitePass):
                 if cache is not None and kind != "q":
                     target = values.get((cache.present_key if kind == "k" else cache.present_value) + DEQUANTIZED, target)
                 heads = site.num_heads if kind == "q" else site.num_kv_heads
-                tag = f"qpass.layers.{site.layer}.fa_{kind}"
+                tag = onnx_name(site.layer, f"fa_{kind}")
                 scale, zero = qdq.qparams(graph, tag, *self.recipe.get(site.layer, f"fa_{kind}"))
                 nodes, out = qdq.fake_quantize(graph, target, scale, zero, heads, site.head_dim, tag)
                 qdq.replace_uses(target, out, keep=set(nodes))

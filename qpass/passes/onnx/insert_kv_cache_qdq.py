@@ -10,6 +10,7 @@ layout change around the per-axis ops).
 import onnx_ir as ir
 
 from qpass.core.errors import QpassError
+from qpass.core.naming import onnx_name
 from qpass.passes.onnx import qdq
 from qpass.passes.onnx.base import SitePass
 
@@ -26,10 +27,10 @@ class InsertKVCacheQDQPass(SitePass):
                 raise QpassError(f"--kv-int8: attention {site.layer} ({site.attention}) has no KV cache inputs and outputs; "
                                  "export the decoder with past_key_values.* inputs and present.* outputs")
             for kind, past, present in (("k", cache.past_key, cache.present_key), ("v", cache.past_value, cache.present_value)):
-                scale, zero = qdq.qparams(graph, f"qpass.layers.{site.layer}.kv_{kind}", *self.recipe.get(site.layer, f"kv_{kind}"))
+                scale, zero = qdq.qparams(graph, onnx_name(site.layer, f"kv_{kind}"), *self.recipe.get(site.layer, f"kv_{kind}"))
                 new, past_value, present_value = values[getattr(site, kind)], values[past], values[present]
                 concat = present_value.producer()
-                tag = f"qpass.layers.{site.layer}.kv_{kind}"
+                tag = onnx_name(site.layer, f"kv_{kind}")
                 q_nodes, q_out = qdq.quantize(graph, new, scale, zero, site.num_kv_heads, site.head_dim, tag)
                 graph.insert_before(concat, q_nodes)
                 concat.replace_input_with(1, q_out)
