@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from frontend_cases import calibrated
 from qpass.core.errors import QpassError
 from qpass.exporters.mindie_write import export_mindie
 from qpass.models.tiny import tiny_model
+from tests.helpers.frontend_cases import calibrated
 
 
 def _loaded_after(statement: str) -> list[str]:

@@ -1,0 +1,303 @@
+"""W8A8: the Linears it rewrites (structure), what the program computes (numbers), policy, fallback, recipe, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from qpass.cli import main
+from qpass.core.calibrate import calibrate
+from qpass.core.config import QuantConfig
+from qpass.core.errors import QpassError
+from qpass.core.ranges import act_qparams
+from qpass.core.recipe import Recipe
+from qpass.frontends.torch_export.pipeline import quantize_program
+from qpass.models.tiny import tiny_model
+from qpass.passes.fx.patterns import W8A8_LINEAR
+from tests.helpers.frontend_cases import calibrated, frontend
+
+WINDOW = 32
+LINEAR = torch.ops.aten.linear.default
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model("llama", num_layers=2)
+    fe = frontend(model, WINDOW)
+    ids = torch.randint(0, 256, (8, WINDOW), generator=torch.Generator().manual_seed(1))
+    return fe, fe.program, fe.attention_sites(), ids
+
+
+def _recipe(tiny, **config):
+    fe, _, _, ids = tiny
+    return calibrate(fe, ids, QuantConfig(window=WINDOW, batch_size=4, w8a8=True, **config))
+
+
+def test_every_decoder_linear_becomes_int8_and_its_float_weight_leaves_the_program(tiny):
+    _, program, sites, ids = tiny
+    recipe = _recipe(tiny)
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertW8A8Pass": 14}
+    ops = quantized.graph.find_nodes(op="call_function", target=W8A8_LINEAR)
+    assert len(ops) == 14
+    assert len(quantized.graph.find_nodes(op="call_function", target=LINEAR)) == 1  # lm_head stays float
+    weights = [quantized.constants[quantized.graph_signature.inputs_to_lifted_tensor_constants[n.args[3].name]] for n in ops]
+    assert all(w.dtype == torch.int8 for w in weights)
+    kept = set(quantized.state_dict)
+    assert not any(k.endswith("_proj.weight") for k in kept) and "model.lm_head.weight" in kept
+    assert program.graph.find_nodes(op="call_function", target=W8A8_LINEAR) == []  # the input is untouched
+    assert sum("_proj.weight" in k for k in program.state_dict) == 14
+
+
+def test_w8a8_program_stays_close_to_float_and_smoothing_does_not_hurt(tiny):
+    _, program, sites, ids = tiny
+    reference = program.module()(ids[:2])
+
+    def rel_error(**config):
+        quantized, _ = quantize_program(program, sites, _recipe(tiny, **config))
+        return float((quantized.module()(ids[:2]) - reference).detach().norm() / reference.detach().norm())
+
+    plain = rel_error(act_method=1)
+    assert plain < 0.05
+    assert rel_error(act_method=3, anti_method="m3") <= plain * 1.05
+
+
+def test_fa_c8_and_w8a8_together(tiny):
+    _, program, sites, ids = tiny
+    recipe = _recipe(tiny, fa_quant=True, kv_cache="static", anti_method="m1")
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertFAQuantQDQPass": 6, "InsertKVCacheQDQPass": 4, "InsertW8A8Pass": 14}
+    assert {f"smooth.{i}.scale" for i in range(8)} <= set(recipe.tensors)
+    assert recipe.tensors["w8a8.model.layers.0.self_attn.q_proj.input_scale"].shape == (1,)
+
+
+def test_act_methods():
+    from qpass.core.int8 import fake_quant
+
+    x = torch.distributions.StudentT(1.5).sample((4096, 8))  # heavy tails: max|x| / std far above 50
+    lo, hi = float(x.min()), float(x.max())
+    (minmax, o1, used1), (hist, o2, used2), (auto, _, used3) = (act_qparams(lo, hi, x, 400.0, m) for m in (1, 2, 3))
+    assert (used1, used2, used3) == ("min-max", "histogram", "min-max")
+    assert float(minmax) == pytest.approx((hi - lo) / 255, rel=1e-5)
+    error = lambda s, o: float((fake_quant(x, s, o) - x).pow(2).sum())  # noqa: E731
+    assert float(hist) <= float(minmax) and error(hist, o2) <= error(minmax, o1)  # never worse on the sample
+    assert float(auto) == float(minmax)
+    # a range far wider than the bulk of the sample (rare outliers): the least-L2 clip cuts it
+    wide, _, _ = act_qparams(-100.0, 100.0, torch.randn(4096, 8), 10.0, 2)
+    assert float(wide) < 200.0 / 255 / 5
+    _, _, used = act_qparams(-3.0, 3.0, torch.randn(512, 4), 3.0, 3)
+    assert used == "histogram"
+
+
+def test_histogram_clip_sees_every_channel():
+    """One channel (5, not a multiple of any stride over the flattened values) sits at 10 while the
+    rest are near 0: the least-L2 clip must keep it, so it must see it."""
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+    x[:, 5] = 10.0
+    scale, offset, used = act_qparams(float(x.min()), float(x.max()), x, 5.0, 2)
+    assert used == "histogram"
+    assert float((127 - offset) * scale) >= 9.9  # the top of the int8 range reaches the channel
+
+
+def test_disable_level_n_keeps_the_widest_ranges_float(tiny):
+    _, program, sites, _ = tiny
+    recipe = _recipe(tiny, disable_level="L2")
+    floats = recipe.w8a8["float_linears"]
+    ratios = recipe.stats["w8a8"]["range_ratio"]
+    assert len(floats) == 2 and min(ratios[n] for n in floats) >= max(r for n, r in ratios.items() if n not in floats)
+    assert all(f"w8a8.{n}.input_scale" not in recipe.tensors for n in floats)
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertW8A8Pass": 12}
+    assert len(quantized.graph.find_nodes(op="call_function", target=LINEAR)) == 3
+    with pytest.raises(QpassError, match="only 14 quantizable Linears"):
+        _recipe(tiny, disable_level="L15")
+
+
+def test_many_float_linears_without_smoothing_get_a_hint(tiny):
+    from qpass.core.fallback import smoothing_hint
+
+    hint = smoothing_hint(_recipe(tiny, disable_level="L2"))  # 2 of 14 float: more than 10%
+    assert hint == ("W8A8: 2 of 14 Linears stay float, without smoothing; smoothing usually lets far fewer stay float: "
+                    "add --anti-method m3 --act-method 3")
+    assert smoothing_hint(_recipe(tiny, disable_level="L1")) is None  # 1 of 14: within 10%
+    assert smoothing_hint(_recipe(tiny, disable_level="L2", anti_method="m1")) is None  # smoothed already
+
+
+def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
+    loose = _recipe(tiny, disable_level="auto", max_ppl_increase=50.0)  # real perplexities: W8A8 is within 50%
+    assert loose.w8a8["float_linears"] == {}
+    assert loose.stats["w8a8"]["search"][1]["float_linears"] == 0
+
+    import qpass.frontends.torch_export.frontend as torch_frontend
+
+    def fake_window_nll(module, windows, batch_size, desc, noise=0.0):  # +1% per quantized Linear beyond the 9 least sensitive
+        if desc == "fallback float":
+            return torch.full((windows.shape[0],), math.log(100.0), dtype=torch.float64)
+        quantized = len(module.graph.find_nodes(op="call_function", target=W8A8_LINEAR))
+        nll = torch.full((windows.shape[0],), math.log(100.0 * (1 + max(0, quantized - 9) / 100)), dtype=torch.float64)
+        return nll + noise * (quantized > 0) * torch.tensor([1.0, -1.0]).repeat(windows.shape[0] // 2)
+
+    monkeypatch.setattr(torch_frontend, "window_nll", fake_window_nll)
+    strict = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
+    floats = strict.w8a8["float_linears"]
+    assert len(floats) == 3  # 14 - 3 = 11 quantized: +2%
+    search = strict.stats["w8a8"]["search"]
+    assert search[0]["held_out_windows"] == 2
+    assert len(search) - 1 <= 7  # both rankings at 10%, then a binary search, not a sweep of 15 counts
+    ranking = search[-1]["ranking"]
+    assert ranking in ("loss", "sqnr")
+    key = {"loss": lambda n: -strict.stats["w8a8"]["loss_sensitivity"][n], "sqnr": lambda n: strict.stats["w8a8"]["output_sqnr_db"][n]}[ranking]
+    assert max(key(n) for n in floats) <= min(key(n) for n in strict.stats["w8a8"]["output_sqnr_db"] if n not in floats)
+    assert all(reason.startswith(f"auto: {ranking} sensitivity rank") and "within 2.5%" in reason for reason in floats.values())
+    assert all(v >= 0 for v in strict.stats["w8a8"]["loss_sensitivity"].values())
+
+    # Held-out windows that disagree (+-1% NLL): the 95% upper bound, not the mean, is held to the limit.
+    monkeypatch.setattr(torch_frontend, "window_nll", lambda *args: fake_window_nll(*args, noise=0.01))
+    noisy = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
+    assert len(noisy.w8a8["float_linears"]) == 5  # 10 quantized: +1.0% estimated, bound +2.7%; 9: +0%, bound +1.7%
+    last = noisy.stats["w8a8"]["search"][-1]
+    assert last["upper_95_pct"] > last["ppl_increase_pct"]
+
+
+def test_auto_searches_the_ranking_with_the_lower_estimate_not_the_lower_bound(monkeypatch):
+    """At 10% float, ranking `loss` estimates +0.2% on two held-out windows that disagree (bound +0.5%) and `sqnr`
+    +0.4% on two that agree (bound +0.4%): the rankings are compared on the same windows, so the estimates decide."""
+    from types import SimpleNamespace
+
+    import qpass.core.fallback as fallback
+
+    names = [f"l{i}" for i in range(20)]
+    diffs = {frozenset(): [0.03, 0.03], frozenset(names[:1]): [0.02, 0.02], frozenset(names[:2]): [0.0, 0.004],
+             frozenset(names[-2:]): [0.0039, 0.0041]}
+
+    class Trial(SimpleNamespace):
+        def replace(self, w8a8):
+            return Trial(config=self.config, stats=self.stats, w8a8=w8a8)
+
+    stats = {"loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)},  # l0 the most sensitive
+             "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)}}    # l19 the most sensitive
+    recipe = Trial(config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0), stats={"w8a8": stats},
+                   w8a8={"float_linears": {}})
+    def nll(trial, windows, batch, desc):
+        return torch.zeros(2, dtype=torch.float64) if trial is None else torch.tensor(diffs[frozenset(trial.w8a8["float_linears"])],
+                                                                                      dtype=torch.float64)
+
+    floats, search = fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names],
+                                                   torch.zeros(2, 8, dtype=torch.long), nll)
+    at_cap = {step["ranking"]: step for step in search[1:] if step["float_linears"] == 2}
+    assert at_cap["loss"]["upper_95_pct"] > at_cap["sqnr"]["upper_95_pct"] > at_cap["sqnr"]["ppl_increase_pct"] > at_cap["loss"]["ppl_increase_pct"]
+    assert sorted(floats) == ["l0", "l1"] and search[-1]["ranking"] == "loss"
+
+
+def test_auto_spends_the_float_share_when_only_the_95_bound_passes_within_it(monkeypatch):
+    """Held-out windows from the calibration text are optimistic about other text: a count within the 10% share
+    must pass twice the 95% margin. One float Linear passes only the 95% bound (+0.3%, bound +0.63%): the search
+    keeps the whole share float (2 of 20) instead, and beyond the share the 95% bound decides."""
+    from types import SimpleNamespace
+
+    import qpass.core.fallback as fallback
+
+    names = [f"l{i}" for i in range(20)]
+
+    class Trial(SimpleNamespace):
+        def replace(self, w8a8):
+            return Trial(config=self.config, stats=self.stats, w8a8=w8a8)
+
+    def choose(diffs):
+        stats = {"loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)}, "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)}}
+        recipe = Trial(config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0), stats={"w8a8": stats},
+                       w8a8={"float_linears": {}})
+        def nll(trial, windows, batch, desc):
+            floats = None if trial is None else len(trial.w8a8["float_linears"])
+            return torch.zeros(2, dtype=torch.float64) if floats is None else torch.tensor(diffs.get(floats, [0.0, 0.0]), dtype=torch.float64)
+
+        return fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), nll)
+
+    diffs = {0: [0.03, 0.03], 1: [0.001, 0.005], 2: [0.0, 0.006], 3: [0.0, 0.001]}
+    floats, search = choose(diffs)
+    assert sorted(floats) == ["l0", "l1"] and "99.95% +1.30%" in floats["l0"] and "95% +0.80% (within 1.0%)" in floats["l0"]
+    assert [step["float_linears"] for step in search[1:]] == [0, 2, 2]  # none, both rankings at the share, no search below it
+    diffs = {**diffs, 2: [0.0, 0.02], 3: [0.0, 0.006]}  # the share fails: beyond it, 3 passes the 95% bound only
+    floats, search = choose(diffs)
+    assert sorted(floats) == ["l0", "l1", "l2"] and search[-1]["upper_95_pct"] < 1.0 < search[-1]["upper_strict_pct"]
+
+
+def test_increase_bound_is_the_estimate_for_one_window_and_above_it_for_several():
+    from qpass.core.fallback import increase_bound
+
+    assert increase_bound(torch.tensor([0.02], dtype=torch.float64)) == pytest.approx((math.exp(0.02) * 100 - 100,) * 2)
+    inc, upper = increase_bound(torch.tensor([0.01, 0.03], dtype=torch.float64))
+    assert inc == pytest.approx((math.exp(0.02) - 1) * 100) and upper > inc
+    assert increase_bound(torch.tensor([0.02, 0.02], dtype=torch.float64))[1] == pytest.approx(inc)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="act_method=4"):
+        QuantConfig(w8a8=True, act_method=4)
+    with pytest.raises(ValueError, match="anti_method='m6'"):
+        QuantConfig(w8a8=True, anti_method="m6")
+    with pytest.raises(ValueError, match="disable_level='L-1'"):
+        QuantConfig(w8a8=True, disable_level="L-1")
+    with pytest.raises(ValueError, match="apply to W8A8 only"):
+        QuantConfig(fa_quant=True, anti_method="m1")
+    with pytest.raises(ValueError, match="max_ppl_increase"):
+        QuantConfig(w8a8=True, max_ppl_increase=0)
+    assert QuantConfig(w8a8=True).fa_quant is False  # W8A8 alone is something to quantize
+
+
+def test_recipe_round_trip_is_byte_deterministic(tiny, tmp_path):
+    recipe = _recipe(tiny, anti_method="m3", disable_level="L1")
+    recipe.save(tmp_path / "a")
+    loaded = Recipe.load(tmp_path / "a")
+    assert loaded.w8a8 == recipe.w8a8 and loaded.config == recipe.config
+    assert set(loaded.w8a8) == {"act_method", "anti_method", "alpha", "disable_level", "smooth", "float_linears"}
+    loaded.save(tmp_path / "b")
+    for name in ("recipe.json", "recipe.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    _, program, sites, ids = tiny
+    a, _ = quantize_program(program, sites, recipe)
+    b, _ = quantize_program(program, sites, loaded)
+    assert torch.equal(a.module()(ids[:1]), b.module()(ids[:1]))
+
+
+def test_decoder_with_w8a8_generates_like_its_reference():
+    from qpass.frontends.torch_export.decoder import build_decoder, generate_lowered, generate_reference
+
+    model = tiny_model("llama", num_layers=1, hidden_size=256)  # head_dim 64: the paged ops support it
+    _, recipe = calibrated(model, torch.randint(0, 256, (4, WINDOW)), kv_cache="static", w8a8=True, anti_method="m1")
+    reference, lowered = build_decoder(model, recipe, max_context=64)
+    assert len(lowered.graph.find_nodes(op="call_function", target=W8A8_LINEAR)) == 7
+    prompt = [1, 5, 9, 13]
+    assert generate_lowered(lowered, prompt, 6) == generate_reference(reference, prompt, 6)
+
+
+def test_cli_compile_w8a8_then_eval_reproduces(tiny_model_dir, text_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--act-method", "3", "--anti-method", "m3",
+                 "--disable-level", "L1", "--calib", str(text_files["calib"]), "--eval", str(text_files["prose"]),
+                 "-o", str(out), "--window", "64", "--calib-samples", "4", "--eval-windows", "2", "--batch-size", "2"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    w = report["w8a8"]
+    assert (w["linears"], w["quantized"], len(w["float_linears"])) == (14, 13, 1)
+    assert next(iter(w["float_linears"].values())).startswith("L1: activation range")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl_quant"] == pytest.approx(report["eval"]["ppl_quant"], rel=1e-6)
+    assert main(["compile", str(tiny_model_dir), "--w8a8", "--disable-level", "L2x", "-o", str(tmp_path / "bad")]) == 2
+    assert "disable_level='L2x'" in capsys.readouterr().err
+
+
+def test_int8_matmul_is_exactly_int_mm_on_either_path(monkeypatch):
+    from qpass.runtime import w8a8
+
+    gen = torch.Generator().manual_seed(0)
+    xq = torch.randint(-128, 128, (33, 1536), generator=gen, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (40, 1536), generator=gen, dtype=torch.int8)
+    xq[0], wq[0] = -128, -127  # the largest magnitude sums int8 can make
+    expected = torch._int_mm(xq, wq.t())
+    for level in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda level=level: level)
+        got = w8a8.int8_matmul(xq, wq)
+        assert got.dtype == torch.int32 and torch.equal(got, expected)

@@ -1,0 +1,1 @@
+"""Model and input builders shared by the tests."""
