@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python tools/make_corpus.py $(OUT)/corpus
+	$(BIN)/python -m tools.make_corpus $(OUT)/corpus
 	$(BIN)/qpass compile default --fa-quant --kv-int8 --calib $(OUT)/corpus/calib.jsonl \
 		--eval $(OUT)/corpus/eval_prose.txt -o $(OUT)/demo --force
 	$(BIN)/qpass eval $(OUT)/demo --eval $(OUT)/corpus/eval_code.txt

@@ -1,8 +1,8 @@
 """Benchmark the int8 paged decode kernel against a float16 paged kernel of the same design (and
 FlashInfer's float16 paged decode when it is installed), with KV-cache bytes per token.
 
-    python tools/bench_attention.py                      # the default grid, on the current GPU
-    python tools/bench_attention.py --grid 8x32768 --peak-tbps 3.35
+    python -m tools.bench_attention                      # the default grid, on the current GPU
+    python -m tools.bench_attention --grid 8x32768 --peak-tbps 3.35
 
 Without CUDA it says so, prints the bytes-per-token figures and runs a tiny correctness check of
 the kernels in Triton's interpreter.
@@ -13,7 +13,7 @@ import math
 import os
 import sys
 
-import torch
+from tools import common
 
 # GPU name fragments -> peak memory bandwidth in TB/s (vendor data sheets); first match wins.
 PEAK_TBPS = [
@@ -59,6 +59,8 @@ def peak_tbps(name, override):
 
 def make_inputs(batch, context, args, device):
     """Random paged caches (int8 and float16) with shuffled block tables."""
+    import torch
+
     g = torch.Generator(device=device).manual_seed(0)
     blocks_per_seq = -(-context // args.block_size)
     num_blocks = batch * blocks_per_seq
@@ -76,6 +78,9 @@ def make_inputs(batch, context, args, device):
 
 
 def time_ms(fn, warmup, repeats):
+    """Milliseconds per call of ``fn`` on the GPU (CUDA events), after ``warmup`` calls."""
+    import torch
+
     for _ in range(warmup):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -94,6 +99,8 @@ def flashinfer_decode(inputs, k16, v16, args):
         import flashinfer
     except ImportError:
         return None
+    import torch
+
     batch, blocks_per_seq = inputs["block_tables"].shape
     context = int(inputs["context_lens"][0])
     device = inputs["query"].device
@@ -109,6 +116,8 @@ def flashinfer_decode(inputs, k16, v16, args):
 
 def correctness_check(tpa, device):
     """A small case of the int8 kernel against the dequantizing reference (float16 query)."""
+    import torch
+
     from qpass.runtime.paged_attention import paged_attention_int8_reference
 
     small = argparse.Namespace(block_size=16, kv_heads=2, head_dim=128, num_heads=8)
@@ -123,7 +132,7 @@ def correctness_check(tpa, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__, __spec__.name)
     parser.add_argument("--grid", default="1x131072,8x32768,64x8192,256x2048", help="batch x context, comma separated")
     parser.add_argument("--num-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
@@ -144,6 +153,8 @@ def main(argv=None):
     print(f"worst int8/float16 ratio {worst:.4f} ({'<=' if worst <= 0.51 else 'ABOVE'} 0.51)")
     if worst > 0.51:
         fail("the int8 cache is above 0.51 of float16 bytes per token; benchmark more cached tokens")
+
+    import torch
 
     if not torch.cuda.is_available():
         print("CUDA is not available: no timings. Checking the kernels in Triton's interpreter instead.")

@@ -3,29 +3,30 @@
 Random small-weight Llama models with SmolLM2's attention geometry (9 heads, 3 KV heads, head_dim 64);
 80 layers is a 70B-shaped layer count. Capture and calibration are not timed (they are not passes).
 
-    python tools/bench_compile.py [--layers 30 80] [--repeats 3]
+    python -m tools.bench_compile [--layers 30 80] [--repeats 3]
 """
 
-import argparse
 import time
 
-import torch
-
-from qpass.core.calibrate import calibrate
-from qpass.core.config import QuantConfig
-from qpass.frontends.torch_export.capture import param_names
-from qpass.frontends.torch_export.frontend import TorchExportFrontend
-from qpass.frontends.torch_export.pipeline import quantize_program
-from qpass.models.loaders import LoadedModel
-from qpass.passes.fx.find_attention_sites import find_attention_sites
+import qpass
+from tools import common
 
 WINDOW = 32
 
 
 def time_passes(num_layers: int, repeats: int) -> float:
-    frontend = TorchExportFrontend(LoadedModel(smollm2_shaped(num_layers), None, "bench", "bench"), WINDOW)
+    import torch
+
+    from qpass.core.calibrate import calibrate
+    # capture, pipeline, find_attention_sites: internals, as what is timed is the torch.export frontend's fx passes
+    from qpass.frontends.torch_export.capture import param_names
+    from qpass.frontends.torch_export.pipeline import quantize_program
+    from qpass.models.loaders import LoadedModel
+    from qpass.passes.fx.find_attention_sites import find_attention_sites
+
+    frontend = qpass.open_model(LoadedModel(common.smollm2_shaped(num_layers), None, "bench", "bench"), WINDOW)
     program = frontend.program
-    config = QuantConfig(fa_quant=True, kv_cache="static", window=WINDOW)
+    config = qpass.QuantConfig(fa_quant=True, kv_cache="static")
     recipe = calibrate(frontend, torch.randint(0, 512, (2, WINDOW)), config)
     best = float("inf")
     for _ in range(repeats):
@@ -36,18 +37,8 @@ def time_passes(num_layers: int, repeats: int) -> float:
     return best
 
 
-def smollm2_shaped(num_layers: int) -> torch.nn.Module:
-    """Random Llama with SmolLM2's attention geometry: hidden 576, 9 heads of 64, 3 KV heads."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=576, intermediate_size=256, num_hidden_layers=num_layers, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=512, max_position_embeddings=256)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, __spec__.name)
     parser.add_argument("--layers", type=int, nargs="+", default=[30, 80])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -1,12 +1,12 @@
 """Layer-wise calibration (issue 13): peak memory against depth, and time against the whole-model path.
 
-    python tools/bench_layerwise.py rss  [--layers 4 32] [--windows 8] [--window 256] [--config kv|w8a8|w8a8-mindie]
-    python tools/bench_layerwise.py time [--windows 32] [--window 512]
-    python tools/bench_layerwise.py large [--layers 54] [--windows 2] [--window 512] [--dir DIR] [--config kv|w8a8-mindie]
-    python tools/bench_layerwise.py auto [--eval out/corpus/eval_prose.txt] [--calib-samples 14]
-    python tools/bench_layerwise.py onnx [--work out/onnx-bench] [--eval out/corpus/eval_prose.txt]
-    python tools/bench_layerwise.py onnx-rss [--layers 4 32] [--windows 8] [--window 256]
-    python tools/bench_layerwise.py onnx-large [--layers 24] [--windows 2] [--window 512] [--dir DIR]
+    python -m tools.bench_layerwise rss  [--layers 4 32] [--windows 8] [--window 256] [--config kv|w8a8|w8a8-mindie]
+    python -m tools.bench_layerwise time [--windows 32] [--window 512]
+    python -m tools.bench_layerwise large [--layers 54] [--windows 2] [--window 512] [--dir DIR] [--config kv|w8a8-mindie]
+    python -m tools.bench_layerwise auto [--eval out/corpus/eval_prose.txt] [--calib-samples 14]
+    python -m tools.bench_layerwise onnx [--work out/onnx-bench] [--eval out/corpus/eval_prose.txt]
+    python -m tools.bench_layerwise onnx-rss [--layers 4 32] [--windows 8] [--window 256]
+    python -m tools.bench_layerwise onnx-large [--layers 24] [--windows 2] [--window 512] [--dir DIR]
 
 ``rss``: random-weight Llamas of the same width (hidden 2048, 16 heads, 8 KV heads, intermediate 5632, vocabulary
 32000), one per depth, written straight to sharded bfloat16 safetensors (one shard per layer, never the whole
@@ -31,7 +31,7 @@ layer and the note qpass printed. Target: it compiles within the machine's memor
 and with ``--layerwise`` (each in its own child process): the float Linears, the ranking searched, the evaluation
 (float and quantized perplexity, measured layer by layer in the layer-wise run), the time and the peak RSS of each.
 
-``onnx``: SmolLM2's two ONNX exports (``python tools/bench_onnx.py prepare --work DIR``: torch.onnx opset 20 with
+``onnx``: SmolLM2's two ONNX exports (``python -m tools.bench_onnx prepare --work DIR``: torch.onnx opset 20 with
 FAQuant + C8, onnxruntime-genai's builder model with C8) through ``qpass compile --eval`` whole and with
 ``--layerwise`` (ONNX Runtime one layer's stage at a time), each in its own child process: time, peak RSS, the
 perplexities, and whether the recipe and ``model.onnx`` are the same bytes.
@@ -45,10 +45,7 @@ float32 external data, more than this machine's 23.5 GiB), then ``qpass compile 
 qpass must choose to run it one layer at a time. The bfloat16 directory is deleted once the builder is done.
 """
 
-import argparse
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -56,7 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+import qpass
+from tools import common
 
 HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 2048, 16, 8, 5632, 32000
 
@@ -64,6 +62,7 @@ HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 2048, 16, 8, 5632, 32000
 def write_random_llama(path: Path, layers: int, hidden: int = HIDDEN, heads: int = HEADS, kv_heads: int = KV_HEADS,
                        intermediate: int = INTERMEDIATE) -> int:
     """A random-weight Llama of ``layers`` layers as bfloat16 safetensors, one shard per layer; returns its bytes."""
+    import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -101,29 +100,21 @@ def write_random_llama(path: Path, layers: int, hidden: int = HIDDEN, heads: int
 
 def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> None:
     """Runs in the child: calibrate ``path`` (``mode`` layerwise or whole) and print one JSON line."""
-    from qpass.core import corpus
-    from qpass.core.calibrate import calibrate, calibrate_by_layer
-    from qpass.core.config import QuantConfig
-    from qpass.core.data import token_windows
+    from qpass.core.calibrate import calibrate
 
     w8a8 = dict(w8a8=True, anti_method="m1") if config_kind.startswith("w8a8") else {}
-    config = QuantConfig(kv_cache="static", fa_quant=config_kind == "fa", window=window, calib_samples=windows, **w8a8)
+    config = qpass.QuantConfig(kv_cache="static", fa_quant=config_kind == "fa", **w8a8)
     start = time.perf_counter()
-    if mode == "layerwise":
-        from qpass.frontends.torch_export.layerwise import LayerwiseFrontend
-
-        frontend = LayerwiseFrontend(path, window)
-    else:
-        from qpass.frontends.torch_export.frontend import TorchExportFrontend
-        from qpass.models.loaders import load_model
-
-        frontend = TorchExportFrontend.load(load_model(path), window)
-    ids = token_windows(frontend.tokenizer, corpus.calibration_samples(), window, windows, "calib")
+    frontend = qpass.open_model(path, window, layerwise=mode == "layerwise")
+    ids = common.calib_windows(frontend.tokenizer, window, windows)
     frontend.attention_sites()
     loaded = time.perf_counter()
-    recipe = (calibrate_by_layer if mode == "layerwise" else calibrate)(frontend, ids, config)  # as qpass compile calibrates
+    recipe = calibrate(frontend, ids, config)  # as qpass compile calibrates (layer by layer for a layer-wise frontend)
     done = time.perf_counter()
     if config_kind == "w8a8-mindie":  # the MindIE directory too, written layer by layer from the checkpoint
+        import torch
+
+        # an internal: the MindIE writer fed the layer-wise frontend's lazily read checkpoint, one layer at a time
         from qpass.exporters.mindie_write import export_mindie_by_layer
 
         with tempfile.TemporaryDirectory(prefix="qpass-bench-mindie-") as out:
@@ -131,14 +122,12 @@ def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> 
     written = time.perf_counter()
     print(json.dumps({"mode": mode, "tokens": int(ids.numel()), "load_capture_s": round(loaded - start, 2),
                       "calibrate_s": round(done - loaded, 2), "write_s": round(written - done, 2), "total_s": round(written - start, 2),
-                      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
+                      "peak_rss_gib": round(common.peak_rss_gib(), 3)}))
 
 
 def run_child(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "_child", *map(str, args)], capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """:func:`child` with ``args`` in a child process: its JSON line."""
+    return common.run_json(["-m", "tools.bench_layerwise", "_child", *args], f"child {args}")[0]
 
 
 def bench_rss(args) -> None:
@@ -161,7 +150,7 @@ def bench_rss(args) -> None:
 
 def bench_time(args) -> None:
     with tempfile.TemporaryDirectory(prefix="qpass-bench-layerwise-") as tmp:
-        save_smollm2(tmp)
+        common.save_hf(qpass.load_model("default"), tmp)  # SmolLM2-135M, float32
         whole = run_child("whole", tmp, args.windows, args.window, "fa")
         lw = run_child("layerwise", tmp, args.windows, args.window, "fa")
     for r in (whole, lw):
@@ -177,7 +166,7 @@ def bench_large(args) -> None:
         start = time.perf_counter()
         size = write_random_llama(path, args.layers, 5120, 40, 8, 13824)
         print(f"wrote {args.layers} layers, {size / 1e9:.1f} GB bf16 ({size / 2**30:.1f} GiB) in "
-              f"{time.perf_counter() - start:.0f}s; memory {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB",
+              f"{time.perf_counter() - start:.0f}s; memory {common.physical_memory_gib():.1f} GiB",
               flush=True)
         start = time.perf_counter()
         flags = ["--kv-int8"] + (["--w8a8", "--anti-method", "m1", "--format", "mindie"] if args.config == "w8a8-mindie" else [])
@@ -185,7 +174,7 @@ def bench_large(args) -> None:
                                str(args.windows), "--window", str(args.window), "-o", str(out)],
                               capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        rss = common.peak_rss_gib(children=True)
         notes = [line for line in done.stderr.splitlines() if "--layerwise" in line]
         if done.returncode:
             raise SystemExit(f"qpass compile failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -198,33 +187,10 @@ def bench_large(args) -> None:
         print(f"qpass said: {' / '.join(notes) or '(nothing)'}")
 
 
-def save_smollm2(path: str) -> None:
-    """SmolLM2-135M (the default model, float32) as a Hugging Face directory."""
-    from qpass.models.loaders import load_model
-
-    loaded = load_model("default")
-    loaded.model.hf_quantizer = None
-    loaded.model.config.quantization_config = None
-    if hasattr(loaded.model.config, "quantization_config"):
-        del loaded.model.config.quantization_config
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-
-
-def cli_child(argv: list[str]) -> None:
-    """Runs in the child: ``qpass`` with ``argv``, then one JSON line with its wall time and peak RSS."""
-    from qpass.cli import main as qpass_main
-
-    start = time.perf_counter()
-    status = qpass_main(argv)
-    print(json.dumps({"status": status, "seconds": round(time.perf_counter() - start, 1),
-                      "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
-
-
 def bench_auto(args) -> None:
     with tempfile.TemporaryDirectory(prefix="qpass-bench-auto-") as tmp:
         model = Path(tmp) / "smollm2"
-        save_smollm2(str(model))
+        common.save_hf(qpass.load_model("default"), model)
         flags = ["--w8a8", "--fa-quant", "--kv-int8", "--disable-level", "auto", "--max-ppl-increase", "2", "--anti-method", "m3",
                  "--act-method", "3", "--calib-samples", str(args.calib_samples), "--eval", args.eval, "--eval-windows",
                  str(args.eval_windows)]
@@ -232,7 +198,7 @@ def bench_auto(args) -> None:
             if mode not in args.modes:
                 continue
             out = Path(tmp) / mode
-            run, report = compile_child(model, out, flags + extra)
+            run, report = common.compile_child(model, out, flags + extra)
             w, ev = report["w8a8"], report["eval"]
             search = report["w8a8"]["fallback_search"]
             rankings = sorted({step["ranking"] for step in search[1:] if step["ranking"] != "none"})
@@ -251,25 +217,10 @@ def write_random_onnx(path: Path, layers: int, *width) -> int:
     ``path / "onnx"``, the Hugging Face directory deleted; the ONNX weights' bytes."""
     hf, onnx_dir = path / "hf", path / "onnx"
     write_random_llama(hf, layers, *width)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(onnx_dir),
-                           "-p", "fp32", "-e", "cpu", "-c", str(path / "cache")], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"the onnxruntime-genai builder failed:\n{done.stderr[-3000:]}")
+    common.genai_builder(hf, onnx_dir, path / "cache")
     shutil.rmtree(hf)
     shutil.rmtree(path / "cache", ignore_errors=True)
     return sum(f.stat().st_size for f in onnx_dir.iterdir() if f.name.startswith("model.onnx"))
-
-
-def compile_child(model: Path, out: Path, flags: list[str]) -> tuple[dict, dict]:
-    """``qpass compile MODEL FLAGS -o OUT`` in a child process: its JSON line (time, peak RSS) and the report."""
-    done = subprocess.run([sys.executable, __file__, "_cli", "compile", str(model), *flags, "-o", str(out)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"qpass compile {model} {' '.join(flags)} failed:\n{done.stderr[-3000:]}")
-    run = json.loads(done.stdout.strip().splitlines()[-1])
-    run["notes"] = [line for line in done.stderr.splitlines() if "--layerwise" in line]
-    return run, json.loads((out / "report.json").read_text())
 
 
 def bench_onnx(args) -> None:
@@ -281,13 +232,13 @@ def bench_onnx(args) -> None:
     for form, flags in (("dynamo20", ["--kv-int8", "--fa-quant"]), ("genai", ["--kv-int8"])):
         model = Path(args.work) / form
         if not (model / "model.onnx").is_file():
-            raise SystemExit(f"{model}: no model.onnx; run `python tools/bench_onnx.py prepare --work {args.work}` first")
+            raise SystemExit(f"{model}: no model.onnx; run `python -m tools.bench_onnx prepare --work {args.work}` first")
         flags = flags + ["--calib-samples", str(args.calib_samples), "--eval", args.eval, "--eval-windows", str(args.eval_windows)]
         with tempfile.TemporaryDirectory(prefix="qpass-bench-onnx-") as tmp:
             outs = {}
             for mode, extra in (("whole", []), ("layerwise", ["--layerwise"])):
                 outs[mode] = Path(tmp) / mode
-                run, report = compile_child(model, outs[mode], flags + extra)
+                run, report = common.compile_child(model, outs[mode], flags + extra)
                 ev, t = report["eval"], report["timings_s"]
                 print(f"{form} {' '.join(flags[:2 if form == 'dynamo20' else 1])} {mode:>9}: {run['seconds']:.1f}s "
                       f"(calibrate {t['calibrate']:.1f}s, eval {t['eval']:.1f}s), peak RSS {run['peak_rss_gib']:.2f} GiB, "
@@ -305,7 +256,7 @@ def bench_onnx_rss(args) -> None:
             size = write_random_onnx(path, layers)
             flags = ["--kv-int8", "--calib-samples", str(args.windows), "--window", str(args.window)]
             for mode in args.modes:
-                run, report = compile_child(path / "onnx", path / mode, flags + (["--layerwise"] if mode == "layerwise" else []))
+                run, report = common.compile_child(path / "onnx", path / mode, flags + (["--layerwise"] if mode == "layerwise" else []))
                 results[layers, mode] = run["peak_rss_gib"]
                 print(f"{layers:3d} layers ({size / 2**30:.2f} GiB fp32 ONNX) {mode:>9}: peak RSS {run['peak_rss_gib']:.3f} GiB, "
                       f"{run['seconds']:.1f}s (calibrate {report['timings_s']['calibrate']:.1f}s, "
@@ -323,11 +274,10 @@ def bench_onnx_large(args) -> None:
         path = Path(tmp)
         start = time.perf_counter()
         size = write_random_onnx(path, args.layers, 5120, 40, 8, 13824)
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         print(f"wrote {args.layers} layers as ONNX, {size / 1e9:.1f} GB fp32 ({size / 2**30:.1f} GiB) in "
-              f"{time.perf_counter() - start:.0f}s; memory {memory / 2**30:.1f} GiB", flush=True)
+              f"{time.perf_counter() - start:.0f}s; memory {common.physical_memory_gib():.1f} GiB", flush=True)
         flags = ["--kv-int8", "--calib-samples", str(args.windows), "--window", str(args.window)]
-        run, report = compile_child(path / "onnx", path / "out", flags)
+        run, report = common.compile_child(path / "onnx", path / "out", flags)
         written = sum(f.stat().st_size for f in (path / "out").iterdir() if f.is_file())
         print(f"qpass compile --kv-int8: {run['seconds']:.0f}s ({run['seconds'] / args.layers:.1f}s/layer, {args.windows} x "
               f"{args.window} tokens), peak RSS {run['peak_rss_gib']:.2f} GiB, layer-wise: "
@@ -340,10 +290,7 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "_cli":
-        cli_child(sys.argv[2:])
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, __spec__.name)
     sub = parser.add_subparsers(dest="what", required=True)
     rss = sub.add_parser("rss", help="peak RSS of layer-wise C8 calibration against depth (random bf16 Llamas)")
     rss.add_argument("--layers", type=int, nargs="+", default=[4, 32])

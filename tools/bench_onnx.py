@@ -1,9 +1,9 @@
 """qpass on ONNX exports of SmolLM2-135M: accuracy, decode and prefill speed in ONNX Runtime, and pass times.
 
-    python tools/bench_onnx.py prepare   --work out/onnx-bench    # the exports (about 2 minutes, 1.6 GB)
-    python tools/bench_onnx.py accuracy  --work out/onnx-bench [--pairs mixed->source license->source] [--eval-windows 16]
-    python tools/bench_onnx.py speed     --work out/onnx-bench [--context 2048] [--steps 32] [--repeats 5] [--threads 2]
-    python tools/bench_onnx.py structure [--layers 80] [--model out/onnx-bench/dynamo20/model.onnx]
+    python -m tools.bench_onnx prepare   --work out/onnx-bench    # the exports (about 2 minutes, 1.6 GB)
+    python -m tools.bench_onnx accuracy  --work out/onnx-bench [--pairs mixed->source license->source] [--eval-windows 16]
+    python -m tools.bench_onnx speed     --work out/onnx-bench [--context 2048] [--steps 32] [--repeats 5] [--threads 2]
+    python -m tools.bench_onnx structure [--layers 80] [--model out/onnx-bench/dynamo20/model.onnx]
 
 ``prepare`` writes SmolLM2 as a Hugging Face directory, its ``torch.onnx.export(dynamo=True)`` decoder with KV I/O
 (opset 20: MatMul-Softmax-MatMul) and onnxruntime-genai's builder model (GroupQueryAttention, fp32, CPU).
@@ -21,44 +21,31 @@ PyTorch path's tokens over 32 tokens.
 whose weights are external data and never read (structure only), and on ``--model`` (SmolLM2's 30 layers).
 """
 
-import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+import qpass
 from qpass.core import corpus
-from qpass.core.calibrate import calibrate
-from qpass.core.config import QuantConfig
-from qpass.core.data import token_windows
-from qpass.core.evaluate import perplexity
-from qpass.frontends.onnx.frontend import OnnxFrontend
-from qpass.frontends.onnx.pipeline import read_sites
-from qpass.frontends.onnx.session import Runner, greedy, session
+from qpass.core.config import RunSettings
+from tools import common
 
 WINDOW = 512
 
 
 def prepare(work: Path) -> None:
-    from qpass.models.loaders import load_model
     from qpass.models.onnx_export import export_decoder
 
     hf, dynamo, genai = work / "hf", work / "dynamo20", work / "genai"
-    loaded = load_model("default")
+    loaded = qpass.load_model("default")
     if not (hf / "config.json").is_file():
-        model = loaded.model
-        model.hf_quantizer = None  # a GGUF-loaded model saves as a plain Hugging Face directory without these
-        model.config.quantization_config = None
-        model.save_pretrained(hf, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(hf)
+        common.save_hf(loaded, hf)
     config = json.loads((hf / "config.json").read_text())
     if "quantization_config" in config:  # saved as null; the builder reads any such key as a dict
         del config["quantization_config"]
@@ -75,19 +62,24 @@ def prepare(work: Path) -> None:
 
 def builder(hf: Path, out: Path, extra: list[str] = ()) -> Path:
     """onnxruntime-genai's model builder, offline: ``-p fp32 -e cpu`` plus ``--extra_options extra``."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "fp32",
-           "-e", "cpu", "-c", str(out.parent / f"{out.name}-cache")]
-    if extra:
-        cmd += ["--extra_options", *extra]
-    done = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"the onnxruntime-genai builder failed:\n{done.stderr[-2000:]}")
-    return out
+    return common.genai_builder(hf, out, out.parent / f"{out.name}-cache", extra)
 
 
-def stepwise_nll(runner: Runner, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    """Mean NLL per window ``[N]`` with every token fed one at a time on the cache the model returns (its int8
-    cache exercised)."""
+def ort_runner(model, site_docs: list[dict] | None = None, threads: int | None = None):
+    """An ONNX Runtime CPU session of ``model`` (an onnx-ir model or a file) that steps the model's own KV cache; the
+    site documents are the quantized model's own unless given (a float model's: its frontend's ``site_docs``)."""
+    # internals: token-by-token runs on the int8 cache through ONNX Runtime, which the public API does not offer
+    from qpass.frontends.onnx.pipeline import read_sites
+    from qpass.frontends.onnx.session import Runner, session
+
+    return Runner(session(model, threads), read_sites(model) if site_docs is None else site_docs)
+
+
+def stepwise_nll(runner, windows, batch: int = 4):
+    """Mean NLL per window ``[N]`` of ``windows [N, W]``, with every token fed one at a time on the cache the model
+    returns (its int8 cache exercised)."""
+    import torch
+
     per_window = []
     for rows in windows.split(batch):
         ids, past, logits = rows.numpy(), None, []
@@ -99,25 +91,18 @@ def stepwise_nll(runner: Runner, windows: torch.Tensor, batch: int = 4) -> torch
     return torch.cat(per_window)
 
 
-def half_width(diff: torch.Tensor) -> float:
-    """The 95% half width of ``diff``'s mean over the windows (nan for one window)."""
-    return 1.96 * float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
-
-
-def increase(nll: torch.Tensor, base: torch.Tensor) -> str:
+def increase(nll, base) -> str:
     """``nll``'s perplexity increase over ``base`` (same windows), with the 95% half width over the windows."""
     diff = nll - base
-    return f"{100 * float(torch.expm1(diff.mean())):+.3f}% (+-{100 * half_width(diff):.3f})"
+    return f"{common.pct_increase(diff):+.3f}% (+-{common.half_width(diff):.3f})"
 
 
 def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int, parts: list[str]) -> None:
-    from qpass.frontends.torch_export.frontend import TorchExportFrontend
-    from qpass.models.loaders import load_model
+    from qpass.core.data import token_windows
 
-    loaded = load_model("default")
-    torch_fe = TorchExportFrontend.load(loaded, WINDOW)
-    dynamo = OnnxFrontend.load(work / "dynamo20", WINDOW)
-    genai = OnnxFrontend.load(work / "genai", WINDOW)
+    torch_fe = qpass.open_model("default", WINDOW)
+    dynamo = qpass.open_model(work / "dynamo20", WINDOW)
+    genai = qpass.open_model(work / "genai", WINDOW)
     tokenizer = dynamo.tokenizer
     all_pairs = corpus.domain_pairs()
     for name in pairs:
@@ -134,33 +119,38 @@ def accuracy(work: Path, pairs: list[str], eval_windows: int, calib_windows: int
         greedy_tokens(torch_fe, dynamo, calib)
 
 
-def qdq_modes(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor, ids: torch.Tensor) -> None:
+def qdq_modes(torch_fe, dynamo, calib, ids) -> None:
+    from qpass.core.calibrate import calibrate
+    from qpass.core.evaluate import perplexity
+
     ppl_torch = torch_fe.reference_perplexity(ids, 4)
     ppl_onnx = perplexity(dynamo.logits(), ids, 4, "onnx float")
     print(f"  float: PyTorch {ppl_torch:.4f}, ONNX {ppl_onnx:.4f} ({100 * (ppl_onnx / ppl_torch - 1):+.4f}%)")
     for mode, kwargs in (("C8", dict(kv_cache="static")), ("FAQuant", dict(fa_quant=True)),
                          ("C8 symmetric", dict(kv_cache="static", symmetric=True))):
-        recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
+        recipe = calibrate(dynamo, calib, qpass.QuantConfig(**kwargs))
         ppl = perplexity(dynamo.logits(recipe), ids, 4, f"onnx {mode}")
         print(f"  QDQ {mode}: {100 * (ppl / ppl_onnx - 1):+.3f}%")
         del recipe
         gc.collect()
 
 
-def gqa_modes(work: Path, genai: OnnxFrontend, calib: torch.Tensor, ids: torch.Tensor) -> None:
+def gqa_modes(work: Path, genai, calib, ids) -> None:
     """Through GroupQueryAttention's int8 cache, token by token: qpass centred (``--kv-int8``, the default) and
     symmetric (``--symmetric``), and the builder's own int8 model fed absmax scales; paired differences."""
-    float_nll = stepwise_nll(Runner(session(genai.model), genai.site_docs), ids)
+    from qpass.core.calibrate import calibrate
+
+    float_nll = stepwise_nll(ort_runner(genai.model, genai.site_docs), ids)
     print(f"  GQA float, token by token: ppl {float(float_nll.mean().exp()):.4f}", flush=True)
     nll = {}
-    for label, config in (("qpass centred (--kv-int8)", QuantConfig(kv_cache="static")),
-                          ("qpass symmetric (--symmetric)", QuantConfig(kv_cache="static", symmetric=True))):
+    for label, config in (("qpass centred (--kv-int8)", qpass.QuantConfig(kv_cache="static")),
+                          ("qpass symmetric (--symmetric)", qpass.QuantConfig(kv_cache="static", symmetric=True))):
         quantized, _ = genai.apply(calibrate(genai, calib, config))
-        nll[label] = stepwise_nll(Runner(session(quantized), read_sites(quantized)), ids)
+        nll[label] = stepwise_nll(ort_runner(quantized), ids)
         print(f"  GQA int8 cache, {label}: {increase(nll[label], float_nll)}", flush=True)
         del quantized
         gc.collect()
-    absmax = calibrate(genai, calib, QuantConfig(kv_cache="static", symmetric=True, observer="minmax"))
+    absmax = calibrate(genai, calib, qpass.QuantConfig(kv_cache="static", symmetric=True, observer="minmax"))
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         scale_file = Path(tmp) / "scales.json"
         layers = range(len(genai.attention_sites()))
@@ -168,21 +158,27 @@ def gqa_modes(work: Path, genai: OnnxFrontend, calib: torch.Tensor, ids: torch.T
             f"{kind}_scales": [absmax.get(i, f"kv_{kind}")[0].tolist() for i in layers] for kind in ("k", "v")}}))
         theirs = builder(work / "hf", Path(tmp) / "int8", ["kv_cache_quant_scheme=int8_per_channel",
                                                            f"kv_cache_scale_file={scale_file}"])
-        builder_nll = stepwise_nll(Runner(session(theirs / "model.onnx"), genai.site_docs), ids)
+        builder_nll = stepwise_nll(ort_runner(theirs / "model.onnx", genai.site_docs), ids)
     print(f"  GQA int8 cache, builder with absmax scales: {increase(builder_nll, float_nll)}")
     for label, ours in nll.items():
         diff = ours - builder_nll
         print(f"  paired, {label} - builder: {100 * float(diff.mean()):+.3f} points "
-              f"(+-{100 * half_width(diff):.3f})")
+              f"(+-{common.half_width(diff):.3f})")
 
 
-def greedy_tokens(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor) -> None:
+def greedy_tokens(torch_fe, dynamo, calib) -> None:
+    import torch
+
+    from qpass.core.calibrate import calibrate
+    from qpass.core.data import token_windows
+    from qpass.frontends.onnx.session import greedy  # an internal, as ort_runner() says
+
     tokenizer = dynamo.tokenizer
     prompt = token_windows(tokenizer, [corpus.eval_code()], WINDOW, 1, "--eval")[0, :16].tolist()
     for mode, kwargs in (("C8", dict(kv_cache="static")), ("FAQuant+C8", dict(fa_quant=True, kv_cache="static"))):
-        recipe = calibrate(dynamo, calib, QuantConfig(**kwargs))
+        recipe = calibrate(dynamo, calib, qpass.QuantConfig(**kwargs))
         quantized, _ = dynamo.apply(recipe)
-        ours = greedy(Runner(session(quantized), read_sites(quantized)), prompt, 32)
+        ours = greedy(ort_runner(quantized), prompt, 32)
         program, seq = torch_fe.logits(recipe), list(prompt)
         with torch.no_grad():
             for _ in range(32):  # the capture takes WINDOW tokens; attention is causal, so padding after is inert
@@ -191,7 +187,7 @@ def greedy_tokens(torch_fe, dynamo: OnnxFrontend, calib: torch.Tensor) -> None:
         print(f"greedy 32 tokens on the int8 cache, {mode}: {same}/32 the PyTorch path's tokens")
 
 
-def timed_decode(runner: Runner, context: np.ndarray, steps: int) -> tuple[float, float]:
+def timed_decode(runner, context: np.ndarray, steps: int) -> tuple[float, float]:
     """``(prefill seconds, seconds per decode step)`` of ``context [1, T]`` then ``steps`` greedy tokens."""
     start = time.perf_counter()
     logits, past = runner.step(context, None, 0)
@@ -205,18 +201,22 @@ def timed_decode(runner: Runner, context: np.ndarray, steps: int) -> tuple[float
 
 
 def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int, forms: list[str]) -> None:
-    dynamo = OnnxFrontend.load(work / "dynamo20", WINDOW)
-    genai = OnnxFrontend.load(work / "genai", WINDOW)
-    calib = token_windows(dynamo.tokenizer, corpus.calibration_samples(), WINDOW, 8, "--calib")
+    from qpass.core.calibrate import calibrate
+    from qpass.core.data import token_windows
+
+    dynamo = qpass.open_model(work / "dynamo20", WINDOW)
+    genai = qpass.open_model(work / "genai", WINDOW)
+    calib = common.calib_windows(dynamo.tokenizer, WINDOW, 8, "--calib")
     context = token_windows(dynamo.tokenizer, [corpus.eval_code()], context_len, 1, "--eval").numpy()
-    forms_all = (("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": QuantConfig(kv_cache="static")}),
-             ("GroupQueryAttention (onnxruntime-genai)", genai, {"int8 centred": QuantConfig(kv_cache="static"),
-                                                                 "int8 symmetric": QuantConfig(kv_cache="static", symmetric=True)}))
+    static = qpass.QuantConfig(kv_cache="static")
+    forms_all = (("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": static}),
+                 ("GroupQueryAttention (onnxruntime-genai)", genai,
+                  {"int8 centred": static, "int8 symmetric": qpass.QuantConfig(kv_cache="static", symmetric=True)}))
     for form, frontend, configs in (f for f, key in zip(forms_all, ("qdq", "gqa"), strict=True) if key in forms):
-        runners = {"float": Runner(session(frontend.model, threads), frontend.site_docs)}
+        runners = {"float": ort_runner(frontend.model, frontend.site_docs, threads)}
         for name, config in configs.items():
             quantized, _ = frontend.apply(calibrate(frontend, calib, config))
-            runners[name] = Runner(session(quantized, threads), read_sites(quantized))
+            runners[name] = ort_runner(quantized, threads=threads)
             del quantized
         names = list(runners)
         times = {name: ([], []) for name in names}
@@ -235,16 +235,12 @@ def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int, 
         gc.collect()
 
 
-def time_compile(path: Path, label: str) -> None:
-    """Load + shape inference + sites, then the C8 + FAQuant passes with placeholder scales (structure only)."""
-    from qpass.core.recipe import Recipe, geometry, site_key
-    from qpass.frontends.onnx.load import load_decoder
-    from qpass.frontends.onnx.pipeline import quantize_model
+def placeholder_scales(sites) -> dict:
+    """FAQuant and C8 scale and offset tensors of ``sites`` by recipe key, every scale 0.05 (structure only)."""
+    import torch
 
-    start = time.perf_counter()
-    graph, found = load_decoder(path)  # external weights stay on disk: onnx-ir reads them lazily
-    loaded_s = time.perf_counter() - start
-    sites = [s for s, _ in found]
+    from qpass.core.recipe import site_key
+
     tensors = {}
     for s in sites:
         for kind, heads in (("q", s.num_heads), ("k", s.num_kv_heads), ("v", s.num_kv_heads)):
@@ -253,9 +249,24 @@ def time_compile(path: Path, label: str) -> None:
             if kind != "q":
                 tensors[site_key(s.layer, f"kv_{kind}", "scale")] = torch.full((heads * s.head_dim,), 0.05)
                 tensors[site_key(s.layer, f"kv_{kind}", "offset")] = torch.zeros(heads * s.head_dim)
-    for config in (QuantConfig(kv_cache="static"), QuantConfig(fa_quant=True, kv_cache="static")):
+    return tensors
+
+
+def time_compile(path: Path, label: str) -> None:
+    """Load + shape inference + sites, then the C8 + FAQuant passes with placeholder scales (structure only)."""
+    from qpass.core.recipe import geometry
+    # internals: what is timed is the ONNX frontend's loading and its pass pipeline themselves
+    from qpass.frontends.onnx.load import load_decoder
+    from qpass.frontends.onnx.pipeline import quantize_model
+
+    start = time.perf_counter()
+    graph, found = load_decoder(path)  # external weights stay on disk: onnx-ir reads them lazily
+    loaded_s = time.perf_counter() - start
+    sites = [s for s, _ in found]
+    tensors = placeholder_scales(sites)
+    for config in (qpass.QuantConfig(kv_cache="static"), qpass.QuantConfig(fa_quant=True, kv_cache="static")):
         graph, found = load_decoder(path)
-        recipe = Recipe(config, geometry(sites), {k: v for k, v in tensors.items() if config.fa_quant or ".kv_" in k})
+        recipe = qpass.Recipe(config, geometry(sites), {k: v for k, v in tensors.items() if config.fa_quant or ".kv_" in k})
         start = time.perf_counter()
         _, counts = quantize_model(graph, found, recipe, verify=False)
         passes_s = time.perf_counter() - start
@@ -263,23 +274,18 @@ def time_compile(path: Path, label: str) -> None:
 
 
 def structure(layers: list[int], model: Path | None) -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from qpass.models.onnx_export import export_decoder
 
     if model is not None:
         time_compile(model, str(model))
     for n in layers:
-        torch.manual_seed(0)
-        config = LlamaConfig(hidden_size=576, intermediate_size=256, num_hidden_layers=n, num_attention_heads=9,
-                             num_key_value_heads=3, vocab_size=512, max_position_embeddings=256)
-        net = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+        net = common.smollm2_shaped(n)
         with tempfile.TemporaryDirectory() as tmp:
             time_compile(export_decoder(net, Path(tmp) / "model.onnx", opset=20, external_data=True), f"{n} layers")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, __spec__.name)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("prepare", "accuracy", "speed"):
         p = sub.add_parser(name)
@@ -288,7 +294,7 @@ def main() -> None:
     acc.add_argument("--pairs", nargs="+", default=["mixed->source", "mixed->docstrings", "license->source"])
     acc.add_argument("--eval-windows", type=int, default=16)
     acc.add_argument("--parts", nargs="+", default=["qdq", "gqa", "greedy"], choices=["qdq", "gqa", "greedy"])
-    acc.add_argument("--calib-windows", type=int, default=QuantConfig.__dataclass_fields__["calib_samples"].default)
+    acc.add_argument("--calib-windows", type=int, default=RunSettings.calib_samples)
     sp = sub.choices["speed"]
     sp.add_argument("--context", type=int, default=2048)
     sp.add_argument("--steps", type=int, default=32)

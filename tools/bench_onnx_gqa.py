@@ -1,8 +1,8 @@
 """ONNX Runtime CPU speed of GroupQueryAttention's int8 KV cache against its float cache, on a random-weight
 Llama built by onnxruntime-genai's model builder and rewritten by qpass (QuantizeGQAKVCachePass).
 
-    python tools/bench_onnx_gqa.py                        # 2 layers, hidden 512, 8/2 heads, head_dim 64
-    python tools/bench_onnx_gqa.py --context 1024 --threads 2 --repeats 7
+    python -m tools.bench_onnx_gqa                        # 2 layers, hidden 512, 8/2 heads, head_dim 64
+    python -m tools.bench_onnx_gqa --context 1024 --threads 2 --repeats 7
 
 Prints median seconds and int8/float ratios for prefill (``--context`` tokens from an empty cache) and for
 decode (``--steps`` single tokens after a ``--context``-token cache, each present fed back as past), the two
@@ -12,16 +12,15 @@ float model and quantize its cache in NumPy the way the kernel does (``clip(rint
 decode with the int8 model.
 """
 
-import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tools import common
 
 
 def build(work: Path, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, context: int) -> Path:
@@ -39,13 +38,7 @@ def build(work: Path, layers: int, hidden: int, heads: int, kv_heads: int, vocab
     vocab_map = {f"t{i}": i for i in range(vocab)}  # the builder saves a tokenizer; a word-level one suffices
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab_map, unk_token="t0")),
                             bos_token="t0", eos_token="t1").save_pretrained(hf)
-    out = work / "float"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                           "-p", "fp32", "-e", "cpu", "-c", str(work / "cache")], env=env, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"the onnxruntime-genai builder failed:\n{done.stderr[-2000:]}")
-    return out
+    return common.genai_builder(hf, work / "float", work / "cache")
 
 
 def session(path: Path, threads: int, flash: bool = True):
@@ -103,7 +96,7 @@ def quantize_cache(past: dict, k_scales, v_scales) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__, __spec__.name)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -117,6 +110,7 @@ def main() -> None:
 
     import onnx_ir as ir
 
+    # an internal: the GQA cache pass alone, on the builder's model with absmax scales of its own float cache
     from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass
 
     head_dim = args.hidden // args.heads

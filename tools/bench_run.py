@@ -1,39 +1,36 @@
 """Integer vs float inference on the CPU: a MindIE W8A8 directory (int8 x int8 -> int32 with ``torch._int_mm``)
 against the float model it was exported from, on the same tokens, with the same thread count.
 
-    python tools/bench_run.py                      # SmolLM2-135M (`default`)
-    python tools/bench_run.py --model tiny         # a small random Llama, for a quick check
+    python -m tools.bench_run                      # SmolLM2-135M (`default`)
+    python -m tools.bench_run --model tiny         # a small random Llama, for a quick check
 
 Calibration is qpass's W8A8 calibration with its defaults (per-tensor min-max of every decoder Linear's
-input, no fallback) on 8 windows of the standard-library corpus (the W8A8 numbers do not change the speed). Prints milliseconds for a prefill forward and for greedy decode steps
-(Hugging Face's float KV cache in both: this measures the Linears), and the ratio integer / float
-(target: at most 1.0).
+input, no fallback) on 8 windows of the standard-library corpus (the W8A8 numbers do not change the speed). Prints
+milliseconds for a prefill forward and for greedy decode steps (Hugging Face's float KV cache in both: this measures
+the Linears), and the ratio integer / float (target: at most 1.0).
 """
 
-import argparse
 import statistics
 import tempfile
 import time
 
-import torch
+import qpass
+from qpass.core import corpus
+from tools import common
 
 
 def w8a8_recipe(model, tokenizer, ids):
     """A W8A8-only recipe of every decoder Linear, from qpass's calibration with its defaults."""
     from qpass.core.calibrate import calibrate
-    from qpass.core.config import QuantConfig
-    from qpass.frontends.torch_export.frontend import TorchExportFrontend
     from qpass.models.loaders import LoadedModel
 
-    frontend = TorchExportFrontend(LoadedModel(model, tokenizer, "bench", "bench"), ids.shape[1])
-    return calibrate(frontend, ids, QuantConfig(w8a8=True, window=ids.shape[1], calib_samples=ids.shape[0]))
+    frontend = qpass.open_model(LoadedModel(model, tokenizer, "bench", "bench"), ids.shape[1])
+    return calibrate(frontend, ids, qpass.QuantConfig(w8a8=True))
 
 
 def load(spec: str):
-    from qpass.models.loaders import load_model
-
     if spec != "tiny":
-        loaded = load_model(spec)
+        loaded = qpass.load_model(spec)
         return loaded.model, loaded.tokenizer
     from transformers import AutoTokenizer
 
@@ -56,6 +53,8 @@ def time_ms(fn, repeats: int) -> float:
 
 
 def prefill(model, ids):
+    import torch
+
     def run():
         with torch.no_grad():
             model(ids, use_cache=False)
@@ -63,6 +62,8 @@ def prefill(model, ids):
 
 
 def decode(model, ids, steps: int):
+    import torch
+
     def run():
         with torch.no_grad():
             out = model(ids, use_cache=True)
@@ -73,30 +74,41 @@ def decode(model, ids, steps: int):
     return run
 
 
+def int8_model(model, recipe):
+    """The MindIE W8A8 directory of ``model`` and ``recipe``, written and read back: ``(its model, the loader's info)``."""
+    import torch
+
+    # internals: the MindIE writer from a state dict and recipe, and its reader that builds the integer model
+    from qpass.exporters.mindie_load import load as load_mindie
+    from qpass.exporters.mindie_write import export_mindie
+
+    with tempfile.TemporaryDirectory() as d:
+        export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, d, torch.float16)
+        loaded = load_mindie(d, load_tokenizer=False)
+    return loaded.model, loaded.info
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, __spec__.name)
     parser.add_argument("--model", default="default", help="`default` (SmolLM2-135M), a Hugging Face directory, or `tiny`")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both models")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both models (default: torch's own)")
     parser.add_argument("--tokens", type=int, default=256, help="prompt tokens (prefill)")
     parser.add_argument("--decode-steps", type=int, default=16, help="greedy decode steps after the prompt")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    from qpass.core import corpus
+    import torch
+
     from qpass.core.data import token_windows
-    from qpass.exporters.mindie_load import load as load_mindie
-    from qpass.exporters.mindie_write import export_mindie
 
+    args.threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model)
-    calib = token_windows(tokenizer, corpus.calibration_samples(), 128, 8, "calibration")
-    recipe = w8a8_recipe(model, tokenizer, calib)
-    with tempfile.TemporaryDirectory() as d:
-        export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, d, torch.float16)
-        loaded = load_mindie(d, load_tokenizer=False)
-    int_model, float_model = loaded.model, model  # both compute in float32 outside the W8A8 Linears
+    recipe = w8a8_recipe(model, tokenizer, common.calib_windows(tokenizer, 128, 8, "calibration"))
+    int_model, info = int8_model(model, recipe)
+    float_model = model  # both compute in float32 outside the W8A8 Linears
     ids = token_windows(tokenizer, [corpus.eval_prose()], args.tokens, 1, "bench")[:1]
-    print(f"model {args.model}: {loaded.info['w8a8_linears']} W8A8 Linears; threads {args.threads}; {ids.shape[1]} prompt tokens, "
+    print(f"model {args.model}: {info['w8a8_linears']} W8A8 Linears; threads {args.threads}; {ids.shape[1]} prompt tokens, "
           f"{args.decode_steps} decode steps; int8 matmul: torch._int_mm")
     rows = []
     for label, make in (("prefill", lambda m: prefill(m, ids)), ("decode", lambda m: decode(m, ids[:, :32], args.decode_steps))):

@@ -5,89 +5,95 @@ Loads and captures the model once, then for each variant (``ANTI:ACT``, e.g. ``n
 and min-max, ``m3:3``) calibrates on ``--calib-samples`` windows of the standard-library corpus (as
 ``qpass compile default --w8a8 --fa-quant --kv-int8 --disable-level auto --calib-samples 14`` does; `auto`
 holds the last quarter out) and evaluates the compiled program against the float one on the same
-windows of ``--prose`` and ``--code`` (text from modules the corpus leaves out: ``tools/make_corpus.py``).
+windows of ``--prose`` and ``--code`` (text from modules the corpus leaves out: ``python -m tools.make_corpus``).
 Prints the search log, the float Linears and each text's increase with the 95% interval over windows.
 ``--samples between`` takes the windows halfway between the default ones (one fewer): a second sample of the same
 text; ``--samples both`` measures both.
 
-    python tools/bench_w8a8.py [--variants none:1 m3:3] [--calib-samples 14] [--eval-windows 16]
+    python -m tools.bench_w8a8 [--variants none:1 m3:3] [--calib-samples 14] [--eval-windows 16]
                                [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt] [--samples between|both]
 """
 
-import argparse
 import math
 import time
 
-import torch
-
-from qpass.core import corpus
-from qpass.core.calibrate import calibrate
-from qpass.core.config import QuantConfig
-from qpass.core.data import read_text, token_windows
-from qpass.core.evaluate import window_nll
-from qpass.frontends.torch_export.frontend import TorchExportFrontend
-from sweep_observers import eval_windows  # tools/ is the script's directory
+import qpass
+from tools import common
 
 
-def increase(diff: torch.Tensor) -> str:
-    """``+x.xxx% +-h`` from per-window NLL differences: the increase and its 95% half width over the windows."""
-    half = 100.0 * 1.96 * float(diff.std()) / math.sqrt(diff.numel())
-    return f"{100.0 * math.expm1(float(diff.mean())):+.3f}% +-{half:.3f}"
+def increase(diff) -> str:
+    """``+x.xxx% +-h`` from per-window NLL differences ``[N]``: the increase and its 95% half width over the windows."""
+    return f"{common.pct_increase(diff):+.3f}% +-{common.half_width(diff):.3f}"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+def parse_args():
+    parser = common.parser(__doc__, __spec__.name)
+    common.add_model_options(parser)
     parser.add_argument("--variants", nargs="+", default=["none:1", "m3:3"], help="ANTI:ACT pairs, e.g. none:1 m3:3 m4:3")
     parser.add_argument("--calib-samples", type=int, default=14)
     parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-ppl-increase", type=float, default=2.0)
     parser.add_argument("--prose", default="out/corpus/eval_prose.txt")
     parser.add_argument("--code", default="out/corpus/eval_code.txt")
     parser.add_argument("--samples", choices=("", "between", "both"), default="",
                         help="between: evaluate on the windows halfway between the default ones; both: on both samples")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args) -> str:
+    """Calibrate ``variant`` (``ANTI:ACT``), print its search log and float Linears; its markdown row."""
+    from qpass.core.calibrate import calibrate
+    from qpass.core.evaluate import window_nll
+
+    anti, act = variant.split(":")
+    config = qpass.QuantConfig(fa_quant=True, kv_cache="static", w8a8=True, disable_level="auto",
+                               max_ppl_increase=args.max_ppl_increase, anti_method=None if anti == "none" else anti,
+                               act_method=int(act))
+    start = time.perf_counter()
+    recipe = calibrate(fe, calib, config)
+    seconds = time.perf_counter() - start
+    search = recipe.stats["w8a8"]["search"]
+    for step in search[1:]:
+        print(f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
+              f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)", flush=True)
+    floats = recipe.w8a8["float_linears"]
+    quantized = fe.logits(recipe, verify=False)
+    measured = {n: increase(window_nll(quantized, ids, 4, f"{variant} {n}") - nll_float[n]) for n, ids in texts.items()}
+    del quantized
+    all_int8 = search[1]
+    chosen = next(s for s in search[1:] if s["float_linears"] == len(floats))
+    row = common.table_row([variant, f"{len(floats)} ({100 * len(floats) / len(recipe.stats['w8a8']['range_ratio']):.1f}%)",
+                            f"{all_int8['ppl_increase_pct']:+.2f}%",
+                            f"{chosen['ppl_increase_pct']:+.2f}% / {chosen['upper_95_pct']:+.2f}%",
+                            *measured.values(), f"{seconds:.0f} s"])
+    print(row, flush=True)
+    print(f"  float: {', '.join(sorted(floats))}", flush=True)
+    return row
+
+
+def main():
+    args = parse_args()
+
+    import torch
+
+    from qpass.core.data import read_text
+    from qpass.core.evaluate import window_nll
+
     torch.manual_seed(0)
-    fe = TorchExportFrontend.load(args.model, args.window)
-    calib = token_windows(fe.tokenizer, corpus.calibration_samples(), args.window, args.calib_samples, "calib")
+    fe = qpass.open_model(args.model, args.window)
+    calib = common.calib_windows(fe.tokenizer, args.window, args.calib_samples)
     samples = {"": [False], "between": [True], "both": [False, True]}[args.samples]
-    texts = {name + ("-between" if between else ""): eval_windows(fe.tokenizer, read_text(path, name), args.window,
-                                                                  args.eval_windows, between)
+    texts = {name + ("-between" if between else ""): common.eval_windows(fe.tokenizer, read_text(path, name), args.window,
+                                                                         args.eval_windows, between)
              for between in samples for name, path in (("prose", args.prose), ("code", args.code))}
     float_module = fe.logits()
     nll_float = {name: window_nll(float_module, ids, 4, f"float {name}") for name, ids in texts.items()}
     print(f"calibration {calib.shape[0]} x {args.window}; float ppl " +
           ", ".join(f"{n} {math.exp(float(v.mean())):.4f}" for n, v in nll_float.items()), flush=True)
-    rows = []
-    for variant in args.variants:
-        anti, act = variant.split(":")
-        config = QuantConfig(fa_quant=True, kv_cache="static", w8a8=True, disable_level="auto",
-                             max_ppl_increase=args.max_ppl_increase, calib_samples=args.calib_samples,
-                             window=args.window, anti_method=None if anti == "none" else anti, act_method=int(act))
-        start = time.perf_counter()
-        recipe = calibrate(fe, calib, config)
-        seconds = time.perf_counter() - start
-        search = recipe.stats["w8a8"]["search"]
-        for step in search[1:]:
-            print(f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
-                  f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)", flush=True)
-        floats = recipe.w8a8["float_linears"]
-        quantized = fe.logits(recipe, verify=False)
-        measured = {n: increase(window_nll(quantized, ids, 4, f"{variant} {n}") - nll_float[n]) for n, ids in texts.items()}
-        del quantized
-        all_int8 = search[1]
-        chosen = next(s for s in search[1:] if s["float_linears"] == len(floats))
-        row = (f"| {variant} | {len(floats)} ({100 * len(floats) / len(recipe.stats['w8a8']['range_ratio']):.1f}%) | "
-               f"{all_int8['ppl_increase_pct']:+.2f}% | {chosen['ppl_increase_pct']:+.2f}% / {chosen['upper_95_pct']:+.2f}% | "
-               + " | ".join(measured.values()) + f" | {seconds:.0f} s |")
-        print(row, flush=True)
-        print(f"  float: {', '.join(sorted(floats))}", flush=True)
-        rows.append(row)
-    print("\n| variant (anti:act) | Linears float | held-out all-int8 | held-out at the choice (estimate / 95% bound) | "
-          + " | ".join(f"unseen {name}" for name in texts) + " | calibration |")
-    print("|---" * (5 + len(texts)) + "|")
-    print("\n".join(rows))
+    rows = [variant_row(fe, variant, calib, texts, nll_float, args) for variant in args.variants]
+    common.print_table(["variant (anti:act)", "Linears float", "held-out all-int8",
+                        "held-out at the choice (estimate / 95% bound)", *(f"unseen {name}" for name in texts),
+                        "calibration"], rows)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """Write the standard-library corpus: calib.jsonl, eval_prose.txt, eval_code.txt (disjoint modules).
 
-    python tools/make_corpus.py OUT_DIR
+    python -m tools.make_corpus OUT_DIR
 """
 
-import sys
 from pathlib import Path
 
 from qpass.core import corpus
+from tools import common
+
+
+def main() -> None:
+    parser = common.parser(__doc__, __spec__.name)
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="where to write the three files")
+    args = parser.parse_args()
+    for name, path in corpus.write(args.out_dir).items():
+        print(f"{name}: {path} ({path.stat().st_size} bytes)")
+
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    for name, path in corpus.write(Path(sys.argv[1])).items():
-        print(f"{name}: {path} ({path.stat().st_size} bytes)")
+    main()

@@ -8,26 +8,21 @@ increase over the evaluation windows (1.96 standard errors of the per-window NLL
 figure would move on other windows of the same text), and a markdown table. ``--between`` takes the windows
 halfway between the default ones (one fewer), a second sample of the same text.
 
-    python tools/sweep_observers.py [--pairs all] [--observers minmax,mse,extreme] [--modes C8,FAQuant]
+    python -m tools.sweep_observers [--pairs all] [--observers minmax,mse,extreme] [--modes C8,FAQuant]
                                     [--symmetric]  (or the modes C8-symmetric, FAQuant-symmetric) [--calib-samples 64] [--eval-windows 32] [--between]
 """
 
-import argparse
 import dataclasses
 import gc
 import math
 import time
 
-import torch
-
+import qpass
 from qpass.core import corpus
-from qpass.core.calibrate import SAMPLE_TOKENS, attention_qparams
-from qpass.core.config import QuantConfig
-from qpass.core.data import token_windows
-from qpass.core.evaluate import window_nll
-from qpass.core.observers import Observer
-from qpass.core.recipe import Recipe, geometry
-from qpass.frontends.torch_export.frontend import TorchExportFrontend
+from qpass.core.config import RunSettings
+from tools import common
+
+BATCH_SIZE = RunSettings.batch_size
 
 MODES = {"C8": dict(fa_quant=False, kv_cache="static"), "FAQuant": dict(fa_quant=True, kv_cache=None),
          "dynamic": dict(fa_quant=False, kv_cache="dynamic"),
@@ -35,64 +30,80 @@ MODES = {"C8": dict(fa_quant=False, kv_cache="static"), "FAQuant": dict(fa_quant
          "FAQuant-symmetric": dict(fa_quant=True, kv_cache=None, symmetric=True)}
 
 
-def observe_pair(fe, samples: list[str], base: QuantConfig) -> dict[str, Observer]:
-    """Observers of every site's q, k and v over the pair's calibration windows."""
-    calib = token_windows(fe.tokenizer, samples, base.window, base.calib_samples, "calib")
+def observe_pair(fe, samples: list[str], window: int, windows: int) -> dict:
+    """Observers (``qpass.core.observers.Observer`` by value name) of every site's q, k and v over ``windows``
+    calibration windows of ``window`` tokens from the pair's ``samples``."""
+    from qpass.core.calibrate import SAMPLE_TOKENS
+    from qpass.core.data import token_windows
+    from qpass.core.observers import Observer
+
+    calib = token_windows(fe.tokenizer, samples, window, windows, "calib")
     stride = max(1, calib.numel() // SAMPLE_TOKENS)
-    observers = {getattr(s, kind): Observer(stride, SAMPLE_TOKENS, base.window)
+    observers = {getattr(s, kind): Observer(stride, SAMPLE_TOKENS, window)
                  for s in fe.attention_sites() for kind in ("q", "k", "v")}
     start = time.perf_counter()
-    fe.observe(calib, observers, base.batch_size)
+    fe.observe(calib, observers, BATCH_SIZE)
     print(f"  calibration: {calib.shape[0]} windows, {calib.numel()} tokens, {time.perf_counter() - start:.1f}s", flush=True)
     return observers
 
 
-def increase(fe, observers, config: QuantConfig, ids: torch.Tensor, nll_float: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+def increase(fe, observers, config, ids, nll_float) -> tuple[float, float, object]:
     """Perplexity increase (percent) of ``config``'s recipe from ``observers`` on ``ids [N, W]``, the half
     width of its 95% interval over the windows (``nll_float [N]``: the float program's per-window NLL), and the
-    per-window NLL increase."""
+    per-window NLL increase ``[N]``."""
+    from qpass.core.calibrate import attention_qparams
+    from qpass.core.evaluate import window_nll
+    from qpass.core.recipe import geometry
+
     sites = fe.attention_sites()
     tensors, stats = attention_qparams(sites, observers, config) if config.observed_kinds else ({}, {})
-    nll = window_nll(fe.logits(Recipe(config, geometry(sites), tensors, stats)), ids, config.batch_size, "quantized")
+    nll = window_nll(fe.logits(qpass.Recipe(config, geometry(sites), tensors, stats)), ids, BATCH_SIZE, "quantized")
     gc.collect()  # the quantized program's module graph holds reference cycles: free its weights before the next
     diff = nll - nll_float
-    return 100.0 * math.expm1(float(diff.mean())), _half_width(diff), diff
+    return common.pct_increase(diff), common.half_width(diff), diff
 
 
-def _half_width(diff: torch.Tensor) -> float:
-    """The 95% half width over the windows of a per-window NLL difference, in points (percent)."""
-    return 100.0 * 1.96 * float(diff.std()) / math.sqrt(len(diff))
-
-
-def eval_windows(tokenizer, text: str, window: int, count: int, between: bool) -> torch.Tensor:
-    """``count`` windows spread over ``text`` as calibration spreads them, or (``between``) the ``count - 1``
-    halfway between those: a second, disjoint sample of the same text."""
-    ids = token_windows(tokenizer, [text], window, None, "eval")
-    if ids.shape[0] < (2 * count if between else count + 1):
-        if between:
-            raise SystemExit(f"--between: the text has {ids.shape[0]} windows, too few for {count} between {count}")
-        return ids
-    pick = torch.linspace(0, ids.shape[0] - 1, count)
-    if between:
-        pick = pick[:-1] + (pick[1] - pick[0]) / 2
-    return ids[pick.round().long()]
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+def parse_args():
+    parser = common.parser(__doc__, __spec__.name)
+    common.add_model_options(parser)
     parser.add_argument("--pairs", default="all", help="comma-separated pair names, or all")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=32)
-    parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--observers", default="minmax,mse,extreme")
     parser.add_argument("--modes", default="C8,FAQuant", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--symmetric", action="store_true", help="symmetric int8 (offset 0), as vllm-ascend and ONNX Runtime's GQA need")
     parser.add_argument("--between", action="store_true", help="evaluate on the windows halfway between the default ones")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def sweep_pair(fe, name: str, observers, ids, nll_float, base, args, table: dict) -> None:
+    """Every (mode, range method) of ``args`` on the pair ``name``: one line each (and each method paired against
+    the mode's first), its increase into ``table``."""
+    for mode in args.modes.split(","):
+        first = None  # (method, per-window increase): later methods are paired against it
+        for method in args.observers.split(",") if mode != "dynamic" else ["-"]:
+            config = dataclasses.replace(base, **MODES[mode], **({"observer": method} if method != "-" else {}))
+            pct, half, diff = increase(fe, observers, config, ids, nll_float)
+            table[name, mode, method] = pct
+            print(f"  {name:20} {mode:8} {method:10} {pct:+.3f}% (95% over windows: +-{half:.3f})", flush=True)
+            if first is None:
+                first = method, diff
+            else:
+                paired = diff - first[1]  # the same windows: their spread cancels
+                print(f"  {'':20} {mode:8} paired {method} - {first[0]}: {100.0 * float(paired.mean()):+.3f} "
+                      f"+-{common.half_width(paired):.3f} points", flush=True)
+
+
+def main():
+    args = parse_args()
+
+    import torch
+
+    from qpass.core.evaluate import window_nll
+
     torch.manual_seed(0)
-    fe = TorchExportFrontend.load(args.model, args.window)
-    base = QuantConfig(kv_cache="static", window=args.window, calib_samples=args.calib_samples, symmetric=args.symmetric)
+    fe = qpass.open_model(args.model, args.window)
+    base = qpass.QuantConfig(kv_cache="static", symmetric=args.symmetric)
     pairs = corpus.domain_pairs()
     names = list(pairs) if args.pairs == "all" else args.pairs.split(",")
     float_module, table, observed = fe.logits(), {}, {}
@@ -101,29 +112,15 @@ def main():
         print(f"{name}:", flush=True)
         key = hash(tuple(samples))  # the standard split's two pairs share their calibration
         if key not in observed:
-            observed = {key: observe_pair(fe, samples, base)}  # one calibration's observers held at a time
-        observers = observed[key]
-        ids = eval_windows(fe.tokenizer, text, args.window, args.eval_windows, args.between)
-        nll_float = window_nll(float_module, ids, base.batch_size, "float")
+            observed = {key: observe_pair(fe, samples, args.window, args.calib_samples)}  # one calibration's at a time
+        ids = common.eval_windows(fe.tokenizer, text, args.window, args.eval_windows, args.between)
+        nll_float = window_nll(float_module, ids, BATCH_SIZE, "float")
         print(f"  eval: {ids.numel()} tokens, float ppl {math.exp(float(nll_float.mean())):.4f}", flush=True)
-        for mode in args.modes.split(","):
-            first = None  # (method, per-window increase): later methods are paired against it
-            for method in args.observers.split(",") if mode != "dynamic" else ["-"]:
-                config = dataclasses.replace(base, **MODES[mode], **({"observer": method} if method != "-" else {}))
-                pct, half, diff = increase(fe, observers, config, ids, nll_float)
-                table[name, mode, method] = pct
-                print(f"  {name:20} {mode:8} {method:10} {pct:+.3f}% (95% over windows: +-{half:.3f})", flush=True)
-                if first is None:
-                    first = method, diff
-                else:
-                    paired = diff - first[1]  # the same windows: their spread cancels
-                    print(f"  {'':20} {mode:8} paired {method} - {first[0]}: {100.0 * float(paired.mean()):+.3f} "
-                          f"+-{_half_width(paired):.3f} points", flush=True)
+        sweep_pair(fe, name, observed[key], ids, nll_float, base, args, table)
     columns = sorted({(mode, method) for _, mode, method in table}, key=lambda c: list(table).index((names[0], *c)))
-    print("\n| pair | " + " | ".join(f"{mode} {method}" for mode, method in columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for name in names:
-        print(f"| {name} | " + " | ".join(f"{table[name, mode, method]:+.3f}%" for mode, method in columns) + " |")
+    common.print_table(["pair", *(f"{mode} {method}" for mode, method in columns)],
+                       [common.table_row([name, *(f"{table[name, mode, method]:+.3f}%" for mode, method in columns)])
+                        for name in names])
 
 
 if __name__ == "__main__":
