@@ -6,6 +6,7 @@ takes about 15 s, so pytest-xdist's workers share one set through a file lock.
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,18 @@ def export_dir(model_dir: Path, out: Path, opset: int, external_data: bool = Fal
     return out
 
 
+def run_dir(tmp_path_factory) -> Path:
+    """This test run's own directory, the same for all its pytest-xdist workers (their base directories' parent);
+    without xdist the base directory itself, since its parent holds every run's."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def onnx_dirs(tmp_path_factory, tiny_model_dir) -> dict[int, Path]:
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent  # the same for every xdist worker of this run
+    shared = run_dir(tmp_path_factory)
     with FileLock(str(shared / "onnx-exports.lock")):
         done = shared / "onnx-exports.json"
         if done.is_file():

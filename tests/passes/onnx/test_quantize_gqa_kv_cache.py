@@ -1,12 +1,13 @@
-"""C8 through GroupQueryAttention's int8 cache on onnxruntime-genai models: sites, the rewrite, its numbers in
-ONNX Runtime and onnxruntime-genai, the builder's own int8 model as the reference, and refusals.
+"""QuantizeGQAKVCachePass (qpass/passes/onnx/quantize_gqa_kv_cache.py): C8 through GroupQueryAttention's int8 cache
+on onnxruntime-genai models: the rewrite, its numbers in ONNX Runtime and onnxruntime-genai, the builder's own int8
+model as the reference, an asymmetric recipe through the centring, and refusals. The sites: test_find_gqa_sites.py;
+the centring alone: test_gqa_centre.py.
 
 The checker is not run: the builder's graphs hold ONNX Runtime ops (SimplifiedLayerNormalization, ...) in the
 default domain, which ``onnx.checker`` rejects even in the builder's own output, so an ONNX Runtime session
 is the check.
 """
 
-import dataclasses
 import json
 import shutil
 
@@ -17,8 +18,6 @@ import torch
 
 from qpass.core.errors import QpassError
 from qpass.core.int8 import affine_qparams, quantize
-from qpass.passes.onnx.find_gqa_sites import GQASite, find_gqa_sites
-from qpass.passes.onnx.gqa_centre import Positions, centre
 from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass, int8_kv_genai_config, write_int8_kv_genai_config
 from tests.helpers.onnx_genai_cases import absmax_scales, cache_io, empty_cache, forward, genai_float_dir, greedy, run_builder_int8, session  # noqa: F401
 
@@ -86,29 +85,6 @@ def gqa_nodes(model: ir.Model) -> list[ir.Node]:
 
 
 # ---- structure -------------------------------------------------------------------------------------------
-
-
-def test_sites_of_the_builders_graph(float_model):
-    sites = find_gqa_sites(float_model)
-    assert sites == [GQASite(layer=i, node_name=f"/model/layers.{i}/attn/GroupQueryAttention",
-                             output=f"/model/layers.{i}/attn/GroupQueryAttention/output_0", past_key=f"past_key_values.{i}.key", past_value=f"past_key_values.{i}.value",
-                             present_key=f"present.{i}.key", present_value=f"present.{i}.value",
-                             num_heads=4, kv_num_heads=KV_HEADS, head_dim=HEAD_DIM, do_rotary=True, packed_qkv=True)
-                     for i in range(LAYERS)]
-    assert sites[0].kv_channels == KV_HEADS * HEAD_DIM
-
-
-def test_sites_are_found_without_names(genai_float_dir):
-    """Renamed nodes and intermediate values find the same geometry: the search reads op types and wiring."""
-    model = ir.load(genai_float_dir / "model.onnx")
-    for i, node in enumerate(model.graph):
-        node.name = f"n{i}"
-        for out in node.outputs:
-            if not out.is_graph_output():
-                out.name = f"v{i}_{out.index()}"
-    sites = find_gqa_sites(model)
-    assert [(s.layer, s.num_heads, s.kv_num_heads, s.head_dim, s.do_rotary) for s in sites] == [(0, 4, 2, 16, True), (1, 4, 2, 16, True)]
-    assert [s.node_name for s in sites] == [n.name for n in gqa_nodes(model)]
 
 
 def test_rewrite_structure(genai_float_dir, float_model, scales):
@@ -226,66 +202,6 @@ def test_onnxruntime_genai_generates(ours_dir, ours_sess, prompt):
     assert generated == greedy(ours_sess, prompt, steps, HEAD_DIM)[0]
 
 
-# ---- centring (an asymmetric recipe through the symmetric cache) ------------------------------------------
-
-
-def centred_float(model_dir, centres, tmp_path, rotate: bool = True):
-    """A session of the float model with K and V centred (no int8: the centring alone), or, not ``rotate``, with
-    K's centre subtracted before RoPE unrotated (what the centring would be without GQA's positions)."""
-    model = ir.load(model_dir / "model.onnx")
-    positions = Positions(model.graph)
-    for node, site, (k, v) in zip(gqa_nodes(model), find_gqa_sites(model), centres, strict=True):
-        centre(model.graph, node, site if rotate else dataclasses.replace(site, do_rotary=False), k, v, positions)
-    ir.save(model, tmp_path / "model.onnx", external_data="model.onnx.data")
-    return session(tmp_path / "model.onnx")
-
-
-@pytest.fixture(scope="module")
-def centres():
-    """Per layer, K and V centres far from 0 (several times the values' own spread)."""
-    rng = np.random.default_rng(3)
-    return [(rng.normal(0, 3, KV_HEADS * HEAD_DIM).astype(np.float32),
-             rng.normal(0, 3, KV_HEADS * HEAD_DIM).astype(np.float32)) for _ in range(LAYERS)]
-
-
-def test_centring_leaves_the_float_model_unchanged(genai_float_dir, float_sess, centres, tmp_path):
-    """Prefill, a second chunk after it, a decode step, and a batch of two with the second row padded: the
-    centred model's logits are the float model's, and its cache holds RoPE'd K and V less their centres at
-    every position, which holds only if the centring rotates by GQA's own positions."""
-    sess = centred_float(genai_float_dir, centres, tmp_path)
-    rng = np.random.default_rng(4)
-    ids = rng.integers(0, VOCAB, (2, 20))
-    mask = np.ones((2, 20), np.int64)
-    mask[1, 13:] = 0  # the second row is 13 tokens, right-padded
-    chunk, step = rng.integers(0, VOCAB, (1, 7)), rng.integers(0, VOCAB, (1, 1))
-    float_past, centred_past = empty_cache(float_sess, HEAD_DIM, 2), empty_cache(sess, HEAD_DIM, 2)
-    cases = [("padded batch", ids, mask, float_past, centred_past)]
-    _, f_past = forward(float_sess, ids[:1], empty_cache(float_sess, HEAD_DIM))
-    _, c_past = forward(sess, ids[:1], empty_cache(sess, HEAD_DIM))
-    cases.append(("chunk after a prompt", chunk, np.ones((1, 27), np.int64), f_past, c_past))
-    cases.append(("decode step", step, np.ones((1, 21), np.int64), f_past, c_past))
-    for what, x, m, fp, cp in cases:
-        want, want_past = forward(float_sess, x, fp, m)
-        got, got_past = forward(sess, x, cp, m)
-        valid = m[:, -x.shape[1]:].astype(bool)
-        scale = np.abs(want[valid]).max()
-        assert np.abs(got[valid] - want[valid]).max() < 1e-4 * scale, what
-        for layer, (k, v) in enumerate(centres):
-            for side, c in (("key", k), ("value", v)):
-                name = f"past_key_values.{layer}.{side}"
-                expected = want_past[name] - c.reshape(1, KV_HEADS, 1, HEAD_DIM)
-                rows = m.astype(bool)[:, None, :, None] & np.ones_like(expected, bool)
-                assert np.abs(got_past[name] - expected)[rows].max() < 1e-4, (what, name)
-
-
-def test_centring_k_needs_the_rotation(genai_float_dir, float_sess, centres, tmp_path, prompt):
-    """Subtracting K's centre before RoPE without rotating it back changes the logits: the check above can fail."""
-    sess = centred_float(genai_float_dir, centres, tmp_path, rotate=False)
-    want, _ = forward(float_sess, prompt, empty_cache(float_sess, HEAD_DIM))
-    got, _ = forward(sess, prompt, empty_cache(sess, HEAD_DIM))
-    assert np.abs(got - want).max() > 1e-2 * np.abs(want).max()
-
-
 def test_centred_int8_cache_holds_the_asymmetric_codes(genai_float_dir, float_sess, scales, prompt, tmp_path):
     """Through the pass with an asymmetric recipe's scale and offset, layer 0's int8 cache holds
     ``round(x / scale) + offset`` (qpass's asymmetric codes; later layers read the int8 layers before them), and
@@ -327,7 +243,6 @@ def test_no_gqa_node_is_named():
     node = ir.node("Relu", [x])
     node.outputs[0].name = "y"
     model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 20}), ir_version=10)
-    assert find_gqa_sites(model) == []
     with pytest.raises(QpassError, match="no com.microsoft.GroupQueryAttention node"):
         QuantizeGQAKVCachePass([])(model)
 
