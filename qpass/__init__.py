@@ -7,7 +7,7 @@ import importlib
 
 _EXPORTS = {
     "CompileResult": "qpass.api", "compile": "qpass.api", "evaluate_saved": "qpass.api", "generate": "qpass.api",
-    "inspect_model": "qpass.api", "QuantConfig": "qpass.core.config", "QpassError": "qpass.core.errors",
+    "inspect_model": "qpass.api", "open_model": "qpass.api", "QuantConfig": "qpass.core.config", "RunSettings": "qpass.core.config", "QpassError": "qpass.core.errors",
     "Recipe": "qpass.core.recipe", "load_model": "qpass.models.loaders",
 }
 __all__ = sorted(_EXPORTS)

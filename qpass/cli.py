@@ -8,11 +8,9 @@ import argparse
 import json
 import sys
 
-from qpass.core.config import EVAL_WINDOWS, QuantConfig, cli_options
+from qpass.core.config import QuantConfig, RunSettings, cli_options
 from qpass.core.errors import QpassError
-from qpass.exporters import LAYERWISE as LAYERWISE_FORMATS
 from qpass.exporters import NAMES as FORMATS
-from qpass.exporters.mindie_format import dynamic_kv_refusal
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,12 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="capture, calibrate, insert Q/DQ, evaluate, write the program and report")
     c.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, `default` (SmolLM2-135M), "
                                                   "or an ONNX decoder (.onnx, or a directory holding model.onnx)")
-    for _, flag, kwargs in cli_options():
+    for _, flag, kwargs in cli_options(QuantConfig) + cli_options(RunSettings):
         c.add_argument(flag, **kwargs)
-    c.add_argument("--calib", help="calibration file: .jsonl (inputs_pretokenized or text per line) or plain text; default: the stdlib corpus")
+    c.add_argument("--calib", help="calibration file: .jsonl (inputs_pretokenized or text per line) or plain text; "
+                                   "default: the stdlib corpus")
     c.add_argument("--eval", help="evaluation text file (plain text, not used for calibration)")
-    c.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, help=f"at most this many eval windows (default {EVAL_WINDOWS})")
-    c.add_argument("--recipe", help="reuse the calibration in this recipe directory (OUT/recipe of an earlier compile)")
+    c.add_argument("--recipe", help="reuse the calibration in this recipe directory (OUT/recipe of an earlier "
+                                    "compile); its policy is kept, the run settings (--window, --batch-size, "
+                                    "--eval-windows) are this run's")
     c.add_argument("-o", "--output", required=True, help="output directory (must be new or empty, or pass --force)")
     c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     c.add_argument("--no-verify", action="store_true", help="skip the checks after each pass")
@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
     e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
     e.add_argument("--eval", required=True, help="evaluation text file")
-    e.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, help=f"at most this many eval windows (default {EVAL_WINDOWS})")
+    for name, flag, kwargs in cli_options(RunSettings):
+        if name in ("batch_size", "eval_windows"):  # the window is the one the directory was compiled for
+            e.add_argument(flag, **kwargs)
+    e.add_argument("--float", dest="float_model", metavar="MODEL",
+                   help="the float model to measure beside it (default: the one its report.json names, if still there)")
+    e.add_argument("--no-float", dest="float_model", action="store_false", help="measure the quantized model only")
+    e.add_argument("--json", action="store_true", help="print the full JSON record instead of the summary")
 
     r = sub.add_parser("run", help="generate text greedily with the compiled decoder and its paged int8 KV cache")
     r.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
@@ -78,7 +84,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _interrupt(signum, frame):
-    raise Interrupted  # unwinds like Ctrl-C: staged outputs are removed on the way out
+    raise Interrupted  # unwinds like Ctrl-C: half-written outputs are removed on the way out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,39 +109,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_compile(args) -> int:
     import qpass
-    from qpass.api import check_output_dir, output_format, too_big
+    from qpass.api import output_format
+    from qpass.core.output import check_output_dir
     from qpass.core.report import summary
     from qpass.exporters import registry
 
     check_output_dir(args.output, args.force)  # fail before the slow part
-    args.format = output_format(args.model, args.format)
-    check_format_args(args)
-    if args.layerwise and args.format not in LAYERWISE_FORMATS:
-        raise QpassError(f"--format {args.format} with --layerwise: a layer-wise compile writes {', '.join(LAYERWISE_FORMATS)}; "
-                         "choose one of those")
-    if args.format not in LAYERWISE_FORMATS and args.layerwise is None and not args.recipe and too_big(args.model, note=False):
-        raise QpassError(f"MODEL {args.model}: its weights do not fit in this machine's memory for a whole-model compile, "
-                         f"and a layer-wise compile does not write --format {args.format}; choose one of "
-                         f"{', '.join(LAYERWISE_FORMATS)}, or compile on a machine with more memory")
-    names = [name for name, _, _ in cli_options()]
-    recipe = None
-    if args.recipe:
+    run, recipe = _settings(args, RunSettings), None
+    if args.recipe:  # its policy, and no flag that says otherwise
         recipe = qpass.Recipe.load(args.recipe)
-        asked = (args.fa_quant, args.kv_cache, args.w8a8)
-        if any(asked) and asked != (recipe.config.fa_quant, recipe.config.kv_cache, recipe.config.w8a8):
-            raise QpassError(f"--recipe {args.recipe}: calibrated for fa_quant={recipe.config.fa_quant}, kv_cache={recipe.config.kv_cache}, "
-                             f"w8a8={recipe.config.w8a8}; drop --fa-quant/--kv-int8/--w8a8 to use it as it is, or recalibrate")
-        if args.format != "qpass" and recipe.config.kv_cache == "dynamic":
-            raise QpassError(dynamic_kv_refusal(args.format))
+        _check_recipe_flags(args, recipe.config)
         config = recipe.config
     else:
-        try:
-            config = QuantConfig(**{name: getattr(args, name) for name in names})
-        except ValueError as err:
-            raise QpassError(str(err)) from None
-    result = qpass.compile(args.model, config, calib=args.calib, eval=args.eval, recipe=recipe,
-                           eval_windows=args.eval_windows, verify=not args.no_verify, tokenizer=args.tokenizer,
-                           layerwise=args.layerwise)
+        config = _settings(args, QuantConfig)
+    args.format = output_format(args.model, args.format, config, args.dtype)
+    result = qpass.compile(args.model, config, calib=args.calib, eval=args.eval, recipe=recipe, run=run,
+                           verify=not args.no_verify, tokenizer=args.tokenizer, layerwise=args.layerwise)
     result.save(args.output, force=args.force, format=args.format, dtype=args.dtype)
     print(summary(result.report))
     files = registry.get(args.format).files
@@ -147,34 +136,32 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def check_format_args(args) -> None:
-    """Refuse --format / --dtype combinations the weight-directory formats do not allow, before the slow part."""
-    if args.format in ("qpass", "onnx"):
-        if args.format == "onnx" and args.kv_cache == "dynamic":
-            raise QpassError("--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; use --kv-int8 (static, per channel)")
-        if args.dtype:
-            raise QpassError(f"--dtype {args.dtype}: only --format mindie / vllm-ascend have a model dtype; drop --dtype")
-        return
-    if args.kv_cache == "dynamic":
-        raise QpassError(dynamic_kv_refusal(args.format))
-    if args.format == "vllm-ascend" and args.fa_quant:
-        raise QpassError("--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
-                         "on MLA models, and never together with C8; drop --fa-quant, or write --format mindie")
-    if args.format == "vllm-ascend" and args.kv_cache and not args.symmetric and not args.recipe:
-        raise QpassError("--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its scale "
-                         "only, so C8 must be symmetric; add --symmetric")
-    if args.dtype == "bfloat16" and args.kv_cache:
-        raise QpassError("--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights only; "
-                         "use --dtype float16, or drop --kv-int8")
-    if not args.recipe and not args.w8a8:
-        raise QpassError(f"--format {args.format}: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)")
+def _settings(args, cls):
+    """``cls`` (:class:`QuantConfig` or :class:`RunSettings`) from the parsed options; its refusal in one line."""
+    names = [name for name, _, _ in cli_options(cls)]
+    try:
+        return cls(**{name: getattr(args, name) for name in names})
+    except ValueError as err:
+        raise QpassError(str(err)) from None
+
+
+def _check_recipe_flags(args, calibrated: QuantConfig) -> None:
+    """Refuse a policy flag that says otherwise than the recipe ``--recipe`` reuses (it would be silently dropped)."""
+    asked = {name: (flag, getattr(args, name)) for name, flag, kwargs in cli_options(QuantConfig)
+             if getattr(args, name) != kwargs["default"]}
+    differ = [f"{flag} ({name}={getattr(calibrated, name)!r} in the recipe)" for name, (flag, value) in asked.items()
+              if value != getattr(calibrated, name)]
+    if differ:
+        raise QpassError(f"--recipe {args.recipe}: calibrated otherwise than {', '.join(differ)}; drop those flags "
+                         "to use it as it is, or recalibrate")
 
 
 def cmd_eval(args) -> int:
     import qpass
+    from qpass.core.report import eval_summary
 
-    result = qpass.evaluate_saved(args.out, args.eval, args.eval_windows)
-    print(json.dumps(result, indent=1, sort_keys=True))
+    result = qpass.evaluate_saved(args.out, args.eval, args.eval_windows, args.batch_size, args.float_model)
+    print(json.dumps(result, indent=1, sort_keys=True) if args.json else eval_summary(result))
     return 0
 
 
@@ -194,7 +181,7 @@ def cmd_run(args) -> int:
 
 def cmd_inspect(args) -> int:
     import qpass
-    from qpass.api import site_info
+    from qpass.core.compile import site_info
 
     sites = [site_info(s) for s in qpass.inspect_model(args.model, tokenizer=args.tokenizer)]
     if args.json:

@@ -1,15 +1,29 @@
-"""The layers: `import qpass` stays cheap, the core loads no frontend, and the exporters name tensors from the sites."""
+"""The layers: the contracts see every module, `import qpass` stays cheap, the core loads no frontend, and the exporters
+name tensors from the sites."""
 
 import subprocess
 import sys
+from pathlib import Path
+
+import grimp
 
 import pytest
 import torch
 
+import qpass
 from qpass.core.errors import QpassError
 from qpass.exporters.mindie_write import export_mindie
 from qpass.models.tiny import tiny_model
 from tests.helpers.frontend_cases import calibrated
+
+
+def test_the_contracts_import_graph_holds_every_module():
+    """import-linter's graph (grimp's) holds every ``.py`` file under ``qpass/``: a package without ``__init__.py``
+    would drop out of it, and out of every contract, silently."""
+    root = Path(qpass.__file__).parent
+    files = {".".join(("qpass", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+             for p in root.rglob("*.py")}
+    assert files == set(grimp.build_graph("qpass").modules)
 
 
 def _loaded_after(statement: str) -> list[str]:

@@ -28,19 +28,23 @@ SAMPLE_TOKENS = 2048         # tokens kept per observed attention value for the 
 LINEAR_SAMPLE_TOKENS = 512   # tokens kept per Linear input for smoothing searches, histograms and SQNR
 
 
-def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig) -> Recipe:
-    """Observe ``windows [N, W]`` through ``frontend`` and choose every scale and offset ``config`` asks for."""
+def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig, batch_size: int = 4) -> Recipe:
+    """Observe ``windows [N, W]`` through ``frontend``, ``batch_size`` windows a forward pass, and choose every scale and
+    offset ``config`` asks for; one decoder layer at a time (:func:`calibrate_by_layer`) where the frontend runs the
+    model so (``frontend.layerwise``)."""
+    if frontend.layerwise:
+        return calibrate_by_layer(frontend, windows, config, batch_size)
     sites = frontend.attention_sites()
     if config.w8a8:
-        return _calibrate_w8a8(frontend, sites, windows, config)
-    observers = attention_observers(sites, config, windows.numel())
+        return _calibrate_w8a8(frontend, sites, windows, config, batch_size)
+    observers = attention_observers(sites, config, windows)
     if observers:  # none for the dynamic cache alone: its scales are computed as it is written
-        frontend.observe(windows, observers, config.batch_size)
+        frontend.observe(windows, observers, batch_size)
     tensors, stats = attention_qparams(sites, observers, config)
     return Recipe(config, geometry(sites), tensors, stats)
 
 
-def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig) -> Recipe:
+def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, batch_size: int = 4) -> Recipe:
     """:func:`calibrate` for a frontend that runs the model one decoder layer at a time: its ``observe_layers(windows,
     observers, batch_size)`` yields each layer's index once that layer has seen every window. Each site's ranges are
     chosen as soon as its layer is done and its observers dropped, so the statistics held grow with one layer, not
@@ -48,13 +52,13 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig) -> 
     site). W8A8 too (:func:`_calibrate_w8a8_by_layer`): smoothing and the Linears' ranges layer by layer; ``Ln``
     ranks every Linear at the end, from the figures kept per Linear."""
     if config.w8a8:
-        return _calibrate_w8a8_by_layer(frontend, windows, config)
+        return _calibrate_w8a8_by_layer(frontend, windows, config, batch_size)
     sites = {s.layer: s for s in frontend.attention_sites()}
-    observers = attention_observers(list(sites.values()), config, windows.numel())
-    if not observers:
-        return calibrate(frontend, windows, config)
+    observers = attention_observers(list(sites.values()), config, windows)
+    if not observers:  # the dynamic cache alone: nothing to observe
+        return Recipe(config, geometry(sites.values()), *attention_qparams(list(sites.values()), {}, config))
     tensors, stats = {}, {}
-    for layer in frontend.observe_layers(windows, observers, config.batch_size):
+    for layer in frontend.observe_layers(windows, observers, batch_size):
         site = sites[layer]
         done = {name: observers.pop(name) for name in (getattr(site, kind) for kind in config.observed_kinds)}
         site_tensors, site_stats = attention_qparams([site], done, config)
@@ -65,10 +69,11 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig) -> 
     return Recipe(config, geometry(sites.values()), tensors, stats)
 
 
-def attention_observers(sites: list[AttentionSite], config: QuantConfig, tokens: int) -> dict[str, Observer]:
-    """One observer per site value that ``config`` quantizes, keyed by the value's name in the IR."""
-    stride = max(1, tokens // SAMPLE_TOKENS)
-    return {getattr(s, kind): Observer(stride, SAMPLE_TOKENS, config.window) for s in sites for kind in config.observed_kinds}
+def attention_observers(sites: list[AttentionSite], config: QuantConfig, windows: torch.Tensor) -> dict[str, Observer]:
+    """One observer per site value that ``config`` quantizes over ``windows [N, W]``, keyed by the value's name in the IR."""
+    stride = max(1, windows.numel() // SAMPLE_TOKENS)
+    return {getattr(s, kind): Observer(stride, SAMPLE_TOKENS, windows.shape[1])
+            for s in sites for kind in config.observed_kinds}
 
 
 def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer], config: QuantConfig) -> tuple[dict, dict]:
@@ -100,7 +105,8 @@ def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer]
     return tensors, {"sqnr_db": sqnr, "saturation": sat, **({"zero_range_channels": zero} if zero else {})}
 
 
-def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: torch.Tensor, config: QuantConfig) -> Recipe:
+def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: torch.Tensor, config: QuantConfig,
+                    batch_size: int) -> Recipe:
     linears = _linears(frontend)
     calib, held = split_held_out(windows, config)
     stride = max(1, calib.numel() // LINEAR_SAMPLE_TOKENS)
@@ -109,21 +115,21 @@ def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: tor
     if config.anti_method is not None:
         groups = _smoothing_groups(frontend, linears, config)
         group_obs = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({g.input for g in groups})}
-        frontend.observe(calib, group_obs, config.batch_size, desc="calibrate (smoothing)")
+        frontend.observe(calib, group_obs, batch_size, desc="calibrate (smoothing)")
         chosen = _smooth(config, list(enumerate(groups)), group_obs, state, tensors, doc)
         w8a8_stats["smooth"] = {"groups": len(groups), **_chosen(chosen)}
         state = smoothed = apply_smoothing(state, doc["smooth"], tensors)
     linear_obs = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({s.input for s in linears})}
-    attention_obs = attention_observers(sites, config, calib.numel())
-    frontend.observe(calib, {**linear_obs, **attention_obs}, config.batch_size, state_dict=smoothed)
+    attention_obs = attention_observers(sites, config, calib)
+    frontend.observe(calib, {**linear_obs, **attention_obs}, batch_size, state_dict=smoothed)
     attn_tensors, stats = attention_qparams(sites, attention_obs, config)
     linear_tensors, per_linear = linear_qparams(linears, linear_obs, state, config)
     tensors.update(linear_tensors)
     return _fallback(frontend, config, sites, linears, calib, held, {**attn_tensors, **tensors}, stats,
-                     {**w8a8_stats, **per_linear}, doc)
+                     {**w8a8_stats, **per_linear}, doc, batch_size)
 
 
-def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfig) -> Recipe:
+def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, batch_size: int) -> Recipe:
     """:func:`_calibrate_w8a8` one decoder layer at a time (``frontend.observe_layers``): each layer's smoothing scales
     are computed from its float run and folded into its weights before its calibration run, and its Linears' and
     attention's ranges are chosen, and their observers dropped, as soon as the layer is done. ``--disable-level auto``
@@ -156,10 +162,10 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
         return dict(smoothed)
 
     observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({s.input for s in linears})}
-    observers.update(attention_observers(sites, config, windows.numel()))  # each popped when its layer is done
-    by_layer = {layer.index: layer for layer in layers}
-    for index in frontend.observe_layers(windows, observers, config.batch_size, smooth=smooth if groups else None):
-        layer = by_layer[index]
+    observers.update(attention_observers(sites, config, windows))  # each popped when its layer is done
+    layer_at = {layer.index: layer for layer in layers}
+    for index in frontend.observe_layers(windows, observers, batch_size, smooth=smooth if groups else None):
+        layer = layer_at[index]
         done = {name: observers.pop(name) for name in (getattr(layer.attention, kind) for kind in config.observed_kinds)}
         site_tensors, site_stats = attention_qparams([layer.attention], done, config)
         tensors.update(site_tensors)
@@ -174,7 +180,8 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
         del done, inputs, layer_state
         smoothed.clear()
     w8a8_stats = {"smooth": {"groups": len(groups), **_chosen(chosen)}} if groups else {}
-    return _fallback(frontend, config, sites, linears, windows, held, tensors, stats, {**w8a8_stats, **per_linear}, doc)
+    return _fallback(frontend, config, sites, linears, windows, held, tensors, stats, {**w8a8_stats, **per_linear}, doc,
+                     batch_size)
 
 
 def _linears(frontend) -> list:
@@ -228,15 +235,15 @@ def linear_qparams(linears: list, observers: dict[str, Observer], state, config:
 
 
 def _fallback(frontend, config: QuantConfig, sites: list[AttentionSite], linears: list, calib: torch.Tensor,
-              held: torch.Tensor | None, tensors: dict, stats: dict, w8a8_stats: dict, doc: dict) -> Recipe:
+              held: torch.Tensor | None, tensors: dict, stats: dict, w8a8_stats: dict, doc: dict, batch_size: int) -> Recipe:
     """The recipe with the Linears ``config.disable_level`` keeps float (their qparams dropped)."""
     base = Recipe(config, geometry(sites), tensors, {**stats, "w8a8": w8a8_stats}, doc)
     if config.disable_level == "auto":
-        sensitivity = frontend.loss_sensitivity(base, linears, calib[: config.batch_size])
+        sensitivity = frontend.loss_sensitivity(base, linears, calib[:batch_size])
         if sensitivity is not None:
             w8a8_stats = {**w8a8_stats, "loss_sensitivity": sensitivity}
             base = base.replace(stats={**stats, "w8a8": w8a8_stats})
-    floats, search = choose_float_linears(base, linears, held, frontend.window_nll)
+    floats, search = choose_float_linears(base, linears, held, frontend.window_nll, batch_size)
     if search:
         w8a8_stats = {**w8a8_stats, "search": search}
     drop = {linear_key(name, part) for name in floats for part in ("scale", "offset")}  # float Linears have no qparams

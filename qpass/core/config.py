@@ -74,10 +74,6 @@ class QuantConfig:
         "--symmetric", "symmetric int8 (offset 0) instead of asymmetric"))
     percentile: float = field(default=99.99, metadata=_opt(
         "--percentile", "clip percentile for --observer percentile (default 99.99)"))
-    calib_samples: int = field(default=64, metadata=_opt("--calib-samples", "calibration windows (default 64)"))
-    window: int = field(default=512, metadata=_opt(
-        "--window", "tokens per window for calibration and eval (default 512)"))
-    batch_size: int = field(default=4, metadata=_opt("--batch-size", "windows per forward pass (default 4)"))
     w8a8: bool = field(default=False, metadata=_opt(
         "--w8a8", "W8A8: every decoder Linear int8 x int8 (weights per channel, activations per tensor)"))
     act_method: int = field(default=1, metadata=_opt(
@@ -94,13 +90,9 @@ class QuantConfig:
         "(95%% upper bound), percent (default 2)"))
 
     def __post_init__(self):
+        _check_types(self)
         if self.kv_cache in OLD_KV_CACHE:  # an older recipe.json: the same cache under its old name
             object.__setattr__(self, "kv_cache", OLD_KV_CACHE[self.kv_cache])
-        for f in fields(self):  # the types first: a recipe.json read back may hold anything
-            value, want = getattr(self, f.name), {bool: (bool,), int: (int,), float: (int, float)}.get(type(f.default))
-            if want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
-                kind = {(bool,): "true or false", (int,): "an integer"}.get(want, "a number")
-                raise ValueError(f"{f.name}={value!r} is not {kind}")
         if not self.fa_quant and self.kv_cache is None and not self.w8a8:
             raise ValueError("nothing to quantize: set fa_quant=True, kv_cache='static' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)")
         if self.act_method not in ACT_METHODS:
@@ -127,12 +119,14 @@ class QuantConfig:
             raise ValueError(f"observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile={self.percentile} must be in (50, 100]")
-        for name in ("calib_samples", "window", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "QuantConfig":
+        """The policy a ``recipe.json`` holds; the run settings that older recipes kept beside it are left out."""
+        return cls(**{k: v for k, v in doc.items() if k not in RUN_FIELDS})
 
     @property
     def observed_kinds(self) -> tuple[str, ...]:
@@ -143,10 +137,40 @@ class QuantConfig:
         return ("k", "v") if self.kv_cache == "static" else ()
 
 
-def cli_options() -> list[tuple[str, str, dict]]:
-    """``(field name, flag, argparse keyword arguments)`` for every option of :class:`QuantConfig`."""
+@dataclass(frozen=True)
+class RunSettings:
+    """How one compile or evaluation runs: not policy, so not in the recipe, and kept with ``--recipe``."""
+
+    window: int = field(default=512, metadata=_opt(
+        "--window", "tokens per window for calibration and eval (default 512)"))
+    batch_size: int = field(default=4, metadata=_opt("--batch-size", "windows per forward pass (default 4)"))
+    calib_samples: int = field(default=64, metadata=_opt("--calib-samples", "calibration windows (default 64)"))
+    eval_windows: int = field(default=EVAL_WINDOWS, metadata=_opt(
+        "--eval-windows", f"at most this many eval windows (default {EVAL_WINDOWS})"))
+
+    def __post_init__(self):
+        _check_types(self)
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"{f.metadata['flag']} {getattr(self, f.name)}: must be an integer, at least 1")
+
+
+RUN_FIELDS = frozenset(f.name for f in fields(RunSettings))
+
+
+def _check_types(settings) -> None:
+    """Refuse a field whose value is not of its default's type (a recipe.json read back may hold anything)."""
+    for f in fields(settings):
+        value, want = getattr(settings, f.name), {bool: (bool,), int: (int,), float: (int, float)}.get(type(f.default))
+        if want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
+            kind = {(bool,): "true or false", (int,): "an integer"}.get(want, "a number")
+            raise ValueError(f"{f.name}={value!r} is not {kind}")
+
+
+def cli_options(cls=None) -> list[tuple[str, str, dict]]:
+    """``(field name, flag, argparse keyword arguments)`` for every option of :class:`QuantConfig` (or ``cls``)."""
     out = []
-    for f in fields(QuantConfig):
+    for f in fields(cls or QuantConfig):
         meta = dict(f.metadata)
         flag, kwargs = meta.pop("flag"), {"dest": f.name, "default": f.default, **meta}
         if f.type == "bool" or isinstance(f.default, bool):

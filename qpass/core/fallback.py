@@ -49,6 +49,25 @@ def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Te
     return windows[:-held], windows[-held:]
 
 
+def _widest_ranges(level: str, linears: list[LinearSite], stats: dict) -> dict[str, str]:
+    """``Ln``: the n Linears with the widest activation range (``max|x| / std``) float, with why."""
+    n, n_all = int(level[1:]), len(linears)
+    if n > n_all:
+        raise QpassError(f"--disable-level {level}: the model has only {n_all} quantizable Linears; use at most L{n_all}")
+    ranked = sorted(linears, key=lambda s: -stats["range_ratio"][s.module])[:n]
+    return {s.module: f"{level}: activation range max|x|/std = {stats['range_ratio'][s.module]:.1f}, "
+                      f"rank {i + 1} of {n_all}" for i, s in enumerate(ranked)}
+
+
+def _rankings(linears: list[LinearSite], stats: dict) -> dict[str, list[LinearSite]]:
+    """The Linears most sensitive first, by each measure the calibration has: loss sensitivity (where the frontend
+    took gradients), output SQNR."""
+    rankings = {"sqnr": sorted(linears, key=lambda s: stats["output_sqnr_db"][s.module])}
+    if "loss_sensitivity" in stats:
+        rankings = {"loss": sorted(linears, key=lambda s: -stats["loss_sensitivity"][s.module]), **rankings}
+    return rankings
+
+
 def increase_bound(diff: torch.Tensor, z: float = UPPER_Z) -> tuple[float, float]:
     """``(perplexity increase %, its one-sided upper bound %)`` from per-window NLL differences ``diff [N]``
     (quantized minus float, equal-length windows), the bound ``z`` standard errors above the mean NLL
@@ -59,7 +78,7 @@ def increase_bound(diff: torch.Tensor, z: float = UPPER_Z) -> tuple[float, float
 
 
 def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.Tensor | None,
-                         nll: Callable) -> tuple[dict[str, str], list[dict]]:
+                         nll: Callable, batch_size: int) -> tuple[dict[str, str], list[dict]]:
     """``({module: why it stays float}, search log)`` for ``recipe.config.disable_level``.
 
     ``nll(recipe_or_None, windows, batch_size, desc)`` gives the per-window NLL of the frontend's model, float for None
@@ -72,20 +91,15 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
         return {}, []
     stats = recipe.stats["w8a8"]
     if level != "auto":
-        n = int(level[1:])
-        if n > n_all:
-            raise QpassError(f"--disable-level {level}: the model has only {n_all} quantizable Linears; use at most L{n_all}")
-        ranked = sorted(linears, key=lambda s: -stats["range_ratio"][s.module])[:n]
-        return {s.module: f"{level}: activation range max|x|/std = {stats['range_ratio'][s.module]:.1f}, "
-                          f"rank {i + 1} of {n_all}" for i, s in enumerate(ranked)}, []
+        return _widest_ranges(level, linears, stats), []
     target = config.max_ppl_increase
-    nll_float = nll(None, held, config.batch_size, "fallback float")
+    nll_float = nll(None, held, batch_size, "fallback float")
     ppl_float = math.exp(float(nll_float.mean()))
     log, estimates, strict = [], {}, {}
 
     def measure(names: list[str], label: str) -> float:
         trial = recipe.replace(w8a8={**recipe.w8a8, "float_linears": {n: "trial" for n in names}})
-        diff = nll(trial, held, config.batch_size, f"fallback {label}") - nll_float
+        diff = nll(trial, held, batch_size, f"fallback {label}") - nll_float
         inc, upper = increase_bound(diff)
         strict[label] = increase_bound(diff, STRICT_Z)[1]
         log.append({"ranking": label.split(" ")[0], "float_linears": len(names), "ppl_increase_pct": round(inc, 4),
@@ -97,9 +111,7 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
     # FALLBACK_SHARE of the Linears float is searched (SmolLM2, 14 calibration windows: the bounds chose
     # sqnr, +0.56% against loss's +0.21% at 21 float; the search then stopped at 19 sqnr-ranked Linears, which
     # measured +2.08% / +2.19% on unseen prose / code, where 21 loss-ranked ones measure +1.42% / +1.55%).
-    rankings = {"sqnr": sorted(linears, key=lambda s: stats["output_sqnr_db"][s.module])}
-    if "loss_sensitivity" in stats:
-        rankings = {"loss": sorted(linears, key=lambda s: -stats["loss_sensitivity"][s.module]), **rankings}
+    rankings = _rankings(linears, stats)
     cap = max(1, math.ceil(FALLBACK_SHARE * n_all))
     tried: dict[int, float] = {0: measure([], "none 0")}
     if strict["none 0"] > target:

@@ -2,6 +2,20 @@
 
 A frontend holds one model in its IR (a ``torch.export`` program, an ONNX graph). Everything the
 core asks of it is here; how it answers (taps, passes, sessions) is its own business.
+
+Each frontend offers two modes, chosen when it is opened (:mod:`qpass.frontends`): the whole model at once, or
+one decoder layer at a time (``layerwise``) for models larger than memory. What a mode can do:
+
+=====================================  ===========  ==================================================
+                                       whole model  layer-wise
+=====================================  ===========  ==================================================
+perplexity with saturation counters    yes          yes (:meth:`Frontend.window_nll`, streamed)
+the model's own reference perplexity   yes          no (None)
+a whole quantized program (``apply``)  yes          ONNX yes; torch.export no (None: the recipe only)
+a decoder for generation               torch.export no
+``observe_layers`` (layer by layer)    no           yes
+loss sensitivity (backward pass)       torch.export no (None)
+=====================================  ===========  ==================================================
 """
 
 from collections.abc import Callable, Iterator
@@ -21,10 +35,11 @@ class Frontend(Protocol):
     name: str         # the model's name, for the report
     source: str       # where it was loaded from
     tokenizer: object
+    layerwise: bool   # the mode: one decoder layer at a time
+    spilled: bool     # layer-wise: whether the last run kept values passed between layers in temporary files
 
-    @classmethod
-    def load(cls, spec, window: int) -> "Frontend":
-        """The model ``spec`` names, ready to run over token ids ``[batch, window]``."""
+    def check_config(self, config) -> None:
+        """Refuse, before calibrating, a policy this frontend cannot apply to this model (QpassError, one line)."""
 
     def num_parameters(self) -> int:
         """How many parameters the float model has (tied ones once)."""
@@ -56,24 +71,31 @@ class Frontend(Protocol):
         parameters, when given) and feed each observer the value it is keyed by (a site's ``q``/``k``/``v``
         or a Linear's ``input``) as ``[tokens, channels]``."""
 
-    def apply(self, recipe: Recipe, verify: bool = True) -> tuple[object, dict[str, int]]:
+    def observe_layers(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
+                       desc: str = "calibrate", smooth=None) -> Iterator[int]:
+        """Layer-wise modes only: :meth:`observe`, yielding each decoder layer's index once its observers have seen
+        every window (so :func:`qpass.core.calibrate.calibrate_by_layer` chooses its ranges and drops them).
+        ``smooth(layer, peek)``, where the frontend can smooth layer by layer, returns the smoothed tensors of each
+        layer after ``peek(observers)`` has run the float model's hidden states through it."""
+
+    def apply(self, recipe: Recipe, verify: bool = True) -> tuple[object | None, dict[str, int]]:
         """The model quantized as ``recipe`` says, through the frontend's own pass pipeline (verified after
-        each pass when ``verify``): ``(the quantized model in the frontend's IR, each pass's count)``."""
+        each pass when ``verify``): ``(the quantized model in the frontend's IR, each pass's count)``; None for
+        the model where a layer-wise mode builds no whole program."""
 
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         """The float model's logits function, or that of the model quantized as ``recipe`` says."""
 
-    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
-        """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``), float (``recipe`` None) or quantized:
-        the `auto` fallback's measure, which a frontend that streams the model layer by layer answers without logits."""
+    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
+                   counters: dict[tuple[int, str], SaturationCounter] | None = None, program=None) -> torch.Tensor:
+        """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``), float (``recipe`` None) or quantized
+        as ``recipe`` says (``program``: what :meth:`apply` returned for it, if the caller has it), feeding each
+        saturation counter keyed ``(layer, kind)`` the values the first int8 Quantize on that site's q/k/v receives,
+        ``[tokens, channels]``. Evaluation, saturation and the `auto` fallback all measure through it."""
 
-    @staticmethod
-    def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
-        """The logits function of ``quantized`` (what :meth:`apply` returns, or a saved one) that feeds the counter
-        keyed ``(layer, kind)`` the values the first int8 Quantize on that site's q/k/v receives, ``[tokens, channels]``."""
-
-    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
-        """The float model's perplexity as its own framework computes it (the ground truth for ``logits()``)."""
+    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float | None:
+        """The float model's perplexity as its own framework computes it (the ground truth for ``window_nll``);
+        None where the mode cannot run the whole model."""
 
     def decoder(self, recipe: Recipe, verify: bool = True) -> tuple[object | None, dict]:
         """The model lowered for token-by-token decoding on the int8 cache, or None and why it was skipped."""

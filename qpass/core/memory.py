@@ -28,7 +28,7 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def hidden_budget(budget: int | None, streams: int = 1) -> int:
-    """The bytes each of ``streams`` buffers of values passed from layer to layer (hidden states) may take in memory
-    before they go to temporary files: a share of ``budget``, by default of a quarter of the memory available now."""
-    return (budget if budget is not None else available_memory() // 4) // streams
+def hidden_budget(budget: int | None) -> int:
+    """The bytes values passed from layer to layer (hidden states, :class:`qpass.core.spill.Spill`) may take in memory
+    before they go to temporary files: ``budget``, by default a quarter of the memory available now."""
+    return budget if budget is not None else available_memory() // 4

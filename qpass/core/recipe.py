@@ -44,6 +44,9 @@ _LINEAR_KEY = re.compile(r"w8a8\.(.+)\.input_(scale|offset)")
 _SMOOTH_KEY = re.compile(r"smooth\.\d+\.scale")
 
 
+CALIBRATED_WITH = "calibrated_with"  # stats entry: the run settings calibration ran with (window, windows)
+
+
 def site_key(layer: int, kind: str, part: str) -> str:
     """``layers.<layer>.<kind>.<part>``: kind in ``SITE_KINDS``, part ``scale`` or ``offset``."""
     return layer_key(layer, f"{kind}.{part}")
@@ -190,11 +193,13 @@ class Recipe:
             version = doc.get("version")
             if version != FORMAT_VERSION:
                 raise QpassError(f"--recipe {directory}: recipe version {version!r} is not {FORMAT_VERSION}; recalibrate with this qpass")
-            config = QuantConfig(**doc["config"])
+            config = QuantConfig.from_dict(doc["config"])
             sites = [SiteGeometry(**{**s, "projections": tuple(s.get("projections", ("", "", "")))}) for s in doc["sites"]]
             stats, w8a8 = doc.get("stats", {}), doc.get("w8a8", {})
             if not isinstance(stats, dict) or not isinstance(w8a8, dict):
                 raise TypeError("stats and w8a8 must be objects")
+            if "window" in doc["config"] and CALIBRATED_WITH not in stats:  # an older recipe kept it in the config
+                stats = {**stats, CALIBRATED_WITH: {"window": doc["config"]["window"]}}
             if not isinstance(w8a8.get("float_linears", {}), dict) or not isinstance(w8a8.get("smooth", []), list):
                 raise TypeError("w8a8.float_linears must be an object and w8a8.smooth a list")
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:

@@ -11,8 +11,9 @@ def summary(report: dict) -> str:
     lines = [f"qpass: {report['model']['name']}: {len(report['sites'])} attention sites, "
              f"{report['model']['num_heads']} heads / {report['model']['num_kv_heads']} kv heads, head_dim {report['model']['head_dim']}"]
     cfg = report["config"]
-    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), ("C8 int8 KV cache", cfg["kv_cache"] == "static"),
-                             ("dynamic int8 KV cache (per token and kv head)", cfg["kv_cache"] == "dynamic"), ("W8A8", cfg.get("w8a8"))) if on]
+    cache = {"static": "int8 KV cache static (C8, per channel)",
+             "dynamic": "int8 KV cache dynamic (per token and kv head)"}.get(cfg["kv_cache"])
+    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), (cache, cache), ("W8A8", cfg.get("w8a8"))) if on]
     static = cfg["fa_quant"] or cfg["kv_cache"] == "static"  # the observer and symmetry apply to static scales only
     lines.append(f"  quantized: {' + '.join(modes)}" + (f"; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}"
                                                         if static else ""))
@@ -43,6 +44,38 @@ def summary(report: dict) -> str:
     lines.extend(f"  warning: {w}" for w in report.get("warnings", []))
     lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
     return "\n".join(lines)
+
+
+def eval_summary(result: dict) -> str:
+    """A few lines for a terminal on what ``qpass eval`` measured (:func:`qpass.api.evaluate_saved`'s record)."""
+    how = " (layer by layer)" if result.get("layerwise") else ""
+    lines = [f"qpass eval: {result['tokens']} tokens of {result['file']} in {result['windows']} windows of "
+             f"{result['window']}{how}"]
+    flt = result.get("float", {})
+    if "ppl" in flt:
+        lines.append(f"  perplexity: float {flt['ppl']:.4f}, quantized {result['ppl_quant']:.4f} "
+                     f"({result['ppl_increase_pct']:+.3f}%)")
+    else:
+        lines.append(f"  perplexity: quantized {result['ppl_quant']:.4f} (float: {flt.get('skipped', 'not measured')})")
+    sat = result.get("saturation")
+    if sat and sat["measured"]:
+        layer, kind, worst = max(((layer, kind, v) for layer, kinds in sat["measured"].items()
+                                  for kind, v in kinds.items()), key=lambda t: t[2])
+        calibrated = sat["calibration"].get(layer, {}).get(kind)
+        lines.append(f"  saturation: worst layer {layer} {kind} {worst:.3%}"
+                     + ("" if calibrated is None else f" (calibration {calibrated:.3%})"))
+    lines.extend(f"  warning: {w}" for w in result.get("warnings", []))
+    lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["timings_s"].items())
+                 + "; the full record: --json")
+    return "\n".join(lines)
+
+
+def read(directory: Path) -> dict:
+    """The ``report.json`` qpass wrote into ``directory``, or ``{}`` where there is none (a directory made elsewhere)."""
+    try:
+        return json.loads((directory / "report.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
 
 
 def saturation_lines(sat: dict | None) -> list[str]:

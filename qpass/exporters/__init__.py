@@ -5,4 +5,3 @@ nor a frontend.
 """
 
 NAMES = ("qpass", "mindie", "vllm-ascend", "onnx")  # the registry's exporters, here so that the CLI's parser needs no torch
-LAYERWISE = ("qpass", "mindie", "vllm-ascend", "onnx")  # those that write a layer-wise compile (a checkpoint read layer by layer, an ONNX graph run so)

@@ -1,5 +1,5 @@
-"""What flows between a compile and an exporter: :class:`Compiled` in, :class:`Loaded` back, and the
-:class:`Exporter` entry that names the three functions of a format."""
+"""What flows between a compile and an exporter: :class:`Compiled` in (the core's), :class:`Loaded` back, and the
+:class:`Exporter` entry that names a format's functions and its rules."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -7,22 +7,9 @@ from typing import Callable
 
 import torch
 
+from qpass.core.compile import Compiled
+from qpass.core.config import QuantConfig
 from qpass.core.recipe import Recipe
-
-
-@dataclass
-class Compiled:
-    """What a compile hands an exporter."""
-
-    recipe: Recipe
-    report: dict
-    state_dict: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # float, module paths, unsmoothed
-    config_json: dict = field(repr=False, default_factory=dict)  # the model's config.json, architectures set
-    tokenizer: object = field(repr=False, default=None)
-    program: object = field(repr=False, default=None)  # the frontend's quantized program, when it has one
-    decoder: object = field(repr=False, default=None)  # the same lowered to paged int8 attention
-    files: dict[str, str] = field(repr=False, default_factory=dict)  # text files the frontend carries over (genai_config.json)
-    by_layer: bool = False  # state_dict reads each tensor when looked up (a layer-wise compile): write layer by layer
 
 
 @dataclass
@@ -46,3 +33,9 @@ class Exporter:
     load: Callable[[Path, str], Loaded]  # (directory, purpose: "eval" or "run")
     check: Callable[[Path], None]  # re-read a freshly written directory; raises QpassError when it is not whole
     files: str  # what it writes, for the CLI's last line
+    # what it cannot write, in one line with the way out, or None: (policy, {"dtype": ..., "frontend": ...})
+    refusal: Callable[[QuantConfig, dict], str | None]
+    frontend: str  # the frontend that runs what it reads back ("torch.export" or "onnx")
+
+
+__all__ = ["Compiled", "Exporter", "Loaded"]

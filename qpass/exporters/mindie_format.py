@@ -53,13 +53,6 @@ def shard_name(i: int, count: int) -> str:
     return f"quant_model_weight_w8a8-{i:05d}-of-{count:05d}.safetensors"
 
 
-def dynamic_kv_refusal(target: str) -> str:
-    """Why ``--format target`` cannot carry the dynamic int8 cache, and the way out (one line)."""
-    return (f"--format {target} with --kv-int8 dynamic: the MindIE weight format holds only a static int8 KV cache (C8, "
-            "per-channel scales calibrated ahead), not scales computed per token as the cache is written; compile with "
-            "--kv-int8 (static), or write --format qpass")
-
-
 def detect(path: str | Path) -> bool:
     """Whether ``path`` is a MindIE quantized weight directory (it has ``quant_model_description.json``)."""
     return (Path(path) / DESCRIPTION_FILE).is_file()

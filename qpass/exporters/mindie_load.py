@@ -60,34 +60,10 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     tied = bool(config_json.get("tie_word_embeddings"))
     if tied and types.get(LM_HEAD) == FLOAT and LM_HEAD not in tensors:
         del types[LM_HEAD]  # vllm-ascend asks for the LM head's type even when it is the embedding
+    _check_types(d, tensors, types)
     check = _Checker(d, tensors, types, model_dtype)
-    for name in sorted(types):
-        if name not in tensors:
-            raise QpassError(f"{d}: {DESCRIPTION_FILE} lists {name} ({types[name]}), but {WEIGHTS_FILE} has no such tensor; "
-                             "add the tensor or re-export the directory")
-        if types[name] not in (FLOAT, W8A8, FAQUANT, C8):
-            raise QpassError(f"{d}: {DESCRIPTION_FILE} types {name} as {types[name]!r}; use FLOAT, W8A8, C8 or FAQuant")
-    for name in sorted(tensors):
-        if name not in types:
-            raise QpassError(f"{d}: tensor {name} has no entry in {DESCRIPTION_FILE}; type every tensor FLOAT, W8A8 or FAQuant")
-
-    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
-
-    hf_json = {k: v for k, v in config_json.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
-    model_type = hf_json.pop("model_type", None)
-    check_remote_code(str(d), config_json)  # the built-in architecture, with a warning, or refused
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise QpassError(f"{d}: {CONFIG_FILE} model_type {model_type!r} is not an architecture transformers has built in; "
-                         "give the directory of a causal LM of a built-in architecture (llama, qwen2, ...)")
-    try:
-        config = AutoConfig.for_model(model_type, **hf_json)
-        with torch.device("cpu" if build else "meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=compute_dtype)
-    except Exception as err:  # transformers validates configs with many error types of its own
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise QpassError(f"{d}: cannot build a model from {CONFIG_FILE} (model_type {model_type!r}: {first}); "
-                         "it must be a Hugging Face causal-LM config") from None
-    model.eval()
+    config, model = _build(d, config_json, compute_dtype, build)
+    model_type = config.model_type
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     w8a8 = sorted(n.removesuffix(".weight") for n, t in types.items() if t == W8A8 and n.endswith(".weight"))
     for p in w8a8:
@@ -126,18 +102,56 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     if unknown:
         raise QpassError(f"{d}: tensor {unknown[0]} is not a parameter of this {model_type} model nor a tensor the format "
                          f"defines ({len(unknown)} such); remove it or fix its name")
-    tokenizer = None
-    if load_tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(d))
-        except (OSError, ValueError) as err:
-            raise QpassError(f"{d}: cannot load the tokenizer files ({_first_line(err)}); add tokenizer.json / "
-                             "tokenizer_config.json") from None
+    tokenizer = _tokenizer(d) if load_tokenizer else None
     info = {"format": "mindie", "model_dtype": str(model_dtype).removeprefix("torch."), "w8a8_linears": len(w8a8),
             "fa_quant": fa, "kv_cache": "static" if c8 else None}
     return Loaded("mindie", tokenizer, recipe, model=model if build else None, info=info)
+
+
+def _check_types(d: Path, tensors, types: dict[str, str]) -> None:
+    """Every tensor typed in the description, every typed name a tensor, every type one the format defines."""
+    for name in sorted(types):
+        if name not in tensors:
+            raise QpassError(f"{d}: {DESCRIPTION_FILE} lists {name} ({types[name]}), but {WEIGHTS_FILE} has no such "
+                             "tensor; add the tensor or re-export the directory")
+        if types[name] not in (FLOAT, W8A8, FAQUANT, C8):
+            raise QpassError(f"{d}: {DESCRIPTION_FILE} types {name} as {types[name]!r}; use FLOAT, W8A8, C8 or FAQuant")
+    for name in sorted(tensors):
+        if name not in types:
+            raise QpassError(f"{d}: tensor {name} has no entry in {DESCRIPTION_FILE}; type every tensor FLOAT, W8A8 or "
+                             "FAQuant")
+
+
+def _build(d: Path, config_json: dict, compute_dtype: torch.dtype, build: bool):
+    """``(config, model)``: the Hugging Face causal LM ``config.json`` describes, of a built-in architecture only, in
+    ``compute_dtype`` (on the meta device unless ``build``), in eval mode."""
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
+
+    hf_json = {k: v for k, v in config_json.items() if k not in ("quantization_config", "torch_dtype", "dtype")}
+    model_type = hf_json.pop("model_type", None)
+    check_remote_code(str(d), config_json)  # the built-in architecture, with a warning, or refused
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise QpassError(f"{d}: {CONFIG_FILE} model_type {model_type!r} is not an architecture transformers has built "
+                         "in; give the directory of a causal LM of a built-in architecture (llama, qwen2, ...)")
+    try:
+        config = AutoConfig.for_model(model_type, **hf_json)
+        with torch.device("cpu" if build else "meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=compute_dtype)
+    except Exception as err:  # transformers validates configs with many error types of its own
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QpassError(f"{d}: cannot build a model from {CONFIG_FILE} (model_type {model_type!r}: {first}); "
+                         "it must be a Hugging Face causal-LM config") from None
+    return config, model.eval()
+
+
+def _tokenizer(d: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(d))
+    except (OSError, ValueError) as err:
+        raise QpassError(f"{d}: cannot load the tokenizer files ({_first_line(err)}); add tokenizer.json / "
+                         "tokenizer_config.json") from None
 
 
 def _read_weights(d: Path, weights: str) -> "_Tensors":

@@ -23,7 +23,7 @@ from qpass.core.naming import LM_HEAD, layer_of
 from qpass.core.recipe import Recipe
 from qpass.core.smoothing import apply_smoothing
 from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_KINDS, FAQUANT, FLOAT,
-                                          W8A8, WEIGHTS_FILE, WEIGHTS_INDEX, dynamic_kv_refusal, shard_name)
+                                          W8A8, WEIGHTS_FILE, WEIGHTS_INDEX, shard_name)
 from qpass.runtime.w8a8 import w8a8_weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -31,22 +31,41 @@ TARGETS = ("mindie", "vllm-ascend")
 VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's packed modules: one quant type each
 
 
-def check_target(recipe: Recipe, target: str) -> None:
-    """Refuse what ``target``'s loader cannot run, with the way out."""
-    if target not in TARGETS:
-        raise QpassError(f"--format {target}: the MindIE weight directory has the targets {', '.join(TARGETS)}")
-    if recipe.config.kv_cache == "dynamic":
-        raise QpassError(dynamic_kv_refusal(target))
-    if target != "vllm-ascend":
-        return
-    if recipe.config.fa_quant:
-        raise QpassError("--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
-                         "on MLA models, and never together with C8; drop --fa-quant (C8 stays), or write --format mindie")
-    if recipe.config.kv_cache == "static":
-        offsets = [recipe.get(s.layer, kind)[1] for s in recipe.sites for kind in C8_PROJECTIONS]
-        if any(bool(o.any()) for o in offsets):
-            raise QpassError("--format vllm-ascend with asymmetric C8: vllm-ascend's decode dequantizes the int8 cache "
-                             "with its scale only, so the offsets must be 0; calibrate with --kv-int8 --symmetric")
+def refusal(config, options: dict, target: str = "mindie") -> str | None:
+    """What ``target``'s loader cannot run under the policy ``config`` with ``options`` (``dtype``, the input's
+    ``frontend``), in one line with the way out; None when it can."""
+    dtype = options.get("dtype") or "float16"
+    return next((why for why, bad in (
+        (f"--format {target}: the MindIE weight directory has the targets {', '.join(TARGETS)}", target not in TARGETS),
+        (f"--format {target}: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, or "
+         "compile the PyTorch model for this format", options.get("frontend") == "onnx"),
+        (f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those",
+         dtype not in MODEL_DTYPES),
+        (f"--format {target} with --kv-int8 dynamic: the MindIE weight format holds only a static int8 KV cache (C8, "
+         "per-channel scales calibrated ahead), not scales computed per token as the cache is written; compile with "
+         "--kv-int8 (static), or write --format qpass", config.kv_cache == "dynamic"),
+        ("--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant on MLA "
+         "models, and never together with C8; drop --fa-quant, or write --format mindie",
+         target == "vllm-ascend" and config.fa_quant),
+        ("--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its scale only, so "
+         "C8 must be symmetric; add --symmetric",
+         target == "vllm-ascend" and config.kv_cache == "static" and not config.symmetric),
+        ("--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights only; use "
+         "--dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)",
+         dtype == "bfloat16" and config.kv_cache == "static"),
+        (f"--format {target}: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)", not config.w8a8),
+    ) if bad), None)
+
+
+def refusal_vllm_ascend(config, options: dict) -> str | None:
+    return refusal(config, options, "vllm-ascend")
+
+
+def check_target(recipe: Recipe, target: str, dtype: str | None = None) -> None:
+    """Refuse what ``target``'s loader cannot run (:func:`refusal`), with the way out."""
+    why = refusal(recipe.config, {"dtype": dtype}, target)
+    if why:
+        raise QpassError(why)
 
 
 def fused_floats(recipe: Recipe) -> list[str]:
@@ -133,15 +152,11 @@ def export_mindie_by_layer(config_json: dict, checkpoint: Mapping[str, torch.Ten
 
 def _check(config_json: dict, recipe: Recipe, dtype: torch.dtype, target: str) -> tuple[list[str], bool]:
     """Refuse what the format or ``target`` cannot hold; the W8A8 Linears to write and whether the LM head is tied."""
-    if not any(v == dtype for v in MODEL_DTYPES.values()):
-        raise QpassError(f"--dtype {dtype}: the MindIE format stores float16 or bfloat16 models; choose one of those")
-    check_target(recipe, target)
     fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "static"
-    if fa or c8:
+    if fa or c8:  # first: a model the format cannot name is refused whatever else the recipe holds
         check_names(recipe, c8)
-    if c8 and dtype == torch.bfloat16:
-        raise QpassError("--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights "
-                         "only; use --dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)")
+    names = {v: k for k, v in MODEL_DTYPES.items()}
+    check_target(recipe, target, names.get(dtype, str(dtype)))
     demoted = fused_floats(recipe) if target == "vllm-ascend" else []
     linears = [p for p in recipe.w8a8_linears() if p not in demoted]
     if not linears:
@@ -250,10 +265,9 @@ def write(compiled, directory: Path, options: dict, target: str = "mindie") -> N
     from qpass.core import report as reporting
 
     dtype = options.get("dtype") or "float16"
-    if dtype not in MODEL_DTYPES:
-        raise QpassError(f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those")
+    check_target(compiled.recipe, target, dtype)
     recipe = compiled.recipe
-    if compiled.by_layer:  # a layer-wise compile: its checkpoint is read one decoder layer at a time
+    if compiled.layerwise:  # a layer-wise compile: its checkpoint is read one decoder layer at a time
         export_mindie_by_layer(compiled.config_json, compiled.state_dict, recipe, compiled.tokenizer, directory,
                                MODEL_DTYPES[dtype], target)
     else:

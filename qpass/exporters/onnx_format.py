@@ -18,7 +18,7 @@ from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.exporters.base import Compiled, Loaded
 from qpass.passes.onnx.base import SITES_METADATA
-from qpass.runtime.onnx_stages import run_stages, split
+from qpass.ort.stages import run_stages, split
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 RECIPE_DIR = "recipe"
@@ -26,9 +26,21 @@ EXTERNAL_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf c
 FILES = "model.onnx, recipe/, tokenizer files, report.json, report.txt, report.png"
 
 
+def refusal(config, options: dict) -> str | None:
+    """What an ONNX output cannot carry under ``config`` with ``options`` (``dtype``, the input's ``frontend``)."""
+    return next((why for why, bad in (
+        ("--format onnx: qpass rewrites ONNX models it is given; export the model to ONNX (torch.onnx.export or "
+         "onnxruntime-genai's builder) and compile that", options.get("frontend") not in (None, "onnx")),
+        (f"--dtype {options.get('dtype')}: an ONNX model keeps its own dtype; drop --dtype", options.get("dtype")),
+        ("--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; use --kv-int8 (static, per channel)",
+         config.kv_cache == "dynamic"),
+    ) if bad), None)
+
+
 def write(compiled: Compiled, directory: Path, options: dict) -> None:
-    if options.get("dtype"):
-        raise QpassError(f"--dtype {options['dtype']}: an ONNX model keeps its own dtype; drop --dtype")
+    why = refusal(compiled.recipe.config, options)
+    if why:
+        raise QpassError(why)
     model = compiled.program
     if not isinstance(model, ir.Model):
         raise QpassError("--format onnx needs an ONNX input model (a .onnx file or a directory holding model.onnx); "
@@ -58,7 +70,7 @@ def check(path: Path) -> None:
 
             onnx.checker.check_model(str(path / MODEL_FILE), full_check=True)
         if report.get("calibration", {}).get("layerwise"):  # a model larger than memory: one layer's session at a time
-            _load_by_layer(path / MODEL_FILE)
+            _load_layerwise(path / MODEL_FILE)
         else:
             ort.InferenceSession(str(path / MODEL_FILE), providers=["CPUExecutionProvider"])
     except QpassError:
@@ -70,8 +82,8 @@ def check(path: Path) -> None:
         json.loads(name.read_text(encoding="utf-8"))
 
 
-def _load_by_layer(path: Path) -> None:
-    """ONNX Runtime loads every stage of the model at ``path`` (:mod:`qpass.runtime.onnx_stages`), one at a time."""
+def _load_layerwise(path: Path) -> None:
+    """ONNX Runtime loads every stage of the model at ``path`` (:mod:`qpass.ort.stages`), one at a time."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)

@@ -26,9 +26,20 @@ TOKENIZER_DIR = "tokenizer"
 FILES = "program.pt2, decoder.pt2, recipe/, tokenizer/, report.json, report.txt, report.png"  # decoder.pt2 when lowered
 
 
+def refusal(config, options: dict) -> str | None:
+    """What qpass's directory cannot hold with ``options`` (``dtype``, the input's ``frontend``); any policy it can."""
+    return next((why for why, bad in (
+        ("--format qpass: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, or compile "
+         "the PyTorch model for this format", options.get("frontend") == "onnx"),
+        (f"--dtype {options.get('dtype')}: only --format mindie / vllm-ascend have a model dtype; drop --dtype",
+         options.get("dtype")),
+    ) if bad), None)
+
+
 def write(compiled: Compiled, directory: Path, options: dict) -> None:
-    if options.get("dtype"):
-        raise QpassError(f"--dtype {options['dtype']}: only --format mindie / vllm-ascend have a model dtype; add one or drop --dtype")
+    why = refusal(compiled.recipe.config, options)
+    if why:
+        raise QpassError(why)
     if compiled.program is None and not compiled.report.get("model", {}).get("layerwise"):
         raise QpassError("--format qpass needs the quantized program; save the CompileResult that qpass.compile returned")
     if compiled.program is not None:

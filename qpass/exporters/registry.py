@@ -18,13 +18,14 @@ def _exporters() -> dict[str, Exporter]:
 
     exporters = {
         "qpass": Exporter("qpass", qpass_format.write, qpass_format.detect, qpass_format.load, qpass_format.check,
-                          qpass_format.FILES),
+                          qpass_format.FILES, qpass_format.refusal, "torch.export"),
         "mindie": Exporter("mindie", mindie_write.write, mindie_format.detect, mindie_load.load, mindie_load.check,
-                           mindie_write.FILES),
+                           mindie_write.FILES, mindie_write.refusal, "torch.export"),
         # the same directory in the form vllm-ascend reads; it loads back through the same reader
         "vllm-ascend": Exporter("vllm-ascend", mindie_write.write_vllm_ascend, mindie_format.detect, mindie_load.load,
-                                mindie_load.check, mindie_write.FILES),
-        "onnx": Exporter("onnx", onnx_format.write, onnx_format.detect, onnx_format.load, onnx_format.check, onnx_format.FILES),
+                                mindie_load.check, mindie_write.FILES, mindie_write.refusal_vllm_ascend, "torch.export"),
+        "onnx": Exporter("onnx", onnx_format.write, onnx_format.detect, onnx_format.load, onnx_format.check,
+                         onnx_format.FILES, onnx_format.refusal, "onnx"),
     }
     assert tuple(exporters) == NAMES, "qpass.exporters.NAMES lists the registry's exporters"
     return exporters
@@ -35,6 +36,19 @@ def get(name: str) -> Exporter:
     if name not in exporters:
         raise QpassError(f"--format {name}: choose one of {', '.join(exporters)}")
     return exporters[name]
+
+
+def default_for(frontend: str) -> str:
+    """The format a model read by ``frontend`` is written in unless ``--format`` says otherwise."""
+    return "onnx" if frontend == "onnx" else "qpass"
+
+
+def check(name: str, config, options: dict) -> None:
+    """Refuse, before any work, what exporter ``name`` cannot write under the policy ``config`` with ``options``
+    (``dtype``, the input's ``frontend``): one line with the way out."""
+    why = get(name).refusal(config, options)
+    if why:
+        raise QpassError(why)
 
 
 def detect(path: str | Path) -> Exporter:

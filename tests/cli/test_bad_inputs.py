@@ -177,11 +177,11 @@ GOOD_LINE = json.dumps({"text": "A sentence long enough to be a calibration samp
 CASES = {
     # --- options: out of range, incompatible, nothing to quantize --------------------------------------------
     "nothing to quantize": (lambda c: c.compile(), "nothing to quantize", "--fa-quant / --kv-int8 / --w8a8"),
-    "window 0": (lambda c: c.compile("--kv-int8", "--window", "0"), "window=0 must be at least 1", "at least 1"),
+    "window 0": (lambda c: c.compile("--kv-int8", "--window", "0"), "--window 0: must be an integer", "at least 1"),
     "window beyond the model's positions": (lambda c: c.compile("--kv-int8", "--window", "1024"),
                                             "--window 1024: longer than", "--window 512 or less"),
-    "batch size 0": (lambda c: c.compile("--kv-int8", "--batch-size", "0"), "batch_size=0", "at least 1"),
-    "calib samples negative": (lambda c: c.compile("--kv-int8", "--calib-samples", "-3"), "calib_samples=-3", "at least 1"),
+    "batch size 0": (lambda c: c.compile("--kv-int8", "--batch-size", "0"), "--batch-size 0", "at least 1"),
+    "calib samples negative": (lambda c: c.compile("--kv-int8", "--calib-samples", "-3"), "--calib-samples -3", "at least 1"),
     "eval windows 0": (lambda c: c.compile("--kv-int8", "--eval", str(c.text["prose"]), "--eval-windows", "0"),
                        "--eval-windows 0", "at least 1"),
     "percentile out of range": (lambda c: c.compile("--kv-int8", "--observer", "percentile", "--percentile", "150"),
@@ -209,7 +209,7 @@ CASES = {
     "bfloat16 with C8": (lambda c: c.compile("--w8a8", "--kv-int8", "--format", "mindie", "--dtype", "bfloat16"),
                          "documented for float16 weights only", "use --dtype float16"),
     "recipe with other options": (lambda c: c.compile("--w8a8", "--recipe", str(c.compiled / "recipe")),
-                                  "calibrated for fa_quant=True", "drop --fa-quant/--kv-int8/--w8a8"),
+                                  "calibrated otherwise than --w8a8 (w8a8=False in the recipe)", "drop those flags"),
     "output is a file": (lambda c: c.compile("--kv-int8", "-o", c.file("taken", "x")), "exists and is not a directory",
                          "choose another output path"),
     "output not empty": (lambda c: c.compile("--kv-int8", "-o", str(Path(c.file("keep.txt", "mine")).parent)),

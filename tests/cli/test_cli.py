@@ -45,7 +45,7 @@ def test_compile_writes_program_recipe_and_report(compiled):
 
 def test_eval_reloads_and_reproduces_the_quantized_perplexity(compiled, text_files, capsys):
     capsys.readouterr()
-    assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
+    assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     report = json.loads((compiled / "report.json").read_text())
     assert result["ppl_quant"] == report["eval"]["ppl_quant"]
@@ -54,14 +54,50 @@ def test_eval_reloads_and_reproduces_the_quantized_perplexity(compiled, text_fil
     assert result["saturation"]["calibration"] == report["saturation"]["calibration"]
 
 
+def test_eval_prints_a_summary_with_the_float_model_beside_the_quantized(compiled, tiny_model_dir, text_files, capsys):
+    """The float model is the one the report names (the directory it was compiled from): its perplexity on the same
+    windows is the compile's reference, and the summary gives both, the increase and the worst saturation."""
+    capsys.readouterr()
+    assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((compiled / "report.json").read_text())
+    ev = report["eval"]
+    increase = (ev["ppl_quant"] / ev["ppl_reference"] - 1) * 100
+    assert f"perplexity: float {ev['ppl_reference']:.4f}, quantized {ev['ppl_quant']:.4f} ({increase:+.3f}%)" in out
+    worst = max(v for kinds in report["saturation"]["measured"].values() for v in kinds.values())
+    assert f"saturation: worst layer" in out and f"{worst:.3%}" in out
+    assert len(out.splitlines()) <= 6 and "--json" in out
+    assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4", "--no-float",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["float"] == {"skipped": "not asked for"} and "ppl_increase_pct" not in result
+
+
 def test_recipe_reuse_gives_the_same_program(compiled, tiny_model_dir, text_files, tmp_path):
     out = tmp_path / "again"
     assert main(["compile", str(tiny_model_dir), "--recipe", str(compiled / "recipe"), "--eval", str(text_files["prose"]),
-                 "-o", str(out), "--eval-windows", "4"]) == 0
+                 "-o", str(out), *SMALL]) == 0  # the run settings are this run's: the same window
     first, again = (json.loads((d / "report.json").read_text()) for d in (compiled, out))
     assert again["eval"]["ppl_quant"] == first["eval"]["ppl_quant"]
     assert "calibrate" not in again["timings_s"]
+    assert again["run"] == first["run"]
     assert (out / "recipe/recipe.safetensors").read_bytes() == (compiled / "recipe/recipe.safetensors").read_bytes()
+
+
+def test_recipe_reuse_keeps_this_runs_settings_and_refuses_another_policy(compiled, tiny_model_dir, text_files,
+                                                                          tmp_path, capsys):
+    """Window, batch size and evaluation windows are run settings: with --recipe they are this run's (the program is
+    captured over the new window); a policy flag that says otherwise than the recipe is refused, not dropped."""
+    out = tmp_path / "wider"
+    assert main(["compile", str(tiny_model_dir), "--recipe", str(compiled / "recipe"), "--eval", str(text_files["prose"]),
+                 "-o", str(out), "--window", "32", "--eval-windows", "2", "--batch-size", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["window"] == 32 and report["eval"]["window"] == 32 and report["eval"]["tokens"] == 2 * 32
+    capsys.readouterr()
+    assert main(["compile", str(tiny_model_dir), "--recipe", str(compiled / "recipe"), "--observer", "minmax",
+                 "-o", str(tmp_path / "other")]) == 2
+    assert "calibrated otherwise than --observer (observer='reach' in the recipe)" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_same_compile_twice_gives_byte_identical_recipes_and_programs(compiled, tiny_model_dir, text_files, tmp_path):

@@ -181,8 +181,9 @@ def compile_result(tiny_model_dir, text_files):
     import qpass
     from qpass.core.config import QuantConfig
 
-    config = QuantConfig(kv_cache="static", symmetric=True, w8a8=True, window=64, calib_samples=4, batch_size=2)
-    return qpass.compile(str(tiny_model_dir), config, calib=text_files["calib"])
+    config = QuantConfig(kv_cache="static", symmetric=True, w8a8=True)
+    run = qpass.RunSettings(window=64, calib_samples=4, batch_size=2)
+    return qpass.compile(str(tiny_model_dir), config, calib=text_files["calib"], run=run)
 
 
 def _truncate(path):
@@ -247,9 +248,9 @@ def test_two_lowerings_save_the_same_decoder_bytes(tmp_path):
 def test_the_output_directory_has_the_usual_permissions(tmp_path):
     import os
 
-    from qpass.api import staged_output
+    from qpass.core.output import atomic_output_dir
 
-    with staged_output(tmp_path / "out", force=False) as tmp:
+    with atomic_output_dir(tmp_path / "out", force=False) as tmp:
         (tmp / "f").write_text("x")
     umask = os.umask(0)
     os.umask(umask)

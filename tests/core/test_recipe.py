@@ -22,7 +22,7 @@ def calibrated():
 
 def _recipe(calibrated, **kw):
     fe, ids = calibrated
-    return calibrate(fe, ids, QuantConfig(fa_quant=True, kv_cache="static", window=32, **kw))
+    return calibrate(fe, ids, QuantConfig(fa_quant=True, kv_cache="static", **kw))
 
 
 def test_round_trip(calibrated, tmp_path):
@@ -34,6 +34,19 @@ def test_round_trip(calibrated, tmp_path):
     for name, tensor in recipe.tensors.items():
         assert torch.equal(loaded.tensors[name], tensor), name
     assert loaded.get(1, "fa_q")[0].shape == (4, 16) and loaded.get(1, "kv_v")[1].shape == (32,)
+
+
+def test_a_recipe_written_before_the_run_settings_left_the_policy_loads(calibrated, tmp_path):
+    """Older recipes named the static cache ``"int8"`` and kept window, batch size and calibration windows in the
+    config: the same policy loads (``"static"``), and the window it was calibrated over is kept beside it."""
+    _recipe(calibrated).save(tmp_path)
+    doc = json.loads((tmp_path / JSON_FILE).read_text())
+    doc["config"].update(kv_cache="int8", window=64, batch_size=2, calib_samples=8)
+    assert "calibrated_with" not in doc["stats"]  # calibrate alone records no run settings
+    (tmp_path / JSON_FILE).write_text(json.dumps(doc))
+    loaded = Recipe.load(tmp_path)
+    assert loaded.config == QuantConfig(fa_quant=True, kv_cache="static")
+    assert loaded.stats["calibrated_with"] == {"window": 64}
 
 
 def test_same_inputs_give_byte_identical_recipes(calibrated, tmp_path):

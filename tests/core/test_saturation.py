@@ -100,11 +100,12 @@ def text_paths(tmp_path_factory):
     return corpus.write(tmp_path_factory.mktemp("corpus"))
 
 
-CONFIG = QuantConfig(fa_quant=True, kv_cache="static", window=64, calib_samples=64, batch_size=4)
+CONFIG = QuantConfig(fa_quant=True, kv_cache="static")
+RUN = qpass.RunSettings(window=64, calib_samples=64, batch_size=4, eval_windows=4)
 
 
 def test_healthy_calibration_compiles_without_warnings(tiny, text_paths, capsys):
-    report = qpass.compile(tiny, CONFIG, eval=text_paths["prose"], eval_windows=4).report
+    report = qpass.compile(tiny, CONFIG, eval=text_paths["prose"], run=RUN).report
     assert report["warnings"] == [] and capsys.readouterr().err == ""
     sat = report["saturation"]
     assert sat["measured_on"] == "eval" and sat["tokens"] == 4 * 64 and sat["flagged"] == {}
@@ -113,7 +114,7 @@ def test_healthy_calibration_compiles_without_warnings(tiny, text_paths, capsys)
 
 
 def test_repeated_sentence_warns_twice_with_the_fix(tiny, text_paths, capsys):
-    report = qpass.compile(tiny, CONFIG, calib=[SENTENCE] * 10, eval=text_paths["code"], eval_windows=4).report
+    report = qpass.compile(tiny, CONFIG, calib=[SENTENCE] * 10, eval=text_paths["code"], run=RUN).report
     err = capsys.readouterr().err.splitlines()
     assert err == [f"qpass: {w}" for w in report["warnings"]] and len(err) == 2
     assert "repeat an earlier one" in err[0] and "calibrate on at least 2048 tokens" in err[0]
@@ -122,7 +123,7 @@ def test_repeated_sentence_warns_twice_with_the_fix(tiny, text_paths, capsys):
 
 
 def test_without_eval_saturation_is_measured_on_held_out_windows(tiny, capsys):
-    report = qpass.compile(tiny, CONFIG).report
+    report = qpass.compile(tiny, CONFIG, run=RUN).report
     assert report["calibration"]["windows"] == 56 and report["calibration"]["held_out_windows"] == 8
     sat = report["saturation"]
     assert sat["measured_on"] == "held_out" and sat["windows"] == 8 and set(sat["measured"]) == {"0", "1"}

@@ -31,7 +31,7 @@ def tiny():
 
 def _recipe(tiny, **config):
     fe, _, _, ids = tiny
-    return calibrate(fe, ids, QuantConfig(window=WINDOW, batch_size=4, w8a8=True, **config))
+    return calibrate(fe, ids, QuantConfig(w8a8=True, **config), batch_size=4)
 
 
 def test_every_decoder_linear_becomes_int8_and_its_float_weight_leaves_the_program(tiny):
@@ -184,7 +184,7 @@ def test_auto_searches_the_ranking_with_the_lower_estimate_not_the_lower_bound(m
                                                                                       dtype=torch.float64)
 
     floats, search = fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names],
-                                                   torch.zeros(2, 8, dtype=torch.long), nll)
+                                                   torch.zeros(2, 8, dtype=torch.long), nll, 4)
     at_cap = {step["ranking"]: step for step in search[1:] if step["float_linears"] == 2}
     assert at_cap["loss"]["upper_95_pct"] > at_cap["sqnr"]["upper_95_pct"] > at_cap["sqnr"]["ppl_increase_pct"] > at_cap["loss"]["ppl_increase_pct"]
     assert sorted(floats) == ["l0", "l1"] and search[-1]["ranking"] == "loss"
@@ -212,7 +212,7 @@ def test_auto_spends_the_float_share_when_only_the_95_bound_passes_within_it(mon
             floats = None if trial is None else len(trial.w8a8["float_linears"])
             return torch.zeros(2, dtype=torch.float64) if floats is None else torch.tensor(diffs.get(floats, [0.0, 0.0]), dtype=torch.float64)
 
-        return fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), nll)
+        return fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), nll, 4)
 
     diffs = {0: [0.03, 0.03], 1: [0.001, 0.005], 2: [0.0, 0.006], 3: [0.0, 0.001]}
     floats, search = choose(diffs)
@@ -283,7 +283,7 @@ def test_cli_compile_w8a8_then_eval_reproduces(tiny_model_dir, text_files, tmp_p
     assert (w["linears"], w["quantized"], len(w["float_linears"])) == (14, 13, 1)
     assert next(iter(w["float_linears"].values())).startswith("L1: activation range")
     capsys.readouterr()
-    assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "2"]) == 0
+    assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl_quant"] == pytest.approx(report["eval"]["ppl_quant"], rel=1e-6)
     assert main(["compile", str(tiny_model_dir), "--w8a8", "--disable-level", "L2x", "-o", str(tmp_path / "bad")]) == 2
     assert "disable_level='L2x'" in capsys.readouterr().err

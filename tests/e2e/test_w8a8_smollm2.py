@@ -42,7 +42,7 @@ def test_m3_w8a8_smoothing_is_exact_and_w8a8_stays_close(smollm2):
     torch.set_num_threads(1)  # OpenMP thrashes on a shared machine
     calib = token_windows(loaded.tokenizer, corpus.calibration_samples(), WINDOW, 8, "--calib")
     evals = token_windows(loaded.tokenizer, [corpus.eval_prose()], WINDOW, 4, "--eval")
-    recipe = calibrate(fe, calib, QuantConfig(window=WINDOW, w8a8=True, act_method=3, anti_method="m3"))
+    recipe = calibrate(fe, calib, QuantConfig(w8a8=True, act_method=3, anti_method="m3"))
     assert len(recipe.w8a8["smooth"]) == 120
     # smoothing alone keeps the float function
     smoothed = smoothed_state_dict(program, recipe)

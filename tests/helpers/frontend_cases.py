@@ -13,10 +13,10 @@ def frontend(model: torch.nn.Module, window: int, tokenizer=None) -> TorchExport
     return TorchExportFrontend(LoadedModel(model, tokenizer, "test", type(model).__name__), window)
 
 
-def calibrated(model: torch.nn.Module, ids: torch.Tensor, **config):
-    """``(frontend, recipe)`` of ``model`` calibrated on ``ids [N, W]`` with ``QuantConfig(window=W, **config)``."""
+def calibrated(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4, **config):
+    """``(frontend, recipe)`` of ``model`` calibrated on ``ids [N, W]`` with ``QuantConfig(**config)``."""
     fe = frontend(model, ids.shape[1])
-    return fe, calibrate(fe, ids, QuantConfig(window=ids.shape[1], **config))
+    return fe, calibrate(fe, ids, QuantConfig(**config), batch_size)
 
 
 def minmax_input_qparams(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:

@@ -88,7 +88,7 @@ def tiny(arch: str, num_layers: int = 2, **kwargs) -> torch.nn.Module:
 def recipe_for(model, mode: str, vocab: int = 256):
     from tests.helpers.frontend_cases import calibrated
 
-    return calibrated(model, torch.randint(0, vocab, (4, 32)), observer="minmax", calib_samples=4, **MODES[mode])[1]
+    return calibrated(model, torch.randint(0, vocab, (4, 32)), observer="minmax", **MODES[mode])[1]
 
 
 def prefill(lowered, ids: torch.Tensor, block_size: int = 16):

@@ -5,7 +5,7 @@ It implements :class:`qpass.core.frontend.Frontend` for FAQuant and C8: sites fr
 of an ONNX Runtime session (the idea of ONNX Runtime's own calibrators), reduced by the core's observers,
 and quantization through its onnx-ir pass pipeline (:mod:`qpass.frontends.onnx.pipeline`). W8A8 and the
 dynamic cache have no ONNX form here and are refused. A model larger than memory runs one attention site's
-stage at a time (``layerwise``, :mod:`qpass.frontends.onnx.staged`), with the same numbers.
+stage at a time (``layerwise``, :mod:`qpass.frontends.onnx.layerwise`), with the same numbers.
 """
 
 import json
@@ -25,9 +25,9 @@ from qpass.core.saturation import SaturationCounter
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 from qpass.frontends.onnx import load as loading
 from qpass.frontends.onnx.load import GENAI_CONFIG, GQA_FORM
-from qpass.frontends.onnx.pipeline import SITES_METADATA, check_config, quantize_model, read_sites, site_doc
+from qpass.frontends.onnx.pipeline import SITES_METADATA, check_config, int8_cache, quantize_model, read_sites, site_doc
 from qpass.frontends.onnx.session import Runner, greedy, session
-from qpass.frontends.onnx.staged import StagedModel
+from qpass.frontends.onnx.layerwise import LayerwiseModel
 from qpass.passes.onnx.find_attention_sites import CacheIO
 from qpass.passes.onnx.quantize_gqa_kv_cache import int8_kv_genai_config
 
@@ -36,12 +36,12 @@ class OnnxFrontend:
     """An ONNX decoder over token ids ``[batch, window]`` (batch and sequence are dynamic in the graph)."""
 
     def __init__(self, path: Path, window: int, tokenizer_dir: str | Path | None = None, layerwise: bool = False):
-        """``layerwise``: run the graph one attention site's stage at a time (:mod:`qpass.frontends.onnx.staged`),
+        """``layerwise``: run the graph one attention site's stage at a time (:mod:`qpass.frontends.onnx.layerwise`),
         holding one layer's weights, for models larger than memory; else in one ONNX Runtime session."""
         self.path = path
         self.layerwise = layerwise
         self.spilled = False  # whether a layer-wise run kept boundary values in temporary files
-        self._float_stages: StagedModel | None = None
+        self._float_stages: LayerwiseModel | None = None
         self.model, self.found = loading.load_decoder(path)
         self.tokenizer = loading.load_tokenizer(path, tokenizer_dir, self.model)
         self.name, self.source = path.parent.name if path.name == "model.onnx" else path.stem, str(path)
@@ -72,7 +72,7 @@ class OnnxFrontend:
         if self.genai_config is None:
             return {}
         config = self.genai_config
-        if recipe.config.kv_cache == "static" and any(s.form == GQA_FORM for s in self.attention_sites()):
+        if int8_cache(recipe.config) and any(s.form == GQA_FORM for s in self.attention_sites()):
             config = int8_kv_genai_config(config)
         return {GENAI_CONFIG: json.dumps(config, indent=4) + "\n"}
 
@@ -123,15 +123,15 @@ class OnnxFrontend:
     def observe_layers(self, windows, observers: dict[str, Observer], batch_size: int, desc: str = "calibrate") -> Iterator[int]:
         """:meth:`observe` one stage at a time (layer-wise), yielding each site's layer once its observers have seen
         every window (for :func:`qpass.core.calibrate.calibrate_by_layer`, which then drops them)."""
-        staged = self._staged(self.model)
+        stages = self._layerwise(self.model)
         updates = {name: (lambda value, name=name: observers[name].update(_channels(value))) for name in observers}
         done_at: dict[int, list[int]] = {}
         for site in self.attention_sites():
             names = [name for name in (site.q, site.k, site.v) if name in observers]
             if names:
-                done_at.setdefault(max(staged.made.get(name, 0) for name in names), []).append(site.layer)
-        for index in staged.run(windows, batch_size, desc, updates):
-            self.spilled |= staged.spilled
+                done_at.setdefault(max(stages.made.get(name, 0) for name in names), []).append(site.layer)
+        for index in stages.run(windows, batch_size, desc, updates):
+            self.spilled |= stages.spilled
             yield from done_at.get(index, [])
 
     def apply(self, recipe: Recipe, verify: bool = True):
@@ -143,22 +143,25 @@ class OnnxFrontend:
         return Runner(session(self.model if recipe is None else self.apply(recipe, verify)[0]), self.site_docs).logits
 
     def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
-                   counters: dict[tuple[int, str], SaturationCounter] | None = None) -> torch.Tensor:
-        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (unverified)."""
-        return self.program_nll(self.model if recipe is None else self.apply(recipe, verify=False)[0], windows, batch_size,
-                                desc, counters)
+                   counters: dict[tuple[int, str], SaturationCounter] | None = None, program: ir.Model | None = None
+                   ) -> torch.Tensor:
+        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (``program``, what
+        :meth:`apply` returned for it, else applied here unverified)."""
+        if recipe is not None and program is None:
+            program = self.apply(recipe, verify=False)[0]
+        return self.program_nll(self.model if recipe is None else program, windows, batch_size, desc, counters)
 
     def program_nll(self, model: ir.Model, windows: torch.Tensor, batch_size: int, desc: str = "eval",
                     counters: dict[tuple[int, str], SaturationCounter] | None = None) -> torch.Tensor:
         """Per-window NLL ``[N]`` of ``model`` (the input's, or a quantized one :meth:`apply` returned), counting
         saturation into ``counters`` as :meth:`counting_logits` does; one stage at a time where layer-wise."""
         if self.layerwise:
-            return self._staged(model).window_nll(windows, batch_size, desc, _count_updates(model, counters) if counters else None)
+            return self._layerwise(model).window_nll(windows, batch_size, desc, _count_updates(model, counters) if counters else None)
         logits = self.counting_logits(model, counters) if counters else Runner(session(model), self.site_docs).logits
         return window_nll(logits, windows, batch_size, desc)
 
     @staticmethod
-    def staged_nll(quantized: ir.Model, base_dir: Path, windows: torch.Tensor, batch_size: int, desc: str = "eval",
+    def layerwise_nll(quantized: ir.Model, base_dir: Path, windows: torch.Tensor, batch_size: int, desc: str = "eval",
                    counters: dict[tuple[int, str], SaturationCounter] | None = None) -> torch.Tensor:
         """Per-window NLL ``[N]`` of a quantized model read back from ``base_dir`` (its sites from its ``qpass.sites``
         metadata), one stage at a time (``qpass eval`` of a model larger than memory)."""
@@ -166,17 +169,17 @@ class OnnxFrontend:
         if any("attention" not in site for site in sites):
             raise QpassError(f"{base_dir}: its {SITES_METADATA} metadata does not name each site's attention (an older "
                              "qpass wrote it), which a model larger than memory is cut at; compile it again")
-        staged = StagedModel(quantized, sites, [site["attention"] for site in sites], base_dir)
-        return staged.window_nll(windows, batch_size, desc, _count_updates(quantized, counters) if counters else None)
+        stages = LayerwiseModel(quantized, sites, [site["attention"] for site in sites], base_dir)
+        return stages.window_nll(windows, batch_size, desc, _count_updates(quantized, counters) if counters else None)
 
-    def _staged(self, model: ir.Model) -> StagedModel:
+    def _layerwise(self, model: ir.Model) -> LayerwiseModel:
         """``model`` cut into stages; the input's own once (its serialized graph holds any weights kept inside it)."""
         if model is self.model and self._float_stages is not None:
             return self._float_stages
-        staged = StagedModel(model, self.site_docs, [site.attention for site in self.attention_sites()], self.path.parent)
+        stages = LayerwiseModel(model, self.site_docs, [site.attention for site in self.attention_sites()], self.path.parent)
         if model is self.model:
-            self._float_stages = staged
-        return staged
+            self._float_stages = stages
+        return stages
 
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
@@ -197,10 +200,13 @@ class OnnxFrontend:
 
         return logits
 
-    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
-        """The perplexity of the input file as ONNX Runtime runs it, read from disk as it is (not through onnx-ir)."""
+    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float | None:
+        """The perplexity of the input file as ONNX Runtime runs it, read from disk as it is (not through onnx-ir);
+        None layer-wise (no whole-model run)."""
         from qpass.core.evaluate import perplexity
 
+        if self.layerwise:
+            return None
         return perplexity(Runner(session(self.path), self.site_docs).logits, windows, batch_size, "eval reference")
 
     def decoder(self, recipe: Recipe, verify: bool = True):

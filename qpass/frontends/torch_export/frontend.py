@@ -29,6 +29,9 @@ from qpass.passes.fx.qdq import DEQUANTIZE, QUANTIZE
 class TorchExportFrontend:
     """A loaded model captured over token ids ``[batch, window]`` (the batch size is dynamic)."""
 
+    layerwise = False  # the mode: the whole model at once
+    spilled = False
+
     def __init__(self, loaded: LoadedModel, window: int):
         positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
         if isinstance(positions, int) and window > positions:  # before a capture over positions it never learnt
@@ -67,6 +70,9 @@ class TorchExportFrontend:
     def model_facts(self) -> dict:
         return {"frontend": "torch.export"}
 
+    def check_config(self, config) -> None:
+        """Every policy runs on a captured model."""
+
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
         return {}  # the exporters write everything a PyTorch model's artefacts hold
 
@@ -92,9 +98,15 @@ class TorchExportFrontend:
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         return self.program.module() if recipe is None else self.apply(recipe, verify)[0].module()
 
-    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval") -> torch.Tensor:
-        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (:meth:`logits`, unverified)."""
-        return window_nll(self.logits(recipe, verify=False), windows, batch_size, desc)
+    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
+                   counters: dict[tuple[int, str], SaturationCounter] | None = None, program=None) -> torch.Tensor:
+        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (``program``, what
+        :meth:`apply` returned for it, else applied here unverified), feeding the saturation ``counters``."""
+        if recipe is None:
+            return window_nll(self.logits(), windows, batch_size, desc)
+        if program is None:
+            program = self.apply(recipe, verify=False)[0]
+        return window_nll(self.counting_logits(program, counters or {}), windows, batch_size, desc)
 
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:
@@ -161,7 +173,7 @@ class TorchExportFrontend:
         for s in sites:
             yield DecoderLayer(s.layer, s, tuple(linears[s.layer]))
 
-    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float:
+    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float | None:
         """The perplexity as the model's own framework computes it: Hugging Face's ``labels=`` loss."""
         import math
 

@@ -12,9 +12,9 @@ so :func:`qpass.core.calibrate.calibrate` makes the recipe exactly as it does fo
   that graph by the fx site finder (structure, not names), once per layer type, and repeated for every layer;
 - per layer, that layer's tensors alone are read (``safe_open``, in the file's dtype) and put in place of the
   capture's parameters as float32 (the whole-model path computes in float32 too, so the statistics are the same);
-- the calibration windows' hidden states ``[N, W, hidden]`` (float32) pass from layer to layer in one buffer,
-  updated in place batch by batch; past ``hidden_budget`` bytes it is a numpy memmap in a temporary directory,
-  removed when the run ends, however it ends;
+- the calibration windows' hidden states (float32 ``[B, W, hidden]`` a batch) pass from layer to layer in one
+  :class:`~qpass.core.spill.Spill`, replaced batch by batch; past ``hidden_budget`` bytes they go to ``.npy`` files in
+  a temporary directory, removed when the run ends, however it ends;
 - observers get q/k/v as ``[tokens, channels]`` (``c = h * head_dim + d``; K/V before GQA's repeat, after RoPE)
   and each Linear's input as ``[tokens, in_features]`` (W8A8; the Linears found on the capture by the fx finder),
   batch by batch, in the whole-model path's order; W8A8's weights are read again one at a time when looked up
@@ -34,10 +34,7 @@ The embedding is read first; the final norm and the LM head only by the streamed
 import copy
 import gc
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -48,6 +45,7 @@ from torch.export import Dim
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
 from qpass.core.memory import hidden_budget, trim_heap
+from qpass.core.spill import Spill
 from qpass.core.naming import EMBEDDING, LM_HEAD, NORM, layer_key, layer_prefix
 from qpass.core.observers import Observer
 from qpass.core.recipe import SITE_KINDS, Recipe, geometry, linear_key, site_key
@@ -62,6 +60,7 @@ from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_
 # base models made of embed_tokens, layers.<i>, norm and rotary_emb, whose embedding is used unscaled
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 CAPTURE_PREFIX = "layers.0."     # the one layer's parameters in the capture (after the wrapper's prefix)
+STREAM, FLOAT_STREAM = "hidden", "float"  # the hidden states passed on; the float model's, beside them when smoothing
 WHOLE_MODEL_FACTOR = 2.0         # a whole-model compile holds about twice the float32 weights (model and capture)
 
 
@@ -231,6 +230,8 @@ class LayerwiseFrontend:
     ``hidden_budget``: bytes the calibration windows' hidden states may take in memory before they are spilled to
     a temporary file (default: a quarter of the memory available when calibration starts)."""
 
+    layerwise = True  # the mode: one decoder layer at a time
+
     def __init__(self, path: str | Path, window: int, hidden_budget: int | None = None):
         from transformers import AutoConfig, AutoTokenizer
 
@@ -260,7 +261,7 @@ class LayerwiseFrontend:
         self.path, self.window, self.hidden_budget = path, window, hidden_budget
         self.name, self.source = path.name, str(path)
         self.checkpoint = Checkpoint(path)
-        self.spilled: str | None = None  # the temporary file the last observe() spilled to (removed since)
+        self.spilled: str | None = None  # the temporary directory the last run spilled to (removed since)
         self._programs: dict[str, _LayerProgram] = {}
         self._sites: list[AttentionSite] | None = None
         self._norm: torch.nn.Module | None = None  # the model's final norm, on meta until the streamed forward runs
@@ -395,14 +396,12 @@ class LayerwiseFrontend:
         hidden states 1e-6 apart), so the layers after are given the same inputs as the whole model's."""
         from tqdm.auto import tqdm
 
-        shape = (windows.shape[0], windows.shape[1], self.config.hidden_size)
-        budget = hidden_budget(self.hidden_budget, 1 if smooth is None else 2)
-        with ExitStack() as stack:
-            hidden, self.spilled = stack.enter_context(hidden_states(shape, budget))
+        with Spill(hidden_budget(self.hidden_budget)) as hidden:
             self._embed(windows, hidden, batch_size)
             if smooth is not None:
-                float_hidden, _ = stack.enter_context(hidden_states(shape, budget))
-                float_hidden.copy_(hidden)
+                for b in range(_count(windows, batch_size)):
+                    hidden.put(FLOAT_STREAM, b, hidden.tensor(STREAM, b).clone())
+            self.spilled = hidden.directory
             for site in tqdm(self.attention_sites(), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
                 program = self._program(site.layer)
                 program.load(self.checkpoint, site.layer)
@@ -411,31 +410,32 @@ class LayerwiseFrontend:
                         advanced = []
 
                         def peek(peeked: dict[str, Observer]) -> None:
-                            _run(program, site.layer, peeked, float_hidden, batch_size, not advanced)
+                            _run(program, site.layer, peeked, hidden, FLOAT_STREAM, not advanced)
                             advanced.append(True)
 
                         replacement = smooth(site.layer, peek)
                         if not advanced:  # a layer with nothing to smooth: the float stream still moves on
-                            _run(program, site.layer, {}, float_hidden, batch_size, True)
+                            _run(program, site.layer, {}, hidden, FLOAT_STREAM, True)
                         program.replace(site.layer, replacement)
-                    _run(program, site.layer, observers, hidden, batch_size, True)
+                    _run(program, site.layer, observers, hidden, STREAM, True)
                 finally:
                     program.release()
                     trim_heap()
+                self.spilled = hidden.directory
                 yield site.layer
 
     def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
-                   counters: dict | None = None) -> torch.Tensor:
+                   counters: dict | None = None, program=None) -> torch.Tensor:
         """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``, as
         :func:`qpass.core.evaluate.window_nll` gives it) for the float model (``recipe`` None) or the model quantized
         as ``recipe`` says, run one decoder layer at a time over every window: each layer's weights are read once,
         quantized by the whole-model pass pipeline on the one-layer capture (smoothing folded in, Q/DQ, W8A8), and the
         hidden states pass on as calibration's do (spilled past the budget); then the final norm and the LM head, a
-        batch at a time. ``counters`` (:func:`qpass.core.saturation.counters`) count each layer's saturation."""
+        batch at a time. ``counters`` (:func:`qpass.core.saturation.counters`) count each layer's saturation.
+        ``program`` is what :meth:`apply` returned: None, as no whole program is built."""
         from tqdm.auto import tqdm
 
-        shape = (windows.shape[0], windows.shape[1], self.config.hidden_size)
-        with hidden_states(shape, self.hidden_budget) as (hidden, _):
+        with Spill(hidden_budget(self.hidden_budget)) as hidden:
             self._embed(windows, hidden, batch_size)
             for layer in tqdm(range(self.num_layers), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
                 program = self._program(layer)
@@ -443,9 +443,8 @@ class LayerwiseFrontend:
                 try:
                     module = program.gm if recipe is None else program.quantized(layer, recipe, counters)
                     with torch.no_grad():
-                        for start in range(0, windows.shape[0], batch_size):
-                            rows = slice(start, start + batch_size)
-                            hidden[rows] = module(hidden[rows])
+                        for b in range(_count(windows, batch_size)):
+                            hidden.put(STREAM, b, module(hidden.tensor(STREAM, b)))
                     del module
                 finally:
                     program.release()
@@ -453,14 +452,14 @@ class LayerwiseFrontend:
                     trim_heap()
             return self._head_nll(windows, hidden, batch_size)
 
-    def _embed(self, windows: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> None:
-        """``hidden`` = the embedding of ``windows``, as float32 (the embedding read, used and dropped)."""
+    def _embed(self, windows: torch.Tensor, hidden: Spill, batch_size: int) -> None:
+        """``hidden``'s stream, batch by batch: the embedding of ``windows``, as float32 ``[B, W, hidden]`` (the
+        embedding read, used and dropped)."""
         embedding = self.checkpoint.read([EMBEDDING])[EMBEDDING]
-        for start in range(0, windows.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            hidden[rows] = torch.nn.functional.embedding(windows[rows], embedding).float()
+        for b, batch in enumerate(windows.split(batch_size)):
+            hidden.put(STREAM, b, torch.nn.functional.embedding(batch, embedding).float())
 
-    def _head_nll(self, windows: torch.Tensor, hidden: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def _head_nll(self, windows: torch.Tensor, hidden: Spill, batch_size: int) -> torch.Tensor:
         """Per-window NLL from the last layer's hidden states: the final norm, the LM head (the embedding where the
         config ties them), the next-token cross-entropy."""
         head_name = EMBEDDING if getattr(self.config, "tie_word_embeddings", False) else LM_HEAD
@@ -469,8 +468,8 @@ class LayerwiseFrontend:
             with torch.no_grad():
                 norm.weight.copy_(self.checkpoint.read([NORM])[NORM].float())
                 head = self.checkpoint.read([head_name])[head_name].float()
-                out = [batch_nll(torch.nn.functional.linear(norm(hidden[rows]), head), windows[rows])
-                       for rows in (slice(i, i + batch_size) for i in range(0, windows.shape[0], batch_size))]
+                out = [batch_nll(torch.nn.functional.linear(norm(hidden.tensor(STREAM, b)), head), batch)
+                       for b, batch in enumerate(windows.split(batch_size))]
         finally:
             self._norm = norm.to(device="meta")
         return torch.cat(out)
@@ -494,24 +493,38 @@ class LayerwiseFrontend:
     def model_facts(self) -> dict:
         return {"frontend": "torch.export", "layerwise": True}
 
+    def check_config(self, config) -> None:
+        """Every policy runs layer by layer."""
+
+    def apply(self, recipe: Recipe, verify: bool = True) -> tuple[None, dict]:
+        """No whole program: each layer is quantized when it runs (:meth:`window_nll`), and the exporters read the
+        checkpoint one layer at a time."""
+        return None, {}
+
+    def decoder(self, recipe: Recipe, verify: bool = True) -> tuple[None, dict]:
+        return None, {"skipped": "layer-wise compile: the recipe only"}
+
+    def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> None:
+        """None: the model's own framework would hold the whole model."""
+        return None
+
     def extra_files(self, recipe) -> dict[str, str]:
         return {}
 
 
 
-def _run(program: _LayerProgram, layer: int, observers: dict[str, Observer], hidden: torch.Tensor, batch_size: int,
+def _run(program: _LayerProgram, layer: int, observers: dict[str, Observer], hidden: Spill, stream: str,
          advance: bool) -> None:
-    """Every window's hidden states through ``program`` (layer ``layer``'s weights loaded), feeding the observers keyed
-    ``layers.<layer>.<value>``; ``advance`` writes the outputs back in place (the next layer's inputs)."""
+    """Every batch of ``hidden``'s ``stream`` through ``program`` (layer ``layer``'s weights loaded), feeding the
+    observers keyed ``layers.<layer>.<value>``; ``advance`` puts the outputs in their place (the next layer's inputs)."""
     for value, tap in program.taps.items():
         tap.observer = observers.get(layer_key(layer, value))
     try:
         with torch.no_grad():
-            for start in range(0, hidden.shape[0], batch_size):
-                rows = slice(start, start + batch_size)
-                out = program.gm(hidden[rows])
+            for b in sorted(hidden.values[stream]):
+                out = program.gm(hidden.tensor(stream, b))
                 if advance:
-                    hidden[rows] = out
+                    hidden.put(stream, b, out)
     finally:
         for tap in program.taps.values():
             tap.observer = None
@@ -569,21 +582,6 @@ class LazyStateDict(Mapping):
         return len(self.checkpoint.files)
 
 
-@contextmanager
-def hidden_states(shape: tuple[int, int, int], budget: int | None):
-    """Yield ``(buffer, spill path or None)``: a float32 ``[N, W, hidden]`` tensor, in memory when it takes at most
-    ``budget`` bytes (default :func:`hidden_budget`'s), else a numpy memmap in a temporary directory that is removed
-    on the way out, however the block ends."""
-    nbytes = 4 * shape[0] * shape[1] * shape[2]
-    if nbytes <= hidden_budget(budget):
-        yield torch.zeros(shape), None
-        return
-    import numpy as np
-
-    with tempfile.TemporaryDirectory(prefix="qpass-layerwise-") as tmp:
-        path = os.path.join(tmp, "hidden_states.f32")
-        array = np.memmap(path, dtype=np.float32, mode="w+", shape=shape)
-        try:
-            yield torch.from_numpy(array), path
-        finally:
-            del array
+def _count(windows: torch.Tensor, batch_size: int) -> int:
+    """How many batches of ``batch_size`` windows ``windows [N, W]`` make."""
+    return -(-windows.shape[0] // batch_size)

@@ -10,7 +10,7 @@ import torch
 from qpass.cli import main
 from qpass.core import memory
 from qpass.core.calibrate import calibrate, calibrate_by_layer
-from qpass.core.config import QuantConfig
+from qpass.core.config import QuantConfig, RunSettings
 from qpass.core.data import token_windows
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import perplexity
@@ -22,7 +22,8 @@ from qpass.models.loaders import load_model
 from qpass.models.tiny import byte_tokenizer, tiny_model
 
 WINDOW, LAYERS = 32, 3
-CONFIG = QuantConfig(fa_quant=True, kv_cache="static", window=WINDOW, calib_samples=8, batch_size=3)
+CONFIG = QuantConfig(fa_quant=True, kv_cache="static")
+CALIB_SAMPLES, BATCH = 8, 3  # the layer-wise tests' run settings
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def frontends(model_dir):
 
 @pytest.fixture(scope="module")
 def windows(text_files):
-    return token_windows(byte_tokenizer(), [text_files["prose"].read_text(encoding="utf-8")], WINDOW, CONFIG.calib_samples, "--calib")
+    return token_windows(byte_tokenizer(), [text_files["prose"].read_text(encoding="utf-8")], WINDOW, CALIB_SAMPLES, "--calib")
 
 
 def _same(a: Recipe, b: Recipe) -> None:
@@ -71,7 +72,7 @@ def _same(a: Recipe, b: Recipe) -> None:
                                               ("mistral", torch.bfloat16, False)])  # mistral: sliding window 8 < WINDOW
 def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, ppl, frontends, windows):
     whole, lw = frontends(arch, dtype)
-    expected, got = calibrate(whole, windows, CONFIG), calibrate_by_layer(lw, windows, CONFIG)
+    expected, got = calibrate(whole, windows, CONFIG, BATCH), calibrate_by_layer(lw, windows, CONFIG, BATCH)
     _same(got, expected)
     assert list(got.stats) == list(expected.stats)  # per-site SQNR and saturation, layer by layer
     for key in ("sqnr_db", "saturation"):
@@ -81,20 +82,20 @@ def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, ppl, frontend
     assert [s.prefix for s in lw.attention_sites()] == [s.prefix for s in whole.attention_sites()]
     assert lw.num_parameters() == whole.num_parameters()
     if ppl:
-        measured = [perplexity(whole.logits(r, verify=False), windows, CONFIG.batch_size) for r in (expected, got)]
+        measured = [perplexity(whole.logits(r, verify=False), windows, BATCH) for r in (expected, got)]
         assert measured[1] == pytest.approx(measured[0], rel=1e-5)
 
 
 def test_c8_alone_and_symmetric_equal_the_whole_models(frontends, windows):
     whole, lw = frontends("qwen2")
-    config = QuantConfig(kv_cache="static", symmetric=True, observer="minmax", window=WINDOW, batch_size=2)
-    _same(calibrate(lw, windows, config), calibrate(whole, windows, config))  # observe(): every layer, then the ranges
+    config = QuantConfig(kv_cache="static", symmetric=True, observer="minmax")
+    _same(calibrate(lw, windows, config, 2), calibrate(whole, windows, config, 2))  # observe(): every layer, then the ranges
 
 
 @pytest.mark.parametrize("arch, level", [("llama", "L0"), ("qwen2", "L3")])  # qwen2: q/k/v with biases
 def test_w8a8_recipe_equals_the_whole_models(arch, level, frontends, windows):
     whole, lw = frontends(arch)
-    config = QuantConfig(w8a8=True, kv_cache="static", disable_level=level, window=WINDOW, batch_size=4)
+    config = QuantConfig(w8a8=True, kv_cache="static", disable_level=level)
     expected, got = calibrate(whole, windows, config), calibrate(lw, windows, config)
     _same(got, expected)
     assert len([k for k in got.tensors if k.startswith("w8a8.")]) == 2 * 7 * LAYERS - 2 * int(level[1:])
@@ -110,8 +111,7 @@ def test_smoothed_w8a8_recipe_equals_the_whole_models(arch, anti, frontends, win
     """Smoothing layer by layer (each layer's float run, its scales folded in, then its calibration run) gives the
     whole-model path's smoothing scales, W8A8 ranges and Linear statistics, and the same quantized perplexity."""
     whole, lw = frontends(arch)
-    config = QuantConfig(w8a8=True, fa_quant=True, kv_cache="static", anti_method=anti, act_method=3, disable_level="L2",
-                         window=WINDOW, batch_size=4)
+    config = QuantConfig(w8a8=True, fa_quant=True, kv_cache="static", anti_method=anti, act_method=3, disable_level="L2")
     expected, got = calibrate(whole, windows, config), calibrate_by_layer(lw, windows, config)
     # bit for bit: the float and the smoothed model's hidden states pass on as the whole model's two runs see them, so
     # no offset at a rounding half (m3's r = 1 on max|X| puts one there) and no near-tie of a search can go another way
@@ -119,7 +119,7 @@ def test_smoothed_w8a8_recipe_equals_the_whole_models(arch, anti, frontends, win
     assert len([k for k in got.tensors if k.startswith("smooth.")]) == len(expected.w8a8["smooth"]) >= 3 * LAYERS
     assert dict(got.w8a8) == dict(expected.w8a8)  # the same groups, in the same order, and the same float Linears
     assert got.stats["w8a8"] == expected.stats["w8a8"]  # what the method chose, group by group; SQNR, range ratios
-    measured = [perplexity(whole.logits(r, verify=False), windows, config.batch_size) for r in (expected, got)]
+    measured = [perplexity(whole.logits(r, verify=False), windows, 4) for r in (expected, got)]
     assert measured[1] == measured[0]
 
 
@@ -128,7 +128,7 @@ def test_smoothed_w8a8_holds_one_layers_statistics_at_a_time(frontends, windows,
     alive (the earlier layers' ranges are chosen; the smoothing groups' observers live only in the layer's float run)."""
     lw = frontends("llama")[1]
     made, alive, loads = _track_observers(monkeypatch)
-    config = QuantConfig(w8a8=True, kv_cache="static", anti_method="m3", window=WINDOW, batch_size=4)
+    config = QuantConfig(w8a8=True, kv_cache="static", anti_method="m3")
     calibrate_by_layer(lw, windows, config)
     assert loads == list(range(LAYERS)) and alive == [0] * LAYERS
 
@@ -178,7 +178,7 @@ def test_one_layer_of_weights_at_a_time(frontends, windows, monkeypatch):
 
     monkeypatch.setattr(layerwise.Checkpoint, "read", read)
     monkeypatch.setattr(layerwise._LayerProgram, "load", load)
-    calibrate_by_layer(lw, windows, CONFIG)
+    calibrate_by_layer(lw, windows, CONFIG, BATCH)
     assert reads[0] == ["model.embed_tokens.weight"]
     per_layer = [{n.split(".")[2] for n in names} for names in reads[1:]]
     assert per_layer == [{str(i)} for i in range(LAYERS)] and loads == list(range(LAYERS))
@@ -197,26 +197,26 @@ def test_each_layers_statistics_are_dropped_when_it_is_done(frontends, windows, 
     observer that has seen data is alive but that layer's (the earlier layers' ranges are already chosen)."""
     lw = frontends("llama")[1]
     made, alive, _ = _track_observers(monkeypatch)
-    recipe = calibrate_by_layer(lw, windows, CONFIG)
+    recipe = calibrate_by_layer(lw, windows, CONFIG, BATCH)
     assert len(made) == 3 * LAYERS and alive == [0] * LAYERS  # q, k, v per layer; none left over when the next loads
     assert sorted({int(k.split(".")[1]) for k in recipe.tensors}) == list(range(LAYERS))
 
 
-def test_hidden_states_spill_to_a_temporary_file_removed_after(frontends, windows, tmp_path, monkeypatch):
+def test_hidden_states_spill_to_temporary_files_removed_after(frontends, windows, tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     lw = frontends("mistral", torch.bfloat16)[1]
-    expected = calibrate_by_layer(lw, windows, CONFIG)
+    expected = calibrate_by_layer(lw, windows, CONFIG, BATCH)
     assert lw.spilled is None
     seen = []
     original = layerwise._LayerProgram.load
 
-    def load(self, checkpoint, layer):  # the spill file exists while the layers run
-        seen.append(os.path.isfile(lw.spilled))
+    def load(self, checkpoint, layer):  # the spill directory exists while the layers run
+        seen.append(os.path.isdir(lw.spilled))
         original(self, checkpoint, layer)
 
     monkeypatch.setattr(layerwise._LayerProgram, "load", load)
     monkeypatch.setattr(lw, "hidden_budget", 1024)
-    got = calibrate_by_layer(lw, windows, CONFIG)
+    got = calibrate_by_layer(lw, windows, CONFIG, BATCH)
     assert lw.spilled is not None and lw.spilled.startswith(str(tmp_path)) and seen == [True] * LAYERS
     assert not os.path.exists(lw.spilled) and list(tmp_path.iterdir()) == []
     assert sorted(got.tensors) == sorted(expected.tensors)
@@ -229,12 +229,12 @@ def test_an_interrupted_run_leaves_no_spill_file(frontends, windows, tmp_path, m
     monkeypatch.setattr(lw, "hidden_budget", 1024)
 
     def interrupt(self, checkpoint, layer):
-        assert os.path.isfile(lw.spilled)
+        assert os.path.isdir(lw.spilled)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(layerwise._LayerProgram, "load", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        calibrate_by_layer(lw, windows, CONFIG)
+        calibrate_by_layer(lw, windows, CONFIG, BATCH)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -255,8 +255,16 @@ def test_cli_writes_the_recipe_a_whole_model_compile_reuses(model_dir, frontends
     assert err.count("\n") == 1 and "recipe only" in err and "--recipe" in err
 
 
+def test_the_dynamic_cache_compiles_layerwise_as_a_recipe_with_nothing_calibrated(model_dir, tmp_path):
+    """The one road: a dynamic cache calibrates nothing, layer by layer as whole, and the recipe says so."""
+    out = tmp_path / "o"
+    assert main(["compile", str(model_dir("llama")), "--kv-int8", "dynamic", "--layerwise", "--window", str(WINDOW),
+                 "--calib-samples", "2", "-o", str(out)]) == 0
+    recipe = Recipe.load(out / "recipe")
+    assert recipe.config.kv_cache == "dynamic" and dict(recipe.tensors) == {} and len(recipe.sites) == LAYERS
+
+
 @pytest.mark.parametrize("extra, words", [
-    (["--kv-int8", "dynamic"], "nothing to calibrate"),
     (["--eval", "MISSING"], "--eval"),
 ])
 def test_what_layerwise_does_not_do_is_refused_in_one_line(extra, words, model_dir, text_files, tmp_path, capsys):
@@ -282,8 +290,9 @@ def test_layerwise_is_automatic_when_the_model_would_not_fit(model_dir, tmp_path
     import qpass.api
 
     monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
-    result = qpass.api.compile(str(model_dir("llama")), QuantConfig(kv_cache="static", window=WINDOW, calib_samples=2),
-                               calib=["a few words of calibration text, repeated. " * 40])
+    result = qpass.api.compile(str(model_dir("llama")), QuantConfig(kv_cache="static"),
+                               calib=["a few words of calibration text, repeated. " * 40],
+                               run=RunSettings(window=WINDOW, calib_samples=2))
     note = [line for line in capsys.readouterr().err.splitlines() if "one decoder layer at a time" in line]
     assert len(note) == 1 and "GiB" in note[0]
     assert result.program is None and result.report["model"]["layerwise"] is True
@@ -310,9 +319,9 @@ def test_a_damaged_sharded_directory_is_refused_naming_what(damage, words, model
     from qpass.exporters.mindie_format import WEIGHTS_INDEX
     from qpass.exporters.mindie_load import load as load_mindie
 
-    config = QuantConfig(w8a8=True, window=WINDOW, calib_samples=2)
+    config = QuantConfig(w8a8=True)
     qpass.api.compile(str(model_dir("llama")), config, calib=[text_files["calib"].read_text(encoding="utf-8")],
-                      layerwise=True).save(tmp_path / "d", format="mindie")
+                      run=RunSettings(window=WINDOW, calib_samples=2), layerwise=True).save(tmp_path / "d", format="mindie")
     index_path = tmp_path / "d" / WEIGHTS_INDEX
     index = json.loads(index_path.read_text())
     if damage == "shard":
@@ -338,9 +347,9 @@ def test_the_read_back_check_keeps_one_linears_tensors_at_a_time(model_dir, text
     from qpass.exporters.mindie_format import WEIGHTS_INDEX
     from safetensors.torch import load_file, save_file
 
-    config = QuantConfig(w8a8=True, kv_cache="static", window=WINDOW, calib_samples=2)
+    config = QuantConfig(w8a8=True, kv_cache="static")
     qpass.api.compile(str(model_dir("llama")), config, calib=[text_files["calib"].read_text(encoding="utf-8")],
-                      layerwise=True).save(tmp_path / "d", format="mindie")
+                      run=RunSettings(window=WINDOW, calib_samples=2), layerwise=True).save(tmp_path / "d", format="mindie")
     alive, peak, reads = [], [0], [0]
     original = mindie_load._Tensors.__getitem__
 
@@ -379,10 +388,10 @@ def test_a_layerwise_mindie_directory_holds_the_whole_models_tensors(target, ext
     from safetensors.torch import load_file
 
     path = model_dir("llama")
-    config = QuantConfig(w8a8=True, kv_cache="static", window=WINDOW, calib_samples=4, batch_size=4, **extra)
+    config, run = QuantConfig(w8a8=True, kv_cache="static", **extra), RunSettings(window=WINDOW, calib_samples=4)
     calib = [text_files["calib"].read_text(encoding="utf-8")]
-    by_layer = qpass.api.compile(str(path), config, calib=calib, layerwise=True)
-    whole = qpass.api.compile(str(path), config, recipe=by_layer.recipe, layerwise=False)
+    by_layer = qpass.api.compile(str(path), config, calib=calib, run=run, layerwise=True)
+    whole = qpass.api.compile(str(path), config, recipe=by_layer.recipe, run=run, layerwise=False)
     reads = []
     original_read = layerwise.Checkpoint.read
 
@@ -437,7 +446,7 @@ def test_the_streamed_forward_frees_each_quantized_layer_before_the_next(fronten
     import weakref
 
     whole, lw = frontends("llama")
-    config = QuantConfig(w8a8=True, kv_cache="static", window=WINDOW, batch_size=4)
+    config = QuantConfig(w8a8=True, kv_cache="static")
     recipe = calibrate(whole, windows, config)
     made, alive_at_load = [], []
     original_quantized, original_load = layerwise._LayerProgram.quantized, layerwise._LayerProgram.load
@@ -469,8 +478,8 @@ def test_the_streamed_forward_gives_the_whole_models_nll(arch, extra, frontends,
     from qpass.core.evaluate import window_nll
 
     whole, lw = frontends(arch)
-    config = QuantConfig(window=WINDOW, batch_size=3, **extra)
-    recipe = calibrate(whole, windows, config)
+    config = QuantConfig(**extra)
+    recipe = calibrate(whole, windows, config, 3)
     torch.testing.assert_close(lw.window_nll(None, windows, 3), window_nll(whole.logits(), windows, 3), rtol=1e-5, atol=1e-6)
     expected, got = saturation.counters(recipe), saturation.counters(recipe)
     quantized, _ = whole.apply(recipe, verify=False)
@@ -507,8 +516,8 @@ def test_layerwise_auto_searches_as_the_whole_model_does(frontends, windows, mon
     streamed forward on the held-out windows; the whole model, given the same ranking, keeps the same Linears float."""
     whole, lw = frontends("llama")
     monkeypatch.setattr(TorchExportFrontend, "loss_sensitivity", lambda *args: None)
-    config = QuantConfig(w8a8=True, kv_cache="static", act_method=3, disable_level="auto", max_ppl_increase=0.1,
-                         window=WINDOW, batch_size=4)  # all-int8: +0.011%, bound +0.078%: the search runs 7 trials
+    config = QuantConfig(w8a8=True, kv_cache="static", act_method=3, disable_level="auto", max_ppl_increase=0.1)
+    # all-int8: +0.011%, bound +0.078%: the search runs 7 trials
     expected, got = calibrate(whole, windows, config), calibrate_by_layer(lw, windows, config)
     search = got.stats["w8a8"]["search"]
     assert search[0]["held_out_windows"] == 2 and {step["ranking"] for step in search[1:]} <= {"none", "sqnr"}

@@ -177,9 +177,10 @@ def compiled_dir(tmp_path_factory, smollm2_tokenizer):
 
     torch.manual_seed(0)
     model = tiny("llama", vocab_size=len(smollm2_tokenizer))
-    config = qpass.QuantConfig(kv_cache="static", observer="minmax", window=32, calib_samples=2)
+    config = qpass.QuantConfig(kv_cache="static", observer="minmax")
     texts = ["The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up. " * 4]
-    result = qpass.compile(LoadedModel(model, smollm2_tokenizer, "tiny", "tiny-llama"), config, calib=texts)
+    result = qpass.compile(LoadedModel(model, smollm2_tokenizer, "tiny", "tiny-llama"), config, calib=texts,
+                           run=qpass.RunSettings(window=32, calib_samples=2))
     out = tmp_path_factory.mktemp("compiled") / "out"
     result.save(out)
     return out, result
@@ -225,7 +226,7 @@ def test_smollm2_greedy_tokens_match():
     loaded = load_model("default")
     text = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 8
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :128].reshape(2, 64)
-    _, recipe = calibrated(loaded.model, ids, kv_cache="static", observer="minmax", calib_samples=2, batch_size=2)
+    _, recipe = calibrated(loaded.model, ids, kv_cache="static", observer="minmax", batch_size=2)
     reference, lowered = build_decoder(loaded.model, recipe, max_context=256)
     prompt = loaded.tokenizer("def fibonacci(n):")["input_ids"]
     assert generate_lowered(lowered, prompt, 8) == generate_reference(reference, prompt, 8)

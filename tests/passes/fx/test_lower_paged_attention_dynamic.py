@@ -30,7 +30,7 @@ def _one_thread():
 
 
 def dynamic_recipe(model, **config):
-    return calibrated(model, torch.randint(0, 256, (4, 32)), calib_samples=4, kv_cache="dynamic", **config)[1]
+    return calibrated(model, torch.randint(0, 256, (4, 32)), kv_cache="dynamic", **config)[1]
 
 
 @pytest.mark.parametrize("arch, config", [("llama", {}), ("gpt2", {}), ("qwen2", {"w8a8": True})],

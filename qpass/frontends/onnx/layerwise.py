@@ -1,14 +1,14 @@
 """An ONNX decoder run one layer at a time over every window (``--layerwise``), for models larger than memory.
 
-The graph is cut into one stage per attention site (:mod:`qpass.runtime.onnx_stages`). Each stage's ONNX
+The graph is cut into one stage per attention site (:mod:`qpass.ort.stages`). Each stage's ONNX
 Runtime session is made, run over every window batch and dropped before the next, so only one stage's weights are
 held; the values that cross a stage boundary (the residual stream, the attention output, masks and rotary tables)
-are kept for every batch until their last reader has run (in memory up to a budget, past it in temporary files).
+are kept for every batch until their last reader has run (a :class:`~qpass.core.spill.Spill`: in memory up to a
+budget, past it in temporary files).
 The values observed (site q/k/v, the int8 cache) are handed to their callbacks as their stage makes them, in batch
 order, as a whole-model run hands them over.
 """
 
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,11 +20,12 @@ from tqdm.auto import tqdm
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
 from qpass.core.memory import hidden_budget
+from qpass.core.spill import Spill
 from qpass.frontends.onnx.session import Feeds
-from qpass.runtime.onnx_stages import run_stages, split
+from qpass.ort.stages import run_stages, split
 
 
-class StagedModel:
+class LayerwiseModel:
     """``model`` (an onnx-ir decoder, its weights external data under ``base_dir`` or in memory) cut at ``attention``
     (the value each site's attention makes)."""
 
@@ -62,7 +63,7 @@ class StagedModel:
             raise QpassError(f"layer by layer: no node of the ONNX graph makes {unknown[0]}; please report this model")
         batches = list(windows.split(batch_size))
         graph_feeds = [self.feeds(batch.numpy(), None, 0) for batch in batches]
-        kept = _Kept(hidden_budget(None))
+        kept = Spill(hidden_budget(None), prefix="qpass-stages-")
 
         def fetch(index, stage) -> list[str]:
             wanted = [name for name in stage.outputs if name in self.last_read or (nll is not None and name == "logits")]
@@ -79,7 +80,7 @@ class StagedModel:
                                      f"({str(err).splitlines()[0][:300]}); a smaller --batch-size needs less memory") from None
                 for name, value in zip(outputs, values):
                     if name in self.last_read:
-                        kept.add(name, value)
+                        kept.put(name, b, value)
                     if name in observe:
                         observe[name](value)
                     if name == "logits" and nll is not None:
@@ -93,51 +94,3 @@ class StagedModel:
                 bar.update(1)
                 self.spilled |= kept.directory is not None
                 yield index
-
-
-class _Kept:
-    """The values crossing stage boundaries, one array per batch: in memory up to ``budget`` bytes, past it in
-    ``.npy`` files of a temporary directory (each read back memory-mapped when fed, and removed when its value's last
-    reader is done), the directory removed however the run ends (a context manager)."""
-
-    def __init__(self, budget: int):
-        self.budget, self.held, self.count = budget, 0, 0
-        self.values: dict[str, list[np.ndarray | Path]] = {}
-        self.directory: tempfile.TemporaryDirectory | None = None
-
-    def __enter__(self) -> "_Kept":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.values.clear()
-        if self.directory is not None:
-            self.directory.cleanup()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.values
-
-    def names(self) -> list[str]:
-        return list(self.values)
-
-    def get(self, name: str, batch: int) -> np.ndarray:
-        value = self.values[name][batch]
-        return np.load(value, mmap_mode="r") if isinstance(value, Path) else value
-
-    def add(self, name: str, value: np.ndarray) -> None:
-        if self.held + value.nbytes <= self.budget:
-            self.held += value.nbytes
-        else:  # to a file, with no file handle kept open
-            if self.directory is None:
-                self.directory = tempfile.TemporaryDirectory(prefix="qpass-stages-")
-            path = Path(self.directory.name) / f"{self.count}.npy"
-            self.count += 1
-            np.save(path, value)
-            value = path
-        self.values.setdefault(name, []).append(value)
-
-    def drop(self, name: str) -> None:
-        for value in self.values.pop(name):
-            if isinstance(value, Path):
-                value.unlink()
-            else:
-                self.held -= value.nbytes

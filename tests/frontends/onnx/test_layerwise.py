@@ -44,13 +44,13 @@ def test_layer_at_a_time_writes_what_the_whole_model_run_writes(onnx_dirs, genai
         reports[name] = json.loads((out / "report.json").read_text())
     for name in ("model.onnx", "recipe/recipe.safetensors"):
         assert _sha(tmp_path / "whole" / name) == _sha(tmp_path / "layerwise" / name), name
-    whole, staged = reports["whole"], reports["layerwise"]
-    assert staged["calibration"]["layerwise"] is True and "layerwise" not in whole["calibration"]
-    assert staged["model"]["layerwise"] is True and "layerwise" not in whole["model"]
-    assert staged["eval"]["ppl_reference"] is None
+    whole, layerwise = reports["whole"], reports["layerwise"]
+    assert layerwise["calibration"]["layerwise"] is True and "layerwise" not in whole["calibration"]
+    assert layerwise["model"]["layerwise"] is True and "layerwise" not in whole["model"]
+    assert layerwise["eval"]["ppl_reference"] is None
     for key in ("ppl_float", "ppl_quant"):
-        assert staged["eval"][key] == pytest.approx(whole["eval"][key], rel=1e-9), key
-    assert staged["saturation"] == whole["saturation"]
+        assert layerwise["eval"][key] == pytest.approx(whole["eval"][key], rel=1e-9), key
+    assert layerwise["saturation"] == whole["saturation"]
 
 
 def test_saturation_on_held_out_windows_and_the_note_when_the_model_would_not_fit(genai_float_dir, text_files, tmp_path, monkeypatch, capsys):
@@ -121,15 +121,16 @@ def test_the_written_model_is_read_back_one_stage_at_a_time(onnx_dirs, text_file
 
 def test_values_crossing_a_boundary_are_dropped_after_their_last_reader(onnx_dirs, text_files, monkeypatch):
     """Each value kept for a later stage is dropped once the last stage reading it has run, never before."""
-    from qpass.frontends.onnx import staged
+    from qpass.core.spill import Spill
 
     events = []
-    real_add, real_drop = staged._Kept.add, staged._Kept.drop
-    monkeypatch.setattr(staged._Kept, "add", lambda self, name, value: (events.append(("add", name)), real_add(self, name, value)))
-    monkeypatch.setattr(staged._Kept, "drop", lambda self, name: (events.append(("drop", name)), real_drop(self, name)))
+    real_put, real_drop = Spill.put, Spill.drop
+    monkeypatch.setattr(Spill, "put", lambda self, name, batch, value: (events.append(("add", name)),
+                                                                         real_put(self, name, batch, value)))
+    monkeypatch.setattr(Spill, "drop", lambda self, name: (events.append(("drop", name)), real_drop(self, name)))
     frontend = OnnxFrontend.load(onnx_dirs[20], 64, layerwise=True)
     windows = token_windows(frontend.tokenizer, read_samples(text_files["calib"], "--calib"), 64, 4, "--calib")
-    model = frontend._staged(frontend.model)
+    model = frontend._layerwise(frontend.model)
     frontend.window_nll(None, windows, 2)
     added = {name for kind, name in events if kind == "add"}
     dropped = [name for kind, name in events if kind == "drop"]
@@ -173,12 +174,12 @@ def test_qpass_eval_runs_an_output_too_large_for_memory_by_stage(genai_float_dir
         if available:
             monkeypatch.setattr(memory, "available_memory", lambda: available)
         capsys.readouterr()
-        assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
+        assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "4", "--json"]) == 0
         results.append(json.loads(capsys.readouterr().out))
-    whole, staged = results
-    assert "layerwise" not in whole and staged["layerwise"] is True
-    assert staged["ppl_quant"] == pytest.approx(whole["ppl_quant"], rel=1e-9)
-    assert staged["saturation"] == whole["saturation"]
+    whole, layerwise = results
+    assert "layerwise" not in whole and layerwise["layerwise"] is True
+    assert layerwise["ppl_quant"] == pytest.approx(whole["ppl_quant"], rel=1e-9)
+    assert layerwise["saturation"] == whole["saturation"]
 
 
 def test_the_memory_a_whole_run_needs_is_read_from_the_graph_without_the_weights(genai_float_dir, onnx_dirs):
@@ -197,14 +198,14 @@ def test_boundary_values_past_the_budget_go_to_temporary_files_and_give_the_same
     last reader is done; the perplexity is the in-memory run's, and no file is left behind."""
     import tempfile
 
-    from qpass.frontends.onnx import staged
+    from qpass.frontends.onnx.layerwise import LayerwiseModel
 
     frontend = OnnxFrontend.load(onnx_dirs[20], 64, layerwise=True)
     windows = token_windows(frontend.tokenizer, read_samples(text_files["calib"], "--calib"), 64, 4, "--calib")
     in_memory = frontend.window_nll(None, windows, 2)
     before = set(Path(tempfile.gettempdir()).glob("qpass-stages-*"))
     monkeypatch.setattr(memory, "available_memory", lambda: 0)
-    model = staged.LayerwiseModel(frontend.model, frontend.site_docs, [s.attention for s in frontend.attention_sites()],
+    model = LayerwiseModel(frontend.model, frontend.site_docs, [s.attention for s in frontend.attention_sites()],
                                frontend.path.parent)
     spilled = model.window_nll(windows, 2, "eval")
     assert model.spilled and set(Path(tempfile.gettempdir()).glob("qpass-stages-*")) == before
