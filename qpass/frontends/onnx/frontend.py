@@ -3,8 +3,8 @@
 It implements :class:`qpass.core.frontend.Frontend` for FAQuant and C8: sites from the graph's structure
 (:mod:`qpass.passes.onnx.find_attention_sites`), calibration with the site values as extra graph outputs
 of an ONNX Runtime session (the idea of ONNX Runtime's own calibrators), reduced by the core's observers,
-and quantization through its onnx-ir pass pipeline (:mod:`qpass.frontends.onnx.pipeline`). W8A8 and the
-dynamic cache have no ONNX form here and are refused. A model larger than memory runs one attention site's
+and quantization through its onnx-ir pass pipeline (:mod:`qpass.frontends.onnx.pipeline`). W8A8 has no ONNX form
+here and is refused (the dynamic cache by the ONNX exporter). A model larger than memory runs one attention site's
 stage at a time (``layerwise``, :mod:`qpass.frontends.onnx.layerwise`), with the same numbers.
 """
 

@@ -255,6 +255,19 @@ def test_cli_writes_the_recipe_a_whole_model_compile_reuses(model_dir, frontends
     assert err.count("\n") == 1 and "recipe only" in err and "--recipe" in err
 
 
+def test_a_recipe_is_reused_layer_by_layer_with_the_same_figures(model_dir, text_files, tmp_path):
+    """--recipe with --layerwise takes the same road: nothing calibrated, the quantized model measured layer by layer
+    with the first compile's numbers."""
+    path, first, again = model_dir("llama"), tmp_path / "first", tmp_path / "again"
+    common = [str(path), "--layerwise", "--window", str(WINDOW), "--eval", str(text_files["prose"]), "--eval-windows", "2"]
+    assert main(["compile", *common, "--kv-int8", "--calib-samples", "4", "--calib", str(text_files["calib"]),
+                 "-o", str(first)]) == 0
+    assert main(["compile", *common, "--recipe", str(first / "recipe"), "-o", str(again)]) == 0
+    one, two = (json.loads((d / "report.json").read_text()) for d in (first, again))
+    assert "calibrate" not in two["timings_s"] and two["calibration"]["layerwise"] is True
+    assert two["eval"]["ppl_quant"] == one["eval"]["ppl_quant"] and two["saturation"]["measured"] == one["saturation"]["measured"]
+
+
 def test_the_dynamic_cache_compiles_layerwise_as_a_recipe_with_nothing_calibrated(model_dir, tmp_path):
     """The one road: a dynamic cache calibrates nothing, layer by layer as whole, and the recipe says so."""
     out = tmp_path / "o"
