@@ -10,8 +10,11 @@ instead (the paged int8 kernels' math, ``../shared/DESIGN.md``), per query head 
 - V: the softmax weights of a query sum to one, so ``sum_t p_t (v_code_t - z_v) * s_v = (p . v_code - z_v) * s_v``:
   attention reads ``Cast(present_value)`` and its output gets ``- z_v`` and ``* s_v``.
 
-The int8 cache I/O and ``QuantizeLinear`` before the Concat are unchanged. Only for C8 alone: FAQuant quantizes
-the dequantized K and V themselves, and a softcapped ``Attention`` (no longer shift-invariant) keeps the QDQ form.
+The int8 cache I/O and ``QuantizeLinear`` before the Concat are unchanged. The cache's scales are C8's
+(``kv``) or, with FAQuant alone, FAQuant's (``fa``): there q's FAQuant round trip comes after this pass, on q
+itself, so the ``Mul`` by ``s_k`` reads the quantized q. Not with C8 and FAQuant together: FAQuant then
+quantizes the dequantized K and V themselves. A softcapped ``Attention`` (no longer shift-invariant) keeps
+the QDQ form.
 """
 
 from functools import partial
@@ -22,15 +25,24 @@ import torch
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qpass.core.naming import onnx_name
+from qpass.core.recipe import Recipe
 from qpass.core.sites import AttentionSite
 from qpass.passes.onnx import qdq
 from qpass.passes.onnx.base import SitePass
-from qpass.passes.onnx.insert_kv_cache_qdq import DEQUANTIZED
+from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.insert_kv_cache_qdq import CACHE_SCALES, DEQUANTIZED
 
 
 class FoldKVCacheScalesPass(SitePass):
     """Replace each dequantized cache with a Cast and fold its scales into q and the attention output; ``count``:
     sites lowered."""
+
+    def __init__(self, sites: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe, scales: str = "kv"):
+        """``scales``: whose k/v scales the cache holds, as ``InsertKVCacheQDQPass`` was given them."""
+        if scales not in CACHE_SCALES:
+            raise ValueError(f"scales={scales!r} is not one of {', '.join(CACHE_SCALES)}")
+        super().__init__(sites, recipe)
+        self.scales = scales
 
     def rewrite(self, model: ir.Model) -> int:
         graph, values, count = model.graph, qdq.named_values(model.graph), 0
@@ -48,13 +60,15 @@ class FoldKVCacheScalesPass(SitePass):
             tag = partial(onnx_name, site.layer)
             s_k, _ = self._per_head(site, "k")
             s_v, z_v = self._per_head(site, "v")
+            k_scale, v_scale = tag(f"{self.scales}_k.scale_per_head"), tag(f"{self.scales}_v.scale_per_head")
+            v_offset = tag(f"{self.scales}_v.offset_per_head")
             q = values[site.q]
-            scale_q = qdq.node("Mul", [q, qdq.initializer(graph, tag("kv_k.scale_per_head"), s_k)], tag("fold_k_scale"))
+            scale_q = qdq.node("Mul", [q, qdq.initializer(graph, k_scale, s_k)], tag("fold_k_scale"))
             qdq.replace_uses(q, scale_q.outputs[0], keep={scale_q})
             graph.insert_after(q.producer(), scale_q)
             out = values[site.attention]
-            sub = qdq.node("Sub", [out, qdq.initializer(graph, tag("kv_v.offset_per_head"), z_v)], tag("fold_v_offset"))
-            mul = qdq.node("Mul", [sub.outputs[0], qdq.initializer(graph, tag("kv_v.scale_per_head"), s_v)], tag("fold_v_scale"))
+            sub = qdq.node("Sub", [out, qdq.initializer(graph, v_offset, z_v)], tag("fold_v_offset"))
+            mul = qdq.node("Mul", [sub.outputs[0], qdq.initializer(graph, v_scale, s_v)], tag("fold_v_scale"))
             qdq.replace_uses(out, mul.outputs[0], keep={sub})
             graph.insert_after(attention, [sub, mul])
             count += 1
@@ -63,9 +77,10 @@ class FoldKVCacheScalesPass(SitePass):
         return count
 
     def _per_head(self, site: AttentionSite, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(scale, offset)`` of ``kv_<kind>`` as float32 ``[1, heads, 1, head_dim]``, query head h taking KV head
+        """``(scale, offset)`` of the cache's ``<kind>`` (``kv_k`` or ``fa_k``, ``[kv_heads * head_dim]`` or
+        ``[kv_heads, head_dim]``) as float32 ``[1, heads, 1, head_dim]``, query head h taking KV head
         ``h // (heads / kv_heads)`` (GQA's repeat)."""
-        scale, offset = self.recipe.get(site.layer, f"kv_{kind}")
+        scale, offset = self.recipe.get(site.layer, f"{self.scales}_{kind}")
         rep = site.num_heads // site.num_kv_heads
 
         def per_head(t: torch.Tensor) -> np.ndarray:

@@ -108,8 +108,9 @@ def test_float_onnx_matches_the_pytorch_model(onnx_dirs, torch_frontend, windows
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_same_scales_as_the_pytorch_path(onnx_dirs, torch_frontend, windows, mode):
-    config = QuantConfig(window=WINDOW, batch_size=2, **MODES[mode])
-    ours, theirs = calibrate(OnnxFrontend.load(onnx_dirs[20], WINDOW), windows, config), calibrate(torch_frontend, windows, config)
+    config = QuantConfig(**MODES[mode])
+    ours = calibrate(OnnxFrontend.load(onnx_dirs[20], WINDOW), windows, config, batch_size=2)
+    theirs = calibrate(torch_frontend, windows, config, batch_size=2)
     assert set(ours.tensors) == set(theirs.tensors)
     for name, tensor in theirs.tensors.items():
         if name.endswith("scale"):
@@ -122,15 +123,15 @@ def test_same_scales_as_the_pytorch_path(onnx_dirs, torch_frontend, windows, mod
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_quantized_onnx_runs_the_pytorch_paths_numbers(onnx_dirs, torch_frontend, windows, opset, mode):
     """The PyTorch path's recipe applied to the export: ONNX Runtime's logits are the fake-quantized program's."""
-    config = QuantConfig(window=WINDOW, batch_size=2, **MODES[mode])
-    recipe = calibrate(torch_frontend, windows, config)
+    config = QuantConfig(**MODES[mode])
+    recipe = calibrate(torch_frontend, windows, config, batch_size=2)
     frontend = OnnxFrontend.load(onnx_dirs[opset], WINDOW)
     quantized, counts = frontend.apply(recipe)
-    folded = {"FoldKVCacheScalesPass": 2} if config.kv_cache and not config.fa_quant else {}
-    assert counts == {**({"InsertKVCacheQDQPass": 4} if config.kv_cache else {}), **folded,
-                      **({"InsertFAQuantQDQPass": 6} if config.fa_quant else {})}
+    both = bool(config.kv_cache and config.fa_quant)  # FAQuant then quantizes C8's dequantized cache: no fold
+    fa = {"InsertFAQuantQDQPass": 6 if config.kv_cache else 2} if config.fa_quant else {}  # alone: q (its own cache)
+    assert counts == {"InsertKVCacheQDQPass": 4, **({} if both else {"FoldKVCacheScalesPass": 2}), **fa}
     ops = {node.op_type for node in quantized.graph}
-    assert ("DequantizeLinear" in ops) == bool(config.fa_quant)  # C8 alone reads the cache through a Cast
+    assert ("DequantizeLinear" in ops) == bool(config.fa_quant)  # a folded cache is read through a Cast
     with torch.no_grad():
         expected = torch_frontend.logits(recipe)(windows)
     got = Runner(session(quantized), read_sites(quantized)).logits(windows)
@@ -141,7 +142,7 @@ def test_quantized_onnx_runs_the_pytorch_paths_numbers(onnx_dirs, torch_frontend
 
 
 def test_the_int8_cache_io_and_any_batch_size(onnx_dirs, torch_frontend, windows):
-    recipe = calibrate(torch_frontend, windows, QuantConfig(window=WINDOW, **MODES["C8"]))
+    recipe = calibrate(torch_frontend, windows, QuantConfig(**MODES["C8"]))
     quantized, _ = OnnxFrontend.load(onnx_dirs[20], WINDOW).apply(recipe)
     types = {v.name: v.dtype for v in (*quantized.graph.inputs, *quantized.graph.outputs)}
     assert all(types[f"{p}.{i}.{k}"] == ir.DataType.INT8 for p in ("past_key_values", "present") for i in (0, 1) for k in ("key", "value"))
@@ -152,12 +153,12 @@ def test_the_int8_cache_io_and_any_batch_size(onnx_dirs, torch_frontend, windows
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["C8", "FAQuant+C8"])
+@pytest.mark.parametrize("mode", sorted(MODES))
 def test_greedy_decode_on_the_int8_cache_gives_the_pytorch_paths_tokens(onnx_dirs, torch_frontend, windows, mode):
     """ONNX Runtime decodes token by token, feeding int8 present.* back as past_key_values.*; the PyTorch path's
     quantized program recomputes the whole sequence each step. Static per-channel int8 is per element, so both
     see the same values and choose the same tokens."""
-    recipe = calibrate(torch_frontend, windows, QuantConfig(window=WINDOW, **MODES[mode]))
+    recipe = calibrate(torch_frontend, windows, QuantConfig(**MODES[mode]))
     quantized, _ = OnnxFrontend.load(onnx_dirs[20], WINDOW).apply(recipe)
     prompt = windows[0, :8].tolist()
     ours = greedy(Runner(session(quantized), read_sites(quantized)), prompt, 12)
@@ -169,7 +170,7 @@ def test_greedy_decode_on_the_int8_cache_gives_the_pytorch_paths_tokens(onnx_dir
 
 
 def test_the_rewritten_model_passes_the_full_checker(onnx_dirs, torch_frontend, windows):
-    recipe = calibrate(torch_frontend, windows, QuantConfig(window=WINDOW, **MODES["FAQuant+C8"]))
+    recipe = calibrate(torch_frontend, windows, QuantConfig(**MODES["FAQuant+C8"]))
     quantized, _ = OnnxFrontend.load(onnx_dirs[23], WINDOW).apply(recipe)
     onnx.checker.check_model(ir.to_proto(quantized), full_check=True)
 
@@ -201,7 +202,7 @@ def test_compile_writes_the_onnx_directory(compiled_onnx):
 def test_eval_and_run_read_the_directory_back(compiled_onnx, text_files, capsys):
     report = json.loads((compiled_onnx / "report.json").read_text())
     capsys.readouterr()
-    assert main(["eval", str(compiled_onnx), "--eval", str(text_files["prose"]), "--eval-windows", "4"]) == 0
+    assert main(["eval", str(compiled_onnx), "--eval", str(text_files["prose"]), "--eval-windows", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ppl_quant"] == pytest.approx(report["eval"]["ppl_quant"], rel=1e-6)
     assert main(["run", str(compiled_onnx), "--prompt", "def main():", "--max-new-tokens", "5"]) == 0
@@ -237,8 +238,9 @@ def test_external_weights_stay_in_the_input_file_until_written(tiny_model_dir, t
     before = {name: v.const_value for name, v in ir.load(source / "model.onnx").graph.initializers.items()
               if isinstance(v.const_value, ir.ExternalTensor)}
     assert before
-    config = QuantConfig(kv_cache="static", window=64, calib_samples=4, batch_size=2)
-    result = qpass.compile(str(source), config, calib=str(text_files["calib"]))
+    config = QuantConfig(kv_cache="static")
+    run = qpass.RunSettings(window=64, calib_samples=4, batch_size=2)
+    result = qpass.compile(str(source), config, calib=str(text_files["calib"]), run=run)
     after = {name: v.const_value for name, v in result.program.graph.initializers.items()}
     for name, tensor in before.items():
         kept = after[name]
@@ -378,7 +380,7 @@ def test_the_large_model_paths(onnx_dirs, text_files, tmp_path, monkeypatch):
 def test_an_int8_cache_written_without_its_quantization_is_caught(onnx_dirs, torch_frontend, windows):
     from qpass.passes.onnx.verify_int8_cache import VerifyInt8CachePass
 
-    recipe = calibrate(torch_frontend, windows, QuantConfig(window=WINDOW, **MODES["C8"]))
+    recipe = calibrate(torch_frontend, windows, QuantConfig(**MODES["C8"]))
     frontend = OnnxFrontend.load(onnx_dirs[20], WINDOW)
     quantized, _ = frontend.apply(recipe)
     VerifyInt8CachePass(frontend.found)(quantized)  # as written: passes
@@ -397,7 +399,7 @@ def test_folding_the_cache_scales_changes_no_number(onnx_dirs, torch_frontend, w
     from qpass.passes.onnx.fold_kv_cache_scales import FoldKVCacheScalesPass
     from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 
-    recipe = calibrate(torch_frontend, windows, QuantConfig(window=WINDOW, **MODES["C8"]))
+    recipe = calibrate(torch_frontend, windows, QuantConfig(**MODES["C8"]))
     graphs = []
     for fold in (False, True):
         model, found = load_decoder(onnx_dirs[opset] / "model.onnx")
