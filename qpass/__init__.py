@@ -6,9 +6,17 @@ The names below load on first use, so ``import qpass`` stays cheap (no torch unt
 import importlib
 
 _EXPORTS = {
-    "CompileResult": "qpass.api", "compile": "qpass.api", "evaluate_saved": "qpass.api", "generate": "qpass.api",
-    "inspect_model": "qpass.api", "open_model": "qpass.api", "QuantConfig": "qpass.core.config", "RunSettings": "qpass.core.config", "QpassError": "qpass.core.errors",
-    "Recipe": "qpass.core.recipe", "load_model": "qpass.models.loaders",
+    "CompileResult": "qpass.api",
+    "compile": "qpass.api",
+    "evaluate_saved": "qpass.api",
+    "generate": "qpass.api",
+    "inspect_model": "qpass.api",
+    "open_model": "qpass.api",
+    "QuantConfig": "qpass.core.config",
+    "RunSettings": "qpass.core.config",
+    "QpassError": "qpass.core.errors",
+    "Recipe": "qpass.core.recipe",
+    "load_model": "qpass.models.loaders",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -39,8 +39,9 @@ class CompileResult:
     decoder: object = field(repr=False, default=None)  # lowered to paged int8 ops, for `qpass run`
     compiled: Compiled | None = field(repr=False, default=None)  # what exporters write
 
-    def save(self, out_dir: str | Path, force: bool = False, format: str | None = None,
-             dtype: str | None = None) -> Path:
+    def save(
+        self, out_dir: str | Path, force: bool = False, format: str | None = None, dtype: str | None = None
+    ) -> Path:
         """Write ``out_dir`` all or nothing with the exporter ``format`` (``qpass``, ``mindie``, ``vllm-ascend``,
         ``onnx``; by default ``onnx`` for an ONNX input, else ``qpass``); ``dtype`` is the model dtype of formats
         that store one (``mindie``: float16, the default, or bfloat16)."""
@@ -63,8 +64,12 @@ def output_format(model, format: str | None, config: QuantConfig, dtype: str | N
     return name
 
 
-def open_model(model: str | Path | LoadedModel, window: int = RunSettings.window, tokenizer: str | Path | None = None,
-               layerwise: bool | None = False):
+def open_model(
+    model: str | Path | LoadedModel,
+    window: int = RunSettings.window,
+    tokenizer: str | Path | None = None,
+    layerwise: bool | None = False,
+):
     """``model`` opened by the frontend that reads it (a :class:`qpass.core.frontend.Frontend`), over token ids
     ``[batch, window]``; ``layerwise`` True runs it one decoder layer at a time, None does so when the whole model
     would not fit in memory (with a one-line note), False never. ``tokenizer``: an ONNX model's tokenizer directory
@@ -74,10 +79,17 @@ def open_model(model: str | Path | LoadedModel, window: int = RunSettings.window
     return frontends.get(frontends.name_of(model)).open(model, window, tokenizer, layerwise)
 
 
-def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | list[str] | None = None,
-            eval: str | Path | None = None, recipe: str | Path | Recipe | None = None,
-            run: RunSettings | None = None, verify: bool = True, tokenizer: str | Path | None = None,
-            layerwise: bool | None = None) -> CompileResult:
+def compile(
+    model: str | LoadedModel,
+    config: QuantConfig,
+    calib: str | Path | list[str] | None = None,
+    eval: str | Path | None = None,
+    recipe: str | Path | Recipe | None = None,
+    run: RunSettings | None = None,
+    verify: bool = True,
+    tokenizer: str | Path | None = None,
+    layerwise: bool | None = None,
+) -> CompileResult:
     """Capture ``model``, calibrate (or reuse ``recipe``), insert Q/DQ and, given ``eval``, measure perplexity.
 
     ``model``: ``"default"``, a ``.gguf`` file, a Hugging Face directory, a :class:`LoadedModel`, or an ONNX
@@ -109,8 +121,15 @@ def compile(model: str | LoadedModel, config: QuantConfig, calib: str | Path | l
     frontend.check_config(config)
     timings = {"load": time.perf_counter() - start}
     compiled = compile_model(frontend, config, run, texts, recipe, verify, timings)
-    return CompileResult(compiled.program, compiled.recipe, compiled.sites, compiled.report, compiled.tokenizer,
-                         compiled.decoder, compiled)
+    return CompileResult(
+        compiled.program,
+        compiled.recipe,
+        compiled.sites,
+        compiled.report,
+        compiled.tokenizer,
+        compiled.decoder,
+        compiled,
+    )
 
 
 def too_big(model, note: bool = True) -> bool:
@@ -123,14 +142,21 @@ def too_big(model, note: bool = True) -> bool:
         return False
     if note:
         how = "running it in ONNX Runtime" if name == "onnx" else "calibrating"
-        print(f"qpass: MODEL {model}: a whole-model compile needs about {need / 2**30:.1f} GiB and "
-              f"{available / 2**30:.1f} GiB is available; {how} one decoder layer at a time (--layerwise)",
-              file=sys.stderr)
+        print(
+            f"qpass: MODEL {model}: a whole-model compile needs about {need / 2**30:.1f} GiB and "
+            f"{available / 2**30:.1f} GiB is available; {how} one decoder layer at a time (--layerwise)",
+            file=sys.stderr,
+        )
     return True
 
 
-def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = RunSettings.eval_windows,
-                   batch_size: int = RunSettings.batch_size, float_model: str | Path | bool | None = None) -> dict:
+def evaluate_saved(
+    out_dir: str | Path,
+    eval: str | Path,
+    eval_windows: int = RunSettings.eval_windows,
+    batch_size: int = RunSettings.batch_size,
+    float_model: str | Path | bool | None = None,
+) -> dict:
     """Reload a directory some exporter wrote (qpass's, MindIE's, ONNX) and measure its quantized perplexity on
     at most ``eval_windows`` windows of ``eval``, over the window it was compiled for, beside the float model's:
     ``float_model`` (by default the model the directory's ``report.json`` says it was compiled from, where that is
@@ -151,9 +177,15 @@ def evaluate_saved(out_dir: str | Path, eval: str | Path, eval_windows: int = Ru
     start = time.perf_counter()
     nll, layerwise = frontend.saved_nll(loaded, out_dir, ids, run.batch_size, "eval quantized", counted)
     timings = {"load": round(loaded_s, 3), "eval": round(time.perf_counter() - start, 3)}
-    result = {"file": str(eval), **loaded.info, "tokens": int(ids.numel()), "windows": int(ids.shape[0]),
-              "window": window, "ppl_quant": math.exp(float(nll.mean())),
-              "timings_s": timings if loaded.program is None else {"eval": timings["eval"]}}
+    result = {
+        "file": str(eval),
+        **loaded.info,
+        "tokens": int(ids.numel()),
+        "windows": int(ids.shape[0]),
+        "window": window,
+        "ppl_quant": math.exp(float(nll.mean())),
+        "timings_s": timings if loaded.program is None else {"eval": timings["eval"]},
+    }
     if layerwise:
         result["layerwise"] = True
     result["float"] = _float_perplexity(out_dir, float_model, ids, run.batch_size)
@@ -206,7 +238,8 @@ def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[lis
     return prompt_ids, frontends.get(exporter.frontend).generate(loaded, prompt_ids, max_new_tokens, eos), tokenizer
 
 
-def inspect_model(model: str | LoadedModel, window: int = 64,
-                  tokenizer: str | Path | None = None) -> list[AttentionSite]:
+def inspect_model(
+    model: str | LoadedModel, window: int = 64, tokenizer: str | Path | None = None
+) -> list[AttentionSite]:
     """The attention sites of ``model``, found on its captured (or loaded ONNX) graph."""
     return open_model(model, window, tokenizer).attention_sites()

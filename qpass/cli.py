@@ -21,35 +21,59 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qpass", description="Quantization compiler for LLM attention: FAQuant and int8 KV cache (C8).")
+    parser = _Parser(
+        prog="qpass", description="Quantization compiler for LLM attention: FAQuant and int8 KV cache (C8)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="capture, calibrate, insert Q/DQ, evaluate, write the program and report")
-    c.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, `default` (SmolLM2-135M), "
-                                                  "or an ONNX decoder (.onnx, or a directory holding model.onnx)")
+    c.add_argument(
+        "model",
+        metavar="MODEL",
+        help="Hugging Face model directory, .gguf file, `default` (SmolLM2-135M), "
+        "or an ONNX decoder (.onnx, or a directory holding model.onnx)",
+    )
     for _, flag, kwargs in cli_options(QuantConfig) + cli_options(RunSettings):
         c.add_argument(flag, **kwargs)
-    c.add_argument("--calib", help="calibration file: .jsonl (inputs_pretokenized or text per line) or plain text; "
-                                   "default: the stdlib corpus")
+    c.add_argument(
+        "--calib",
+        help="calibration file: .jsonl (inputs_pretokenized or text per line) or plain text; "
+        "default: the stdlib corpus",
+    )
     c.add_argument("--eval", help="evaluation text file (plain text, not used for calibration)")
-    c.add_argument("--recipe", help="reuse the calibration in this recipe directory (OUT/recipe of an earlier "
-                                    "compile); its policy is kept, the run settings (--window, --batch-size, "
-                                    "--eval-windows) are this run's")
+    c.add_argument(
+        "--recipe",
+        help="reuse the calibration in this recipe directory (OUT/recipe of an earlier "
+        "compile); its policy is kept, the run settings (--window, --batch-size, "
+        "--eval-windows) are this run's",
+    )
     c.add_argument("-o", "--output", required=True, help="output directory (must be new or empty, or pass --force)")
     c.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     c.add_argument("--no-verify", action="store_true", help="skip the checks after each pass")
     c.add_argument("--tokenizer", help="tokenizer directory of an ONNX model (default: the tokenizer files next to it)")
-    c.add_argument("--format", choices=FORMATS, default=None,
-                   help="output (default: onnx for an ONNX model, else qpass): onnx (model.onnx with the int8 cache, "
-                        "recipe/, tokenizer, genai_config.json where the input had one); qpass (program.pt2, recipe/, decoder.pt2); mindie (Ascend MindIE W8A8 weight directory as its "
-                        "documentation says; needs --w8a8); vllm-ascend (the same directory as vllm-ascend loads it: "
-                        "C8 needs --symmetric, no --fa-quant)")
-    c.add_argument("--dtype", choices=("float16", "bfloat16"), help="model dtype of --format mindie / vllm-ascend (default float16)")
-    c.add_argument("--layerwise", action="store_true", default=None,
-                   help="calibrate a Hugging Face directory one decoder layer at a time from its safetensors, or run an ONNX "
-                        "model in ONNX Runtime one layer's stage at a time (automatic when the model would not fit in memory); "
-                        "--fa-quant, --kv-int8, --w8a8 with or without smoothing; writes recipe/, tokenizer/ and the report, "
-                        "the MindIE / vllm-ascend directory, or the ONNX directory")
+    c.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="output (default: onnx for an ONNX model, else qpass): onnx (model.onnx with the int8 cache, "
+        "recipe/, tokenizer, genai_config.json where the input had one); qpass (program.pt2, recipe/, decoder.pt2); mindie (Ascend MindIE W8A8 weight directory as its "
+        "documentation says; needs --w8a8); vllm-ascend (the same directory as vllm-ascend loads it: "
+        "C8 needs --symmetric, no --fa-quant)",
+    )
+    c.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16"),
+        help="model dtype of --format mindie / vllm-ascend (default float16)",
+    )
+    c.add_argument(
+        "--layerwise",
+        action="store_true",
+        default=None,
+        help="calibrate a Hugging Face directory one decoder layer at a time from its safetensors, or run an ONNX "
+        "model in ONNX Runtime one layer's stage at a time (automatic when the model would not fit in memory); "
+        "--fa-quant, --kv-int8, --w8a8 with or without smoothing; writes recipe/, tokenizer/ and the report, "
+        "the MindIE / vllm-ascend directory, or the ONNX directory",
+    )
 
     e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
     e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
@@ -57,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, flag, kwargs in cli_options(RunSettings):
         if name in ("batch_size", "eval_windows"):  # the window is the one the directory was compiled for
             e.add_argument(flag, **kwargs)
-    e.add_argument("--float", dest="float_model", metavar="MODEL",
-                   help="the float model to measure beside it (default: the one its report.json names, if still there)")
+    e.add_argument(
+        "--float",
+        dest="float_model",
+        metavar="MODEL",
+        help="the float model to measure beside it (default: the one its report.json names, if still there)",
+    )
     e.add_argument("--no-float", dest="float_model", action="store_false", help="measure the quantized model only")
     e.add_argument("--json", action="store_true", help="print the full JSON record instead of the summary")
 
@@ -68,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
 
     i = sub.add_parser("inspect", help="list the attention sites found in MODEL")
-    i.add_argument("model", metavar="MODEL", help="Hugging Face model directory, .gguf file, `default`, or an ONNX decoder")
+    i.add_argument(
+        "model", metavar="MODEL", help="Hugging Face model directory, .gguf file, `default`, or an ONNX decoder"
+    )
     i.add_argument("--tokenizer", help="tokenizer directory of an ONNX model (default: the tokenizer files next to it)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -123,8 +153,17 @@ def cmd_compile(args) -> int:
     else:
         config = _settings(args, QuantConfig)
     args.format = output_format(args.model, args.format, config, args.dtype)
-    result = qpass.compile(args.model, config, calib=args.calib, eval=args.eval, recipe=recipe, run=run,
-                           verify=not args.no_verify, tokenizer=args.tokenizer, layerwise=args.layerwise)
+    result = qpass.compile(
+        args.model,
+        config,
+        calib=args.calib,
+        eval=args.eval,
+        recipe=recipe,
+        run=run,
+        verify=not args.no_verify,
+        tokenizer=args.tokenizer,
+        layerwise=args.layerwise,
+    )
     result.save(args.output, force=args.force, format=args.format, dtype=args.dtype)
     print(summary(result.report))
     files = registry.get(args.format).files
@@ -147,13 +186,21 @@ def _settings(args, cls):
 
 def _check_recipe_flags(args, calibrated: QuantConfig) -> None:
     """Refuse a policy flag that says otherwise than the recipe ``--recipe`` reuses (it would be silently dropped)."""
-    asked = {name: (flag, getattr(args, name)) for name, flag, kwargs in cli_options(QuantConfig)
-             if getattr(args, name) != kwargs["default"]}
-    differ = [f"{flag} ({name}={getattr(calibrated, name)!r} in the recipe)" for name, (flag, value) in asked.items()
-              if value != getattr(calibrated, name)]
+    asked = {
+        name: (flag, getattr(args, name))
+        for name, flag, kwargs in cli_options(QuantConfig)
+        if getattr(args, name) != kwargs["default"]
+    }
+    differ = [
+        f"{flag} ({name}={getattr(calibrated, name)!r} in the recipe)"
+        for name, (flag, value) in asked.items()
+        if value != getattr(calibrated, name)
+    ]
     if differ:
-        raise QpassError(f"--recipe {args.recipe}: calibrated otherwise than {', '.join(differ)}; drop those flags "
-                         "to use it as it is, or recalibrate")
+        raise QpassError(
+            f"--recipe {args.recipe}: calibrated otherwise than {', '.join(differ)}; drop those flags "
+            "to use it as it is, or recalibrate"
+        )
 
 
 def cmd_eval(args) -> int:
@@ -174,8 +221,11 @@ def cmd_run(args) -> int:
     prompt, new, tokenizer = qpass.generate(args.out, args.prompt, args.max_new_tokens)
     seconds = time.perf_counter() - start
     print(tokenizer.decode(prompt + new, skip_special_tokens=True))
-    print(f"qpass run: {len(new)} tokens in {seconds:.2f}s ({len(new) / seconds:.1f} tokens/s, prefill and load "
-          f"of {len(prompt)} prompt tokens included)", file=sys.stderr)
+    print(
+        f"qpass run: {len(new)} tokens in {seconds:.2f}s ({len(new) / seconds:.1f} tokens/s, prefill and load "
+        f"of {len(prompt)} prompt tokens included)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -189,8 +239,10 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"{'layer':>5} {'form':<21} {'heads':>5} {'kv':>3} {'dim':>4} {'rope':<5} {'qknorm':<6} q / k / v from")
     for s in sites:
-        print(f"{s['layer']:>5} {s['form']:<21} {s['num_heads']:>5} {s['num_kv_heads']:>3} {s['head_dim']:>4} "
-              f"{str(s['rope']):<5} {str(s['qk_norm']):<6} {s['q_from']} / {s['k_from']} / {s['v_from']}")
+        print(
+            f"{s['layer']:>5} {s['form']:<21} {s['num_heads']:>5} {s['num_kv_heads']:>3} {s['head_dim']:>4} "
+            f"{str(s['rope']):<5} {str(s['qk_norm']):<6} {s['q_from']} / {s['k_from']} / {s['v_from']}"
+        )
     return 0
 
 

@@ -71,9 +71,14 @@ def make_inputs(batch, context, args, device):
     scales = [torch.rand(args.kv_heads, args.head_dim, generator=g, device=device) * 0.03 + 0.005 for _ in range(4)]
     return dict(
         query=torch.randn(batch, args.num_heads, args.head_dim, generator=g, device=device).half(),
-        key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_tables=block_tables,
         context_lens=torch.full((batch,), context, dtype=torch.int32, device=device),
-        k_scale=scales[0], k_offset=scales[1].round(), v_scale=scales[2], v_offset=scales[3].round(),
+        k_scale=scales[0],
+        k_offset=scales[1].round(),
+        v_scale=scales[2],
+        v_offset=scales[3].round(),
     )
 
 
@@ -105,12 +110,23 @@ def flashinfer_decode(inputs, k16, v16, args):
     context = int(inputs["context_lens"][0])
     device = inputs["query"].device
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device), "NHD")
+        torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device), "NHD"
+    )
     indptr = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * blocks_per_seq
-    last_page_len = torch.full((batch,), context - (blocks_per_seq - 1) * args.block_size, dtype=torch.int32,
-                               device=device)
-    wrapper.plan(indptr, inputs["block_tables"].flatten(), last_page_len, args.num_heads, args.kv_heads,
-                 args.head_dim, args.block_size, q_data_type=torch.float16, kv_data_type=torch.float16)
+    last_page_len = torch.full(
+        (batch,), context - (blocks_per_seq - 1) * args.block_size, dtype=torch.int32, device=device
+    )
+    wrapper.plan(
+        indptr,
+        inputs["block_tables"].flatten(),
+        last_page_len,
+        args.num_heads,
+        args.kv_heads,
+        args.head_dim,
+        args.block_size,
+        q_data_type=torch.float16,
+        kv_data_type=torch.float16,
+    )
     return lambda: wrapper.run(inputs["query"], (k16, v16))
 
 
@@ -171,31 +187,51 @@ def main(argv=None):
     if not correctness_check(tpa, "cuda"):
         return 1
     scale = 1 / math.sqrt(args.head_dim)
-    print(f"{'batch x context':>16} {'int8 ms':>9} {'fp16 ms':>9} {'speedup':>8} {'int8 BW':>8} {'fp16 BW':>8} "
-          f"{'flashinfer ms':>14}")
+    print(
+        f"{'batch x context':>16} {'int8 ms':>9} {'fp16 ms':>9} {'speedup':>8} {'int8 BW':>8} {'fp16 BW':>8} "
+        f"{'flashinfer ms':>14}"
+    )
     for batch, context in grid:
-        inputs = make_inputs(batch, context, args, "cuda")
-        k16 = ((inputs["key_cache"].float() - inputs["k_offset"]) * inputs["k_scale"]).half()
-        v16 = ((inputs["value_cache"].float() - inputs["v_offset"]) * inputs["v_scale"]).half()
-        int8_ms = time_ms(lambda: tpa.paged_attention_triton(**inputs, softmax_scale=scale, max_context_len=context),
-                          args.warmup, args.repeats)
-        fp16_ms = time_ms(lambda: tpa.paged_attention_triton(inputs["query"], k16, v16, inputs["block_tables"],
-                                                             inputs["context_lens"], softmax_scale=scale,
-                                                             max_context_len=context),
-                          args.warmup, args.repeats)
-        tokens = batch * context
-        int8_bytes = tokens * bytes_per_token(args.kv_heads, args.head_dim, tokens)[0]
-        fp16_bytes = tokens * bytes_per_token(args.kv_heads, args.head_dim, tokens)[1]
-        try:
-            fi = flashinfer_decode(inputs, k16, v16, args)
-            fi_text = "not installed" if fi is None else f"{time_ms(fi, args.warmup, args.repeats):.3f}"
-        except Exception as e:  # an API that moved between FlashInfer versions should not stop the run
-            fi_text = f"failed: {type(e).__name__}"
-        print(f"{batch:>6} x {context:<7} {int8_ms:9.3f} {fp16_ms:9.3f} {fp16_ms / int8_ms:7.2f}x "
-              f"{int8_bytes / int8_ms / 1e9 / peak:7.1%} {fp16_bytes / fp16_ms / 1e9 / peak:7.1%} {fi_text:>14}")
-        del inputs, k16, v16
-        torch.cuda.empty_cache()
+        print(_row(tpa, batch, context, args, scale, peak))
+        torch.cuda.empty_cache()  # the row's caches are gone with its frame
     return 0
+
+
+def _row(tpa, batch: int, context: int, args, scale: float, peak: float) -> str:
+    """One line of the GPU table: the int8 kernel, the same kernel on a float16 cache, FlashInfer."""
+    inputs = make_inputs(batch, context, args, "cuda")
+    k16 = ((inputs["key_cache"].float() - inputs["k_offset"]) * inputs["k_scale"]).half()
+    v16 = ((inputs["value_cache"].float() - inputs["v_offset"]) * inputs["v_scale"]).half()
+    int8_ms = time_ms(
+        lambda: tpa.paged_attention_triton(**inputs, softmax_scale=scale, max_context_len=context),
+        args.warmup,
+        args.repeats,
+    )
+    fp16_ms = time_ms(
+        lambda: tpa.paged_attention_triton(
+            inputs["query"],
+            k16,
+            v16,
+            inputs["block_tables"],
+            inputs["context_lens"],
+            softmax_scale=scale,
+            max_context_len=context,
+        ),
+        args.warmup,
+        args.repeats,
+    )
+    tokens = batch * context
+    int8_bytes = tokens * bytes_per_token(args.kv_heads, args.head_dim, tokens)[0]
+    fp16_bytes = tokens * bytes_per_token(args.kv_heads, args.head_dim, tokens)[1]
+    try:
+        fi = flashinfer_decode(inputs, k16, v16, args)
+        fi_text = "not installed" if fi is None else f"{time_ms(fi, args.warmup, args.repeats):.3f}"
+    except Exception as e:  # an API that moved between FlashInfer versions should not stop the run
+        fi_text = f"failed: {type(e).__name__}"
+    return (
+        f"{batch:>6} x {context:<7} {int8_ms:9.3f} {fp16_ms:9.3f} {fp16_ms / int8_ms:7.2f}x "
+        f"{int8_bytes / int8_ms / 1e9 / peak:7.1%} {fp16_bytes / fp16_ms / 1e9 / peak:7.1%} {fi_text:>14}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def time_passes(num_layers: int, repeats: int) -> float:
     import torch
 
     from qpass.core.calibrate import calibrate
+
     # capture, pipeline, find_attention_sites: internals, as what is timed is the torch.export frontend's fx passes
     from qpass.frontends.torch_export.capture import param_names
     from qpass.frontends.torch_export.pipeline import quantize_program

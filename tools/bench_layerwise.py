@@ -59,8 +59,14 @@ from tools import common
 HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 2048, 16, 8, 5632, 32000
 
 
-def write_random_llama(path: Path, layers: int, hidden: int = HIDDEN, heads: int = HEADS, kv_heads: int = KV_HEADS,
-                       intermediate: int = INTERMEDIATE) -> int:
+def write_random_llama(
+    path: Path,
+    layers: int,
+    hidden: int = HIDDEN,
+    heads: int = HEADS,
+    kv_heads: int = KV_HEADS,
+    intermediate: int = INTERMEDIATE,
+) -> int:
     """A random-weight Llama of ``layers`` layers as bfloat16 safetensors, one shard per layer; returns its bytes."""
     import torch
     from safetensors.torch import save_file
@@ -69,32 +75,56 @@ def write_random_llama(path: Path, layers: int, hidden: int = HIDDEN, heads: int
     from qpass.models.tiny import byte_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
-                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     head_dim = hidden // heads
-    shapes = {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-              "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), "self_attn.o_proj.weight": (hidden, hidden),
-              "mlp.gate_proj.weight": (intermediate, hidden), "mlp.up_proj.weight": (intermediate, hidden),
-              "mlp.down_proj.weight": (hidden, intermediate)}
+    shapes = {
+        "self_attn.q_proj.weight": (hidden, hidden),
+        "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, hidden),
+        "mlp.gate_proj.weight": (intermediate, hidden),
+        "mlp.up_proj.weight": (intermediate, hidden),
+        "mlp.down_proj.weight": (hidden, intermediate),
+    }
     generator = torch.Generator().manual_seed(0)
     shards = [{"model.embed_tokens.weight": (VOCAB, hidden)}]
-    shards += [{f"model.layers.{i}.{name}": shape for name, shape in shapes.items()} |
-               {f"model.layers.{i}.input_layernorm.weight": (hidden,), f"model.layers.{i}.post_attention_layernorm.weight": (hidden,)}
-               for i in range(layers)]
+    shards += [
+        {f"model.layers.{i}.{name}": shape for name, shape in shapes.items()}
+        | {
+            f"model.layers.{i}.input_layernorm.weight": (hidden,),
+            f"model.layers.{i}.post_attention_layernorm.weight": (hidden,),
+        }
+        for i in range(layers)
+    ]
     shards += [{"model.norm.weight": (hidden,), "lm_head.weight": (VOCAB, hidden)}]
     weight_map, total = {}, 0
     for n, shard in enumerate(shards):
         file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) / shape[-1] ** 0.5)
-                   .to(torch.bfloat16) for name, shape in shard.items()}
+        tensors = {
+            name: (
+                torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) / shape[-1] ** 0.5
+            ).to(torch.bfloat16)
+            for name, shape in shard.items()
+        }
         save_file(tensors, str(path / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         total += sum(t.numel() * 2 for t in tensors.values())
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
@@ -120,9 +150,19 @@ def child(mode: str, path: str, windows: int, window: int, config_kind: str) -> 
         with tempfile.TemporaryDirectory(prefix="qpass-bench-mindie-") as out:
             export_mindie_by_layer(frontend.config_json(), frontend.state_dict(), recipe, None, out, torch.float16)
     written = time.perf_counter()
-    print(json.dumps({"mode": mode, "tokens": int(ids.numel()), "load_capture_s": round(loaded - start, 2),
-                      "calibrate_s": round(done - loaded, 2), "write_s": round(written - done, 2), "total_s": round(written - start, 2),
-                      "peak_rss_gib": round(common.peak_rss_gib(), 3)}))
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "tokens": int(ids.numel()),
+                "load_capture_s": round(loaded - start, 2),
+                "calibrate_s": round(done - loaded, 2),
+                "write_s": round(written - done, 2),
+                "total_s": round(written - start, 2),
+                "peak_rss_gib": round(common.peak_rss_gib(), 3),
+            }
+        )
+    )
 
 
 def run_child(*args) -> dict:
@@ -138,10 +178,13 @@ def bench_rss(args) -> None:
             size = write_random_llama(path, layers)
             result = run_child("layerwise", path, args.windows, args.window, args.config)
             results[layers] = result
-            print(f"{layers:3d} layers ({size / 2**30:.2f} GiB bf16): peak RSS {result['peak_rss_gib']:.3f} GiB, "
-                  f"load+capture {result['load_capture_s']:.1f}s, calibrate {result['calibrate_s']:.1f}s "
-                  f"({result['calibrate_s'] / layers:.2f}s/layer, {result['tokens']} tokens)"
-                  + (f", MindIE directory written in {result['write_s']:.1f}s" if result["write_s"] else ""), flush=True)
+            print(
+                f"{layers:3d} layers ({size / 2**30:.2f} GiB bf16): peak RSS {result['peak_rss_gib']:.3f} GiB, "
+                f"load+capture {result['load_capture_s']:.1f}s, calibrate {result['calibrate_s']:.1f}s "
+                f"({result['calibrate_s'] / layers:.2f}s/layer, {result['tokens']} tokens)"
+                + (f", MindIE directory written in {result['write_s']:.1f}s" if result["write_s"] else ""),
+                flush=True,
+            )
             shutil.rmtree(path)
     low, high = min(args.layers), max(args.layers)
     ratio = results[high]["peak_rss_gib"] / results[low]["peak_rss_gib"]
@@ -154,10 +197,14 @@ def bench_time(args) -> None:
         whole = run_child("whole", tmp, args.windows, args.window, "fa")
         lw = run_child("layerwise", tmp, args.windows, args.window, "fa")
     for r in (whole, lw):
-        print(f"{r['mode']:>9}: load+capture {r['load_capture_s']:.1f}s, calibrate {r['calibrate_s']:.1f}s, "
-              f"total {r['total_s']:.1f}s, peak RSS {r['peak_rss_gib']:.2f} GiB ({r['tokens']} tokens)")
-    print(f"layer-wise / whole-model: calibrate {lw['calibrate_s'] / whole['calibrate_s']:.3f}x, "
-          f"total {lw['total_s'] / whole['total_s']:.3f}x (target <= 1.3x)")
+        print(
+            f"{r['mode']:>9}: load+capture {r['load_capture_s']:.1f}s, calibrate {r['calibrate_s']:.1f}s, "
+            f"total {r['total_s']:.1f}s, peak RSS {r['peak_rss_gib']:.2f} GiB ({r['tokens']} tokens)"
+        )
+    print(
+        f"layer-wise / whole-model: calibrate {lw['calibrate_s'] / whole['calibrate_s']:.3f}x, "
+        f"total {lw['total_s'] / whole['total_s']:.3f}x (target <= 1.3x)"
+    )
 
 
 def bench_large(args) -> None:
@@ -165,14 +212,33 @@ def bench_large(args) -> None:
         path, out = Path(tmp) / "llama", Path(tmp) / "out"
         start = time.perf_counter()
         size = write_random_llama(path, args.layers, 5120, 40, 8, 13824)
-        print(f"wrote {args.layers} layers, {size / 1e9:.1f} GB bf16 ({size / 2**30:.1f} GiB) in "
-              f"{time.perf_counter() - start:.0f}s; memory {common.physical_memory_gib():.1f} GiB",
-              flush=True)
+        print(
+            f"wrote {args.layers} layers, {size / 1e9:.1f} GB bf16 ({size / 2**30:.1f} GiB) in "
+            f"{time.perf_counter() - start:.0f}s; memory {common.physical_memory_gib():.1f} GiB",
+            flush=True,
+        )
         start = time.perf_counter()
-        flags = ["--kv-int8"] + (["--w8a8", "--anti-method", "m1", "--format", "mindie"] if args.config == "w8a8-mindie" else [])
-        done = subprocess.run([sys.executable, "-m", "qpass.cli", "compile", str(path), *flags, "--calib-samples",
-                               str(args.windows), "--window", str(args.window), "-o", str(out)],
-                              capture_output=True, text=True)
+        flags = ["--kv-int8"] + (
+            ["--w8a8", "--anti-method", "m1", "--format", "mindie"] if args.config == "w8a8-mindie" else []
+        )
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qpass.cli",
+                "compile",
+                str(path),
+                *flags,
+                "--calib-samples",
+                str(args.windows),
+                "--window",
+                str(args.window),
+                "-o",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
         rss = common.peak_rss_gib(children=True)
         notes = [line for line in done.stderr.splitlines() if "--layerwise" in line]
@@ -180,9 +246,11 @@ def bench_large(args) -> None:
             raise SystemExit(f"qpass compile failed ({done.returncode}):\n{done.stderr[-3000:]}")
         report = json.loads((out / "report.json").read_text())
         written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        print(f"qpass compile {' '.join(flags)}: {seconds:.0f}s ({seconds / args.layers:.1f}s/layer, {args.windows} x "
-              f"{args.window} tokens), peak RSS {rss:.2f} GiB, layer-wise: {report['model'].get('layerwise')}, "
-              f"written: {len(list(out.iterdir()))} files, {written / 1e9:.1f} GB")
+        print(
+            f"qpass compile {' '.join(flags)}: {seconds:.0f}s ({seconds / args.layers:.1f}s/layer, {args.windows} x "
+            f"{args.window} tokens), peak RSS {rss:.2f} GiB, layer-wise: {report['model'].get('layerwise')}, "
+            f"written: {len(list(out.iterdir()))} files, {written / 1e9:.1f} GB"
+        )
         print(f"timings: {report['timings_s']}")
         print(f"qpass said: {' / '.join(notes) or '(nothing)'}")
 
@@ -191,9 +259,25 @@ def bench_auto(args) -> None:
     with tempfile.TemporaryDirectory(prefix="qpass-bench-auto-") as tmp:
         model = Path(tmp) / "smollm2"
         common.save_hf(qpass.load_model("default"), model)
-        flags = ["--w8a8", "--fa-quant", "--kv-int8", "--disable-level", "auto", "--max-ppl-increase", "2", "--anti-method", "m3",
-                 "--act-method", "3", "--calib-samples", str(args.calib_samples), "--eval", args.eval, "--eval-windows",
-                 str(args.eval_windows)]
+        flags = [
+            "--w8a8",
+            "--fa-quant",
+            "--kv-int8",
+            "--disable-level",
+            "auto",
+            "--max-ppl-increase",
+            "2",
+            "--anti-method",
+            "m3",
+            "--act-method",
+            "3",
+            "--calib-samples",
+            str(args.calib_samples),
+            "--eval",
+            args.eval,
+            "--eval-windows",
+            str(args.eval_windows),
+        ]
         for mode, extra in (("whole", []), ("layerwise", ["--layerwise"])):
             if mode not in args.modes:
                 continue
@@ -202,13 +286,19 @@ def bench_auto(args) -> None:
             w, ev = report["w8a8"], report["eval"]
             search = report["w8a8"]["fallback_search"]
             rankings = sorted({step["ranking"] for step in search[1:] if step["ranking"] != "none"})
-            print(f"{mode:>9}: {len(w['float_linears'])} of {w['linears']} Linears float (rankings {', '.join(rankings)}; "
-                  f"{len(search) - 1} trials), eval ppl float {ev['ppl_float']:.4f}, quantized {ev['ppl_quant']:.4f} "
-                  f"({ev['ppl_increase_pct']:+.2f}%), {run['seconds']:.0f}s (calibrate {report['timings_s']['calibrate']:.0f}s), "
-                  f"peak RSS {run['peak_rss_gib']:.2f} GiB", flush=True)
+            print(
+                f"{mode:>9}: {len(w['float_linears'])} of {w['linears']} Linears float (rankings {', '.join(rankings)}; "
+                f"{len(search) - 1} trials), eval ppl float {ev['ppl_float']:.4f}, quantized {ev['ppl_quant']:.4f} "
+                f"({ev['ppl_increase_pct']:+.2f}%), {run['seconds']:.0f}s (calibrate {report['timings_s']['calibrate']:.0f}s), "
+                f"peak RSS {run['peak_rss_gib']:.2f} GiB",
+                flush=True,
+            )
             for step in search[1:]:
-                print(f"    {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
-                      f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)", flush=True)
+                print(
+                    f"    {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
+                    f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)",
+                    flush=True,
+                )
             shutil.rmtree(out)
 
 
@@ -232,19 +322,33 @@ def bench_onnx(args) -> None:
     for form, flags in (("dynamo20", ["--kv-int8", "--fa-quant"]), ("genai", ["--kv-int8"])):
         model = Path(args.work) / form
         if not (model / "model.onnx").is_file():
-            raise SystemExit(f"{model}: no model.onnx; run `python -m tools.bench_onnx prepare --work {args.work}` first")
-        flags = flags + ["--calib-samples", str(args.calib_samples), "--eval", args.eval, "--eval-windows", str(args.eval_windows)]
+            raise SystemExit(
+                f"{model}: no model.onnx; run `python -m tools.bench_onnx prepare --work {args.work}` first"
+            )
+        flags = flags + [
+            "--calib-samples",
+            str(args.calib_samples),
+            "--eval",
+            args.eval,
+            "--eval-windows",
+            str(args.eval_windows),
+        ]
         with tempfile.TemporaryDirectory(prefix="qpass-bench-onnx-") as tmp:
             outs = {}
             for mode, extra in (("whole", []), ("layerwise", ["--layerwise"])):
                 outs[mode] = Path(tmp) / mode
                 run, report = common.compile_child(model, outs[mode], flags + extra)
                 ev, t = report["eval"], report["timings_s"]
-                print(f"{form} {' '.join(flags[:2 if form == 'dynamo20' else 1])} {mode:>9}: {run['seconds']:.1f}s "
-                      f"(calibrate {t['calibrate']:.1f}s, eval {t['eval']:.1f}s), peak RSS {run['peak_rss_gib']:.2f} GiB, "
-                      f"ppl float {ev['ppl_float']:.4f} quantized {ev['ppl_quant']:.4f} ({ev['ppl_increase_pct']:+.3f}%)", flush=True)
-            same = {name: sha(outs["whole"] / name) == sha(outs["layerwise"] / name)
-                    for name in ("model.onnx", "recipe/recipe.safetensors")}
+                print(
+                    f"{form} {' '.join(flags[: 2 if form == 'dynamo20' else 1])} {mode:>9}: {run['seconds']:.1f}s "
+                    f"(calibrate {t['calibrate']:.1f}s, eval {t['eval']:.1f}s), peak RSS {run['peak_rss_gib']:.2f} GiB, "
+                    f"ppl float {ev['ppl_float']:.4f} quantized {ev['ppl_quant']:.4f} ({ev['ppl_increase_pct']:+.3f}%)",
+                    flush=True,
+                )
+            same = {
+                name: sha(outs["whole"] / name) == sha(outs["layerwise"] / name)
+                for name in ("model.onnx", "recipe/recipe.safetensors")
+            }
             print(f"{form}: the same bytes layer-wise and whole: {same}", flush=True)
 
 
@@ -256,17 +360,24 @@ def bench_onnx_rss(args) -> None:
             size = write_random_onnx(path, layers)
             flags = ["--kv-int8", "--calib-samples", str(args.windows), "--window", str(args.window)]
             for mode in args.modes:
-                run, report = common.compile_child(path / "onnx", path / mode, flags + (["--layerwise"] if mode == "layerwise" else []))
+                run, report = common.compile_child(
+                    path / "onnx", path / mode, flags + (["--layerwise"] if mode == "layerwise" else [])
+                )
                 results[layers, mode] = run["peak_rss_gib"]
-                print(f"{layers:3d} layers ({size / 2**30:.2f} GiB fp32 ONNX) {mode:>9}: peak RSS {run['peak_rss_gib']:.3f} GiB, "
-                      f"{run['seconds']:.1f}s (calibrate {report['timings_s']['calibrate']:.1f}s, "
-                      f"{report['timings_s']['calibrate'] / layers:.2f}s/layer)", flush=True)
+                print(
+                    f"{layers:3d} layers ({size / 2**30:.2f} GiB fp32 ONNX) {mode:>9}: peak RSS {run['peak_rss_gib']:.3f} GiB, "
+                    f"{run['seconds']:.1f}s (calibrate {report['timings_s']['calibrate']:.1f}s, "
+                    f"{report['timings_s']['calibrate'] / layers:.2f}s/layer)",
+                    flush=True,
+                )
                 shutil.rmtree(path / mode)
             shutil.rmtree(path)
     low, high = min(args.layers), max(args.layers)
     for mode in args.modes:
-        print(f"{mode}: RSS({high} layers) / RSS({low} layers) = {results[high, mode] / results[low, mode]:.3f}"
-              + (" (target <= 1.3)" if mode == "layerwise" else ""))
+        print(
+            f"{mode}: RSS({high} layers) / RSS({low} layers) = {results[high, mode] / results[low, mode]:.3f}"
+            + (" (target <= 1.3)" if mode == "layerwise" else "")
+        )
 
 
 def bench_onnx_large(args) -> None:
@@ -274,14 +385,19 @@ def bench_onnx_large(args) -> None:
         path = Path(tmp)
         start = time.perf_counter()
         size = write_random_onnx(path, args.layers, 5120, 40, 8, 13824)
-        print(f"wrote {args.layers} layers as ONNX, {size / 1e9:.1f} GB fp32 ({size / 2**30:.1f} GiB) in "
-              f"{time.perf_counter() - start:.0f}s; memory {common.physical_memory_gib():.1f} GiB", flush=True)
+        print(
+            f"wrote {args.layers} layers as ONNX, {size / 1e9:.1f} GB fp32 ({size / 2**30:.1f} GiB) in "
+            f"{time.perf_counter() - start:.0f}s; memory {common.physical_memory_gib():.1f} GiB",
+            flush=True,
+        )
         flags = ["--kv-int8", "--calib-samples", str(args.windows), "--window", str(args.window)]
         run, report = common.compile_child(path / "onnx", path / "out", flags)
         written = sum(f.stat().st_size for f in (path / "out").iterdir() if f.is_file())
-        print(f"qpass compile --kv-int8: {run['seconds']:.0f}s ({run['seconds'] / args.layers:.1f}s/layer, {args.windows} x "
-              f"{args.window} tokens), peak RSS {run['peak_rss_gib']:.2f} GiB, layer-wise: "
-              f"{report['calibration'].get('layerwise')}, written {written / 1e9:.1f} GB")
+        print(
+            f"qpass compile --kv-int8: {run['seconds']:.0f}s ({run['seconds'] / args.layers:.1f}s/layer, {args.windows} x "
+            f"{args.window} tokens), peak RSS {run['peak_rss_gib']:.2f} GiB, layer-wise: "
+            f"{report['calibration'].get('layerwise')}, written {written / 1e9:.1f} GB"
+        )
         print(f"timings: {report['timings_s']}")
         print(f"qpass said: {' / '.join(run['notes']) or '(nothing)'}")
 
@@ -296,9 +412,13 @@ def main():
     rss.add_argument("--layers", type=int, nargs="+", default=[4, 32])
     rss.add_argument("--windows", type=int, default=8)
     rss.add_argument("--window", type=int, default=256)
-    rss.add_argument("--config", choices=("kv", "w8a8", "w8a8-mindie"), default="kv",
-                     help="kv: C8 (default); w8a8: W8A8 + C8 with m1 smoothing; w8a8-mindie: the same, then its MindIE "
-                          "directory written layer by layer")
+    rss.add_argument(
+        "--config",
+        choices=("kv", "w8a8", "w8a8-mindie"),
+        default="kv",
+        help="kv: C8 (default); w8a8: W8A8 + C8 with m1 smoothing; w8a8-mindie: the same, then its MindIE "
+        "directory written layer by layer",
+    )
     timing = sub.add_parser("time", help="layer-wise against whole-model calibration time on SmolLM2")
     timing.add_argument("--windows", type=int, default=32)
     timing.add_argument("--window", type=int, default=512)
@@ -307,8 +427,12 @@ def main():
     large.add_argument("--windows", type=int, default=2)
     large.add_argument("--window", type=int, default=512)
     large.add_argument("--dir", default=None, help="where to write the model (default: the temporary directory)")
-    large.add_argument("--config", choices=("kv", "w8a8-mindie"), default="kv",
-                       help="kv: --kv-int8 (default); w8a8-mindie: --w8a8 --kv-int8 --anti-method m1 --format mindie")
+    large.add_argument(
+        "--config",
+        choices=("kv", "w8a8-mindie"),
+        default="kv",
+        help="kv: --kv-int8 (default); w8a8-mindie: --w8a8 --kv-int8 --anti-method m1 --format mindie",
+    )
     auto = sub.add_parser("auto", help="--disable-level auto whole-model and layer-wise on SmolLM2, with --eval")
     auto.add_argument("--eval", default="out/corpus/eval_prose.txt")
     auto.add_argument("--eval-windows", type=int, default=16)
@@ -319,7 +443,9 @@ def main():
     onnx_bench.add_argument("--eval", default="out/corpus/eval_prose.txt")
     onnx_bench.add_argument("--eval-windows", type=int, default=16)
     onnx_bench.add_argument("--calib-samples", type=int, default=32)
-    onnx_rss = sub.add_parser("onnx-rss", help="peak RSS of ONNX C8 compiles against depth (builder models of the rss Llamas)")
+    onnx_rss = sub.add_parser(
+        "onnx-rss", help="peak RSS of ONNX C8 compiles against depth (builder models of the rss Llamas)"
+    )
     onnx_rss.add_argument("--layers", type=int, nargs="+", default=[4, 32])
     onnx_rss.add_argument("--windows", type=int, default=8)
     onnx_rss.add_argument("--window", type=int, default=256)
@@ -330,8 +456,15 @@ def main():
     onnx_large.add_argument("--window", type=int, default=512)
     onnx_large.add_argument("--dir", default=None, help="where to write the model (default: the temporary directory)")
     args = parser.parse_args()
-    {"rss": bench_rss, "time": bench_time, "large": bench_large, "auto": bench_auto, "onnx": bench_onnx,
-     "onnx-rss": bench_onnx_rss, "onnx-large": bench_onnx_large}[args.what](args)
+    {
+        "rss": bench_rss,
+        "time": bench_time,
+        "large": bench_large,
+        "auto": bench_auto,
+        "onnx": bench_onnx,
+        "onnx-rss": bench_onnx_rss,
+        "onnx-large": bench_onnx_large,
+    }[args.what](args)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,11 @@ def qdq_modes(torch_fe, dynamo, calib, ids) -> None:
     ppl_torch = torch_fe.reference_perplexity(ids, 4)
     ppl_onnx = perplexity(dynamo.logits(), ids, 4, "onnx float")
     print(f"  float: PyTorch {ppl_torch:.4f}, ONNX {ppl_onnx:.4f} ({100 * (ppl_onnx / ppl_torch - 1):+.4f}%)")
-    for mode, kwargs in (("C8", dict(kv_cache="static")), ("FAQuant", dict(fa_quant=True)),
-                         ("C8 symmetric", dict(kv_cache="static", symmetric=True))):
+    for mode, kwargs in (
+        ("C8", dict(kv_cache="static")),
+        ("FAQuant", dict(fa_quant=True)),
+        ("C8 symmetric", dict(kv_cache="static", symmetric=True)),
+    ):
         recipe = calibrate(dynamo, calib, qpass.QuantConfig(**kwargs))
         ppl = perplexity(dynamo.logits(recipe), ids, 4, f"onnx {mode}")
         print(f"  QDQ {mode}: {100 * (ppl / ppl_onnx - 1):+.3f}%")
@@ -143,8 +146,10 @@ def gqa_modes(work: Path, genai, calib, ids) -> None:
     float_nll = stepwise_nll(ort_runner(genai.model, genai.site_docs), ids)
     print(f"  GQA float, token by token: ppl {float(float_nll.mean().exp()):.4f}", flush=True)
     nll = {}
-    for label, config in (("qpass centred (--kv-int8)", qpass.QuantConfig(kv_cache="static")),
-                          ("qpass symmetric (--symmetric)", qpass.QuantConfig(kv_cache="static", symmetric=True))):
+    for label, config in (
+        ("qpass centred (--kv-int8)", qpass.QuantConfig(kv_cache="static")),
+        ("qpass symmetric (--symmetric)", qpass.QuantConfig(kv_cache="static", symmetric=True)),
+    ):
         quantized, _ = genai.apply(calibrate(genai, calib, config))
         nll[label] = stepwise_nll(ort_runner(quantized), ids)
         print(f"  GQA int8 cache, {label}: {increase(nll[label], float_nll)}", flush=True)
@@ -154,16 +159,26 @@ def gqa_modes(work: Path, genai, calib, ids) -> None:
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         scale_file = Path(tmp) / "scales.json"
         layers = range(len(genai.attention_sites()))
-        scale_file.write_text(json.dumps({"scales": {
-            f"{kind}_scales": [absmax.get(i, f"kv_{kind}")[0].tolist() for i in layers] for kind in ("k", "v")}}))
-        theirs = builder(work / "hf", Path(tmp) / "int8", ["kv_cache_quant_scheme=int8_per_channel",
-                                                           f"kv_cache_scale_file={scale_file}"])
+        scale_file.write_text(
+            json.dumps(
+                {
+                    "scales": {
+                        f"{kind}_scales": [absmax.get(i, f"kv_{kind}")[0].tolist() for i in layers]
+                        for kind in ("k", "v")
+                    }
+                }
+            )
+        )
+        theirs = builder(
+            work / "hf",
+            Path(tmp) / "int8",
+            ["kv_cache_quant_scheme=int8_per_channel", f"kv_cache_scale_file={scale_file}"],
+        )
         builder_nll = stepwise_nll(ort_runner(theirs / "model.onnx", genai.site_docs), ids)
     print(f"  GQA int8 cache, builder with absmax scales: {increase(builder_nll, float_nll)}")
     for label, ours in nll.items():
         diff = ours - builder_nll
-        print(f"  paired, {label} - builder: {100 * float(diff.mean()):+.3f} points "
-              f"(+-{common.half_width(diff):.3f})")
+        print(f"  paired, {label} - builder: {100 * float(diff.mean()):+.3f} points (+-{common.half_width(diff):.3f})")
 
 
 def greedy_tokens(torch_fe, dynamo, calib) -> None:
@@ -183,7 +198,7 @@ def greedy_tokens(torch_fe, dynamo, calib) -> None:
         with torch.no_grad():
             for _ in range(32):  # the capture takes WINDOW tokens; attention is causal, so padding after is inert
                 seq.append(int(program(torch.tensor([seq + [0] * (WINDOW - len(seq))]))[0, len(seq) - 1].argmax()))
-        same = sum(a == b for a, b in zip(ours, seq[len(prompt):]))
+        same = sum(a == b for a, b in zip(ours, seq[len(prompt) :]))
         print(f"greedy 32 tokens on the int8 cache, {mode}: {same}/32 the PyTorch path's tokens")
 
 
@@ -209,9 +224,14 @@ def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int, 
     calib = common.calib_windows(dynamo.tokenizer, WINDOW, 8, "--calib")
     context = token_windows(dynamo.tokenizer, [corpus.eval_code()], context_len, 1, "--eval").numpy()
     static = qpass.QuantConfig(kv_cache="static")
-    forms_all = (("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": static}),
-                 ("GroupQueryAttention (onnxruntime-genai)", genai,
-                  {"int8 centred": static, "int8 symmetric": qpass.QuantConfig(kv_cache="static", symmetric=True)}))
+    forms_all = (
+        ("QDQ (torch.onnx, MatMul attention)", dynamo, {"int8": static}),
+        (
+            "GroupQueryAttention (onnxruntime-genai)",
+            genai,
+            {"int8 centred": static, "int8 symmetric": qpass.QuantConfig(kv_cache="static", symmetric=True)},
+        ),
+    )
     for form, frontend, configs in (f for f, key in zip(forms_all, ("qdq", "gqa"), strict=True) if key in forms):
         runners = {"float": ort_runner(frontend.model, frontend.site_docs, threads)}
         for name, config in configs.items():
@@ -221,16 +241,18 @@ def speed(work: Path, context_len: int, steps: int, repeats: int, threads: int, 
         names = list(runners)
         times = {name: ([], []) for name in names}
         for r in range(repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:  # each repeat starts with another
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # each repeat starts with another
                 prefill, decode = timed_decode(runners[name], context, steps)
                 times[name][0].append(prefill)
                 times[name][1].append(decode)
         med = {name: (statistics.median(p), statistics.median(d)) for name, (p, d) in times.items()}
         print(f"{form}, {context_len}-token context, {threads} threads, {repeats} rotating repeats (medians):")
         for name in names[1:]:
-            print(f"  {name}: prefill float {med['float'][0]:.3f}s, int8 {med[name][0]:.3f}s, ratio "
-                  f"{med[name][0] / med['float'][0]:.2f}x; decode float {1000 * med['float'][1]:.2f} ms/token, int8 "
-                  f"{1000 * med[name][1]:.2f} ms/token, ratio {med[name][1] / med['float'][1]:.2f}x")
+            print(
+                f"  {name}: prefill float {med['float'][0]:.3f}s, int8 {med[name][0]:.3f}s, ratio "
+                f"{med[name][0] / med['float'][0]:.2f}x; decode float {1000 * med['float'][1]:.2f} ms/token, int8 "
+                f"{1000 * med[name][1]:.2f} ms/token, ratio {med[name][1] / med['float'][1]:.2f}x"
+            )
         del runners
         gc.collect()
 
@@ -255,6 +277,7 @@ def placeholder_scales(sites) -> dict:
 def time_compile(path: Path, label: str) -> None:
     """Load + shape inference + sites, then the C8 + FAQuant passes with placeholder scales (structure only)."""
     from qpass.core.recipe import geometry
+
     # internals: what is timed is the ONNX frontend's loading and its pass pipeline themselves
     from qpass.frontends.onnx.load import load_decoder
     from qpass.frontends.onnx.pipeline import quantize_model
@@ -266,11 +289,15 @@ def time_compile(path: Path, label: str) -> None:
     tensors = placeholder_scales(sites)
     for config in (qpass.QuantConfig(kv_cache="static"), qpass.QuantConfig(fa_quant=True, kv_cache="static")):
         graph, found = load_decoder(path)
-        recipe = qpass.Recipe(config, geometry(sites), {k: v for k, v in tensors.items() if config.fa_quant or ".kv_" in k})
+        recipe = qpass.Recipe(
+            config, geometry(sites), {k: v for k, v in tensors.items() if config.fa_quant or ".kv_" in k}
+        )
         start = time.perf_counter()
         _, counts = quantize_model(graph, found, recipe, verify=False)
         passes_s = time.perf_counter() - start
-        print(f"{label}: load + shape inference + sites {loaded_s:.2f}s, passes {passes_s:.2f}s, total {loaded_s + passes_s:.2f}s; {counts}")
+        print(
+            f"{label}: load + shape inference + sites {loaded_s:.2f}s, passes {passes_s:.2f}s, total {loaded_s + passes_s:.2f}s; {counts}"
+        )
 
 
 def structure(layers: list[int], model: Path | None) -> None:

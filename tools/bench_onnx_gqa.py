@@ -26,18 +26,27 @@ from tools import common
 def build(work: Path, layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, context: int) -> Path:
     """A random Llama HF directory and the builder's fp32 CPU model of it; the model directory."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=2 * context + 64, bos_token_id=0, eos_token_id=1)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=2 * context + 64,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     hf = work / "hf"
     LlamaForCausalLM(config).eval().save_pretrained(hf, safe_serialization=True)
     vocab_map = {f"t{i}": i for i in range(vocab)}  # the builder saves a tokenizer; a word-level one suffices
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab_map, unk_token="t0")),
-                            bos_token="t0", eos_token="t1").save_pretrained(hf)
+    PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab_map, unk_token="t0")), bos_token="t0", eos_token="t1"
+    ).save_pretrained(hf)
     return common.genai_builder(hf, work / "float", work / "cache")
 
 
@@ -64,16 +73,21 @@ def past_names(sess) -> list[str]:
 
 def empty(sess, head_dim: int) -> dict:
     types = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
-    return {i.name: np.zeros((1, i.shape[1], 0, head_dim), types[i.type]) for i in sess.get_inputs()
-            if i.name.startswith("past_key_values.")}
+    return {
+        i.name: np.zeros((1, i.shape[1], 0, head_dim), types[i.type])
+        for i in sess.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
 
 
 def step(sess, ids: np.ndarray, past: dict) -> dict:
     """Run ``ids [1, S]`` after ``past``; the presents, renamed as the next step's past."""
     names = past_names(sess)
     total = ids.shape[1] + past[names[0]].shape[2]
-    outs = sess.run([n.replace("past_key_values.", "present.") for n in names],
-                    {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **past})
+    outs = sess.run(
+        [n.replace("past_key_values.", "present.") for n in names],
+        {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64), **past},
+    )
     return dict(zip(names, outs, strict=True))
 
 
@@ -127,18 +141,25 @@ def main() -> None:
         QuantizeGQAKVCachePass([GQAKVScales(k, v) for k, v in zip(k_scales, v_scales, strict=True)])(model)
         ir.save(model, work / "int8.onnx", external_data="int8.onnx.data")
 
-        sessions = {"float": fp, "int8": session(work / "int8.onnx", args.threads),
-                    "float noflash": session(float_dir / "model.onnx", args.threads, flash=False),
-                    "int8 noflash": session(work / "int8.onnx", args.threads, flash=False)}
+        sessions = {
+            "float": fp,
+            "int8": session(work / "int8.onnx", args.threads),
+            "float noflash": session(float_dir / "model.onnx", args.threads, flash=False),
+            "int8 noflash": session(work / "int8.onnx", args.threads, flash=False),
+        }
         int8_past = quantize_cache(float_past, k_scales, v_scales)
         own = step(sessions["int8"], ids, empty(sessions["int8"], head_dim))
         same = ", ".join(f"{np.mean(own[n] == int8_past[n]):.2%}" for n in own)
-        print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, head_dim "
-              f"{head_dim}, vocab {args.vocab}; context {args.context}, {args.steps} decode steps, {args.threads} "
-              f"thread(s), {args.repeats} alternating repeats")
-        print(f"handover cache equal to the int8 prefill's own cache, per cache input ({', '.join(own)}): {same} "
-              "of the elements (layer 0 differs only at rounding ties; later layers see the float prefill's "
-              "attention output, not the int8 one's)")
+        print(
+            f"model: {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, head_dim "
+            f"{head_dim}, vocab {args.vocab}; context {args.context}, {args.steps} decode steps, {args.threads} "
+            f"thread(s), {args.repeats} alternating repeats"
+        )
+        print(
+            f"handover cache equal to the int8 prefill's own cache, per cache input ({', '.join(own)}): {same} "
+            "of the elements (layer 0 differs only at rounding ties; later layers see the float prefill's "
+            "attention output, not the int8 one's)"
+        )
         for name, sess in sessions.items():  # warm-up: first runs allocate and pack
             step(sess, ids, empty(sess, head_dim))
             decode(sess, int8_past if "int8" in name else float_past, 2)

@@ -58,6 +58,7 @@ def prefill(model, ids):
     def run():
         with torch.no_grad():
             model(ids, use_cache=False)
+
     return run
 
 
@@ -71,6 +72,7 @@ def decode(model, ids, steps: int):
             for _ in range(steps):
                 out = model(token, past_key_values=cache, use_cache=True)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
     return run
 
 
@@ -90,8 +92,12 @@ def int8_model(model, recipe):
 
 def main() -> None:
     parser = common.parser(__doc__, __spec__.name)
-    parser.add_argument("--model", default="default", help="`default` (SmolLM2-135M), a Hugging Face directory, or `tiny`")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for both models (default: torch's own)")
+    parser.add_argument(
+        "--model", default="default", help="`default` (SmolLM2-135M), a Hugging Face directory, or `tiny`"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for both models (default: torch's own)"
+    )
     parser.add_argument("--tokens", type=int, default=256, help="prompt tokens (prefill)")
     parser.add_argument("--decode-steps", type=int, default=16, help="greedy decode steps after the prompt")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
@@ -108,16 +114,23 @@ def main() -> None:
     int_model, info = int8_model(model, recipe)
     float_model = model  # both compute in float32 outside the W8A8 Linears
     ids = token_windows(tokenizer, [corpus.eval_prose()], args.tokens, 1, "bench")[:1]
-    print(f"model {args.model}: {info['w8a8_linears']} W8A8 Linears; threads {args.threads}; {ids.shape[1]} prompt tokens, "
-          f"{args.decode_steps} decode steps; int8 matmul: torch._int_mm")
+    print(
+        f"model {args.model}: {info['w8a8_linears']} W8A8 Linears; threads {args.threads}; {ids.shape[1]} prompt tokens, "
+        f"{args.decode_steps} decode steps; int8 matmul: torch._int_mm"
+    )
     rows = []
-    for label, make in (("prefill", lambda m: prefill(m, ids)), ("decode", lambda m: decode(m, ids[:, :32], args.decode_steps))):
+    for label, make in (
+        ("prefill", lambda m: prefill(m, ids)),
+        ("decode", lambda m: decode(m, ids[:, :32], args.decode_steps)),
+    ):
         f_ms = time_ms(make(float_model), args.repeats)
         i_ms = time_ms(make(int_model), args.repeats)
         rows.append((label, f_ms, i_ms))
         print(f"  {label:<8} float {f_ms:9.1f} ms   integer {i_ms:9.1f} ms   ratio integer/float {i_ms / f_ms:.3f}")
     worst = max(i / f for _, f, i in rows)
-    print(f"ratio (worst of prefill, decode): {worst:.3f} ({'integer no slower' if worst <= 1.0 else 'integer SLOWER'})")
+    print(
+        f"ratio (worst of prefill, decode): {worst:.3f} ({'integer no slower' if worst <= 1.0 else 'integer SLOWER'})"
+    )
 
 
 if __name__ == "__main__":

@@ -29,14 +29,20 @@ def increase(diff) -> str:
 def parse_args():
     parser = common.parser(__doc__, __spec__.name)
     common.add_model_options(parser)
-    parser.add_argument("--variants", nargs="+", default=["none:1", "m3:3"], help="ANTI:ACT pairs, e.g. none:1 m3:3 m4:3")
+    parser.add_argument(
+        "--variants", nargs="+", default=["none:1", "m3:3"], help="ANTI:ACT pairs, e.g. none:1 m3:3 m4:3"
+    )
     parser.add_argument("--calib-samples", type=int, default=14)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--max-ppl-increase", type=float, default=2.0)
     parser.add_argument("--prose", default="out/corpus/eval_prose.txt")
     parser.add_argument("--code", default="out/corpus/eval_code.txt")
-    parser.add_argument("--samples", choices=("", "between", "both"), default="",
-                        help="between: evaluate on the windows halfway between the default ones; both: on both samples")
+    parser.add_argument(
+        "--samples",
+        choices=("", "between", "both"),
+        default="",
+        help="between: evaluate on the windows halfway between the default ones; both: on both samples",
+    )
     return parser.parse_args()
 
 
@@ -46,26 +52,41 @@ def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args) -> 
     from qpass.core.evaluate import window_nll
 
     anti, act = variant.split(":")
-    config = qpass.QuantConfig(fa_quant=True, kv_cache="static", w8a8=True, disable_level="auto",
-                               max_ppl_increase=args.max_ppl_increase, anti_method=None if anti == "none" else anti,
-                               act_method=int(act))
+    config = qpass.QuantConfig(
+        fa_quant=True,
+        kv_cache="static",
+        w8a8=True,
+        disable_level="auto",
+        max_ppl_increase=args.max_ppl_increase,
+        anti_method=None if anti == "none" else anti,
+        act_method=int(act),
+    )
     start = time.perf_counter()
     recipe = calibrate(fe, calib, config)
     seconds = time.perf_counter() - start
     search = recipe.stats["w8a8"]["search"]
     for step in search[1:]:
-        print(f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
-              f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)", flush=True)
+        print(
+            f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
+            f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)",
+            flush=True,
+        )
     floats = recipe.w8a8["float_linears"]
     quantized = fe.logits(recipe, verify=False)
     measured = {n: increase(window_nll(quantized, ids, 4, f"{variant} {n}") - nll_float[n]) for n, ids in texts.items()}
     del quantized
     all_int8 = search[1]
     chosen = next(s for s in search[1:] if s["float_linears"] == len(floats))
-    row = common.table_row([variant, f"{len(floats)} ({100 * len(floats) / len(recipe.stats['w8a8']['range_ratio']):.1f}%)",
-                            f"{all_int8['ppl_increase_pct']:+.2f}%",
-                            f"{chosen['ppl_increase_pct']:+.2f}% / {chosen['upper_95_pct']:+.2f}%",
-                            *measured.values(), f"{seconds:.0f} s"])
+    row = common.table_row(
+        [
+            variant,
+            f"{len(floats)} ({100 * len(floats) / len(recipe.stats['w8a8']['range_ratio']):.1f}%)",
+            f"{all_int8['ppl_increase_pct']:+.2f}%",
+            f"{chosen['ppl_increase_pct']:+.2f}% / {chosen['upper_95_pct']:+.2f}%",
+            *measured.values(),
+            f"{seconds:.0f} s",
+        ]
+    )
     print(row, flush=True)
     print(f"  float: {', '.join(sorted(floats))}", flush=True)
     return row
@@ -83,17 +104,32 @@ def main():
     fe = qpass.open_model(args.model, args.window)
     calib = common.calib_windows(fe.tokenizer, args.window, args.calib_samples)
     samples = {"": [False], "between": [True], "both": [False, True]}[args.samples]
-    texts = {name + ("-between" if between else ""): common.eval_windows(fe.tokenizer, read_text(path, name), args.window,
-                                                                         args.eval_windows, between)
-             for between in samples for name, path in (("prose", args.prose), ("code", args.code))}
+    texts = {
+        name + ("-between" if between else ""): common.eval_windows(
+            fe.tokenizer, read_text(path, name), args.window, args.eval_windows, between
+        )
+        for between in samples
+        for name, path in (("prose", args.prose), ("code", args.code))
+    }
     float_module = fe.logits()
     nll_float = {name: window_nll(float_module, ids, 4, f"float {name}") for name, ids in texts.items()}
-    print(f"calibration {calib.shape[0]} x {args.window}; float ppl " +
-          ", ".join(f"{n} {math.exp(float(v.mean())):.4f}" for n, v in nll_float.items()), flush=True)
+    print(
+        f"calibration {calib.shape[0]} x {args.window}; float ppl "
+        + ", ".join(f"{n} {math.exp(float(v.mean())):.4f}" for n, v in nll_float.items()),
+        flush=True,
+    )
     rows = [variant_row(fe, variant, calib, texts, nll_float, args) for variant in args.variants]
-    common.print_table(["variant (anti:act)", "Linears float", "held-out all-int8",
-                        "held-out at the choice (estimate / 95% bound)", *(f"unseen {name}" for name in texts),
-                        "calibration"], rows)
+    common.print_table(
+        [
+            "variant (anti:act)",
+            "Linears float",
+            "held-out all-int8",
+            "held-out at the choice (estimate / 95% bound)",
+            *(f"unseen {name}" for name in texts),
+            "calibration",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

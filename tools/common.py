@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def parser(doc: str, module: str) -> argparse.ArgumentParser:
     """The parser of the tool ``module`` (``tools.NAME``): ``python -m tools.NAME`` in its usage line, the first
     paragraph of its docstring ``doc`` as description."""
@@ -24,8 +25,11 @@ def parser(doc: str, module: str) -> argparse.ArgumentParser:
 
 def add_model_options(parser: argparse.ArgumentParser, window: int = 512) -> None:
     """``--model`` (what :func:`qpass.open_model` opens, SmolLM2-135M by default) and ``--window``."""
-    parser.add_argument("--model", default="default",
-                        help="`default` (SmolLM2-135M), a Hugging Face directory, a .gguf or an ONNX model")
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="`default` (SmolLM2-135M), a Hugging Face directory, a .gguf or an ONNX model",
+    )
     parser.add_argument("--window", type=int, default=window, help="tokens per window (default: %(default)s)")
 
 
@@ -88,8 +92,9 @@ def run_json(argv: list[str], what: str) -> tuple[dict, str]:
 def compile_child(model: Path, out: Path, flags: list[str]) -> tuple[dict, dict]:
     """``qpass compile MODEL FLAGS -o OUT`` in a child process: its JSON line (``seconds``, ``peak_rss_gib``, and
     ``notes``: the lines of its stderr that mention ``--layerwise``) and the report it wrote."""
-    run, stderr = run_json(["-m", "tools.common", "compile", model, *flags, "-o", out],
-                           f"qpass compile {model} {' '.join(flags)}")
+    run, stderr = run_json(
+        ["-m", "tools.common", "compile", model, *flags, "-o", out], f"qpass compile {model} {' '.join(flags)}"
+    )
     run["notes"] = [line for line in stderr.splitlines() if "--layerwise" in line]
     return run, json.loads((Path(out) / "report.json").read_text())
 
@@ -102,15 +107,35 @@ def qpass_child(argv: list[str]) -> None:
 
     start = time.perf_counter()
     status = qpass_main(argv)
-    print(json.dumps({"status": status, "seconds": round(time.perf_counter() - start, 1),
-                      "peak_rss_gib": round(peak_rss_gib(), 3)}))
+    print(
+        json.dumps(
+            {
+                "status": status,
+                "seconds": round(time.perf_counter() - start, 1),
+                "peak_rss_gib": round(peak_rss_gib(), 3),
+            }
+        )
+    )
 
 
 def genai_builder(hf: Path, out: Path, cache: Path, extra: list[str] = ()) -> Path:
     """onnxruntime-genai's model builder on the Hugging Face directory ``hf``, offline, ``-p fp32 -e cpu`` (plus
     ``--extra_options EXTRA``), into ``out``; ``out``."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "fp32",
-           "-e", "cpu", "-c", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf),
+        "-o",
+        str(out),
+        "-p",
+        "fp32",
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
     if extra:
         cmd += ["--extra_options", *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -127,8 +152,15 @@ def smollm2_shaped(num_layers: int):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=576, intermediate_size=256, num_hidden_layers=num_layers, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=512, max_position_embeddings=256)
+    config = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 

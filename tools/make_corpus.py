@@ -1,6 +1,6 @@
 """Write the standard-library corpus: calib.jsonl, eval_prose.txt, eval_code.txt (disjoint modules).
 
-    python -m tools.make_corpus OUT_DIR
+python -m tools.make_corpus OUT_DIR
 """
 
 from pathlib import Path

@@ -24,10 +24,13 @@ from tools import common
 
 BATCH_SIZE = RunSettings.batch_size
 
-MODES = {"C8": dict(fa_quant=False, kv_cache="static"), "FAQuant": dict(fa_quant=True, kv_cache=None),
-         "dynamic": dict(fa_quant=False, kv_cache="dynamic"),
-         "C8-symmetric": dict(fa_quant=False, kv_cache="static", symmetric=True),
-         "FAQuant-symmetric": dict(fa_quant=True, kv_cache=None, symmetric=True)}
+MODES = {
+    "C8": dict(fa_quant=False, kv_cache="static"),
+    "FAQuant": dict(fa_quant=True, kv_cache=None),
+    "dynamic": dict(fa_quant=False, kv_cache="dynamic"),
+    "C8-symmetric": dict(fa_quant=False, kv_cache="static", symmetric=True),
+    "FAQuant-symmetric": dict(fa_quant=True, kv_cache=None, symmetric=True),
+}
 
 
 def observe_pair(fe, samples: list[str], window: int, windows: int) -> dict:
@@ -39,11 +42,17 @@ def observe_pair(fe, samples: list[str], window: int, windows: int) -> dict:
 
     calib = token_windows(fe.tokenizer, samples, window, windows, "calib")
     stride = max(1, calib.numel() // SAMPLE_TOKENS)
-    observers = {getattr(s, kind): Observer(stride, SAMPLE_TOKENS, window)
-                 for s in fe.attention_sites() for kind in ("q", "k", "v")}
+    observers = {
+        getattr(s, kind): Observer(stride, SAMPLE_TOKENS, window)
+        for s in fe.attention_sites()
+        for kind in ("q", "k", "v")
+    }
     start = time.perf_counter()
     fe.observe(calib, observers, BATCH_SIZE)
-    print(f"  calibration: {calib.shape[0]} windows, {calib.numel()} tokens, {time.perf_counter() - start:.1f}s", flush=True)
+    print(
+        f"  calibration: {calib.shape[0]} windows, {calib.numel()} tokens, {time.perf_counter() - start:.1f}s",
+        flush=True,
+    )
     return observers
 
 
@@ -71,8 +80,12 @@ def parse_args():
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--observers", default="minmax,mse,extreme")
     parser.add_argument("--modes", default="C8,FAQuant", help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--symmetric", action="store_true", help="symmetric int8 (offset 0), as vllm-ascend and ONNX Runtime's GQA need")
-    parser.add_argument("--between", action="store_true", help="evaluate on the windows halfway between the default ones")
+    parser.add_argument(
+        "--symmetric", action="store_true", help="symmetric int8 (offset 0), as vllm-ascend and ONNX Runtime's GQA need"
+    )
+    parser.add_argument(
+        "--between", action="store_true", help="evaluate on the windows halfway between the default ones"
+    )
     return parser.parse_args()
 
 
@@ -90,8 +103,11 @@ def sweep_pair(fe, name: str, observers, ids, nll_float, base, args, table: dict
                 first = method, diff
             else:
                 paired = diff - first[1]  # the same windows: their spread cancels
-                print(f"  {'':20} {mode:8} paired {method} - {first[0]}: {100.0 * float(paired.mean()):+.3f} "
-                      f"+-{common.half_width(paired):.3f} points", flush=True)
+                print(
+                    f"  {'':20} {mode:8} paired {method} - {first[0]}: {100.0 * float(paired.mean()):+.3f} "
+                    f"+-{common.half_width(paired):.3f} points",
+                    flush=True,
+                )
 
 
 def main():
@@ -118,9 +134,13 @@ def main():
         print(f"  eval: {ids.numel()} tokens, float ppl {math.exp(float(nll_float.mean())):.4f}", flush=True)
         sweep_pair(fe, name, observed[key], ids, nll_float, base, args, table)
     columns = sorted({(mode, method) for _, mode, method in table}, key=lambda c: list(table).index((names[0], *c)))
-    common.print_table(["pair", *(f"{mode} {method}" for mode, method in columns)],
-                       [common.table_row([name, *(f"{table[name, mode, method]:+.3f}%" for mode, method in columns)])
-                        for name in names])
+    common.print_table(
+        ["pair", *(f"{mode} {method}" for mode, method in columns)],
+        [
+            common.table_row([name, *(f"{table[name, mode, method]:+.3f}%" for mode, method in columns)])
+            for name in names
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from qpass.core.sites import AttentionSite
 from qpass.core.smoothing import apply_smoothing, smoothing_scales
 from qpass.core.w8a8 import output_sqnr_db
 
-SAMPLE_TOKENS = 2048         # tokens kept per observed attention value for the range search
-LINEAR_SAMPLE_TOKENS = 512   # tokens kept per Linear input for smoothing searches, histograms and SQNR
+SAMPLE_TOKENS = 2048  # tokens kept per observed attention value for the range search
+LINEAR_SAMPLE_TOKENS = 512  # tokens kept per Linear input for smoothing searches, histograms and SQNR
 
 
 def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig, batch_size: int = 4) -> Recipe:
@@ -72,11 +72,16 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, bat
 def attention_observers(sites: list[AttentionSite], config: QuantConfig, windows: torch.Tensor) -> dict[str, Observer]:
     """One observer per site value that ``config`` quantizes over ``windows [N, W]``, keyed by the value's name in the IR."""
     stride = max(1, windows.numel() // SAMPLE_TOKENS)
-    return {getattr(s, kind): Observer(stride, SAMPLE_TOKENS, windows.shape[1])
-            for s in sites for kind in config.observed_kinds}
+    return {
+        getattr(s, kind): Observer(stride, SAMPLE_TOKENS, windows.shape[1])
+        for s in sites
+        for kind in config.observed_kinds
+    }
 
 
-def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer], config: QuantConfig) -> tuple[dict, dict]:
+def attention_qparams(
+    sites: list[AttentionSite], observers: dict[str, Observer], config: QuantConfig
+) -> tuple[dict, dict]:
     """The recipe tensors of FAQuant (``[heads, head_dim]``) and C8 (``[kv_heads * head_dim]``), and per-site SQNR
     and saturation (the fraction of the kept sample at the int8 limits, :mod:`qpass.core.saturation`)."""
     tensors, sqnr, zero, sat = {}, {}, {}, {}
@@ -86,9 +91,11 @@ def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer]
             obs = observers[getattr(site, kind)]
             zero_channels = int(((obs.min == 0) & (obs.max == 0)).sum())
             if zero_channels == obs.channels:
-                raise QpassError(f"calibration: {kind} of attention layer {site.layer} ({site.prefix or site.attention}) was 0 "
-                                 "in every channel over the whole calibration text, so it has no range to quantize; "
-                                 "check the model and the calibration text")
+                raise QpassError(
+                    f"calibration: {kind} of attention layer {site.layer} ({site.prefix or site.attention}) was 0 "
+                    "in every channel over the whole calibration text, so it has no range to quantize; "
+                    "check the model and the calibration text"
+                )
             if zero_channels:  # they get scale 1 (any scale round-trips 0): flagged in the report
                 zero.setdefault(str(site.layer), {})[kind] = zero_channels
             heads = site.num_heads if kind == "q" else site.num_kv_heads
@@ -105,8 +112,9 @@ def attention_qparams(sites: list[AttentionSite], observers: dict[str, Observer]
     return tensors, {"sqnr_db": sqnr, "saturation": sat, **({"zero_range_channels": zero} if zero else {})}
 
 
-def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: torch.Tensor, config: QuantConfig,
-                    batch_size: int) -> Recipe:
+def _calibrate_w8a8(
+    frontend: Frontend, sites: list[AttentionSite], windows: torch.Tensor, config: QuantConfig, batch_size: int
+) -> Recipe:
     linears = _linears(frontend)
     calib, held = split_held_out(windows, config)
     stride = max(1, calib.numel() // LINEAR_SAMPLE_TOKENS)
@@ -125,8 +133,19 @@ def _calibrate_w8a8(frontend: Frontend, sites: list[AttentionSite], windows: tor
     attn_tensors, stats = attention_qparams(sites, attention_obs, config)
     linear_tensors, per_linear = linear_qparams(linears, linear_obs, state, config)
     tensors.update(linear_tensors)
-    return _fallback(frontend, config, sites, linears, calib, held, {**attn_tensors, **tensors}, stats,
-                     {**w8a8_stats, **per_linear}, doc, batch_size)
+    return _fallback(
+        frontend,
+        config,
+        sites,
+        linears,
+        calib,
+        held,
+        {**attn_tensors, **tensors},
+        stats,
+        {**w8a8_stats, **per_linear},
+        doc,
+        batch_size,
+    )
 
 
 def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, batch_size: int) -> Recipe:
@@ -156,9 +175,13 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
         peek(group_obs)
         first = len(doc["smooth"])
         chosen.extend(_smooth(config, entries, group_obs, state, tensors, doc))
-        names = {f"{m}.{p}" for g in doc["smooth"][first:] for m in (g["prev"], *g["consumers"]) for p in ("weight", "bias")}
+        names = {
+            f"{m}.{p}" for g in doc["smooth"][first:] for m in (g["prev"], *g["consumers"]) for p in ("weight", "bias")
+        }
         smoothed.clear()
-        smoothed.update(apply_smoothing({n: state[n] for n in sorted(names) if n in state}, doc["smooth"][first:], tensors))
+        smoothed.update(
+            apply_smoothing({n: state[n] for n in sorted(names) if n in state}, doc["smooth"][first:], tensors)
+        )
         return dict(smoothed)
 
     observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({s.input for s in linears})}
@@ -166,13 +189,17 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
     layer_at = {layer.index: layer for layer in layers}
     for index in frontend.observe_layers(windows, observers, batch_size, smooth=smooth if groups else None):
         layer = layer_at[index]
-        done = {name: observers.pop(name) for name in (getattr(layer.attention, kind) for kind in config.observed_kinds)}
+        done = {
+            name: observers.pop(name) for name in (getattr(layer.attention, kind) for kind in config.observed_kinds)
+        }
         site_tensors, site_stats = attention_qparams([layer.attention], done, config)
         tensors.update(site_tensors)
         for key, table in site_stats.items():
             stats.setdefault(key, {}).update(table)
         inputs = {name: observers.pop(name) for name in dict.fromkeys(s.input for s in layer.linears)}
-        layer_state = {n: smoothed[n] if n in smoothed else state[n] for n in (f"{s.module}.weight" for s in layer.linears)}
+        layer_state = {
+            n: smoothed[n] if n in smoothed else state[n] for n in (f"{s.module}.weight" for s in layer.linears)
+        }
         layer_tensors, layer_stats = linear_qparams(list(layer.linears), inputs, layer_state, config)
         tensors.update(layer_tensors)
         for key, table in layer_stats.items():
@@ -180,32 +207,45 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
         del done, inputs, layer_state
         smoothed.clear()
     w8a8_stats = {"smooth": {"groups": len(groups), **_chosen(chosen)}} if groups else {}
-    return _fallback(frontend, config, sites, linears, windows, held, tensors, stats, {**w8a8_stats, **per_linear}, doc,
-                     batch_size)
+    return _fallback(
+        frontend, config, sites, linears, windows, held, tensors, stats, {**w8a8_stats, **per_linear}, doc, batch_size
+    )
 
 
 def _linears(frontend) -> list:
     linears = frontend.linear_sites()
     if not linears:
-        raise QpassError("--w8a8: found no Linear with a parameter weight outside the LM head; this model has nothing W8A8 can quantize")
+        raise QpassError(
+            "--w8a8: found no Linear with a parameter weight outside the LM head; this model has nothing W8A8 can quantize"
+        )
     return linears
 
 
 def _w8a8_doc(config: QuantConfig) -> dict:
     """The recipe's ``w8a8`` section before the smoothing groups and the float Linears are known."""
-    return {"act_method": config.act_method, "anti_method": config.anti_method, "alpha": config.alpha,
-            "disable_level": config.disable_level, "smooth": [], "float_linears": {}}
+    return {
+        "act_method": config.act_method,
+        "anti_method": config.anti_method,
+        "alpha": config.alpha,
+        "disable_level": config.disable_level,
+        "smooth": [],
+        "float_linears": {},
+    }
 
 
 def _smoothing_groups(frontend, linears: list, config: QuantConfig) -> list:
     groups = frontend.smoothing_groups(linears)
     if not groups:
-        raise QpassError(f"--anti-method {config.anti_method}: found no norm or Linear whose output feeds only Linears; "
-                         "this model has nothing to smooth (drop --anti-method)")
+        raise QpassError(
+            f"--anti-method {config.anti_method}: found no norm or Linear whose output feeds only Linears; "
+            "this model has nothing to smooth (drop --anti-method)"
+        )
     return groups
 
 
-def _smooth(config: QuantConfig, entries: list, observers: dict[str, Observer], state, tensors: dict, doc: dict) -> list[dict]:
+def _smooth(
+    config: QuantConfig, entries: list, observers: dict[str, Observer], state, tensors: dict, doc: dict
+) -> list[dict]:
     """The smoothing scales of ``entries`` (``(recipe index, group)``) into ``tensors`` and ``doc["smooth"]``; what the
     method chose per group."""
     groups = [g for _, g in entries]
@@ -223,8 +263,10 @@ def linear_qparams(linears: list, observers: dict[str, Observer], state, config:
     for site in linears:
         obs = observers[site.input]
         if float(obs.min.min()) == 0.0 == float(obs.max.max()):
-            raise QpassError(f"calibration: the input of Linear {site.module} was 0 over the whole calibration text, so it "
-                             "has no range to quantize; check the model and the calibration text")
+            raise QpassError(
+                f"calibration: the input of Linear {site.module} was 0 over the whole calibration text, so it "
+                "has no range to quantize; check the model and the calibration text"
+            )
         scale, offset, used = linear_input_qparams(obs, config.act_method)
         tensors[linear_key(site.module, "scale")], tensors[linear_key(site.module, "offset")] = scale, offset
         weight = state[f"{site.module}.weight"].detach()
@@ -234,8 +276,19 @@ def linear_qparams(linears: list, observers: dict[str, Observer], state, config:
     return tensors, per_linear
 
 
-def _fallback(frontend, config: QuantConfig, sites: list[AttentionSite], linears: list, calib: torch.Tensor,
-              held: torch.Tensor | None, tensors: dict, stats: dict, w8a8_stats: dict, doc: dict, batch_size: int) -> Recipe:
+def _fallback(
+    frontend,
+    config: QuantConfig,
+    sites: list[AttentionSite],
+    linears: list,
+    calib: torch.Tensor,
+    held: torch.Tensor | None,
+    tensors: dict,
+    stats: dict,
+    w8a8_stats: dict,
+    doc: dict,
+    batch_size: int,
+) -> Recipe:
     """The recipe with the Linears ``config.disable_level`` keeps float (their qparams dropped)."""
     base = Recipe(config, geometry(sites), tensors, {**stats, "w8a8": w8a8_stats}, doc)
     if config.disable_level == "auto":
@@ -247,8 +300,13 @@ def _fallback(frontend, config: QuantConfig, sites: list[AttentionSite], linears
     if search:
         w8a8_stats = {**w8a8_stats, "search": search}
     drop = {linear_key(name, part) for name in floats for part in ("scale", "offset")}  # float Linears have no qparams
-    return Recipe(config, base.sites, {k: v for k, v in base.tensors.items() if k not in drop},
-                  {**stats, "w8a8": w8a8_stats}, {**doc, "float_linears": floats})
+    return Recipe(
+        config,
+        base.sites,
+        {k: v for k, v in base.tensors.items() if k not in drop},
+        {**stats, "w8a8": w8a8_stats},
+        {**doc, "float_linears": floats},
+    )
 
 
 def _chosen(chosen: list[dict]) -> dict:

@@ -47,13 +47,20 @@ class Texts:
     """The text a compile reads, read before the model loads (so a bad file is refused first)."""
 
     calib: list[str] | None  # None: the built-in standard-library corpus
-    calib_name: str          # for the report: a file name, "texts" or "stdlib corpus"
+    calib_name: str  # for the report: a file name, "texts" or "stdlib corpus"
     eval: str | None = None
     eval_name: str | None = None
 
 
-def compile_model(frontend: Frontend, config: QuantConfig, run: RunSettings, texts: Texts,
-                  recipe: Recipe | None = None, verify: bool = True, timings: dict | None = None) -> Compiled:
+def compile_model(
+    frontend: Frontend,
+    config: QuantConfig,
+    run: RunSettings,
+    texts: Texts,
+    recipe: Recipe | None = None,
+    verify: bool = True,
+    timings: dict | None = None,
+) -> Compiled:
     """Calibrate ``frontend``'s model as ``config`` says (or reuse ``recipe``), quantize it, measure it, report it."""
     timings, warnings = {} if timings is None else timings, []
     with _timed(timings, "load"):
@@ -64,8 +71,12 @@ def compile_model(frontend: Frontend, config: QuantConfig, run: RunSettings, tex
         with _timed(timings, "calibrate"):
             recipe = calibrate(frontend, calib_ids, config, run.batch_size)
         recipe = recipe.replace(stats={**recipe.stats, CALIBRATED_WITH: {"window": run.window}})
-        calib_info = {"file": texts.calib_name, "windows": int(calib_ids.shape[0]), "tokens": int(calib_ids.numel()),
-                      "held_out_windows": 0 if held_ids is None else int(held_ids.shape[0])}
+        calib_info = {
+            "file": texts.calib_name,
+            "windows": int(calib_ids.shape[0]),
+            "tokens": int(calib_ids.numel()),
+            "held_out_windows": 0 if held_ids is None else int(held_ids.shape[0]),
+        }
         feeds = _feeds(config, sites)
         if feeds:  # a dynamic cache alone calibrates nothing
             _warn(warnings, calibration_text_warning(calib_ids, feeds))
@@ -79,9 +90,16 @@ def compile_model(frontend: Frontend, config: QuantConfig, run: RunSettings, tex
         program, counts = frontend.apply(recipe, verify=verify)
     with _timed(timings, "decoder"):
         decoder, decoder_info = frontend.decoder(recipe, verify=verify)
-    report = {"model": model_info(frontend, sites), "config": config.to_dict(), "run": asdict(run),
-              "sites": [site_info(s) for s in sites], "passes": counts, "calibration": calib_info,
-              "sqnr_db": dict(recipe.stats.get("sqnr_db", {})), "decoder": decoder_info}
+    report = {
+        "model": model_info(frontend, sites),
+        "config": config.to_dict(),
+        "run": asdict(run),
+        "sites": [site_info(s) for s in sites],
+        "passes": counts,
+        "calibration": calib_info,
+        "sqnr_db": dict(recipe.stats.get("sqnr_db", {})),
+        "decoder": decoder_info,
+    }
     if "zero_range_channels" in recipe.stats:  # channels that were 0 throughout calibration (scale 1)
         report["zero_range_channels"] = dict(recipe.stats["zero_range_channels"])
     if config.w8a8:
@@ -89,16 +107,27 @@ def compile_model(frontend: Frontend, config: QuantConfig, run: RunSettings, tex
     _measure(frontend, recipe, program, run, texts, eval_ids, held_ids, report, warnings, timings)
     report["warnings"] = warnings
     report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    return Compiled(recipe, report, frontend.state_dict(), frontend.config_json(), frontend.tokenizer, program,
-                    decoder, frontend.extra_files(recipe), frontend.layerwise, sites)
+    return Compiled(
+        recipe,
+        report,
+        frontend.state_dict(),
+        frontend.config_json(),
+        frontend.tokenizer,
+        program,
+        decoder,
+        frontend.extra_files(recipe),
+        frontend.layerwise,
+        sites,
+    )
 
 
 def _windows(frontend: Frontend, config: QuantConfig, run: RunSettings, texts: Texts, calibrating: bool):
     """``(eval windows or None, calibration windows or None, held-out windows or None)``: without evaluation text,
     saturation is measured on calibration windows the ranges never saw; with it, every window fits them."""
     tokenizer, calib_ids, held_ids = frontend.tokenizer, None, None
-    eval_ids = None if texts.eval is None else token_windows(tokenizer, [texts.eval], run.window, run.eval_windows,
-                                                             "--eval")
+    eval_ids = (
+        None if texts.eval is None else token_windows(tokenizer, [texts.eval], run.window, run.eval_windows, "--eval")
+    )
     if calibrating:
         samples = corpus.calibration_samples() if texts.calib is None else texts.calib
         calib_ids = token_windows(tokenizer, samples, run.window, run.calib_samples, "--calib")
@@ -107,8 +136,18 @@ def _windows(frontend: Frontend, config: QuantConfig, run: RunSettings, texts: T
     return eval_ids, calib_ids, held_ids
 
 
-def _measure(frontend: Frontend, recipe: Recipe, program, run: RunSettings, texts: Texts, eval_ids, held_ids,
-             report: dict, warnings: list[str], timings: dict) -> None:
+def _measure(
+    frontend: Frontend,
+    recipe: Recipe,
+    program,
+    run: RunSettings,
+    texts: Texts,
+    eval_ids,
+    held_ids,
+    report: dict,
+    warnings: list[str],
+    timings: dict,
+) -> None:
     """Perplexity of the float and the quantized model on the evaluation text, and saturation (on it, or on the
     held-out calibration windows), into ``report``."""
     counted, measured_on, measured_ids = saturation.counters(recipe), None, None
@@ -119,11 +158,20 @@ def _measure(frontend: Frontend, recipe: Recipe, program, run: RunSettings, text
             ppl_quant = _ppl(frontend.window_nll(recipe, eval_ids, run.batch_size, "eval quantized", counted, program))
         float_gap = 0.0 if ppl_ref is None else abs(ppl_float / ppl_ref - 1.0) * 100.0
         if float_gap > FLOAT_MATCH_PCT:
-            raise QpassError(f"capture changed the float model: perplexity {ppl_float:.4f} vs the model's own "
-                             f"{ppl_ref:.4f} ({float_gap:.4f}% apart, limit {FLOAT_MATCH_PCT}%); please report this model")
-        report["eval"] = {"file": texts.eval_name, "tokens": int(eval_ids.numel()), "windows": int(eval_ids.shape[0]),
-                          "window": run.window, "ppl_reference": ppl_ref, "ppl_float": ppl_float, "ppl_quant": ppl_quant,
-                          "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0}
+            raise QpassError(
+                f"capture changed the float model: perplexity {ppl_float:.4f} vs the model's own "
+                f"{ppl_ref:.4f} ({float_gap:.4f}% apart, limit {FLOAT_MATCH_PCT}%); please report this model"
+            )
+        report["eval"] = {
+            "file": texts.eval_name,
+            "tokens": int(eval_ids.numel()),
+            "windows": int(eval_ids.shape[0]),
+            "window": run.window,
+            "ppl_reference": ppl_ref,
+            "ppl_float": ppl_float,
+            "ppl_quant": ppl_quant,
+            "ppl_increase_pct": (ppl_quant / ppl_float - 1.0) * 100.0,
+        }
         if frontend.layerwise:
             report["eval"]["layerwise"] = True
         measured_on, measured_ids = "eval", eval_ids
@@ -143,8 +191,9 @@ def _ppl(nll: torch.Tensor) -> float:
 
 def _feeds(config: QuantConfig, sites: list[AttentionSite]) -> str:
     """What calibration ranges are for, in words: "FAQuant q/k/v and C8 k/v at 2 attention sites"."""
-    attention = [name for name, on in (("FAQuant q/k/v", config.fa_quant), ("C8 k/v", config.kv_cache == "static"))
-                 if on]
+    attention = [
+        name for name, on in (("FAQuant q/k/v", config.fa_quant), ("C8 k/v", config.kv_cache == "static")) if on
+    ]
     parts = [f"{' and '.join(attention)} at {len(sites)} attention sites"] if attention else []
     return " and ".join(parts + (["the W8A8 Linears' inputs"] if config.w8a8 else []))
 
@@ -159,15 +208,31 @@ def _warn(warnings: list[str], message: str | None) -> list[str]:
 
 def model_info(frontend: Frontend, sites: list[AttentionSite]) -> dict:
     first = sites[0]
-    return {"name": frontend.name, "source": frontend.source, "layers": len(sites), "num_heads": first.num_heads,
-            "num_kv_heads": first.num_kv_heads, "head_dim": first.head_dim,
-            "parameters": frontend.num_parameters(), **frontend.model_facts()}
+    return {
+        "name": frontend.name,
+        "source": frontend.source,
+        "layers": len(sites),
+        "num_heads": first.num_heads,
+        "num_kv_heads": first.num_kv_heads,
+        "head_dim": first.head_dim,
+        "parameters": frontend.num_parameters(),
+        **frontend.model_facts(),
+    }
 
 
 def site_info(site: AttentionSite) -> dict:
-    return {"layer": site.layer, "form": site.form, "num_heads": site.num_heads, "num_kv_heads": site.num_kv_heads,
-            "head_dim": site.head_dim, "rope": site.rope, "qk_norm": site.qk_norm,
-            "q_from": site.q_from, "k_from": site.k_from, "v_from": site.v_from}
+    return {
+        "layer": site.layer,
+        "form": site.form,
+        "num_heads": site.num_heads,
+        "num_kv_heads": site.num_kv_heads,
+        "head_dim": site.head_dim,
+        "rope": site.rope,
+        "qk_norm": site.qk_norm,
+        "q_from": site.q_from,
+        "k_from": site.k_from,
+        "v_from": site.v_from,
+    }
 
 
 @contextmanager

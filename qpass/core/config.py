@@ -24,8 +24,9 @@ def _opt(flag: str, help: str, **argparse_kwargs) -> dict:
 def _kv_form(value: str) -> str:
     """``--kv-int8``'s value, ``static`` or ``dynamic``: ``QuantConfig.kv_cache`` as it is."""
     if value not in KV_CACHE[1:]:
-        raise argparse.ArgumentTypeError(f"{value!r} is not static or dynamic (a bare --kv-int8 is static; "
-                                         "give MODEL before --kv-int8)")
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not static or dynamic (a bare --kv-int8 is static; give MODEL before --kv-int8)"
+        )
     return value
 
 
@@ -60,45 +61,92 @@ class QuantConfig:
         ``max_ppl_increase`` percent.
     """
 
-    fa_quant: bool = field(default=False, metadata=_opt(
-        "--fa-quant", "FAQuant: Q, K, V int8 per head and dim (KV cache int8 too)"))
-    kv_cache: str | None = field(default=None, metadata=_opt(
-        "--kv-int8", "int8 KV cache: bare or `static`, C8 (K and V per channel where written to the cache, "
-        "calibrated); `dynamic`, a scale and offset per token and KV head computed as the cache is written",
-        nargs="?", const="static", type=_kv_form, metavar="static|dynamic"))
-    observer: str = field(default="reach", metadata=_opt(
-        "--observer", "range choice (default reach: the range per-channel extremes reach over 700 windows of "
-        "text; extreme: the same over 100x the calibration text; mse: histogram clip search; minmax; "
-        "percentile)", choices=OBSERVERS))
-    symmetric: bool = field(default=False, metadata=_opt(
-        "--symmetric", "symmetric int8 (offset 0) instead of asymmetric"))
-    percentile: float = field(default=99.99, metadata=_opt(
-        "--percentile", "clip percentile for --observer percentile (default 99.99)"))
-    w8a8: bool = field(default=False, metadata=_opt(
-        "--w8a8", "W8A8: every decoder Linear int8 x int8 (weights per channel, activations per tensor)"))
-    act_method: int = field(default=1, metadata=_opt(
-        "--act-method", "W8A8 activation range: 1 min-max (default), 2 histogram, 3 auto per Linear "
-        "(histogram when max|x|/std <= 50)", choices=ACT_METHODS))
-    anti_method: str | None = field(default=None, metadata=_opt(
-        "--anti-method", "anti-outlier smoothing: m1 SmoothQuant, m2 SmoothQuant on shifted ranges, "
-        "m3 activation-aware (searched), m4 iterative", choices=ANTI_METHODS[1:]))
-    alpha: float = field(default=0.5, metadata=_opt("--alpha", "SmoothQuant migration strength for m1/m2 (default 0.5)"))
-    disable_level: str = field(default="L0", metadata=_opt(
-        "--disable-level", "Linears kept float: L0 none (default), Ln the n with the widest activation range (e.g. L5), auto"))
-    max_ppl_increase: float = field(default=2.0, metadata=_opt(
-        "--max-ppl-increase", "--disable-level auto: perplexity increase allowed on held-out calibration text "
-        "(95%% upper bound), percent (default 2)"))
+    fa_quant: bool = field(
+        default=False, metadata=_opt("--fa-quant", "FAQuant: Q, K, V int8 per head and dim (KV cache int8 too)")
+    )
+    kv_cache: str | None = field(
+        default=None,
+        metadata=_opt(
+            "--kv-int8",
+            "int8 KV cache: bare or `static`, C8 (K and V per channel where written to the cache, "
+            "calibrated); `dynamic`, a scale and offset per token and KV head computed as the cache is written",
+            nargs="?",
+            const="static",
+            type=_kv_form,
+            metavar="static|dynamic",
+        ),
+    )
+    observer: str = field(
+        default="reach",
+        metadata=_opt(
+            "--observer",
+            "range choice (default reach: the range per-channel extremes reach over 700 windows of "
+            "text; extreme: the same over 100x the calibration text; mse: histogram clip search; minmax; "
+            "percentile)",
+            choices=OBSERVERS,
+        ),
+    )
+    symmetric: bool = field(
+        default=False, metadata=_opt("--symmetric", "symmetric int8 (offset 0) instead of asymmetric")
+    )
+    percentile: float = field(
+        default=99.99, metadata=_opt("--percentile", "clip percentile for --observer percentile (default 99.99)")
+    )
+    w8a8: bool = field(
+        default=False,
+        metadata=_opt("--w8a8", "W8A8: every decoder Linear int8 x int8 (weights per channel, activations per tensor)"),
+    )
+    act_method: int = field(
+        default=1,
+        metadata=_opt(
+            "--act-method",
+            "W8A8 activation range: 1 min-max (default), 2 histogram, 3 auto per Linear "
+            "(histogram when max|x|/std <= 50)",
+            choices=ACT_METHODS,
+        ),
+    )
+    anti_method: str | None = field(
+        default=None,
+        metadata=_opt(
+            "--anti-method",
+            "anti-outlier smoothing: m1 SmoothQuant, m2 SmoothQuant on shifted ranges, "
+            "m3 activation-aware (searched), m4 iterative",
+            choices=ANTI_METHODS[1:],
+        ),
+    )
+    alpha: float = field(
+        default=0.5, metadata=_opt("--alpha", "SmoothQuant migration strength for m1/m2 (default 0.5)")
+    )
+    disable_level: str = field(
+        default="L0",
+        metadata=_opt(
+            "--disable-level",
+            "Linears kept float: L0 none (default), Ln the n with the widest activation range (e.g. L5), auto",
+        ),
+    )
+    max_ppl_increase: float = field(
+        default=2.0,
+        metadata=_opt(
+            "--max-ppl-increase",
+            "--disable-level auto: perplexity increase allowed on held-out calibration text "
+            "(95%% upper bound), percent (default 2)",
+        ),
+    )
 
     def __post_init__(self):
         _check_types(self)
         if self.kv_cache in OLD_KV_CACHE:  # an older recipe.json: the same cache under its old name
             object.__setattr__(self, "kv_cache", OLD_KV_CACHE[self.kv_cache])
         if not self.fa_quant and self.kv_cache is None and not self.w8a8:
-            raise ValueError("nothing to quantize: set fa_quant=True, kv_cache='static' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)")
+            raise ValueError(
+                "nothing to quantize: set fa_quant=True, kv_cache='static' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)"
+            )
         if self.act_method not in ACT_METHODS:
             raise ValueError(f"act_method={self.act_method!r} is not one of 1 (min-max), 2 (histogram), 3 (auto)")
         if self.anti_method not in ANTI_METHODS:
-            raise ValueError(f"anti_method={self.anti_method!r} is not one of m1, m2, m3, m4 (or None for no smoothing)")
+            raise ValueError(
+                f"anti_method={self.anti_method!r} is not one of m1, m2, m3, m4 (or None for no smoothing)"
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
         if not isinstance(self.disable_level, str) or not DISABLE_LEVEL.fullmatch(self.disable_level):
@@ -106,15 +154,21 @@ class QuantConfig:
         if not self.max_ppl_increase > 0.0:
             raise ValueError(f"max_ppl_increase={self.max_ppl_increase} must be a positive percentage")
         if not self.w8a8 and (self.anti_method is not None or self.disable_level != "L0"):
-            raise ValueError(f"anti_method={self.anti_method!r} / disable_level={self.disable_level!r} apply to W8A8 only; "
-                             "set w8a8=True (--w8a8) or drop them")
+            raise ValueError(
+                f"anti_method={self.anti_method!r} / disable_level={self.disable_level!r} apply to W8A8 only; "
+                "set w8a8=True (--w8a8) or drop them"
+            )
         if self.kv_cache not in KV_CACHE:
-            raise ValueError(f"kv_cache={self.kv_cache!r} is not supported; use 'static' (per channel, calibrated), "
-                             "'dynamic' (per token and KV head) or None")
+            raise ValueError(
+                f"kv_cache={self.kv_cache!r} is not supported; use 'static' (per channel, calibrated), "
+                "'dynamic' (per token and KV head) or None"
+            )
         if self.fa_quant and self.kv_cache == "dynamic":
-            raise ValueError("fa_quant=True with kv_cache='dynamic' (--fa-quant --kv-int8 dynamic): FAQuant fixes the "
-                             "cache to static int8 with its calibrated K/V scales; use --fa-quant --kv-int8 (static), "
-                             "or drop --fa-quant")
+            raise ValueError(
+                "fa_quant=True with kv_cache='dynamic' (--fa-quant --kv-int8 dynamic): FAQuant fixes the "
+                "cache to static int8 with its calibrated K/V scales; use --fa-quant --kv-int8 (static), "
+                "or drop --fa-quant"
+            )
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
@@ -141,12 +195,15 @@ class QuantConfig:
 class RunSettings:
     """How one compile or evaluation runs: not policy, so not in the recipe, and kept with ``--recipe``."""
 
-    window: int = field(default=512, metadata=_opt(
-        "--window", "tokens per window for calibration and eval (default 512)"))
+    window: int = field(
+        default=512, metadata=_opt("--window", "tokens per window for calibration and eval (default 512)")
+    )
     batch_size: int = field(default=4, metadata=_opt("--batch-size", "windows per forward pass (default 4)"))
     calib_samples: int = field(default=64, metadata=_opt("--calib-samples", "calibration windows (default 64)"))
-    eval_windows: int = field(default=EVAL_WINDOWS, metadata=_opt(
-        "--eval-windows", f"at most this many eval windows (default {EVAL_WINDOWS})"))
+    eval_windows: int = field(
+        default=EVAL_WINDOWS,
+        metadata=_opt("--eval-windows", f"at most this many eval windows (default {EVAL_WINDOWS})"),
+    )
 
     def __post_init__(self):
         _check_types(self)

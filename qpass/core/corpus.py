@@ -13,13 +13,54 @@ import json
 import sysconfig
 from pathlib import Path
 
-CALIBRATION_MODULES = ("argparse", "collections/__init__", "csv", "dataclasses", "datetime", "email/message",
-                       "fractions", "functools", "heapq", "json/decoder", "logging/__init__", "pathlib",
-                       "shutil", "string", "textwrap", "threading", "typing", "zipfile")
-EVAL_PROSE_MODULES = ("asyncio/events", "calendar", "configparser", "decimal", "difflib", "inspect", "pydoc",
-                      "statistics", "subprocess", "tarfile", "unittest/case", "urllib/parse")
-EVAL_CODE_MODULES = ("ast", "bisect", "enum", "glob", "ipaddress", "locale", "pprint", "queue", "random",
-                     "tokenize", "traceback", "uuid")
+CALIBRATION_MODULES = (
+    "argparse",
+    "collections/__init__",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "email/message",
+    "fractions",
+    "functools",
+    "heapq",
+    "json/decoder",
+    "logging/__init__",
+    "pathlib",
+    "shutil",
+    "string",
+    "textwrap",
+    "threading",
+    "typing",
+    "zipfile",
+)
+EVAL_PROSE_MODULES = (
+    "asyncio/events",
+    "calendar",
+    "configparser",
+    "decimal",
+    "difflib",
+    "inspect",
+    "pydoc",
+    "statistics",
+    "subprocess",
+    "tarfile",
+    "unittest/case",
+    "urllib/parse",
+)
+EVAL_CODE_MODULES = (
+    "ast",
+    "bisect",
+    "enum",
+    "glob",
+    "ipaddress",
+    "locale",
+    "pprint",
+    "queue",
+    "random",
+    "tokenize",
+    "traceback",
+    "uuid",
+)
 
 
 PACKAGE_PAIR = ("email", "asyncio")  # calibrate on one package's modules, evaluate on another's
@@ -38,7 +79,9 @@ def _source(module: str) -> str:
 def package_sources(package: str) -> list[str]:
     """The source of every module of a standard-library package, in path order."""
     root = _stdlib() / package
-    return [f.read_text(encoding="utf-8") for f in sorted(root.rglob("*.py")) if "test" not in f.relative_to(root).parts]
+    return [
+        f.read_text(encoding="utf-8") for f in sorted(root.rglob("*.py")) if "test" not in f.relative_to(root).parts
+    ]
 
 
 def docstrings(module: str) -> list[str]:
@@ -92,7 +135,11 @@ def domain_pairs() -> dict[str, tuple[list[str], str]]:
 def write(directory: Path) -> dict[str, Path]:
     """Write ``calib.jsonl``, ``eval_prose.txt`` and ``eval_code.txt`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    paths = {"calib": directory / "calib.jsonl", "prose": directory / "eval_prose.txt", "code": directory / "eval_code.txt"}
+    paths = {
+        "calib": directory / "calib.jsonl",
+        "prose": directory / "eval_prose.txt",
+        "code": directory / "eval_code.txt",
+    }
     with paths["calib"].open("w", encoding="utf-8") as f:
         for sample in calibration_samples():
             f.write(json.dumps({"text": sample}) + "\n")

@@ -34,7 +34,9 @@ def read_samples(path: str | Path, flag: str = "--calib") -> list[str]:
             raise QpassError(f"{flag}: {path.name} line {number} is a JSON {type(obj).__name__}, not an object; {fix}")
         field = next((f for f in JSONL_FIELDS if f in obj), None)
         if field is None:
-            raise QpassError(f"{flag}: {path.name} line {number} has no {JSONL_FIELDS[0]!r} or {JSONL_FIELDS[1]!r} field; {fix}")
+            raise QpassError(
+                f"{flag}: {path.name} line {number} has no {JSONL_FIELDS[0]!r} or {JSONL_FIELDS[1]!r} field; {fix}"
+            )
         if not isinstance(obj[field], str) or not obj[field].strip():
             raise QpassError(f"{flag}: {path.name} line {number}: {field!r} is not a non-empty string; {fix}")
         samples.append(obj[field])
@@ -56,7 +58,9 @@ def read_text(path: str | Path, flag: str = "--eval") -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise QpassError(f"{flag}: {path.name} is not UTF-8 (byte {err.start}, line {line}); convert it with `iconv -t utf-8`") from None
+        raise QpassError(
+            f"{flag}: {path.name} is not UTF-8 (byte {err.start}, line {line}); convert it with `iconv -t utf-8`"
+        ) from None
     if not text.strip():
         raise QpassError(f"{flag}: {path.name} is empty; give a file with text in it")
     return text
@@ -86,9 +90,11 @@ def token_windows(tokenizer, texts: list[str], window: int, max_windows: int | N
     return windows
 
 
-MIN_CALIB_TOKENS = 2048  # below this, a min-max range leaves ~2/N > 1e-3 of fresh values outside it (qpass.core.saturation)
-REPEAT_NGRAM = 8         # a token sequence this long that occurs again is a repeat (natural text and code: under 10%)
-MAX_REPEATED = 0.5       # more than this share of repeats: the text is a few passages over and over
+MIN_CALIB_TOKENS = (
+    2048  # below this, a min-max range leaves ~2/N > 1e-3 of fresh values outside it (qpass.core.saturation)
+)
+REPEAT_NGRAM = 8  # a token sequence this long that occurs again is a repeat (natural text and code: under 10%)
+MAX_REPEATED = 0.5  # more than this share of repeats: the text is a few passages over and over
 
 
 def repeated_fraction(windows: torch.Tensor, n: int = REPEAT_NGRAM) -> float:
@@ -107,9 +113,13 @@ def calibration_text_warning(windows: torch.Tensor, feeds: str) -> str | None:
     if tokens < MIN_CALIB_TOKENS:
         problems.append(f"only {tokens} tokens (fewer than {MIN_CALIB_TOKENS})")
     if repeated > MAX_REPEATED:
-        problems.append(f"{repeated:.0%} of its {REPEAT_NGRAM}-token sequences repeat an earlier one (more than {MAX_REPEATED:.0%})")
+        problems.append(
+            f"{repeated:.0%} of its {REPEAT_NGRAM}-token sequences repeat an earlier one (more than {MAX_REPEATED:.0%})"
+        )
     if not problems:
         return None
-    return (f"calibration text: {' and '.join(problems)}, too little varied text for the int8 ranges of {feeds}: "
-            f"text unlike it will be clipped; calibrate on at least {MIN_CALIB_TOKENS} tokens of varied text like the "
-            "deployment text (--calib, --calib-samples; without --calib qpass uses its built-in standard-library corpus)")
+    return (
+        f"calibration text: {' and '.join(problems)}, too little varied text for the int8 ranges of {feeds}: "
+        f"text unlike it will be clipped; calibrate on at least {MIN_CALIB_TOKENS} tokens of varied text like the "
+        "deployment text (--calib, --calib-samples; without --calib qpass uses its built-in standard-library corpus)"
+    )

@@ -28,10 +28,10 @@ from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.core.sites import LinearSite
 
-MAX_HELD_OUT = 16            # calibration windows held out for the `auto` perplexity search, at most
-UPPER_Z = 1.645              # one-sided 95% normal quantile for the bound on the perplexity increase
-STRICT_Z = 2 * UPPER_Z       # the bound within the float share: twice the 95% margin (one-sided 99.95%)
-FALLBACK_SHARE = 0.10        # `auto` first tries this share of the Linears in float, then searches below or above
+MAX_HELD_OUT = 16  # calibration windows held out for the `auto` perplexity search, at most
+UPPER_Z = 1.645  # one-sided 95% normal quantile for the bound on the perplexity increase
+STRICT_Z = 2 * UPPER_Z  # the bound within the float share: twice the 95% margin (one-sided 99.95%)
+FALLBACK_SHARE = 0.10  # `auto` first tries this share of the Linears in float, then searches below or above
 
 
 def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -43,8 +43,10 @@ def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Te
     if config.disable_level != "auto":
         return windows, None
     if windows.shape[0] < 2:
-        raise QpassError(f"--disable-level auto: needs at least 2 calibration windows (one is held out), got {windows.shape[0]}; "
-                         "give more calibration text or raise --calib-samples")
+        raise QpassError(
+            f"--disable-level auto: needs at least 2 calibration windows (one is held out), got {windows.shape[0]}; "
+            "give more calibration text or raise --calib-samples"
+        )
     held = max(1, min(MAX_HELD_OUT, windows.shape[0] // 4))
     return windows[:-held], windows[-held:]
 
@@ -53,10 +55,15 @@ def _widest_ranges(level: str, linears: list[LinearSite], stats: dict) -> dict[s
     """``Ln``: the n Linears with the widest activation range (``max|x| / std``) float, with why."""
     n, n_all = int(level[1:]), len(linears)
     if n > n_all:
-        raise QpassError(f"--disable-level {level}: the model has only {n_all} quantizable Linears; use at most L{n_all}")
+        raise QpassError(
+            f"--disable-level {level}: the model has only {n_all} quantizable Linears; use at most L{n_all}"
+        )
     ranked = sorted(linears, key=lambda s: -stats["range_ratio"][s.module])[:n]
-    return {s.module: f"{level}: activation range max|x|/std = {stats['range_ratio'][s.module]:.1f}, "
-                      f"rank {i + 1} of {n_all}" for i, s in enumerate(ranked)}
+    return {
+        s.module: f"{level}: activation range max|x|/std = {stats['range_ratio'][s.module]:.1f}, "
+        f"rank {i + 1} of {n_all}"
+        for i, s in enumerate(ranked)
+    }
 
 
 def _rankings(linears: list[LinearSite], stats: dict) -> dict[str, list[LinearSite]]:
@@ -77,8 +84,9 @@ def increase_bound(diff: torch.Tensor, z: float = UPPER_Z) -> tuple[float, float
     return (math.exp(mean) - 1.0) * 100.0, (math.exp(mean + z * se) - 1.0) * 100.0
 
 
-def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.Tensor | None,
-                         nll: Callable, batch_size: int) -> tuple[dict[str, str], list[dict]]:
+def choose_float_linears(
+    recipe: Recipe, linears: list[LinearSite], held: torch.Tensor | None, nll: Callable, batch_size: int
+) -> tuple[dict[str, str], list[dict]]:
     """``({module: why it stays float}, search log)`` for ``recipe.config.disable_level``.
 
     ``nll(recipe_or_None, windows, batch_size, desc)`` gives the per-window NLL of the frontend's model, float for None
@@ -102,8 +110,15 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
         diff = nll(trial, held, batch_size, f"fallback {label}") - nll_float
         inc, upper = increase_bound(diff)
         strict[label] = increase_bound(diff, STRICT_Z)[1]
-        log.append({"ranking": label.split(" ")[0], "float_linears": len(names), "ppl_increase_pct": round(inc, 4),
-                    "upper_95_pct": round(upper, 4), "upper_strict_pct": round(strict[label], 4)})
+        log.append(
+            {
+                "ranking": label.split(" ")[0],
+                "float_linears": len(names),
+                "ppl_increase_pct": round(inc, 4),
+                "upper_95_pct": round(upper, 4),
+                "upper_strict_pct": round(strict[label], 4),
+            }
+        )
         estimates[label] = inc
         return upper
 
@@ -153,11 +168,13 @@ def choose_float_linears(recipe: Recipe, linears: list[LinearSite], held: torch.
         k = min(tried, key=lambda j: (tried[j], j))
     reached = "within" if tried[k] <= target else "NOT within"
     loss = stats.get("loss_sensitivity", {})
-    floats = {s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} (loss sensitivity "
-                        f"{loss.get(s.module, float('nan')):.3g}, output SQNR {stats['output_sqnr_db'][s.module]:.1f} dB); "
-                        f"{k} float Linears keep held-out perplexity at {estimates[label(k)]:+.2f}%, upper bounds 95% "
-                        f"{tried[k]:+.2f}% ({reached} {target}%) and 99.95% {strict[label(k)]:+.2f}%"
-              for i, s in enumerate(ranked[:k])}
+    floats = {
+        s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} (loss sensitivity "
+        f"{loss.get(s.module, float('nan')):.3g}, output SQNR {stats['output_sqnr_db'][s.module]:.1f} dB); "
+        f"{k} float Linears keep held-out perplexity at {estimates[label(k)]:+.2f}%, upper bounds 95% "
+        f"{tried[k]:+.2f}% ({reached} {target}%) and 99.95% {strict[label(k)]:+.2f}%"
+        for i, s in enumerate(ranked[:k])
+    }
     return floats, [{"held_out_windows": int(held.shape[0]), "ppl_float": ppl_float}, *log]
 
 
@@ -171,6 +188,7 @@ def smoothing_hint(recipe: Recipe) -> str | None:
     floats, total = len(recipe.float_linears), len(recipe.stats.get("w8a8", {}).get("range_ratio", {}))
     if not total or floats <= FALLBACK_SHARE * total:
         return None
-    return (f"W8A8: {floats} of {total} Linears stay float, without smoothing; smoothing usually lets far fewer stay "
-            "float: add --anti-method m3 --act-method 3")
-
+    return (
+        f"W8A8: {floats} of {total} Linears stay float, without smoothing; smoothing usually lets far fewer stay "
+        "float: add --anti-method m3 --act-method 3"
+    )

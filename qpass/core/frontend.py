@@ -32,11 +32,11 @@ Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, S] -> logits [B
 
 
 class Frontend(Protocol):
-    name: str         # the model's name, for the report
-    source: str       # where it was loaded from
+    name: str  # the model's name, for the report
+    source: str  # where it was loaded from
     tokenizer: object
-    layerwise: bool   # the mode: one decoder layer at a time
-    spilled: bool     # layer-wise: whether the last run kept values passed between layers in temporary files
+    layerwise: bool  # the mode: one decoder layer at a time
+    spilled: bool  # layer-wise: whether the last run kept values passed between layers in temporary files
 
     def check_config(self, config) -> None:
         """Refuse, before calibrating, a policy this frontend cannot apply to this model (QpassError, one line)."""
@@ -65,14 +65,26 @@ class Frontend(Protocol):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The float parameters by module path (``model.layers.0.self_attn.q_proj.weight``)."""
 
-    def observe(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
-                state_dict: dict[str, torch.Tensor] | None = None, desc: str = "calibrate") -> None:
+    def observe(
+        self,
+        windows: torch.Tensor,
+        observers: dict[str, Observer],
+        batch_size: int,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        desc: str = "calibrate",
+    ) -> None:
         """Run the float model over ``windows [N, W]`` (with ``state_dict``'s values in place of its own
         parameters, when given) and feed each observer the value it is keyed by (a site's ``q``/``k``/``v``
         or a Linear's ``input``) as ``[tokens, channels]``."""
 
-    def observe_layers(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
-                       desc: str = "calibrate", smooth=None) -> Iterator[int]:
+    def observe_layers(
+        self,
+        windows: torch.Tensor,
+        observers: dict[str, Observer],
+        batch_size: int,
+        desc: str = "calibrate",
+        smooth=None,
+    ) -> Iterator[int]:
         """Layer-wise modes only: :meth:`observe`, yielding each decoder layer's index once its observers have seen
         every window (so :func:`qpass.core.calibrate.calibrate_by_layer` chooses its ranges and drops them).
         ``smooth(layer, peek)``, where the frontend can smooth layer by layer, returns the smoothed tensors of each
@@ -86,8 +98,15 @@ class Frontend(Protocol):
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         """The float model's logits function, or that of the model quantized as ``recipe`` says."""
 
-    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
-                   counters: dict[tuple[int, str], SaturationCounter] | None = None, program=None) -> torch.Tensor:
+    def window_nll(
+        self,
+        recipe: Recipe | None,
+        windows: torch.Tensor,
+        batch_size: int,
+        desc: str = "eval",
+        counters: dict[tuple[int, str], SaturationCounter] | None = None,
+        program=None,
+    ) -> torch.Tensor:
         """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``), float (``recipe`` None) or quantized
         as ``recipe`` says (``program``: what :meth:`apply` returned for it, if the caller has it), feeding each
         saturation counter keyed ``(layer, kind)`` the values the first int8 Quantize on that site's q/k/v receives,
@@ -100,7 +119,9 @@ class Frontend(Protocol):
     def decoder(self, recipe: Recipe, verify: bool = True) -> tuple[object | None, dict]:
         """The model lowered for token-by-token decoding on the int8 cache, or None and why it was skipped."""
 
-    def loss_sensitivity(self, recipe: Recipe, linears: list[LinearSite], windows: torch.Tensor) -> dict[str, float] | None:
+    def loss_sensitivity(
+        self, recipe: Recipe, linears: list[LinearSite], windows: torch.Tensor
+    ) -> dict[str, float] | None:
         """Per Linear, the first-order loss change of its W8A8 error; None when the frontend cannot take gradients."""
 
     def layers(self) -> Iterator[DecoderLayer]:

@@ -8,10 +8,10 @@ prefix, the tensors and nodes the ONNX passes add.
 
 import re
 
-LAYER_PREFIX = "model.layers."          # the decoder layers of a causal LM's checkpoint
+LAYER_PREFIX = "model.layers."  # the decoder layers of a causal LM's checkpoint
 EMBEDDING = "model.embed_tokens.weight"
-NORM = "model.norm.weight"              # the final norm
-LM_HEAD = "lm_head.weight"              # an untied model's LM head (a tied one is EMBEDDING)
+NORM = "model.norm.weight"  # the final norm
+LM_HEAD = "lm_head.weight"  # an untied model's LM head (a tied one is EMBEDDING)
 _LAYER = re.compile(rf"{re.escape(LAYER_PREFIX)}(\d+)\.")
 
 

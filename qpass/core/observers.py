@@ -46,7 +46,9 @@ class Observer:
             self.window_max.append(per_window.amax(1))
             lo, hi = self.window_min[-1].amin(0), self.window_max[-1].amax(0)
         a = x.abs().sum(0, dtype=torch.float64)
-        self._combine(lo, hi, a, x.shape[0], float(x.sum(dtype=torch.float64)), float(x.pow(2).sum(dtype=torch.float64)))
+        self._combine(
+            lo, hi, a, x.shape[0], float(x.sum(dtype=torch.float64)), float(x.pow(2).sum(dtype=torch.float64))
+        )
         self._keep(x[:: self.stride])
 
     def merge(self, other: "Observer") -> None:
@@ -79,8 +81,10 @@ class Observer:
 
     def _check(self) -> None:
         if self.min is None:
-            raise QpassError("an observer saw no data: the calibration run never reached this value; "
-                             "check that the model's forward uses every attention and Linear")
+            raise QpassError(
+                "an observer saw no data: the calibration run never reached this value; "
+                "check that the model's forward uses every attention and Linear"
+            )
 
     @property
     def channels(self) -> int:

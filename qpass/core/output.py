@@ -19,8 +19,9 @@ def check_output_dir(out_dir: str | Path, force: bool) -> None:
         raise QpassError(f"-o {out}: directory exists and is not empty; choose another, or pass --force to replace it")
     parent = next(p for p in out.absolute().parents if p.exists())  # where the output's directories will be made
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise QpassError(f"-o {out}: cannot create it under {parent} (not a writable directory); choose an output "
-                         "path you can write")
+        raise QpassError(
+            f"-o {out}: cannot create it under {parent} (not a writable directory); choose an output path you can write"
+        )
 
 
 @contextmanager

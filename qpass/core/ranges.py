@@ -37,7 +37,9 @@ CLIP_FRACTIONS = torch.logspace(0.0, -2.0, 81)  # per-tensor candidates
 MAX_SEARCH_VALUES = 1 << 16
 
 
-def channel_qparams(obs: Observer, method: str, symmetric: bool, percentile: float = 99.99) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_qparams(
+    obs: Observer, method: str, symmetric: bool, percentile: float = 99.99
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(scale [C], offset [C])`` float32 for ``method`` in minmax / percentile / mse."""
     lo, hi = obs.min, obs.max
     if method == "percentile":
@@ -118,7 +120,9 @@ def mse_range(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, symmetri
     return lo * best_t, hi * best_t
 
 
-def act_qparams(lo: float, hi: float, sample: torch.Tensor, ratio: float, act_method: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+def act_qparams(
+    lo: float, hi: float, sample: torch.Tensor, ratio: float, act_method: int
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Per-tensor asymmetric ``(scale [1], offset [1], method used)`` for an activation with range ``[lo, hi]``.
 
     ``act_method``: 1 min-max; 2 histogram (the clip with the least L2 error on the sample,

@@ -32,13 +32,20 @@ from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
 from qpass.core.naming import layer_key
 
-FORMAT_VERSION = 2   # recipe.json: version 2 added the axes of every tensor and the sites' module names
+FORMAT_VERSION = 2  # recipe.json: version 2 added the axes of every tensor and the sites' module names
 TENSORS_VERSION = 1  # recipe.safetensors: its names and layout are unchanged since version 1
 TENSORS_FILE = "recipe.safetensors"
 JSON_FILE = "recipe.json"
 SITE_KINDS = ("fa_q", "fa_k", "fa_v", "kv_k", "kv_v")
-AXES = {"fa_q": ("heads", "head_dim"), "fa_k": ("kv_heads", "head_dim"), "fa_v": ("kv_heads", "head_dim"),
-        "kv_k": ("kv_heads * head_dim",), "kv_v": ("kv_heads * head_dim",), "input": ("tensor",), "smooth": ("channels",)}
+AXES = {
+    "fa_q": ("heads", "head_dim"),
+    "fa_k": ("kv_heads", "head_dim"),
+    "fa_v": ("kv_heads", "head_dim"),
+    "kv_k": ("kv_heads * head_dim",),
+    "kv_v": ("kv_heads * head_dim",),
+    "input": ("tensor",),
+    "smooth": ("channels",),
+}
 _SITE_KEY = re.compile(r"layers\.\d+\.(fa_[qkv]|kv_[kv])\.(scale|offset)")
 _LINEAR_KEY = re.compile(r"w8a8\.(.+)\.input_(scale|offset)")
 _SMOOTH_KEY = re.compile(r"smooth\.\d+\.scale")
@@ -88,8 +95,10 @@ def check_tensor(name: str, tensor: torch.Tensor) -> None:
         bad = "NaN" if t.isnan().any() else "infinite" if t.isinf().any() else "zero or negative"
         raise QpassError(f"recipe: {name} has a scale that is {bad}; recalibrate (a scale must be finite and positive)")
     elif _SITE_KEY.fullmatch(name) and t.numel() > 1 and bool((t == 1.0).all()):
-        raise QpassError(f"recipe: {name} is 1.0 in every channel, the value a calibration that saw no data leaves; "
-                         "recalibrate, with calibration text that reaches this layer")
+        raise QpassError(
+            f"recipe: {name} is 1.0 in every channel, the value a calibration that saw no data leaves; "
+            "recalibrate, with calibration text that reaches this layer"
+        )
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,7 @@ class SiteGeometry:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    prefix: str = ""                                  # attention module path, "" when the graph has none
+    prefix: str = ""  # attention module path, "" when the graph has none
     projections: tuple[str, str, str] = ("", "", "")  # q, k, v projection module paths
 
 
@@ -117,7 +126,7 @@ class Recipe:
     sites: tuple[SiteGeometry, ...]
     tensors: MappingProxyType = field(default_factory=dict)
     stats: MappingProxyType = field(default_factory=dict)  # per-site SQNR and the like, for the report
-    w8a8: MappingProxyType = field(default_factory=dict)   # W8A8 policy and smoothing groups; {} without W8A8
+    w8a8: MappingProxyType = field(default_factory=dict)  # W8A8 policy and smoothing groups; {} without W8A8
 
     def __post_init__(self):
         object.__setattr__(self, "sites", tuple(self.sites))
@@ -126,14 +135,15 @@ class Recipe:
         for name, tensor in self.tensors.items():
             check_tensor(name, tensor)
 
-
     def get(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, offset)`` of ``kind`` (``fa_q``, ``fa_k``, ``fa_v``, ``kv_k``, ``kv_v``) at ``layer``."""
         try:
             return self.tensors[site_key(layer, kind, "scale")], self.tensors[site_key(layer, kind, "offset")]
         except KeyError:
-            raise QpassError(f"recipe: no {site_key(layer, kind, 'scale')}/.offset; recalibrate with the options "
-                             "this compile asks for") from None
+            raise QpassError(
+                f"recipe: no {site_key(layer, kind, 'scale')}/.offset; recalibrate with the options "
+                "this compile asks for"
+            ) from None
 
     def linear(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """W8A8 ``(input_scale [1], input_offset [1])`` of ``module``, None when it has none."""
@@ -155,7 +165,13 @@ class Recipe:
 
     def replace(self, **changes) -> "Recipe":
         """A new recipe with ``changes`` (e.g. ``w8a8={...}``)."""
-        fields = {"config": self.config, "sites": self.sites, "tensors": self.tensors, "stats": self.stats, "w8a8": self.w8a8}
+        fields = {
+            "config": self.config,
+            "sites": self.sites,
+            "tensors": self.tensors,
+            "stats": self.stats,
+            "w8a8": self.w8a8,
+        }
         return Recipe(**{**fields, **changes})
 
     def save(self, directory: Path) -> None:
@@ -184,7 +200,9 @@ class Recipe:
         directory = Path(directory)
         json_path, tensor_path = directory / JSON_FILE, directory / TENSORS_FILE
         if not json_path.is_file() or not tensor_path.is_file():
-            raise QpassError(f"--recipe {directory}: needs {JSON_FILE} and {TENSORS_FILE}; give a directory written by `qpass compile` (its recipe/ folder)")
+            raise QpassError(
+                f"--recipe {directory}: needs {JSON_FILE} and {TENSORS_FILE}; give a directory written by `qpass compile` (its recipe/ folder)"
+            )
         fix = "recalibrate with `qpass compile`"
         try:
             doc = json.loads(json_path.read_text(encoding="utf-8"))
@@ -192,9 +210,13 @@ class Recipe:
                 raise TypeError("not a JSON object")
             version = doc.get("version")
             if version != FORMAT_VERSION:
-                raise QpassError(f"--recipe {directory}: recipe version {version!r} is not {FORMAT_VERSION}; recalibrate with this qpass")
+                raise QpassError(
+                    f"--recipe {directory}: recipe version {version!r} is not {FORMAT_VERSION}; recalibrate with this qpass"
+                )
             config = QuantConfig.from_dict(doc["config"])
-            sites = [SiteGeometry(**{**s, "projections": tuple(s.get("projections", ("", "", "")))}) for s in doc["sites"]]
+            sites = [
+                SiteGeometry(**{**s, "projections": tuple(s.get("projections", ("", "", "")))}) for s in doc["sites"]
+            ]
             stats, w8a8 = doc.get("stats", {}), doc.get("w8a8", {})
             if not isinstance(stats, dict) or not isinstance(w8a8, dict):
                 raise TypeError("stats and w8a8 must be objects")
@@ -203,7 +225,9 @@ class Recipe:
             if not isinstance(w8a8.get("float_linears", {}), dict) or not isinstance(w8a8.get("smooth", []), list):
                 raise TypeError("w8a8.float_linears must be an object and w8a8.smooth a list")
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-            raise QpassError(f"--recipe {directory}: {JSON_FILE} is not a qpass recipe ({type(err).__name__}: {err}); {fix}") from None
+            raise QpassError(
+                f"--recipe {directory}: {JSON_FILE} is not a qpass recipe ({type(err).__name__}: {err}); {fix}"
+            ) from None
         try:
             with safe_open(str(tensor_path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -221,17 +245,30 @@ class Recipe:
         names where both have them (a recipe read from a weight directory may lack the projections', and an ONNX
         graph's constant-folded weights carry no module names: a recipe calibrated on the PyTorch model applies to
         its ONNX export)."""
+
         def fits(ours: SiteGeometry, theirs: SiteGeometry) -> bool:
-            names = [(a, b) for a, b in zip((ours.prefix, *ours.projections), (theirs.prefix, *theirs.projections))
-                     if a and b and "?" not in (a, b)]
-            return (ours.layer, ours.num_heads, ours.num_kv_heads, ours.head_dim) == \
-                (theirs.layer, theirs.num_heads, theirs.num_kv_heads, theirs.head_dim) and all(a == b for a, b in names)
+            names = [
+                (a, b)
+                for a, b in zip((ours.prefix, *ours.projections), (theirs.prefix, *theirs.projections))
+                if a and b and "?" not in (a, b)
+            ]
+            return (ours.layer, ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+                theirs.layer,
+                theirs.num_heads,
+                theirs.num_kv_heads,
+                theirs.head_dim,
+            ) and all(a == b for a, b in names)
 
         geometry = tuple(geometry)
         if len(geometry) != len(self.sites) or not all(fits(a, b) for a, b in zip(self.sites, geometry)):
-            first = next((f"layer {a.layer}: recipe {_site_words(a)} vs model {_site_words(b)}"
-                          for a, b in zip(self.sites, geometry) if not fits(a, b)),
-                         f"recipe has {len(self.sites)} sites, the model {len(geometry)}")
+            first = next(
+                (
+                    f"layer {a.layer}: recipe {_site_words(a)} vs model {_site_words(b)}"
+                    for a, b in zip(self.sites, geometry)
+                    if not fits(a, b)
+                ),
+                f"recipe has {len(self.sites)} sites, the model {len(geometry)}",
+            )
             raise QpassError(f"--recipe: it was calibrated for another model ({first}); calibrate this model instead")
 
 

@@ -8,29 +8,45 @@ from qpass.core.saturation import flagged_names
 
 def summary(report: dict) -> str:
     """A few lines for a terminal."""
-    lines = [f"qpass: {report['model']['name']}: {len(report['sites'])} attention sites, "
-             f"{report['model']['num_heads']} heads / {report['model']['num_kv_heads']} kv heads, head_dim {report['model']['head_dim']}"]
+    lines = [
+        f"qpass: {report['model']['name']}: {len(report['sites'])} attention sites, "
+        f"{report['model']['num_heads']} heads / {report['model']['num_kv_heads']} kv heads, head_dim {report['model']['head_dim']}"
+    ]
     cfg = report["config"]
-    cache = {"static": "int8 KV cache static (C8, per channel)",
-             "dynamic": "int8 KV cache dynamic (per token and kv head)"}.get(cfg["kv_cache"])
+    cache = {
+        "static": "int8 KV cache static (C8, per channel)",
+        "dynamic": "int8 KV cache dynamic (per token and kv head)",
+    }.get(cfg["kv_cache"])
     modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), (cache, cache), ("W8A8", cfg.get("w8a8"))) if on]
     static = cfg["fa_quant"] or cfg["kv_cache"] == "static"  # the observer and symmetry apply to static scales only
-    lines.append(f"  quantized: {' + '.join(modes)}" + (f"; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}"
-                                                        if static else ""))
+    lines.append(
+        f"  quantized: {' + '.join(modes)}"
+        + (f"; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}" if static else "")
+    )
     w = report.get("w8a8")
     if w:
-        lines.append(f"  W8A8: {w['quantized']} of {w['linears']} Linears int8 (act-method {w['act_method']}, "
-                     f"anti-method {w['anti_method'] or 'none'}, disable-level {w['disable_level']}); "
-                     f"{len(w['float_linears'])} float" + (f": {', '.join(sorted(w['float_linears']))}" if w["float_linears"] else ""))
-    lines.append("  passes: " + (", ".join(f"{k} {v}" for k, v in report["passes"].items())
-                                 or "none (a layer-wise compile writes the recipe only)"))
+        lines.append(
+            f"  W8A8: {w['quantized']} of {w['linears']} Linears int8 (act-method {w['act_method']}, "
+            f"anti-method {w['anti_method'] or 'none'}, disable-level {w['disable_level']}); "
+            f"{len(w['float_linears'])} float"
+            + (f": {', '.join(sorted(w['float_linears']))}" if w["float_linears"] else "")
+        )
+    lines.append(
+        "  passes: "
+        + (
+            ", ".join(f"{k} {v}" for k, v in report["passes"].items())
+            or "none (a layer-wise compile writes the recipe only)"
+        )
+    )
     ev = report.get("eval")
     if ev:
         lines.append(f"  eval: {ev['tokens']} tokens of {ev['file']}")
         reference = "" if ev["ppl_reference"] is None else f"reference {ev['ppl_reference']:.4f}, "
         run = "layer by layer" if ev.get("layerwise") else "program"
-        lines.append(f"  perplexity: {reference}float {run} {ev['ppl_float']:.4f}, "
-                     f"quantized {ev['ppl_quant']:.4f} ({ev['ppl_increase_pct']:+.3f}%)")
+        lines.append(
+            f"  perplexity: {reference}float {run} {ev['ppl_float']:.4f}, "
+            f"quantized {ev['ppl_quant']:.4f} ({ev['ppl_increase_pct']:+.3f}%)"
+        )
     sq = report["sqnr_db"]
     for kind in ("q", "k", "v"):
         vals = [s[kind] for s in sq.values() if kind in s]
@@ -39,8 +55,10 @@ def summary(report: dict) -> str:
     lines.extend(saturation_lines(report.get("saturation")))
     zero = report.get("zero_range_channels")
     if zero:
-        lines.append("  flagged: channels that were 0 throughout calibration (scale 1): " +
-                     ", ".join(f"layer {layer} {kind} {n}" for layer, kinds in zero.items() for kind, n in kinds.items()))
+        lines.append(
+            "  flagged: channels that were 0 throughout calibration (scale 1): "
+            + ", ".join(f"layer {layer} {kind} {n}" for layer, kinds in zero.items() for kind, n in kinds.items())
+        )
     lines.extend(f"  warning: {w}" for w in report.get("warnings", []))
     lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
     return "\n".join(lines)
@@ -49,24 +67,33 @@ def summary(report: dict) -> str:
 def eval_summary(result: dict) -> str:
     """A few lines for a terminal on what ``qpass eval`` measured (:func:`qpass.api.evaluate_saved`'s record)."""
     how = " (layer by layer)" if result.get("layerwise") else ""
-    lines = [f"qpass eval: {result['tokens']} tokens of {result['file']} in {result['windows']} windows of "
-             f"{result['window']}{how}"]
+    lines = [
+        f"qpass eval: {result['tokens']} tokens of {result['file']} in {result['windows']} windows of "
+        f"{result['window']}{how}"
+    ]
     flt = result.get("float", {})
     if "ppl" in flt:
-        lines.append(f"  perplexity: float {flt['ppl']:.4f}, quantized {result['ppl_quant']:.4f} "
-                     f"({result['ppl_increase_pct']:+.3f}%)")
+        lines.append(
+            f"  perplexity: float {flt['ppl']:.4f}, quantized {result['ppl_quant']:.4f} "
+            f"({result['ppl_increase_pct']:+.3f}%)"
+        )
     else:
         lines.append(f"  perplexity: quantized {result['ppl_quant']:.4f} (float: {flt.get('skipped', 'not measured')})")
     sat = result.get("saturation")
     if sat and sat["measured"]:
-        layer, kind, worst = max(((layer, kind, v) for layer, kinds in sat["measured"].items()
-                                  for kind, v in kinds.items()), key=lambda t: t[2])
+        layer, kind, worst = max(
+            ((layer, kind, v) for layer, kinds in sat["measured"].items() for kind, v in kinds.items()),
+            key=lambda t: t[2],
+        )
         calibrated = sat["calibration"].get(layer, {}).get(kind)
-        lines.append(f"  saturation: worst layer {layer} {kind} {worst:.3%}"
-                     + ("" if calibrated is None else f" (calibration {calibrated:.3%})"))
+        lines.append(
+            f"  saturation: worst layer {layer} {kind} {worst:.3%}"
+            + ("" if calibrated is None else f" (calibration {calibrated:.3%})")
+        )
     lines.extend(f"  warning: {w}" for w in result.get("warnings", []))
-    lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["timings_s"].items())
-                 + "; the full record: --json")
+    lines.append(
+        "  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["timings_s"].items()) + "; the full record: --json"
+    )
     return "\n".join(lines)
 
 
@@ -102,11 +129,20 @@ def w8a8_section(recipe) -> dict:
     """``report["w8a8"]``: how many Linears are int8, which stayed float and why, and the calibration figures."""
     doc, stats = recipe.w8a8, recipe.stats.get("w8a8", {})
     linears = len(stats.get("range_ratio", {}))
-    return {"act_method": doc["act_method"], "anti_method": doc["anti_method"], "alpha": doc["alpha"],
-            "disable_level": doc["disable_level"], "linears": linears, "quantized": linears - len(doc["float_linears"]),
-            "float_linears": doc["float_linears"], "smooth_groups": len(doc["smooth"]),
-            "fallback_search": stats.get("search", []), "smoothing": stats.get("smooth", {}),
-            "output_sqnr_db": stats.get("output_sqnr_db", {}), "act_method_used": stats.get("act_method_used", {})}
+    return {
+        "act_method": doc["act_method"],
+        "anti_method": doc["anti_method"],
+        "alpha": doc["alpha"],
+        "disable_level": doc["disable_level"],
+        "linears": linears,
+        "quantized": linears - len(doc["float_linears"]),
+        "float_linears": doc["float_linears"],
+        "smooth_groups": len(doc["smooth"]),
+        "fallback_search": stats.get("search", []),
+        "smoothing": stats.get("smooth", {}),
+        "output_sqnr_db": stats.get("output_sqnr_db", {}),
+        "act_method_used": stats.get("act_method_used", {}),
+    }
 
 
 def write(report: dict, directory: Path) -> None:
@@ -137,9 +173,16 @@ def plot_sqnr(report: dict, path: Path) -> None:
         ax.legend()
     else:  # W8A8 alone: no q/k/v is quantized; the dynamic cache: no q/k/v has a calibrated scale
         dynamic = report["config"].get("kv_cache") == "dynamic"
-        ax.text(0.5, 0.5, "the dynamic KV cache's scales are computed as it is written: none calibrated" if dynamic
-                else "no attention quantization (--fa-quant / --kv-int8) in this compile",
-                ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "the dynamic KV cache's scales are computed as it is written: none calibrated"
+            if dynamic
+            else "no attention quantization (--fa-quant / --kv-int8) in this compile",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)

@@ -42,7 +42,7 @@ class SaturationCounter:
 
     def __init__(self, scale: torch.Tensor, offset: torch.Tensor, symmetric: bool):
         self.scale, self.offset, self.symmetric = scale.reshape(-1).float(), offset.reshape(-1).float(), symmetric
-        self.hits = 0    # values at a limit
+        self.hits = 0  # values at a limit
         self.values = 0  # values seen
 
     def update(self, x: torch.Tensor) -> None:
@@ -108,8 +108,8 @@ def calibration_table(recipe: Recipe) -> dict[str, dict[str, float]]:
     static = {(str(layer), kind) for layer, kind in counters(recipe)}
     doc = recipe.stats.get("saturation")
     out: dict[str, dict[str, float]] = {}
-    for layer, kinds in (doc.items() if isinstance(doc, Mapping) else ()):
-        for kind, fraction in (kinds.items() if isinstance(kinds, Mapping) else ()):
+    for layer, kinds in doc.items() if isinstance(doc, Mapping) else ():
+        for kind, fraction in kinds.items() if isinstance(kinds, Mapping) else ():
             if (layer, kind) in static and isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
                 out.setdefault(layer, {})[kind] = float(fraction)
     return out
@@ -142,10 +142,15 @@ def section(recipe: Recipe, counted: dict | None, measured_on: str | None, windo
     on (``"eval"``, ``"held_out"`` or None when nothing was), and the flagged sites (``{layer: [kind, ...]}``)."""
     calibration = calibration_table(recipe)
     measured = table(counted) if counted else {}
-    return {"measured_on": measured_on if measured else None,
-            "windows": int(windows.shape[0]) if measured else 0, "tokens": int(windows.numel()) if measured else 0,
-            "calibration": calibration, "measured": measured, "flagged": flagged(measured, calibration),
-            "rule": f"flagged when measured > min(max({FLAG_RATIO:g} x calibration, {FLAG_FLOOR:g}), {FLAG_CEILING:g})"}
+    return {
+        "measured_on": measured_on if measured else None,
+        "windows": int(windows.shape[0]) if measured else 0,
+        "tokens": int(windows.numel()) if measured else 0,
+        "calibration": calibration,
+        "measured": measured,
+        "flagged": flagged(measured, calibration),
+        "rule": f"flagged when measured > min(max({FLAG_RATIO:g} x calibration, {FLAG_FLOOR:g}), {FLAG_CEILING:g})",
+    }
 
 
 def warning(sat: dict) -> str | None:
@@ -154,15 +159,24 @@ def warning(sat: dict) -> str | None:
     if not names:
         return None
     sites = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    layer, kind = max(((layer, kind) for layer, kinds in sat["flagged"].items() for kind in kinds),
-                      key=lambda lk: sat["measured"][lk[0]][lk[1]])
+    layer, kind = max(
+        ((layer, kind) for layer, kinds in sat["flagged"].items() for kind in kinds),
+        key=lambda lk: sat["measured"][lk[0]][lk[1]],
+    )
     calibration = sat["calibration"].get(layer, {}).get(kind)
     worst = f"up to {sat['measured'][layer][kind]:.2%} of values" + (
-        f", {calibration:.2%} on the calibration text" if calibration is not None else "")
+        f", {calibration:.2%} on the calibration text" if calibration is not None else ""
+    )
     if sat["measured_on"] == "eval":
-        where, cause = "the evaluation text", "the calibration text is probably unlike the deployment text, or too repetitive"
+        where, cause = (
+            "the evaluation text",
+            "the calibration text is probably unlike the deployment text, or too repetitive",
+        )
         fix = "calibrate on text like the deployment text (--calib)"
     else:
-        where, cause = "calibration windows held out of the range fitting", "the calibration text is too small or too repetitive"
+        where, cause = (
+            "calibration windows held out of the range fitting",
+            "the calibration text is too small or too repetitive",
+        )
         fix = "calibrate on more, varied text like the deployment text (--calib) and check with --eval"
     return f"saturation: on {where}, int8 q/k/v hit their limits too often at {sites} ({worst}; {sat['rule']}): {cause}; {fix}"

@@ -21,8 +21,8 @@ class AttentionSite:
     """
 
     layer: int
-    attention: str   # the fused op, or the softmax of a matmul-softmax-matmul attention
-    form: str        # the spelling that matched ("sdpa", "matmul-softmax-matmul", ...)
+    attention: str  # the fused op, or the softmax of a matmul-softmax-matmul attention
+    form: str  # the spelling that matched ("sdpa", "matmul-softmax-matmul", ...)
     q: str
     k: str
     v: str
@@ -31,7 +31,7 @@ class AttentionSite:
     head_dim: int
     rope: bool
     qk_norm: bool
-    q_from: str      # the parameter that projects Q (e.g. model.layers.0.self_attn.q_proj.weight), "?" if none
+    q_from: str  # the parameter that projects Q (e.g. model.layers.0.self_attn.q_proj.weight), "?" if none
     k_from: str
     v_from: str
     prefix: str = ""
@@ -54,9 +54,9 @@ class LinearSite:
 
     node: str
     input: str
-    weight: str          # the weight's value in the IR
+    weight: str  # the weight's value in the IR
     bias: str | None
-    module: str          # model module path, e.g. model.layers.0.self_attn.q_proj
+    module: str  # model module path, e.g. model.layers.0.self_attn.q_proj
     in_features: int
     out_features: int
 
@@ -65,18 +65,23 @@ class LinearSite:
 class SmoothGroup:
     """Linears sharing the input ``input`` whose channels ``prev`` produces (see :mod:`qpass.core.smoothing`)."""
 
-    input: str                    # value feeding the consumers, observed in calibration
-    prev: str                     # module path of the norm or Linear producing the input
-    prev_kind: str                # "norm" or "linear"
-    consumers: tuple[str, ...]    # module paths
-    channels: int                 # prev's channels: the length of the smoothing scale
-    group: int = 1                # GQA: consumer channels per prev channel block
+    input: str  # value feeding the consumers, observed in calibration
+    prev: str  # module path of the norm or Linear producing the input
+    prev_kind: str  # "norm" or "linear"
+    consumers: tuple[str, ...]  # module paths
+    channels: int  # prev's channels: the length of the smoothing scale
+    group: int = 1  # GQA: consumer channels per prev channel block
     head_dim: int | None = None
 
     def to_recipe(self, scale_name: str) -> dict:
         """The group as recipe JSON (``w8a8.smooth`` entries, see :mod:`qpass.core.smoothing`)."""
-        doc = {"scale": scale_name, "prev": self.prev, "prev_kind": self.prev_kind,
-               "consumers": list(self.consumers), "group": self.group}
+        doc = {
+            "scale": scale_name,
+            "prev": self.prev,
+            "prev_kind": self.prev_kind,
+            "consumers": list(self.consumers),
+            "group": self.group,
+        }
         if self.head_dim is not None:
             doc["head_dim"] = self.head_dim
         return doc

@@ -123,8 +123,14 @@ def m4_scale(group, x: Observer, weight, act_method, alpha):
 METHODS = {"m1": m1_scale, "m2": m2_scale, "m3": m3_scale, "m4": m4_scale}
 
 
-def smoothing_scales(method: str, groups: list[SmoothGroup], observers: dict[str, Observer],
-                     state_dict: dict[str, torch.Tensor], act_method: int, alpha: float) -> tuple[list[torch.Tensor], list[dict]]:
+def smoothing_scales(
+    method: str,
+    groups: list[SmoothGroup],
+    observers: dict[str, Observer],
+    state_dict: dict[str, torch.Tensor],
+    act_method: int,
+    alpha: float,
+) -> tuple[list[torch.Tensor], list[dict]]:
     """Per group, the scale ``[group.channels]`` float32 of ``method`` (m1 .. m4) and what the method chose.
 
     ``observers``: the float run's statistics by group input; ``state_dict``: the float weights (module

@@ -6,9 +6,15 @@ from qpass.core.int8 import fake_quant, fake_quant_weight
 from qpass.core.ranges import act_qparams
 
 
-def quantized_output_error(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_method: int = 1,
-                           reference: torch.Tensor | None = None, lo: torch.Tensor | None = None,
-                           hi: torch.Tensor | None = None) -> float:
+def quantized_output_error(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    act_method: int = 1,
+    reference: torch.Tensor | None = None,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+) -> float:
     """``sum_t ||fq(x_t / s) @ fq(W * s)^T - y_t||^2 / ||y_t||^2``, ``y = x @ W^T``: the output error of W8A8
     Linears after smoothing by ``s``, each token's error relative to its own output.
 

@@ -4,4 +4,9 @@ They read the core's recipe, the sites' module names and a state dict; they impo
 nor a frontend.
 """
 
-NAMES = ("qpass", "mindie", "vllm-ascend", "onnx")  # the registry's exporters, here so that the CLI's parser needs no torch
+NAMES = (
+    "qpass",
+    "mindie",
+    "vllm-ascend",
+    "onnx",
+)  # the registry's exporters, here so that the CLI's parser needs no torch

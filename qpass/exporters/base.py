@@ -1,9 +1,9 @@
 """What flows between a compile and an exporter: :class:`Compiled` in (the core's), :class:`Loaded` back, and the
 :class:`Exporter` entry that names a format's functions and its rules."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -19,8 +19,8 @@ class Loaded:
     format: str
     tokenizer: object
     recipe: Recipe | None
-    program: object = None   # runs as it is (qpass: program.pt2)
-    decoder: object = None   # lowered for paged decoding (qpass: decoder.pt2)
+    program: object = None  # runs as it is (qpass: program.pt2)
+    decoder: object = None  # lowered for paged decoding (qpass: decoder.pt2)
     model: torch.nn.Module | None = None  # a model whose attention the frontend quantizes with ``recipe``
     info: dict = field(default_factory=dict)
 

@@ -23,9 +23,21 @@ from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
 from qpass.core.naming import LM_HEAD
 from qpass.core.recipe import Recipe, SiteGeometry, site_key
-from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_TYPES, FAQUANT, FLOAT,
-                                          MODEL_KEYS, W8A8, W8A8_SUFFIXES, WEIGHTS_FILE, WEIGHTS_INDEX)
 from qpass.exporters.base import Loaded
+from qpass.exporters.mindie_format import (
+    C8,
+    C8_PROJECTIONS,
+    CONFIG_FILE,
+    DESCRIPTION_FILE,
+    FA_TYPES,
+    FAQUANT,
+    FLOAT,
+    MODEL_KEYS,
+    W8A8,
+    W8A8_SUFFIXES,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX,
+)
 from qpass.models.loaders import check_remote_code
 from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights
 
@@ -33,8 +45,13 @@ MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtype = torch.float32,
-         load_tokenizer: bool = True, build: bool = True) -> Loaded:
+def load(
+    directory: str | Path,
+    purpose: str = "eval",
+    compute_dtype: torch.dtype = torch.float32,
+    load_tokenizer: bool = True,
+    build: bool = True,
+) -> Loaded:
     """Validate a MindIE directory and build the model it describes (:mod:`qpass.exporters.mindie_format`):
     a Hugging Face model with W8A8 Linears in integer arithmetic, computing in ``compute_dtype``, and the
     recipe of its FAQuant / C8 tensors (None when it has neither). ``purpose`` does not change what is read.
@@ -48,8 +65,10 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     weights = WEIGHTS_INDEX if not (d / WEIGHTS_FILE).is_file() and (d / WEIGHTS_INDEX).is_file() else WEIGHTS_FILE
     for f in (CONFIG_FILE, weights, DESCRIPTION_FILE):
         if not (d / f).is_file():
-            raise QpassError(f"{d}: no {f}; a MindIE directory needs {CONFIG_FILE}, {WEIGHTS_FILE} (or {WEIGHTS_INDEX} and its "
-                             f"shards) and {DESCRIPTION_FILE}")
+            raise QpassError(
+                f"{d}: no {f}; a MindIE directory needs {CONFIG_FILE}, {WEIGHTS_FILE} (or {WEIGHTS_INDEX} and its "
+                f"shards) and {DESCRIPTION_FILE}"
+            )
     config_json = _read_json(d, CONFIG_FILE)
     description = _read_json(d, DESCRIPTION_FILE)
     model_dtype = _model_dtype(d, config_json)
@@ -68,8 +87,10 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     w8a8 = sorted(n.removesuffix(".weight") for n, t in types.items() if t == W8A8 and n.endswith(".weight"))
     for p in w8a8:
         if p not in linears:
-            raise QpassError(f"{d}: {p}.weight is typed W8A8, but {p} is not a Linear of this {model_type} model; "
-                             "type it FLOAT or fix the name")
+            raise QpassError(
+                f"{d}: {p}.weight is typed W8A8, but {p} is not a Linear of this {model_type} model; "
+                "type it FLOAT or fix the name"
+            )
         module = linears[p]
         weights = check.w8a8(p, module.out_features, module.in_features)
         if build:
@@ -79,7 +100,9 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     extra = {f"{p}.{s}" for p in w8a8 for s in W8A8_SUFFIXES if f"{p}.{s}" in tensors}
     for p in w8a8:  # msModelSlim keeps a W8A8 Linear's float bias too (FLOAT); quant_bias already holds it
         if f"{p}.bias" in tensors:
-            check.get(f"{p}.bias", (FLOAT,), FLOAT_DTYPES, (linears[p].out_features,), "the float bias of a W8A8 Linear")
+            check.get(
+                f"{p}.bias", (FLOAT,), FLOAT_DTYPES, (linears[p].out_features,), "the float bias of a W8A8 Linear"
+            )
             extra.add(f"{p}.bias")
     floats, checked = {}, set()  # checked: the float tensors read (and kept in floats when building)
     expected = model.state_dict()
@@ -100,11 +123,18 @@ def load(directory: str | Path, purpose: str = "eval", compute_dtype: torch.dtyp
     recipe, attention = _recipe(config, check, fa, c8)
     unknown = sorted(set(tensors) - extra - checked - attention - ({LM_HEAD} if tied else set()))
     if unknown:
-        raise QpassError(f"{d}: tensor {unknown[0]} is not a parameter of this {model_type} model nor a tensor the format "
-                         f"defines ({len(unknown)} such); remove it or fix its name")
+        raise QpassError(
+            f"{d}: tensor {unknown[0]} is not a parameter of this {model_type} model nor a tensor the format "
+            f"defines ({len(unknown)} such); remove it or fix its name"
+        )
     tokenizer = _tokenizer(d) if load_tokenizer else None
-    info = {"format": "mindie", "model_dtype": str(model_dtype).removeprefix("torch."), "w8a8_linears": len(w8a8),
-            "fa_quant": fa, "kv_cache": "static" if c8 else None}
+    info = {
+        "format": "mindie",
+        "model_dtype": str(model_dtype).removeprefix("torch."),
+        "w8a8_linears": len(w8a8),
+        "fa_quant": fa,
+        "kv_cache": "static" if c8 else None,
+    }
     return Loaded("mindie", tokenizer, recipe, model=model if build else None, info=info)
 
 
@@ -112,14 +142,17 @@ def _check_types(d: Path, tensors, types: dict[str, str]) -> None:
     """Every tensor typed in the description, every typed name a tensor, every type one the format defines."""
     for name in sorted(types):
         if name not in tensors:
-            raise QpassError(f"{d}: {DESCRIPTION_FILE} lists {name} ({types[name]}), but {WEIGHTS_FILE} has no such "
-                             "tensor; add the tensor or re-export the directory")
+            raise QpassError(
+                f"{d}: {DESCRIPTION_FILE} lists {name} ({types[name]}), but {WEIGHTS_FILE} has no such "
+                "tensor; add the tensor or re-export the directory"
+            )
         if types[name] not in (FLOAT, W8A8, FAQUANT, C8):
             raise QpassError(f"{d}: {DESCRIPTION_FILE} types {name} as {types[name]!r}; use FLOAT, W8A8, C8 or FAQuant")
     for name in sorted(tensors):
         if name not in types:
-            raise QpassError(f"{d}: tensor {name} has no entry in {DESCRIPTION_FILE}; type every tensor FLOAT, W8A8 or "
-                             "FAQuant")
+            raise QpassError(
+                f"{d}: tensor {name} has no entry in {DESCRIPTION_FILE}; type every tensor FLOAT, W8A8 or FAQuant"
+            )
 
 
 def _build(d: Path, config_json: dict, compute_dtype: torch.dtype, build: bool):
@@ -131,16 +164,20 @@ def _build(d: Path, config_json: dict, compute_dtype: torch.dtype, build: bool):
     model_type = hf_json.pop("model_type", None)
     check_remote_code(str(d), config_json)  # the built-in architecture, with a warning, or refused
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise QpassError(f"{d}: {CONFIG_FILE} model_type {model_type!r} is not an architecture transformers has built "
-                         "in; give the directory of a causal LM of a built-in architecture (llama, qwen2, ...)")
+        raise QpassError(
+            f"{d}: {CONFIG_FILE} model_type {model_type!r} is not an architecture transformers has built "
+            "in; give the directory of a causal LM of a built-in architecture (llama, qwen2, ...)"
+        )
     try:
         config = AutoConfig.for_model(model_type, **hf_json)
         with torch.device("cpu" if build else "meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=compute_dtype)
     except Exception as err:  # transformers validates configs with many error types of its own
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise QpassError(f"{d}: cannot build a model from {CONFIG_FILE} (model_type {model_type!r}: {first}); "
-                         "it must be a Hugging Face causal-LM config") from None
+        raise QpassError(
+            f"{d}: cannot build a model from {CONFIG_FILE} (model_type {model_type!r}: {first}); "
+            "it must be a Hugging Face causal-LM config"
+        ) from None
     return config, model.eval()
 
 
@@ -150,8 +187,9 @@ def _tokenizer(d: Path):
     try:
         return AutoTokenizer.from_pretrained(str(d))
     except (OSError, ValueError) as err:
-        raise QpassError(f"{d}: cannot load the tokenizer files ({_first_line(err)}); add tokenizer.json / "
-                         "tokenizer_config.json") from None
+        raise QpassError(
+            f"{d}: cannot load the tokenizer files ({_first_line(err)}); add tokenizer.json / tokenizer_config.json"
+        ) from None
 
 
 def _read_weights(d: Path, weights: str) -> "_Tensors":
@@ -161,17 +199,23 @@ def _read_weights(d: Path, weights: str) -> "_Tensors":
         return _Tensors(d, {name: WEIGHTS_FILE for name in _stored_names(d, WEIGHTS_FILE)})
     weight_map = _read_json(d, WEIGHTS_INDEX).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-        raise QpassError(f"{d}: {WEIGHTS_INDEX} has no weight_map of tensor names to shard files; re-export the directory")
+        raise QpassError(
+            f"{d}: {WEIGHTS_INDEX} has no weight_map of tensor names to shard files; re-export the directory"
+        )
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         shards.setdefault(shard, []).append(name)
     for shard, names in shards.items():
         if Path(shard).name != shard or not (d / shard).is_file():
-            raise QpassError(f"{d}: {WEIGHTS_INDEX} maps tensors to {shard}, which is not a file in the directory; "
-                             "re-export the directory")
+            raise QpassError(
+                f"{d}: {WEIGHTS_INDEX} maps tensors to {shard}, which is not a file in the directory; "
+                "re-export the directory"
+            )
         missing = sorted(set(names) - _stored_names(d, shard))
         if missing:
-            raise QpassError(f"{d}: {WEIGHTS_INDEX} maps {missing[0]} to {shard}, which has no such tensor; re-export the directory")
+            raise QpassError(
+                f"{d}: {WEIGHTS_INDEX} maps {missing[0]} to {shard}, which has no such tensor; re-export the directory"
+            )
     return _Tensors(d, dict(weight_map))
 
 
@@ -229,27 +273,37 @@ def _read_json(d: Path, name: str) -> dict:
 def _model_dtype(d: Path, config_json: dict) -> torch.dtype:
     name = config_json.get("torch_dtype", config_json.get("dtype"))
     if not isinstance(name, str) or name not in MODEL_DTYPES:
-        raise QpassError(f"{d}: {CONFIG_FILE} torch_dtype is {name!r}; a MindIE directory stores float16 or bfloat16 models")
+        raise QpassError(
+            f"{d}: {CONFIG_FILE} torch_dtype is {name!r}; a MindIE directory stores float16 or bfloat16 models"
+        )
     return MODEL_DTYPES[name]
 
 
 def _quant_kinds(d: Path, config_json: dict, description: dict) -> tuple[bool, bool]:
     """(FAQuant, C8) from the description's model-level keys, checked against config.json."""
     if description.get("model_quant_type") != W8A8:
-        raise QpassError(f"{d}: {DESCRIPTION_FILE} model_quant_type is {description.get('model_quant_type')!r}; "
-                         "qpass loads W8A8 directories (\"model_quant_type\": \"W8A8\")")
+        raise QpassError(
+            f"{d}: {DESCRIPTION_FILE} model_quant_type is {description.get('model_quant_type')!r}; "
+            'qpass loads W8A8 directories ("model_quant_type": "W8A8")'
+        )
     fa = description.get("fa_quant_type")
     if fa not in (None, *FA_TYPES):
         raise QpassError(f"{d}: {DESCRIPTION_FILE} fa_quant_type is {fa!r}; qpass reads {' or '.join(FA_TYPES)}")
     kv = (description.get("kv_cache_type"), description.get("kv_quant_type"))
     if kv not in ((None, None), (C8, C8), (C8, None)):
-        raise QpassError(f"{d}: {DESCRIPTION_FILE} has kv_cache_type {kv[0]!r} and kv_quant_type {kv[1]!r}; "
-                         "C8 needs kv_cache_type \"C8\" (and kv_quant_type \"C8\" or none), a float KV cache neither")
+        raise QpassError(
+            f"{d}: {DESCRIPTION_FILE} has kv_cache_type {kv[0]!r} and kv_quant_type {kv[1]!r}; "
+            'C8 needs kv_cache_type "C8" (and kv_quant_type "C8" or none), a float KV cache neither'
+        )
     # msModelSlim's current saver deletes quantization_config; MindIE's documented form has one, which must agree
     qc = config_json.get("quantization_config")
-    if qc is not None and (not isinstance(qc, dict) or qc.get("fa_quant_type") != fa or qc.get("kv_quant_type") != kv[1]):
-        raise QpassError(f"{d}: {CONFIG_FILE} quantization_config {qc} disagrees with {DESCRIPTION_FILE} "
-                         f"(fa_quant_type {fa!r}, kv_quant_type {kv[1]!r}); make them agree, or remove it")
+    if qc is not None and (
+        not isinstance(qc, dict) or qc.get("fa_quant_type") != fa or qc.get("kv_quant_type") != kv[1]
+    ):
+        raise QpassError(
+            f"{d}: {CONFIG_FILE} quantization_config {qc} disagrees with {DESCRIPTION_FILE} "
+            f"(fa_quant_type {fa!r}, kv_quant_type {kv[1]!r}); make them agree, or remove it"
+        )
     return fa is not None, kv[0] == C8
 
 
@@ -263,19 +317,29 @@ class _Checker:
         """The tensor ``name``, typed one of ``kinds``, of one of ``dtypes``, shaped ``shape`` (or one of the shapes
         in a list)."""
         if name not in self.tensors:
-            raise QpassError(f"{self.d}: missing tensor {name} ({what}, {_dt(dtypes)} {list(shape)}); add it or re-export the directory")
+            raise QpassError(
+                f"{self.d}: missing tensor {name} ({what}, {_dt(dtypes)} {list(shape)}); add it or re-export the directory"
+            )
         t = self.tensors[name]
         if self.types.get(name) not in kinds:
-            raise QpassError(f"{self.d}: {DESCRIPTION_FILE} types {name} as {self.types.get(name)!r} but it is {what}; "
-                             f"type it {kinds[0]!r}")
+            raise QpassError(
+                f"{self.d}: {DESCRIPTION_FILE} types {name} as {self.types.get(name)!r} but it is {what}; "
+                f"type it {kinds[0]!r}"
+            )
         if t.dtype == torch.int8 and kinds == (FLOAT,):
-            raise QpassError(f"{self.d}: tensor {name} is int8, but {DESCRIPTION_FILE} types it {FLOAT!r}; type it {W8A8!r} "
-                             "(with its scales) or re-export the directory")
+            raise QpassError(
+                f"{self.d}: tensor {name} is int8, but {DESCRIPTION_FILE} types it {FLOAT!r}; type it {W8A8!r} "
+                "(with its scales) or re-export the directory"
+            )
         if t.dtype not in dtypes:
-            raise QpassError(f"{self.d}: tensor {name} is {_dt((t.dtype,))}, expected {_dt(dtypes)} ({what}); re-export it in that dtype")
+            raise QpassError(
+                f"{self.d}: tensor {name} is {_dt((t.dtype,))}, expected {_dt(dtypes)} ({what}); re-export it in that dtype"
+            )
         if tuple(t.shape) not in (shape if isinstance(shape, list) else [shape]):
-            raise QpassError(f"{self.d}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} ({what}); "
-                             "it does not fit this model's config.json")
+            raise QpassError(
+                f"{self.d}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} ({what}); "
+                "it does not fit this model's config.json"
+            )
         return t
 
     def float_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -285,18 +349,26 @@ class _Checker:
         """A scale in the model dtype or float32 (msModelSlim writes float32): positive and finite."""
         t = self.get(name, kinds, (self.model_dtype, torch.float32), shape, what).float()
         if not (torch.isfinite(t).all() and (t > 0).all()):
-            raise QpassError(f"{self.d}: tensor {name} ({what}) has a value that is not a positive finite number; recalibrate")
+            raise QpassError(
+                f"{self.d}: tensor {name} ({what}) has a value that is not a positive finite number; recalibrate"
+            )
         if t.numel() > 1 and bool((t == 1.0).all()):
-            raise QpassError(f"{self.d}: tensor {name} ({what}) is 1.0 in every channel, the value a calibration that saw no "
-                             "data leaves; recalibrate, with calibration text that reaches this layer")
+            raise QpassError(
+                f"{self.d}: tensor {name} ({what}) is 1.0 in every channel, the value a calibration that saw no "
+                "data leaves; recalibrate, with calibration text that reaches this layer"
+            )
         return t
 
-    def offset(self, name: str, kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...], shape, what: str) -> torch.Tensor:
+    def offset(
+        self, name: str, kinds: tuple[str, ...], dtypes: tuple[torch.dtype, ...], shape, what: str
+    ) -> torch.Tensor:
         """An offset (an integer value in any of ``dtypes``) within the int8 range, as float32."""
         t = self.get(name, kinds, dtypes, shape, what).float()
         if not (torch.isfinite(t).all() and ((t >= -128) & (t <= 127)).all()):
-            raise QpassError(f"{self.d}: tensor {name} ({what}) has a value that is not a finite number in [-128, 127]; "
-                             "recalibrate (an int8 offset lies within the int8 range)")
+            raise QpassError(
+                f"{self.d}: tensor {name} ({what}) has a value that is not a finite number in [-128, 127]; "
+                "recalibrate (an int8 offset lies within the int8 range)"
+            )
         return t
 
     def w8a8(self, p: str, n: int, k: int) -> W8A8Weights:
@@ -307,17 +379,29 @@ class _Checker:
         in_scale = self.scale(f"{p}.input_scale", kinds, (1,), "a W8A8 input_scale")
         in_offset = self.offset(f"{p}.input_offset", kinds, (*FLOAT_DTYPES, torch.int8), (1,), "a W8A8 input_offset")
         if self.model_dtype == torch.float16:
-            raw = self.get(f"{p}.deq_scale", kinds, (torch.int64,), (n,), "a W8A8 deq_scale: float32 bits as int32, widened to int64")
+            raw = self.get(
+                f"{p}.deq_scale",
+                kinds,
+                (torch.int64,),
+                (n,),
+                "a W8A8 deq_scale: float32 bits as int32, widened to int64",
+            )
             if raw.min() < -(2**31) or raw.max() >= 2**31:
-                raise QpassError(f"{self.d}: tensor {p}.deq_scale has values outside int32; store the float32 bits of "
-                                 "input_scale * weight_scale reinterpreted as int32, widened to int64")
+                raise QpassError(
+                    f"{self.d}: tensor {p}.deq_scale has values outside int32; store the float32 bits of "
+                    "input_scale * weight_scale reinterpreted as int32, widened to int64"
+                )
             deq = raw.to(torch.int32).view(torch.float32)
         else:
-            deq = self.get(f"{p}.deq_scale", kinds, (torch.float32,), (n,), "a W8A8 deq_scale (float32 for bfloat16 models)")
+            deq = self.get(
+                f"{p}.deq_scale", kinds, (torch.float32,), (n,), "a W8A8 deq_scale (float32 for bfloat16 models)"
+            )
         quant_bias = self.get(f"{p}.quant_bias", kinds, (torch.int32,), (n,), "a W8A8 quant_bias")
         if f"{p}.weight_scale" not in self.tensors:
             if not (torch.isfinite(deq).all() and (deq > 0).all()):
-                raise QpassError(f"{self.d}: tensor {p}.deq_scale has a value that is not a positive finite number; re-export it")
+                raise QpassError(
+                    f"{self.d}: tensor {p}.deq_scale has a value that is not a positive finite number; re-export it"
+                )
             return W8A8Weights(weight, (deq / in_scale).float(), in_scale, in_offset, deq.clone(), quant_bias)
         w_scale = self.get(f"{p}.weight_scale", kinds, FLOAT_DTYPES, (n, 1), "a W8A8 weight_scale").float().reshape(n)
         if f"{p}.weight_offset" in self.tensors:
@@ -325,8 +409,10 @@ class _Checker:
         expected = in_scale * w_scale
         if not torch.isfinite(deq).all() or not torch.allclose(deq, expected, rtol=1e-2, atol=0.0):
             i = int(((deq - expected).abs() / expected.abs().clamp(min=1e-30)).nan_to_num(float("inf")).argmax())
-            raise QpassError(f"{self.d}: tensor {p}.deq_scale[{i}] is {deq[i].item():.6g}, but input_scale * weight_scale is "
-                             f"{expected[i].item():.6g}; store input_scale * weight_scale (float16 models: its float32 bits as int64)")
+            raise QpassError(
+                f"{self.d}: tensor {p}.deq_scale[{i}] is {deq[i].item():.6g}, but input_scale * weight_scale is "
+                f"{expected[i].item():.6g}; store input_scale * weight_scale (float16 models: its float32 bits as int64)"
+            )
         return W8A8Weights(weight, w_scale, in_scale, in_offset, deq.clone(), quant_bias)
 
 
@@ -343,8 +429,10 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
     suffix = ".fa_q.scale" if fa else f".{C8_PROJECTIONS['kv_k']}.kv_cache_scale"
     prefixes = sorted((n.removesuffix(suffix) for n in check.tensors if n.endswith(suffix)), key=_natural)
     if len(prefixes) != config.num_hidden_layers:
-        raise QpassError(f"{check.d}: {len(prefixes)} tensors named *{suffix} for a config of {config.num_hidden_layers} "
-                         f"layers; each attention needs its {'FAQuant' if fa else 'C8'} tensors")
+        raise QpassError(
+            f"{check.d}: {len(prefixes)} tensors named *{suffix} for a config of {config.num_hidden_layers} "
+            f"layers; each attention needs its {'FAQuant' if fa else 'C8'} tensors"
+        )
     used, tensors = set(), {}
     for i, a in enumerate(prefixes):
         if fa:
@@ -354,8 +442,11 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
                     what = f"FAQuant {kind} {part}"
                     # per head and dim, or one value per head ([h, 1], as msModelSlim computes it), repeated
                     shapes = [(h, head_dim), (h, 1)]
-                    t = check.scale(name, (FAQUANT,), shapes, what) if part == "scale" else \
-                        check.offset(name, (FAQUANT,), (*FLOAT_DTYPES, torch.int8), shapes, what)
+                    t = (
+                        check.scale(name, (FAQUANT,), shapes, what)
+                        if part == "scale"
+                        else check.offset(name, (FAQUANT,), (*FLOAT_DTYPES, torch.int8), shapes, what)
+                    )
                     tensors[site_key(i, kind, part)] = t.expand(h, head_dim).contiguous()
                     used.add(name)
         if c8:
@@ -363,12 +454,24 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
                 for part in ("scale", "offset"):
                     name = f"{a}.{proj}.kv_cache_{part}"
                     what = f"C8 {proj} kv_cache_{part}"
-                    t = check.scale(name, (W8A8, C8), (kv_heads * head_dim,), what) if part == "scale" else \
-                        check.offset(name, (W8A8, C8), FLOAT_DTYPES, (kv_heads * head_dim,), what)
+                    t = (
+                        check.scale(name, (W8A8, C8), (kv_heads * head_dim,), what)
+                        if part == "scale"
+                        else check.offset(name, (W8A8, C8), FLOAT_DTYPES, (kv_heads * head_dim,), what)
+                    )
                     tensors[site_key(i, kind, part)] = t
                     used.add(name)
-    sites = [SiteGeometry(i, heads, kv_heads, head_dim, a, ("", *(f"{a}.{p}" for p in C8_PROJECTIONS.values())) if c8 else ("", "", ""))
-             for i, a in enumerate(prefixes)]
+    sites = [
+        SiteGeometry(
+            i,
+            heads,
+            kv_heads,
+            head_dim,
+            a,
+            ("", *(f"{a}.{p}" for p in C8_PROJECTIONS.values())) if c8 else ("", "", ""),
+        )
+        for i, a in enumerate(prefixes)
+    ]
     return Recipe(QuantConfig(fa_quant=fa, kv_cache="static" if c8 else None), sites, tensors), used
 
 

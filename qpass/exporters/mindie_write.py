@@ -22,8 +22,19 @@ from qpass.core.errors import QpassError
 from qpass.core.naming import LM_HEAD, layer_of
 from qpass.core.recipe import Recipe
 from qpass.core.smoothing import apply_smoothing
-from qpass.exporters.mindie_format import (C8, C8_PROJECTIONS, CONFIG_FILE, DESCRIPTION_FILE, FA_KINDS, FAQUANT, FLOAT,
-                                          W8A8, WEIGHTS_FILE, WEIGHTS_INDEX, shard_name)
+from qpass.exporters.mindie_format import (
+    C8,
+    C8_PROJECTIONS,
+    CONFIG_FILE,
+    DESCRIPTION_FILE,
+    FA_KINDS,
+    FAQUANT,
+    FLOAT,
+    W8A8,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX,
+    shard_name,
+)
 from qpass.runtime.w8a8 import w8a8_weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,26 +46,53 @@ def refusal(config, options: dict, target: str = "mindie") -> str | None:
     """What ``target``'s loader cannot run under the policy ``config`` with ``options`` (``dtype``, the input's
     ``frontend``), in one line with the way out; None when it can."""
     dtype = options.get("dtype") or "float16"
-    return next((why for why, bad in (
-        (f"--format {target}: the MindIE weight directory has the targets {', '.join(TARGETS)}", target not in TARGETS),
-        (f"--format {target}: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, or "
-         "compile the PyTorch model for this format", options.get("frontend") == "onnx"),
-        (f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those",
-         dtype not in MODEL_DTYPES),
-        (f"--format {target} with --kv-int8 dynamic: the MindIE weight format holds only a static int8 KV cache (C8, "
-         "per-channel scales calibrated ahead), not scales computed per token as the cache is written; compile with "
-         "--kv-int8 (static), or write --format qpass", config.kv_cache == "dynamic"),
-        ("--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant on MLA "
-         "models, and never together with C8; drop --fa-quant, or write --format mindie",
-         target == "vllm-ascend" and config.fa_quant),
-        ("--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its scale only, so "
-         "C8 must be symmetric; add --symmetric",
-         target == "vllm-ascend" and config.kv_cache == "static" and not config.symmetric),
-        ("--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights only; use "
-         "--dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)",
-         dtype == "bfloat16" and config.kv_cache == "static"),
-        (f"--format {target}: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)", not config.w8a8),
-    ) if bad), None)
+    return next(
+        (
+            why
+            for why, bad in (
+                (
+                    f"--format {target}: the MindIE weight directory has the targets {', '.join(TARGETS)}",
+                    target not in TARGETS,
+                ),
+                (
+                    f"--format {target}: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, or "
+                    "compile the PyTorch model for this format",
+                    options.get("frontend") == "onnx",
+                ),
+                (
+                    f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those",
+                    dtype not in MODEL_DTYPES,
+                ),
+                (
+                    f"--format {target} with --kv-int8 dynamic: the MindIE weight format holds only a static int8 KV cache (C8, "
+                    "per-channel scales calibrated ahead), not scales computed per token as the cache is written; compile with "
+                    "--kv-int8 (static), or write --format qpass",
+                    config.kv_cache == "dynamic",
+                ),
+                (
+                    "--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant on MLA "
+                    "models, and never together with C8; drop --fa-quant, or write --format mindie",
+                    target == "vllm-ascend" and config.fa_quant,
+                ),
+                (
+                    "--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its scale only, so "
+                    "C8 must be symmetric; add --symmetric",
+                    target == "vllm-ascend" and config.kv_cache == "static" and not config.symmetric,
+                ),
+                (
+                    "--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights only; use "
+                    "--dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)",
+                    dtype == "bfloat16" and config.kv_cache == "static",
+                ),
+                (
+                    f"--format {target}: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)",
+                    not config.w8a8,
+                ),
+            )
+            if bad
+        ),
+        None,
+    )
 
 
 def refusal_vllm_ascend(config, options: dict) -> str | None:
@@ -87,13 +125,22 @@ def check_names(recipe: Recipe, c8: bool) -> None:
         wanted = tuple(f"{site.prefix}.{p}" for p in C8_PROJECTIONS.values())
         if not site.prefix or (c8 and site.projections[1:] != wanted):
             got = ", ".join(p or "?" for p in site.projections)
-            raise QpassError(f"--format mindie: layer {site.layer}'s attention projects q, k, v with {got}; the MindIE "
-                             f"format names FAQuant/C8 tensors after an attention module with separate k_proj and "
-                             f"v_proj Linears, which this architecture does not have; use --format qpass for this model")
+            raise QpassError(
+                f"--format mindie: layer {site.layer}'s attention projects q, k, v with {got}; the MindIE "
+                f"format names FAQuant/C8 tensors after an attention module with separate k_proj and "
+                f"v_proj Linears, which this architecture does not have; use --format qpass for this model"
+            )
 
 
-def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe: Recipe, tokenizer,
-                  out_dir: str | Path, dtype: torch.dtype, target: str = "mindie") -> Path:
+def export_mindie(
+    config_json: dict,
+    state_dict: dict[str, torch.Tensor],
+    recipe: Recipe,
+    tokenizer,
+    out_dir: str | Path,
+    dtype: torch.dtype,
+    target: str = "mindie",
+) -> Path:
     """Write the MindIE directory for a model into ``out_dir`` (created if needed; existing files replaced),
     in the form ``target`` (``mindie`` or ``vllm-ascend``, module docstring) reads.
 
@@ -107,12 +154,21 @@ def export_mindie(config_json: dict, state_dict: dict[str, torch.Tensor], recipe
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # one metadata key: safetensors writes a multi-key metadata map in no fixed order
-    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in sorted(tensors.items())}, str(out / WEIGHTS_FILE), metadata={"format": "pt"}
+    )
     return _finish(out, config_json, recipe, types, tokenizer, dtype, target)
 
 
-def export_mindie_by_layer(config_json: dict, checkpoint: Mapping[str, torch.Tensor], recipe: Recipe, tokenizer,
-                           out_dir: str | Path, dtype: torch.dtype, target: str = "mindie") -> Path:
+def export_mindie_by_layer(
+    config_json: dict,
+    checkpoint: Mapping[str, torch.Tensor],
+    recipe: Recipe,
+    tokenizer,
+    out_dir: str | Path,
+    dtype: torch.dtype,
+    target: str = "mindie",
+) -> Path:
     """:func:`export_mindie` for a model that need not fit in memory: ``checkpoint`` maps every float tensor name to
     its tensor, read when looked up (a layer-wise compile's checkpoint, unsmoothed). Each decoder layer's tensors
     (``model.layers.<i>.``) are read, that layer's smoothing groups folded in, its Linears quantized, and written as
@@ -127,14 +183,18 @@ def export_mindie_by_layer(config_json: dict, checkpoint: Mapping[str, torch.Ten
     for g in recipe.smoothing:
         layers = {layer_of(f"{m}.") for m in (g["prev"], *g["consumers"])}
         if len(layers) != 1:
-            raise QpassError(f"--format {target}: smoothing group of {g['prev']} spans decoder layers {sorted(map(str, layers))}; "
-                             "a layer-wise export folds smoothing one layer at a time: compile the whole model")
+            raise QpassError(
+                f"--format {target}: smoothing group of {g['prev']} spans decoder layers {sorted(map(str, layers))}; "
+                "a layer-wise export folds smoothing one layer at a time: compile the whole model"
+            )
         groups.setdefault(layers.pop(), []).append(g)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     types, weight_map, total = {}, {}, 0
     for i, layer in enumerate(order, start=1):
-        state = apply_smoothing({name: checkpoint[name] for name in parts[layer]}, groups.get(layer, []), recipe.tensors)
+        state = apply_smoothing(
+            {name: checkpoint[name] for name in parts[layer]}, groups.get(layer, []), recipe.tensors
+        )
         part_linears = [p for p in linears if layer_of(f"{p}.") == layer]
         sites = [site for site in recipe.sites if site.layer == layer] if layer is not None else []
         tensors, part_types = _tensors(state, recipe, part_linears, sites, tied, dtype, target)
@@ -145,8 +205,11 @@ def export_mindie_by_layer(config_json: dict, checkpoint: Mapping[str, torch.Ten
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         types.update(part_types)
         del tensors
-    _write_json(out / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-                sort_keys=False)
+    _write_json(
+        out / WEIGHTS_INDEX,
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        sort_keys=False,
+    )
     return _finish(out, config_json, recipe, types, tokenizer, dtype, target)
 
 
@@ -160,24 +223,38 @@ def _check(config_json: dict, recipe: Recipe, dtype: torch.dtype, target: str) -
     demoted = fused_floats(recipe) if target == "vllm-ascend" else []
     linears = [p for p in recipe.w8a8_linears() if p not in demoted]
     if not linears:
-        raise QpassError("--format mindie: the recipe has no W8A8 Linears (no w8a8.<linear>.input_scale tensors); "
-                         "compile with --w8a8, or write the qpass format instead")
+        raise QpassError(
+            "--format mindie: the recipe has no W8A8 Linears (no w8a8.<linear>.input_scale tensors); "
+            "compile with --w8a8, or write the qpass format instead"
+        )
     tied = bool(config_json.get("tie_word_embeddings"))
     if tied and "lm_head" in linears:
-        raise QpassError("recipe quantizes lm_head, but this model ties lm_head to its embeddings; keep lm_head in float")
+        raise QpassError(
+            "recipe quantizes lm_head, but this model ties lm_head to its embeddings; keep lm_head in float"
+        )
     return linears, tied
 
 
-def _tensors(state_dict: Mapping[str, torch.Tensor], recipe: Recipe, linears: list[str], sites, tied: bool,
-             dtype: torch.dtype, target: str) -> tuple[dict, dict]:
+def _tensors(
+    state_dict: Mapping[str, torch.Tensor],
+    recipe: Recipe,
+    linears: list[str],
+    sites,
+    tied: bool,
+    dtype: torch.dtype,
+    target: str,
+) -> tuple[dict, dict]:
     """The format's tensors and their types for the (smoothed) float tensors ``state_dict``, the W8A8 Linears
     ``linears`` among them and the attention ``sites``."""
     tensors, types = {}, {}
     for p in linears:
         if f"{p}.weight" not in state_dict:
-            raise QpassError(f"recipe names W8A8 Linear {p}, but the model has no {p}.weight; use a recipe calibrated for this model")
-        for suffix, tensor in w8a8_tensors(state_dict[f"{p}.weight"], state_dict.get(f"{p}.bias"),
-                                           *recipe.linear(p), dtype).items():
+            raise QpassError(
+                f"recipe names W8A8 Linear {p}, but the model has no {p}.weight; use a recipe calibrated for this model"
+            )
+        for suffix, tensor in w8a8_tensors(
+            state_dict[f"{p}.weight"], state_dict.get(f"{p}.bias"), *recipe.linear(p), dtype
+        ).items():
             tensors[f"{p}.{suffix}"], types[f"{p}.{suffix}"] = tensor, W8A8
     quantized = {f"{p}.{s}" for p in linears for s in ("weight", "bias")}
     for key, value in state_dict.items():
@@ -197,12 +274,19 @@ def _tensors(state_dict: Mapping[str, torch.Tensor], recipe: Recipe, linears: li
         if c8:
             for kind, proj in C8_PROJECTIONS.items():
                 scale, offset = recipe.get(site.layer, kind)
-                tensors[f"{a}.{proj}.kv_cache_scale"], tensors[f"{a}.{proj}.kv_cache_offset"] = scale.to(dtype), offset.to(dtype)
-                types[f"{a}.{proj}.kv_cache_scale"] = types[f"{a}.{proj}.kv_cache_offset"] = C8 if target == "vllm-ascend" else W8A8
+                tensors[f"{a}.{proj}.kv_cache_scale"], tensors[f"{a}.{proj}.kv_cache_offset"] = (
+                    scale.to(dtype),
+                    offset.to(dtype),
+                )
+                types[f"{a}.{proj}.kv_cache_scale"] = types[f"{a}.{proj}.kv_cache_offset"] = (
+                    C8 if target == "vllm-ascend" else W8A8
+                )
     return tensors, types
 
 
-def _finish(out: Path, config_json: dict, recipe: Recipe, types: dict, tokenizer, dtype: torch.dtype, target: str) -> Path:
+def _finish(
+    out: Path, config_json: dict, recipe: Recipe, types: dict, tokenizer, dtype: torch.dtype, target: str
+) -> Path:
     """The description, config.json and the tokenizer files beside the weights."""
     name = next(k for k, v in MODEL_DTYPES.items() if v == dtype)
     fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "static"
@@ -220,8 +304,9 @@ def _finish(out: Path, config_json: dict, recipe: Recipe, types: dict, tokenizer
         config["dtype"] = name
     config.pop("quantization_config", None)  # vllm-ascend: the description decides (a GGUF-made config has one too)
     if target == "mindie":
-        config["quantization_config"] = {k: v for k, v in (("fa_quant_type", FAQUANT if fa else None),
-                                                           ("kv_quant_type", C8 if c8 else None)) if v}
+        config["quantization_config"] = {
+            k: v for k, v in (("fa_quant_type", FAQUANT if fa else None), ("kv_quant_type", C8 if c8 else None)) if v
+        }
     _write_json(out / DESCRIPTION_FILE, description, sort_keys=False)
     _write_json(out / CONFIG_FILE, config, sort_keys=True)
     if tokenizer is not None:
@@ -230,8 +315,13 @@ def _finish(out: Path, config_json: dict, recipe: Recipe, types: dict, tokenizer
     return out
 
 
-def w8a8_tensors(weight: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor, input_offset: torch.Tensor,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def w8a8_tensors(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor,
+    input_offset: torch.Tensor,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
     """The format's tensors of one W8A8 Linear (suffix -> tensor), for model dtype ``dtype``.
 
     ``input_scale`` is rounded to ``dtype`` first and ``deq_scale`` computed from the rounded value, so that
@@ -240,22 +330,32 @@ def w8a8_tensors(weight: torch.Tensor, bias: torch.Tensor | None, input_scale: t
     scale = input_scale.reshape(-1)[:1].to(dtype).float()
     offset = torch.round(input_offset.reshape(-1)[:1].float())
     if not (torch.isfinite(scale).all() and scale.item() > 0):
-        raise QpassError(f"W8A8 input_scale {input_scale.tolist()} becomes {scale.item()} in {dtype}; "
-                         "recalibrate (the activation range is empty or out of the model dtype's range)")
+        raise QpassError(
+            f"W8A8 input_scale {input_scale.tolist()} becomes {scale.item()} in {dtype}; "
+            "recalibrate (the activation range is empty or out of the model dtype's range)"
+        )
     w = w8a8_weights(weight, bias, scale.item(), offset.item())
     n = w.weight.shape[0]
     deq = w.deq_scale.view(torch.int32).to(torch.int64) if dtype == torch.float16 else w.deq_scale.clone()
-    return {"weight": w.weight, "input_scale": scale.to(dtype), "input_offset": offset.to(dtype), "deq_scale": deq,
-            "quant_bias": w.quant_bias, "weight_scale": w.weight_scale.reshape(n, 1).float(),
-            "weight_offset": torch.zeros(n, 1, dtype=torch.float32)}
+    return {
+        "weight": w.weight,
+        "input_scale": scale.to(dtype),
+        "input_offset": offset.to(dtype),
+        "deq_scale": deq,
+        "quant_bias": w.quant_bias,
+        "weight_scale": w.weight_scale.reshape(n, 1).float(),
+        "weight_offset": torch.zeros(n, 1, dtype=torch.float32),
+    }
 
 
 def _write_json(path: Path, doc: dict, sort_keys: bool) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
 
 
-FILES = ("quant_model_weight_w8a8.safetensors (layer-wise: its shards and index), quant_model_description.json, "
-         "config.json, tokenizer, report.json, report.txt, report.png")
+FILES = (
+    "quant_model_weight_w8a8.safetensors (layer-wise: its shards and index), quant_model_description.json, "
+    "config.json, tokenizer, report.json, report.txt, report.png"
+)
 
 
 def write(compiled, directory: Path, options: dict, target: str = "mindie") -> None:
@@ -268,8 +368,15 @@ def write(compiled, directory: Path, options: dict, target: str = "mindie") -> N
     check_target(compiled.recipe, target, dtype)
     recipe = compiled.recipe
     if compiled.layerwise:  # a layer-wise compile: its checkpoint is read one decoder layer at a time
-        export_mindie_by_layer(compiled.config_json, compiled.state_dict, recipe, compiled.tokenizer, directory,
-                               MODEL_DTYPES[dtype], target)
+        export_mindie_by_layer(
+            compiled.config_json,
+            compiled.state_dict,
+            recipe,
+            compiled.tokenizer,
+            directory,
+            MODEL_DTYPES[dtype],
+            target,
+        )
     else:
         state = apply_smoothing(compiled.state_dict, recipe.smoothing, recipe.tensors)
         export_mindie(compiled.config_json, state, recipe, compiled.tokenizer, directory, MODEL_DTYPES[dtype], target)

@@ -1,11 +1,11 @@
 """The ONNX directory: the quantized decoder as ONNX Runtime and onnxruntime-genai load it.
 
-    model.onnx          the rewritten graph (int8 ``past_key_values.*`` / ``present.*`` with C8)
-    model.onnx.data     its weights, when the input kept them outside (onnxruntime-genai's builder does) or they are large
-    genai_config.json   where the input had one, updated for the int8 cache
-    tokenizer files     next to the model, where onnxruntime-genai and ``qpass compile`` look for them
-    recipe/             recipe.safetensors + recipe.json (:mod:`qpass.core.recipe`)
-    report.json, report.txt, report.png
+model.onnx          the rewritten graph (int8 ``past_key_values.*`` / ``present.*`` with C8)
+model.onnx.data     its weights, when the input kept them outside (onnxruntime-genai's builder does) or they are large
+genai_config.json   where the input had one, updated for the int8 cache
+tokenizer files     next to the model, where onnxruntime-genai and ``qpass compile`` look for them
+recipe/             recipe.safetensors + recipe.json (:mod:`qpass.core.recipe`)
+report.json, report.txt, report.png
 """
 
 import json
@@ -17,8 +17,8 @@ from qpass.core import report as reporting
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.exporters.base import Compiled, Loaded
-from qpass.passes.onnx.base import SITES_METADATA
 from qpass.ort.stages import run_stages, split
+from qpass.passes.onnx.base import SITES_METADATA
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 RECIPE_DIR = "recipe"
@@ -28,13 +28,28 @@ FILES = "model.onnx, recipe/, tokenizer files, report.json, report.txt, report.p
 
 def refusal(config, options: dict) -> str | None:
     """What an ONNX output cannot carry under ``config`` with ``options`` (``dtype``, the input's ``frontend``)."""
-    return next((why for why, bad in (
-        ("--format onnx: qpass rewrites ONNX models it is given; export the model to ONNX (torch.onnx.export or "
-         "onnxruntime-genai's builder) and compile that", options.get("frontend") not in (None, "onnx")),
-        (f"--dtype {options.get('dtype')}: an ONNX model keeps its own dtype; drop --dtype", options.get("dtype")),
-        ("--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; use --kv-int8 (static, per channel)",
-         config.kv_cache == "dynamic"),
-    ) if bad), None)
+    return next(
+        (
+            why
+            for why, bad in (
+                (
+                    "--format onnx: qpass rewrites ONNX models it is given; export the model to ONNX (torch.onnx.export or "
+                    "onnxruntime-genai's builder) and compile that",
+                    options.get("frontend") not in (None, "onnx"),
+                ),
+                (
+                    f"--dtype {options.get('dtype')}: an ONNX model keeps its own dtype; drop --dtype",
+                    options.get("dtype"),
+                ),
+                (
+                    "--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; use --kv-int8 (static, per channel)",
+                    config.kv_cache == "dynamic",
+                ),
+            )
+            if bad
+        ),
+        None,
+    )
 
 
 def write(compiled: Compiled, directory: Path, options: dict) -> None:
@@ -43,8 +58,10 @@ def write(compiled: Compiled, directory: Path, options: dict) -> None:
         raise QpassError(why)
     model = compiled.program
     if not isinstance(model, ir.Model):
-        raise QpassError("--format onnx needs an ONNX input model (a .onnx file or a directory holding model.onnx); "
-                         "compile the ONNX export of this model")
+        raise QpassError(
+            "--format onnx needs an ONNX input model (a .onnx file or a directory holding model.onnx); "
+            "compile the ONNX export of this model"
+        )
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     external = compiled.report.get("model", {}).get("external_data") or weights > EXTERNAL_BYTES
     ir.save(model, directory / MODEL_FILE, external_data=DATA_FILE if external else None)
@@ -76,8 +93,10 @@ def check(path: Path) -> None:
     except QpassError:
         raise
     except Exception as err:  # onnx's ValidationError, onnxruntime's Fail / InvalidGraph
-        raise QpassError(f"{path / MODEL_FILE}: did not read back as a valid model ({str(err).splitlines()[0][:200]}); "
-                         "check the disk and compile again") from None
+        raise QpassError(
+            f"{path / MODEL_FILE}: did not read back as a valid model ({str(err).splitlines()[0][:200]}); "
+            "check the disk and compile again"
+        ) from None
     for name in path.glob("*.json"):
         json.loads(name.read_text(encoding="utf-8"))
 
@@ -92,7 +111,9 @@ def _load_layerwise(path: Path) -> None:
     if not sites or None in attention:
         raise QpassError(f"{path}: its {SITES_METADATA} metadata does not name each site's attention; compile again")
     stages = split(proto.graph, attention)
-    for _ in run_stages(proto, stages, path.parent, lambda index, stage: stage.outputs, lambda index, session, outputs: None):
+    for _ in run_stages(
+        proto, stages, path.parent, lambda index, stage: stage.outputs, lambda index, session, outputs: None
+    ):
         pass
 
 
@@ -109,11 +130,15 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise QpassError(f"{path}: cannot load its tokenizer files ({str(err).splitlines()[0][:200]}); "
-                         "recompile into a fresh directory") from None
+        raise QpassError(
+            f"{path}: cannot load its tokenizer files ({str(err).splitlines()[0][:200]}); "
+            "recompile into a fresh directory"
+        ) from None
     try:
         model = ir.load(path / MODEL_FILE)
     except Exception as err:  # protobuf's DecodeError, OSError
-        raise QpassError(f"{path / MODEL_FILE}: not a readable ONNX model ({type(err).__name__}); it is truncated or "
-                         "corrupt: recompile into a fresh directory") from None
+        raise QpassError(
+            f"{path / MODEL_FILE}: not a readable ONNX model ({type(err).__name__}); it is truncated or "
+            "corrupt: recompile into a fresh directory"
+        ) from None
     return Loaded("onnx", tokenizer, recipe, program=model, info={"model_file": str(path / MODEL_FILE)})

@@ -28,12 +28,24 @@ FILES = "program.pt2, decoder.pt2, recipe/, tokenizer/, report.json, report.txt,
 
 def refusal(config, options: dict) -> str | None:
     """What qpass's directory cannot hold with ``options`` (``dtype``, the input's ``frontend``); any policy it can."""
-    return next((why for why, bad in (
-        ("--format qpass: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, or compile "
-         "the PyTorch model for this format", options.get("frontend") == "onnx"),
-        (f"--dtype {options.get('dtype')}: only --format mindie / vllm-ascend have a model dtype; drop --dtype",
-         options.get("dtype")),
-    ) if bad), None)
+    return next(
+        (
+            why
+            for why, bad in (
+                (
+                    "--format qpass: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, or compile "
+                    "the PyTorch model for this format",
+                    options.get("frontend") == "onnx",
+                ),
+                (
+                    f"--dtype {options.get('dtype')}: only --format mindie / vllm-ascend have a model dtype; drop --dtype",
+                    options.get("dtype"),
+                ),
+            )
+            if bad
+        ),
+        None,
+    )
 
 
 def write(compiled: Compiled, directory: Path, options: dict) -> None:
@@ -41,7 +53,9 @@ def write(compiled: Compiled, directory: Path, options: dict) -> None:
     if why:
         raise QpassError(why)
     if compiled.program is None and not compiled.report.get("model", {}).get("layerwise"):
-        raise QpassError("--format qpass needs the quantized program; save the CompileResult that qpass.compile returned")
+        raise QpassError(
+            "--format qpass needs the quantized program; save the CompileResult that qpass.compile returned"
+        )
     if compiled.program is not None:
         torch.export.save(compiled.program, str(directory / PROGRAM_FILE))
     if compiled.decoder is not None:
@@ -64,8 +78,9 @@ def check(path: Path) -> None:
         try:
             AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
         except (OSError, ValueError) as err:
-            raise QpassError(f"{path / TOKENIZER_DIR}: did not read back ({type(err).__name__}); check the disk and "
-                             "compile again") from None
+            raise QpassError(
+                f"{path / TOKENIZER_DIR}: did not read back ({type(err).__name__}); check the disk and compile again"
+            ) from None
     for name in (PROGRAM_FILE, DECODER_FILE):
         if (name == PROGRAM_FILE and not recipe_only(path)) or (path / name).exists():
             try:
@@ -97,11 +112,15 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
 
     path = Path(path)
     if recipe_only(path):
-        raise QpassError(f"{path}: a layer-wise compile's directory holds the recipe only (no {PROGRAM_FILE}); run "
-                         f"`qpass compile MODEL --recipe {path / RECIPE_DIR} -o OUT` where the model fits, and use OUT")
+        raise QpassError(
+            f"{path}: a layer-wise compile's directory holds the recipe only (no {PROGRAM_FILE}); run "
+            f"`qpass compile MODEL --recipe {path / RECIPE_DIR} -o OUT` where the model fits, and use OUT"
+        )
     recipe = Recipe.load(path / RECIPE_DIR)
     if not (path / TOKENIZER_DIR).is_dir():
-        raise QpassError(f"{path}: no {TOKENIZER_DIR}/; recompile into a fresh directory (it writes the model's tokenizer there)")
+        raise QpassError(
+            f"{path}: no {TOKENIZER_DIR}/; recompile into a fresh directory (it writes the model's tokenizer there)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
     except (OSError, ValueError) as err:
@@ -115,8 +134,10 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
         if (path / "report.json").is_file():
             skipped = json.loads((path / "report.json").read_text(encoding="utf-8")).get("decoder", {}).get("skipped")
             reason = f" (compile skipped it: {skipped})" if skipped else ""
-        raise QpassError(f"{path}: no {DECODER_FILE}{reason}; give a directory written by `qpass compile -o` "
-                         "for a model whose attention the paged int8 ops support")
+        raise QpassError(
+            f"{path}: no {DECODER_FILE}{reason}; give a directory written by `qpass compile -o` "
+            "for a model whose attention the paged int8 ops support"
+        )
     return Loaded("qpass", tokenizer, recipe, decoder=_load_program(decoder))
 
 
@@ -127,5 +148,7 @@ def _load_program(path: Path):
     try:
         return torch.export.load(str(path))
     except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
-        raise QpassError(f"{path}: cannot load this saved program ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                         "it is truncated or corrupt: recompile into a fresh directory") from err
+        raise QpassError(
+            f"{path}: cannot load this saved program ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "it is truncated or corrupt: recompile into a fresh directory"
+        ) from err

@@ -14,18 +14,56 @@ from qpass.exporters.base import Compiled, Exporter, Loaded  # noqa: F401  (the 
 
 
 def _exporters() -> dict[str, Exporter]:
-    from qpass.exporters import mindie_format, mindie_load, mindie_write, onnx_format, qpass_format  # they import torch: on first use
+    from qpass.exporters import (
+        mindie_format,
+        mindie_load,
+        mindie_write,
+        onnx_format,
+        qpass_format,
+    )  # they import torch: on first use
 
     exporters = {
-        "qpass": Exporter("qpass", qpass_format.write, qpass_format.detect, qpass_format.load, qpass_format.check,
-                          qpass_format.FILES, qpass_format.refusal, "torch.export"),
-        "mindie": Exporter("mindie", mindie_write.write, mindie_format.detect, mindie_load.load, mindie_load.check,
-                           mindie_write.FILES, mindie_write.refusal, "torch.export"),
+        "qpass": Exporter(
+            "qpass",
+            qpass_format.write,
+            qpass_format.detect,
+            qpass_format.load,
+            qpass_format.check,
+            qpass_format.FILES,
+            qpass_format.refusal,
+            "torch.export",
+        ),
+        "mindie": Exporter(
+            "mindie",
+            mindie_write.write,
+            mindie_format.detect,
+            mindie_load.load,
+            mindie_load.check,
+            mindie_write.FILES,
+            mindie_write.refusal,
+            "torch.export",
+        ),
         # the same directory in the form vllm-ascend reads; it loads back through the same reader
-        "vllm-ascend": Exporter("vllm-ascend", mindie_write.write_vllm_ascend, mindie_format.detect, mindie_load.load,
-                                mindie_load.check, mindie_write.FILES, mindie_write.refusal_vllm_ascend, "torch.export"),
-        "onnx": Exporter("onnx", onnx_format.write, onnx_format.detect, onnx_format.load, onnx_format.check,
-                         onnx_format.FILES, onnx_format.refusal, "onnx"),
+        "vllm-ascend": Exporter(
+            "vllm-ascend",
+            mindie_write.write_vllm_ascend,
+            mindie_format.detect,
+            mindie_load.load,
+            mindie_load.check,
+            mindie_write.FILES,
+            mindie_write.refusal_vllm_ascend,
+            "torch.export",
+        ),
+        "onnx": Exporter(
+            "onnx",
+            onnx_format.write,
+            onnx_format.detect,
+            onnx_format.load,
+            onnx_format.check,
+            onnx_format.FILES,
+            onnx_format.refusal,
+            "onnx",
+        ),
     }
     assert tuple(exporters) == NAMES, "qpass.exporters.NAMES lists the registry's exporters"
     return exporters
@@ -56,5 +94,7 @@ def detect(path: str | Path) -> Exporter:
     for exporter in _exporters().values():
         if exporter.detect(Path(path)):
             return exporter
-    raise QpassError(f"{path}: not a directory written by `qpass compile -o` (program.pt2, or model.onnx with recipe/) nor a "
-                     "MindIE weight directory (quant_model_description.json); give one of those")
+    raise QpassError(
+        f"{path}: not a directory written by `qpass compile -o` (program.pt2, or model.onnx with recipe/) nor a "
+        "MindIE weight directory (quant_model_description.json); give one of those"
+    )

@@ -66,48 +66,67 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
     else:
         path = Path(spec)
         if not path.exists():
-            raise QpassError(f"MODEL {spec}: no such file or directory; give a Hugging Face model directory, a .gguf file, or `default`")
+            raise QpassError(
+                f"MODEL {spec}: no such file or directory; give a Hugging Face model directory, a .gguf file, or `default`"
+            )
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise QpassError(f"MODEL {spec}: not a .gguf file or a model directory; give a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or `default`")
+            raise QpassError(
+                f"MODEL {spec}: not a .gguf file or a model directory; give a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or `default`"
+            )
         _require_gguf_support(spec)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
         except BROKEN_FILE as err:
-            raise QpassError(f"MODEL {spec}: cannot read this GGUF file ({_first_line(err)}); check that it is a complete GGUF model") from err
+            raise QpassError(
+                f"MODEL {spec}: cannot read this GGUF file ({_first_line(err)}); check that it is a complete GGUF model"
+            ) from err
         name = "SmolLM2-135M" if spec == "default" else path.stem
         return LoadedModel(model.eval(), tokenizer, str(path), name)
     config = path / "config.json"
     if not config.is_file():
-        raise QpassError(f"MODEL {spec}: no config.json in this directory; give a Hugging Face model directory (config.json + *.safetensors)")
+        raise QpassError(
+            f"MODEL {spec}: no config.json in this directory; give a Hugging Face model directory (config.json + *.safetensors)"
+        )
     try:
         doc = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QpassError(f"MODEL {spec}: config.json is not valid JSON ({_first_line(err)}); repair or re-download the model") from err
+        raise QpassError(
+            f"MODEL {spec}: config.json is not valid JSON ({_first_line(err)}); repair or re-download the model"
+        ) from err
     if not isinstance(doc, dict):
         raise QpassError(f"MODEL {spec}: config.json is not a JSON object; repair or re-download the model")
     check_remote_code(f"MODEL {spec}", doc)
     if not any(path.glob("*.safetensors")):
-        raise QpassError(f"MODEL {spec}: no *.safetensors weights in this directory; qpass never unpickles .bin files, convert them to safetensors first")
+        raise QpassError(
+            f"MODEL {spec}: no *.safetensors weights in this directory; qpass never unpickles .bin files, convert them to safetensors first"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         # the loading info, and mismatched shapes reported there rather than raised: transformers would otherwise
         # start a missing weight from random values and say so only in a log
-        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except BROKEN_FILE as err:
-        raise QpassError(f"MODEL {spec}: cannot load this model ({_first_line(err)}); check config.json, the tokenizer files and the safetensors weights") from err
+        raise QpassError(
+            f"MODEL {spec}: cannot load this model ({_first_line(err)}); check config.json, the tokenizer files and the safetensors weights"
+        ) from err
     if info["mismatched_keys"]:
         name, stored, expected = sorted(info["mismatched_keys"])[0]
-        raise QpassError(f"MODEL {spec}: weight {name} is {list(stored)} in the safetensors files but config.json makes it "
-                         f"{list(expected)} ({len(info['mismatched_keys'])} such); the weights do not fit config.json: "
-                         "repair config.json or re-download the model")
+        raise QpassError(
+            f"MODEL {spec}: weight {name} is {list(stored)} in the safetensors files but config.json makes it "
+            f"{list(expected)} ({len(info['mismatched_keys'])} such); the weights do not fit config.json: "
+            "repair config.json or re-download the model"
+        )
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
-        raise QpassError(f"MODEL {spec}: weight {missing[0]} is not in the safetensors files ({len(missing)} missing); "
-                         "the download is incomplete or the files belong to another model: re-download the model")
+        raise QpassError(
+            f"MODEL {spec}: weight {missing[0]} is not in the safetensors files ({len(missing)} missing); "
+            "the download is incomplete or the files belong to another model: re-download the model"
+        )
     return LoadedModel(model.eval(), tokenizer, str(path), path.name)
 
 
@@ -120,17 +139,24 @@ def check_remote_code(label: str, config: dict) -> None:
 
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise QpassError(f"{label}: config.json asks for the model's own code (auto_map) and its model_type "
-                         f"{model_type!r} has no built-in architecture; qpass never runs remote code: set model_type "
-                         "to the built-in architecture the model follows, if it follows one, or convert the model to one")
-    print(f"qpass: {label}: config.json asks for the model's own code (auto_map); loading the built-in {model_type} "
-          "architecture instead (the model's own code was not run)", file=sys.stderr)
+        raise QpassError(
+            f"{label}: config.json asks for the model's own code (auto_map) and its model_type "
+            f"{model_type!r} has no built-in architecture; qpass never runs remote code: set model_type "
+            "to the built-in architecture the model follows, if it follows one, or convert the model to one"
+        )
+    print(
+        f"qpass: {label}: config.json asks for the model's own code (auto_map); loading the built-in {model_type} "
+        "architecture instead (the model's own code was not run)",
+        file=sys.stderr,
+    )
 
 
 def _require_gguf_support(spec: str) -> None:
     for module in ("gguf", "accelerate"):
         if importlib.util.find_spec(module) is None:
-            raise QpassError(f"MODEL {spec}: reading GGUF needs the `{module}` package; run `pip install 'qpass[gguf]'`")
+            raise QpassError(
+                f"MODEL {spec}: reading GGUF needs the `{module}` package; run `pip install 'qpass[gguf]'`"
+            )
 
 
 def _first_line(err: Exception, limit: int = 240) -> str:

@@ -25,8 +25,13 @@ class _KVDecoder(torch.nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
@@ -49,8 +54,14 @@ def export_decoder(model: torch.nn.Module, path: str | Path, opset: int = 20, ex
     path = Path(path)
     with torch.no_grad():
         program = torch.onnx.export(
-            _KVDecoder(model), (ids, mask, positions, past), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+            _KVDecoder(model),
+            (ids, mask, positions, past),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic,
             input_names=["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in cache_names)],
-            output_names=["logits", *(f"present.{n}" for n in cache_names)], verbose=False)
+            output_names=["logits", *(f"present.{n}" for n in cache_names)],
+            verbose=False,
+        )
     program.save(str(path), external_data=external_data)
     return path

@@ -90,7 +90,9 @@ def _stages(graph, stage, reads, producer, count: int) -> list[Stage]:
                 inputs[s][name] = None
     for value in graph.output:
         if value.name not in producer:
-            raise QpassError(f"layer by layer: the ONNX graph's output {value.name} is not made by a node; please report this model")
+            raise QpassError(
+                f"layer by layer: the ONNX graph's output {value.name} is not made by a node; please report this model"
+            )
         outputs[stage[producer[value.name]]][value.name] = None
     return [Stage(tuple(nodes[s]), tuple(inputs[s]), tuple(outputs[s]), tuple(used[s])) for s in range(count)]
 
@@ -113,20 +115,26 @@ def _outer_reads(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
-def stage_model(model: onnx.ModelProto, stage: Stage, outputs: Iterable[str], types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
+def stage_model(
+    model: onnx.ModelProto, stage: Stage, outputs: Iterable[str], types: dict[str, onnx.TypeProto]
+) -> onnx.ModelProto:
     """The model of ``stage``: its nodes and initializers, its ``inputs`` typed from ``types`` (value name -> type),
     and ``outputs`` (any values the stage makes) as graph outputs, typed where ``types`` knows them."""
     graph = model.graph
     untyped = [name for name in stage.inputs if name not in types]
     if untyped:
-        raise QpassError(f"layer by layer: the ONNX graph gives no type for {untyped[0]}, which crosses a layer boundary; "
-                         "please report this model")
+        raise QpassError(
+            f"layer by layer: the ONNX graph gives no type for {untyped[0]}, which crosses a layer boundary; "
+            "please report this model"
+        )
     initializers = set(stage.initializers)
     sub = onnx.helper.make_graph(
-        [graph.node[j] for j in stage.nodes], f"{graph.name}_stage",
+        [graph.node[j] for j in stage.nodes],
+        f"{graph.name}_stage",
         [_value_info(name, types[name]) for name in stage.inputs],
         [_value_info(name, types.get(name)) for name in dict.fromkeys(outputs)],
-        [tensor for tensor in graph.initializer if tensor.name in initializers])
+        [tensor for tensor in graph.initializer if tensor.name in initializers],
+    )
     out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name, graph=sub)
     out.opset_import.extend(model.opset_import)
     out.functions.extend(model.functions)
@@ -143,8 +151,11 @@ def _value_info(name: str, kind: onnx.TypeProto | None) -> onnx.ValueInfoProto:
 def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Every typed value of ``model``'s graph: inputs, outputs, ``value_info`` and initializers."""
     graph = model.graph
-    types = {value.name: value.type for value in [*graph.input, *graph.output, *graph.value_info]
-             if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type}
+    types = {
+        value.name: value.type
+        for value in [*graph.input, *graph.output, *graph.value_info]
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type
+    }
     for tensor in graph.initializer:
         types.setdefault(tensor.name, onnx.helper.make_tensor_type_proto(tensor.data_type, None))
     return types
@@ -166,7 +177,11 @@ def run_stages(model: onnx.ModelProto, stages: list[Stage], base_dir: Path, fetc
         # names and type strings only: an ONNX Runtime NodeArg keeps its session alive
         inferred = {value.name: value.type for value in session.get_outputs()}
         for name, kind in inferred.items():
-            elem = getattr(onnx.TensorProto, kind[len("tensor("):-1].upper(), None) if kind.startswith("tensor(") else None
+            elem = (
+                getattr(onnx.TensorProto, kind[len("tensor(") : -1].upper(), None)
+                if kind.startswith("tensor(")
+                else None
+            )
             if name not in types and elem is not None:
                 types[name] = onnx.helper.make_tensor_type_proto(elem, None)
         use(index, session, outputs)
@@ -185,8 +200,9 @@ def stage_session(model: onnx.ModelProto, base_dir: Path):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    locations = sorted({entry.value for tensor in model.graph.initializer for entry in tensor.external_data
-                        if entry.key == "location"})
+    locations = sorted(
+        {entry.value for tensor in model.graph.initializer for entry in tensor.external_data if entry.key == "location"}
+    )
     maps = []
     try:
         for location in locations:
@@ -196,11 +212,15 @@ def stage_session(model: onnx.ModelProto, base_dir: Path):
             options.add_external_initializers_from_files_in_memory(locations, maps, [len(m) for m in maps])
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except OSError as err:
-        raise QpassError(f"layer by layer: cannot read the model's external data ({err.strerror}: {err.filename}); "
-                         "keep the data file next to the model, as it was exported") from None
+        raise QpassError(
+            f"layer by layer: cannot read the model's external data ({err.strerror}: {err.filename}); "
+            "keep the data file next to the model, as it was exported"
+        ) from None
     except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
-        raise QpassError(f"layer by layer: ONNX Runtime cannot load a layer of the model ({str(err).splitlines()[0][:300]}); "
-                         "give a model ONNX Runtime can run") from None
+        raise QpassError(
+            f"layer by layer: ONNX Runtime cannot load a layer of the model ({str(err).splitlines()[0][:300]}); "
+            "give a model ONNX Runtime can run"
+        ) from None
     finally:
         for m in maps:
             m.close()

@@ -30,8 +30,9 @@ def _check_block_size(block_size):
         )
 
 
-def reshape_and_cache_int8(torch_npu, key, value, key_cache, value_cache, slot_mapping, k_scale, k_offset, v_scale,
-                           v_offset):
+def reshape_and_cache_int8(
+    torch_npu, key, value, key_cache, value_cache, slot_mapping, k_scale, k_offset, v_scale, v_offset
+):
     """Quantize K/V (C8, per channel) with ``npu_quantize`` and scatter them with ``npu_scatter_pa_kv_cache``.
 
     key, value: float ``[num_tokens, kv_heads, head_dim]``; key_cache, value_cache: int8
@@ -47,16 +48,33 @@ def reshape_and_cache_int8(torch_npu, key, value, key_cache, value_cache, slot_m
     def quantize(x, scale, offset):
         # npu_quantize quantizes along the last axis only: flatten heads and dims into it.
         zero_points = offset.reshape(-1).round().to(torch.int32)
-        q = torch_npu.npu_quantize(x.reshape(num_tokens, -1).float(), scale.reshape(-1), zero_points,
-                                   torch.qint8, -1, True)
+        q = torch_npu.npu_quantize(
+            x.reshape(num_tokens, -1).float(), scale.reshape(-1), zero_points, torch.qint8, -1, True
+        )
         return q.view(torch.int8).reshape(num_tokens, kv_heads, head_dim)
 
-    torch_npu.npu_scatter_pa_kv_cache(quantize(key, k_scale, k_offset), quantize(value, v_scale, v_offset),
-                                      key_cache, value_cache, slots.to(torch.int32))
+    torch_npu.npu_scatter_pa_kv_cache(
+        quantize(key, k_scale, k_offset),
+        quantize(value, v_scale, v_offset),
+        key_cache,
+        value_cache,
+        slots.to(torch.int32),
+    )
 
 
-def paged_attention_int8(torch_npu, query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset,
-                         v_scale, v_offset, softmax_scale):
+def paged_attention_int8(
+    torch_npu,
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    k_scale,
+    k_offset,
+    v_scale,
+    v_offset,
+    softmax_scale,
+):
     """Decode attention with ``npu_fused_infer_attention_score`` over the paged int8 cache.
 
     query: float16/bfloat16 ``[num_seqs, num_heads, head_dim]``; the rest as

@@ -19,8 +19,16 @@ def _kv_layout(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("qpass::int8_kv_attention", mutates_args=())
-def int8_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor, k_offset: torch.Tensor,
-                      v_scale: torch.Tensor, v_offset: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def int8_kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_offset: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_offset: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
     """Causal attention with K and V stored as int8, per channel.
 
     q: ``[B, H, S, D]`` float; k, v: ``[B, H_kv, S, D]`` float, quantized here as a cache write would;

@@ -18,8 +18,14 @@ and ``v ~= (vq - v_offset) * v_scale`` per channel:
 import torch
 
 from qpass.core.errors import QpassError
-from qpass.runtime.paged_checks import (check_cache_args, check_context_lens, check_decode, check_query,
-                                        check_query_start_loc, check_query_start_loc_layout)
+from qpass.runtime.paged_checks import (
+    check_cache_args,
+    check_context_lens,
+    check_decode,
+    check_query,
+    check_query_start_loc,
+    check_query_start_loc_layout,
+)
 from qpass.runtime.quant_ops import dequantize_int8
 
 # Keys the folded PyTorch path handles at once; bounds its memory at long contexts.
@@ -68,8 +74,20 @@ def causal_sdpa(q, k, v, softmax_scale, q_positions):
     return torch.einsum("hqk,khd->qhd", probs, v)
 
 
-def folded_attention(q, key_cache, value_cache, table_row, context_len, q_positions, k_scale, k_offset,
-                     v_scale, v_offset, softmax_scale, token_scales=None):
+def folded_attention(
+    q,
+    key_cache,
+    value_cache,
+    table_row,
+    context_len,
+    q_positions,
+    k_scale,
+    k_offset,
+    v_scale,
+    v_offset,
+    softmax_scale,
+    token_scales=None,
+):
     """Folded int8 attention for one sequence, chunk by chunk with an online softmax.
 
     q: float32 ``[q_len, num_heads, head_dim]``; query ``i`` sees keys ``0 .. q_positions[i]``.
@@ -100,7 +118,8 @@ def folded_attention(q, key_cache, value_cache, table_row, context_len, q_positi
         scores = rows @ kq  # static K offset term left out: constant per row, cancelled by softmax
         if token_scales is not None:  # [kv_heads, 1, n] each
             (k_scales, k_offsets), (v_scales, v_offsets) = (
-                gather_tokens(t, table_row, start, end).permute(2, 1, 0)[:, :, None, :] for t in token_scales)
+                gather_tokens(t, table_row, start, end).permute(2, 1, 0)[:, :, None, :] for t in token_scales
+            )
             scores = (scores - rows.sum(-1, keepdim=True) * k_offsets) * k_scales
         future = torch.arange(start, end, device=q.device)[None, :] > row_pos[:, None]
         scores.masked_fill_(future[None], float("-inf"))
@@ -126,25 +145,40 @@ def folded_attention(q, key_cache, value_cache, table_row, context_len, q_positi
 # ---------------------------------------------------------------------------------------------
 
 
-def paged_attention_int8_reference(query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset,
-                                   v_scale, v_offset, softmax_scale):
+def paged_attention_int8_reference(
+    query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset, v_scale, v_offset, softmax_scale
+):
     """Ground truth for :func:`paged_attention_int8`: gathers and dequantizes each sequence, float64."""
     out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
     for i, n in enumerate(context_lens.tolist()):
         k = dequantize_int8(gather_tokens(key_cache, block_tables[i], 0, n), k_scale, k_offset, torch.float64)
         v = dequantize_int8(gather_tokens(value_cache, block_tables[i], 0, n), v_scale, v_offset, torch.float64)
-        out[i] = causal_sdpa(query[i : i + 1].double(), k, v, softmax_scale, torch.tensor([n - 1], device=query.device))[0]
+        out[i] = causal_sdpa(
+            query[i : i + 1].double(), k, v, softmax_scale, torch.tensor([n - 1], device=query.device)
+        )[0]
     return out.to(query.dtype)
 
 
-def paged_attention_int8_torch(query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset,
-                               v_scale, v_offset, softmax_scale):
+def paged_attention_int8_torch(
+    query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset, v_scale, v_offset, softmax_scale
+):
     """The folded PyTorch decode path (the CPU backend): same contract as :func:`paged_attention_int8`."""
     out = torch.empty_like(query)
     for i, n in enumerate(context_lens.tolist()):
         pos = torch.tensor([n - 1], device=query.device)
-        out[i] = folded_attention(query[i : i + 1].float(), key_cache, value_cache, block_tables[i], n, pos,
-                                  k_scale, k_offset, v_scale, v_offset, softmax_scale)[0]
+        out[i] = folded_attention(
+            query[i : i + 1].float(),
+            key_cache,
+            value_cache,
+            block_tables[i],
+            n,
+            pos,
+            k_scale,
+            k_offset,
+            v_scale,
+            v_offset,
+            softmax_scale,
+        )[0]
     return out
 
 
@@ -197,8 +231,19 @@ def _(query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offs
 # ---------------------------------------------------------------------------------------------
 
 
-def paged_prefill_attention_int8_reference(query, key_cache, value_cache, block_tables, context_lens,
-                                           query_start_loc, k_scale, k_offset, v_scale, v_offset, softmax_scale):
+def paged_prefill_attention_int8_reference(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    query_start_loc,
+    k_scale,
+    k_offset,
+    v_scale,
+    v_offset,
+    softmax_scale,
+):
     """Ground truth for :func:`paged_prefill_attention_int8`: dequantizes each sequence, float64."""
     out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
     starts = query_start_loc.tolist()
@@ -211,8 +256,19 @@ def paged_prefill_attention_int8_reference(query, key_cache, value_cache, block_
     return out.to(query.dtype)
 
 
-def paged_prefill_attention_int8_torch(query, key_cache, value_cache, block_tables, context_lens, query_start_loc,
-                                       k_scale, k_offset, v_scale, v_offset, softmax_scale):
+def paged_prefill_attention_int8_torch(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    query_start_loc,
+    k_scale,
+    k_offset,
+    v_scale,
+    v_offset,
+    softmax_scale,
+):
     """The folded PyTorch prefill path (the CPU backend)."""
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
@@ -221,13 +277,25 @@ def paged_prefill_attention_int8_torch(query, key_cache, value_cache, block_tabl
         if a == b:
             continue
         pos = torch.arange(n - (b - a), n, device=query.device)
-        out[a:b] = folded_attention(query[a:b].float(), key_cache, value_cache, block_tables[i], n, pos,
-                                    k_scale, k_offset, v_scale, v_offset, softmax_scale)
+        out[a:b] = folded_attention(
+            query[a:b].float(),
+            key_cache,
+            value_cache,
+            block_tables[i],
+            n,
+            pos,
+            k_scale,
+            k_offset,
+            v_scale,
+            v_offset,
+            softmax_scale,
+        )
     return out
 
 
-def _check_prefill(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, k_offset,
-                   v_scale, v_offset):
+def _check_prefill(
+    query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, k_offset, v_scale, v_offset
+):
     check_query(query, None, num_rows_name="num_tokens")
     scales = {"k_scale": k_scale, "k_offset": k_offset, "v_scale": v_scale, "v_offset": v_offset}
     check_cache_args(query.shape[1], query.shape[2], key_cache, value_cache, block_tables, context_lens, scales)
@@ -258,8 +326,9 @@ def paged_prefill_attention_int8(
     of ``context_lens[i]`` tokens. Other arguments as :func:`paged_attention_int8`.
     Returns ``[num_tokens, num_heads, head_dim]`` in the query's dtype.
     """
-    _check_prefill(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, k_offset,
-                   v_scale, v_offset)
+    _check_prefill(
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, k_offset, v_scale, v_offset
+    )
     check_context_lens(context_lens, block_tables, key_cache.shape[1], key_cache.shape[0])
     check_query_start_loc(query_start_loc, query.shape[0], context_lens)
     scales = (k_scale, k_offset, v_scale, v_offset)
@@ -267,13 +336,26 @@ def paged_prefill_attention_int8(
         # One decode row per query token, each with its causal context length.
         row_tables, row_lens = prefill_rows(block_tables, context_lens, query_start_loc)
         return paged_attention_int8(query, key_cache, value_cache, row_tables, row_lens, *scales, softmax_scale)
-    return paged_prefill_attention_int8_torch(query, key_cache, value_cache, block_tables, context_lens,
-                                              query_start_loc, *scales, softmax_scale)
+    return paged_prefill_attention_int8_torch(
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, *scales, softmax_scale
+    )
 
 
 @paged_prefill_attention_int8.register_fake
-def _(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, k_offset, v_scale,
-      v_offset, softmax_scale):
-    _check_prefill(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, k_offset,
-                   v_scale, v_offset)
+def _(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    query_start_loc,
+    k_scale,
+    k_offset,
+    v_scale,
+    v_offset,
+    softmax_scale,
+):
+    _check_prefill(
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale, k_offset, v_scale, v_offset
+    )
     return torch.empty_like(query)

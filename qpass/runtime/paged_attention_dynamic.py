@@ -14,8 +14,14 @@ import torch
 from qpass.core.errors import QpassError
 from qpass.core.int8 import dequantize
 from qpass.runtime.paged_attention import causal_sdpa, folded_attention, gather_tokens, prefill_rows
-from qpass.runtime.paged_checks import (check_cache_args, check_context_lens, check_query, check_query_start_loc,
-                                        check_query_start_loc_layout, check_scale_caches)
+from qpass.runtime.paged_checks import (
+    check_cache_args,
+    check_context_lens,
+    check_query,
+    check_query_start_loc,
+    check_query_start_loc_layout,
+    check_scale_caches,
+)
 
 
 def _dequantized(cache, scale_cache, table_row, n):
@@ -36,25 +42,41 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, k_scale_ca
 # ---------------------------------------------------------------------------------------------
 
 
-def paged_attention_int8_dynamic_reference(query, key_cache, value_cache, block_tables, context_lens, k_scale_cache,
-                                           v_scale_cache, softmax_scale):
+def paged_attention_int8_dynamic_reference(
+    query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, v_scale_cache, softmax_scale
+):
     """Ground truth for :func:`paged_attention_int8_dynamic`: gathers and dequantizes each sequence, float64."""
     out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
     for i, n in enumerate(context_lens.tolist()):
         k = _dequantized(key_cache, k_scale_cache, block_tables[i], n)
         v = _dequantized(value_cache, v_scale_cache, block_tables[i], n)
-        out[i] = causal_sdpa(query[i : i + 1].double(), k, v, softmax_scale, torch.tensor([n - 1], device=query.device))[0]
+        out[i] = causal_sdpa(
+            query[i : i + 1].double(), k, v, softmax_scale, torch.tensor([n - 1], device=query.device)
+        )[0]
     return out.to(query.dtype)
 
 
-def paged_attention_int8_dynamic_torch(query, key_cache, value_cache, block_tables, context_lens, k_scale_cache,
-                                       v_scale_cache, softmax_scale):
+def paged_attention_int8_dynamic_torch(
+    query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, v_scale_cache, softmax_scale
+):
     """The folded PyTorch decode path: same contract as :func:`paged_attention_int8_dynamic`."""
     out = torch.empty_like(query)
     for i, n in enumerate(context_lens.tolist()):
         pos = torch.tensor([n - 1], device=query.device)
-        out[i] = folded_attention(query[i : i + 1].float(), key_cache, value_cache, block_tables[i], n, pos,
-                                  None, None, None, None, softmax_scale, (k_scale_cache, v_scale_cache))[0]
+        out[i] = folded_attention(
+            query[i : i + 1].float(),
+            key_cache,
+            value_cache,
+            block_tables[i],
+            n,
+            pos,
+            None,
+            None,
+            None,
+            None,
+            softmax_scale,
+            (k_scale_cache, v_scale_cache),
+        )[0]
     return out
 
 
@@ -89,10 +111,19 @@ def paged_attention_int8_dynamic(
     if query.device.type == "cuda":
         from qpass.runtime.triton_paged_attention import paged_attention_triton
 
-        return paged_attention_triton(query, key_cache, value_cache, block_tables, context_lens, softmax_scale=softmax_scale,
-                                      k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache)
-    return paged_attention_int8_dynamic_torch(query, key_cache, value_cache, block_tables, context_lens, k_scale_cache,
-                                              v_scale_cache, softmax_scale)
+        return paged_attention_triton(
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            context_lens,
+            softmax_scale=softmax_scale,
+            k_scale_cache=k_scale_cache,
+            v_scale_cache=v_scale_cache,
+        )
+    return paged_attention_int8_dynamic_torch(
+        query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, v_scale_cache, softmax_scale
+    )
 
 
 @paged_attention_int8_dynamic.register_fake
@@ -106,8 +137,17 @@ def _(query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, 
 # ---------------------------------------------------------------------------------------------
 
 
-def paged_prefill_attention_int8_dynamic_reference(query, key_cache, value_cache, block_tables, context_lens,
-                                                   query_start_loc, k_scale_cache, v_scale_cache, softmax_scale):
+def paged_prefill_attention_int8_dynamic_reference(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    query_start_loc,
+    k_scale_cache,
+    v_scale_cache,
+    softmax_scale,
+):
     """Ground truth for :func:`paged_prefill_attention_int8_dynamic`: dequantizes each sequence, float64."""
     out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
     starts = query_start_loc.tolist()
@@ -115,12 +155,23 @@ def paged_prefill_attention_int8_dynamic_reference(query, key_cache, value_cache
         a, b = starts[i], starts[i + 1]
         k = _dequantized(key_cache, k_scale_cache, block_tables[i], n)
         v = _dequantized(value_cache, v_scale_cache, block_tables[i], n)
-        out[a:b] = causal_sdpa(query[a:b].double(), k, v, softmax_scale, torch.arange(n - (b - a), n, device=query.device))
+        out[a:b] = causal_sdpa(
+            query[a:b].double(), k, v, softmax_scale, torch.arange(n - (b - a), n, device=query.device)
+        )
     return out.to(query.dtype)
 
 
-def paged_prefill_attention_int8_dynamic_torch(query, key_cache, value_cache, block_tables, context_lens,
-                                               query_start_loc, k_scale_cache, v_scale_cache, softmax_scale):
+def paged_prefill_attention_int8_dynamic_torch(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    query_start_loc,
+    k_scale_cache,
+    v_scale_cache,
+    softmax_scale,
+):
     """The folded PyTorch prefill path."""
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
@@ -129,13 +180,26 @@ def paged_prefill_attention_int8_dynamic_torch(query, key_cache, value_cache, bl
         if a == b:
             continue
         pos = torch.arange(n - (b - a), n, device=query.device)
-        out[a:b] = folded_attention(query[a:b].float(), key_cache, value_cache, block_tables[i], n, pos,
-                                    None, None, None, None, softmax_scale, (k_scale_cache, v_scale_cache))
+        out[a:b] = folded_attention(
+            query[a:b].float(),
+            key_cache,
+            value_cache,
+            block_tables[i],
+            n,
+            pos,
+            None,
+            None,
+            None,
+            None,
+            softmax_scale,
+            (k_scale_cache, v_scale_cache),
+        )
     return out
 
 
-def _check_prefill(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale_cache,
-                   v_scale_cache):
+def _check_prefill(
+    query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale_cache, v_scale_cache
+):
     check_query(query, None, num_rows_name="num_tokens")
     _check(query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, v_scale_cache)
     check_query_start_loc_layout(query_start_loc, block_tables.shape[0], key_cache.device)
@@ -159,21 +223,42 @@ def paged_prefill_attention_int8_dynamic(
     query_start_loc: int32 ``[num_seqs + 1]`` (as :func:`qpass.runtime.paged_attention.paged_prefill_attention_int8`).
     Other arguments as :func:`paged_attention_int8_dynamic`. Returns ``[num_tokens, num_heads, head_dim]``.
     """
-    _check_prefill(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale_cache,
-                   v_scale_cache)
+    _check_prefill(
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale_cache, v_scale_cache
+    )
     check_context_lens(context_lens, block_tables, key_cache.shape[1], key_cache.shape[0])
     check_query_start_loc(query_start_loc, query.shape[0], context_lens)
     if query.device.type == "cuda":
         row_tables, row_lens = prefill_rows(block_tables, context_lens, query_start_loc)
-        return paged_attention_int8_dynamic(query, key_cache, value_cache, row_tables, row_lens, k_scale_cache,
-                                            v_scale_cache, softmax_scale)
-    return paged_prefill_attention_int8_dynamic_torch(query, key_cache, value_cache, block_tables, context_lens,
-                                                      query_start_loc, k_scale_cache, v_scale_cache, softmax_scale)
+        return paged_attention_int8_dynamic(
+            query, key_cache, value_cache, row_tables, row_lens, k_scale_cache, v_scale_cache, softmax_scale
+        )
+    return paged_prefill_attention_int8_dynamic_torch(
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        query_start_loc,
+        k_scale_cache,
+        v_scale_cache,
+        softmax_scale,
+    )
 
 
 @paged_prefill_attention_int8_dynamic.register_fake
-def _(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale_cache, v_scale_cache,
-      softmax_scale):
-    _check_prefill(query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale_cache,
-                   v_scale_cache)
+def _(
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    query_start_loc,
+    k_scale_cache,
+    v_scale_cache,
+    softmax_scale,
+):
+    _check_prefill(
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, k_scale_cache, v_scale_cache
+    )
     return torch.empty_like(query)

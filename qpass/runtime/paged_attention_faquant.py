@@ -13,8 +13,20 @@ from qpass.runtime.paged_checks import FLOAT_DTYPES, check_cache_args, check_con
 from qpass.runtime.quant_ops import dequantize_int8
 
 
-def _check_faquant(query, q_scale, q_offset, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset,
-                   v_scale, v_offset, out_dtype):
+def _check_faquant(
+    query,
+    q_scale,
+    q_offset,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    k_scale,
+    k_offset,
+    v_scale,
+    v_offset,
+    out_dtype,
+):
     if query.dtype != torch.int8 or query.dim() != 3:
         raise QpassError(
             f"query is {query.dtype} {tuple(query.shape)}; FAQuant needs int8 [num_seqs, num_heads, head_dim] "
@@ -38,13 +50,26 @@ def _check_faquant(query, q_scale, q_offset, key_cache, value_cache, block_table
         raise QpassError(f"query is on {query.device} but the cache on {key_cache.device}; put them on one device")
 
 
-def paged_attention_int8_faquant_reference(query, q_scale, q_offset, key_cache, value_cache, block_tables,
-                                           context_lens, k_scale, k_offset, v_scale, v_offset, softmax_scale,
-                                           out_dtype):
+def paged_attention_int8_faquant_reference(
+    query,
+    q_scale,
+    q_offset,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    k_scale,
+    k_offset,
+    v_scale,
+    v_offset,
+    softmax_scale,
+    out_dtype,
+):
     """Ground truth for :func:`paged_attention_int8_faquant`: dequantizes Q, K and V, float64."""
     q = dequantize_int8(query, q_scale, q_offset, torch.float64)
-    out = paged_attention_int8_reference(q, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset,
-                                         v_scale, v_offset, softmax_scale)
+    out = paged_attention_int8_reference(
+        q, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset, v_scale, v_offset, softmax_scale
+    )
     return out.to(out_dtype)
 
 
@@ -72,8 +97,20 @@ def paged_attention_int8_faquant(
     The query (one token per sequence, not the cache) is dequantized to float32 and then runs the
     same folded path as :func:`paged_attention_int8`, so its scale meets the K scale in one product.
     """
-    _check_faquant(query, q_scale, q_offset, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset,
-                   v_scale, v_offset, out_dtype)
+    _check_faquant(
+        query,
+        q_scale,
+        q_offset,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        k_scale,
+        k_offset,
+        v_scale,
+        v_offset,
+        out_dtype,
+    )
     check_context_lens(context_lens, block_tables, key_cache.shape[1], key_cache.shape[0])
     q = dequantize_int8(query, q_scale, q_offset, torch.float32)
     args = (key_cache, value_cache, block_tables, context_lens, k_scale, k_offset, v_scale, v_offset)
@@ -91,8 +128,33 @@ def paged_attention_int8_faquant(
 
 
 @paged_attention_int8_faquant.register_fake
-def _(query, q_scale, q_offset, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset, v_scale,
-      v_offset, softmax_scale, out_dtype):
-    _check_faquant(query, q_scale, q_offset, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset,
-                   v_scale, v_offset, out_dtype)
+def _(
+    query,
+    q_scale,
+    q_offset,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    k_scale,
+    k_offset,
+    v_scale,
+    v_offset,
+    softmax_scale,
+    out_dtype,
+):
+    _check_faquant(
+        query,
+        q_scale,
+        q_offset,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        k_scale,
+        k_offset,
+        v_scale,
+        v_offset,
+        out_dtype,
+    )
     return query.new_empty(query.shape, dtype=out_dtype)

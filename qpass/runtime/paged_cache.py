@@ -25,11 +25,15 @@ def allocate_kv_cache(
     return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
 
-def allocate_kv_scale_cache(num_blocks: int, block_size: int, kv_heads: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def allocate_kv_scale_cache(
+    num_blocks: int, block_size: int, kv_heads: int, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed ``(k_scale_cache, v_scale_cache)`` of the dynamic cache, each float32 ``[num_blocks, block_size, kv_heads, 2]``
     (scale, offset)."""
     shape = (num_blocks, block_size, kv_heads, 2)
-    return torch.zeros(shape, dtype=torch.float32, device=device), torch.zeros(shape, dtype=torch.float32, device=device)
+    return torch.zeros(shape, dtype=torch.float32, device=device), torch.zeros(
+        shape, dtype=torch.float32, device=device
+    )
 
 
 class BlockAllocator:
@@ -128,7 +132,9 @@ def check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_s
 
 def _check_write(key, value, key_cache, value_cache, slot_mapping):
     """What both write ops need: int8 caches, K/V ``[num_tokens, kv_heads, head_dim]`` float, int64 slots."""
-    check_int8_caches(key_cache, value_cache, "the int8 write op needs int8 caches (allocate_kv_cache(..., dtype=torch.int8))")
+    check_int8_caches(
+        key_cache, value_cache, "the int8 write op needs int8 caches (allocate_kv_cache(..., dtype=torch.int8))"
+    )
     kv_heads, head_dim = key_cache.shape[2:]
     if key.dim() != 3 or key.shape[1:] != (kv_heads, head_dim) or value.shape != key.shape:
         raise QpassError(
@@ -204,8 +210,9 @@ def _check_dynamic_write(key, value, key_cache, value_cache, slot_mapping, k_sca
     check_scale_caches(key_cache, k_scale_cache, v_scale_cache)
 
 
-@torch.library.custom_op("qpass::reshape_and_cache_int8_dynamic",
-                         mutates_args=("key_cache", "value_cache", "k_scale_cache", "v_scale_cache"))
+@torch.library.custom_op(
+    "qpass::reshape_and_cache_int8_dynamic", mutates_args=("key_cache", "value_cache", "k_scale_cache", "v_scale_cache")
+)
 def reshape_and_cache_int8_dynamic(
     key: torch.Tensor,
     value: torch.Tensor,

@@ -44,7 +44,9 @@ def check_cache_args(num_heads, head_dim, key_cache, value_cache, block_tables, 
     block_tables: int32 ``[num_seqs, max_blocks_per_seq]``; context_lens: int32 ``[num_seqs]``.
     scales: ``{"k_scale": t, ...}``, each float32 ``[num_kv_heads, head_dim]``.
     """
-    check_int8_caches(key_cache, value_cache, "int8 paged attention needs int8 caches written by reshape_and_cache_int8")
+    check_int8_caches(
+        key_cache, value_cache, "int8 paged attention needs int8 caches written by reshape_and_cache_int8"
+    )
     _, block_size, kv_heads, cache_head_dim = key_cache.shape
     if cache_head_dim != head_dim:
         raise QpassError(f"query head_dim {head_dim} != cache head_dim {cache_head_dim}; they must match")
@@ -127,7 +129,9 @@ def check_query_start_loc_layout(query_start_loc, num_seqs, device) -> None:
             f"[num_seqs + 1 = {num_seqs + 1}]"
         )
     if query_start_loc.device != device:
-        raise QpassError(f"query_start_loc is on {query_start_loc.device} but the cache on {device}; put them on one device")
+        raise QpassError(
+            f"query_start_loc is on {query_start_loc.device} but the cache on {device}; put them on one device"
+        )
 
 
 def check_query_start_loc(query_start_loc, num_tokens, context_lens):

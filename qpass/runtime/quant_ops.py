@@ -25,9 +25,7 @@ def _(x, scale, offset):
 
 
 @torch.library.custom_op("qpass::dequantize_int8", mutates_args=())
-def dequantize_int8(
-    q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize_int8`: ``(q - offset) * scale`` in ``dtype``."""
     return dequantize(q, scale, offset, dtype)
 

@@ -37,19 +37,44 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _partition_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    k_scale_ptr, v_scale_ptr, v_offset_ptr, k_token_scale_ptr, v_token_scale_ptr,
-    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    v_offset_ptr,
+    k_token_scale_ptr,
+    v_token_scale_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
     qk_scale,  # softmax_scale * log2(e): scores are kept in base 2
-    stride_q_row, stride_q_head,
-    stride_kv_block, stride_kv_token, stride_kv_head,
-    stride_s_block, stride_s_token,  # of the dynamic cache's (scale, offset) pairs (contiguous over kv heads)
+    stride_q_row,
+    stride_q_head,
+    stride_kv_block,
+    stride_kv_token,
+    stride_kv_head,
+    stride_s_block,
+    stride_s_token,  # of the dynamic cache's (scale, offset) pairs (contiguous over kv heads)
     stride_bt_row,
-    stride_o_row, stride_o_head,
+    stride_o_row,
+    stride_o_head,
     num_partitions,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr, PARTITION: tl.constexpr, KV_INT8: tl.constexpr, KV_DYNAMIC: tl.constexpr,
-    DIRECT: tl.constexpr, OPERAND_TY: tl.constexpr, DOT_TY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    PARTITION: tl.constexpr,
+    KV_INT8: tl.constexpr,
+    KV_DYNAMIC: tl.constexpr,
+    DIRECT: tl.constexpr,
+    OPERAND_TY: tl.constexpr,
+    DOT_TY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -66,8 +91,11 @@ def _partition_kernel(
     heads = kv_head * GROUP + offs_g
     head_mask = offs_g < GROUP
 
-    q = tl.load(q_ptr + row * stride_q_row + heads[:, None] * stride_q_head + offs_d[None, :],
-                mask=head_mask[:, None], other=0.0).to(tl.float32)
+    q = tl.load(
+        q_ptr + row * stride_q_row + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=head_mask[:, None],
+        other=0.0,
+    ).to(tl.float32)
     if KV_INT8:
         q = q * tl.load(k_scale_ptr + kv_head * HEAD_DIM + offs_d)[None, :]  # fold the K scale into Q
     q = (q * qk_scale).to(OPERAND_TY).to(DOT_TY)
@@ -97,13 +125,17 @@ def _partition_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
-        if KV_DYNAMIC:  # each value's scale weights its p, relative to the tile's largest (p * scale underflows float16)
+        if (
+            KV_DYNAMIC
+        ):  # each value's scale weights its p, relative to the tile's largest (p * scale underflows float16)
             v_s = tl.load(v_token_scale_ptr + s_ptrs, mask=token_mask, other=0.0)
             v_max = tl.max(v_s, 0)  # > 0: a tile holds at least one token, and scales are positive
             v_o = tl.load(v_token_scale_ptr + s_ptrs + 1, mask=token_mask, other=0.0)
             w = (p * (v_s / v_max)[None, :]).to(OPERAND_TY)  # the values' offsets come off with the same rounded w
-            pv = (tl.dot(w.to(DOT_TY), v, input_precision=DOT_PRECISION)
-                  - tl.sum(w.to(tl.float32) * v_o[None, :], 1)[:, None]) * v_max
+            pv = (
+                tl.dot(w.to(DOT_TY), v, input_precision=DOT_PRECISION)
+                - tl.sum(w.to(tl.float32) * v_o[None, :], 1)[:, None]
+            ) * v_max
         else:
             pv = tl.dot(p.to(OPERAND_TY).to(DOT_TY), v, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv
@@ -115,24 +147,40 @@ def _partition_kernel(
             v_offset = tl.load(v_offset_ptr + kv_head * HEAD_DIM + offs_d)
             v_scale = tl.load(v_scale_ptr + kv_head * HEAD_DIM + offs_d)
             out = (out - v_offset[None, :]) * v_scale[None, :]
-        tl.store(out_ptr + row * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        tl.store(
+            out_ptr + row * stride_o_row + heads[:, None] * stride_o_head + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=head_mask[:, None],
+        )
     else:
         keep = head_mask & (offs_g * 0 + start < context_len)  # an empty partition writes nothing
         part_idx = (row.to(tl.int64) * num_heads + heads) * num_partitions + part
         tl.store(part_max_ptr + part_idx, m_i, mask=keep)
         tl.store(part_sum_ptr + part_idx, l_i, mask=keep)
         denom = tl.where(l_i > 0, l_i, 1.0)  # 0 only in an empty partition, whose store is masked
-        tl.store(part_out_ptr + part_idx[:, None] * HEAD_DIM + offs_d[None, :], acc / denom[:, None],
-                 mask=keep[:, None])
+        tl.store(
+            part_out_ptr + part_idx[:, None] * HEAD_DIM + offs_d[None, :], acc / denom[:, None], mask=keep[:, None]
+        )
 
 
 @triton.jit
 def _reduce_kernel(
-    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, v_scale_ptr, v_offset_ptr,
-    stride_o_row, stride_o_head, num_partitions,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, PART_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, KV_INT8: tl.constexpr,
+    out_ptr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    context_lens_ptr,
+    v_scale_ptr,
+    v_offset_ptr,
+    stride_o_row,
+    stride_o_head,
+    num_partitions,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PARTITION: tl.constexpr,
+    PART_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    KV_INT8: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -150,9 +198,11 @@ def _reduce_kernel(
         parts = chunk_start + offs_c
         mask = parts < used
         weight = tl.load(part_sum_ptr + base + parts, mask=mask, other=0.0) * tl.exp2(
-            tl.load(part_max_ptr + base + parts, mask=mask, other=float("-inf")) - m)
-        out = tl.load(part_out_ptr + (base + parts)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask[:, None],
-                      other=0.0)
+            tl.load(part_max_ptr + base + parts, mask=mask, other=float("-inf")) - m
+        )
+        out = tl.load(
+            part_out_ptr + (base + parts)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask[:, None], other=0.0
+        )
         acc += tl.sum(weight[:, None] * out, 0)
         total += weight
     out = acc / tl.sum(total, 0)
@@ -189,8 +239,10 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
             f"key_cache/value_cache are {key_cache.dtype}/{value_cache.dtype}; both int8 (or both float16/bfloat16)"
         )
     if key_cache.dim() != 4 or value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
-        raise QpassError("key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] "
-                         "with the same shape and strides")
+        raise QpassError(
+            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] "
+            "with the same shape and strides"
+        )
     num_rows, num_heads, head_dim = query.shape
     _, block_size, kv_heads, cache_head_dim = key_cache.shape
     if head_dim not in HEAD_DIMS or cache_head_dim != head_dim:
@@ -200,11 +252,15 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
     if block_size not in BLOCK_SIZES:
         raise QpassError(f"block_size={block_size}; the Triton kernel supports {BLOCK_SIZES}")
     if num_heads % kv_heads or num_heads // kv_heads > MAX_GROUP:
-        raise QpassError(f"num_heads={num_heads}, num_kv_heads={kv_heads}: num_heads must be a multiple of "
-                         f"num_kv_heads, at most {MAX_GROUP} times it")
+        raise QpassError(
+            f"num_heads={num_heads}, num_kv_heads={kv_heads}: num_heads must be a multiple of "
+            f"num_kv_heads, at most {MAX_GROUP} times it"
+        )
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_rows:
-        raise QpassError(f"block_tables is {block_tables.dtype} {tuple(block_tables.shape)}; it must be int32 "
-                         f"[num_rows={num_rows}, max_blocks_per_seq]")
+        raise QpassError(
+            f"block_tables is {block_tables.dtype} {tuple(block_tables.shape)}; it must be int32 "
+            f"[num_rows={num_rows}, max_blocks_per_seq]"
+        )
     if context_lens.dtype != torch.int32 or context_lens.shape != (num_rows,):
         raise QpassError(
             f"context_lens is {context_lens.dtype} {tuple(context_lens.shape)}; it must be int32 [{num_rows}]"
@@ -216,10 +272,14 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
                     f"{name} must be float32 [num_kv_heads={kv_heads}, head_dim={head_dim}] for an int8 cache"
                 )
     if token_scales is not None:
-        if key_cache.dtype != torch.int8 or any(t is None or t.dtype != torch.float32 or not t.is_contiguous()
-                                                or t.shape != (*key_cache.shape[:3], 2) for t in token_scales):
-            raise QpassError(f"the dynamic cache needs int8 caches and both k_scale_cache and v_scale_cache, contiguous "
-                             f"float32 [num_blocks, block_size, num_kv_heads={kv_heads}, 2] (scale, offset)")
+        if key_cache.dtype != torch.int8 or any(
+            t is None or t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (*key_cache.shape[:3], 2)
+            for t in token_scales
+        ):
+            raise QpassError(
+                f"the dynamic cache needs int8 caches and both k_scale_cache and v_scale_cache, contiguous "
+                f"float32 [num_blocks, block_size, num_kv_heads={kv_heads}, 2] (scale, offset)"
+            )
         scales = dict(zip(("k_scale_cache", "v_scale_cache"), token_scales))
     if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise QpassError("query, the caches and block_tables need a contiguous last dimension; call .contiguous()")
@@ -232,9 +292,21 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
 
 
 def paged_attention_triton(
-    query, key_cache, value_cache, block_tables, context_lens,
-    k_scale=None, k_offset=None, v_scale=None, v_offset=None, *,
-    softmax_scale, out_dtype=None, max_context_len=None, k_scale_cache=None, v_scale_cache=None,
+    query,
+    key_cache,
+    value_cache,
+    block_tables,
+    context_lens,
+    k_scale=None,
+    k_offset=None,
+    v_scale=None,
+    v_offset=None,
+    *,
+    softmax_scale,
+    out_dtype=None,
+    max_context_len=None,
+    k_scale_cache=None,
+    v_scale_cache=None,
 ):
     """Launch the split-K paged decode kernels.
 
@@ -269,33 +341,69 @@ def paged_attention_triton(
     else:
         part_max = torch.empty((num_rows, num_heads, num_partitions), dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
-        part_out = torch.empty((num_rows, num_heads, num_partitions, head_dim), dtype=torch.float32,
-                               device=query.device)
+        part_out = torch.empty(
+            (num_rows, num_heads, num_partitions, head_dim), dtype=torch.float32, device=query.device
+        )
     kv_int8 = key_cache.dtype == torch.int8 and not dynamic  # per-channel scales folded into Q and the output
     if not kv_int8:
         k_scale = v_scale = v_offset = out  # unused pointers
     if not dynamic:
         k_scale_cache = v_scale_cache = out
     _partition_kernel[(num_rows, kv_heads, num_partitions)](
-        query, key_cache, value_cache, block_tables, context_lens,
-        k_scale, v_scale, v_offset, k_scale_cache, v_scale_cache,
-        out, part_out, part_max, part_sum,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        k_scale,
+        v_scale,
+        v_offset,
+        k_scale_cache,
+        v_scale_cache,
+        out,
+        part_out,
+        part_max,
+        part_sum,
         softmax_scale * math.log2(math.e),
-        query.stride(0), query.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        block_size * kv_heads * 2, kv_heads * 2,
+        query.stride(0),
+        query.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        block_size * kv_heads * 2,
+        kv_heads * 2,
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
         num_partitions,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE=TILE_TOKENS, PARTITION=PARTITION_TOKENS, KV_INT8=kv_int8, KV_DYNAMIC=dynamic, DIRECT=direct,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE=TILE_TOKENS,
+        PARTITION=PARTITION_TOKENS,
+        KV_INT8=kv_int8,
+        KV_DYNAMIC=dynamic,
+        DIRECT=direct,
         **_dot_types(out_dtype),
     )
     if not direct:
         _reduce_kernel[(num_rows, num_heads)](
-            out, part_out, part_max, part_sum, context_lens, v_scale, v_offset,
-            out.stride(0), out.stride(1), num_partitions,
-            GROUP=group, HEAD_DIM=head_dim, PARTITION=PARTITION_TOKENS,
-            PART_PAD=triton.next_power_of_2(num_partitions), CHUNK=REDUCE_CHUNK, KV_INT8=kv_int8,
+            out,
+            part_out,
+            part_max,
+            part_sum,
+            context_lens,
+            v_scale,
+            v_offset,
+            out.stride(0),
+            out.stride(1),
+            num_partitions,
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            PARTITION=PARTITION_TOKENS,
+            PART_PAD=triton.next_power_of_2(num_partitions),
+            CHUNK=REDUCE_CHUNK,
+            KV_INT8=kv_int8,
         )
     return out

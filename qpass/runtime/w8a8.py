@@ -27,15 +27,17 @@ FAST_INT8_CPU = ("AVX512",)  # torch CPU dispatch levels whose oneDNN int8 GEMM 
 class W8A8Weights:
     """The tensors of one quantized Linear, as the MindIE format stores them."""
 
-    weight: torch.Tensor        # int8 [n, k]
+    weight: torch.Tensor  # int8 [n, k]
     weight_scale: torch.Tensor  # float32 [n]
-    input_scale: torch.Tensor   # float32 [1]
+    input_scale: torch.Tensor  # float32 [1]
     input_offset: torch.Tensor  # float32 [1], an integer value
-    deq_scale: torch.Tensor     # float32 [n]
-    quant_bias: torch.Tensor    # int32 [n]
+    deq_scale: torch.Tensor  # float32 [n]
+    quant_bias: torch.Tensor  # int32 [n]
 
 
-def w8a8_weights(weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float, input_offset: float) -> W8A8Weights:
+def w8a8_weights(
+    weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float, input_offset: float
+) -> W8A8Weights:
     """Quantize a Linear's float ``weight [n, k]`` and ``bias [n]`` for activations with the given per-tensor qparams."""
     wq, w_scale = quantize_weight(weight)
     in_scale = torch.tensor([float(input_scale)], dtype=torch.float32)
@@ -62,8 +64,14 @@ def int8_matmul(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("qpass::w8a8_linear", mutates_args=())
-def w8a8_linear(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor, weight: torch.Tensor,
-                quant_bias: torch.Tensor, deq_scale: torch.Tensor) -> torch.Tensor:
+def w8a8_linear(
+    x: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_offset: torch.Tensor,
+    weight: torch.Tensor,
+    quant_bias: torch.Tensor,
+    deq_scale: torch.Tensor,
+) -> torch.Tensor:
     """``x [..., k]`` (float) through the int8 Linear ``weight [n, k]``; returns ``[..., n]`` in ``x.dtype``."""
     xq = quantize_activation(x, input_scale, input_offset).reshape(-1, x.shape[-1])
     acc = int8_matmul(xq, weight) + quant_bias  # int32 [m, n]

@@ -24,10 +24,10 @@ from qpass.core.recipe import Recipe
 from qpass.core.saturation import SaturationCounter
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 from qpass.frontends.onnx import load as loading
+from qpass.frontends.onnx.layerwise import LayerwiseModel
 from qpass.frontends.onnx.load import GENAI_CONFIG, GQA_FORM
 from qpass.frontends.onnx.pipeline import SITES_METADATA, check_config, int8_cache, quantize_model, read_sites, site_doc
 from qpass.frontends.onnx.session import Runner, greedy, session
-from qpass.frontends.onnx.layerwise import LayerwiseModel
 from qpass.passes.onnx.find_attention_sites import CacheIO
 from qpass.passes.onnx.quantize_gqa_kv_cache import int8_kv_genai_config
 
@@ -51,7 +51,9 @@ class OnnxFrontend:
         self.site_docs = [site_doc(site, cache) for site, cache in self.found]
 
     @classmethod
-    def load(cls, spec: str | Path, window: int, tokenizer: str | Path | None = None, layerwise: bool = False) -> "OnnxFrontend":
+    def load(
+        cls, spec: str | Path, window: int, tokenizer: str | Path | None = None, layerwise: bool = False
+    ) -> "OnnxFrontend":
         return cls(loading.model_path(spec), window, tokenizer, layerwise)
 
     def check_config(self, config) -> None:
@@ -63,8 +65,13 @@ class OnnxFrontend:
         accepts it (the output is then held to the same), whether its weights are external data, and whether it ran
         layer by layer."""
         external = any(isinstance(v.const_value, ir.ExternalTensor) for v in self.model.graph.initializers.values())
-        facts = {"frontend": "onnx", "opset": self.model.opset_imports.get("", 0), "checker_full": self.checker_ok,
-                 "external_data": external, "genai": self.genai_config is not None}
+        facts = {
+            "frontend": "onnx",
+            "opset": self.model.opset_imports.get("", 0),
+            "checker_full": self.checker_ok,
+            "external_data": external,
+            "genai": self.genai_config is not None,
+        }
         return {**facts, "layerwise": True} if self.layerwise else facts
 
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
@@ -90,8 +97,10 @@ class OnnxFrontend:
         return [cache for _, cache in self.found]
 
     def linear_sites(self) -> list[LinearSite]:
-        raise QpassError("--w8a8: qpass quantizes the attention of ONNX models (--kv-int8, --fa-quant), not their Linears; "
-                         "compile the PyTorch model (a Hugging Face directory or .gguf) for W8A8")
+        raise QpassError(
+            "--w8a8: qpass quantizes the attention of ONNX models (--kv-int8, --fa-quant), not their Linears; "
+            "compile the PyTorch model (a Hugging Face directory or .gguf) for W8A8"
+        )
 
     def smoothing_groups(self, linears: list[LinearSite]) -> list[SmoothGroup]:
         return []
@@ -100,14 +109,19 @@ class OnnxFrontend:
         return {}  # an ONNX model's weights stay in its graph: the ONNX exporter writes the rewritten graph
 
     def num_parameters(self) -> int:
-        return sum(v.const_value.size for v in self.model.graph.initializers.values()
-                   if v.const_value is not None and v.const_value.dtype.is_floating_point())
+        return sum(
+            v.const_value.size
+            for v in self.model.graph.initializers.values()
+            if v.const_value is not None and v.const_value.dtype.is_floating_point()
+        )
 
     def config_json(self) -> dict:
         config = self.path.parent / "config.json"
         return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
 
-    def observe(self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate") -> None:
+    def observe(
+        self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate"
+    ) -> None:
         if state_dict is not None:
             raise QpassError("ONNX models are observed as they are; smoothing (--anti-method) needs the PyTorch model")
         names = list(observers)
@@ -120,7 +134,9 @@ class OnnxFrontend:
             for name, value in zip(names, runner.run(batch)[1:]):
                 observers[name].update(_channels(value))
 
-    def observe_layers(self, windows, observers: dict[str, Observer], batch_size: int, desc: str = "calibrate") -> Iterator[int]:
+    def observe_layers(
+        self, windows, observers: dict[str, Observer], batch_size: int, desc: str = "calibrate"
+    ) -> Iterator[int]:
         """:meth:`observe` one stage at a time (layer-wise), yielding each site's layer once its observers have seen
         every window (for :func:`qpass.core.calibrate.calibrate_by_layer`, which then drops them)."""
         stages = self._layerwise(self.model)
@@ -142,33 +158,55 @@ class OnnxFrontend:
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         return Runner(session(self.model if recipe is None else self.apply(recipe, verify)[0]), self.site_docs).logits
 
-    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
-                   counters: dict[tuple[int, str], SaturationCounter] | None = None, program: ir.Model | None = None
-                   ) -> torch.Tensor:
+    def window_nll(
+        self,
+        recipe: Recipe | None,
+        windows: torch.Tensor,
+        batch_size: int,
+        desc: str = "eval",
+        counters: dict[tuple[int, str], SaturationCounter] | None = None,
+        program: ir.Model | None = None,
+    ) -> torch.Tensor:
         """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (``program``, what
         :meth:`apply` returned for it, else applied here unverified)."""
         if recipe is not None and program is None:
             program = self.apply(recipe, verify=False)[0]
         return self.program_nll(self.model if recipe is None else program, windows, batch_size, desc, counters)
 
-    def program_nll(self, model: ir.Model, windows: torch.Tensor, batch_size: int, desc: str = "eval",
-                    counters: dict[tuple[int, str], SaturationCounter] | None = None) -> torch.Tensor:
+    def program_nll(
+        self,
+        model: ir.Model,
+        windows: torch.Tensor,
+        batch_size: int,
+        desc: str = "eval",
+        counters: dict[tuple[int, str], SaturationCounter] | None = None,
+    ) -> torch.Tensor:
         """Per-window NLL ``[N]`` of ``model`` (the input's, or a quantized one :meth:`apply` returned), counting
         saturation into ``counters`` as :meth:`counting_logits` does; one stage at a time where layer-wise."""
         if self.layerwise:
-            return self._layerwise(model).window_nll(windows, batch_size, desc, _count_updates(model, counters) if counters else None)
+            return self._layerwise(model).window_nll(
+                windows, batch_size, desc, _count_updates(model, counters) if counters else None
+            )
         logits = self.counting_logits(model, counters) if counters else Runner(session(model), self.site_docs).logits
         return window_nll(logits, windows, batch_size, desc)
 
     @staticmethod
-    def layerwise_nll(quantized: ir.Model, base_dir: Path, windows: torch.Tensor, batch_size: int, desc: str = "eval",
-                   counters: dict[tuple[int, str], SaturationCounter] | None = None) -> torch.Tensor:
+    def layerwise_nll(
+        quantized: ir.Model,
+        base_dir: Path,
+        windows: torch.Tensor,
+        batch_size: int,
+        desc: str = "eval",
+        counters: dict[tuple[int, str], SaturationCounter] | None = None,
+    ) -> torch.Tensor:
         """Per-window NLL ``[N]`` of a quantized model read back from ``base_dir`` (its sites from its ``qpass.sites``
         metadata), one stage at a time (``qpass eval`` of a model larger than memory)."""
         sites = read_sites(quantized)
         if any("attention" not in site for site in sites):
-            raise QpassError(f"{base_dir}: its {SITES_METADATA} metadata does not name each site's attention (an older "
-                             "qpass wrote it), which a model larger than memory is cut at; compile it again")
+            raise QpassError(
+                f"{base_dir}: its {SITES_METADATA} metadata does not name each site's attention (an older "
+                "qpass wrote it), which a model larger than memory is cut at; compile it again"
+            )
         stages = LayerwiseModel(quantized, sites, [site["attention"] for site in sites], base_dir)
         return stages.window_nll(windows, batch_size, desc, _count_updates(quantized, counters) if counters else None)
 
@@ -176,7 +214,9 @@ class OnnxFrontend:
         """``model`` cut into stages; the input's own once (its serialized graph holds any weights kept inside it)."""
         if model is self.model and self._float_stages is not None:
             return self._float_stages
-        stages = LayerwiseModel(model, self.site_docs, [site.attention for site in self.attention_sites()], self.path.parent)
+        stages = LayerwiseModel(
+            model, self.site_docs, [site.attention for site in self.attention_sites()], self.path.parent
+        )
         if model is self.model:
             self._float_stages = stages
         return stages
@@ -224,16 +264,21 @@ def _count_updates(quantized: ir.Model, counters: dict[tuple[int, str], Saturati
     """For each counter keyed ``(layer, kind)``, the value of ``quantized`` it counts (as its ``qpass.sites`` metadata
     names the site's q/k/v, or GroupQueryAttention's int8 ``present.*``) and the function that counts a batch of it."""
     sites = read_sites(quantized)
-    names = {(s["layer"], kind): (s[kind], s.get("form") == GQA_FORM) for s in sites for kind in ("q", "k", "v") if s[kind]}
+    names = {
+        (s["layer"], kind): (s[kind], s.get("form") == GQA_FORM) for s in sites for kind in ("q", "k", "v") if s[kind]
+    }
     missing = sorted(set(counters) - set(names))
     if missing:
-        raise QpassError(f"saturation: the ONNX model's {SITES_METADATA} metadata lacks sites {missing}; "
-                         "recompile it with this qpass")
+        raise QpassError(
+            f"saturation: the ONNX model's {SITES_METADATA} metadata lacks sites {missing}; "
+            "recompile it with this qpass"
+        )
 
     def update(counter: SaturationCounter, codes: bool) -> Callable:
         def count(value: np.ndarray) -> None:
             channels = _channels(value)
             counter.update(channels.float() * counter.scale if codes else channels)
+
         return count
 
     return {names[key][0]: update(counter, names[key][1]) for key, counter in counters.items()}

@@ -35,16 +35,27 @@ class LayerwiseModel:
         self.base_dir = base_dir
         self.stages = split(self.proto.graph, attention)
         self.feeds = Feeds.of_graph(model.graph, sites)
-        self.made = {name: index for index, stage in enumerate(self.stages) for j in stage.nodes
-                     for name in self.proto.graph.node[j].output if name}
+        self.made = {
+            name: index
+            for index, stage in enumerate(self.stages)
+            for j in stage.nodes
+            for name in self.proto.graph.node[j].output
+            if name
+        }
         self.last_read = {}
         for index, stage in enumerate(self.stages):
             for name in stage.inputs:
                 if name in self.made:
                     self.last_read[name] = index
 
-    def window_nll(self, windows: torch.Tensor, batch_size: int, desc: str,
-                   observe: dict[str, Callable[[np.ndarray], None]] | None = None, nll: bool = True) -> torch.Tensor | None:
+    def window_nll(
+        self,
+        windows: torch.Tensor,
+        batch_size: int,
+        desc: str,
+        observe: dict[str, Callable[[np.ndarray], None]] | None = None,
+        nll: bool = True,
+    ) -> torch.Tensor | None:
         """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``, None unless ``nll``), and
         ``observe[name](value)`` for each batch's value of each name observed."""
         result = [] if nll else None
@@ -52,8 +63,14 @@ class LayerwiseModel:
             pass
         return torch.cat(result) if nll else None
 
-    def run(self, windows: torch.Tensor, batch_size: int, desc: str,
-            observe: dict[str, Callable[[np.ndarray], None]] | None = None, nll: list | None = None) -> Iterator[int]:
+    def run(
+        self,
+        windows: torch.Tensor,
+        batch_size: int,
+        desc: str,
+        observe: dict[str, Callable[[np.ndarray], None]] | None = None,
+        nll: list | None = None,
+    ) -> Iterator[int]:
         """Runs every stage over ``windows``, yielding each stage's index once it is done (and its session gone):
         ``observe[name](value)`` for each batch's value of each name observed, and each batch's NLL appended to
         ``nll`` where it is a list."""
@@ -66,7 +83,9 @@ class LayerwiseModel:
         kept = Spill(hidden_budget(None), prefix="qpass-stages-")
 
         def fetch(index, stage) -> list[str]:
-            wanted = [name for name in stage.outputs if name in self.last_read or (nll is not None and name == "logits")]
+            wanted = [
+                name for name in stage.outputs if name in self.last_read or (nll is not None and name == "logits")
+            ]
             return wanted + [name for name in observe if self.made[name] == index]
 
         def use(index, session, outputs) -> None:
@@ -76,8 +95,10 @@ class LayerwiseModel:
                 try:
                     values = session.run(outputs, feed)
                 except Exception as err:  # onnxruntime's own Fail / RuntimeException types (out of memory among them)
-                    raise QpassError(f"layer by layer: ONNX Runtime failed on layer {index} of {len(self.stages)} "
-                                     f"({str(err).splitlines()[0][:300]}); a smaller --batch-size needs less memory") from None
+                    raise QpassError(
+                        f"layer by layer: ONNX Runtime failed on layer {index} of {len(self.stages)} "
+                        f"({str(err).splitlines()[0][:300]}); a smaller --batch-size needs less memory"
+                    ) from None
                 for name, value in zip(outputs, values):
                     if name in self.last_read:
                         kept.put(name, b, value)
@@ -88,8 +109,11 @@ class LayerwiseModel:
             for name in [name for name in kept.names() if self.last_read[name] == index]:
                 kept.drop(name)
 
-        with kept, torch.no_grad(), tqdm(total=len(self.stages), desc=f"{desc} (layer-wise)", unit="layer", leave=False,
-                                         disable=None) as bar:
+        with (
+            kept,
+            torch.no_grad(),
+            tqdm(total=len(self.stages), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None) as bar,
+        ):
             for index in run_stages(self.proto, self.stages, self.base_dir, fetch, use):
                 bar.update(1)
                 self.spilled |= kept.directory is not None

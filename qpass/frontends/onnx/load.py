@@ -17,7 +17,9 @@ MIN_OPSET = 17
 GQA_FORM = "gqa"  # AttentionSite.form of com.microsoft.GroupQueryAttention (RoPE fused inside: no q to observe)
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
-ORT_FACTOR = 1.5  # ONNX Runtime's peak over the weights' bytes, whole model: 1.33 measured at 6.1 GiB (docs/benchmarks.md)
+ORT_FACTOR = (
+    1.5  # ONNX Runtime's peak over the weights' bytes, whole model: 1.33 measured at 6.1 GiB (docs/benchmarks.md)
+)
 
 
 def is_onnx(spec) -> bool:
@@ -49,8 +51,11 @@ def whole_model_memory(spec: str | Path) -> int | None:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 (protobuf's DecodeError, OSError): load_decoder refuses it in one line
         return None
-    external = [{entry.key: entry.value for entry in tensor.external_data} for tensor in proto.graph.initializer
-                if tensor.external_data]
+    external = [
+        {entry.key: entry.value for entry in tensor.external_data}
+        for tensor in proto.graph.initializer
+        if tensor.external_data
+    ]
     if not external:  # weights inside the protobuf (under its 2 GiB): layer by layer would hold them twice
         return None
     total = sum(int(entry.get("length", 0)) for entry in external)
@@ -63,23 +68,31 @@ def load_decoder(path: Path) -> tuple[ir.Model, list[tuple[AttentionSite, CacheI
     try:
         model = ir.load(path)
     except Exception as err:  # protobuf's DecodeError, OSError, onnx's own errors: the file is not a whole model
-        raise QpassError(f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)}); "
-                         "it is truncated or corrupt: export it again") from None
+        raise QpassError(
+            f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)}); "
+            "it is truncated or corrupt: export it again"
+        ) from None
     _check_external_data(model, path)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < MIN_OPSET:
-        raise QpassError(f"{path}: opset {opset}; qpass reads opset {MIN_OPSET} and above: export with opset_version>={MIN_OPSET}")
+        raise QpassError(
+            f"{path}: opset {opset}; qpass reads opset {MIN_OPSET} and above: export with opset_version>={MIN_OPSET}"
+        )
     if "input_ids" not in {v.name for v in model.graph.inputs}:
-        raise QpassError(f"{path}: no input_ids input (inputs: {', '.join(v.name for v in model.graph.inputs)}); "
-                         "export the decoder with token ids as input_ids")
+        raise QpassError(
+            f"{path}: no input_ids input (inputs: {', '.join(v.name for v in model.graph.inputs)}); "
+            "export the decoder with token ids as input_ids"
+        )
     ShapeInferencePass(strict_mode=False)(model)  # onnxruntime-genai's graphs carry shapes strict inference rejects
     from onnxscript.rewriter.pattern import MatchingTracer
 
     tracer = MatchingTracer()
     found = find_attention_sites(model, tracer) or [_gqa(site) for site in find_gqa_sites(model)]
     if not found:
-        raise QpassError(f"{path}: found no attention ({', '.join(ATTENTION_PATTERNS)}, com.microsoft.GroupQueryAttention)"
-                         f"{_closest_miss(tracer)}; give a decoder whose attention is one of these")
+        raise QpassError(
+            f"{path}: found no attention ({', '.join(ATTENTION_PATTERNS)}, com.microsoft.GroupQueryAttention)"
+            f"{_closest_miss(tracer)}; give a decoder whose attention is one of these"
+        )
     return model, found
 
 
@@ -89,9 +102,22 @@ def _gqa(site: GQASite) -> tuple[AttentionSite, CacheIO | None]:
     cache = None
     if None not in (site.past_key, site.past_value, site.present_key, site.present_value):
         cache = CacheIO(site.past_key, site.past_value, site.present_key, site.present_value)
-    attention = AttentionSite(layer=site.layer, attention=site.output, form=GQA_FORM, q="", k=site.present_key or "",
-                              v=site.present_value or "", num_heads=site.num_heads, num_kv_heads=site.kv_num_heads,
-                              head_dim=site.head_dim, rope=site.do_rotary, qk_norm=False, q_from="?", k_from="?", v_from="?")
+    attention = AttentionSite(
+        layer=site.layer,
+        attention=site.output,
+        form=GQA_FORM,
+        q="",
+        k=site.present_key or "",
+        v=site.present_value or "",
+        num_heads=site.num_heads,
+        num_kv_heads=site.kv_num_heads,
+        head_dim=site.head_dim,
+        rope=site.do_rotary,
+        qk_norm=False,
+        q_from="?",
+        k_from="?",
+        v_from="?",
+    )
     return attention, cache
 
 
@@ -113,13 +139,17 @@ def load_tokenizer(path: Path, tokenizer_dir: str | Path | None, model: ir.Model
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(where))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise QpassError(f"{where}: no tokenizer qpass can load ({_first_line(err)}); give --tokenizer DIR with "
-                         "tokenizer.json / tokenizer_config.json") from None
+        raise QpassError(
+            f"{where}: no tokenizer qpass can load ({_first_line(err)}); give --tokenizer DIR with "
+            "tokenizer.json / tokenizer_config.json"
+        ) from None
     logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
     vocab = logits.shape[-1] if logits is not None and logits.shape is not None else None
     if isinstance(vocab, int) and len(tokenizer) > vocab:
-        raise QpassError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's logits have {vocab}; "
-                         "give the tokenizer the model was trained with (--tokenizer DIR)")
+        raise QpassError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's logits have {vocab}; "
+            "give the tokenizer the model was trained with (--tokenizer DIR)"
+        )
     return tokenizer
 
 
@@ -139,13 +169,17 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         if isinstance(tensor, ir.ExternalTensor):
             data = Path(tensor.base_dir) / tensor.location
             if not data.is_file() or data.stat().st_size < tensor.offset + tensor.length:
-                raise QpassError(f"{path}: the external data of {value.name} ({tensor.location}) is missing or short; "
-                                 "keep the data file next to the model, as it was exported")
+                raise QpassError(
+                    f"{path}: the external data of {value.name} ({tensor.location}) is missing or short; "
+                    "keep the data file next to the model, as it was exported"
+                )
 
 
 def _closest_miss(tracer) -> str:
     """What stopped the pattern that came closest (onnxscript's ``MatchingTracer``), for the error message."""
-    best = max((m for matches in tracer.best_matches_map.values() for m in matches), key=lambda m: m.score(), default=None)
+    best = max(
+        (m for matches in tracer.best_matches_map.values() for m in matches), key=lambda m: m.score(), default=None
+    )
     if best is None or not best.match_result.reason:
         return ""
     return f"; the closest miss: {best.match_result.reason}"

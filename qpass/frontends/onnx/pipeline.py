@@ -26,9 +26,9 @@ from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.core.sites import AttentionSite
 from qpass.frontends.onnx.load import GQA_FORM
+from qpass.passes.onnx.base import SITES_METADATA
 from qpass.passes.onnx.find_attention_sites import CacheIO
 from qpass.passes.onnx.fold_kv_cache_scales import FoldKVCacheScalesPass
-from qpass.passes.onnx.base import SITES_METADATA
 from qpass.passes.onnx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass
@@ -46,8 +46,13 @@ def cache_scales(config) -> str:
     return "kv" if config.kv_cache == "static" else "fa"
 
 
-def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe, verify: bool = True,
-                   full_check: bool = True) -> tuple[ir.Model, dict[str, int]]:
+def quantize_model(
+    model: ir.Model,
+    found: list[tuple[AttentionSite, CacheIO | None]],
+    recipe: Recipe,
+    verify: bool = True,
+    full_check: bool = True,
+) -> tuple[ir.Model, dict[str, int]]:
     """``model`` rewritten in place as ``recipe`` says: ``(model, {pass name: values rewritten})``."""
     config = recipe.config
     check_config(config, [site for site, _ in found])
@@ -55,7 +60,9 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
     sequence = []
     for p in passes:
         sequence.append(p)  # each inserts its nodes right after their inputs' producers: the order stays topological
-        if verify:  # onnxruntime-genai's graphs fail onnx.checker as the builder writes them: ORT loading them is the check
+        if (
+            verify
+        ):  # onnxruntime-genai's graphs fail onnx.checker as the builder writes them: ORT loading them is the check
             sequence += [CheckerPass(full_check=True)] if full_check else []
             sequence.append(VerifyInt8CachePass(found))
     try:
@@ -66,12 +73,16 @@ def quantize_model(model: ir.Model, found: list[tuple[AttentionSite, CacheIO | N
             cause = cause.__cause__
         if isinstance(cause, QpassError):
             raise cause from None
-        raise QpassError(f"the rewritten ONNX model fails onnx.checker ({str(cause).splitlines()[0][:200]}); "
-                         "please report this model") from None
+        raise QpassError(
+            f"the rewritten ONNX model fails onnx.checker ({str(cause).splitlines()[0][:200]}); "
+            "please report this model"
+        ) from None
     counts = {}
     for p in passes:
         if not p.count and not isinstance(p, FoldKVCacheScalesPass):  # a softcapped Attention keeps the QDQ form
-            raise QpassError(f"{type(p).__name__} rewrote nothing although the recipe asks for it; please report this model")
+            raise QpassError(
+                f"{type(p).__name__} rewrote nothing although the recipe asks for it; please report this model"
+            )
         counts[type(p).__name__] = p.count
         if getattr(p, "centred", 0):  # the GQA cache with K and V centred (an asymmetric recipe), reported as such
             counts["GQA K/V centred"] = p.centred
@@ -86,8 +97,10 @@ def _passes(recipe: Recipe, found: list[tuple[AttentionSite, CacheIO | None]]) -
     # a model without cache I/O has no cache to make int8: FAQuant alone then quantizes its k and v in place
     cached = int8_cache(config) and (config.kv_cache == "static" or any(cache is not None for _, cache in found))
     if cached and any(site.form == GQA_FORM for site, _ in found):  # FAQuant is refused there (check_config)
-        affine = [[tuple(t.numpy() for t in recipe.get(site.layer, f"{scales}_{kind}")) for kind in ("k", "v")]
-                  for site, _ in found]
+        affine = [
+            [tuple(t.numpy() for t in recipe.get(site.layer, f"{scales}_{kind}")) for kind in ("k", "v")]
+            for site, _ in found
+        ]
         gqa_scales = [GQAKVScales.from_affine(k, v, centred=not config.symmetric) for k, v in affine]
         passes.append(QuantizeGQAKVCachePass(gqa_scales))
     elif cached:
@@ -106,12 +119,16 @@ def check_config(config, sites: list[AttentionSite]) -> None:
     GroupQueryAttention (RoPE fused inside) FAQuant. An asymmetric cache on GroupQueryAttention, whose int8 cache
     has no zero point, is centred in the graph instead (:mod:`qpass.passes.onnx.gqa_centre`)."""
     if config.w8a8:
-        raise QpassError("--w8a8: qpass quantizes the attention of ONNX models (--kv-int8, --fa-quant), not their Linears; "
-                         "compile the PyTorch model (a Hugging Face directory or .gguf) for W8A8")
+        raise QpassError(
+            "--w8a8: qpass quantizes the attention of ONNX models (--kv-int8, --fa-quant), not their Linears; "
+            "compile the PyTorch model (a Hugging Face directory or .gguf) for W8A8"
+        )
     if any(site.form == GQA_FORM for site in sites):
         if config.fa_quant:
-            raise QpassError("--fa-quant: this model's GroupQueryAttention applies RoPE inside the op, so q, k and v after "
-                             "RoPE never appear in the graph; use --kv-int8, or export the model with torch.onnx")
+            raise QpassError(
+                "--fa-quant: this model's GroupQueryAttention applies RoPE inside the op, so q, k and v after "
+                "RoPE never appear in the graph; use --kv-int8, or export the model with torch.onnx"
+            )
 
 
 def read_sites(model: ir.Model) -> list[dict]:
@@ -124,9 +141,22 @@ def read_sites(model: ir.Model) -> list[dict]:
 
 def site_doc(site: AttentionSite, cache: CacheIO | None) -> dict:
     """A site and its cache as JSON (the ``qpass.sites`` metadata, and what :class:`session.Runner` sizes caches by)."""
-    doc = {"layer": site.layer, "form": site.form, "attention": site.attention, "q": site.q, "k": site.k, "v": site.v, "num_heads": site.num_heads,
-           "num_kv_heads": site.num_kv_heads, "head_dim": site.head_dim}
+    doc = {
+        "layer": site.layer,
+        "form": site.form,
+        "attention": site.attention,
+        "q": site.q,
+        "k": site.k,
+        "v": site.v,
+        "num_heads": site.num_heads,
+        "num_kv_heads": site.num_kv_heads,
+        "head_dim": site.head_dim,
+    }
     if cache is not None:
-        doc.update(past_key=cache.past_key, past_value=cache.past_value, present_key=cache.present_key,
-                   present_value=cache.present_value)
+        doc.update(
+            past_key=cache.past_key,
+            past_value=cache.past_value,
+            present_key=cache.present_key,
+            present_value=cache.present_value,
+        )
     return doc

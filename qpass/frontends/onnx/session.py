@@ -17,8 +17,14 @@ from qpass.core.errors import QpassError
 
 IN_MEMORY_BYTES = 1 << 30  # models with more initializer bytes go to ONNX Runtime through a file with external data
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
-_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-          "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
 def session(source: ir.Model | Path, threads: int | None = None):
@@ -45,8 +51,9 @@ def _session(ort, model, options, what):
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException types
-        raise QpassError(f"{what}: ONNX Runtime cannot load it ({str(err).splitlines()[0][:300]}); "
-                         "give a model ONNX Runtime can run") from None
+        raise QpassError(
+            f"{what}: ONNX Runtime cannot load it ({str(err).splitlines()[0][:300]}); give a model ONNX Runtime can run"
+        ) from None
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -62,20 +69,28 @@ class Feeds:
         (:func:`qpass.frontends.onnx.pipeline.site_doc`), whose cache heads and head_dim size the empty past where the
         graph leaves them symbolic (onnxruntime-genai's ``kv_cache_dim``)."""
         self.inputs = inputs
-        self.cache_dims = {s[name]: (s["num_kv_heads"], s["head_dim"]) for s in sites
-                           for name in ("past_key", "past_value") if s.get(name)}
+        self.cache_dims = {
+            s[name]: (s["num_kv_heads"], s["head_dim"])
+            for s in sites
+            for name in ("past_key", "past_value")
+            if s.get(name)
+        }
         self.pasts = [name for name in inputs if name.startswith(PAST_PREFIX)]
         unknown = set(inputs) - {"input_ids", "attention_mask", "position_ids", *self.pasts}
         if "input_ids" not in inputs or unknown:
-            raise QpassError(f"the ONNX model's inputs are {', '.join(inputs)}; qpass runs decoders with input_ids, "
-                             "optionally attention_mask and position_ids, and past_key_values.<i>.key/value: export it so")
+            raise QpassError(
+                f"the ONNX model's inputs are {', '.join(inputs)}; qpass runs decoders with input_ids, "
+                "optionally attention_mask and position_ids, and past_key_values.<i>.key/value: export it so"
+            )
 
     @classmethod
     def of_graph(cls, graph: ir.Graph, sites: list[dict]) -> "Feeds":
         """The feeds of an onnx-ir graph's inputs (typed as ONNX Runtime would report them)."""
         inputs = {}
         for value in graph.inputs:
-            kind = f"tensor({value.dtype.name.lower()})" if value.dtype is not None else "untyped"  # ONNX Runtime's names
+            kind = (
+                f"tensor({value.dtype.name.lower()})" if value.dtype is not None else "untyped"
+            )  # ONNX Runtime's names
             dims = [] if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
             inputs[value.name] = (kind, dims)
         return cls(inputs, sites)
@@ -86,7 +101,9 @@ class Feeds:
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = np.ones((batch, start + seq), dtype=self._dtype("attention_mask"))
         if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.broadcast_to(np.arange(start, start + seq), (batch, seq)).astype(self._dtype("position_ids"))
+            feeds["position_ids"] = np.broadcast_to(np.arange(start, start + seq), (batch, seq)).astype(
+                self._dtype("position_ids")
+            )
         for name in self.pasts:
             if past is not None:
                 feeds[name] = past[name]
@@ -94,8 +111,10 @@ class Feeds:
             shape = self.inputs[name][1]  # [B, kv_heads, past, head_dim]
             heads, head_dim = self.cache_dims.get(name, (shape[1], shape[3]) if len(shape) == 4 else (None, None))
             if not all(isinstance(d, int) for d in (heads, head_dim)):
-                raise QpassError(f"the ONNX model's input {name} has shape {shape} and no attention site reads it; "
-                                 "its heads and head_dim must be static")
+                raise QpassError(
+                    f"the ONNX model's input {name} has shape {shape} and no attention site reads it; "
+                    "its heads and head_dim must be static"
+                )
             feeds[name] = np.zeros((batch, heads, 0, head_dim), dtype=self._dtype(name))
         return feeds
 
@@ -114,7 +133,7 @@ class Runner:
         self.sess = sess
         self.feeds = Feeds({i.name: (i.type, i.shape) for i in sess.get_inputs()}, sites)
         self.pasts = self.feeds.pasts
-        self.presents = [PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.pasts]
+        self.presents = [PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in self.pasts]
         self.outputs = ["logits", *(outputs or [])]
 
     def run(self, ids: torch.Tensor) -> list[np.ndarray]:

@@ -19,8 +19,9 @@ def open(model, window: int, tokenizer=None, layerwise: bool = False):
     from qpass.models.loaders import LoadedModel
 
     if tokenizer is not None:
-        raise QpassError("--tokenizer: only ONNX models take a separate tokenizer; a Hugging Face directory or .gguf "
-                         "carries its own")
+        raise QpassError(
+            "--tokenizer: only ONNX models take a separate tokenizer; a Hugging Face directory or .gguf carries its own"
+        )
     if not layerwise:
         from qpass.frontends.torch_export.frontend import TorchExportFrontend
 
@@ -47,8 +48,11 @@ def saved_window(loaded) -> int:
     """The window a directory read back runs over: its program's (captured over one), else the model's positions or
     :data:`DEFAULT_WINDOW`, whichever is fewer."""
     if loaded.program is not None:
-        ids = next(n for n in loaded.program.graph.nodes if n.op == "placeholder"
-                   and n.name in loaded.program.graph_signature.user_inputs)
+        ids = next(
+            n
+            for n in loaded.program.graph.nodes
+            if n.op == "placeholder" and n.name in loaded.program.graph_signature.user_inputs
+        )
         return int(ids.meta["val"].shape[1])
     positions = getattr(loaded.model.config, "max_position_embeddings", None)
     return min(DEFAULT_WINDOW, positions or DEFAULT_WINDOW)
@@ -63,9 +67,12 @@ def saved_nll(loaded, directory, windows, batch_size: int, desc: str, counters: 
     from qpass.models.loaders import LoadedModel
 
     if loaded.program is not None:
-        return window_nll(TorchExportFrontend.counting_logits(loaded.program, counters), windows, batch_size, desc), False
-    frontend = TorchExportFrontend(LoadedModel(loaded.model, loaded.tokenizer, "directory", "directory"),
-                                   windows.shape[1])
+        return window_nll(
+            TorchExportFrontend.counting_logits(loaded.program, counters), windows, batch_size, desc
+        ), False
+    frontend = TorchExportFrontend(
+        LoadedModel(loaded.model, loaded.tokenizer, "directory", "directory"), windows.shape[1]
+    )
     if loaded.recipe is None:
         return frontend.window_nll(None, windows, batch_size, desc), False
     loaded.recipe.check_matches(geometry(frontend.attention_sites()))

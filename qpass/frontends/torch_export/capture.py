@@ -5,7 +5,6 @@ from torch.export import Dim
 
 from qpass.core.errors import QpassError
 
-
 WRAPPER_PREFIX = "model."  # the capture wrappers hold the HF model as `.model` (here and in qpass/generate.py)
 
 

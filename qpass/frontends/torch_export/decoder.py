@@ -12,12 +12,18 @@ from torch.export import Dim, ExportedProgram
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe, geometry
 from qpass.frontends.torch_export.capture import param_names
-from qpass.frontends.torch_export.pipeline import (BLOCK_SIZE, MAX_CONTEXT, decoder_inputs, layer_caches, lower_program,
-                                                  quantize_program)
+from qpass.frontends.torch_export.pipeline import (
+    BLOCK_SIZE,
+    MAX_CONTEXT,
+    decoder_inputs,
+    layer_caches,
+    lower_program,
+    quantize_program,
+)
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.lower_paged_attention import PAGING_INPUTS
-from qpass.runtime.paged_checks import HEAD_DIMS
 from qpass.runtime.paged_cache import BlockAllocator, BlockTables
+from qpass.runtime.paged_checks import HEAD_DIMS
 
 DECODER_FILE = "decoder.pt2"
 
@@ -41,14 +47,23 @@ def capture_decoder(model: torch.nn.Module, max_context: int = MAX_CONTEXT) -> E
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None])
     try:
         with torch.no_grad():
-            return torch.export.export(TokensAndPositions(model), example, dynamic_shapes=({1: seq}, {1: seq}), strict=False)
+            return torch.export.export(
+                TokensAndPositions(model), example, dynamic_shapes=({1: seq}, {1: seq}), strict=False
+            )
     except Exception as err:  # torch.export raises many types; the user needs to know capture failed
-        raise QpassError(f"decoder capture: torch.export could not trace {type(model).__name__} with position_ids "
-                         f"({type(err).__name__}: {str(err).splitlines()[0]}); qpass supports decoder-only Hugging Face causal LMs") from err
+        raise QpassError(
+            f"decoder capture: torch.export could not trace {type(model).__name__} with position_ids "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); qpass supports decoder-only Hugging Face causal LMs"
+        ) from err
 
 
-def build_decoder(model: torch.nn.Module, recipe: Recipe, block_size: int = BLOCK_SIZE, max_context: int = MAX_CONTEXT,
-                  verify: bool = True) -> tuple[ExportedProgram, ExportedProgram]:
+def build_decoder(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    block_size: int = BLOCK_SIZE,
+    max_context: int = MAX_CONTEXT,
+    verify: bool = True,
+) -> tuple[ExportedProgram, ExportedProgram]:
     """The decoder with Q/DQ (the reference: recomputes the whole sequence) and the same lowered to paged ops.
 
     The pipeline, in order: capture the decoder; find its attention sites; insert Q/DQ with ``recipe``
@@ -82,17 +97,30 @@ def decoder_layout(program: ExportedProgram) -> dict:
     names = list(program.graph_signature.user_inputs)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     key_caches = [n for n in names if n.startswith("key_cache_")]
-    if names[:2] != ["input_ids", "position_ids"] or not key_caches or names[-len(PAGING_INPUTS):] != list(PAGING_INPUTS):
-        raise QpassError(f"the program's inputs {names} are not those of a decoder lowered by qpass; recompile it with `qpass compile`")
+    if (
+        names[:2] != ["input_ids", "position_ids"]
+        or not key_caches
+        or names[-len(PAGING_INPUTS) :] != list(PAGING_INPUTS)
+    ):
+        raise QpassError(
+            f"the program's inputs {names} are not those of a decoder lowered by qpass; recompile it with `qpass compile`"
+        )
     _, block_size, kv_heads, head_dim = placeholders[key_caches[0]].meta["val"].shape
     seq = placeholders["input_ids"].meta["val"].shape[1]
     max_context = int(program.range_constraints[seq.node.expr].upper) if isinstance(seq, torch.SymInt) else int(seq)
-    return {"num_layers": len(key_caches), "block_size": int(block_size), "num_kv_heads": int(kv_heads),
-            "head_dim": int(head_dim), "max_context": max_context,
-            "kv_cache": "dynamic" if any(n.startswith("key_scale_cache_") for n in names) else "static"}
+    return {
+        "num_layers": len(key_caches),
+        "block_size": int(block_size),
+        "num_kv_heads": int(kv_heads),
+        "head_dim": int(head_dim),
+        "max_context": max_context,
+        "kv_cache": "dynamic" if any(n.startswith("key_scale_cache_") for n in names) else "static",
+    }
 
 
-def generate_lowered(program: ExportedProgram, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+def generate_lowered(
+    program: ExportedProgram, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None
+) -> list[int]:
     """Greedy decoding with the lowered program: prefill the prompt into a paged int8 cache (static or dynamic,
     as the program takes it), then feed one new token per step. Returns the new token ids (stops early after
     ``eos_token_id``)."""
@@ -100,12 +128,18 @@ def generate_lowered(program: ExportedProgram, prompt_ids, max_new_tokens: int, 
     prompt = _prompt(prompt_ids)
     total = len(prompt) + max_new_tokens
     if total > layout["max_context"]:
-        raise QpassError(f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens exceed the {layout['max_context']} "
-                         "tokens this program was lowered for; shorten the prompt or ask for fewer tokens")
+        raise QpassError(
+            f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens exceed the {layout['max_context']} "
+            "tokens this program was lowered for; shorten the prompt or ask for fewer tokens"
+        )
     block_size = layout["block_size"]
     num_blocks = -(-total // block_size)
-    caches = [layer_caches(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"], layout["kv_cache"] == "dynamic")
-              for _ in range(layout["num_layers"])]
+    caches = [
+        layer_caches(
+            num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"], layout["kv_cache"] == "dynamic"
+        )
+        for _ in range(layout["num_layers"])
+    ]
     tables = BlockTables(BlockAllocator(num_blocks), block_size)
     module = program.module()
     tokens, new, start = prompt, [], 0
@@ -113,9 +147,17 @@ def generate_lowered(program: ExportedProgram, prompt_ids, max_new_tokens: int, 
         for _ in range(max_new_tokens):
             slot_mapping = tables.append_tokens(0, len(tokens))
             block_tables, context_lens = tables.tensors([0])
-            logits = module(*decoder_inputs(torch.tensor([tokens]), torch.arange(start, start + len(tokens))[None], caches,
-                                     block_tables, context_lens, slot_mapping,
-                                     torch.tensor([0, len(tokens)], dtype=torch.int32)))
+            logits = module(
+                *decoder_inputs(
+                    torch.tensor([tokens]),
+                    torch.arange(start, start + len(tokens))[None],
+                    caches,
+                    block_tables,
+                    context_lens,
+                    slot_mapping,
+                    torch.tensor([0, len(tokens)], dtype=torch.int32),
+                )
+            )
             start += len(tokens)
             tokens = [int(logits[0, -1].argmax())]
             new += tokens
@@ -124,7 +166,9 @@ def generate_lowered(program: ExportedProgram, prompt_ids, max_new_tokens: int, 
     return new
 
 
-def generate_reference(program: ExportedProgram, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+def generate_reference(
+    program: ExportedProgram, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None
+) -> list[int]:
     """Greedy decoding with the unlowered decoder program, recomputing the whole sequence each step."""
     module = program.module()
     ids, new = _prompt(prompt_ids), []
@@ -144,10 +188,18 @@ def _prompt(prompt_ids) -> list[int]:
     return [int(i) for i in ids]
 
 
-def generate_with_model(model: torch.nn.Module, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+def generate_with_model(
+    model: torch.nn.Module, prompt_ids, max_new_tokens: int, eos_token_id: int | None = None
+) -> list[int]:
     """Greedy decoding with the model's own float KV cache (a W8A8-only model: no attention quantization)."""
     ids = torch.tensor([_prompt(prompt_ids)])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=eos_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()

@@ -35,8 +35,10 @@ class TorchExportFrontend:
     def __init__(self, loaded: LoadedModel, window: int):
         positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
         if isinstance(positions, int) and window > positions:  # before a capture over positions it never learnt
-            raise QpassError(f"--window {window}: longer than the {positions} positions of MODEL {loaded.name} "
-                             f"(max_position_embeddings); use --window {positions} or less")
+            raise QpassError(
+                f"--window {window}: longer than the {positions} positions of MODEL {loaded.name} "
+                f"(max_position_embeddings); use --window {positions} or less"
+            )
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.name, self.source = loaded.name, loaded.source
         self.program = capture(loaded.model, window)
@@ -76,7 +78,9 @@ class TorchExportFrontend:
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
         return {}  # the exporters write everything a PyTorch model's artefacts hold
 
-    def observe(self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate") -> None:
+    def observe(
+        self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate"
+    ) -> None:
         gm = self.program.module()
         if state_dict is not None:
             set_parameters(gm, state_dict)
@@ -98,8 +102,15 @@ class TorchExportFrontend:
     def logits(self, recipe: Recipe | None = None, verify: bool = True) -> Logits:
         return self.program.module() if recipe is None else self.apply(recipe, verify)[0].module()
 
-    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
-                   counters: dict[tuple[int, str], SaturationCounter] | None = None, program=None) -> torch.Tensor:
+    def window_nll(
+        self,
+        recipe: Recipe | None,
+        windows: torch.Tensor,
+        batch_size: int,
+        desc: str = "eval",
+        counters: dict[tuple[int, str], SaturationCounter] | None = None,
+        program=None,
+    ) -> torch.Tensor:
         """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (``program``, what
         :meth:`apply` returned for it, else applied here unverified), feeding the saturation ``counters``."""
         if recipe is None:
@@ -129,8 +140,10 @@ class TorchExportFrontend:
                     first = value.args[0]
                     value = first.args[0]
                 if first is None:
-                    raise QpassError(f"saturation: {kind} of attention layer {site.layer} has no int8 Quantize in this program "
-                                     "although its recipe has scales for it; please report this model")
+                    raise QpassError(
+                        f"saturation: {kind} of attention layer {site.layer} has no int8 Quantize in this program "
+                        "although its recipe has scales for it; please report this model"
+                    )
                 name = f"qpass_saturation_{site.layer}_{kind}"
                 gm.add_submodule(name, _Tap(counter, attention=True))
                 with gm.graph.inserting_after(value):
@@ -156,7 +169,9 @@ class TorchExportFrontend:
         gm.recompile()
         with torch.enable_grad():
             logits = gm(windows)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum")
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="sum"
+            )
             grads = torch.autograd.grad(nll, [t.leaf for t in taps.values()])
         return {name: round(float(((g * t.dy).sum(-1)).pow(2).sum()), 6) for (name, t), g in zip(taps.items(), grads)}
 

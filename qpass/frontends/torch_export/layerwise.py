@@ -45,11 +45,11 @@ from torch.export import Dim
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
 from qpass.core.memory import hidden_budget, trim_heap
-from qpass.core.spill import Spill
 from qpass.core.naming import EMBEDDING, LM_HEAD, NORM, layer_key, layer_prefix
 from qpass.core.observers import Observer
 from qpass.core.recipe import SITE_KINDS, Recipe, geometry, linear_key, site_key
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
+from qpass.core.spill import Spill
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, param_names
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from qpass.frontends.torch_export.pipeline import quantize_program
@@ -59,9 +59,9 @@ from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_
 
 # base models made of embed_tokens, layers.<i>, norm and rotary_emb, whose embedding is used unscaled
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-CAPTURE_PREFIX = "layers.0."     # the one layer's parameters in the capture (after the wrapper's prefix)
+CAPTURE_PREFIX = "layers.0."  # the one layer's parameters in the capture (after the wrapper's prefix)
 STREAM, FLOAT_STREAM = "hidden", "float"  # the hidden states passed on; the float model's, beside them when smoothing
-WHOLE_MODEL_FACTOR = 2.0         # a whole-model compile holds about twice the float32 weights (model and capture)
+WHOLE_MODEL_FACTOR = 2.0  # a whole-model compile holds about twice the float32 weights (model and capture)
 
 
 class Checkpoint:
@@ -83,10 +83,13 @@ class Checkpoint:
                     with safe_open(str(file), framework="pt") as f:
                         self.files.update(dict.fromkeys(f.keys(), file))
         except (*BROKEN_FILE, TypeError, AttributeError) as err:  # AttributeError: a weight_map that is not an object
-            raise QpassError(f"MODEL {path}: cannot read its safetensors index ({type(err).__name__}: {err}); "
-                             "re-download the model") from None
+            raise QpassError(
+                f"MODEL {path}: cannot read its safetensors index ({type(err).__name__}: {err}); re-download the model"
+            ) from None
         if not self.files:
-            raise QpassError(f"MODEL {path}: no *.safetensors weights in this directory; layer-wise calibration reads safetensors only")
+            raise QpassError(
+                f"MODEL {path}: no *.safetensors weights in this directory; layer-wise calibration reads safetensors only"
+            )
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names``, each in its file's dtype (each file opened once)."""
@@ -94,8 +97,10 @@ class Checkpoint:
 
         missing = [n for n in names if n not in self.files]
         if missing:
-            raise QpassError(f"MODEL {self.path}: weight {missing[0]} is not in the safetensors files ({len(missing)} missing); "
-                             "the download is incomplete or the files belong to another model: re-download the model")
+            raise QpassError(
+                f"MODEL {self.path}: weight {missing[0]} is not in the safetensors files ({len(missing)} missing); "
+                "the download is incomplete or the files belong to another model: re-download the model"
+            )
         out = {}
         for file in dict.fromkeys(self.files[n] for n in names):
             try:
@@ -104,8 +109,9 @@ class Checkpoint:
                         out[name] = f.get_tensor(name)
                         self.read_names.append(name)
             except BROKEN_FILE as err:
-                raise QpassError(f"MODEL {self.path}: cannot read {file.name} ({type(err).__name__}: {err}); "
-                                 "re-download the model") from None
+                raise QpassError(
+                    f"MODEL {self.path}: cannot read {file.name} ({type(err).__name__}: {err}); re-download the model"
+                ) from None
         return out
 
     def sizes(self) -> tuple[int, int]:
@@ -126,7 +132,9 @@ class Checkpoint:
 
 
 def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(dtype, 1)
+    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}.get(
+        dtype, 1
+    )
 
 
 def whole_model_memory(path: str | Path) -> int | None:
@@ -164,7 +172,9 @@ class _Tap(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
-            flat = x.transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3]) if self.attention else x.reshape(-1, x.shape[-1])
+            flat = (
+                x.transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3]) if self.attention else x.reshape(-1, x.shape[-1])
+            )
             self.observer.update(flat)
         return x
 
@@ -173,9 +183,23 @@ class _LayerProgram:
     """One decoder layer captured (for one layer type), with taps after its q/k/v and its Linears' inputs; weights
     swapped per layer."""
 
-    def __init__(self, exported: torch.export.ExportedProgram, gm: torch.fx.GraphModule, site: AttentionSite,
-                 linears: list[LinearSite], groups: list[SmoothGroup], taps: dict[str, _Tap]):
-        self.exported, self.gm, self.site, self.linears, self.groups, self.taps = exported, gm, site, linears, groups, taps
+    def __init__(
+        self,
+        exported: torch.export.ExportedProgram,
+        gm: torch.fx.GraphModule,
+        site: AttentionSite,
+        linears: list[LinearSite],
+        groups: list[SmoothGroup],
+        taps: dict[str, _Tap],
+    ):
+        self.exported, self.gm, self.site, self.linears, self.groups, self.taps = (
+            exported,
+            gm,
+            site,
+            linears,
+            groups,
+            taps,
+        )
         self.params = {name.removeprefix(WRAPPER_PREFIX): p for name, p in gm.named_parameters()}
 
     def quantized(self, layer: int, recipe, counters: dict | None = None) -> torch.nn.Module:
@@ -195,8 +219,10 @@ class _LayerProgram:
         for stored, name in names.items():
             value = tensors.pop(stored)
             if tuple(value.shape) != tuple(self.params[name].shape):
-                raise QpassError(f"MODEL {checkpoint.path}: weight {stored} is {list(value.shape)} but config.json makes it "
-                                 f"{list(self.params[name].shape)}; repair config.json or re-download the model")
+                raise QpassError(
+                    f"MODEL {checkpoint.path}: weight {stored} is {list(value.shape)} but config.json makes it "
+                    f"{list(self.params[name].shape)}; repair config.json or re-download the model"
+                )
             self._set(name, value.to(torch.float32))
             del value
 
@@ -237,27 +263,37 @@ class LayerwiseFrontend:
 
         path = Path(path)
         if not (path.is_dir() and (path / "config.json").is_file()):
-            raise QpassError(f"--layerwise: MODEL {path} is not a Hugging Face model directory (config.json + *.safetensors); "
-                             "layer-wise calibration reads such a directory only")
+            raise QpassError(
+                f"--layerwise: MODEL {path} is not a Hugging Face model directory (config.json + *.safetensors); "
+                "layer-wise calibration reads such a directory only"
+            )
         try:
             doc = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise QpassError(f"MODEL {path}: config.json is not valid JSON ({err}); repair or re-download the model") from None
+            raise QpassError(
+                f"MODEL {path}: config.json is not valid JSON ({err}); repair or re-download the model"
+            ) from None
         check_remote_code(f"MODEL {path}", doc if isinstance(doc, dict) else {})
         model_type = doc.get("model_type") if isinstance(doc, dict) else None
         if model_type not in ARCHITECTURES:
-            raise QpassError(f"--layerwise: model_type {model_type!r} is not one layer-wise calibration supports yet "
-                             f"({', '.join(ARCHITECTURES)}); drop --layerwise to compile the whole model")
+            raise QpassError(
+                f"--layerwise: model_type {model_type!r} is not one layer-wise calibration supports yet "
+                f"({', '.join(ARCHITECTURES)}); drop --layerwise to compile the whole model"
+            )
         try:
             self.config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except BROKEN_FILE as err:
-            raise QpassError(f"MODEL {path}: cannot load its config or tokenizer ({type(err).__name__}: "
-                             f"{' '.join(str(err).split())[:200]}); check config.json and the tokenizer files") from None
+            raise QpassError(
+                f"MODEL {path}: cannot load its config or tokenizer ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:200]}); check config.json and the tokenizer files"
+            ) from None
         positions = getattr(self.config, "max_position_embeddings", None)
         if isinstance(positions, int) and window > positions:
-            raise QpassError(f"--window {window}: longer than the {positions} positions of MODEL {path.name} "
-                             f"(max_position_embeddings); use --window {positions} or less")
+            raise QpassError(
+                f"--window {window}: longer than the {positions} positions of MODEL {path.name} "
+                f"(max_position_embeddings); use --window {positions} or less"
+            )
         self.path, self.window, self.hidden_budget = path, window, hidden_budget
         self.name, self.source = path.name, str(path)
         self.checkpoint = Checkpoint(path)
@@ -301,15 +337,20 @@ class LayerwiseFrontend:
         example = torch.zeros((2, self.window, self.config.hidden_size))
         try:
             with torch.no_grad():
-                program = torch.export.export(_OneLayer(base), (example,), dynamic_shapes=({0: Dim("batch", min=1, max=1024)},),
-                                              strict=False)
+                program = torch.export.export(
+                    _OneLayer(base), (example,), dynamic_shapes=({0: Dim("batch", min=1, max=1024)},), strict=False
+                )
         except Exception as err:  # torch.export raises many types; the user needs to know capture failed
-            raise QpassError(f"--layerwise: torch.export could not trace one decoder layer of {self.name} ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}); drop --layerwise to compile the whole model") from err
+            raise QpassError(
+                f"--layerwise: torch.export could not trace one decoder layer of {self.name} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); drop --layerwise to compile the whole model"
+            ) from err
         sites = find_attention_sites(program.graph, param_names(program))
         if len(sites) != 1:
-            raise QpassError(f"--layerwise: one decoder layer of {self.name} holds {len(sites)} attention sites, not 1; "
-                             "drop --layerwise to compile the whole model")
+            raise QpassError(
+                f"--layerwise: one decoder layer of {self.name} holds {len(sites)} attention sites, not 1; "
+                "drop --layerwise to compile the whole model"
+            )
         linears = find_linear_sites(program.graph, param_names(program))
         groups = find_smoothing_groups(program.graph, linears, param_names(program))
         if self._norm is None:  # the final norm, for the streamed forward's logits (its weight read when it runs)
@@ -338,10 +379,18 @@ class LayerwiseFrontend:
 
     def _site(self, layer: int) -> AttentionSite:
         template, module = self._program(layer).site, _module_path(layer)
-        return replace(template, layer=layer, attention=layer_key(layer, template.attention),
-                       q=layer_key(layer, template.q), k=layer_key(layer, template.k), v=layer_key(layer, template.v),
-                       q_from=module(template.q_from), k_from=module(template.k_from), v_from=module(template.v_from),
-                       prefix=module(template.prefix) if template.prefix else "")
+        return replace(
+            template,
+            layer=layer,
+            attention=layer_key(layer, template.attention),
+            q=layer_key(layer, template.q),
+            k=layer_key(layer, template.k),
+            v=layer_key(layer, template.v),
+            q_from=module(template.q_from),
+            k_from=module(template.k_from),
+            v_from=module(template.v_from),
+            prefix=module(template.prefix) if template.prefix else "",
+        )
 
     def linear_sites(self) -> list[LinearSite]:
         """Each layer's Linears (found on its layer type's capture by the fx finder), renamed to the layer."""
@@ -351,9 +400,17 @@ class LayerwiseFrontend:
         """The decoder layers in order, each with its attention site and Linears."""
         for site in self.attention_sites():
             module, named = _module_path(site.layer), partial(layer_key, site.layer)
-            linears = tuple(replace(s, node=named(s.node), input=named(s.input), weight=named(s.weight),
-                                    bias=None if s.bias is None else named(s.bias), module=module(s.module))
-                            for s in self._program(site.layer).linears)
+            linears = tuple(
+                replace(
+                    s,
+                    node=named(s.node),
+                    input=named(s.input),
+                    weight=named(s.weight),
+                    bias=None if s.bias is None else named(s.bias),
+                    module=module(s.module),
+                )
+                for s in self._program(site.layer).linears
+            )
             yield DecoderLayer(site.layer, site, linears)
 
     def smoothing_groups(self, linears: list[LinearSite] | None = None) -> list[SmoothGroup]:
@@ -361,26 +418,42 @@ class LayerwiseFrontend:
         out = []
         for layer in range(self.num_layers):
             module, named = _module_path(layer), partial(layer_key, layer)
-            out += [replace(g, input=named(g.input), prev=module(g.prev), consumers=tuple(module(c) for c in g.consumers))
-                    for g in self._program(layer).groups]
+            out += [
+                replace(g, input=named(g.input), prev=module(g.prev), consumers=tuple(module(c) for c in g.consumers))
+                for g in self._program(layer).groups
+            ]
         return out
 
     def state_dict(self) -> "LazyStateDict":
         """The float parameters by module path, each read (as float32) only when it is looked up."""
         return LazyStateDict(self.checkpoint)
 
-    def observe(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
-                state_dict: dict | None = None, desc: str = "calibrate") -> None:
+    def observe(
+        self,
+        windows: torch.Tensor,
+        observers: dict[str, Observer],
+        batch_size: int,
+        state_dict: dict | None = None,
+        desc: str = "calibrate",
+    ) -> None:
         """Run ``windows [N, W]`` through the layers one at a time, feeding each site's q/k/v (and each Linear's input)
         to the observer keyed by it."""
         if state_dict is not None:
-            raise QpassError("--layerwise: a whole-model smoothed state dict cannot be streamed; smoothing layer-wise goes "
-                             "through calibrate_by_layer")
+            raise QpassError(
+                "--layerwise: a whole-model smoothed state dict cannot be streamed; smoothing layer-wise goes "
+                "through calibrate_by_layer"
+            )
         for _ in self.observe_layers(windows, observers, batch_size, desc):
             pass
 
-    def observe_layers(self, windows: torch.Tensor, observers: dict[str, Observer], batch_size: int,
-                       desc: str = "calibrate", smooth=None) -> Iterator[int]:
+    def observe_layers(
+        self,
+        windows: torch.Tensor,
+        observers: dict[str, Observer],
+        batch_size: int,
+        desc: str = "calibrate",
+        smooth=None,
+    ) -> Iterator[int]:
         """:meth:`observe`, yielding each layer's index once its observers have seen every window (for
         :func:`qpass.core.calibrate.calibrate_by_layer`, which then drops them).
 
@@ -402,7 +475,9 @@ class LayerwiseFrontend:
                 for b in range(_count(windows, batch_size)):
                     hidden.put(FLOAT_STREAM, b, hidden.tensor(STREAM, b).clone())
             self.spilled = hidden.directory
-            for site in tqdm(self.attention_sites(), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
+            for site in tqdm(
+                self.attention_sites(), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None
+            ):
                 program = self._program(site.layer)
                 program.load(self.checkpoint, site.layer)
                 try:
@@ -424,8 +499,15 @@ class LayerwiseFrontend:
                 self.spilled = hidden.directory
                 yield site.layer
 
-    def window_nll(self, recipe: Recipe | None, windows: torch.Tensor, batch_size: int, desc: str = "eval",
-                   counters: dict | None = None, program=None) -> torch.Tensor:
+    def window_nll(
+        self,
+        recipe: Recipe | None,
+        windows: torch.Tensor,
+        batch_size: int,
+        desc: str = "eval",
+        counters: dict | None = None,
+        program=None,
+    ) -> torch.Tensor:
         """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``, as
         :func:`qpass.core.evaluate.window_nll` gives it) for the float model (``recipe`` None) or the model quantized
         as ``recipe`` says, run one decoder layer at a time over every window: each layer's weights are read once,
@@ -437,7 +519,9 @@ class LayerwiseFrontend:
 
         with Spill(hidden_budget(self.hidden_budget)) as hidden:
             self._embed(windows, hidden, batch_size)
-            for layer in tqdm(range(self.num_layers), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None):
+            for layer in tqdm(
+                range(self.num_layers), desc=f"{desc} (layer-wise)", unit="layer", leave=False, disable=None
+            ):
                 program = self._program(layer)
                 program.load(self.checkpoint, layer)
                 try:
@@ -468,8 +552,10 @@ class LayerwiseFrontend:
             with torch.no_grad():
                 norm.weight.copy_(self.checkpoint.read([NORM])[NORM].float())
                 head = self.checkpoint.read([head_name])[head_name].float()
-                out = [batch_nll(torch.nn.functional.linear(norm(hidden.tensor(STREAM, b)), head), batch)
-                       for b, batch in enumerate(windows.split(batch_size))]
+                out = [
+                    batch_nll(torch.nn.functional.linear(norm(hidden.tensor(STREAM, b)), head), batch)
+                    for b, batch in enumerate(windows.split(batch_size))
+                ]
         finally:
             self._norm = norm.to(device="meta")
         return torch.cat(out)
@@ -512,9 +598,9 @@ class LayerwiseFrontend:
         return {}
 
 
-
-def _run(program: _LayerProgram, layer: int, observers: dict[str, Observer], hidden: Spill, stream: str,
-         advance: bool) -> None:
+def _run(
+    program: _LayerProgram, layer: int, observers: dict[str, Observer], hidden: Spill, stream: str, advance: bool
+) -> None:
     """Every batch of ``hidden``'s ``stream`` through ``program`` (layer ``layer``'s weights loaded), feeding the
     observers keyed ``layers.<layer>.<value>``; ``advance`` puts the outputs in their place (the next layer's inputs)."""
     for value, tap in program.taps.items():
@@ -539,25 +625,40 @@ def layer_recipe(recipe, layer: int, site: AttentionSite):
     def to_capture(name: str) -> str:
         return CAPTURE_PREFIX + name.removeprefix(ours)
 
-    tensors = {site_key(site.layer, kind, part): t for kind in SITE_KINDS for part in ("scale", "offset")
-               if (t := recipe.tensors.get(site_key(layer, kind, part))) is not None}
-    groups = [{**g, "prev": to_capture(g["prev"]), "consumers": [to_capture(c) for c in g["consumers"]]}
-              for g in recipe.smoothing if g["prev"].startswith(ours)]
+    tensors = {
+        site_key(site.layer, kind, part): t
+        for kind in SITE_KINDS
+        for part in ("scale", "offset")
+        if (t := recipe.tensors.get(site_key(layer, kind, part))) is not None
+    }
+    groups = [
+        {**g, "prev": to_capture(g["prev"]), "consumers": [to_capture(c) for c in g["consumers"]]}
+        for g in recipe.smoothing
+        if g["prev"].startswith(ours)
+    ]
     tensors.update({g["scale"]: recipe.tensors[g["scale"]] for g in groups})
-    for module in {m for m in (k.removeprefix("w8a8.").rsplit(".input_", 1)[0] for k in recipe.tensors if k.startswith("w8a8."))
-                   if m.startswith(ours)}:
+    for module in {
+        m
+        for m in (k.removeprefix("w8a8.").rsplit(".input_", 1)[0] for k in recipe.tensors if k.startswith("w8a8."))
+        if m.startswith(ours)
+    }:
         for part in ("scale", "offset"):
             tensors[linear_key(to_capture(module), part)] = recipe.tensors[linear_key(module, part)]
     w8a8 = dict(recipe.w8a8)
     if w8a8:
-        w8a8.update(smooth=groups, float_linears={to_capture(m): why for m, why in recipe.float_linears.items() if m.startswith(ours)})
+        w8a8.update(
+            smooth=groups,
+            float_linears={to_capture(m): why for m, why in recipe.float_linears.items() if m.startswith(ours)},
+        )
     return Recipe(recipe.config, geometry([site]), tensors, {}, w8a8)
 
 
 def _module_path(layer: int):
     """``layers.0.self_attn...`` (the capture's module paths) -> ``model.layers.<layer>.self_attn...``."""
+
     def module(name: str) -> str:
         return layer_prefix(layer) + name.removeprefix(CAPTURE_PREFIX) if name.startswith(CAPTURE_PREFIX) else name
+
     return module
 
 

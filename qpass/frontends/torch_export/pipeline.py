@@ -29,17 +29,23 @@ from qpass.passes.fx.fuse_quantized_attention import FuseQuantizedAttentionPass,
 from qpass.passes.fx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.fx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 from qpass.passes.fx.insert_w8a8 import InsertW8A8Pass
-from qpass.passes.fx.lower_paged_attention import CACHE_WRITE_DYNAMIC, PAGING_INPUTS, LowerPagedAttentionPass, verify_lowered
+from qpass.passes.fx.lower_paged_attention import (
+    CACHE_WRITE_DYNAMIC,
+    PAGING_INPUTS,
+    LowerPagedAttentionPass,
+    verify_lowered,
+)
 from qpass.passes.fx.verify import verify_graph
-from qpass.runtime.paged_checks import BLOCK_SIZES, HEAD_DIMS
 from qpass.runtime.paged_cache import allocate_kv_cache, allocate_kv_scale_cache
+from qpass.runtime.paged_checks import BLOCK_SIZES, HEAD_DIMS
 
 BLOCK_SIZE = 16
 MAX_CONTEXT = 2048  # the lowered program is checked causal, and accepts contexts, up to this many tokens
 
 
-def quantize_passes(program: ExportedProgram, sites: list[AttentionSite], recipe: Recipe,
-                    state_dict: dict[str, torch.Tensor]) -> list:
+def quantize_passes(
+    program: ExportedProgram, sites: list[AttentionSite], recipe: Recipe, state_dict: dict[str, torch.Tensor]
+) -> list:
     """Passes 1-3 as ``recipe.config`` asks, in order. FAQuant first, then C8: C8 inserts right after K/V,
     so the graph reads cache write -> attention read (quantize for the cache, then FAQuant's quantize of
     what attention reads from it). W8A8 last: it replaces the Linears (whose outputs the Q/DQ above may
@@ -62,8 +68,9 @@ def lower_passes(sites: list[AttentionSite], max_context: int) -> list:
     return [FuseQuantizedAttentionPass(sites, max_context), LowerPagedAttentionPass()]
 
 
-def quantize_program(program: ExportedProgram, sites: list[AttentionSite], recipe: Recipe,
-                     verify: bool = True) -> tuple[ExportedProgram, dict[str, int]]:
+def quantize_program(
+    program: ExportedProgram, sites: list[AttentionSite], recipe: Recipe, verify: bool = True
+) -> tuple[ExportedProgram, dict[str, int]]:
     """The program with Q/DQ and W8A8 Linears as ``recipe.config`` asks; ``program`` itself is not changed.
 
     Returns the new program and each pass's count (Q/DQ pairs or W8A8 Linears inserted).
@@ -76,8 +83,10 @@ def quantize_program(program: ExportedProgram, sites: list[AttentionSite], recip
     counts = run_passes(gm, passes, verify_graph if verify else None)
     for name, count in counts.items():
         if count == 0 and not (name == InsertW8A8Pass.__name__ and recipe.float_linears):
-            raise QpassError(f"{name} inserted nothing although the config asks for it; "
-                             "the attention sites or Linears were not found in this graph")
+            raise QpassError(
+                f"{name} inserted nothing although the config asks for it; "
+                "the attention sites or Linears were not found in this graph"
+            )
     return rebuild(program, gm, state_dict), counts
 
 
@@ -101,14 +110,21 @@ def smoothed_state_dict(program: ExportedProgram, recipe: Recipe) -> dict[str, t
     hf = {k.removeprefix(WRAPPER_PREFIX): v for k, v in program.state_dict.items()}
     missing = sorted({n for g in groups for n in [g["prev"], *g["consumers"]] if f"{n}.weight" not in hf})
     if missing:
-        raise QpassError(f"recipe: smoothing names {missing[:3]} which this model does not have; calibrate this model instead")
+        raise QpassError(
+            f"recipe: smoothing names {missing[:3]} which this model does not have; calibrate this model instead"
+        )
     smoothed = apply_smoothing(hf, groups, recipe.tensors)
-    return {WRAPPER_PREFIX + k: torch.nn.Parameter(v, requires_grad=False) if isinstance(hf[k], torch.nn.Parameter)
-            and v is not hf[k] else v for k, v in smoothed.items()}
+    return {
+        WRAPPER_PREFIX + k: torch.nn.Parameter(v, requires_grad=False)
+        if isinstance(hf[k], torch.nn.Parameter) and v is not hf[k]
+        else v
+        for k, v in smoothed.items()
+    }
 
 
-def lower_program(program: ExportedProgram, block_size: int = BLOCK_SIZE, max_context: int = MAX_CONTEXT,
-                  verify: bool = True) -> ExportedProgram:
+def lower_program(
+    program: ExportedProgram, block_size: int = BLOCK_SIZE, max_context: int = MAX_CONTEXT, verify: bool = True
+) -> ExportedProgram:
     """Lower a quantized decoder program (``(input_ids, position_ids) -> logits``) to the paged int8 ops.
 
     Runs passes 4-5 on the unlifted graph and re-exports it, so that the cache writes become input
@@ -124,8 +140,10 @@ def lower_program(program: ExportedProgram, block_size: int = BLOCK_SIZE, max_co
     sites = find_attention_sites(gm.graph)
     bad = next((s for s in sites if s.head_dim not in HEAD_DIMS), None)
     if bad is not None:
-        raise QpassError(f"attention {bad.attention}: head_dim={bad.head_dim} is not supported by the paged ops "
-                         f"(supported: {HEAD_DIMS}); keep the unlowered program for this model")
+        raise QpassError(
+            f"attention {bad.attention}: head_dim={bad.head_dim} is not supported by the paged ops "
+            f"(supported: {HEAD_DIMS}); keep the unlowered program for this model"
+        )
     fuse, lower = lower_passes(sites, max_context)
     # verify_graph reads constants as attributes of the root module, which unlifted graphs nest: the
     # stages have their own check, and the lowered graph its final one.
@@ -133,19 +151,29 @@ def lower_program(program: ExportedProgram, block_size: int = BLOCK_SIZE, max_co
     if verify:
         verify_lowered(gm, len(sites))
     if fuse.count != len(sites) or lower.count != len(sites):
-        raise QpassError(f"lowering rewrote {fuse.count} and {lower.count} of {len(sites)} attention sites; please report this model")
+        raise QpassError(
+            f"lowering rewrote {fuse.count} and {lower.count} of {len(sites)} attention sites; please report this model"
+        )
     seq = Dim("seq", min=1, max=max_context)
     blocks, width = Dim("num_blocks", min=1), Dim("max_blocks", min=1, max=max(2, -(-max_context // block_size)))
     dynamic = bool(gm.graph.find_nodes(op="call_function", target=CACHE_WRITE_DYNAMIC))
     caches = [layer_caches(4, block_size, s.num_kv_heads, s.head_dim, dynamic) for s in sites]
-    example = decoder_inputs(torch.zeros(1, 4, dtype=torch.long), torch.arange(4)[None], caches,
-                             torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([4], dtype=torch.int32),
-                             torch.arange(4), torch.tensor([0, 4], dtype=torch.int32))
+    example = decoder_inputs(
+        torch.zeros(1, 4, dtype=torch.long),
+        torch.arange(4)[None],
+        caches,
+        torch.tensor([[0, 1]], dtype=torch.int32),
+        torch.tensor([4], dtype=torch.int32),
+        torch.arange(4),
+        torch.tensor([0, 4], dtype=torch.int32),
+    )
     cache_dims = [{0: blocks}] * sum(len(c) for c in caches)
     dynamic = ({1: seq}, {1: seq}, *cache_dims, {1: width}, None, {0: seq}, None)
     with torch.no_grad():
         lowered = torch.export.export(gm, example, dynamic_shapes=dynamic, strict=False)
-    for node in lowered.graph.nodes:  # the re-export's provenance names the earlier graphs by id(): other bytes each run
+    for (
+        node
+    ) in lowered.graph.nodes:  # the re-export's provenance names the earlier graphs by id(): other bytes each run
         node.meta.pop("from_node", None)
     return lowered
 
@@ -161,8 +189,15 @@ def decoder_inputs(input_ids, position_ids, caches, block_tables, context_lens, 
     """The lowered decoder's positional inputs, in order (see :func:`lower_program`); ``caches``: each layer's
     :func:`layer_caches`."""
     assert len(PAGING_INPUTS) == 4
-    return (input_ids, position_ids, *(t for layer in caches for t in layer), block_tables, context_lens, slot_mapping,
-            query_start_loc)
+    return (
+        input_ids,
+        position_ids,
+        *(t for layer in caches for t in layer),
+        block_tables,
+        context_lens,
+        slot_mapping,
+        query_start_loc,
+    )
 
 
 def unlift_decoder(program: ExportedProgram) -> GraphModule:

@@ -13,7 +13,9 @@ def graph_copy(program: ExportedProgram) -> GraphModule:
     return GraphModule(program.graph_module, copy.deepcopy(program.graph))
 
 
-def rebuild(program: ExportedProgram, gm: GraphModule, state_dict: dict[str, torch.Tensor] | None = None) -> ExportedProgram:
+def rebuild(
+    program: ExportedProgram, gm: GraphModule, state_dict: dict[str, torch.Tensor] | None = None
+) -> ExportedProgram:
     """``program`` with ``gm``'s graph (and ``state_dict``, when passes changed parameter values).
 
     Tensors that passes attached to ``gm`` become lifted constants: ``torch.export``'s own lift pass

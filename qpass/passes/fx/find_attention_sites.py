@@ -54,10 +54,21 @@ def _make_site(layer, match, param_names) -> AttentionSite:
     q_from, k_from = _projection_param(q_cone, param_names), _projection_param(k_cone, param_names)
     v_from = _projection_param(_cone(v_src), param_names)
     return AttentionSite(
-        layer=layer, attention=attention.name, form=match.spelling, q=q_src.name, k=k_src.name, v=v_src.name,
-        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        rope=_has_rope(q_cone) and _has_rope(k_cone), qk_norm=_has_norm(q_cone) and _has_norm(k_cone),
-        q_from=q_from, k_from=k_from, v_from=v_from, prefix=module_prefix(q_from, k_from, v_from),
+        layer=layer,
+        attention=attention.name,
+        form=match.spelling,
+        q=q_src.name,
+        k=k_src.name,
+        v=v_src.name,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rope=_has_rope(q_cone) and _has_rope(k_cone),
+        qk_norm=_has_norm(q_cone) and _has_norm(k_cone),
+        q_from=q_from,
+        k_from=k_from,
+        v_from=v_from,
+        prefix=module_prefix(q_from, k_from, v_from),
     )
 
 

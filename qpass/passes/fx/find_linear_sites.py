@@ -33,8 +33,17 @@ def find_linear_sites(graph: Graph, param_names: dict[str, str]) -> list[LinearS
         if b is not None and (b.op != "placeholder" or b.name not in param_names):
             continue
         out_features, in_features = w.meta["val"].shape
-        sites.append(LinearSite(node.name, x.name, w.name, b.name if b is not None else None,
-                                param_names[w.name].removesuffix(".weight"), int(in_features), int(out_features)))
+        sites.append(
+            LinearSite(
+                node.name,
+                x.name,
+                w.name,
+                b.name if b is not None else None,
+                param_names[w.name].removesuffix(".weight"),
+                int(in_features),
+                int(out_features),
+            )
+        )
     return sites
 
 
@@ -67,8 +76,11 @@ def find_smoothing_groups(graph: Graph, sites: list[LinearSite], param_names: di
         group = channels // prev.out_features
         if group > 1 and head_dim is None:
             continue  # channels repeat, but not through attention's per-head repeat: layout unknown
-        groups.append(SmoothGroup(input_name, prev.module, "linear", names, prev.out_features, group,
-                                  head_dim if group > 1 else None))
+        groups.append(
+            SmoothGroup(
+                input_name, prev.module, "linear", names, prev.out_features, group, head_dim if group > 1 else None
+            )
+        )
     return groups
 
 
@@ -90,8 +102,14 @@ def _norm_weight(x: Node, param_names: dict[str, str], channels: int) -> str | N
     if x.target is not aten.mul.Tensor:
         return None
     for a, b in (x.args, x.args[::-1]):
-        if (isinstance(a, Node) and a.op == "placeholder" and a.name in param_names and isinstance(b, Node)
-                and tuple(a.meta["val"].shape) == (channels,) and _normalized(b)):
+        if (
+            isinstance(a, Node)
+            and a.op == "placeholder"
+            and a.name in param_names
+            and isinstance(b, Node)
+            and tuple(a.meta["val"].shape) == (channels,)
+            and _normalized(b)
+        ):
             return param_names[a.name]
     return None
 

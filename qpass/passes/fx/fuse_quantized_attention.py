@@ -59,10 +59,17 @@ class FuseQuantizedAttentionPass(CountingPass):
             output = plan["output"]
             with graph.inserting_before(output):
                 if plan["dynamic"]:
-                    fused = graph.call_function(INT8_KV_ATTENTION_DYNAMIC, (plan["q"], plan["k"], plan["v"], float(plan["scale"])))
+                    fused = graph.call_function(
+                        INT8_KV_ATTENTION_DYNAMIC, (plan["q"], plan["k"], plan["v"], float(plan["scale"]))
+                    )
                 else:
-                    scales = [graph.call_function(per_channel, (plan[n],)) for n in ("k_scale", "k_offset", "v_scale", "v_offset")]
-                    fused = graph.call_function(INT8_KV_ATTENTION, (plan["q"], plan["k"], plan["v"], *scales, float(plan["scale"])))
+                    scales = [
+                        graph.call_function(per_channel, (plan[n],))
+                        for n in ("k_scale", "k_offset", "v_scale", "v_offset")
+                    ]
+                    fused = graph.call_function(
+                        INT8_KV_ATTENTION, (plan["q"], plan["k"], plan["v"], *scales, float(plan["scale"]))
+                    )
             fused.meta["nn_module_stack"] = dict(output.meta.get("nn_module_stack", {}))
             output.replace_all_uses_with(fused)
         erase_dead(graph)
@@ -91,8 +98,10 @@ def _plan(site: AttentionSite, nodes: dict[str, Node]) -> dict:
     plan = {"q": nodes[site.q], "attention": attention, "where": f"attention {attention.name} (layer {site.layer})"}
     forms = {nodes[getattr(site, kind)].target is FAKE_QUANT_DYNAMIC for kind in ("k", "v")}
     if len(forms) > 1:
-        raise QpassError(f"{plan['where']}: one of K and V has the dynamic cache's fake quant and the other not; "
-                         "quantize both with one --kv-int8 form")
+        raise QpassError(
+            f"{plan['where']}: one of K and V has the dynamic cache's fake quant and the other not; "
+            "quantize both with one --kv-int8 form"
+        )
     plan["dynamic"] = forms == {True}
     for kind in ("k", "v"):
         dq = nodes[getattr(site, kind)]
@@ -112,7 +121,7 @@ def _plan(site: AttentionSite, nodes: dict[str, Node]) -> dict:
         args.update(attention.kwargs)
         if args.get("dropout_p", 0.0) != 0.0:
             raise QpassError(f"{plan['where']}: dropout_p={args['dropout_p']}; export the model in eval mode")
-        plan["scale"] = args.get("scale") or site.head_dim ** -0.5
+        plan["scale"] = args.get("scale") or site.head_dim**-0.5
         plan["mask"], plan["is_causal"], plan["output"] = args.get("attn_mask"), bool(args.get("is_causal")), attention
     else:
         plan["scale"], plan["mask"] = _score_glue(attention)
@@ -123,14 +132,18 @@ def _plan(site: AttentionSite, nodes: dict[str, Node]) -> dict:
 def _score_glue(softmax: Node) -> tuple[float, Node | None]:
     """Softmax scale and additive mask of ``softmax(mask + scores * c)`` (any order of mul/div/add/casts)."""
     if softmax.args[1] not in (-1, 3):
-        raise QpassError(f"attention {softmax.name}: softmax over dim {softmax.args[1]}; the paged op needs it over the keys (-1)")
+        raise QpassError(
+            f"attention {softmax.name}: softmax over dim {softmax.args[1]}; the paged op needs it over the keys (-1)"
+        )
     scale, mask, node = 1.0, None, softmax.args[0]
     while node.target not in MATMUL:
         path = next(a for a in node.args if isinstance(a, Node) and len(a.meta["val"].shape) == 4)
         other = [a for a in node.args[:2] if a is not path]
         if node.target in SCORE_CASTS:
             pass
-        elif node.target in (aten.mul.Tensor, aten.div.Tensor) and len(other) == 1 and isinstance(other[0], (int, float)):
+        elif (
+            node.target in (aten.mul.Tensor, aten.div.Tensor) and len(other) == 1 and isinstance(other[0], (int, float))
+        ):
             scale = scale * other[0] if node.target is aten.mul.Tensor else scale / other[0]
         elif node.target is aten.add.Tensor and mask is None and len(other) == 1 and isinstance(other[0], Node):
             mask = other[0]
@@ -157,7 +170,9 @@ def _check_causal(gm: GraphModule, plans: list[dict], max_context: int) -> None:
         mask = values[plan["mask"]]
         keep = mask if mask.dtype == torch.bool else mask == 0
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask < -1e30) | mask.isneginf()).all()):
-            raise QpassError(f"{name}: its mask adds biases other than 0 and -inf (ALiBi?); the paged op cannot apply them")
+            raise QpassError(
+                f"{name}: its mask adds biases other than 0 and -inf (ALiBi?); the paged op cannot apply them"
+            )
         keep = keep.reshape(-1, *keep.shape[-2:])
         if plan["is_causal"] or keep.shape[-2:] != causal.shape or not bool((keep == causal).all()):
             raise QpassError(
@@ -190,7 +205,10 @@ def _evaluate(gm: GraphModule, outputs: list[Node], length: int) -> list[torch.T
 def erase_dead(graph: Graph) -> None:
     """Remove what a rewrite left unused: old attention, its mask computation, and the metadata
     asserts on them (which ``eliminate_dead_code`` keeps alive as side effects)."""
-    live, stack = set(), [n for n in graph.nodes if n.op == "output" or (n.is_impure(impure_random=False) and n.target not in CHECKS)]
+    live, stack = (
+        set(),
+        [n for n in graph.nodes if n.op == "output" or (n.is_impure(impure_random=False) and n.target not in CHECKS)],
+    )
     while stack:
         node = stack.pop()
         if node not in live:

@@ -22,7 +22,6 @@ from qpass.passes.fx.patterns import W8A8_LINEAR
 from qpass.runtime.w8a8 import w8a8_weights
 
 
-
 class InsertW8A8Pass(CountingPass):
     """Rewrite every linear site the recipe quantizes (all but ``w8a8.float_linears``). In place.
 
@@ -46,8 +45,10 @@ class InsertW8A8Pass(CountingPass):
                 continue
             qparams = self.recipe.linear(site.module)
             if qparams is None:
-                raise QpassError(f"recipe: no W8A8 input qparams for {site.module}, and it is not in "
-                                 "w8a8.float_linears; recalibrate this model with --w8a8")
+                raise QpassError(
+                    f"recipe: no W8A8 input qparams for {site.module}, and it is not in "
+                    "w8a8.float_linears; recalibrate this model with --w8a8"
+                )
             in_scale, in_offset = qparams
             bias = self.params[site.bias] if site.bias is not None else None
             w = w8a8_weights(self.params[site.weight], bias, float(in_scale), float(in_offset))
@@ -63,16 +64,30 @@ class InsertW8A8Pass(CountingPass):
     @staticmethod
     def _replace(gm: GraphModule, linear: torch.fx.Node, w, name: str) -> None:
         graph = gm.graph
-        consts = {"input_scale": w.input_scale, "input_offset": w.input_offset, "weight": w.weight,
-                  "quant_bias": w.quant_bias, "deq_scale": w.deq_scale}
+        consts = {
+            "input_scale": w.input_scale,
+            "input_offset": w.input_offset,
+            "weight": w.weight,
+            "quant_bias": w.quant_bias,
+            "deq_scale": w.deq_scale,
+        }
         getters = {}
         for key, value in consts.items():
             gm.register_buffer(f"{name}_{key}", value.clone(memory_format=torch.contiguous_format))
             with graph.inserting_before(linear):
                 getters[key] = graph.get_attr(f"{name}_{key}")
         with graph.inserting_before(linear):
-            new = graph.call_function(W8A8_LINEAR, (linear.args[0], getters["input_scale"], getters["input_offset"],
-                                                    getters["weight"], getters["quant_bias"], getters["deq_scale"]))
+            new = graph.call_function(
+                W8A8_LINEAR,
+                (
+                    linear.args[0],
+                    getters["input_scale"],
+                    getters["input_offset"],
+                    getters["weight"],
+                    getters["quant_bias"],
+                    getters["deq_scale"],
+                ),
+            )
         new.meta = dict(linear.meta)  # same output value: [..., n] in x's dtype
         for g in getters.values():
             g.meta["nn_module_stack"] = dict(linear.meta.get("nn_module_stack", {}))

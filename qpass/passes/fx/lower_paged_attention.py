@@ -73,12 +73,16 @@ def verify_lowered(gm: GraphModule, num_sites: int) -> None:
     writes = [n for n in graph.nodes if n.target in (CACHE_WRITE, CACHE_WRITE_DYNAMIC)]
     reads = [n for n in graph.nodes if n.target in (PAGED_ATTENTION, PAGED_ATTENTION_DYNAMIC)]
     if left or len(writes) != num_sites or len(reads) != num_sites:
-        raise AssertionError(f"lowering left attention {left}, {len(writes)} cache writes and {len(reads)} paged "
-                             f"attentions for {num_sites} sites")
+        raise AssertionError(
+            f"lowering left attention {left}, {len(writes)} cache writes and {len(reads)} paged "
+            f"attentions for {num_sites} sites"
+        )
     for write, read in zip(writes, reads):
         dynamic = write.target is CACHE_WRITE_DYNAMIC
         if write.args[2:4] != read.args[1:3] or any(a.op != "placeholder" for a in write.args[2:5]):
-            raise AssertionError(f"{read.name} does not read the caches that {write.name} writes, or they are not inputs")
+            raise AssertionError(
+                f"{read.name} does not read the caches that {write.name} writes, or they are not inputs"
+            )
         if write.args[5:] != read.args[6:-1] or dynamic != (read.target is PAGED_ATTENTION_DYNAMIC):
             raise AssertionError(f"{read.name} reads the cache with other scales than {write.name} wrote it with")
         if dynamic:
@@ -116,8 +120,19 @@ def _rewrite(graph: Graph, layer: int, node: Node, inputs: dict[str, Node]) -> N
         key, value = graph.call_function(_to_tokens, (k,)), graph.call_function(_to_tokens, (v,))
         graph.call_function(write, (key, value, key_cache, value_cache, inputs["slot_mapping"], *scales))
         query = graph.call_function(_to_tokens, (q,))
-        out = graph.call_function(read, (query, key_cache, value_cache, inputs["block_tables"], inputs["context_lens"],
-                                         inputs["query_start_loc"], *scales, softmax_scale))
+        out = graph.call_function(
+            read,
+            (
+                query,
+                key_cache,
+                value_cache,
+                inputs["block_tables"],
+                inputs["context_lens"],
+                inputs["query_start_loc"],
+                *scales,
+                softmax_scale,
+            ),
+        )
         lowered = graph.call_function(_from_tokens, (out,))
     lowered.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
     node.replace_all_uses_with(lowered)

@@ -11,8 +11,8 @@ roles of the match (q, k, v and the node whose value is the attention output):
 Linear spelling (``LINEAR``): ``aten.linear(x, weight, bias?)``.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.fx import Graph, Node
@@ -21,42 +21,82 @@ from qpass.runtime import w8a8  # noqa: F401  (registers torch.ops.qpass.w8a8_li
 
 aten = torch.ops.aten
 
-FUSED_ATTENTION = frozenset({
-    aten.scaled_dot_product_attention.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_flash_attention.default,
-})
+FUSED_ATTENTION = frozenset(
+    {
+        aten.scaled_dot_product_attention.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_flash_attention.default,
+    }
+)
 SOFTMAX = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
 MATMUL = frozenset({aten.matmul.default, aten.bmm.default})
-SCORE_GLUE = frozenset({aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.to.dtype, aten._to_copy.default,
-                        aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.tanh.default})
-PROB_GLUE = frozenset({aten.to.dtype, aten._to_copy.default, aten.dropout.default, aten.clone.default, aten.alias.default})
+SCORE_GLUE = frozenset(
+    {
+        aten.mul.Tensor,
+        aten.div.Tensor,
+        aten.add.Tensor,
+        aten.to.dtype,
+        aten._to_copy.default,
+        aten.where.self,
+        aten.masked_fill.Scalar,
+        aten.masked_fill.Tensor,
+        aten.tanh.default,
+    }
+)
+PROB_GLUE = frozenset(
+    {aten.to.dtype, aten._to_copy.default, aten.dropout.default, aten.clone.default, aten.alias.default}
+)
 TRANSPOSE = frozenset({aten.transpose.int})
 CHECKS = frozenset({aten._assert_tensor_metadata.default})  # consume a value without using it
 # Ops that only move, repeat or relabel values: GQA's repeat_kv (unsqueeze/slice -> expand -> reshape)
 # and layout glue between the projection's head split and the attention op.
-REPEAT_GLUE = frozenset({aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default,
-                         aten._unsafe_view.default, aten.slice.Tensor, aten.alias.default, aten.clone.default,
-                         aten.contiguous.default})
+REPEAT_GLUE = frozenset(
+    {
+        aten.unsqueeze.default,
+        aten.expand.default,
+        aten.reshape.default,
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.slice.Tensor,
+        aten.alias.default,
+        aten.clone.default,
+        aten.contiguous.default,
+    }
+)
 # Ops that relabel or move values without mixing channels of the last dim across positions.
-LAYOUT = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-                    aten.permute.default, aten.expand.default, aten.unsqueeze.default, aten.clone.default,
-                    aten.contiguous.default, aten.alias.default, aten.to.dtype, aten._to_copy.default})
+LAYOUT = frozenset(
+    {
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.transpose.int,
+        aten.permute.default,
+        aten.expand.default,
+        aten.unsqueeze.default,
+        aten.clone.default,
+        aten.contiguous.default,
+        aten.alias.default,
+        aten.to.dtype,
+        aten._to_copy.default,
+    }
+)
 LINEAR = aten.linear.default
 W8A8_LINEAR = torch.ops.qpass.w8a8_linear.default
 # Where the backward walk from Q/K to its projection stops (an int8 Linear of a W8A8 model too).
-PROJECTION = frozenset({LINEAR, W8A8_LINEAR, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default})
+PROJECTION = frozenset(
+    {LINEAR, W8A8_LINEAR, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default}
+)
 
 
 @dataclass(frozen=True)
 class AttentionMatch:
     spelling: str
-    anchor: Node   # the fused op, or the softmax
-    q: Node        # [B, H, S, D] as attention reads them (K/V after any GQA repeat)
+    anchor: Node  # the fused op, or the softmax
+    q: Node  # [B, H, S, D] as attention reads them (K/V after any GQA repeat)
     k: Node
     v: Node
-    output: Node   # the attention output [B, H, S, D]: the fused op, or matmul(p, v)
+    output: Node  # the attention output [B, H, S, D]: the fused op, or matmul(p, v)
 
 
 def _match_fused(node: Node) -> AttentionMatch | None:

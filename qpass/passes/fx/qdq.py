@@ -73,6 +73,11 @@ def insert_site_qdq(gm: GraphModule, sites, recipe, kinds: tuple[str, ...], pref
         for kind in kinds:
             heads = site.num_heads if kind == "q" else site.num_kv_heads
             scale, offset = recipe.get(site.layer, f"{prefix}_{kind}")
-            insert_qdq(gm, nodes[getattr(site, kind)], per_head(scale, heads, site.head_dim),
-                       per_head(offset, heads, site.head_dim), f"qpass_{prefix}_{kind}_{site.layer}")
+            insert_qdq(
+                gm,
+                nodes[getattr(site, kind)],
+                per_head(scale, heads, site.head_dim),
+                per_head(offset, heads, site.head_dim),
+                f"qpass_{prefix}_{kind}_{site.layer}",
+            )
     return len(sites) * len(kinds)

@@ -52,7 +52,9 @@ ATTENTION_PATTERNS = {
 }
 
 
-def find_attention_sites(model: ir.Model, tracer: pattern.MatchingTracer | None = None) -> list[tuple[AttentionSite, CacheIO | None]]:
+def find_attention_sites(
+    model: ir.Model, tracer: pattern.MatchingTracer | None = None
+) -> list[tuple[AttentionSite, CacheIO | None]]:
     """Every attention of ``model``'s main graph in execution order, with its KV cache I/O (None when the graph
     has none). ``tracer`` (onnxscript's ``MatchingTracer``) records the closest misses, to explain a graph
     where nothing matched."""
@@ -69,27 +71,47 @@ def find_attention_sites(model: ir.Model, tracer: pattern.MatchingTracer | None 
     return found
 
 
-def _site(layer: int, node: ir.Node, form: str, q: ir.Value, k: ir.Value, v: ir.Value,
-          graph_inputs: set, graph_outputs: set) -> tuple[AttentionSite, CacheIO | None]:
+def _site(
+    layer: int, node: ir.Node, form: str, q: ir.Value, k: ir.Value, v: ir.Value, graph_inputs: set, graph_outputs: set
+) -> tuple[AttentionSite, CacheIO | None]:
     where = f"attention {layer} ({node.name or node.outputs[0].name})"
     k_new, k_concat = _before_repeat(k, graph_inputs, graph_outputs)
     v_new, v_concat = _before_repeat(v, graph_inputs, graph_outputs)
     cache = None
     if k_concat is not None and v_concat is not None:
-        cache = CacheIO(k_concat.inputs[0].name, v_concat.inputs[0].name, k_concat.outputs[0].name, v_concat.outputs[0].name)
+        cache = CacheIO(
+            k_concat.inputs[0].name, v_concat.inputs[0].name, k_concat.outputs[0].name, v_concat.outputs[0].name
+        )
         kv_shape = k_concat.inputs[0].shape
     else:
         kv_shape = k_new.shape
     if q.shape is None or len(q.shape) != 4 or kv_shape is None or len(kv_shape) != 4:
-        raise QpassError(f"{where}: q and k must be 4-D [batch, heads, seq, head_dim] with known shapes (q {q.shape}, k {kv_shape}); "
-                         "export the model with 4-D attention inputs")
+        raise QpassError(
+            f"{where}: q and k must be 4-D [batch, heads, seq, head_dim] with known shapes (q {q.shape}, k {kv_shape}); "
+            "export the model with 4-D attention inputs"
+        )
     heads, head_dim, kv_heads = q.shape[1], q.shape[3], kv_shape[1]
     if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)) or kv_shape[3] != head_dim or heads % kv_heads:
-        raise QpassError(f"{where}: cannot read static head counts from q {q.shape} and the cache {kv_shape}; "
-                         "export with static head counts")
-    site = AttentionSite(layer=layer, attention=node.outputs[0].name, form=form, q=q.name, k=k_new.name, v=v_new.name,
-                         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope=_has_rope(q), qk_norm=False,
-                         q_from="?", k_from="?", v_from="?")
+        raise QpassError(
+            f"{where}: cannot read static head counts from q {q.shape} and the cache {kv_shape}; "
+            "export with static head counts"
+        )
+    site = AttentionSite(
+        layer=layer,
+        attention=node.outputs[0].name,
+        form=form,
+        q=q.name,
+        k=k_new.name,
+        v=v_new.name,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rope=_has_rope(q),
+        qk_norm=False,
+        q_from="?",
+        k_from="?",
+        v_from="?",
+    )
     return site, cache
 
 
@@ -107,10 +129,16 @@ def _before_repeat(value: ir.Value, graph_inputs: set, graph_outputs: set) -> tu
     Concat)`` when it reaches ``Concat(past graph input, new)`` whose output is a graph output; otherwise
     ``(the first value that is not a layout change, None)``."""
     while (producer := value.producer()) is not None:
-        if producer.op_type == "Concat" and len(producer.inputs) == 2 and producer.inputs[0] in graph_inputs \
-                and producer.outputs[0] in graph_outputs:
+        if (
+            producer.op_type == "Concat"
+            and len(producer.inputs) == 2
+            and producer.inputs[0] in graph_inputs
+            and producer.outputs[0] in graph_outputs
+        ):
             return producer.inputs[1], producer
-        if producer.op_type in LAYOUT_OPS or (producer.op_type in ("Mul", "Div") and _is_scalar_constant(producer.inputs[1])):
+        if producer.op_type in LAYOUT_OPS or (
+            producer.op_type in ("Mul", "Div") and _is_scalar_constant(producer.inputs[1])
+        ):
             value = producer.inputs[0]
             continue
         break
@@ -131,5 +159,6 @@ def _has_rope(q: ir.Value) -> bool:
         return False
     if producer.op_type == "RotaryEmbedding":
         return True
-    return producer.op_type == "Add" and all(i is not None and i.producer() is not None and i.producer().op_type == "Mul"
-                                             for i in producer.inputs)
+    return producer.op_type == "Add" and all(
+        i is not None and i.producer() is not None and i.producer().op_type == "Mul" for i in producer.inputs
+    )

@@ -75,8 +75,10 @@ def _site(layer: int, node: ir.Node) -> GQASite:
     num_heads = _int_attr(node, "num_heads", name)
     kv_num_heads = _int_attr(node, "kv_num_heads", name)
     if num_heads % kv_num_heads:
-        raise QpassError(f"{name}: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}; "
-                         "this is not a valid GroupQueryAttention node")
+        raise QpassError(
+            f"{name}: num_heads {num_heads} is not a multiple of kv_num_heads {kv_num_heads}; "
+            "this is not a valid GroupQueryAttention node"
+        )
     packed = input_at(node, KEY) is None
     head_dim = _head_dim(node, name, num_heads, kv_num_heads, packed)
     return GQASite(
@@ -109,8 +111,10 @@ def _head_dim(node: ir.Node, name: str, num_heads: int, kv_num_heads: int, packe
         shape = value.shape if value is not None else None
         if shape is not None and len(shape) == 4:
             if isinstance(shape[1], int) and shape[1] != kv_num_heads:
-                raise QpassError(f"{name}: cache input {value.name} has {shape[1]} heads in its shape "
-                                 f"[batch, kv_heads, seq, head_dim] but kv_num_heads={kv_num_heads}")
+                raise QpassError(
+                    f"{name}: cache input {value.name} has {shape[1]} heads in its shape "
+                    f"[batch, kv_heads, seq, head_dim] but kv_num_heads={kv_num_heads}"
+                )
             if isinstance(shape[3], int):
                 candidates[f"cache input {value.name}"] = shape[3]
     query = input_at(node, QUERY)
@@ -118,13 +122,16 @@ def _head_dim(node: ir.Node, name: str, num_heads: int, kv_num_heads: int, packe
     _divided(candidates, query, heads, f"query {query.name if query is not None else ''}")
     _divided(candidates, _output(node, 0), num_heads, "output")
     if not candidates:
-        raise QpassError(f"{name}: head_dim is unknown (no static last dimension on its query, output or "
-                         "cache shapes); run onnx-ir's ShapeInferencePass first or give the cache inputs a static "
-                         "head_dim")
+        raise QpassError(
+            f"{name}: head_dim is unknown (no static last dimension on its query, output or "
+            "cache shapes); run onnx-ir's ShapeInferencePass first or give the cache inputs a static "
+            "head_dim"
+        )
     if len(set(candidates.values())) > 1:
         found = ", ".join(f"{where}: {dim}" for where, dim in candidates.items())
-        raise QpassError(f"{name}: the shapes disagree on head_dim ({found}) for num_heads={num_heads}, "
-                         f"kv_num_heads={kv_num_heads}")
+        raise QpassError(
+            f"{name}: the shapes disagree on head_dim ({found}) for num_heads={num_heads}, kv_num_heads={kv_num_heads}"
+        )
     return next(iter(candidates.values()))
 
 
@@ -161,6 +168,7 @@ def attr_int(node: ir.Node, key: str, default: int) -> int:
 def _int_attr(node: ir.Node, key: str, name: str) -> int:
     value = attr_int(node, key, 0)
     if value <= 0:
-        raise QpassError(f"{name}: attribute {key} is missing or not positive; "
-                         "GroupQueryAttention needs num_heads and kv_num_heads")
+        raise QpassError(
+            f"{name}: attribute {key} is missing or not positive; GroupQueryAttention needs num_heads and kv_num_heads"
+        )
     return value

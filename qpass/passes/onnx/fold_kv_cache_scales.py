@@ -54,7 +54,9 @@ class FoldKVCacheScalesPass(SitePass):
             if None in dequantized:
                 continue
             for name, value in zip((cache.present_key, cache.present_value), dequantized):
-                cast = qdq.node("Cast", [values[name]], onnx_name(site.layer, f"{name}.cast"), ir.AttrInt64("to", ir.DataType.FLOAT))
+                cast = qdq.node(
+                    "Cast", [values[name]], onnx_name(site.layer, f"{name}.cast"), ir.AttrInt64("to", ir.DataType.FLOAT)
+                )
                 graph.insert_after(values[name].producer(), cast)
                 value.replace_all_uses_with(cast.outputs[0])
             tag = partial(onnx_name, site.layer)

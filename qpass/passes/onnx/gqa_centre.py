@@ -60,8 +60,10 @@ class Positions:
     def _build(self, gqa: ir.Node, query: ir.Value, seqlens: ir.Value, total: ir.Value) -> ir.Value:
         tag = f"qpass.gqa.positions.{len(self._positions)}"
         i64 = ir.AttrInt64("to", ir.DataType.INT64)
-        zero, one, axis0, axis1 = (initializer(self.graph, f"{tag}.{n}", np.array(v, dtype=np.int64)) for n, v in
-                                   (("zero", 0), ("one", 1), ("axis0", [0]), ("axis1", [1])))
+        zero, one, axis0, axis1 = (
+            initializer(self.graph, f"{tag}.{n}", np.array(v, dtype=np.int64))
+            for n, v in (("zero", 0), ("one", 1), ("axis0", [0]), ("axis1", [1]))
+        )
         seq = node("Shape", [query], f"{tag}.seq", ir.AttrInt64("start", 1), ir.AttrInt64("end", 2))  # [1]
         seq_scalar = node("Squeeze", [seq.outputs[0], axis0], f"{tag}.seq_scalar")
         steps = node("Range", [zero, seq_scalar.outputs[0], one], f"{tag}.steps")  # [S]: 0 .. S-1
@@ -78,8 +80,9 @@ class Positions:
         return positions.outputs[0]
 
 
-def centre(graph: ir.Graph, gqa: ir.Node, site: GQASite, k_centre: np.ndarray, v_centre: np.ndarray,
-           positions: Positions) -> None:
+def centre(
+    graph: ir.Graph, gqa: ir.Node, site: GQASite, k_centre: np.ndarray, v_centre: np.ndarray, positions: Positions
+) -> None:
     """Rewrite ``gqa``'s inputs to ``k - R(-p) k_centre`` and ``v - v_centre`` and add ``v_centre`` back to its
     output (module docstring). ``k_centre``/``v_centre`` are float32 ``[kv_num_heads * head_dim]``."""
     tag = f"qpass.gqa.{site.layer}.centre"
@@ -98,14 +101,18 @@ def centre(graph: ir.Graph, gqa: ir.Node, site: GQASite, k_centre: np.ndarray, v
     if site.do_rotary:
         cos, sin = input_at(gqa, COS_CACHE), input_at(gqa, SIN_CACHE)
         if cos is None or sin is None:
-            raise QpassError(f"GQA layer {site.layer}: do_rotary is set but cos_cache/sin_cache are not wired; "
-                             "this GroupQueryAttention node cannot run")
+            raise QpassError(
+                f"GQA layer {site.layer}: do_rotary is set but cos_cache/sin_cache are not wired; "
+                "this GroupQueryAttention node cannot run"
+            )
         pos = positions.of(gqa, query)  # the query, packed or not, gives S
         neg_sin = positions.neg_sin(gqa, sin)
         k_shape = node("Shape", [k], f"{tag}.k_shape")
         wide = node("Expand", [k_c, k_shape.outputs[0]], f"{tag}.k_wide")  # [B, S, kv * head_dim]
-        attrs = [ir.AttrInt64("interleaved", attr_int(gqa, "rotary_interleaved", 0)),
-                 ir.AttrInt64("num_heads", site.kv_num_heads)]
+        attrs = [
+            ir.AttrInt64("interleaved", attr_int(gqa, "rotary_interleaved", 0)),
+            ir.AttrInt64("num_heads", site.kv_num_heads),
+        ]
         rotary_dim = _rotary_dim(cos, d)
         if rotary_dim is not None:
             attrs.append(ir.AttrInt64("rotary_embedding_dim", rotary_dim))

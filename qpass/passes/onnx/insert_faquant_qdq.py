@@ -24,8 +24,9 @@ KINDS = ("q", "k", "v")
 class InsertFAQuantQDQPass(SitePass):
     """Insert FAQuant's round trip on each site's ``kinds`` of q, k and v; ``count``: values rewritten."""
 
-    def __init__(self, sites: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe,
-                 kinds: tuple[str, ...] = KINDS):
+    def __init__(
+        self, sites: list[tuple[AttentionSite, CacheIO | None]], recipe: Recipe, kinds: tuple[str, ...] = KINDS
+    ):
         if not kinds or set(kinds) - set(KINDS):
             raise ValueError(f"kinds={kinds!r}: give some of {', '.join(KINDS)}")
         super().__init__(sites, recipe)

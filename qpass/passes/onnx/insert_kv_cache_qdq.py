@@ -38,9 +38,14 @@ class InsertKVCacheQDQPass(SitePass):
         for site, cache in self.sites:
             if cache is None:
                 where = f"{CACHE_SCALES[self.scales]}: attention {site.layer} ({site.attention})"
-                raise QpassError(f"{where} has no KV cache inputs and outputs; export the decoder with "
-                                 "past_key_values.* inputs and present.* outputs")
-            for kind, past, present in (("k", cache.past_key, cache.present_key), ("v", cache.past_value, cache.present_value)):
+                raise QpassError(
+                    f"{where} has no KV cache inputs and outputs; export the decoder with "
+                    "past_key_values.* inputs and present.* outputs"
+                )
+            for kind, past, present in (
+                ("k", cache.past_key, cache.present_key),
+                ("v", cache.past_value, cache.present_value),
+            ):
                 name = f"{self.scales}_{kind}"
                 tag = onnx_name(site.layer, name)
                 scale, zero = qdq.qparams(graph, tag, *self.recipe.get(site.layer, name))
@@ -51,10 +56,11 @@ class InsertKVCacheQDQPass(SitePass):
                 concat.replace_input_with(1, q_out)
                 for v in (past_value, present_value):
                     v.type = ir.TensorType(ir.DataType.INT8)
-                dq_nodes, dq_out = qdq.dequantize(graph, present_value, scale, zero, site.num_kv_heads, site.head_dim, tag)
+                dq_nodes, dq_out = qdq.dequantize(
+                    graph, present_value, scale, zero, site.num_kv_heads, site.head_dim, tag
+                )
                 dq_out.name = present + DEQUANTIZED
                 qdq.replace_uses(present_value, dq_out, keep=set(dq_nodes))
                 graph.insert_after(concat, dq_nodes)
                 count += 1
         return count
-

@@ -21,8 +21,12 @@ SWAP_HEADS_AND_SEQ = (0, 2, 1, 3)
 
 def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """A constant registered as an initializer of ``graph`` (named ``name``)."""
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.Tensor(array, name=name),
+    )
     graph.register_initializer(value)
     return value
 

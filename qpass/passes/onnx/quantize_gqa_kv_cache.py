@@ -22,8 +22,16 @@ import numpy as np
 import onnx_ir as ir
 
 from qpass.core.errors import QpassError
+from qpass.passes.onnx.find_gqa_sites import (
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    GQASite,
+    find_gqa_sites,
+    gqa_nodes,
+)
 from qpass.passes.onnx.gqa_centre import Positions, centre
-from qpass.passes.onnx.find_gqa_sites import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, GQASite, find_gqa_sites, gqa_nodes
 
 K_SCALE, V_SCALE = 12, 13  # GroupQueryAttention's k_scale / v_scale inputs (onnxruntime 1.31 contrib schema)
 QUANT_TYPE = "PER_CHANNEL"
@@ -47,9 +55,11 @@ class GQAKVScales:
     def from_affine(cls, k: tuple, v: tuple, centred: bool) -> "GQAKVScales":
         """From a recipe's ``(scale, offset)`` per kind: centred at ``-offset * scale`` (the asymmetric
         recipe's codes) or, not ``centred``, the scales alone (a symmetric recipe's offsets are 0)."""
+
         def split(scale, offset):
             s, o = np.asarray(scale, dtype=np.float32), np.asarray(offset, dtype=np.float32)
             return s, ((-o * s).astype(np.float32) if centred else None)
+
         (k_scale, k_centre), (v_scale, v_centre) = split(*k), split(*v)
         return cls(k_scale, v_scale, k_centre, v_centre)
 
@@ -65,22 +75,31 @@ class GQAKVScales:
             if raw is None:
                 continue
             centre = np.asarray(raw).astype(np.float32)
-            if centre.shape != np.asarray(getattr(self, key.replace("centre", "scale"))).shape or not np.isfinite(centre).all():
-                raise QpassError(f"GQA {key}: shape {list(centre.shape)} or values do not fit; give one finite "
-                                 "centre per KV channel, the shape of its scale")
+            if (
+                centre.shape != np.asarray(getattr(self, key.replace("centre", "scale"))).shape
+                or not np.isfinite(centre).all()
+            ):
+                raise QpassError(
+                    f"GQA {key}: shape {list(centre.shape)} or values do not fit; give one finite "
+                    "centre per KV channel, the shape of its scale"
+                )
             centre.setflags(write=False)
             object.__setattr__(self, key, centre)
         for key in ("k_scale", "v_scale"):
             raw = np.asarray(getattr(self, key))
             if raw.ndim != 1 or raw.size == 0:
-                raise QpassError(f"GQA {key}: shape {list(raw.shape)} is not [kv_num_heads * head_dim]; give one "
-                                 "scale per KV channel as a 1-D array")
+                raise QpassError(
+                    f"GQA {key}: shape {list(raw.shape)} is not [kv_num_heads * head_dim]; give one "
+                    "scale per KV channel as a 1-D array"
+                )
             scale = raw.astype(np.float32)
             bad = np.flatnonzero(~np.isfinite(scale) | (scale <= 0))
             if bad.size:
-                raise QpassError(f"GQA {key}: channel {int(bad[0])} is {float(raw[bad[0]])!r} ({bad.size} of "
-                                 f"{scale.size} channels are not finite and positive in float32); a symmetric int8 "
-                                 "scale is absmax / 127 > 0, so recalibrate or floor the scale at a small positive value")
+                raise QpassError(
+                    f"GQA {key}: channel {int(bad[0])} is {float(raw[bad[0]])!r} ({bad.size} of "
+                    f"{scale.size} channels are not finite and positive in float32); a symmetric int8 "
+                    "scale is absmax / 127 > 0, so recalibrate or floor the scale at a small positive value"
+                )
             scale.setflags(write=False)
             object.__setattr__(self, key, scale)
 
@@ -104,14 +123,21 @@ class QuantizeGQAKVCachePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_gqa_sites(model)
         if not sites:
-            raise QpassError("no com.microsoft.GroupQueryAttention node in this graph; the GQA int8 KV cache "
-                             "applies to onnxruntime-genai models (use the QDQ C8 path for MatMul/Attention graphs)")
+            raise QpassError(
+                "no com.microsoft.GroupQueryAttention node in this graph; the GQA int8 KV cache "
+                "applies to onnxruntime-genai models (use the QDQ C8 path for MatMul/Attention graphs)"
+            )
         if len(self.scales) != len(sites):
-            raise QpassError(f"GQA int8 KV cache: {len(self.scales)} layers of scales for {len(sites)} "
-                             "GroupQueryAttention nodes; give one (k_scale, v_scale) per node in execution order")
+            raise QpassError(
+                f"GQA int8 KV cache: {len(self.scales)} layers of scales for {len(sites)} "
+                "GroupQueryAttention nodes; give one (k_scale, v_scale) per node in execution order"
+            )
         nodes = gqa_nodes(model.graph)
-        todo = [(node, site, scales) for node, site, scales in zip(nodes, sites, self.scales, strict=True)
-                if _check(model.graph, node, site, scales)]
+        todo = [
+            (node, site, scales)
+            for node, site, scales in zip(nodes, sites, self.scales, strict=True)
+            if _check(model.graph, node, site, scales)
+        ]
         positions = Positions(model.graph)
         for node, site, scales in todo:
             _rewrite(model.graph, node, site, scales)
@@ -127,28 +153,48 @@ def _check(graph: ir.Graph, node: ir.Node, site: GQASite, scales: GQAKVScales) -
     where = f"GQA layer {site.layer} ({site.node_name or 'unnamed'})"
     for key, scale in (("k_scale", scales.k_scale), ("v_scale", scales.v_scale)):
         if scale.size != site.kv_channels:
-            raise QpassError(f"{where}: {key} has {scale.size} channels, expected kv_num_heads * head_dim = "
-                             f"{site.kv_num_heads} * {site.head_dim} = {site.kv_channels}")
-    for role, name in (("past key", site.past_key), ("past value", site.past_value),
-                       ("present key", site.present_key), ("present value", site.present_value)):
+            raise QpassError(
+                f"{where}: {key} has {scale.size} channels, expected kv_num_heads * head_dim = "
+                f"{site.kv_num_heads} * {site.head_dim} = {site.kv_channels}"
+            )
+    for role, name in (
+        ("past key", site.past_key),
+        ("past value", site.past_value),
+        ("present key", site.present_key),
+        ("present value", site.present_value),
+    ):
         if name is None:
-            raise QpassError(f"{where}: its {role} is not wired to a graph input/output, so the cache cannot "
-                             "become int8 at the graph boundary; only decoder graphs with KV-cache I/O are supported")
-    for port, value in ((PAST_KEY, node.inputs[PAST_KEY]), (PAST_VALUE, node.inputs[PAST_VALUE]),
-                        (None, node.outputs[PRESENT_KEY]), (None, node.outputs[PRESENT_VALUE])):
+            raise QpassError(
+                f"{where}: its {role} is not wired to a graph input/output, so the cache cannot "
+                "become int8 at the graph boundary; only decoder graphs with KV-cache I/O are supported"
+            )
+    for port, value in (
+        (PAST_KEY, node.inputs[PAST_KEY]),
+        (PAST_VALUE, node.inputs[PAST_VALUE]),
+        (None, node.outputs[PRESENT_KEY]),
+        (None, node.outputs[PRESENT_VALUE]),
+    ):
         others = [use.node for use in value.uses() if not (use.node is node and use.idx == port)]
         blocking = [n for n in others if (n.domain, n.op_type) not in _TYPE_BLIND]
         if blocking:
-            raise QpassError(f"{where}: cache value {value.name} is also read by {blocking[0].op_type} "
-                             f"({blocking[0].name}), which would see int8; only GroupQueryAttention may read it")
+            raise QpassError(
+                f"{where}: cache value {value.name} is also read by {blocking[0].op_type} "
+                f"({blocking[0].name}), which would see int8; only GroupQueryAttention may read it"
+            )
     state = _quant_state(node)
     cache_types = {v.dtype for v in _cache_values(node)}
     if state == (None, None, None) and ir.DataType.INT8 not in cache_types:
         return True
-    if state == (QUANT_TYPE, QUANT_TYPE, BIT_WIDTH) and cache_types == {ir.DataType.INT8} and _same_scales(node, scales):
+    if (
+        state == (QUANT_TYPE, QUANT_TYPE, BIT_WIDTH)
+        and cache_types == {ir.DataType.INT8}
+        and _same_scales(node, scales)
+    ):
         return False
-    raise QpassError(f"{where}: already has a quantized KV cache (k/v_quant_type, kv_cache_bit_width = {state}, "
-                     f"cache types {sorted(str(t) for t in cache_types)}); start from the float model")
+    raise QpassError(
+        f"{where}: already has a quantized KV cache (k/v_quant_type, kv_cache_bit_width = {state}, "
+        f"cache types {sorted(str(t) for t in cache_types)}); start from the float model"
+    )
 
 
 def _rewrite(graph: ir.Graph, node: ir.Node, site: GQASite, scales: GQAKVScales) -> None:
@@ -159,8 +205,12 @@ def _rewrite(graph: ir.Graph, node: ir.Node, site: GQASite, scales: GQAKVScales)
         node.resize_inputs(V_SCALE + 1)
     for port, key, scale in ((K_SCALE, "k_scale", scales.k_scale), (V_SCALE, "v_scale", scales.v_scale)):
         name = _free_name(graph, f"qpass.gqa.{site.layer}.{key}")
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([scale.size]),
-                         const_value=ir.tensor(scale, name=name))
+        value = ir.Value(
+            name=name,
+            type=ir.TensorType(ir.DataType.FLOAT),
+            shape=ir.Shape([scale.size]),
+            const_value=ir.tensor(scale, name=name),
+        )
         graph.register_initializer(value)
         node.replace_input_with(port, value)
     for value in _cache_values(node):
@@ -175,6 +225,7 @@ def _quant_state(node: ir.Node) -> tuple:
     def get(key):
         attr = node.attributes.get(key)
         return None if attr is None else attr.value
+
     k, v, bits = get("k_quant_type"), get("v_quant_type"), get("kv_cache_bit_width")
     none = (None, "NONE")
     return (None if k in none else k, None if v in none else v, None if bits in (None, 0) else bits)
@@ -184,14 +235,20 @@ def _same_scales(node: ir.Node, scales: GQAKVScales) -> bool:
     def held(port):
         value = node.inputs[port] if port < len(node.inputs) else None
         return None if value is None or value.const_value is None else value.const_value.numpy()
+
     k, v = held(K_SCALE), held(V_SCALE)
-    return (k is not None and v is not None and np.array_equal(k.reshape(-1), scales.k_scale)
-            and np.array_equal(v.reshape(-1), scales.v_scale))
+    return (
+        k is not None
+        and v is not None
+        and np.array_equal(k.reshape(-1), scales.k_scale)
+        and np.array_equal(v.reshape(-1), scales.v_scale)
+    )
 
 
 def _free_name(graph: ir.Graph, name: str) -> str:
-    taken = set(graph.initializers) | {v.name for v in graph.inputs} | {
-        out.name for node in graph for out in node.outputs}
+    taken = (
+        set(graph.initializers) | {v.name for v in graph.inputs} | {out.name for node in graph for out in node.outputs}
+    )
     if name not in taken:
         return name
     i = 1

@@ -28,12 +28,14 @@ class VerifyInt8CachePass(ir.passes.PassBase):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         outputs = {v.name: v for v in model.graph.outputs}
         for site, cache in self.sites:
-            for present in (() if cache is None else (cache.present_key, cache.present_value)):
+            for present in () if cache is None else (cache.present_key, cache.present_value):
                 value = outputs.get(present)
                 channels = site.num_kv_heads * site.head_dim
                 if value is not None and value.dtype == ir.DataType.INT8 and not _quantized_write(value, channels):
-                    raise QpassError(f"the rewritten ONNX model writes the int8 cache {present} without its quantization; "
-                                     "please report this model")
+                    raise QpassError(
+                        f"the rewritten ONNX model writes the int8 cache {present} without its quantization; "
+                        "please report this model"
+                    )
         return ir.passes.PassResult(model, False)
 
 
@@ -43,7 +45,9 @@ def _quantized_write(value: ir.Value, channels: int) -> bool:
         return False
     if is_gqa(node):
         bits = node.attributes.get("kv_cache_bit_width")
-        return bits is not None and bits.as_int() == 8 and len(node.inputs) > V_SCALE and node.inputs[V_SCALE] is not None
+        return (
+            bits is not None and bits.as_int() == 8 and len(node.inputs) > V_SCALE and node.inputs[V_SCALE] is not None
+        )
     if node.op_type != "Concat" or len(node.inputs) != 2 or node.inputs[0].dtype != ir.DataType.INT8:
         return False
     new = node.inputs[1].producer()
