@@ -1,4 +1,5 @@
-"""End to end on the real SmolLM2-135M (GQA 9/3 heads, RoPE): sites, capture fidelity, accuracy."""
+"""End to end on the real SmolLM2-135M (GQA 9/3 heads, RoPE): sites, capture fidelity, accuracy, and greedy decoding on
+the paged int8 cache."""
 
 import pytest
 
@@ -36,3 +37,15 @@ def test_compile_matches_the_model_and_stays_within_target(smollm2, mode, limit_
     assert -2 * limit_pct <= ev["ppl_increase_pct"] <= limit_pct, ev
     sqnr = result.report["sqnr_db"]
     assert min(sqnr[str(layer)]["k"] for layer in range(30)) > 30
+
+
+def test_paged_int8_decoder_gives_the_reference_greedy_tokens(smollm2):
+    from qpass.frontends.torch_export.decoder import build_decoder, generate_lowered, generate_reference
+    from tests.helpers.frontend_cases import calibrated
+
+    text = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 8
+    ids = smollm2.tokenizer(text, return_tensors="pt").input_ids[:, :128].reshape(2, 64)
+    _, recipe = calibrated(smollm2.model, ids, kv_cache="static", observer="minmax", batch_size=2)
+    reference, lowered = build_decoder(smollm2.model, recipe, max_context=256)
+    prompt = smollm2.tokenizer("def fibonacci(n):")["input_ids"]
+    assert generate_lowered(lowered, prompt, 8) == generate_reference(reference, prompt, 8)

@@ -140,3 +140,12 @@ def test_a_mask_other_than_causal_is_refused_before_any_change():
     with pytest.raises(QpassError, match=r"layer 0\).*not the causal mask.*sliding window"):
         FuseQuantizedAttentionPass(find_attention_sites(gm.graph), MAX_CONTEXT)(gm)
     assert [(n.op, n.target) for n in gm.graph.nodes] == before
+
+
+def test_k_and_v_in_different_forms_are_refused():
+    _, gm = quantized_decoder("dynamic")
+    fq = _ops(gm, FAKE_QUANT_DYNAMIC)[1]  # layer 0's K or V, the later one
+    fq.replace_all_uses_with(fq.args[0])
+    gm.graph.erase_node(fq)
+    with pytest.raises(QpassError, match=r"layer 0\): one of K and V has the dynamic cache's fake quant"):
+        FuseQuantizedAttentionPass(find_attention_sites(gm.graph), MAX_CONTEXT)(gm)

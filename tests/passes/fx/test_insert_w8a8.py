@@ -9,8 +9,10 @@ import torch
 from qpass.core.errors import QpassError
 from qpass.core.int8 import QMAX, QMIN, fake_quant_weight
 from qpass.frontends.torch_export.capture import param_names
+from qpass.frontends.torch_export.pipeline import quantize_program
 from qpass.frontends.torch_export.program import graph_copy, rebuild
 from qpass.models.tiny import tiny_model
+from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.find_linear_sites import find_linear_sites
 from qpass.passes.fx.insert_w8a8 import InsertW8A8Pass
 from qpass.passes.fx.patterns import W8A8_LINEAR
@@ -72,6 +74,24 @@ def test_float_linears_of_the_recipe_stay_float_and_keep_their_weights(llama):
     names = {n.name for n in gm.graph.nodes}
     assert {linears[0].node, linears[5].node, linears[0].weight, linears[5].weight} <= names
     assert linears[0].weight not in rewrite.erased
+
+
+def test_through_the_pipeline_the_float_weights_leave_the_program(llama):
+    """``quantize_program`` rebuilds the program: the int8 weights are lifted constants and the float weights of the
+    rewritten Linears leave its state dict (lm_head's stays)."""
+    program, _, _, recipe, _ = llama
+    sites = find_attention_sites(program.graph, param_names(program))
+    quantized, counts = quantize_program(program, sites, recipe)
+    assert counts == {"InsertW8A8Pass": DECODER_LINEARS}
+    ops = quantized.graph.find_nodes(op="call_function", target=W8A8_LINEAR)
+    assert len(ops) == DECODER_LINEARS
+    assert len(quantized.graph.find_nodes(op="call_function", target=LINEAR)) == 1  # lm_head stays float
+    weights = [quantized.constants[quantized.graph_signature.inputs_to_lifted_tensor_constants[n.args[3].name]] for n in ops]
+    assert all(w.dtype == torch.int8 for w in weights)
+    kept = set(quantized.state_dict)
+    assert not any(k.endswith("_proj.weight") for k in kept) and "model.lm_head.weight" in kept
+    assert program.graph.find_nodes(op="call_function", target=W8A8_LINEAR) == []  # the input is untouched
+    assert sum("_proj.weight" in k for k in program.state_dict) == DECODER_LINEARS
 
 
 # numbers

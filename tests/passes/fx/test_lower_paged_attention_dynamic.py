@@ -1,21 +1,18 @@
 """Lowering the dynamic int8 cache (``--kv-int8 dynamic``): the generic op, the paged ops with their scale
-caches, greedy token-for-token match with the fake-quant program, and a refusal."""
+caches, and greedy token-for-token match with the fake-quant program (the generic op's refusals:
+test_fuse_quantized_attention.py)."""
 
 import pytest
 import torch
 
-from qpass.core.errors import QpassError
 from qpass.core.int8 import quantize_dynamic
 from qpass.frontends.torch_export.decoder import build_decoder, decoder_layout, generate_lowered, generate_reference
-from qpass.frontends.torch_export.pipeline import unlift_decoder
-from qpass.passes.fx.find_attention_sites import find_attention_sites
-from qpass.passes.fx.fuse_quantized_attention import INT8_KV_ATTENTION_DYNAMIC, FuseQuantizedAttentionPass
+from qpass.passes.fx.fuse_quantized_attention import INT8_KV_ATTENTION_DYNAMIC
 from qpass.passes.fx.lower_paged_attention import (CACHE_WRITE, CACHE_WRITE_DYNAMIC, PAGED_ATTENTION,
                                                    PAGED_ATTENTION_DYNAMIC, LowerPagedAttentionPass)
 from qpass.passes.fx.qdq import FAKE_QUANT_DYNAMIC
 from tests.helpers.frontend_cases import calibrated
-from tests.helpers.paged_cases import fused_decoder
-from tests.helpers.paged_cases import prefill, tiny
+from tests.helpers.paged_cases import fused_decoder, prefill, tiny
 
 NEW_TOKENS = 12
 
@@ -95,14 +92,3 @@ def test_prefill_of_one_layer_stores_the_formula_and_matches_the_logits():
         stored_qparams = scale_cache.view(-1, cache.shape[2], 2)[:37]
         assert torch.allclose(stored_qparams[..., 0], scales[..., 0], rtol=1e-5, atol=0), kind
         assert (stored_qparams[..., 1] - offsets[..., 0]).abs().max() <= 1, kind  # an offset is a rounded integer
-
-
-def test_k_and_v_in_different_forms_are_refused():
-    model = tiny("llama")
-    reference, _ = build_decoder(model, dynamic_recipe(model), max_context=64)
-    gm = unlift_decoder(reference)
-    fq = gm.graph.find_nodes(op="call_function", target=FAKE_QUANT_DYNAMIC)[1]  # layer 0's K or V, the later one
-    fq.replace_all_uses_with(fq.args[0])
-    gm.graph.erase_node(fq)
-    with pytest.raises(QpassError, match=r"layer 0\): one of K and V has the dynamic cache's fake quant"):
-        FuseQuantizedAttentionPass(find_attention_sites(gm.graph), 64)(gm)
