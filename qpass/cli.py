@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FORMATS,
         default=None,
         help="output (default: onnx for an ONNX model, else qpass): onnx (model.onnx with the int8 cache, "
-        "recipe/, tokenizer, genai_config.json where the input had one); qpass (program.pt2, recipe/, decoder.pt2); mindie (Ascend MindIE W8A8 weight directory as its "
+        "recipe/, tokenizer, genai_config.json where the input had one); qpass (program.pt2, recipe/, decoder.pt2); "
+        "mindie (Ascend MindIE W8A8 weight directory as its "
         "documentation says; needs --w8a8); vllm-ascend (the same directory as vllm-ascend loads it: "
         "C8 needs --symmetric, no --fa-quant)",
     )

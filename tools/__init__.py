@@ -1,6 +1,7 @@
 """The benchmarks and helpers around qpass, each run from the repository root as ``python -m tools.NAME``.
 
-- ``bench_attention``: the int8 paged decode kernel against a float16 one (and FlashInfer), with KV-cache bytes per token.
+- ``bench_attention``: the int8 paged decode kernel against a float16 one (and FlashInfer), with KV-cache bytes per
+  token.
 - ``bench_calibrate``: calibration's cost against the float forward over the same tokens.
 - ``bench_compile``: the time of the passes per layer, at 30 and 80 layers.
 - ``bench_layerwise``: layer-wise calibration's peak memory against depth, and its time against the whole model's.

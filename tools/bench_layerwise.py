@@ -1,8 +1,10 @@
 """Layer-wise calibration (issue 13): peak memory against depth, and time against the whole-model path.
 
-    python -m tools.bench_layerwise rss  [--layers 4 32] [--windows 8] [--window 256] [--config kv|w8a8|w8a8-mindie]
+    python -m tools.bench_layerwise rss  [--layers 4 32] [--windows 8] [--window 256]
+                                         [--config kv|w8a8|w8a8-mindie]
     python -m tools.bench_layerwise time [--windows 32] [--window 512]
-    python -m tools.bench_layerwise large [--layers 54] [--windows 2] [--window 512] [--dir DIR] [--config kv|w8a8-mindie]
+    python -m tools.bench_layerwise large [--layers 54] [--windows 2] [--window 512] [--dir DIR]
+                                          [--config kv|w8a8-mindie]
     python -m tools.bench_layerwise auto [--eval out/corpus/eval_prose.txt] [--calib-samples 14]
     python -m tools.bench_layerwise onnx [--work out/onnx-bench] [--eval out/corpus/eval_prose.txt]
     python -m tools.bench_layerwise onnx-rss [--layers 4 32] [--windows 8] [--window 256]
@@ -12,7 +14,8 @@
 32000), one per depth, written straight to sharded bfloat16 safetensors (one shard per layer, never the whole
 model in memory); each is calibrated layer-wise for C8 (or, ``--config w8a8``, W8A8 + C8 with m1 smoothing: every
 Linear's input observed and every layer smoothed; ``w8a8-mindie``: then its float16 MindIE directory written layer by
-layer; in a child process) and the child's peak resident memory (``ru_maxrss``) is reported. Target: RSS(32 layers) / RSS(4 layers) <= 1.3.
+layer; in a child process) and the child's peak resident memory (``ru_maxrss``) is reported. Target: RSS(32 layers) /
+RSS(4 layers) <= 1.3.
 
 ``time``: SmolLM2-135M (``load_model("default")``, float32) saved as a Hugging Face directory, then C8 + FAQuant
 calibrated from that directory by the whole-model path (load, capture, calibrate) and layer-wise (read, capture
@@ -41,8 +44,9 @@ float32 weights as external data, 4.4 GiB at 32 layers), then ``qpass compile --
 whole, in child processes. Target: RSS(32 layers) / RSS(4 layers) <= 1.3 layer-wise.
 
 ``onnx-large``: a random Llama at the ``large`` width turned into ONNX by the builder (24 layers: about 27.7 GB of
-float32 external data, more than this machine's 23.5 GiB), then ``qpass compile MODEL --kv-int8`` without ``--layerwise``:
-qpass must choose to run it one layer at a time. The bfloat16 directory is deleted once the builder is done.
+float32 external data, more than this machine's 23.5 GiB), then ``qpass compile MODEL --kv-int8`` without
+``--layerwise``: qpass must choose to run it one layer at a time. The bfloat16 directory is deleted once the builder
+is done.
 """
 
 import json
@@ -287,15 +291,18 @@ def bench_auto(args) -> None:
             search = report["w8a8"]["fallback_search"]
             rankings = sorted({step["ranking"] for step in search[1:] if step["ranking"] != "none"})
             print(
-                f"{mode:>9}: {len(w['float_linears'])} of {w['linears']} Linears float (rankings {', '.join(rankings)}; "
+                f"{mode:>9}: {len(w['float_linears'])} of {w['linears']} Linears float "
+                f"(rankings {', '.join(rankings)}; "
                 f"{len(search) - 1} trials), eval ppl float {ev['ppl_float']:.4f}, quantized {ev['ppl_quant']:.4f} "
-                f"({ev['ppl_increase_pct']:+.2f}%), {run['seconds']:.0f}s (calibrate {report['timings_s']['calibrate']:.0f}s), "
+                f"({ev['ppl_increase_pct']:+.2f}%), {run['seconds']:.0f}s "
+                f"(calibrate {report['timings_s']['calibrate']:.0f}s), "
                 f"peak RSS {run['peak_rss_gib']:.2f} GiB",
                 flush=True,
             )
             for step in search[1:]:
                 print(
-                    f"    {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
+                    f"    {step['ranking']:5} {step['float_linears']:3} float: "
+                    f"held-out {step['ppl_increase_pct']:+.3f}% "
                     f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)",
                     flush=True,
                 )
@@ -303,8 +310,8 @@ def bench_auto(args) -> None:
 
 
 def write_random_onnx(path: Path, layers: int, *width) -> int:
-    """:func:`write_random_llama` into ``path / "hf"``, then onnxruntime-genai's builder (``-p fp32 -e cpu``, offline) into
-    ``path / "onnx"``, the Hugging Face directory deleted; the ONNX weights' bytes."""
+    """:func:`write_random_llama` into ``path / "hf"``, then onnxruntime-genai's builder (``-p fp32 -e cpu``, offline)
+    into ``path / "onnx"``, the Hugging Face directory deleted; the ONNX weights' bytes."""
     hf, onnx_dir = path / "hf", path / "onnx"
     write_random_llama(hf, layers, *width)
     common.genai_builder(hf, onnx_dir, path / "cache")
@@ -341,8 +348,10 @@ def bench_onnx(args) -> None:
                 ev, t = report["eval"], report["timings_s"]
                 print(
                     f"{form} {' '.join(flags[: 2 if form == 'dynamo20' else 1])} {mode:>9}: {run['seconds']:.1f}s "
-                    f"(calibrate {t['calibrate']:.1f}s, eval {t['eval']:.1f}s), peak RSS {run['peak_rss_gib']:.2f} GiB, "
-                    f"ppl float {ev['ppl_float']:.4f} quantized {ev['ppl_quant']:.4f} ({ev['ppl_increase_pct']:+.3f}%)",
+                    f"(calibrate {t['calibrate']:.1f}s, eval {t['eval']:.1f}s), "
+                    f"peak RSS {run['peak_rss_gib']:.2f} GiB, "
+                    f"ppl float {ev['ppl_float']:.4f} quantized {ev['ppl_quant']:.4f} "
+                    f"({ev['ppl_increase_pct']:+.3f}%)",
                     flush=True,
                 )
             same = {
@@ -365,7 +374,8 @@ def bench_onnx_rss(args) -> None:
                 )
                 results[layers, mode] = run["peak_rss_gib"]
                 print(
-                    f"{layers:3d} layers ({size / 2**30:.2f} GiB fp32 ONNX) {mode:>9}: peak RSS {run['peak_rss_gib']:.3f} GiB, "
+                    f"{layers:3d} layers ({size / 2**30:.2f} GiB fp32 ONNX) {mode:>9}: "
+                    f"peak RSS {run['peak_rss_gib']:.3f} GiB, "
                     f"{run['seconds']:.1f}s (calibrate {report['timings_s']['calibrate']:.1f}s, "
                     f"{report['timings_s']['calibrate'] / layers:.2f}s/layer)",
                     flush=True,
@@ -394,7 +404,8 @@ def bench_onnx_large(args) -> None:
         run, report = common.compile_child(path / "onnx", path / "out", flags)
         written = sum(f.stat().st_size for f in (path / "out").iterdir() if f.is_file())
         print(
-            f"qpass compile --kv-int8: {run['seconds']:.0f}s ({run['seconds'] / args.layers:.1f}s/layer, {args.windows} x "
+            f"qpass compile --kv-int8: {run['seconds']:.0f}s "
+            f"({run['seconds'] / args.layers:.1f}s/layer, {args.windows} x "
             f"{args.window} tokens), peak RSS {run['peak_rss_gib']:.2f} GiB, layer-wise: "
             f"{report['calibration'].get('layerwise')}, written {written / 1e9:.1f} GB"
         )

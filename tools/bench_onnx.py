@@ -1,7 +1,8 @@
 """qpass on ONNX exports of SmolLM2-135M: accuracy, decode and prefill speed in ONNX Runtime, and pass times.
 
     python -m tools.bench_onnx prepare   --work out/onnx-bench    # the exports (about 2 minutes, 1.6 GB)
-    python -m tools.bench_onnx accuracy  --work out/onnx-bench [--pairs mixed->source license->source] [--eval-windows 16]
+    python -m tools.bench_onnx accuracy  --work out/onnx-bench [--pairs mixed->source license->source]
+                                         [--eval-windows 16]
     python -m tools.bench_onnx speed     --work out/onnx-bench [--context 2048] [--steps 32] [--repeats 5] [--threads 2]
     python -m tools.bench_onnx structure [--layers 80] [--model out/onnx-bench/dynamo20/model.onnx]
 
@@ -296,7 +297,8 @@ def time_compile(path: Path, label: str) -> None:
         _, counts = quantize_model(graph, found, recipe, verify=False)
         passes_s = time.perf_counter() - start
         print(
-            f"{label}: load + shape inference + sites {loaded_s:.2f}s, passes {passes_s:.2f}s, total {loaded_s + passes_s:.2f}s; {counts}"
+            f"{label}: load + shape inference + sites {loaded_s:.2f}s, passes {passes_s:.2f}s, "
+            f"total {loaded_s + passes_s:.2f}s; {counts}"
         )
 
 

@@ -77,7 +77,8 @@ def decode(model, ids, steps: int):
 
 
 def int8_model(model, recipe):
-    """The MindIE W8A8 directory of ``model`` and ``recipe``, written and read back: ``(its model, the loader's info)``."""
+    """The MindIE W8A8 directory of ``model`` and ``recipe``, written and read back:
+    ``(its model, the loader's info)``."""
     import torch
 
     # internals: the MindIE writer from a state dict and recipe, and its reader that builds the integer model
@@ -115,7 +116,8 @@ def main() -> None:
     float_model = model  # both compute in float32 outside the W8A8 Linears
     ids = token_windows(tokenizer, [corpus.eval_prose()], args.tokens, 1, "bench")[:1]
     print(
-        f"model {args.model}: {info['w8a8_linears']} W8A8 Linears; threads {args.threads}; {ids.shape[1]} prompt tokens, "
+        f"model {args.model}: {info['w8a8_linears']} W8A8 Linears; threads {args.threads}; "
+        f"{ids.shape[1]} prompt tokens, "
         f"{args.decode_steps} decode steps; int8 matmul: torch._int_mm"
     )
     rows = []

@@ -11,7 +11,8 @@ Prints the search log, the float Linears and each text's increase with the 95% i
 text; ``--samples both`` measures both.
 
     python -m tools.bench_w8a8 [--variants none:1 m3:3] [--calib-samples 14] [--eval-windows 16]
-                               [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt] [--samples between|both]
+                               [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt]
+                               [--samples between|both]
 """
 
 import math
@@ -67,7 +68,8 @@ def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args) -> 
     search = recipe.stats["w8a8"]["search"]
     for step in search[1:]:
         print(
-            f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: held-out {step['ppl_increase_pct']:+.3f}% "
+            f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: "
+            f"held-out {step['ppl_increase_pct']:+.3f}% "
             f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)",
             flush=True,
         )

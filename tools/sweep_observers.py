@@ -9,7 +9,8 @@ figure would move on other windows of the same text), and a markdown table. ``--
 halfway between the default ones (one fewer), a second sample of the same text.
 
     python -m tools.sweep_observers [--pairs all] [--observers minmax,mse,extreme] [--modes C8,FAQuant]
-                                    [--symmetric]  (or the modes C8-symmetric, FAQuant-symmetric) [--calib-samples 64] [--eval-windows 32] [--between]
+                                    [--symmetric]  (or the modes C8-symmetric, FAQuant-symmetric)
+                                    [--calib-samples 64] [--eval-windows 32] [--between]
 """
 
 import dataclasses

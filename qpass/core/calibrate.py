@@ -29,9 +29,9 @@ LINEAR_SAMPLE_TOKENS = 512  # tokens kept per Linear input for smoothing searche
 
 
 def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig, batch_size: int = 4) -> Recipe:
-    """Observe ``windows [N, W]`` through ``frontend``, ``batch_size`` windows a forward pass, and choose every scale and
-    offset ``config`` asks for; one decoder layer at a time (:func:`calibrate_by_layer`) where the frontend runs the
-    model so (``frontend.layerwise``)."""
+    """Observe ``windows [N, W]`` through ``frontend``, ``batch_size`` windows a forward pass, and choose every scale
+    and offset ``config`` asks for; one decoder layer at a time (:func:`calibrate_by_layer`) where the frontend runs
+    the model so (``frontend.layerwise``)."""
     if frontend.layerwise:
         return calibrate_by_layer(frontend, windows, config, batch_size)
     sites = frontend.attention_sites()
@@ -70,7 +70,8 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, bat
 
 
 def attention_observers(sites: list[AttentionSite], config: QuantConfig, windows: torch.Tensor) -> dict[str, Observer]:
-    """One observer per site value that ``config`` quantizes over ``windows [N, W]``, keyed by the value's name in the IR."""
+    """One observer per site value that ``config`` quantizes over ``windows [N, W]``, keyed by the value's name in
+    the IR."""
     stride = max(1, windows.numel() // SAMPLE_TOKENS)
     return {
         getattr(s, kind): Observer(stride, SAMPLE_TOKENS, windows.shape[1])
@@ -216,7 +217,8 @@ def _linears(frontend) -> list:
     linears = frontend.linear_sites()
     if not linears:
         raise QpassError(
-            "--w8a8: found no Linear with a parameter weight outside the LM head; this model has nothing W8A8 can quantize"
+            "--w8a8: found no Linear with a parameter weight outside the LM head; "
+            "this model has nothing W8A8 can quantize"
         )
     return linears
 

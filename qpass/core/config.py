@@ -39,8 +39,8 @@ class QuantConfig:
     kv_cache: ``"static"`` for C8, K and V quantized per channel (``[kv_heads * head_dim]``, calibrated) where
         they are written to the cache; ``"dynamic"`` for a cache whose K and V of each token and KV head get
         their own asymmetric scale and offset (min and max over head_dim) when they are written, stored beside
-        the int8 cache (vLLM's ``int8_per_token_head`` granularity; nothing to calibrate, not with FAQuant); None keeps the
-        cache in float.
+        the int8 cache (vLLM's ``int8_per_token_head`` granularity; nothing to calibrate, not with FAQuant); None
+        keeps the cache in float.
     observer: how a calibration range is chosen: ``reach`` (default: per channel, the range its
         extremes are expected to reach over 700 windows of text, from how they vary across the
         calibration windows; holds on text unlike the calibration text); ``extreme`` (the same over 100x the
@@ -139,7 +139,8 @@ class QuantConfig:
             object.__setattr__(self, "kv_cache", OLD_KV_CACHE[self.kv_cache])
         if not self.fa_quant and self.kv_cache is None and not self.w8a8:
             raise ValueError(
-                "nothing to quantize: set fa_quant=True, kv_cache='static' and/or w8a8=True (--fa-quant / --kv-int8 / --w8a8)"
+                "nothing to quantize: set fa_quant=True, kv_cache='static' and/or w8a8=True "
+                "(--fa-quant / --kv-int8 / --w8a8)"
             )
         if self.act_method not in ACT_METHODS:
             raise ValueError(f"act_method={self.act_method!r} is not one of 1 (min-max), 2 (histogram), 3 (auto)")

@@ -81,7 +81,8 @@ def token_windows(tokenizer, texts: list[str], window: int, max_windows: int | N
     count = len(ids) // window
     if count == 0:
         raise QpassError(
-            f"{flag}: the text is {len(ids)} tokens, shorter than one window of {window}; give more text or a smaller --window"
+            f"{flag}: the text is {len(ids)} tokens, shorter than one window of {window}; "
+            "give more text or a smaller --window"
         )
     windows = torch.tensor(ids[: count * window], dtype=torch.long).view(count, window)
     if max_windows is not None and count > max_windows:

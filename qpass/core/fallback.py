@@ -182,7 +182,8 @@ def smoothing_hint(recipe: Recipe) -> str | None:
     """A one-line warning when W8A8 without smoothing keeps more than ``FALLBACK_SHARE`` of the Linears float.
 
     SmolLM2 from 14 calibration windows: without smoothing and with min-max ranges, all-int8 lost 81% on held-out
-    text and ``auto`` kept 60 of 210 Linears float; with ``--anti-method m3 --act-method 3``, 19 (docs/benchmarks.md)."""
+    text and ``auto`` kept 60 of 210 Linears float; with ``--anti-method m3 --act-method 3``, 19
+    (docs/benchmarks.md)."""
     if not recipe.config.w8a8 or recipe.config.anti_method is not None:
         return None
     floats, total = len(recipe.float_linears), len(recipe.stats.get("w8a8", {}).get("range_ratio", {}))

@@ -54,7 +54,8 @@ def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x [..., D]`` -> ``(codes int8 [..., D], scale, offset float32 [..., 1])``, per row (:func:`dynamic_qparams`)."""
+    """``x [..., D]`` -> ``(codes int8 [..., D], scale, offset float32 [..., 1])``, per row
+    (:func:`dynamic_qparams`)."""
     scale, offset = dynamic_qparams(x)
     return quantize(x, scale, offset), scale, offset
 

@@ -33,5 +33,6 @@ def layer_key(layer: int, name: str) -> str:
 
 
 def onnx_name(layer: int, name: str) -> str:
-    """The name of a tensor or node an ONNX pass adds for ``name`` at layer ``layer``: ``qpass.layers.<layer>.<name>``."""
+    """The name of a tensor or node an ONNX pass adds for ``name`` at layer ``layer``:
+    ``qpass.layers.<layer>.<name>``."""
     return f"qpass.{layer_key(layer, name)}"

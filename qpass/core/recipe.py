@@ -201,7 +201,8 @@ class Recipe:
         json_path, tensor_path = directory / JSON_FILE, directory / TENSORS_FILE
         if not json_path.is_file() or not tensor_path.is_file():
             raise QpassError(
-                f"--recipe {directory}: needs {JSON_FILE} and {TENSORS_FILE}; give a directory written by `qpass compile` (its recipe/ folder)"
+                f"--recipe {directory}: needs {JSON_FILE} and {TENSORS_FILE}; "
+                "give a directory written by `qpass compile` (its recipe/ folder)"
             )
         fix = "recalibrate with `qpass compile`"
         try:
@@ -211,7 +212,8 @@ class Recipe:
             version = doc.get("version")
             if version != FORMAT_VERSION:
                 raise QpassError(
-                    f"--recipe {directory}: recipe version {version!r} is not {FORMAT_VERSION}; recalibrate with this qpass"
+                    f"--recipe {directory}: recipe version {version!r} is not {FORMAT_VERSION}; "
+                    "recalibrate with this qpass"
                 )
             config = QuantConfig.from_dict(doc["config"])
             sites = [
@@ -273,7 +275,8 @@ class Recipe:
 
 
 def _site_words(site: SiteGeometry) -> str:
-    """``site`` in a few words, for a one-line error: ``4 heads, 2 kv heads, head_dim 16 at model.layers.0.self_attn``."""
+    """``site`` in a few words, for a one-line error:
+    ``4 heads, 2 kv heads, head_dim 16 at model.layers.0.self_attn``."""
     return f"{site.num_heads} heads, {site.num_kv_heads} kv heads, head_dim {site.head_dim} at {site.prefix or '?'}"
 
 

@@ -10,7 +10,8 @@ def summary(report: dict) -> str:
     """A few lines for a terminal."""
     lines = [
         f"qpass: {report['model']['name']}: {len(report['sites'])} attention sites, "
-        f"{report['model']['num_heads']} heads / {report['model']['num_kv_heads']} kv heads, head_dim {report['model']['head_dim']}"
+        f"{report['model']['num_heads']} heads / {report['model']['num_kv_heads']} kv heads, "
+        f"head_dim {report['model']['head_dim']}"
     ]
     cfg = report["config"]
     cache = {
@@ -98,7 +99,8 @@ def eval_summary(result: dict) -> str:
 
 
 def read(directory: Path) -> dict:
-    """The ``report.json`` qpass wrote into ``directory``, or ``{}`` where there is none (a directory made elsewhere)."""
+    """The ``report.json`` qpass wrote into ``directory``, or ``{}`` where there is none (a directory made
+    elsewhere)."""
     try:
         return json.loads((directory / "report.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

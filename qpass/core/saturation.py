@@ -10,11 +10,11 @@ very end of its channel's range. Three figures per attention site (layer) and ki
   values each site's first int8 Quantize receives during a forward of the quantized program.
 
 A site's kind is flagged when the measured fraction exceeds ``min(max(FLAG_RATIO x calibration, FLAG_FLOOR),
-FLAG_CEILING)`` (``FLAG_CEILING`` alone where the recipe has no calibration figure): the text it was measured on leaves the calibrated ranges far more often than the calibration
-text did (a sign that the calibration text is unlike it), or saturates so often that the ranges cannot be
-right for it whatever the calibration did (a repetitive calibration text saturates often too: its few
-distinct values put each channel's extremes at the limits again and again). Kinds the recipe has no static
-scales for (a dynamic KV cache) are not counted.
+FLAG_CEILING)`` (``FLAG_CEILING`` alone where the recipe has no calibration figure): the text it was measured
+on leaves the calibrated ranges far more often than the calibration text did (a sign that the calibration text
+is unlike it), or saturates so often that the ranges cannot be right for it whatever the calibration did (a
+repetitive calibration text saturates often too: its few distinct values put each channel's extremes at the
+limits again and again). Kinds the recipe has no static scales for (a dynamic KV cache) are not counted.
 """
 
 from collections.abc import Mapping
@@ -179,4 +179,7 @@ def warning(sat: dict) -> str | None:
             "the calibration text is too small or too repetitive",
         )
         fix = "calibrate on more, varied text like the deployment text (--calib) and check with --eval"
-    return f"saturation: on {where}, int8 q/k/v hit their limits too often at {sites} ({worst}; {sat['rule']}): {cause}; {fix}"
+    return (
+        f"saturation: on {where}, int8 q/k/v hit their limits too often at {sites} ({worst}; {sat['rule']}): "
+        f"{cause}; {fix}"
+    )

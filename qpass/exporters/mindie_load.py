@@ -318,7 +318,8 @@ class _Checker:
         in a list)."""
         if name not in self.tensors:
             raise QpassError(
-                f"{self.d}: missing tensor {name} ({what}, {_dt(dtypes)} {list(shape)}); add it or re-export the directory"
+                f"{self.d}: missing tensor {name} ({what}, {_dt(dtypes)} {list(shape)}); "
+                "add it or re-export the directory"
             )
         t = self.tensors[name]
         if self.types.get(name) not in kinds:
@@ -333,7 +334,8 @@ class _Checker:
             )
         if t.dtype not in dtypes:
             raise QpassError(
-                f"{self.d}: tensor {name} is {_dt((t.dtype,))}, expected {_dt(dtypes)} ({what}); re-export it in that dtype"
+                f"{self.d}: tensor {name} is {_dt((t.dtype,))}, expected {_dt(dtypes)} ({what}); "
+                "re-export it in that dtype"
             )
         if tuple(t.shape) not in (shape if isinstance(shape, list) else [shape]):
             raise QpassError(
@@ -411,7 +413,8 @@ class _Checker:
             i = int(((deq - expected).abs() / expected.abs().clamp(min=1e-30)).nan_to_num(float("inf")).argmax())
             raise QpassError(
                 f"{self.d}: tensor {p}.deq_scale[{i}] is {deq[i].item():.6g}, but input_scale * weight_scale is "
-                f"{expected[i].item():.6g}; store input_scale * weight_scale (float16 models: its float32 bits as int64)"
+                f"{expected[i].item():.6g}; "
+                "store input_scale * weight_scale (float16 models: its float32 bits as int64)"
             )
         return W8A8Weights(weight, w_scale, in_scale, in_offset, deq.clone(), quant_bias)
 

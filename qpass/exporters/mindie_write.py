@@ -55,33 +55,34 @@ def refusal(config, options: dict, target: str = "mindie") -> str | None:
                     target not in TARGETS,
                 ),
                 (
-                    f"--format {target}: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, or "
-                    "compile the PyTorch model for this format",
+                    f"--format {target}: an ONNX input is written as ONNX (its weights stay in its graph); "
+                    "drop --format, or compile the PyTorch model for this format",
                     options.get("frontend") == "onnx",
                 ),
                 (
-                    f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those",
+                    f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; "
+                    "choose one of those",
                     dtype not in MODEL_DTYPES,
                 ),
                 (
-                    f"--format {target} with --kv-int8 dynamic: the MindIE weight format holds only a static int8 KV cache (C8, "
-                    "per-channel scales calibrated ahead), not scales computed per token as the cache is written; compile with "
-                    "--kv-int8 (static), or write --format qpass",
+                    f"--format {target} with --kv-int8 dynamic: the MindIE weight format holds only a static int8 "
+                    "KV cache (C8, per-channel scales calibrated ahead), not scales computed per token as the cache "
+                    "is written; compile with --kv-int8 (static), or write --format qpass",
                     config.kv_cache == "dynamic",
                 ),
                 (
-                    "--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant on MLA "
-                    "models, and never together with C8; drop --fa-quant, or write --format mindie",
+                    "--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
+                    "on MLA models, and never together with C8; drop --fa-quant, or write --format mindie",
                     target == "vllm-ascend" and config.fa_quant,
                 ),
                 (
-                    "--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its scale only, so "
-                    "C8 must be symmetric; add --symmetric",
+                    "--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its "
+                    "scale only, so C8 must be symmetric; add --symmetric",
                     target == "vllm-ascend" and config.kv_cache == "static" and not config.symmetric,
                 ),
                 (
-                    "--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights only; use "
-                    "--dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)",
+                    "--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights "
+                    "only; use --dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)",
                     dtype == "bfloat16" and config.kv_cache == "static",
                 ),
                 (
@@ -144,9 +145,10 @@ def export_mindie(
     """Write the MindIE directory for a model into ``out_dir`` (created if needed; existing files replaced),
     in the form ``target`` (``mindie`` or ``vllm-ascend``, module docstring) reads.
 
-    ``config_json``: the model's ``config.json`` as a dict, ``architectures`` set. ``state_dict``: HF parameter names, float, with the
-    recipe's smoothing already folded in (:func:`qpass.smoothing.apply_smoothing`). ``recipe``: W8A8 input
-    qparams (``w8a8.<p>.input_scale/.input_offset``) and, as its config asks, FAQuant / C8 tensors.
+    ``config_json``: the model's ``config.json`` as a dict, ``architectures`` set. ``state_dict``: HF parameter
+    names, float, with the recipe's smoothing already folded in (:func:`qpass.smoothing.apply_smoothing`).
+    ``recipe``: W8A8 input qparams (``w8a8.<p>.input_scale/.input_offset``) and, as its config asks, FAQuant / C8
+    tensors.
     ``dtype``: the model dtype, ``torch.float16`` or ``torch.bfloat16``.
     """
     linears, tied = _check(config_json, recipe, dtype, target)
@@ -173,7 +175,8 @@ def export_mindie_by_layer(
     its tensor, read when looked up (a layer-wise compile's checkpoint, unsmoothed). Each decoder layer's tensors
     (``model.layers.<i>.``) are read, that layer's smoothing groups folded in, its Linears quantized, and written as
     one shard before the next layer is read; the other tensors (embedding, final norm, LM head) make the last shard.
-    The files hold the same tensors as :func:`export_mindie` writes into one (``mindie_format``: the shards, the index)."""
+    The files hold the same tensors as :func:`export_mindie` writes into one (``mindie_format``: the shards, the
+    index)."""
     linears, tied = _check(config_json, recipe, dtype, target)
     parts: dict[int | None, list[str]] = {}
     for name in checkpoint:

@@ -33,8 +33,8 @@ def refusal(config, options: dict) -> str | None:
             why
             for why, bad in (
                 (
-                    "--format onnx: qpass rewrites ONNX models it is given; export the model to ONNX (torch.onnx.export or "
-                    "onnxruntime-genai's builder) and compile that",
+                    "--format onnx: qpass rewrites ONNX models it is given; export the model to ONNX "
+                    "(torch.onnx.export or onnxruntime-genai's builder) and compile that",
                     options.get("frontend") not in (None, "onnx"),
                 ),
                 (
@@ -42,7 +42,8 @@ def refusal(config, options: dict) -> str | None:
                     options.get("dtype"),
                 ),
                 (
-                    "--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; use --kv-int8 (static, per channel)",
+                    "--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; "
+                    "use --kv-int8 (static, per channel)",
                     config.kv_cache == "dynamic",
                 ),
             )

@@ -33,12 +33,13 @@ def refusal(config, options: dict) -> str | None:
             why
             for why, bad in (
                 (
-                    "--format qpass: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, or compile "
-                    "the PyTorch model for this format",
+                    "--format qpass: an ONNX input is written as ONNX (its weights stay in its graph); "
+                    "drop --format, or compile the PyTorch model for this format",
                     options.get("frontend") == "onnx",
                 ),
                 (
-                    f"--dtype {options.get('dtype')}: only --format mindie / vllm-ascend have a model dtype; drop --dtype",
+                    f"--dtype {options.get('dtype')}: only --format mindie / vllm-ascend have a model dtype; "
+                    "drop --dtype",
                     options.get("dtype"),
                 ),
             )
@@ -149,6 +150,7 @@ def _load_program(path: Path):
         return torch.export.load(str(path))
     except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
         raise QpassError(
-            f"{path}: cannot load this saved program ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"{path}: cannot load this saved program "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "it is truncated or corrupt: recompile into a fresh directory"
         ) from err

@@ -67,13 +67,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
         path = Path(spec)
         if not path.exists():
             raise QpassError(
-                f"MODEL {spec}: no such file or directory; give a Hugging Face model directory, a .gguf file, or `default`"
+                f"MODEL {spec}: no such file or directory; "
+                "give a Hugging Face model directory, a .gguf file, or `default`"
             )
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False)
     if path.is_file():
         if path.suffix != ".gguf":
             raise QpassError(
-                f"MODEL {spec}: not a .gguf file or a model directory; give a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or `default`"
+                f"MODEL {spec}: not a .gguf file or a model directory; "
+                "give a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or `default`"
             )
         _require_gguf_support(spec)
         try:
@@ -88,7 +90,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
     config = path / "config.json"
     if not config.is_file():
         raise QpassError(
-            f"MODEL {spec}: no config.json in this directory; give a Hugging Face model directory (config.json + *.safetensors)"
+            f"MODEL {spec}: no config.json in this directory; "
+            "give a Hugging Face model directory (config.json + *.safetensors)"
         )
     try:
         doc = json.loads(config.read_text(encoding="utf-8"))
@@ -101,7 +104,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
     check_remote_code(f"MODEL {spec}", doc)
     if not any(path.glob("*.safetensors")):
         raise QpassError(
-            f"MODEL {spec}: no *.safetensors weights in this directory; qpass never unpickles .bin files, convert them to safetensors first"
+            f"MODEL {spec}: no *.safetensors weights in this directory; "
+            "qpass never unpickles .bin files, convert them to safetensors first"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -112,7 +116,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
         )
     except BROKEN_FILE as err:
         raise QpassError(
-            f"MODEL {spec}: cannot load this model ({_first_line(err)}); check config.json, the tokenizer files and the safetensors weights"
+            f"MODEL {spec}: cannot load this model ({_first_line(err)}); "
+            "check config.json, the tokenizer files and the safetensors weights"
         ) from err
     if info["mismatched_keys"]:
         name, stored, expected = sorted(info["mismatched_keys"])[0]

@@ -28,8 +28,8 @@ def allocate_kv_cache(
 def allocate_kv_scale_cache(
     num_blocks: int, block_size: int, kv_heads: int, device="cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed ``(k_scale_cache, v_scale_cache)`` of the dynamic cache, each float32 ``[num_blocks, block_size, kv_heads, 2]``
-    (scale, offset)."""
+    """Zeroed ``(k_scale_cache, v_scale_cache)`` of the dynamic cache, each float32
+    ``[num_blocks, block_size, kv_heads, 2]`` (scale, offset)."""
     shape = (num_blocks, block_size, kv_heads, 2)
     return torch.zeros(shape, dtype=torch.float32, device=device), torch.zeros(
         shape, dtype=torch.float32, device=device

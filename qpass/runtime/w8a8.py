@@ -38,7 +38,8 @@ class W8A8Weights:
 def w8a8_weights(
     weight: torch.Tensor, bias: torch.Tensor | None, input_scale: float, input_offset: float
 ) -> W8A8Weights:
-    """Quantize a Linear's float ``weight [n, k]`` and ``bias [n]`` for activations with the given per-tensor qparams."""
+    """Quantize a Linear's float ``weight [n, k]`` and ``bias [n]`` for activations with the given per-tensor
+    qparams."""
     wq, w_scale = quantize_weight(weight)
     in_scale = torch.tensor([float(input_scale)], dtype=torch.float32)
     in_offset = torch.tensor([float(round(input_offset))], dtype=torch.float32)

@@ -8,7 +8,8 @@ DEFAULT_WINDOW = 512  # the evaluation window of a weight directory that records
 
 
 def accepts(model) -> bool:
-    """Every model no frontend before it reads: a Hugging Face directory, a ``.gguf`` file, ``default``, a loaded one."""
+    """Every model no frontend before it reads: a Hugging Face directory, a ``.gguf`` file, ``default``, a loaded
+    one."""
     return True
 
 

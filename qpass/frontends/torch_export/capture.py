@@ -38,6 +38,7 @@ def capture(model: torch.nn.Module, window: int) -> torch.export.ExportedProgram
             )
     except Exception as err:  # torch.export raises many types; the user needs to know capture failed
         raise QpassError(
-            f"capture: torch.export could not trace {type(model).__name__} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            f"capture: torch.export could not trace {type(model).__name__} "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); "
             "qpass supports decoder-only Hugging Face causal LMs"
         ) from err

@@ -103,7 +103,8 @@ def decoder_layout(program: ExportedProgram) -> dict:
         or names[-len(PAGING_INPUTS) :] != list(PAGING_INPUTS)
     ):
         raise QpassError(
-            f"the program's inputs {names} are not those of a decoder lowered by qpass; recompile it with `qpass compile`"
+            f"the program's inputs {names} are not those of a decoder lowered by qpass; "
+            "recompile it with `qpass compile`"
         )
     _, block_size, kv_heads, head_dim = placeholders[key_caches[0]].meta["val"].shape
     seq = placeholders["input_ids"].meta["val"].shape[1]

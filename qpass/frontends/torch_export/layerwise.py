@@ -88,7 +88,8 @@ class Checkpoint:
             ) from None
         if not self.files:
             raise QpassError(
-                f"MODEL {path}: no *.safetensors weights in this directory; layer-wise calibration reads safetensors only"
+                f"MODEL {path}: no *.safetensors weights in this directory; "
+                "layer-wise calibration reads safetensors only"
             )
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -251,7 +252,8 @@ class _LayerProgram:
 
 
 class LayerwiseFrontend:
-    """A Hugging Face causal LM in a directory, calibrated one decoder layer at a time over ``[batch, window]`` token ids.
+    """A Hugging Face causal LM in a directory, calibrated one decoder layer at a time over ``[batch, window]``
+    token ids.
 
     ``hidden_budget``: bytes the calibration windows' hidden states may take in memory before they are spilled to
     a temporary file (default: a quarter of the memory available when calibration starts)."""
@@ -602,7 +604,8 @@ def _run(
     program: _LayerProgram, layer: int, observers: dict[str, Observer], hidden: Spill, stream: str, advance: bool
 ) -> None:
     """Every batch of ``hidden``'s ``stream`` through ``program`` (layer ``layer``'s weights loaded), feeding the
-    observers keyed ``layers.<layer>.<value>``; ``advance`` puts the outputs in their place (the next layer's inputs)."""
+    observers keyed ``layers.<layer>.<value>``; ``advance`` puts the outputs in their place (the next layer's
+    inputs)."""
     for value, tap in program.taps.items():
         tap.observer = observers.get(layer_key(layer, value))
     try:
@@ -618,8 +621,8 @@ def _run(
 
 def layer_recipe(recipe, layer: int, site: AttentionSite):
     """The part of ``recipe`` that concerns decoder layer ``layer``, renamed for the one-layer capture whose attention
-    site is ``site`` (layer 0, module paths ``layers.0...``): its attention site's scales, its Linears' input qparams and
-    float Linears, and its smoothing groups (keeping their scale names)."""
+    site is ``site`` (layer 0, module paths ``layers.0...``): its attention site's scales, its Linears' input qparams
+    and float Linears, and its smoothing groups (keeping their scale names)."""
     ours = layer_prefix(layer)
 
     def to_capture(name: str) -> str:

@@ -131,8 +131,9 @@ def lower_program(
     mutations of a valid, saveable ``ExportedProgram``. Its inputs: ``input_ids [1, S]``,
     ``position_ids [1, S]``, then per layer ``key_cache_<i>``, ``value_cache_<i>`` int8
     ``[num_blocks, block_size, kv_heads, head_dim]`` (the dynamic cache: and ``key_scale_cache_<i>``,
-    ``value_scale_cache_<i>`` float32 ``[num_blocks, block_size, kv_heads, 2]``, scale and offset), then ``block_tables`` int32 ``[1, max_blocks]``,
-    ``context_lens`` int32 ``[1]``, ``slot_mapping`` int64 ``[S]``, ``query_start_loc`` int32 ``[2]``.
+    ``value_scale_cache_<i>`` float32 ``[num_blocks, block_size, kv_heads, 2]``, scale and offset), then
+    ``block_tables`` int32 ``[1, max_blocks]``, ``context_lens`` int32 ``[1]``, ``slot_mapping`` int64 ``[S]``,
+    ``query_start_loc`` int32 ``[2]``.
     """
     if block_size not in BLOCK_SIZES:
         raise QpassError(f"block_size={block_size} is not supported by the paged ops; choose one of {BLOCK_SIZES}")

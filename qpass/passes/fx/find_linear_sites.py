@@ -8,8 +8,9 @@ smoothing group is a set of Linears sharing one input ``X [..., C]`` together wi
 - ``norm``: ``X = mul(norm_weight [C], normalized)`` (RMSNorm / LayerNorm without bias), and every
   user of ``X`` is a quantized Linear (input_layernorm -> q, k, v; post_attention_layernorm -> gate, up);
 - ``linear``: ``X`` is another Linear's output reached only through layout ops, the value input of
-  attention in any spelling (softmax-weighted sums commute with per-channel scaling; GQA's repeat gives ``group`` > 1), or
-  one operand of an elementwise ``mul`` (v_proj -> o_proj; up_proj -> down_proj in a gated MLP).
+  attention in any spelling (softmax-weighted sums commute with per-channel scaling; GQA's repeat gives
+  ``group`` > 1), or one operand of an elementwise ``mul`` (v_proj -> o_proj; up_proj -> down_proj in a
+  gated MLP).
 
 Names (HF module paths) only label the result; nothing is decided from them.
 """

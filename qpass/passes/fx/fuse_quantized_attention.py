@@ -111,8 +111,8 @@ def _plan(site: AttentionSite, nodes: dict[str, Node]) -> dict:
         quant = dq.args[0] if dq.target is DEQUANTIZE else None
         if not (isinstance(quant, Node) and quant.target is QUANTIZE):
             raise QpassError(
-                f"attention {site.attention} (layer {site.layer}): its {kind.upper()} has no Quantize/Dequantize in front of "
-                "attention; lower a program quantized with --kv-int8 or --fa-quant"
+                f"attention {site.attention} (layer {site.layer}): its {kind.upper()} has no Quantize/Dequantize "
+                "in front of attention; lower a program quantized with --kv-int8 or --fa-quant"
             )
         plan[kind], plan[f"{kind}_scale"], plan[f"{kind}_offset"] = quant.args[:3]
     match = match_attention(attention)
@@ -149,8 +149,9 @@ def _score_glue(softmax: Node) -> tuple[float, Node | None]:
             mask = other[0]
         else:
             raise QpassError(
-                f"attention {softmax.name}: {node.name} ({node.target}) between the scores and the softmax is not a scale, "
-                "cast or additive mask; the paged op cannot apply it (softcapping, ALiBi and the like are not supported)"
+                f"attention {softmax.name}: {node.name} ({node.target}) between the scores and the softmax "
+                "is not a scale, cast or additive mask; the paged op cannot apply it "
+                "(softcapping, ALiBi and the like are not supported)"
             )
         node = path
     return scale, mask

@@ -4,7 +4,8 @@ For a Linear ``y = x @ W^T + b`` with recipe activation qparams ``w8a8.<module>.
 ``.input_offset`` ([1] each), the pass quantizes ``W [n, k]`` (symmetric, per output channel; from
 the float, already smoothed, parameter values it is given) and writes
 
-    y = w8a8_linear(x, input_scale [1], input_offset [1], weight int8 [n, k], quant_bias int32 [n], deq_scale float32 [n])
+    y = w8a8_linear(x, input_scale [1], input_offset [1], weight int8 [n, k], quant_bias int32 [n],
+                    deq_scale float32 [n])
 
 so the program computes int8 x int8 -> int32 (see ``runtime/w8a8.py``). The float weight and bias
 placeholders the graph no longer uses are erased; the pipeline drops them from the program's

@@ -62,7 +62,8 @@ def insert_dynamic_fake_quant(gm: GraphModule, node: Node) -> Node:
 
 
 def per_head(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """``[heads, head_dim]`` or ``[heads * head_dim]`` -> ``[heads, 1, head_dim]`` to broadcast over ``[B, H, S, D]``."""
+    """``[heads, head_dim]`` or ``[heads * head_dim]`` -> ``[heads, 1, head_dim]`` to broadcast over
+    ``[B, H, S, D]``."""
     return t.reshape(heads, 1, head_dim)
 
 

@@ -27,7 +27,8 @@ def verify_graph(gm: GraphModule) -> None:
             or (out.shape, out.dtype) != (x.shape, x.dtype)
         ):
             raise VerificationError(
-                f"{node.name}: the dynamic fake quant does not map a float [B, H_kv, S, D] value to its own shape and dtype"
+                f"{node.name}: the dynamic fake quant does not map a float [B, H_kv, S, D] value "
+                "to its own shape and dtype"
             )
     for node in gm.graph.nodes:
         if node.target is not QUANTIZE:

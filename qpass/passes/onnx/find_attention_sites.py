@@ -87,7 +87,8 @@ def _site(
         kv_shape = k_new.shape
     if q.shape is None or len(q.shape) != 4 or kv_shape is None or len(kv_shape) != 4:
         raise QpassError(
-            f"{where}: q and k must be 4-D [batch, heads, seq, head_dim] with known shapes (q {q.shape}, k {kv_shape}); "
+            f"{where}: q and k must be 4-D [batch, heads, seq, head_dim] with known shapes "
+            f"(q {q.shape}, k {kv_shape}); "
             "export the model with 4-D attention inputs"
         )
     heads, head_dim, kv_heads = q.shape[1], q.shape[3], kv_shape[1]

@@ -32,7 +32,8 @@ def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def qparams(graph: ir.Graph, name: str, scale: torch.Tensor, offset: torch.Tensor) -> tuple[ir.Value, ir.Value]:
-    """``(scale float32 [C], zero_point int8 [C])`` initializers from a recipe's tensors (checked finite, positive, in int8)."""
+    """``(scale float32 [C], zero_point int8 [C])`` initializers from a recipe's tensors (checked finite, positive,
+    in int8)."""
     s = scale.detach().double().flatten().numpy().astype(np.float32)
     z = offset.detach().flatten().numpy()
     if not np.isfinite(s).all() or (s <= 0).any() or (z < -128).any() or (z > 127).any() or (z != np.round(z)).any():

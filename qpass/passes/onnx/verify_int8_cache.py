@@ -16,7 +16,8 @@ from qpass.passes.onnx.quantize_gqa_kv_cache import V_SCALE
 
 
 class VerifyInt8CachePass(ir.passes.PassBase):
-    """Raises :class:`QpassError` naming the first int8 cache output written without its quantization; never changes the model."""
+    """Raises :class:`QpassError` naming the first int8 cache output written without its quantization; never
+    changes the model."""
 
     in_place = True
     changes_input = False
