@@ -1,9 +1,12 @@
-"""Shared fixtures: SmolLM2's tokenizer, a tiny Llama saved as a Hugging Face directory, real text."""
+"""Shared fixtures: SmolLM2's tokenizer, a tiny Llama saved as a Hugging Face directory, real text, and the ONNX
+exports of tests/helpers (onnxruntime-genai's builder output, the ONNX passes' tiny Llama)."""
 
 import pytest
 import torch
 
 from qpass.core import corpus
+from tests.helpers.onnx_genai_cases import genai_float_dir  # noqa: F401  (a fixture, for every test module)
+from tests.helpers.onnx_tiny import tiny_onnx  # noqa: F401  (a fixture, for every test module)
 
 
 @pytest.fixture(scope="session")

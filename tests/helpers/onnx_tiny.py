@@ -73,11 +73,16 @@ def run(model: ir.Model, ids: np.ndarray, past: dict[str, np.ndarray] | None = N
     types = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
     batch, seq = ids.shape
     start = 0 if past is None else next(iter(past.values())).shape[2]
-    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, start + seq), np.int64),
-             "position_ids": np.broadcast_to(np.arange(start, start + seq), (batch, seq)).astype(np.int64)}
+    feeds = {
+        "input_ids": ids.astype(np.int64),
+        "attention_mask": np.ones((batch, start + seq), np.int64),
+        "position_ids": np.broadcast_to(np.arange(start, start + seq), (batch, seq)).astype(np.int64),
+    }
     for i in sess.get_inputs():
         if i.name.startswith("past_key_values."):
-            feeds[i.name] = past[i.name] if past is not None else np.zeros((batch, KV_HEADS, 0, HEAD_DIM), types[i.type])
+            feeds[i.name] = (
+                past[i.name] if past is not None else np.zeros((batch, KV_HEADS, 0, HEAD_DIM), types[i.type])
+            )
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 

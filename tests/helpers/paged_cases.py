@@ -5,7 +5,11 @@ import math
 
 import torch
 
-MODES = {"kv-int8": dict(kv_cache="static"), "fa-quant": dict(fa_quant=True), "both": dict(fa_quant=True, kv_cache="static")}
+MODES = {
+    "kv-int8": dict(kv_cache="static"),
+    "fa-quant": dict(fa_quant=True),
+    "both": dict(fa_quant=True, kv_cache="static"),
+}
 
 
 def make_case(seed, context_lens, num_heads=8, kv_heads=2, head_dim=128, block_size=32, dtype=torch.float16):
@@ -100,7 +104,8 @@ def prefill(lowered, ids: torch.Tensor, block_size: int = 16):
 
     layout = decoder_layout(lowered)
     num_blocks = -(-ids.shape[1] // block_size) + 1
-    caches = [layer_caches(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"], layout["kv_cache"] == "dynamic")
+    dynamic = layout["kv_cache"] == "dynamic"
+    caches = [layer_caches(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"], dynamic)
               for _ in range(layout["num_layers"])]
     tables = BlockTables(BlockAllocator(num_blocks), block_size)
     slots = tables.append_tokens(0, ids.shape[1])

@@ -12,16 +12,24 @@ from qpass.frontends.torch_export.decoder import capture_decoder
 from qpass.frontends.torch_export.pipeline import quantize_program, unlift_decoder
 from qpass.models.tiny import tiny_model
 from qpass.passes.fx.find_attention_sites import find_attention_sites
-from qpass.passes.fx.fuse_quantized_attention import (INT8_KV_ATTENTION, INT8_KV_ATTENTION_DYNAMIC,
-                                                      FuseQuantizedAttentionPass, verify_fused)
+from qpass.passes.fx.fuse_quantized_attention import (
+    INT8_KV_ATTENTION,
+    INT8_KV_ATTENTION_DYNAMIC,
+    FuseQuantizedAttentionPass,
+    verify_fused,
+)
 from qpass.passes.fx.patterns import FUSED_ATTENTION, SOFTMAX
 from qpass.passes.fx.qdq import DEQUANTIZE, FAKE_QUANT_DYNAMIC, QUANTIZE
 from tests.helpers.frontend_cases import calibrated
 
 MAX_CONTEXT = 64
 TOKENS = 37
-MODES = {"kv-int8": dict(kv_cache="static"), "fa-quant": dict(fa_quant=True), "both": dict(fa_quant=True, kv_cache="static"),
-         "dynamic": dict(kv_cache="dynamic")}
+MODES = {
+    "kv-int8": dict(kv_cache="static"),
+    "fa-quant": dict(fa_quant=True),
+    "both": dict(fa_quant=True, kv_cache="static"),
+    "dynamic": dict(kv_cache="dynamic"),
+}
 
 
 def quantized_decoder(mode: str, arch: str = "llama", quantize: bool = True):
@@ -67,7 +75,7 @@ def test_one_generic_op_per_site_reading_the_last_kv_quantize(mode):
     for op, site, ((k, k_scale, k_offset), (v, v_scale, v_offset)) in zip(fused, sites, expected_reads):
         assert op.args[1] is k and op.args[2] is v
         assert [a.args[0] for a in op.args[3:7]] == [k_scale, k_offset, v_scale, v_offset]  # per_channel(...)
-        assert op.args[7] == pytest.approx(site.head_dim ** -0.5)
+        assert op.args[7] == pytest.approx(site.head_dim**-0.5)
         q_is_quantized = op.args[0].target is DEQUANTIZE
         assert q_is_quantized == ("fa" in mode or mode == "both")
     assert len(_ops(gm, QUANTIZE)) == quantize_before - 4  # the pair on K and V that the op now stores
@@ -101,8 +109,10 @@ def test_no_sites_is_not_modified():
     assert len(_ops(gm, QUANTIZE)) == 4 and not _ops(gm, INT8_KV_ATTENTION)
 
 
-@pytest.mark.xfail(strict=True, reason="with no sites it still erases the graph's dead nodes (21 in this graph) and "
-                                       "reports modified False")
+@pytest.mark.xfail(
+    strict=True,
+    reason="with no sites it still erases the graph's dead nodes (21 in this graph) and reports modified False",
+)
 def test_no_sites_leaves_the_graph_as_it_is():
     _, gm = quantized_decoder("kv-int8")
     before = [(n.op, n.target) for n in gm.graph.nodes]
@@ -117,7 +127,9 @@ def test_after_fusing_no_attention_is_left_to_fuse():
         find_attention_sites(gm.graph)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="a second run looks up the attention nodes the first one erased")
+@pytest.mark.xfail(
+    strict=True, raises=KeyError, reason="a second run looks up the attention nodes the first one erased"
+)
 def test_a_second_run_changes_nothing():
     _, gm = quantized_decoder("kv-int8")
     fuse = FuseQuantizedAttentionPass(find_attention_sites(gm.graph), MAX_CONTEXT)

@@ -140,7 +140,9 @@ def test_graph_without_attention_is_left_as_it_is(llama):
     assert [(n.op, n.target) for n in gm.graph.nodes] == before
 
 
-@pytest.mark.xfail(strict=True, reason="a second run inserts a second Q/DQ pair on each value (modified True, 12 pairs)")
+@pytest.mark.xfail(
+    strict=True, reason="a second run inserts a second Q/DQ pair on each value (modified True, 12 pairs)"
+)
 def test_a_second_run_changes_nothing(llama):
     program, sites, recipe, _ = llama
     gm = graph_copy(program)

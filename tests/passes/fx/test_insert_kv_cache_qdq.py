@@ -117,13 +117,18 @@ def test_program_is_the_model_with_the_cache_round_trip_on_k_and_v(llama):
                 heads, dim = x.shape[1], x.shape[3]
                 out.append(fake_quant(x, scale.reshape(1, heads, 1, dim), offset.reshape(1, heads, 1, dim)))
             return out
+
         return change
 
     with torch.no_grad():
         got = quantized.module()(ids[:2])
         float_logits = program.module()(ids[:2])
-        expected = with_attention_inputs(tiny_model("llama", num_layers=2), cache_round_trip(lambda i: i))(ids[:2]).logits
-        swapped = with_attention_inputs(tiny_model("llama", num_layers=2), cache_round_trip(lambda i: 1 - i))(ids[:2]).logits
+        expected = with_attention_inputs(tiny_model("llama", num_layers=2), cache_round_trip(lambda i: i))(
+            ids[:2]
+        ).logits
+        swapped = with_attention_inputs(tiny_model("llama", num_layers=2), cache_round_trip(lambda i: 1 - i))(
+            ids[:2]
+        ).logits
     assert (got - float_logits).abs().max().item() > 1e-3
     assert (got - expected).abs().max().item() < 1e-5
     assert (got - swapped).abs().max().item() > 1e-3

@@ -58,7 +58,11 @@ def test_every_decoder_linear_becomes_w8a8_reading_its_input_and_its_float_weigh
     for op, site in zip(ops, linears):
         weight, quant_bias, deq_scale = (getattr(gm, a.target) for a in op.args[3:6])
         assert weight.dtype == torch.int8 and weight.shape == (site.out_features, site.in_features)
-        assert quant_bias.dtype == torch.int32 and deq_scale.dtype == torch.float32 and deq_scale.shape == (site.out_features,)
+        assert (
+            quant_bias.dtype == torch.int32
+            and deq_scale.dtype == torch.float32
+            and deq_scale.shape == (site.out_features,)
+        )
         assert op.meta["val"].shape[-1] == site.out_features
     assert len(gm.graph.find_nodes(op="call_function", target=LINEAR)) == 1  # lm_head
     placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
@@ -86,7 +90,9 @@ def test_through_the_pipeline_the_float_weights_leave_the_program(llama):
     ops = quantized.graph.find_nodes(op="call_function", target=W8A8_LINEAR)
     assert len(ops) == DECODER_LINEARS
     assert len(quantized.graph.find_nodes(op="call_function", target=LINEAR)) == 1  # lm_head stays float
-    weights = [quantized.constants[quantized.graph_signature.inputs_to_lifted_tensor_constants[n.args[3].name]] for n in ops]
+    weights = [
+        quantized.constants[quantized.graph_signature.inputs_to_lifted_tensor_constants[n.args[3].name]] for n in ops
+    ]
     assert all(w.dtype == torch.int8 for w in weights)
     kept = set(quantized.state_dict)
     assert not any(k.endswith("_proj.weight") for k in kept) and "model.lm_head.weight" in kept

@@ -8,8 +8,13 @@ import torch
 from qpass.cli import main
 from qpass.core.errors import QpassError
 from qpass.frontends.torch_export.capture import param_names
-from qpass.frontends.torch_export.decoder import (build_decoder, capture_decoder, decoder_layout, generate_lowered,
-                                                  generate_reference)
+from qpass.frontends.torch_export.decoder import (
+    build_decoder,
+    capture_decoder,
+    decoder_layout,
+    generate_lowered,
+    generate_reference,
+)
 from qpass.frontends.torch_export.pipeline import lower_program, quantize_program
 from qpass.models.tiny import tiny_model
 from qpass.passes.fx.find_attention_sites import find_attention_sites
@@ -17,9 +22,10 @@ from qpass.passes.fx.fuse_quantized_attention import INT8_KV_ATTENTION, verify_f
 from qpass.passes.fx.lower_paged_attention import CACHE_WRITE, PAGED_ATTENTION, LowerPagedAttentionPass
 from qpass.passes.fx.patterns import FUSED_ATTENTION, SOFTMAX
 from qpass.passes.fx.qdq import QUANTIZE
-from tests.helpers.paged_cases import MODES, fused_decoder, prefill, recipe_for, tiny
+from tests.helpers.paged_cases import fused_decoder, prefill, recipe_for, tiny
 
-QUANTIZE_LEFT = {"kv-int8": 0, "fa-quant": 1, "both": 3}  # per layer: Q's pair stays; with both, C8's round trip on K, V
+# per layer: Q's pair stays; with both, C8's round trip on K, V
+QUANTIZE_LEFT = {"kv-int8": 0, "fa-quant": 1, "both": 3}
 CASES = [("llama", "kv-int8"), ("llama", "fa-quant"), ("qwen2", "kv-int8"), ("qwen2", "both"), ("gpt2", "kv-int8"),
          ("gpt2", "fa-quant")]
 NEW_TOKENS = 12
@@ -164,7 +170,8 @@ def test_unsupported_head_dim_is_refused():
     program = capture_decoder(model, max_context=64)
     sites = find_attention_sites(program.graph, param_names(program))
     quantized, _ = quantize_program(program, sites, recipe_for(model, "kv-int8"))
-    with pytest.raises(QpassError, match=r"head_dim=16 is not supported by the paged ops \(supported: \(64, 128, 256\)\)"):
+    message = r"head_dim=16 is not supported by the paged ops \(supported: \(64, 128, 256\)\)"
+    with pytest.raises(QpassError, match=message):
         lower_program(quantized, max_context=64)
 
 

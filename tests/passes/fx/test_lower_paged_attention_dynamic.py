@@ -8,8 +8,13 @@ import torch
 from qpass.core.int8 import quantize_dynamic
 from qpass.frontends.torch_export.decoder import build_decoder, decoder_layout, generate_lowered, generate_reference
 from qpass.passes.fx.fuse_quantized_attention import INT8_KV_ATTENTION_DYNAMIC
-from qpass.passes.fx.lower_paged_attention import (CACHE_WRITE, CACHE_WRITE_DYNAMIC, PAGED_ATTENTION,
-                                                   PAGED_ATTENTION_DYNAMIC, LowerPagedAttentionPass)
+from qpass.passes.fx.lower_paged_attention import (
+    CACHE_WRITE,
+    CACHE_WRITE_DYNAMIC,
+    PAGED_ATTENTION,
+    PAGED_ATTENTION_DYNAMIC,
+    LowerPagedAttentionPass,
+)
 from qpass.passes.fx.qdq import FAKE_QUANT_DYNAMIC
 from tests.helpers.frontend_cases import calibrated
 from tests.helpers.paged_cases import fused_decoder, prefill, tiny

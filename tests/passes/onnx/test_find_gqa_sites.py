@@ -5,7 +5,6 @@ import onnx_ir as ir
 import pytest
 
 from qpass.passes.onnx.find_gqa_sites import GQASite, find_gqa_sites, gqa_nodes
-from tests.helpers.onnx_genai_cases import genai_float_dir  # noqa: F401  (fixture)
 
 HEAD_DIM, KV_HEADS, LAYERS = 16, 2, 2  # conftest's tiny Llama
 
@@ -17,11 +16,23 @@ def float_model(genai_float_dir):
 
 def test_sites_of_the_builders_graph(float_model):
     sites = find_gqa_sites(float_model)
-    assert sites == [GQASite(layer=i, node_name=f"/model/layers.{i}/attn/GroupQueryAttention",
-                             output=f"/model/layers.{i}/attn/GroupQueryAttention/output_0", past_key=f"past_key_values.{i}.key", past_value=f"past_key_values.{i}.value",
-                             present_key=f"present.{i}.key", present_value=f"present.{i}.value",
-                             num_heads=4, kv_num_heads=KV_HEADS, head_dim=HEAD_DIM, do_rotary=True, packed_qkv=True)
-                     for i in range(LAYERS)]
+    assert sites == [
+        GQASite(
+            layer=i,
+            node_name=f"/model/layers.{i}/attn/GroupQueryAttention",
+            output=f"/model/layers.{i}/attn/GroupQueryAttention/output_0",
+            past_key=f"past_key_values.{i}.key",
+            past_value=f"past_key_values.{i}.value",
+            present_key=f"present.{i}.key",
+            present_value=f"present.{i}.value",
+            num_heads=4,
+            kv_num_heads=KV_HEADS,
+            head_dim=HEAD_DIM,
+            do_rotary=True,
+            packed_qkv=True,
+        )
+        for i in range(LAYERS)
+    ]
     assert sites[0].kv_channels == KV_HEADS * HEAD_DIM
 
 
@@ -34,7 +45,10 @@ def test_sites_are_found_without_names(genai_float_dir):
             if not out.is_graph_output():
                 out.name = f"v{i}_{out.index()}"
     sites = find_gqa_sites(model)
-    assert [(s.layer, s.num_heads, s.kv_num_heads, s.head_dim, s.do_rotary) for s in sites] == [(0, 4, 2, 16, True), (1, 4, 2, 16, True)]
+    assert [(s.layer, s.num_heads, s.kv_num_heads, s.head_dim, s.do_rotary) for s in sites] == [
+        (0, 4, 2, 16, True),
+        (1, 4, 2, 16, True),
+    ]
     assert [s.node_name for s in sites] == [n.name for n in gqa_nodes(model.graph)]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from qpass.passes.onnx.find_gqa_sites import find_gqa_sites, gqa_nodes
 from qpass.passes.onnx.gqa_centre import Positions, centre
-from tests.helpers.onnx_genai_cases import empty_cache, forward, genai_float_dir, session  # noqa: F401
+from tests.helpers.onnx_genai_cases import empty_cache, forward, session
 
 HEAD_DIM, KV_HEADS, LAYERS = 16, 2, 2  # conftest's tiny Llama
 VOCAB = 49152
@@ -42,8 +42,13 @@ def centred_float(model_dir, centres, tmp_path, rotate: bool = True):
 def centres():
     """Per layer, K and V centres far from 0 (several times the values' own spread)."""
     rng = np.random.default_rng(3)
-    return [(rng.normal(0, 3, KV_HEADS * HEAD_DIM).astype(np.float32),
-             rng.normal(0, 3, KV_HEADS * HEAD_DIM).astype(np.float32)) for _ in range(LAYERS)]
+    return [
+        (
+            rng.normal(0, 3, KV_HEADS * HEAD_DIM).astype(np.float32),
+            rng.normal(0, 3, KV_HEADS * HEAD_DIM).astype(np.float32),
+        )
+        for _ in range(LAYERS)
+    ]
 
 
 def test_centring_leaves_the_float_model_unchanged(genai_float_dir, float_sess, centres, tmp_path):
@@ -65,7 +70,7 @@ def test_centring_leaves_the_float_model_unchanged(genai_float_dir, float_sess, 
     for what, x, m, fp, cp in cases:
         want, want_past = forward(float_sess, x, fp, m)
         got, got_past = forward(sess, x, cp, m)
-        valid = m[:, -x.shape[1]:].astype(bool)
+        valid = m[:, -x.shape[1] :].astype(bool)
         scale = np.abs(want[valid]).max()
         assert np.abs(got[valid] - want[valid]).max() < 1e-4 * scale, what
         for layer, (k, v) in enumerate(centres):

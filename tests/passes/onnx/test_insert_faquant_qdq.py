@@ -14,8 +14,7 @@ from qpass.core.int8 import fake_quant
 from qpass.passes.onnx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.onnx.insert_kv_cache_qdq import DEQUANTIZED, InsertKVCacheQDQPass
 from tests.helpers.eager_attention import with_attention_inputs
-from tests.helpers.onnx_tiny import (HEAD_DIM, LAYERS, VOCAB, load, op_types, run, tiny_llama, tiny_onnx,  # noqa: F401
-                                     tiny_recipe)  # (tiny_onnx: fixture)
+from tests.helpers.onnx_tiny import HEAD_DIM, LAYERS, VOCAB, load, op_types, run, tiny_llama, tiny_recipe
 
 KINDS = ("q", "k", "v")
 
@@ -45,7 +44,9 @@ def round_trip_input(value: ir.Value) -> ir.Value:
 def test_q_k_v_get_a_round_trip_per_head_and_dim_that_every_reader_reads(tiny_onnx, recipe, opset):
     model, found = load(tiny_onnx[opset])
     values = {v.name: v for node in model.graph for v in node.outputs}
-    readers = {getattr(s, kind): {use.node.name for use in values[getattr(s, kind)].uses()} for s, _ in found for kind in KINDS}
+    readers = {
+        getattr(s, kind): {use.node.name for use in values[getattr(s, kind)].uses()} for s, _ in found for kind in KINDS
+    }
     rewrite = InsertFAQuantQDQPass(found, recipe)
     assert rewrite(model).modified and rewrite.count == 3 * LAYERS
     assert op_types(model).count("QuantizeLinear") == op_types(model).count("DequantizeLinear") == 3 * LAYERS
@@ -118,8 +119,12 @@ def test_no_sites_no_change(tiny_onnx, recipe):
     assert op_types(model) == before
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="a second run registers the scales' initializers again "
-                                                         "(onnx-ir: already registered) instead of changing nothing")
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="a second run registers the scales' initializers again "
+    "(onnx-ir: already registered) instead of changing nothing",
+)
 def test_a_second_run_changes_nothing(tiny_onnx, recipe):
     model, found = load(tiny_onnx[20])
     rewrite = InsertFAQuantQDQPass(found, recipe)

@@ -13,10 +13,25 @@ from qpass.core.errors import QpassError
 from qpass.core.int8 import fake_quant, quantize
 from qpass.passes.onnx.insert_kv_cache_qdq import DEQUANTIZED, InsertKVCacheQDQPass
 from tests.helpers.eager_attention import with_attention_inputs
-from tests.helpers.onnx_tiny import (HEAD_DIM, KV_HEADS, LAYERS, VOCAB, as_past, load, op_types, run, tiny_llama,
-                                     tiny_onnx, tiny_recipe)  # noqa: F401  (tiny_onnx: fixture)
+from tests.helpers.onnx_tiny import (
+    HEAD_DIM,
+    KV_HEADS,
+    LAYERS,
+    VOCAB,
+    as_past,
+    load,
+    op_types,
+    run,
+    tiny_llama,
+    tiny_recipe,
+)
 
-CACHE = [f"{io}.{layer}.{side}" for io in ("past_key_values", "present") for layer in range(LAYERS) for side in ("key", "value")]
+CACHE = [
+    f"{io}.{layer}.{side}"
+    for io in ("past_key_values", "present")
+    for layer in range(LAYERS)
+    for side in ("key", "value")
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +65,21 @@ def test_the_cache_io_becomes_int8_written_through_quantize_and_read_through_deq
     assert result.modified and rewrite.count == 2 * LAYERS
     io = {v.name: v.dtype for v in (*model.graph.inputs, *model.graph.outputs)}
     assert {name: io[name] for name in CACHE} == dict.fromkeys(CACHE, ir.DataType.INT8)
-    assert {k: v for k, v in io.items() if k not in CACHE} == {"input_ids": ir.DataType.INT64, "attention_mask": ir.DataType.INT64,
-                                                             "position_ids": ir.DataType.INT64, "logits": ir.DataType.FLOAT}
+    assert {k: v for k, v in io.items() if k not in CACHE} == {
+        "input_ids": ir.DataType.INT64,
+        "attention_mask": ir.DataType.INT64,
+        "position_ids": ir.DataType.INT64,
+        "logits": ir.DataType.FLOAT,
+    }
     assert op_types(model).count("QuantizeLinear") == op_types(model).count("DequantizeLinear") == 2 * LAYERS
     assert op_types(float_model).count("QuantizeLinear") == 0
     values = {v.name: v for node in model.graph for v in node.outputs}
     for site, cache in found:
         for kind, present in (("k", cache.present_key), ("v", cache.present_value)):
             concat = values[present].producer()
-            assert concat.op_type == "Concat" and concat.inputs[0].name == present.replace("present.", "past_key_values.")
+            assert concat.op_type == "Concat" and concat.inputs[0].name == present.replace(
+                "present.", "past_key_values."
+            )
             chain, node = [], concat.inputs[1].producer()
             while node.op_type != "QuantizeLinear":
                 chain.append(node.op_type)
@@ -106,7 +127,11 @@ def test_logits_are_the_models_with_the_cache_round_trip(tiny_onnx, recipe, ids,
     got = torch.from_numpy(run(model, ids)["logits"])
 
     def round_trip(layer, query, key, value):
-        return query, fake_quant(key, *per_channel(recipe, layer, "k")), fake_quant(value, *per_channel(recipe, layer, "v"))
+        return (
+            query,
+            fake_quant(key, *per_channel(recipe, layer, "k")),
+            fake_quant(value, *per_channel(recipe, layer, "v")),
+        )
 
     with torch.no_grad():
         expected = with_attention_inputs(tiny_llama(), round_trip)(torch.from_numpy(ids)).logits
@@ -148,8 +173,12 @@ def test_graph_without_attention_is_left_as_it_is(recipe):
     assert op_types(model) == ["Relu"]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="a second run registers the scales' initializers again "
-                                                         "(onnx-ir: already registered) instead of changing nothing")
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="a second run registers the scales' initializers again "
+    "(onnx-ir: already registered) instead of changing nothing",
+)
 def test_a_second_run_changes_nothing(tiny_onnx, recipe):
     model, _, rewrite, _ = rewritten(tiny_onnx[20], recipe)
     assert rewrite(model).modified is False
@@ -157,8 +186,11 @@ def test_a_second_run_changes_nothing(tiny_onnx, recipe):
 
 def test_a_site_without_cache_io_is_refused(tiny_onnx, recipe):
     model, found = load(tiny_onnx[20])
-    with pytest.raises(QpassError, match=r"attention 0 .* has no KV cache inputs and outputs; export the decoder with "
-                                         r"past_key_values\.\* inputs and present\.\* outputs"):
+    with pytest.raises(
+        QpassError,
+        match=r"attention 0 .* has no KV cache inputs and outputs; export the decoder with "
+        r"past_key_values\.\* inputs and present\.\* outputs",
+    ):
         InsertKVCacheQDQPass([(site, None) for site, _ in found], recipe)(model)
 
 

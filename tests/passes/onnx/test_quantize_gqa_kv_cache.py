@@ -18,8 +18,21 @@ import torch
 
 from qpass.core.errors import QpassError
 from qpass.core.int8 import affine_qparams, quantize
-from qpass.passes.onnx.quantize_gqa_kv_cache import GQAKVScales, QuantizeGQAKVCachePass, int8_kv_genai_config, write_int8_kv_genai_config
-from tests.helpers.onnx_genai_cases import absmax_scales, cache_io, empty_cache, forward, genai_float_dir, greedy, run_builder_int8, session  # noqa: F401
+from qpass.passes.onnx.quantize_gqa_kv_cache import (
+    GQAKVScales,
+    QuantizeGQAKVCachePass,
+    int8_kv_genai_config,
+    write_int8_kv_genai_config,
+)
+from tests.helpers.onnx_genai_cases import (
+    absmax_scales,
+    cache_io,
+    empty_cache,
+    forward,
+    greedy,
+    run_builder_int8,
+    session,
+)
 
 HEAD_DIM, KV_HEADS, LAYERS = 16, 2, 2  # conftest's tiny Llama
 VOCAB = 49152
@@ -99,9 +112,10 @@ def test_rewrite_structure(genai_float_dir, float_model, scales):
             value = node.inputs[port]
             assert value.is_initializer() and value.dtype == ir.DataType.FLOAT and value.shape == [KV_HEADS * HEAD_DIM]
             np.testing.assert_array_equal(value.const_value.numpy(), expected)
-    cache = [v for v in (*model.graph.inputs, *model.graph.outputs) if v.name.startswith(("past_key_values.", "present."))]
+    io = (*model.graph.inputs, *model.graph.outputs)
+    cache = [v for v in io if v.name.startswith(("past_key_values.", "present."))]
     assert len(cache) == 4 * LAYERS and {v.dtype for v in cache} == {ir.DataType.INT8}
-    others = [v for v in (*model.graph.inputs, *model.graph.outputs) if v not in cache]
+    others = [v for v in io if v not in cache]
     assert {v.name: v.dtype for v in others} == {"input_ids": ir.DataType.INT64, "attention_mask": ir.DataType.INT64,
                                                "logits": ir.DataType.FLOAT}
     again = rewrite(model)  # the same cache again: nothing to change

@@ -9,7 +9,7 @@ import pytest
 from qpass.core.errors import QpassError
 from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 from qpass.passes.onnx.verify_int8_cache import VerifyInt8CachePass
-from tests.helpers.onnx_tiny import load, op_types, tiny_onnx, tiny_recipe  # noqa: F401  (tiny_onnx: fixture)
+from tests.helpers.onnx_tiny import load, op_types, tiny_recipe
 
 
 @pytest.fixture
@@ -38,7 +38,18 @@ def test_an_int8_cache_written_by_a_plain_cast_is_caught(c8):
     model, found = c8
     concat = next(v for v in model.graph.outputs if v.name == "present.1.value").producer()
     quantized = concat.inputs[1]  # Transpose(Reshape(QuantizeLinear(Reshape(Transpose(v)))))
-    float_v = quantized.producer().inputs[0].producer().inputs[0].producer().inputs[0].producer().inputs[0].producer().inputs[0]
+    float_v = (
+        quantized.producer()
+        .inputs[0]
+        .producer()
+        .inputs[0]
+        .producer()
+        .inputs[0]
+        .producer()
+        .inputs[0]
+        .producer()
+        .inputs[0]
+    )
     assert float_v.dtype == ir.DataType.FLOAT
     cast = ir.node("Cast", [float_v], {"to": ir.DataType.INT8})
     model.graph.insert_before(concat, cast)
