@@ -3,10 +3,12 @@ int8 ``present.*`` is written through its quantization. It never changes the mod
 export and C8's rewrite (``kv_cache="static"``), and names an int8 cache fed by anything else (negatives). On the
 tiny Llama export at opset 20."""
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
 from qpass.core.errors import QpassError
+from qpass.passes.onnx import qdq
 from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 from qpass.passes.onnx.verify_int8_cache import VerifyInt8CachePass
 from tests.helpers.onnx_tiny import load, op_types, tiny_recipe
@@ -55,6 +57,19 @@ def test_an_int8_cache_written_by_a_plain_cast_is_caught(c8):
     model.graph.insert_before(concat, cast)
     concat.replace_input_with(1, cast.outputs[0])
     with pytest.raises(QpassError, match=r"writes the int8 cache present\.1\.value without its quantization"):
+        VerifyInt8CachePass(found)(model)
+
+
+def test_an_int8_cache_quantized_per_tensor_is_caught(c8):
+    """One scale for the whole cache: written through a QuantizeLinear, but not with a scale per KV channel
+    (kv_heads * head_dim), the recipe's."""
+    model, found = c8
+    node = next(v for v in model.graph.outputs if v.name == "present.0.key").producer().inputs[1].producer()
+    while node.op_type != "QuantizeLinear":
+        node = node.inputs[0].producer()
+    node.replace_input_with(1, qdq.initializer(model.graph, "per_tensor.scale", np.array(0.05, np.float32)))
+    node.replace_input_with(2, qdq.initializer(model.graph, "per_tensor.zero_point", np.array(0, np.int8)))
+    with pytest.raises(QpassError, match=r"present\.0\.key without its quantization"):
         VerifyInt8CachePass(found)(model)
 
 
