@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT := out
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,17 @@ demo: install
 		--eval $(OUT)/corpus/eval_prose.txt -o $(OUT)/demo --force
 	$(BIN)/qpass eval $(OUT)/demo --eval $(OUT)/corpus/eval_code.txt
 
-# lint-imports holds the layers of docs/architecture.md (contracts in .importlinter)
-test: install
+# ruff keeps the code formatted and linted (pyproject.toml); lint-imports holds the layers of docs/architecture.md
+# (contracts in .importlinter)
+lint: install
+	$(BIN)/ruff check qpass tools tests
+	$(BIN)/ruff format --check qpass tools tests
 	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -n 2 -q
 
-test-fast: install
-	$(BIN)/lint-imports
+test-fast: lint
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 clean:

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from qpass.core import corpus
-from tests.helpers.onnx_genai_cases import genai_float_dir  # noqa: F401  (a fixture, for every test module)
-from tests.helpers.onnx_tiny import tiny_onnx  # noqa: F401  (a fixture, for every test module)
+
+# the helpers' session fixtures, for every test module: the ONNX exports, onnxruntime-genai's builder output
+pytest_plugins = ["tests.helpers.onnx_cases", "tests.helpers.onnx_genai_cases", "tests.helpers.onnx_tiny"]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import grimp
-
 import pytest
 import torch
 
@@ -21,13 +20,16 @@ def test_the_contracts_import_graph_holds_every_module():
     """import-linter's graph (grimp's) holds every ``.py`` file under ``qpass/``: a package without ``__init__.py``
     would drop out of it, and out of every contract, silently."""
     root = Path(qpass.__file__).parent
-    files = {".".join(("qpass", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
-             for p in root.rglob("*.py")}
+    files = {
+        ".".join(("qpass", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        for p in root.rglob("*.py")
+    }
     assert files == set(grimp.build_graph("qpass").modules)
 
 
 def _loaded_after(statement: str) -> list[str]:
-    code = f"import sys; {statement}; print(' '.join(sorted(m for m in sys.modules if m == 'torch' or m.startswith('qpass'))))"
+    loaded = "sorted(m for m in sys.modules if m == 'torch' or m.startswith('qpass'))"
+    code = f"import sys; {statement}; print(' '.join({loaded}))"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
 
 
@@ -61,12 +63,22 @@ def _phi3():
     from transformers import AutoModelForCausalLM, Phi3Config
 
     torch.manual_seed(0)
-    config = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, pad_token_id=0)
+    config = Phi3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-@pytest.mark.parametrize("arch, fused", [("gpt2", "transformer.h.0.attn.c_attn"), ("phi3", "model.layers.0.self_attn.qkv_proj")])
+@pytest.mark.parametrize(
+    "arch, fused", [("gpt2", "transformer.h.0.attn.c_attn"), ("phi3", "model.layers.0.self_attn.qkv_proj")]
+)
 def test_an_architecture_the_format_cannot_name_is_refused(arch, fused, tmp_path):
     model = _phi3() if arch == "phi3" else tiny_model(arch, num_layers=1)  # q, k and v from one fused projection
     _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="static")

@@ -27,8 +27,22 @@ MINDIE_WEIGHTS, MINDIE_DESCRIPTION = "quant_model_weight_w8a8.safetensors", "qua
 def compiled(tiny_model_dir, text_files, tmp_path_factory):
     """A qpass directory (FAQuant + C8) of the tiny model, to break copies of."""
     out = tmp_path_factory.mktemp("compiled") / "q"
-    assert main(["compile", str(tiny_model_dir), "--fa-quant", "--kv-int8", "--calib", str(text_files["calib"]),
-                 "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--fa-quant",
+                "--kv-int8",
+                "--calib",
+                str(text_files["calib"]),
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -36,23 +50,49 @@ def compiled(tiny_model_dir, text_files, tmp_path_factory):
 def mindie(tiny_model_dir, text_files, tmp_path_factory):
     """A MindIE directory (W8A8 + FAQuant + C8, float16) of the tiny model, to break copies of."""
     out = tmp_path_factory.mktemp("mindie") / "m"
-    assert main(["compile", str(tiny_model_dir), "--w8a8", "--fa-quant", "--kv-int8", "--calib", str(text_files["calib"]),
-                 "--format", "mindie", "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--w8a8",
+                "--fa-quant",
+                "--kv-int8",
+                "--calib",
+                str(text_files["calib"]),
+                "--format",
+                "mindie",
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @dataclass
 class Inputs:
-    model: Path      # the tiny model directory
-    text: dict       # calib / prose / code files
-    p: Path          # where a case makes its broken inputs
-    out: Path        # the output path a compile is given
-    compiled: Path   # a qpass directory
-    mindie: Path     # a MindIE directory
+    model: Path  # the tiny model directory
+    text: dict  # calib / prose / code files
+    p: Path  # where a case makes its broken inputs
+    out: Path  # the output path a compile is given
+    compiled: Path  # a qpass directory
+    mindie: Path  # a MindIE directory
 
     def compile(self, *extra, model=None) -> list[str]:
         """``qpass compile`` of ``model`` (the tiny one) with the small settings, then ``extra`` (later flags win)."""
-        return ["compile", str(model or self.model), *SMALL, "--calib", str(self.text["calib"]), "-o", str(self.out), *extra]
+        return [
+            "compile",
+            str(model or self.model),
+            *SMALL,
+            "--calib",
+            str(self.text["calib"]),
+            "-o",
+            str(self.out),
+            *extra,
+        ]
 
     def file(self, name: str, data: bytes | str) -> str:
         path = self.p / name
@@ -66,6 +106,7 @@ class Inputs:
 
 
 # --- helpers that break a copy of an input ------------------------------------------------------------------
+
 
 def model_with(c: Inputs, config=None, drop=(), add=None, truncate=None, weights=None) -> str:
     """A copy of the tiny model: ``config(doc)`` edits config.json (or ``config`` is its new bytes), files in
@@ -121,8 +162,10 @@ def recipe_with(c: Inputs, tensors=None, doc=None, raw_json=None, truncate=False
 
 def set_tensor(name: str, value) -> callable:
     """A ``tensors`` edit: ``name`` becomes ``value(old)``."""
+
     def change(t):
         t[name] = value(t[name])
+
     return change
 
 
@@ -178,250 +221,626 @@ CASES = {
     # --- options: out of range, incompatible, nothing to quantize --------------------------------------------
     "nothing to quantize": (lambda c: c.compile(), "nothing to quantize", "--fa-quant / --kv-int8 / --w8a8"),
     "window 0": (lambda c: c.compile("--kv-int8", "--window", "0"), "--window 0: must be an integer", "at least 1"),
-    "window beyond the model's positions": (lambda c: c.compile("--kv-int8", "--window", "1024"),
-                                            "--window 1024: longer than", "--window 512 or less"),
+    "window beyond the model's positions": (
+        lambda c: c.compile("--kv-int8", "--window", "1024"),
+        "--window 1024: longer than",
+        "--window 512 or less",
+    ),
     "batch size 0": (lambda c: c.compile("--kv-int8", "--batch-size", "0"), "--batch-size 0", "at least 1"),
-    "calib samples negative": (lambda c: c.compile("--kv-int8", "--calib-samples", "-3"), "--calib-samples -3", "at least 1"),
-    "eval windows 0": (lambda c: c.compile("--kv-int8", "--eval", str(c.text["prose"]), "--eval-windows", "0"),
-                       "--eval-windows 0", "at least 1"),
-    "percentile out of range": (lambda c: c.compile("--kv-int8", "--observer", "percentile", "--percentile", "150"),
-                                "percentile=150.0", "(50, 100]"),
-    "alpha out of range": (lambda c: c.compile("--w8a8", "--anti-method", "m1", "--alpha", "1.5"), "alpha=1.5", "[0, 1]"),
-    "disable level malformed": (lambda c: c.compile("--w8a8", "--disable-level", "L-1"), "disable_level='L-1'", "L0, Ln"),
-    "max ppl increase 0": (lambda c: c.compile("--w8a8", "--max-ppl-increase", "0"), "max_ppl_increase=0.0", "positive"),
-    "anti-method without w8a8": (lambda c: c.compile("--kv-int8", "--anti-method", "m1"), "apply to W8A8 only", "--w8a8"),
-    "fa-quant with dynamic cache": (lambda c: c.compile("--fa-quant", "--kv-int8", "dynamic"),
-                                    "FAQuant fixes the cache", "drop --fa-quant"),
-    "window not a number": (lambda c: c.compile("--kv-int8", "--window", "wide"), "invalid int value: 'wide'",
-                            "qpass compile --help"),
-    "observer unknown": (lambda c: c.compile("--kv-int8", "--observer", "max"), "invalid choice: 'max'", "qpass compile --help"),
-    "format unknown": (lambda c: c.compile("--kv-int8", "--format", "onnx-ascend"), "invalid choice: 'onnx-ascend'",
-                       "qpass compile --help"),
-    "vllm-ascend with fa-quant": (lambda c: c.compile("--w8a8", "--fa-quant", "--format", "vllm-ascend"),
-                                  "vllm-ascend loads attention quantization only as FAKQuant", "drop --fa-quant"),
-    "vllm-ascend asymmetric C8": (lambda c: c.compile("--w8a8", "--kv-int8", "--format", "vllm-ascend"),
-                                  "C8 must be symmetric", "add --symmetric"),
-    "mindie without w8a8": (lambda c: c.compile("--kv-int8", "--format", "mindie"), "the MindIE format is W8A8", "add --w8a8"),
-    "mindie with dynamic cache": (lambda c: c.compile("--w8a8", "--kv-int8", "dynamic", "--format", "mindie"),
-                                  "holds only a static int8 KV cache", "--kv-int8 (static)"),
-    "dtype with qpass format": (lambda c: c.compile("--kv-int8", "--dtype", "float16"), "only --format mindie / vllm-ascend",
-                                "drop --dtype"),
-    "bfloat16 with C8": (lambda c: c.compile("--w8a8", "--kv-int8", "--format", "mindie", "--dtype", "bfloat16"),
-                         "documented for float16 weights only", "use --dtype float16"),
-    "recipe with other options": (lambda c: c.compile("--w8a8", "--recipe", str(c.compiled / "recipe")),
-                                  "calibrated otherwise than --w8a8 (w8a8=False in the recipe)", "drop those flags"),
-    "output is a file": (lambda c: c.compile("--kv-int8", "-o", c.file("taken", "x")), "exists and is not a directory",
-                         "choose another output path"),
-    "output not empty": (lambda c: c.compile("--kv-int8", "-o", str(Path(c.file("keep.txt", "mine")).parent)),
-                         "directory exists and is not empty", "pass --force"),
-    "output under a file": (lambda c: c.compile("--kv-int8", "-o", c.file("f", "x") + "/out"), "not a writable directory",
-                            "choose an output path you can write"),
-    "run with no new tokens": (lambda c: ["run", str(c.compiled), "--prompt", "Hello", "--max-new-tokens", "0"],
-                               "--max-new-tokens 0", "at least 1"),
-    "eval with 0 windows": (lambda c: ["eval", str(c.compiled), "--eval", str(c.text["prose"]), "--eval-windows", "0"],
-                            "--eval-windows 0", "at least 1"),
-
+    "calib samples negative": (
+        lambda c: c.compile("--kv-int8", "--calib-samples", "-3"),
+        "--calib-samples -3",
+        "at least 1",
+    ),
+    "eval windows 0": (
+        lambda c: c.compile("--kv-int8", "--eval", str(c.text["prose"]), "--eval-windows", "0"),
+        "--eval-windows 0",
+        "at least 1",
+    ),
+    "percentile out of range": (
+        lambda c: c.compile("--kv-int8", "--observer", "percentile", "--percentile", "150"),
+        "percentile=150.0",
+        "(50, 100]",
+    ),
+    "alpha out of range": (
+        lambda c: c.compile("--w8a8", "--anti-method", "m1", "--alpha", "1.5"),
+        "alpha=1.5",
+        "[0, 1]",
+    ),
+    "disable level malformed": (
+        lambda c: c.compile("--w8a8", "--disable-level", "L-1"),
+        "disable_level='L-1'",
+        "L0, Ln",
+    ),
+    "max ppl increase 0": (
+        lambda c: c.compile("--w8a8", "--max-ppl-increase", "0"),
+        "max_ppl_increase=0.0",
+        "positive",
+    ),
+    "anti-method without w8a8": (
+        lambda c: c.compile("--kv-int8", "--anti-method", "m1"),
+        "apply to W8A8 only",
+        "--w8a8",
+    ),
+    "fa-quant with dynamic cache": (
+        lambda c: c.compile("--fa-quant", "--kv-int8", "dynamic"),
+        "FAQuant fixes the cache",
+        "drop --fa-quant",
+    ),
+    "window not a number": (
+        lambda c: c.compile("--kv-int8", "--window", "wide"),
+        "invalid int value: 'wide'",
+        "qpass compile --help",
+    ),
+    "observer unknown": (
+        lambda c: c.compile("--kv-int8", "--observer", "max"),
+        "invalid choice: 'max'",
+        "qpass compile --help",
+    ),
+    "format unknown": (
+        lambda c: c.compile("--kv-int8", "--format", "onnx-ascend"),
+        "invalid choice: 'onnx-ascend'",
+        "qpass compile --help",
+    ),
+    "vllm-ascend with fa-quant": (
+        lambda c: c.compile("--w8a8", "--fa-quant", "--format", "vllm-ascend"),
+        "vllm-ascend loads attention quantization only as FAKQuant",
+        "drop --fa-quant",
+    ),
+    "vllm-ascend asymmetric C8": (
+        lambda c: c.compile("--w8a8", "--kv-int8", "--format", "vllm-ascend"),
+        "C8 must be symmetric",
+        "add --symmetric",
+    ),
+    "mindie without w8a8": (
+        lambda c: c.compile("--kv-int8", "--format", "mindie"),
+        "the MindIE format is W8A8",
+        "add --w8a8",
+    ),
+    "mindie with dynamic cache": (
+        lambda c: c.compile("--w8a8", "--kv-int8", "dynamic", "--format", "mindie"),
+        "holds only a static int8 KV cache",
+        "--kv-int8 (static)",
+    ),
+    "dtype with qpass format": (
+        lambda c: c.compile("--kv-int8", "--dtype", "float16"),
+        "only --format mindie / vllm-ascend",
+        "drop --dtype",
+    ),
+    "bfloat16 with C8": (
+        lambda c: c.compile("--w8a8", "--kv-int8", "--format", "mindie", "--dtype", "bfloat16"),
+        "documented for float16 weights only",
+        "use --dtype float16",
+    ),
+    "recipe with other options": (
+        lambda c: c.compile("--w8a8", "--recipe", str(c.compiled / "recipe")),
+        "calibrated otherwise than --w8a8 (w8a8=False in the recipe)",
+        "drop those flags",
+    ),
+    "output is a file": (
+        lambda c: c.compile("--kv-int8", "-o", c.file("taken", "x")),
+        "exists and is not a directory",
+        "choose another output path",
+    ),
+    "output not empty": (
+        lambda c: c.compile("--kv-int8", "-o", str(Path(c.file("keep.txt", "mine")).parent)),
+        "directory exists and is not empty",
+        "pass --force",
+    ),
+    "output under a file": (
+        lambda c: c.compile("--kv-int8", "-o", c.file("f", "x") + "/out"),
+        "not a writable directory",
+        "choose an output path you can write",
+    ),
+    "run with no new tokens": (
+        lambda c: ["run", str(c.compiled), "--prompt", "Hello", "--max-new-tokens", "0"],
+        "--max-new-tokens 0",
+        "at least 1",
+    ),
+    "eval with 0 windows": (
+        lambda c: ["eval", str(c.compiled), "--eval", str(c.text["prose"]), "--eval-windows", "0"],
+        "--eval-windows 0",
+        "at least 1",
+    ),
     # --- calibration and evaluation files --------------------------------------------------------------------
-    "calib empty": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", b"")), "is empty", "a file with text"),
-    "calib whitespace": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.txt", " \n\t\n  \r\n")), "is empty",
-                         "a file with text"),
-    "calib not JSON": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", GOOD_LINE + "{oops\n")),
-                       "line 2 is not JSON", "each line must be an object"),
-    "calib line a list": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", '["text", "a"]\n')),
-                          "line 1 is a JSON list, not an object", "each line must be an object"),
-    "calib text a number": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", GOOD_LINE + '{"text": 5}\n')),
-                            "line 2: 'text' is not a non-empty string", "each line must be an object"),
-    "calib text empty": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", '{"inputs_pretokenized": " "}\n')),
-                         "line 1: 'inputs_pretokenized' is not a non-empty string", "each line must be an object"),
-    "calib missing field": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", '{"prompt": "a"}\n')),
-                            "line 1 has no 'inputs_pretokenized' or 'text' field", "each line must be an object"),
-    "calib not UTF-8": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.txt", b"caf\xe9 au lait\n" * 50)),
-                        "not UTF-8 (byte 3, line 1)", "iconv -t utf-8"),
-    "calib UTF-16": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.txt", "some text\n".encode("utf-16"))),
-                     "not UTF-8", "iconv -t utf-8"),
-    "calib binary": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", BINARY)), "not UTF-8", "iconv -t utf-8"),
-    "calib a directory": (lambda c: c.compile("--kv-int8", "--calib", str(c.p)), "--calib: cannot read", "check the path"),
-    "calib missing": (lambda c: c.compile("--kv-int8", "--calib", str(c.p / "nope.jsonl")), "does not exist",
-                      "give the path of a UTF-8 text file"),
-    "calib shorter than a window": (lambda c: c.compile("--kv-int8", "--calib", c.file("c.txt", "Just a few words.")),
-                                    "shorter than one window of 64", "give more text or a smaller --window"),
-    "eval empty": (lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", b"")), "--eval: e.txt is empty",
-                   "a file with text"),
-    "eval whitespace": (lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", "\n\n   \n")), "--eval: e.txt is empty",
-                        "a file with text"),
+    "calib empty": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", b"")),
+        "is empty",
+        "a file with text",
+    ),
+    "calib whitespace": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.txt", " \n\t\n  \r\n")),
+        "is empty",
+        "a file with text",
+    ),
+    "calib not JSON": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", GOOD_LINE + "{oops\n")),
+        "line 2 is not JSON",
+        "each line must be an object",
+    ),
+    "calib line a list": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", '["text", "a"]\n')),
+        "line 1 is a JSON list, not an object",
+        "each line must be an object",
+    ),
+    "calib text a number": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", GOOD_LINE + '{"text": 5}\n')),
+        "line 2: 'text' is not a non-empty string",
+        "each line must be an object",
+    ),
+    "calib text empty": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", '{"inputs_pretokenized": " "}\n')),
+        "line 1: 'inputs_pretokenized' is not a non-empty string",
+        "each line must be an object",
+    ),
+    "calib missing field": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", '{"prompt": "a"}\n')),
+        "line 1 has no 'inputs_pretokenized' or 'text' field",
+        "each line must be an object",
+    ),
+    "calib not UTF-8": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.txt", b"caf\xe9 au lait\n" * 50)),
+        "not UTF-8 (byte 3, line 1)",
+        "iconv -t utf-8",
+    ),
+    "calib UTF-16": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.txt", "some text\n".encode("utf-16"))),
+        "not UTF-8",
+        "iconv -t utf-8",
+    ),
+    "calib binary": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.jsonl", BINARY)),
+        "not UTF-8",
+        "iconv -t utf-8",
+    ),
+    "calib a directory": (
+        lambda c: c.compile("--kv-int8", "--calib", str(c.p)),
+        "--calib: cannot read",
+        "check the path",
+    ),
+    "calib missing": (
+        lambda c: c.compile("--kv-int8", "--calib", str(c.p / "nope.jsonl")),
+        "does not exist",
+        "give the path of a UTF-8 text file",
+    ),
+    "calib shorter than a window": (
+        lambda c: c.compile("--kv-int8", "--calib", c.file("c.txt", "Just a few words.")),
+        "shorter than one window of 64",
+        "give more text or a smaller --window",
+    ),
+    "eval empty": (
+        lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", b"")),
+        "--eval: e.txt is empty",
+        "a file with text",
+    ),
+    "eval whitespace": (
+        lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", "\n\n   \n")),
+        "--eval: e.txt is empty",
+        "a file with text",
+    ),
     "eval a directory": (lambda c: c.compile("--kv-int8", "--eval", str(c.p)), "--eval: cannot read", "check the path"),
-    "eval not UTF-8": (lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", b"\xff\xfe\x00t\x00e")), "not UTF-8",
-                       "iconv -t utf-8"),
-    "eval is the weights file": (lambda c: c.compile("--kv-int8", "--eval", str(c.model / "model.safetensors")),
-                                 "model.safetensors is not UTF-8", "iconv -t utf-8"),
-    "eval too short": (lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", "Too short to fill a window.")),
-                       "shorter than one window", "give more text or a smaller --window"),
-    "eval command, eval empty": (lambda c: ["eval", str(c.compiled), "--eval", c.file("e.txt", "")], "is empty",
-                                 "a file with text"),
-    "eval command, eval missing": (lambda c: ["eval", str(c.compiled), "--eval", str(c.p / "e.txt")], "does not exist",
-                                   "give the path of a UTF-8 text file"),
-
+    "eval not UTF-8": (
+        lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", b"\xff\xfe\x00t\x00e")),
+        "not UTF-8",
+        "iconv -t utf-8",
+    ),
+    "eval is the weights file": (
+        lambda c: c.compile("--kv-int8", "--eval", str(c.model / "model.safetensors")),
+        "model.safetensors is not UTF-8",
+        "iconv -t utf-8",
+    ),
+    "eval too short": (
+        lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", "Too short to fill a window.")),
+        "shorter than one window",
+        "give more text or a smaller --window",
+    ),
+    "eval command, eval empty": (
+        lambda c: ["eval", str(c.compiled), "--eval", c.file("e.txt", "")],
+        "is empty",
+        "a file with text",
+    ),
+    "eval command, eval missing": (
+        lambda c: ["eval", str(c.compiled), "--eval", str(c.p / "e.txt")],
+        "does not exist",
+        "give the path of a UTF-8 text file",
+    ),
     # --- model inputs ----------------------------------------------------------------------------------------
-    "model missing": (lambda c: c.compile("--kv-int8", model=c.p / "no-such-model"), "no such file or directory",
-                      "give a Hugging Face model directory"),
-    "model dir without config": (lambda c: c.compile("--kv-int8", model=c.p), "no config.json", "config.json + *.safetensors"),
-    "config not JSON": (lambda c: c.compile("--kv-int8", model=model_with(c, config=b'{"model_type": "llama",')),
-                        "config.json is not valid JSON", "repair or re-download"),
-    "config empty": (lambda c: c.compile("--kv-int8", model=model_with(c, config=b"")), "config.json is not valid JSON",
-                     "repair or re-download"),
-    "config a list": (lambda c: c.compile("--kv-int8", model=model_with(c, config=b"[1, 2]")),
-                      "config.json is not a JSON object", "repair or re-download"),
-    "config not UTF-8": (lambda c: c.compile("--kv-int8", model=model_with(c, config=b'{"model_type": "ll\xe1ma"}')),
-                         "config.json is not valid JSON", "repair or re-download"),
-    "config without model_type": (lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: without(d, "model_type"))),
-                                  "cannot load this model", "check config.json"),
-    "config of an unknown architecture": (lambda c: c.compile("--kv-int8", model=model_with(
-        c, config=lambda d: edit(d, model_type="llama-next", architectures=["LlamaNextForCausalLM"]))),
-        "cannot load this model", "check config.json"),
-    "config of a model that is not a causal LM": (lambda c: c.compile("--kv-int8", model=model_with(
-        c, config=lambda d: edit(d, model_type="t5", architectures=["T5ForConditionalGeneration"]))),
-        "cannot load this model", "check config.json"),
-    "config that disagrees with the weights": (lambda c: c.compile("--kv-int8", model=model_with(
-        c, config=lambda d: edit(d, hidden_size=128, head_dim=32))),
+    "model missing": (
+        lambda c: c.compile("--kv-int8", model=c.p / "no-such-model"),
+        "no such file or directory",
+        "give a Hugging Face model directory",
+    ),
+    "model dir without config": (
+        lambda c: c.compile("--kv-int8", model=c.p),
+        "no config.json",
+        "config.json + *.safetensors",
+    ),
+    "config not JSON": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=b'{"model_type": "llama",')),
+        "config.json is not valid JSON",
+        "repair or re-download",
+    ),
+    "config empty": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=b"")),
+        "config.json is not valid JSON",
+        "repair or re-download",
+    ),
+    "config a list": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=b"[1, 2]")),
+        "config.json is not a JSON object",
+        "repair or re-download",
+    ),
+    "config not UTF-8": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=b'{"model_type": "ll\xe1ma"}')),
+        "config.json is not valid JSON",
+        "repair or re-download",
+    ),
+    "config without model_type": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: without(d, "model_type"))),
+        "cannot load this model",
+        "check config.json",
+    ),
+    "config of an unknown architecture": (
+        lambda c: c.compile(
+            "--kv-int8",
+            model=model_with(
+                c, config=lambda d: edit(d, model_type="llama-next", architectures=["LlamaNextForCausalLM"])
+            ),
+        ),
+        "cannot load this model",
+        "check config.json",
+    ),
+    "config of a model that is not a causal LM": (
+        lambda c: c.compile(
+            "--kv-int8",
+            model=model_with(
+                c, config=lambda d: edit(d, model_type="t5", architectures=["T5ForConditionalGeneration"])
+            ),
+        ),
+        "cannot load this model",
+        "check config.json",
+    ),
+    "config that disagrees with the weights": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: edit(d, hidden_size=128, head_dim=32))),
         "weight lm_head.weight is [49152, 64] in the safetensors files but config.json makes it [49152, 128]",
-        "repair config.json or re-download the model"),
-    "weights missing a tensor": (lambda c: c.compile("--kv-int8", model=model_with(c, weights=lambda t: without(
-        t, "model.layers.1.mlp.up_proj.weight"))), "weight model.layers.1.mlp.up_proj.weight is not in the safetensors files",
-        "re-download the model"),
-    "remote code only": (lambda c: c.compile("--kv-int8", model=model_with(
-        c, config=lambda d: edit(d, model_type="my-own", auto_map={"AutoModelForCausalLM": "m.M"}))),
-        "never runs remote code", "set model_type to"),
-    "remote code without model_type": (lambda c: c.compile("--kv-int8", model=model_with(
-        c, config=lambda d: edit(without(d, "model_type"), auto_map={"AutoModelForCausalLM": "m.M"}))),
-        "model_type None has no built-in architecture", "set model_type to"),
-    "weights missing": (lambda c: c.compile("--kv-int8", model=model_with(c, drop=["model.safetensors"])),
-                        "no *.safetensors weights", "convert them to safetensors"),
-    "pickle-only checkpoint": (lambda c: c.compile("--kv-int8", model=model_with(c, drop=["model.safetensors"],
-                                                                                  add={"pytorch_model.bin": PICKLE})),
-                               "no *.safetensors weights", "qpass never unpickles .bin files"),
-    "weights truncated": (lambda c: c.compile("--kv-int8", model=model_with(c, truncate="model.safetensors")),
-                          "cannot load this model", "check config.json, the tokenizer files and the safetensors weights"),
-    "weights header corrupt": (lambda c: c.compile("--kv-int8", model=model_with(c, add={"model.safetensors": CORRUPT_SAFETENSORS})),
-                               "cannot load this model", "the safetensors weights"),
-    "tokenizer missing": (lambda c: c.compile("--kv-int8", model=model_with(c, drop=["tokenizer.json", "tokenizer_config.json"])),
-                          "cannot load this model", "the tokenizer files"),
-    "model is a safetensors file": (lambda c: c.compile("--kv-int8", model=c.model / "model.safetensors"),
-                                    "not a .gguf file or a model directory", "give a Hugging Face model directory"),
-    "gguf truncated": (lambda c: c.compile("--kv-int8", model=c.file("m.gguf", b"GGUF\x03\x00\x00\x00\x10")),
-                       "cannot read this GGUF file", "check that it is a complete GGUF model"),
-    "gguf empty": (lambda c: c.compile("--kv-int8", model=c.file("m.gguf", b"")), "cannot read this GGUF file",
-                   "check that it is a complete GGUF model"),
-    "gguf of another format": (lambda c: c.compile("--kv-int8", model=c.file("m.gguf", PICKLE * 4)),
-                               "cannot read this GGUF file", "check that it is a complete GGUF model"),
-    "inspect a broken config": (lambda c: ["inspect", model_with(c, config=b"\x00\x01")], "config.json is not valid JSON",
-                                "repair or re-download"),
-
+        "repair config.json or re-download the model",
+    ),
+    "weights missing a tensor": (
+        lambda c: c.compile(
+            "--kv-int8", model=model_with(c, weights=lambda t: without(t, "model.layers.1.mlp.up_proj.weight"))
+        ),
+        "weight model.layers.1.mlp.up_proj.weight is not in the safetensors files",
+        "re-download the model",
+    ),
+    "remote code only": (
+        lambda c: c.compile(
+            "--kv-int8",
+            model=model_with(
+                c, config=lambda d: edit(d, model_type="my-own", auto_map={"AutoModelForCausalLM": "m.M"})
+            ),
+        ),
+        "never runs remote code",
+        "set model_type to",
+    ),
+    "remote code without model_type": (
+        lambda c: c.compile(
+            "--kv-int8",
+            model=model_with(
+                c, config=lambda d: edit(without(d, "model_type"), auto_map={"AutoModelForCausalLM": "m.M"})
+            ),
+        ),
+        "model_type None has no built-in architecture",
+        "set model_type to",
+    ),
+    "weights missing": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, drop=["model.safetensors"])),
+        "no *.safetensors weights",
+        "convert them to safetensors",
+    ),
+    "pickle-only checkpoint": (
+        lambda c: c.compile(
+            "--kv-int8", model=model_with(c, drop=["model.safetensors"], add={"pytorch_model.bin": PICKLE})
+        ),
+        "no *.safetensors weights",
+        "qpass never unpickles .bin files",
+    ),
+    "weights truncated": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, truncate="model.safetensors")),
+        "cannot load this model",
+        "check config.json, the tokenizer files and the safetensors weights",
+    ),
+    "weights header corrupt": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, add={"model.safetensors": CORRUPT_SAFETENSORS})),
+        "cannot load this model",
+        "the safetensors weights",
+    ),
+    "tokenizer missing": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, drop=["tokenizer.json", "tokenizer_config.json"])),
+        "cannot load this model",
+        "the tokenizer files",
+    ),
+    "model is a safetensors file": (
+        lambda c: c.compile("--kv-int8", model=c.model / "model.safetensors"),
+        "not a .gguf file or a model directory",
+        "give a Hugging Face model directory",
+    ),
+    "gguf truncated": (
+        lambda c: c.compile("--kv-int8", model=c.file("m.gguf", b"GGUF\x03\x00\x00\x00\x10")),
+        "cannot read this GGUF file",
+        "check that it is a complete GGUF model",
+    ),
+    "gguf empty": (
+        lambda c: c.compile("--kv-int8", model=c.file("m.gguf", b"")),
+        "cannot read this GGUF file",
+        "check that it is a complete GGUF model",
+    ),
+    "gguf of another format": (
+        lambda c: c.compile("--kv-int8", model=c.file("m.gguf", PICKLE * 4)),
+        "cannot read this GGUF file",
+        "check that it is a complete GGUF model",
+    ),
+    "inspect a broken config": (
+        lambda c: ["inspect", model_with(c, config=b"\x00\x01")],
+        "config.json is not valid JSON",
+        "repair or re-download",
+    ),
     # --- recipes and compiled directories --------------------------------------------------------------------
-    "recipe directory empty": (lambda c: c.compile("--recipe", str(c.p)), "needs recipe.json and recipe.safetensors",
-                               "give a directory written by `qpass compile`"),
-    "recipe JSON corrupt": (lambda c: c.compile("--recipe", recipe_with(c, raw_json=b'{"version": 2, "config"')),
-                            "recipe.json is not a qpass recipe", "recalibrate"),
-    "recipe JSON a list": (lambda c: c.compile("--recipe", recipe_with(c, raw_json=b"[]")), "recipe.json is not a qpass recipe",
-                           "recalibrate"),
-    "recipe JSON not UTF-8": (lambda c: c.compile("--recipe", recipe_with(c, raw_json=b'{"version": "\xff"}')),
-                              "recipe.json is not a qpass recipe", "recalibrate"),
-    "recipe of another version": (lambda c: c.compile("--recipe", recipe_with(c, doc=lambda d: edit(d, version=1))),
-                                  "recipe version 1 is not 2", "recalibrate with this qpass"),
-    "recipe config invalid": (lambda c: c.compile("--recipe", recipe_with(c, doc=lambda d: edit(d, config={"fa_quant": "yes"}))),
-                              "recipe.json is not a qpass recipe", "recalibrate"),
-    "recipe tensors truncated": (lambda c: c.compile("--recipe", recipe_with(c, truncate=True)),
-                                 "cannot read recipe.safetensors", "recalibrate"),
-    "recipe scale NaN": (lambda c: c.compile("--recipe", recipe_with(c, tensors=set_tensor(
-        "layers.1.kv_v.scale", lambda t: t.index_fill(0, torch.tensor([5]), float("nan"))))),
-        "layers.1.kv_v.scale has a scale that is NaN", "recalibrate"),
-    "recipe scale zero": (lambda c: c.compile("--recipe", recipe_with(c, tensors=set_tensor(
-        "layers.0.fa_q.scale", lambda t: t.index_fill(1, torch.tensor([3]), 0.0)))),
-        "layers.0.fa_q.scale has a scale that is zero or negative", "recalibrate"),
-    "recipe scale infinite": (lambda c: c.compile("--recipe", recipe_with(c, tensors=set_tensor(
-        "layers.0.kv_k.scale", lambda t: t.index_fill(0, torch.tensor([0]), float("inf"))))),
-        "layers.0.kv_k.scale has a scale that is infinite", "recalibrate"),
-    "recipe scale 1.0 everywhere": (lambda c: c.compile("--recipe", recipe_with(c, tensors=set_tensor(
-        "layers.1.fa_k.scale", torch.ones_like))), "layers.1.fa_k.scale is 1.0 in every channel", "recalibrate"),
-    "recipe offset beyond int8": (lambda c: c.compile("--recipe", recipe_with(c, tensors=set_tensor(
-        "layers.0.kv_v.offset", lambda t: t + 300))), "layers.0.kv_v.offset has an offset", "[-128, 127]"),
-    "recipe tensor missing": (lambda c: c.compile("--recipe", recipe_with(c, tensors=lambda t: without(
-        t, "layers.1.kv_k.scale", "layers.1.kv_k.offset"))), "no layers.1.kv_k.scale/.offset", "recalibrate"),
-    "recipe tensor unknown": (lambda c: c.compile("--recipe", recipe_with(c, tensors=lambda t: edit(
-        t, **{"layers.0.kv_x.scale": torch.ones(4)}))), "layers.0.kv_x.scale is not one a recipe holds", "recalibrate"),
-    "recipe tensor of the wrong shape": (lambda c: c.compile("--recipe", recipe_with(c, tensors=set_tensor(
-        "layers.0.fa_v.scale", lambda t: t.flatten()))), "layers.0.fa_v.scale has shape [32]", "recalibrate"),
-    "recipe for another model": (lambda c: c.compile("--recipe", recipe_with(c, doc=lambda d: edit(
-        d, sites=[{**s, "num_heads": 8} for s in d["sites"]]))),
-        "calibrated for another model (layer 0: recipe 8 heads, 2 kv heads, head_dim 16 at model.layers.0.self_attn vs model "
-        "4 heads", "calibrate this model"),
-    "eval of an empty directory": (lambda c: ["eval", str(c.p), "--eval", str(c.text["prose"])],
-                                   "not a directory written by `qpass compile -o`", "give one of those"),
-    "eval of a truncated program": (lambda c: mindie_eval(c, compiled_with(c, truncate="program.pt2")),
-                                    "program.pt2: cannot load this saved program", "recompile into a fresh directory"),
-    "eval without tokenizer": (lambda c: mindie_eval(c, compiled_with(c, drop=["tokenizer"])), "compiled: no tokenizer/",
-                               "recompile into a fresh directory"),
-    "eval with a corrupt recipe": (lambda c: mindie_eval(c, compiled_with(c, recipe_json=b"\x00")),
-                                   "recipe.json is not a qpass recipe", "recalibrate"),
-    "eval without recipe": (lambda c: mindie_eval(c, compiled_with(c, drop=["recipe"])), "needs recipe.json",
-                            "give a directory written by `qpass compile`"),
-    "run without decoder": (lambda c: ["run", str(c.compiled), "--prompt", "Hello"], "no decoder.pt2",
-                            "for a model whose attention the paged int8 ops support"),
-
+    "recipe directory empty": (
+        lambda c: c.compile("--recipe", str(c.p)),
+        "needs recipe.json and recipe.safetensors",
+        "give a directory written by `qpass compile`",
+    ),
+    "recipe JSON corrupt": (
+        lambda c: c.compile("--recipe", recipe_with(c, raw_json=b'{"version": 2, "config"')),
+        "recipe.json is not a qpass recipe",
+        "recalibrate",
+    ),
+    "recipe JSON a list": (
+        lambda c: c.compile("--recipe", recipe_with(c, raw_json=b"[]")),
+        "recipe.json is not a qpass recipe",
+        "recalibrate",
+    ),
+    "recipe JSON not UTF-8": (
+        lambda c: c.compile("--recipe", recipe_with(c, raw_json=b'{"version": "\xff"}')),
+        "recipe.json is not a qpass recipe",
+        "recalibrate",
+    ),
+    "recipe of another version": (
+        lambda c: c.compile("--recipe", recipe_with(c, doc=lambda d: edit(d, version=1))),
+        "recipe version 1 is not 2",
+        "recalibrate with this qpass",
+    ),
+    "recipe config invalid": (
+        lambda c: c.compile("--recipe", recipe_with(c, doc=lambda d: edit(d, config={"fa_quant": "yes"}))),
+        "recipe.json is not a qpass recipe",
+        "recalibrate",
+    ),
+    "recipe tensors truncated": (
+        lambda c: c.compile("--recipe", recipe_with(c, truncate=True)),
+        "cannot read recipe.safetensors",
+        "recalibrate",
+    ),
+    "recipe scale NaN": (
+        lambda c: c.compile(
+            "--recipe",
+            recipe_with(
+                c, tensors=set_tensor("layers.1.kv_v.scale", lambda t: t.index_fill(0, torch.tensor([5]), float("nan")))
+            ),
+        ),
+        "layers.1.kv_v.scale has a scale that is NaN",
+        "recalibrate",
+    ),
+    "recipe scale zero": (
+        lambda c: c.compile(
+            "--recipe",
+            recipe_with(
+                c, tensors=set_tensor("layers.0.fa_q.scale", lambda t: t.index_fill(1, torch.tensor([3]), 0.0))
+            ),
+        ),
+        "layers.0.fa_q.scale has a scale that is zero or negative",
+        "recalibrate",
+    ),
+    "recipe scale infinite": (
+        lambda c: c.compile(
+            "--recipe",
+            recipe_with(
+                c, tensors=set_tensor("layers.0.kv_k.scale", lambda t: t.index_fill(0, torch.tensor([0]), float("inf")))
+            ),
+        ),
+        "layers.0.kv_k.scale has a scale that is infinite",
+        "recalibrate",
+    ),
+    "recipe scale 1.0 everywhere": (
+        lambda c: c.compile("--recipe", recipe_with(c, tensors=set_tensor("layers.1.fa_k.scale", torch.ones_like))),
+        "layers.1.fa_k.scale is 1.0 in every channel",
+        "recalibrate",
+    ),
+    "recipe offset beyond int8": (
+        lambda c: c.compile("--recipe", recipe_with(c, tensors=set_tensor("layers.0.kv_v.offset", lambda t: t + 300))),
+        "layers.0.kv_v.offset has an offset",
+        "[-128, 127]",
+    ),
+    "recipe tensor missing": (
+        lambda c: c.compile(
+            "--recipe", recipe_with(c, tensors=lambda t: without(t, "layers.1.kv_k.scale", "layers.1.kv_k.offset"))
+        ),
+        "no layers.1.kv_k.scale/.offset",
+        "recalibrate",
+    ),
+    "recipe tensor unknown": (
+        lambda c: c.compile(
+            "--recipe", recipe_with(c, tensors=lambda t: edit(t, **{"layers.0.kv_x.scale": torch.ones(4)}))
+        ),
+        "layers.0.kv_x.scale is not one a recipe holds",
+        "recalibrate",
+    ),
+    "recipe tensor of the wrong shape": (
+        lambda c: c.compile(
+            "--recipe", recipe_with(c, tensors=set_tensor("layers.0.fa_v.scale", lambda t: t.flatten()))
+        ),
+        "layers.0.fa_v.scale has shape [32]",
+        "recalibrate",
+    ),
+    "recipe for another model": (
+        lambda c: c.compile(
+            "--recipe", recipe_with(c, doc=lambda d: edit(d, sites=[{**s, "num_heads": 8} for s in d["sites"]]))
+        ),
+        "calibrated for another model (layer 0: recipe 8 heads, 2 kv heads, head_dim 16 at "
+        "model.layers.0.self_attn vs model "
+        "4 heads",
+        "calibrate this model",
+    ),
+    "eval of an empty directory": (
+        lambda c: ["eval", str(c.p), "--eval", str(c.text["prose"])],
+        "not a directory written by `qpass compile -o`",
+        "give one of those",
+    ),
+    "eval of a truncated program": (
+        lambda c: mindie_eval(c, compiled_with(c, truncate="program.pt2")),
+        "program.pt2: cannot load this saved program",
+        "recompile into a fresh directory",
+    ),
+    "eval without tokenizer": (
+        lambda c: mindie_eval(c, compiled_with(c, drop=["tokenizer"])),
+        "compiled: no tokenizer/",
+        "recompile into a fresh directory",
+    ),
+    "eval with a corrupt recipe": (
+        lambda c: mindie_eval(c, compiled_with(c, recipe_json=b"\x00")),
+        "recipe.json is not a qpass recipe",
+        "recalibrate",
+    ),
+    "eval without recipe": (
+        lambda c: mindie_eval(c, compiled_with(c, drop=["recipe"])),
+        "needs recipe.json",
+        "give a directory written by `qpass compile`",
+    ),
+    "run without decoder": (
+        lambda c: ["run", str(c.compiled), "--prompt", "Hello"],
+        "no decoder.pt2",
+        "for a model whose attention the paged int8 ops support",
+    ),
     # --- MindIE directories ----------------------------------------------------------------------------------
-    "mindie tensor missing": (lambda c: mindie_eval(c, mindie_with(c, tensors=lambda t: without(t, FA_K))),
-                              f"lists {FA_K} (FAQuant), but quant_model_weight_w8a8.safetensors has no such tensor",
-                              "add the tensor or re-export"),
-    "mindie tensor of the wrong dtype": (lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(NORM, torch.Tensor.float))),
-                                         f"tensor {NORM} is float32, expected float16", "re-export it in that dtype"),
-    "mindie tensor of the wrong shape": (lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(NORM, lambda t: t[:32]))),
-                                         f"tensor {NORM} has shape [32], expected [64]", "does not fit this model's config.json"),
-    "mindie tensor not described": (lambda c: mindie_eval(c, mindie_with(c, description=lambda d: without(d, NORM))),
-                                    f"tensor {NORM} has no entry", "type every tensor"),
-    "mindie description types a W8A8 weight FLOAT": (lambda c: mindie_eval(c, mindie_with(
-        c, description=lambda d: edit(d, **{f"{DOWN}.weight": "FLOAT"}))),
-        f"tensor {DOWN}.weight is int8, but quant_model_description.json types it 'FLOAT'", "type it 'W8A8'"),
-    "mindie description without C8": (lambda c: mindie_eval(c, mindie_with(c, description=lambda d: without(
-        d, "kv_cache_type", "kv_quant_type"))), "disagrees with quant_model_description.json", "make them agree"),
-    "mindie description not JSON": (lambda c: mindie_eval(c, mindie_with(c, raw={MINDIE_DESCRIPTION: b"{"})),
-                                    "quant_model_description.json is not valid JSON", "re-export the directory"),
-    "mindie description a list": (lambda c: mindie_eval(c, mindie_with(c, raw={MINDIE_DESCRIPTION: b"[]"})),
-                                  "quant_model_description.json is not a JSON object", "re-export the directory"),
-    "mindie description of another quant type": (lambda c: mindie_eval(c, mindie_with(
-        c, description=lambda d: edit(d, model_quant_type="W4A16"))), "model_quant_type is 'W4A16'", "qpass loads W8A8"),
-    "mindie config of another dtype": (lambda c: mindie_eval(c, mindie_with(c, config=lambda d: edit(d, torch_dtype="float32"))),
-                                       "torch_dtype is 'float32'", "float16 or bfloat16"),
-    "mindie config of an unknown architecture": (lambda c: mindie_eval(c, mindie_with(c, config=lambda d: edit(
-        d, model_type="llama-next"))), "model_type 'llama-next' is not an architecture transformers has built in",
-        "give the directory of a causal LM of a built-in architecture"),
-    "mindie config asks for remote code": (lambda c: mindie_eval(c, mindie_with(c, config=lambda d: edit(
-        d, model_type="my-own", auto_map={"AutoModelForCausalLM": "m.M"}))), "qpass never runs remote code",
-        "set model_type to"),
-    "mindie config disagrees": (lambda c: mindie_eval(c, mindie_with(c, config=lambda d: edit(
-        d, quantization_config={"kv_quant_type": None}))), "disagrees with quant_model_description.json", "make them agree"),
-    "mindie weights missing": (lambda c: mindie_eval(c, mindie_with(c, drop=[MINDIE_WEIGHTS])), f"no {MINDIE_WEIGHTS}",
-                               "a MindIE directory needs"),
-    "mindie weights truncated": (lambda c: mindie_eval(c, mindie_with(c, truncate=MINDIE_WEIGHTS)),
-                                 f"cannot read {MINDIE_WEIGHTS}", "re-export the directory"),
-    "mindie C8 scale NaN": (lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(
-        C8_V, lambda t: t.index_fill(0, torch.tensor([2]), float("nan"))))), f"{C8_V} (C8 v_proj kv_cache_scale) has a value",
-        "recalibrate"),
-    "mindie C8 scale 1.0 everywhere": (lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(C8_V, torch.ones_like))),
-                                       f"{C8_V} (C8 v_proj kv_cache_scale) is 1.0 in every channel", "recalibrate"),
-    "mindie C8 offset beyond int8": (lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(
-        C8_K_OFFSET, lambda t: t + 200))), f"{C8_K_OFFSET} (C8 k_proj kv_cache_offset) has a value", "[-128, 127]"),
-    "mindie W8A8 input offset beyond int8": (lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(
-        f"{DOWN}.input_offset", lambda t: t + 1000))), f"{DOWN}.input_offset (a W8A8 input_offset) has a value", "[-128, 127]"),
-    "mindie deq_scale disagrees": (lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(
-        f"{DOWN}.deq_scale", lambda t: t + (1 << 23)))), f"{DOWN}.deq_scale[", "store input_scale * weight_scale"),
-    "mindie tokenizer missing": (lambda c: mindie_eval(c, mindie_with(c, drop=["tokenizer.json", "tokenizer_config.json"])),
-                                 "cannot load the tokenizer files", "add tokenizer.json"),
+    "mindie tensor missing": (
+        lambda c: mindie_eval(c, mindie_with(c, tensors=lambda t: without(t, FA_K))),
+        f"lists {FA_K} (FAQuant), but quant_model_weight_w8a8.safetensors has no such tensor",
+        "add the tensor or re-export",
+    ),
+    "mindie tensor of the wrong dtype": (
+        lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(NORM, torch.Tensor.float))),
+        f"tensor {NORM} is float32, expected float16",
+        "re-export it in that dtype",
+    ),
+    "mindie tensor of the wrong shape": (
+        lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(NORM, lambda t: t[:32]))),
+        f"tensor {NORM} has shape [32], expected [64]",
+        "does not fit this model's config.json",
+    ),
+    "mindie tensor not described": (
+        lambda c: mindie_eval(c, mindie_with(c, description=lambda d: without(d, NORM))),
+        f"tensor {NORM} has no entry",
+        "type every tensor",
+    ),
+    "mindie description types a W8A8 weight FLOAT": (
+        lambda c: mindie_eval(c, mindie_with(c, description=lambda d: edit(d, **{f"{DOWN}.weight": "FLOAT"}))),
+        f"tensor {DOWN}.weight is int8, but quant_model_description.json types it 'FLOAT'",
+        "type it 'W8A8'",
+    ),
+    "mindie description without C8": (
+        lambda c: mindie_eval(c, mindie_with(c, description=lambda d: without(d, "kv_cache_type", "kv_quant_type"))),
+        "disagrees with quant_model_description.json",
+        "make them agree",
+    ),
+    "mindie description not JSON": (
+        lambda c: mindie_eval(c, mindie_with(c, raw={MINDIE_DESCRIPTION: b"{"})),
+        "quant_model_description.json is not valid JSON",
+        "re-export the directory",
+    ),
+    "mindie description a list": (
+        lambda c: mindie_eval(c, mindie_with(c, raw={MINDIE_DESCRIPTION: b"[]"})),
+        "quant_model_description.json is not a JSON object",
+        "re-export the directory",
+    ),
+    "mindie description of another quant type": (
+        lambda c: mindie_eval(c, mindie_with(c, description=lambda d: edit(d, model_quant_type="W4A16"))),
+        "model_quant_type is 'W4A16'",
+        "qpass loads W8A8",
+    ),
+    "mindie config of another dtype": (
+        lambda c: mindie_eval(c, mindie_with(c, config=lambda d: edit(d, torch_dtype="float32"))),
+        "torch_dtype is 'float32'",
+        "float16 or bfloat16",
+    ),
+    "mindie config of an unknown architecture": (
+        lambda c: mindie_eval(c, mindie_with(c, config=lambda d: edit(d, model_type="llama-next"))),
+        "model_type 'llama-next' is not an architecture transformers has built in",
+        "give the directory of a causal LM of a built-in architecture",
+    ),
+    "mindie config asks for remote code": (
+        lambda c: mindie_eval(
+            c, mindie_with(c, config=lambda d: edit(d, model_type="my-own", auto_map={"AutoModelForCausalLM": "m.M"}))
+        ),
+        "qpass never runs remote code",
+        "set model_type to",
+    ),
+    "mindie config disagrees": (
+        lambda c: mindie_eval(c, mindie_with(c, config=lambda d: edit(d, quantization_config={"kv_quant_type": None}))),
+        "disagrees with quant_model_description.json",
+        "make them agree",
+    ),
+    "mindie weights missing": (
+        lambda c: mindie_eval(c, mindie_with(c, drop=[MINDIE_WEIGHTS])),
+        f"no {MINDIE_WEIGHTS}",
+        "a MindIE directory needs",
+    ),
+    "mindie weights truncated": (
+        lambda c: mindie_eval(c, mindie_with(c, truncate=MINDIE_WEIGHTS)),
+        f"cannot read {MINDIE_WEIGHTS}",
+        "re-export the directory",
+    ),
+    "mindie C8 scale NaN": (
+        lambda c: mindie_eval(
+            c, mindie_with(c, tensors=set_tensor(C8_V, lambda t: t.index_fill(0, torch.tensor([2]), float("nan"))))
+        ),
+        f"{C8_V} (C8 v_proj kv_cache_scale) has a value",
+        "recalibrate",
+    ),
+    "mindie C8 scale 1.0 everywhere": (
+        lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(C8_V, torch.ones_like))),
+        f"{C8_V} (C8 v_proj kv_cache_scale) is 1.0 in every channel",
+        "recalibrate",
+    ),
+    "mindie C8 offset beyond int8": (
+        lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(C8_K_OFFSET, lambda t: t + 200))),
+        f"{C8_K_OFFSET} (C8 k_proj kv_cache_offset) has a value",
+        "[-128, 127]",
+    ),
+    "mindie W8A8 input offset beyond int8": (
+        lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(f"{DOWN}.input_offset", lambda t: t + 1000))),
+        f"{DOWN}.input_offset (a W8A8 input_offset) has a value",
+        "[-128, 127]",
+    ),
+    "mindie deq_scale disagrees": (
+        lambda c: mindie_eval(c, mindie_with(c, tensors=set_tensor(f"{DOWN}.deq_scale", lambda t: t + (1 << 23)))),
+        f"{DOWN}.deq_scale[",
+        "store input_scale * weight_scale",
+    ),
+    "mindie tokenizer missing": (
+        lambda c: mindie_eval(c, mindie_with(c, drop=["tokenizer.json", "tokenizer_config.json"])),
+        "cannot load the tokenizer files",
+        "add tokenizer.json",
+    ),
 }
 
 
 def _hashes(*roots: Path) -> dict[str, str]:
     """sha256 of every file under ``roots``."""
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()
-            for root in roots for f in sorted(Path(root).rglob("*")) if f.is_file()}
+    return {
+        str(f): hashlib.sha256(f.read_bytes()).hexdigest()
+        for root in roots
+        for f in sorted(Path(root).rglob("*"))
+        if f.is_file()
+    }
 
 
 def test_the_corpus_holds_at_least_50_cases():
@@ -429,8 +848,9 @@ def test_the_corpus_holds_at_least_50_cases():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_writes_nothing_and_changes_no_input(case, tiny_model_dir, text_files, compiled, mindie,
-                                                                          tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_writes_nothing_and_changes_no_input(
+    case, tiny_model_dir, text_files, compiled, mindie, tmp_path, capsys
+):
     make_args, problem, fix = CASES[case]
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -463,5 +883,8 @@ def test_a_mindie_directory_asking_for_remote_code_loads_the_built_in_architectu
     loaded = load(d, load_tokenizer=False)
     err = capsys.readouterr().err
     assert type(loaded.model).__name__ == "LlamaForCausalLM" and loaded.recipe is not None
-    assert err.count("\n") == 1 and "loading the built-in llama architecture instead (the model's own code was not run)" in err
+    assert (
+        err.count("\n") == 1
+        and "loading the built-in llama architecture instead (the model's own code was not run)" in err
+    )
     assert _hashes(d) == before

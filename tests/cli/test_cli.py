@@ -14,15 +14,35 @@ SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--bat
 @pytest.fixture(scope="module")
 def compiled(tiny_model_dir, text_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled") / "out"
-    code = main(["compile", str(tiny_model_dir), "--fa-quant", "--kv-int8", "--calib", str(text_files["calib"]),
-                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL])
+    code = main(
+        [
+            "compile",
+            str(tiny_model_dir),
+            "--fa-quant",
+            "--kv-int8",
+            "--calib",
+            str(text_files["calib"]),
+            "--eval",
+            str(text_files["prose"]),
+            "-o",
+            str(out),
+            *SMALL,
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_compile_writes_program_recipe_and_report(compiled):
-    for name in ("program.pt2", "recipe/recipe.json", "recipe/recipe.safetensors", "report.json", "report.txt",
-                 "report.png", "tokenizer/tokenizer.json"):
+    for name in (
+        "program.pt2",
+        "recipe/recipe.json",
+        "recipe/recipe.safetensors",
+        "report.json",
+        "report.txt",
+        "report.png",
+        "tokenizer/tokenizer.json",
+    ):
         assert (compiled / name).is_file(), name
     assert (compiled / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((compiled / "report.json").read_text())
@@ -65,18 +85,34 @@ def test_eval_prints_a_summary_with_the_float_model_beside_the_quantized(compile
     increase = (ev["ppl_quant"] / ev["ppl_reference"] - 1) * 100
     assert f"perplexity: float {ev['ppl_reference']:.4f}, quantized {ev['ppl_quant']:.4f} ({increase:+.3f}%)" in out
     worst = max(v for kinds in report["saturation"]["measured"].values() for v in kinds.values())
-    assert f"saturation: worst layer" in out and f"{worst:.3%}" in out
+    assert "saturation: worst layer" in out and f"{worst:.3%}" in out
     assert len(out.splitlines()) <= 6 and "--json" in out
-    assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4", "--no-float",
-                 "--json"]) == 0
+    assert (
+        main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "4", "--no-float", "--json"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["float"] == {"skipped": "not asked for"} and "ppl_increase_pct" not in result
 
 
 def test_recipe_reuse_gives_the_same_program(compiled, tiny_model_dir, text_files, tmp_path):
     out = tmp_path / "again"
-    assert main(["compile", str(tiny_model_dir), "--recipe", str(compiled / "recipe"), "--eval", str(text_files["prose"]),
-                 "-o", str(out), *SMALL]) == 0  # the run settings are this run's: the same window
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--recipe",
+                str(compiled / "recipe"),
+                "--eval",
+                str(text_files["prose"]),
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )  # the run settings are this run's: the same window
     first, again = (json.loads((d / "report.json").read_text()) for d in (compiled, out))
     assert again["eval"]["ppl_quant"] == first["eval"]["ppl_quant"]
     assert "calibrate" not in again["timings_s"]
@@ -84,26 +120,75 @@ def test_recipe_reuse_gives_the_same_program(compiled, tiny_model_dir, text_file
     assert (out / "recipe/recipe.safetensors").read_bytes() == (compiled / "recipe/recipe.safetensors").read_bytes()
 
 
-def test_recipe_reuse_keeps_this_runs_settings_and_refuses_another_policy(compiled, tiny_model_dir, text_files,
-                                                                          tmp_path, capsys):
+def test_recipe_reuse_keeps_this_runs_settings_and_refuses_another_policy(
+    compiled, tiny_model_dir, text_files, tmp_path, capsys
+):
     """Window, batch size and evaluation windows are run settings: with --recipe they are this run's (the program is
     captured over the new window); a policy flag that says otherwise than the recipe is refused, not dropped."""
     out = tmp_path / "wider"
-    assert main(["compile", str(tiny_model_dir), "--recipe", str(compiled / "recipe"), "--eval", str(text_files["prose"]),
-                 "-o", str(out), "--window", "32", "--eval-windows", "2", "--batch-size", "1"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--recipe",
+                str(compiled / "recipe"),
+                "--eval",
+                str(text_files["prose"]),
+                "-o",
+                str(out),
+                "--window",
+                "32",
+                "--eval-windows",
+                "2",
+                "--batch-size",
+                "1",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["run"]["window"] == 32 and report["eval"]["window"] == 32 and report["eval"]["tokens"] == 2 * 32
     capsys.readouterr()
-    assert main(["compile", str(tiny_model_dir), "--recipe", str(compiled / "recipe"), "--observer", "minmax",
-                 "-o", str(tmp_path / "other")]) == 2
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--recipe",
+                str(compiled / "recipe"),
+                "--observer",
+                "minmax",
+                "-o",
+                str(tmp_path / "other"),
+            ]
+        )
+        == 2
+    )
     assert "calibrated otherwise than --observer (observer='reach' in the recipe)" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
 
 def test_same_compile_twice_gives_byte_identical_recipes_and_programs(compiled, tiny_model_dir, text_files, tmp_path):
     out = tmp_path / "twice"  # with --eval, as `compiled`: without it a compile holds windows out of calibration
-    assert main(["compile", str(tiny_model_dir), "--fa-quant", "--kv-int8", "--calib", str(text_files["calib"]),
-                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--fa-quant",
+                "--kv-int8",
+                "--calib",
+                str(text_files["calib"]),
+                "--eval",
+                str(text_files["prose"]),
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     names = ["recipe/recipe.json", "recipe/recipe.safetensors", "program.pt2", "decoder.pt2"]
     assert sorted(n for n in names if (out / n).is_file()) == sorted(n for n in names if (compiled / n).is_file())
     for name in names:
@@ -115,7 +200,9 @@ def test_inspect_lists_the_sites(tiny_model_dir, capsys):
     assert main(["inspect", str(tiny_model_dir), "--json"]) == 0
     sites = json.loads(capsys.readouterr().out)
     assert [(s["layer"], s["num_heads"], s["num_kv_heads"], s["head_dim"], s["rope"]) for s in sites] == [
-        (0, 4, 2, 16, True), (1, 4, 2, 16, True)]
+        (0, 4, 2, 16, True),
+        (1, 4, 2, 16, True),
+    ]
     assert sites[0]["k_from"] == "model.layers.0.self_attn.k_proj.weight"
 
 
@@ -142,8 +229,20 @@ def test_remote_code_of_a_known_architecture_loads_the_built_in_one(tiny_model_d
 
 
 def test_exit_status_and_no_traceback_from_the_console_script(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "qpass.cli", "compile", str(tmp_path / "missing"), "--kv-int8",
-                             "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qpass.cli",
+            "compile",
+            str(tmp_path / "missing"),
+            "--kv-int8",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert result.stderr.startswith("qpass compile: error: MODEL")

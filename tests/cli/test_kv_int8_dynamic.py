@@ -19,8 +19,16 @@ from tests.helpers.paged_cases import tiny
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
 
 
-@pytest.mark.parametrize("argv, kv_cache", [([], None), (["--kv-int8"], "static"), (["--kv-int8", "static"], "static"),
-                                            (["--kv-int8", "dynamic"], "dynamic"), (["--kv-int8", "--w8a8"], "static")])
+@pytest.mark.parametrize(
+    "argv, kv_cache",
+    [
+        ([], None),
+        (["--kv-int8"], "static"),
+        (["--kv-int8", "static"], "static"),
+        (["--kv-int8", "dynamic"], "dynamic"),
+        (["--kv-int8", "--w8a8"], "static"),
+    ],
+)
 def test_kv_int8_takes_an_optional_form(argv, kv_cache):
     assert build_parser().parse_args(["compile", "MODEL", *argv, "-o", "out"]).kv_cache == kv_cache
 
@@ -29,7 +37,10 @@ def test_an_unknown_form_is_a_usage_error_that_says_what_went_wrong(capsys):
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["compile", "--kv-int8", "default", "-o", "out"])  # MODEL taken for the form
     assert exited.value.code == 2
-    assert "'default' is not static or dynamic (a bare --kv-int8 is static; give MODEL before --kv-int8)" in capsys.readouterr().err
+    assert (
+        "'default' is not static or dynamic (a bare --kv-int8 is static; give MODEL before --kv-int8)"
+        in capsys.readouterr().err
+    )
 
 
 def test_config_takes_dynamic_observes_nothing_for_it_and_refuses_it_with_faquant():
@@ -46,23 +57,46 @@ def _one_line_error(capsys) -> str:
 
 
 def test_fa_quant_with_dynamic_is_one_line_exit_2(tmp_path, capsys):
-    assert main(["compile", str(tmp_path / "model"), "--fa-quant", "--kv-int8", "dynamic", "-o", str(tmp_path / "o")]) == 2
+    assert (
+        main(["compile", str(tmp_path / "model"), "--fa-quant", "--kv-int8", "dynamic", "-o", str(tmp_path / "o")]) == 2
+    )
     err = _one_line_error(capsys)
     assert "--fa-quant --kv-int8 dynamic" in err and "use --fa-quant --kv-int8 (static), or drop --fa-quant" in err
 
 
 @pytest.mark.parametrize("fmt", ["mindie", "vllm-ascend"])
 def test_mindie_formats_refuse_dynamic_before_the_slow_part(tmp_path, capsys, fmt):
-    assert main(["compile", str(tmp_path / "model"), "--w8a8", "--kv-int8", "dynamic", "--symmetric", "--format", fmt,
-                 "-o", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "compile",
+                str(tmp_path / "model"),
+                "--w8a8",
+                "--kv-int8",
+                "dynamic",
+                "--symmetric",
+                "--format",
+                fmt,
+                "-o",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = _one_line_error(capsys)
-    assert f"--format {fmt} with --kv-int8 dynamic" in err and "compile with --kv-int8 (static), or write --format qpass" in err
+    assert (
+        f"--format {fmt} with --kv-int8 dynamic" in err
+        and "compile with --kv-int8 (static), or write --format qpass" in err
+    )
 
 
 def test_calibration_observes_no_attention_value_for_the_dynamic_cache():
     fe = frontend(tiny_model("llama"), 16)
     observed, observe = [], fe.observe
-    fe.observe = lambda windows, observers, *a, **k: (observed.append(set(observers)), observe(windows, observers, *a, **k))
+    fe.observe = lambda windows, observers, *a, **k: (
+        observed.append(set(observers)),
+        observe(windows, observers, *a, **k),
+    )
     ids = torch.randint(0, 256, (8, 16))
     assert dict(calibrate(fe, ids, QuantConfig(kv_cache="dynamic")).tensors) == {}
     assert observed == []  # no forward pass at all
@@ -80,8 +114,24 @@ def compiled(tmp_path_factory, smollm2_tokenizer, text_files):
     tiny("llama", vocab_size=len(smollm2_tokenizer)).save_pretrained(model_dir, safe_serialization=True)
     smollm2_tokenizer.save_pretrained(model_dir)
     out = tmp_path_factory.mktemp("dynamic") / "out"
-    assert main(["compile", str(model_dir), "--kv-int8", "dynamic", "--calib", str(text_files["calib"]),
-                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(model_dir),
+                "--kv-int8",
+                "dynamic",
+                "--calib",
+                str(text_files["calib"]),
+                "--eval",
+                str(text_files["prose"]),
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     return model_dir, out
 
 
@@ -109,7 +159,9 @@ def test_eval_and_run_reload_it(compiled, text_files, smollm2_tokenizer, capsys)
     assert main(["run", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "6"]) == 0
     prompt = smollm2_tokenizer("Once upon a time")["input_ids"]
     reference, _ = build_decoder(load_model(str(model_dir)).model, Recipe.load(out / "recipe"), max_context=64)
-    new = generate_reference(reference, prompt, 6, eos_token_id=smollm2_tokenizer.eos_token_id)  # the fake-quant program's
+    new = generate_reference(
+        reference, prompt, 6, eos_token_id=smollm2_tokenizer.eos_token_id
+    )  # the fake-quant program's
     assert capsys.readouterr().out.strip() == smollm2_tokenizer.decode(prompt + new, skip_special_tokens=True).strip()
 
 
@@ -118,5 +170,8 @@ def test_mindie_exporters_refuse_a_dynamic_recipe(compiled, tmp_path, capsys, fm
     model_dir, out = compiled
     with pytest.raises(QpassError, match=f"--format {fmt} with --kv-int8 dynamic: .*or write --format qpass"):
         registry.get(fmt).write(registry.Compiled(Recipe.load(out / "recipe"), {}), tmp_path, {})
-    assert main(["compile", str(model_dir), "--recipe", str(out / "recipe"), "--format", fmt, "-o", str(tmp_path / "o")]) == 2
+    assert (
+        main(["compile", str(model_dir), "--recipe", str(out / "recipe"), "--format", fmt, "-o", str(tmp_path / "o")])
+        == 2
+    )
     assert f"--format {fmt} with --kv-int8 dynamic" in _one_line_error(capsys)

@@ -22,13 +22,32 @@ from qpass.core.recipe import JSON_FILE, TENSORS_FILE, Recipe
 SMALL = ["--window", "64", "--calib-samples", "4", "--batch-size", "2"]
 
 
-@pytest.mark.parametrize("sig, when", [(signal.SIGINT, "writing"), (signal.SIGTERM, "writing"), (signal.SIGTERM, "calibrating")])
+@pytest.mark.parametrize(
+    "sig, when", [(signal.SIGINT, "writing"), (signal.SIGTERM, "writing"), (signal.SIGTERM, "calibrating")]
+)
 def test_an_interrupted_compile_leaves_nothing(tiny_model_dir, text_files, tmp_path, sig, when):
     out = tmp_path / "out"
     calib = ["--calib-samples", "64"] if when == "calibrating" else []
-    proc = subprocess.Popen([sys.executable, "-m", "qpass.cli", "compile", str(tiny_model_dir), "--fa-quant", "--kv-int8",
-                             "--calib", str(text_files["calib"]), "-o", str(out), *SMALL, *calib],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qpass.cli",
+            "compile",
+            str(tiny_model_dir),
+            "--fa-quant",
+            "--kv-int8",
+            "--calib",
+            str(text_files["calib"]),
+            "-o",
+            str(out),
+            *SMALL,
+            *calib,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         staged = list(tmp_path.glob(".out.qpass-*"))
@@ -43,22 +62,47 @@ def test_an_interrupted_compile_leaves_nothing(tiny_model_dir, text_files, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary directory
 
 
-@pytest.mark.parametrize("form", [["--format", "mindie"], ["--format", "vllm-ascend", "--symmetric"]], ids=["mindie", "vllm-ascend"])
+@pytest.mark.parametrize(
+    "form", [["--format", "mindie"], ["--format", "vllm-ascend", "--symmetric"]], ids=["mindie", "vllm-ascend"]
+)
 def test_two_weight_directory_compiles_write_the_same_bytes(tiny_model_dir, text_files, tmp_path, form):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        assert main(["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--anti-method", "m1", "--calib",
-                     str(text_files["calib"]), *form, "-o", str(out), *SMALL]) == 0
+        assert (
+            main(
+                [
+                    "compile",
+                    str(tiny_model_dir),
+                    "--w8a8",
+                    "--kv-int8",
+                    "--anti-method",
+                    "m1",
+                    "--calib",
+                    str(text_files["calib"]),
+                    *form,
+                    "-o",
+                    str(out),
+                    *SMALL,
+                ]
+            )
+            == 0
+        )
     for name in ("quant_model_weight_w8a8.safetensors", "quant_model_description.json", "config.json"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
 EXAMPLES = int(os.environ.get("QPASS_FUZZ_EXAMPLES", "60"))  # more for a longer hunt: QPASS_FUZZ_EXAMPLES=1000
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,  # the same cases in every run (CI)
-                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-                           max_leaves=12)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,  # the same cases in every run (CI)
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @FUZZ
@@ -108,9 +152,16 @@ def saved_recipe(tmp_path_factory):
     from qpass.core.recipe import SiteGeometry
 
     d = tmp_path_factory.mktemp("recipe")
-    Recipe(QuantConfig(kv_cache="static"), [SiteGeometry(0, 4, 2, 16)],
-           {"layers.0.kv_k.scale": torch.full((32,), 0.02), "layers.0.kv_k.offset": torch.zeros(32),
-            "layers.0.kv_v.scale": torch.full((32,), 0.03), "layers.0.kv_v.offset": torch.zeros(32)}).save(d)
+    Recipe(
+        QuantConfig(kv_cache="static"),
+        [SiteGeometry(0, 4, 2, 16)],
+        {
+            "layers.0.kv_k.scale": torch.full((32,), 0.02),
+            "layers.0.kv_k.offset": torch.zeros(32),
+            "layers.0.kv_v.scale": torch.full((32,), 0.03),
+            "layers.0.kv_v.offset": torch.zeros(32),
+        },
+    ).save(d)
     return d
 
 
@@ -129,9 +180,9 @@ def mindie_dir(tmp_path_factory):
     """A small W8A8 + C8 MindIE directory to corrupt."""
     import torch
 
-    from tests.helpers.frontend_cases import calibrated
     from qpass.exporters.mindie_write import export_mindie
     from qpass.models.tiny import tiny_model
+    from tests.helpers.frontend_cases import calibrated
 
     model = tiny_model("llama", num_layers=1)
     _, recipe = calibrated(model, torch.randint(0, 256, (2, 16)), kv_cache="static", w8a8=True)
@@ -141,9 +192,23 @@ def mindie_dir(tmp_path_factory):
 
 
 @FUZZ
-@given(doc=JSON_VALUES, which=st.sampled_from(["quant_model_description.json", "config.json"]),
-       key=st.sampled_from(["model_quant_type", "kv_cache_type", "model_type", "num_hidden_layers", "quantization_config",
-                            "torch_dtype", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight", None]))
+@given(
+    doc=JSON_VALUES,
+    which=st.sampled_from(["quant_model_description.json", "config.json"]),
+    key=st.sampled_from(
+        [
+            "model_quant_type",
+            "kv_cache_type",
+            "model_type",
+            "num_hidden_layers",
+            "quantization_config",
+            "torch_dtype",
+            "model.norm.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            None,
+        ]
+    ),
+)
 def test_the_mindie_reader_takes_any_description_and_config(mindie_dir, tmp_path, doc, which, key):
     from qpass.exporters.mindie_load import load
 
@@ -162,7 +227,9 @@ def test_a_value_that_is_zero_throughout_calibration_is_refused_with_its_site():
     from qpass.core.observers import Observer
     from qpass.core.sites import AttentionSite
 
-    site = AttentionSite(3, "sdpa_3", "sdpa", "q3", "k3", "v3", 2, 1, 4, True, False, "?", "?", "?", "model.layers.3.self_attn")
+    site = AttentionSite(
+        3, "sdpa_3", "sdpa", "q3", "k3", "v3", 2, 1, 4, True, False, "?", "?", "?", "model.layers.3.self_attn"
+    )
     observers = {name: Observer() for name in ("k3", "v3")}
     observers["k3"].update(torch.randn(8, 4))
     observers["v3"].update(torch.cat([torch.randn(8, 3), torch.zeros(8, 1)], 1))
@@ -171,7 +238,9 @@ def test_a_value_that_is_zero_throughout_calibration_is_refused_with_its_site():
     assert tensors["layers.3.kv_v.scale"][3] == 1.0
     observers["k3"] = Observer()
     observers["k3"].update(torch.zeros(8, 4))
-    with pytest.raises(QpassError, match="k of attention layer 3 \\(model.layers.3.self_attn\\) was 0 in every channel"):
+    with pytest.raises(
+        QpassError, match="k of attention layer 3 \\(model.layers.3.self_attn\\) was 0 in every channel"
+    ):
         attention_qparams([site], observers, QuantConfig(kv_cache="static"))
 
 
@@ -199,15 +268,29 @@ def _nan_scale(d):
     save_file(t, d / "quant_model_weight_w8a8.safetensors", metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("format, module, spoil, message", [
-    ("qpass", "qpass_format", lambda d: _truncate(d / "program.pt2"), "program.pt2: did not read back whole"),
-    ("qpass", "qpass_format", lambda d: _truncate(d / "recipe" / TENSORS_FILE), "cannot read recipe.safetensors"),
-    ("mindie", "mindie_write", _nan_scale, "kv_cache_scale (C8 k_proj kv_cache_scale) has a value that is not a positive"),
-    ("vllm-ascend", "mindie_write", lambda d: (d / "quant_model_description.json").write_text("{}"),
-     "model_quant_type is None"),
-], ids=["qpass-program", "qpass-recipe", "mindie", "vllm-ascend"])
-def test_every_writer_reads_its_output_back_before_moving_it_into_place(compile_result, tmp_path, monkeypatch, format,
-                                                                         module, spoil, message):
+@pytest.mark.parametrize(
+    "format, module, spoil, message",
+    [
+        ("qpass", "qpass_format", lambda d: _truncate(d / "program.pt2"), "program.pt2: did not read back whole"),
+        ("qpass", "qpass_format", lambda d: _truncate(d / "recipe" / TENSORS_FILE), "cannot read recipe.safetensors"),
+        (
+            "mindie",
+            "mindie_write",
+            _nan_scale,
+            "kv_cache_scale (C8 k_proj kv_cache_scale) has a value that is not a positive",
+        ),
+        (
+            "vllm-ascend",
+            "mindie_write",
+            lambda d: (d / "quant_model_description.json").write_text("{}"),
+            "model_quant_type is None",
+        ),
+    ],
+    ids=["qpass-program", "qpass-recipe", "mindie", "vllm-ascend"],
+)
+def test_every_writer_reads_its_output_back_before_moving_it_into_place(
+    compile_result, tmp_path, monkeypatch, format, module, spoil, message
+):
     """A directory that does not read back whole (here spoilt between the write and the check) is refused, and
     nothing reaches the output path."""
     import importlib

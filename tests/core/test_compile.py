@@ -44,8 +44,10 @@ def test_the_road_asks_the_frontend_only_what_the_protocol_declares(tiny_model_d
 
 def test_whole_and_layerwise_modes_report_the_same_figures(tiny_model_dir, texts):
     config = QuantConfig(kv_cache="static")
-    whole, layerwise = (compile_model(qpass.open_model(str(tiny_model_dir), RUN.window, layerwise=mode), config, RUN,
-                                      texts).report for mode in (False, True))
+    whole, layerwise = (
+        compile_model(qpass.open_model(str(tiny_model_dir), RUN.window, layerwise=mode), config, RUN, texts).report
+        for mode in (False, True)
+    )
     assert whole["eval"]["ppl_reference"] is not None and layerwise["eval"]["ppl_reference"] is None
     for key in ("ppl_float", "ppl_quant"):
         assert layerwise["eval"][key] == pytest.approx(whole["eval"][key], rel=1e-6), key

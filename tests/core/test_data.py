@@ -24,14 +24,17 @@ def test_plain_text_is_one_sample(tmp_path):
     assert read_samples(_write(tmp_path, "c.txt", "line one\nline two\n")) == ["line one\nline two\n"]
 
 
-@pytest.mark.parametrize("content,message", [
-    ("", "is empty"),
-    ('{"text": "ok"}\n{"text": "ok",\n', "line 2 is not JSON"),
-    ('{"text": "ok"}\n{"prompt": "x"}\n', "line 2 has no 'inputs_pretokenized' or 'text' field"),
-    ('["a list"]\n', "line 1 is a JSON list, not an object"),
-    ('{"text": 5}\n', "line 1: 'text' is not a non-empty string"),
-    ("\n\n", "is empty"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "is empty"),
+        ('{"text": "ok"}\n{"text": "ok",\n', "line 2 is not JSON"),
+        ('{"text": "ok"}\n{"prompt": "x"}\n', "line 2 has no 'inputs_pretokenized' or 'text' field"),
+        ('["a list"]\n', "line 1 is a JSON list, not an object"),
+        ('{"text": 5}\n', "line 1: 'text' is not a non-empty string"),
+        ("\n\n", "is empty"),
+    ],
+)
 def test_bad_jsonl(tmp_path, content, message):
     with pytest.raises(QpassError, match=message) as err:
         read_samples(_write(tmp_path, "c.jsonl", content))
@@ -80,7 +83,9 @@ def test_repetitive_or_small_calibration_text_is_named_with_the_fix(smollm2_toke
     repeated = token_windows(smollm2_tokenizer, [SENTENCE] * 100, 64, None, "--calib")  # 1792 tokens, 18 distinct
     message = calibration_text_warning(repeated, "C8 k/v at 2 attention sites")
     assert "repeat an earlier one" in message and "C8 k/v at 2 attention sites" in message
-    assert "calibrate on at least 2048 tokens of varied text like the deployment text" in message and "\n" not in message
+    assert (
+        "calibrate on at least 2048 tokens of varied text like the deployment text" in message and "\n" not in message
+    )
     small = token_windows(smollm2_tokenizer, corpus.calibration_samples(), 64, 4, "--calib")  # varied, 256 tokens
     message = calibration_text_warning(small, "FAQuant q/k/v at 2 attention sites")
     assert "only 256 tokens" in message and "repeat" not in message

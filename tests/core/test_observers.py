@@ -59,7 +59,11 @@ def test_mse_range_is_near_the_brute_force_optimum(symmetric):
         ours = (fake_quant(sample[:, c], *affine_qparams(lo[c], hi[c], symmetric)) - sample[:, c]).pow(2).sum()
         # within 10% of the best error on the grid, and far better than min-max for the heavy-tailed channel
         assert ours <= errs.min() * 1.10, (c, ours, errs.min())
-    full = (fake_quant(sample[:, 3], *affine_qparams(sample[:, 3].min(), sample[:, 3].max(), symmetric)) - sample[:, 3]).pow(2).sum()
+    full = (
+        (fake_quant(sample[:, 3], *affine_qparams(sample[:, 3].min(), sample[:, 3].max(), symmetric)) - sample[:, 3])
+        .pow(2)
+        .sum()
+    )
     ours3 = (fake_quant(sample[:, 3], *affine_qparams(lo[3], hi[3], symmetric)) - sample[:, 3]).pow(2).sum()
     assert ours3 < full  # the search clipped, and it paid
 
@@ -80,7 +84,11 @@ def test_observer_collects_per_channel_ranges_and_strided_samples():
 
 
 def test_merged_observers_equal_one_that_saw_everything():
-    a, b, whole = Observer(stride=3, max_tokens=50), Observer(stride=3, max_tokens=50), Observer(stride=3, max_tokens=50)
+    a, b, whole = (
+        Observer(stride=3, max_tokens=50),
+        Observer(stride=3, max_tokens=50),
+        Observer(stride=3, max_tokens=50),
+    )
     x, y = torch.randn(30, 5), torch.randn(60, 5) * 3
     a.update(x)
     b.update(y)

@@ -92,7 +92,9 @@ def test_recipe_is_frozen_and_records_the_axes_of_every_tensor(calibrated, tmp_p
         recipe.tensors["layers.0.fa_q.scale"] = torch.ones(1)
     with pytest.raises(AttributeError):
         recipe.config = None
-    assert axes("layers.1.fa_q.scale") == ("heads", "head_dim") and axes("layers.0.kv_v.offset") == ("kv_heads * head_dim",)
+    assert axes("layers.1.fa_q.scale") == ("heads", "head_dim") and axes("layers.0.kv_v.offset") == (
+        "kv_heads * head_dim",
+    )
     assert axes("w8a8.model.layers.0.mlp.up_proj.input_scale") == ("tensor",)
     recipe.save(tmp_path)
     doc = json.loads((tmp_path / JSON_FILE).read_text())
@@ -112,7 +114,9 @@ def test_the_cli_options_are_the_config_fields():
     assert flags["observer"][1]["default"] == QuantConfig.__dataclass_fields__["observer"].default
 
 
-@pytest.mark.parametrize("value, message", [(float("nan"), "NaN"), (0.0, "zero or negative"), (float("inf"), "infinite")])
+@pytest.mark.parametrize(
+    "value, message", [(float("nan"), "NaN"), (0.0, "zero or negative"), (float("inf"), "infinite")]
+)
 def test_a_recipe_with_a_degenerate_scale_is_refused(calibrated, tmp_path, value, message):
     from safetensors.torch import load_file, save_file
 

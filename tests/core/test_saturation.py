@@ -20,7 +20,8 @@ def test_counter_by_hand():
     x = torch.tensor([[12.7, 255.0], [-12.8, 254.4], [-20.0, -1.0], [-12.7, 100.0]])
     asym = saturation.SaturationCounter(scale, offset, symmetric=False)
     asym.update(x)
-    # channel 0: 127, -128, -200 (clipped) hit, -127 does not; channel 1: 255 -> 127 and -1 -> -129 hit, 254.4 -> 126 not
+    # channel 0: 127, -128, -200 (clipped) hit, -127 does not;
+    # channel 1: 255 -> 127 and -1 -> -129 hit, 254.4 -> 126 not
     assert (asym.hits, asym.values) == (5, 8)
     sym = saturation.SaturationCounter(scale, torch.zeros(2), symmetric=True)
     sym.update(x)
@@ -63,14 +64,19 @@ def test_matched_text_is_not_flagged_and_narrow_scales_are(random_text, fa_c8):
     fe, recipe = fa_c8
     held = random_text[2]
     matched = _measured(fe, recipe, held)
-    assert set(matched["measured"]) == {"0", "1"} and all(set(k) == {"q", "k", "v"} for k in matched["measured"].values())
+    assert set(matched["measured"]) == {"0", "1"} and all(
+        set(k) == {"q", "k", "v"} for k in matched["measured"].values()
+    )
     assert matched["flagged"] == {} and saturation.warning(matched) is None
     # the same calibration figures with ranges 4x narrower: the evaluation text saturates far more
     narrow = recipe.replace(tensors={k: v / 4 if k.endswith("scale") else v for k, v in recipe.tensors.items()})
     flagged = _measured(fe, narrow, held)
     assert flagged["flagged"] == {"0": ["q", "k", "v"], "1": ["q", "k", "v"]}
-    assert all(flagged["measured"][layer][kind] > 10 * matched["measured"][layer][kind]
-               for layer in ("0", "1") for kind in ("q", "k", "v"))
+    assert all(
+        flagged["measured"][layer][kind] > 10 * matched["measured"][layer][kind]
+        for layer in ("0", "1")
+        for kind in ("q", "k", "v")
+    )
     message = saturation.warning(flagged)
     assert "layer 0 q, layer 0 k" in message and "calibrate on text like the deployment text" in message
 
@@ -118,7 +124,11 @@ def test_repeated_sentence_warns_twice_with_the_fix(tiny, text_paths, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == [f"qpass: {w}" for w in report["warnings"]] and len(err) == 2
     assert "repeat an earlier one" in err[0] and "calibrate on at least 2048 tokens" in err[0]
-    assert "on the evaluation text" in err[1] and "layer 0 q" in err[1] and "calibrate on text like the deployment text" in err[1]
+    assert (
+        "on the evaluation text" in err[1]
+        and "layer 0 q" in err[1]
+        and "calibrate on text like the deployment text" in err[1]
+    )
     assert "flagged: saturation" in qpass.core.report.summary(report)
 
 
@@ -135,4 +145,6 @@ def test_flag_rule():
     assert saturation.flagged({"0": {"k": 5e-4, "v": 2e-3}}, {"0": {"k": 0.0, "v": 1e-4}}) == {"0": ["v"]}  # floor 1e-3
     assert saturation.flagged({"0": {"k": 4e-3}}, {"0": {"k": 5e-4}}) == {}  # under 10x the calibration's
     assert saturation.flagged({"0": {"k": 0.02}}, {"0": {"k": 0.05}}) == {"0": ["k"]}  # over the 1% ceiling regardless
-    assert saturation.flagged({"1": {"q": 5e-3, "k": 0.02}}, {}) == {"1": ["k"]}  # no calibration figure: the ceiling alone
+    assert saturation.flagged({"1": {"q": 5e-3, "k": 0.02}}, {}) == {
+        "1": ["k"]
+    }  # no calibration figure: the ceiling alone

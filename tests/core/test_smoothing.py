@@ -31,8 +31,10 @@ def test_groups_are_norm_to_qkv_and_gate_up_v_to_o_and_up_to_down(llama):
     linears = find_linear_sites(program.graph, names)
     assert len(linears) == 14 and all("lm_head" not in s.module for s in linears)
     groups = find_smoothing_groups(program.graph, linears, names)
-    assert [(g.prev.split(".", 3)[-1], g.prev_kind, [c.split(".")[-1] for c in g.consumers], g.group, g.head_dim)
-            for g in groups[:4]] == [
+    assert [
+        (g.prev.split(".", 3)[-1], g.prev_kind, [c.split(".")[-1] for c in g.consumers], g.group, g.head_dim)
+        for g in groups[:4]
+    ] == [
         ("input_layernorm", "norm", ["q_proj", "k_proj", "v_proj"], 1, None),
         ("self_attn.v_proj", "linear", ["o_proj"], 2, 16),  # GQA: 2 kv heads feed 4 heads of head_dim 16
         ("post_attention_layernorm", "norm", ["gate_proj", "up_proj"], 1, None),
@@ -70,7 +72,9 @@ def test_smoothing_keeps_the_float_function_and_leaves_the_model_alone(llama, me
     assert len(scales) == len(chosen) == len(groups) and [s.shape[0] for s in scales] == [g.channels for g in groups]
     docs = [g.to_recipe(f"s{i}") for i, g in enumerate(groups)]
     smoothed = apply_smoothing(state, docs, {f"s{i}": s for i, s in enumerate(scales)})
-    assert not torch.equal(smoothed["model.layers.0.input_layernorm.weight"], state["model.layers.0.input_layernorm.weight"])
+    assert not torch.equal(
+        smoothed["model.layers.0.input_layernorm.weight"], state["model.layers.0.input_layernorm.weight"]
+    )
     gm = fe.program.module()
     set_parameters(gm, smoothed)
     torch.testing.assert_close(gm(ids), reference, rtol=1e-4, atol=1e-4)  # exact up to float rounding

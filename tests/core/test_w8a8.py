@@ -103,8 +103,10 @@ def test_many_float_linears_without_smoothing_get_a_hint(tiny):
     from qpass.core.fallback import smoothing_hint
 
     hint = smoothing_hint(_recipe(tiny, disable_level="L2"))  # 2 of 14 float: more than 10%
-    assert hint == ("W8A8: 2 of 14 Linears stay float, without smoothing; smoothing usually lets far fewer stay float: "
-                    "add --anti-method m3 --act-method 3")
+    assert hint == (
+        "W8A8: 2 of 14 Linears stay float, without smoothing; smoothing usually lets far fewer stay float: "
+        "add --anti-method m3 --act-method 3"
+    )
     assert smoothing_hint(_recipe(tiny, disable_level="L1")) is None  # 1 of 14: within 10%
     assert smoothing_hint(_recipe(tiny, disable_level="L2", anti_method="m1")) is None  # smoothed already
 
@@ -116,7 +118,9 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
 
     import qpass.frontends.torch_export.frontend as torch_frontend
 
-    def fake_window_nll(module, windows, batch_size, desc, noise=0.0):  # +1% per quantized Linear beyond the 9 least sensitive
+    def fake_window_nll(
+        module, windows, batch_size, desc, noise=0.0
+    ):  # +1% per quantized Linear beyond the 9 least sensitive
         if desc == "fallback float":
             return torch.full((windows.shape[0],), math.log(100.0), dtype=torch.float64)
         quantized = len(module.graph.find_nodes(op="call_function", target=W8A8_LINEAR))
@@ -132,9 +136,14 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert len(search) - 1 <= 7  # both rankings at 10%, then a binary search, not a sweep of 15 counts
     ranking = search[-1]["ranking"]
     assert ranking in ("loss", "sqnr")
-    key = {"loss": lambda n: -strict.stats["w8a8"]["loss_sensitivity"][n], "sqnr": lambda n: strict.stats["w8a8"]["output_sqnr_db"][n]}[ranking]
+    key = {
+        "loss": lambda n: -strict.stats["w8a8"]["loss_sensitivity"][n],
+        "sqnr": lambda n: strict.stats["w8a8"]["output_sqnr_db"][n],
+    }[ranking]
     assert max(key(n) for n in floats) <= min(key(n) for n in strict.stats["w8a8"]["output_sqnr_db"] if n not in floats)
-    assert all(reason.startswith(f"auto: {ranking} sensitivity rank") and "within 2.5%" in reason for reason in floats.values())
+    assert all(
+        reason.startswith(f"auto: {ranking} sensitivity rank") and "within 2.5%" in reason for reason in floats.values()
+    )
     assert all(v >= 0 for v in strict.stats["w8a8"]["loss_sensitivity"].values())
 
     # Held-out windows that disagree (+-1% NLL): the 95% upper bound, not the mean, is held to the limit.
@@ -153,25 +162,44 @@ def test_auto_searches_the_ranking_with_the_lower_estimate_not_the_lower_bound(m
     import qpass.core.fallback as fallback
 
     names = [f"l{i}" for i in range(20)]
-    diffs = {frozenset(): [0.03, 0.03], frozenset(names[:1]): [0.02, 0.02], frozenset(names[:2]): [0.0, 0.004],
-             frozenset(names[-2:]): [0.0039, 0.0041]}
+    diffs = {
+        frozenset(): [0.03, 0.03],
+        frozenset(names[:1]): [0.02, 0.02],
+        frozenset(names[:2]): [0.0, 0.004],
+        frozenset(names[-2:]): [0.0039, 0.0041],
+    }
 
     class Trial(SimpleNamespace):
         def replace(self, w8a8):
             return Trial(config=self.config, stats=self.stats, w8a8=w8a8)
 
-    stats = {"loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)},  # l0 the most sensitive
-             "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)}}    # l19 the most sensitive
-    recipe = Trial(config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0), stats={"w8a8": stats},
-                   w8a8={"float_linears": {}})
-    def nll(trial, windows, batch, desc):
-        return torch.zeros(2, dtype=torch.float64) if trial is None else torch.tensor(diffs[frozenset(trial.w8a8["float_linears"])],
-                                                                                      dtype=torch.float64)
+    stats = {
+        "loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)},  # l0 the most sensitive
+        "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)},
+    }  # l19 the most sensitive
+    recipe = Trial(
+        config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0),
+        stats={"w8a8": stats},
+        w8a8={"float_linears": {}},
+    )
 
-    floats, search = fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names],
-                                                   torch.zeros(2, 8, dtype=torch.long), nll, 4)
+    def nll(trial, windows, batch, desc):
+        return (
+            torch.zeros(2, dtype=torch.float64)
+            if trial is None
+            else torch.tensor(diffs[frozenset(trial.w8a8["float_linears"])], dtype=torch.float64)
+        )
+
+    floats, search = fallback.choose_float_linears(
+        recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), nll, 4
+    )
     at_cap = {step["ranking"]: step for step in search[1:] if step["float_linears"] == 2}
-    assert at_cap["loss"]["upper_95_pct"] > at_cap["sqnr"]["upper_95_pct"] > at_cap["sqnr"]["ppl_increase_pct"] > at_cap["loss"]["ppl_increase_pct"]
+    assert (
+        at_cap["loss"]["upper_95_pct"]
+        > at_cap["sqnr"]["upper_95_pct"]
+        > at_cap["sqnr"]["ppl_increase_pct"]
+        > at_cap["loss"]["ppl_increase_pct"]
+    )
     assert sorted(floats) == ["l0", "l1"] and search[-1]["ranking"] == "loss"
 
 
@@ -190,19 +218,40 @@ def test_auto_spends_the_float_share_when_only_the_95_bound_passes_within_it(mon
             return Trial(config=self.config, stats=self.stats, w8a8=w8a8)
 
     def choose(diffs):
-        stats = {"loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)}, "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)}}
-        recipe = Trial(config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0), stats={"w8a8": stats},
-                       w8a8={"float_linears": {}})
+        stats = {
+            "loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)},
+            "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)},
+        }
+        recipe = Trial(
+            config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0),
+            stats={"w8a8": stats},
+            w8a8={"float_linears": {}},
+        )
+
         def nll(trial, windows, batch, desc):
             floats = None if trial is None else len(trial.w8a8["float_linears"])
-            return torch.zeros(2, dtype=torch.float64) if floats is None else torch.tensor(diffs.get(floats, [0.0, 0.0]), dtype=torch.float64)
+            return (
+                torch.zeros(2, dtype=torch.float64)
+                if floats is None
+                else torch.tensor(diffs.get(floats, [0.0, 0.0]), dtype=torch.float64)
+            )
 
-        return fallback.choose_float_linears(recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), nll, 4)
+        return fallback.choose_float_linears(
+            recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), nll, 4
+        )
 
     diffs = {0: [0.03, 0.03], 1: [0.001, 0.005], 2: [0.0, 0.006], 3: [0.0, 0.001]}
     floats, search = choose(diffs)
-    assert sorted(floats) == ["l0", "l1"] and "99.95% +1.30%" in floats["l0"] and "95% +0.80% (within 1.0%)" in floats["l0"]
-    assert [step["float_linears"] for step in search[1:]] == [0, 2, 2]  # none, both rankings at the share, no search below it
+    assert (
+        sorted(floats) == ["l0", "l1"]
+        and "99.95% +1.30%" in floats["l0"]
+        and "95% +0.80% (within 1.0%)" in floats["l0"]
+    )
+    assert [step["float_linears"] for step in search[1:]] == [
+        0,
+        2,
+        2,
+    ]  # none, both rankings at the share, no search below it
     diffs = {**diffs, 2: [0.0, 0.02], 3: [0.0, 0.006]}  # the share fails: beyond it, 3 passes the 95% bound only
     floats, search = choose(diffs)
     assert sorted(floats) == ["l0", "l1", "l2"] and search[-1]["upper_95_pct"] < 1.0 < search[-1]["upper_strict_pct"]
@@ -259,9 +308,34 @@ def test_decoder_with_w8a8_generates_like_its_reference():
 
 def test_cli_compile_w8a8_then_eval_reproduces(tiny_model_dir, text_files, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--act-method", "3", "--anti-method", "m3",
-                 "--disable-level", "L1", "--calib", str(text_files["calib"]), "--eval", str(text_files["prose"]),
-                 "-o", str(out), "--window", "64", "--calib-samples", "4", "--eval-windows", "2", "--batch-size", "2"])
+    code = main(
+        [
+            "compile",
+            str(tiny_model_dir),
+            "--w8a8",
+            "--kv-int8",
+            "--act-method",
+            "3",
+            "--anti-method",
+            "m3",
+            "--disable-level",
+            "L1",
+            "--calib",
+            str(text_files["calib"]),
+            "--eval",
+            str(text_files["prose"]),
+            "-o",
+            str(out),
+            "--window",
+            "64",
+            "--calib-samples",
+            "4",
+            "--eval-windows",
+            "2",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     w = report["w8a8"]

@@ -19,7 +19,8 @@ def test_all_thirty_sites_found_by_structure(smollm2):
     sites = qpass.inspect_model(smollm2)
     assert len(sites) == 30
     assert {(s.form, s.num_heads, s.num_kv_heads, s.head_dim, s.rope, s.qk_norm) for s in sites} == {
-        ("sdpa", 9, 3, 64, True, False)}
+        ("sdpa", 9, 3, 64, True, False)
+    }
     assert [s.k_from for s in sites[:2]] == [f"model.layers.{i}.self_attn.k_proj.weight" for i in (0, 1)]
 
 

@@ -33,7 +33,11 @@ def test_210_linears_and_120_smoothing_groups_found_by_structure(smollm2):
     groups = find_smoothing_groups(program.graph, linears, names)
     assert len(groups) == 120
     assert {(g.prev_kind, len(g.consumers), g.group, g.head_dim) for g in groups} == {
-        ("norm", 3, 1, None), ("linear", 1, 3, 64), ("norm", 2, 1, None), ("linear", 1, 1, None)}
+        ("norm", 3, 1, None),
+        ("linear", 1, 3, 64),
+        ("norm", 2, 1, None),
+        ("linear", 1, 1, None),
+    }
 
 
 def test_m3_w8a8_smoothing_is_exact_and_w8a8_stays_close(smollm2):

@@ -69,7 +69,9 @@ def exported(llama, smollm2_tokenizer, tmp_path_factory):
     """W8A8 + FAQuant + C8, float16: the directory the corruption and CLI tests start from."""
     model, recipe, _ = llama
     out = tmp_path_factory.mktemp("mindie") / "fp16-all"
-    export_mindie(model.config.to_dict(), model.state_dict(), variant(recipe, True, True), smollm2_tokenizer, out, torch.float16)
+    export_mindie(
+        model.config.to_dict(), model.state_dict(), variant(recipe, True, True), smollm2_tokenizer, out, torch.float16
+    )
     return out
 
 
@@ -80,8 +82,12 @@ def in_memory_w8a8(model, recipe: Recipe, dtype: torch.dtype | None) -> tuple[to
     rounded = (lambda t: t.to(dtype).float()) if dtype is not None else (lambda t: t)
     for name in recipe.w8a8_linears():
         linear = model.get_submodule(name)
-        w = w8a8_weights(linear.weight, linear.bias, rounded(recipe.tensors[f"w8a8.{name}.input_scale"]).item(),
-                         recipe.tensors[f"w8a8.{name}.input_offset"].item())
+        w = w8a8_weights(
+            linear.weight,
+            linear.bias,
+            rounded(recipe.tensors[f"w8a8.{name}.input_scale"]).item(),
+            recipe.tensors[f"w8a8.{name}.input_offset"].item(),
+        )
         parent, _, child = name.rpartition(".")
         setattr(m.get_submodule(parent), child, W8A8Linear(w))
     with torch.no_grad():
@@ -94,15 +100,21 @@ def in_memory_w8a8(model, recipe: Recipe, dtype: torch.dtype | None) -> tuple[to
 
 
 def program_ppl(model, recipe: Recipe | None, ids) -> float:
-    return perplexity(frontend(model, WINDOW).logits(recipe if recipe is not None and recipe.config is not None else None), ids, 4)
+    return perplexity(
+        frontend(model, WINDOW).logits(recipe if recipe is not None and recipe.config is not None else None), ids, 4
+    )
 
 
 # ------------------------------------------------------------------------------------------------ layout
 
 
 # every combination in both dtypes, except C8 with bfloat16, which the format refuses (test_c8_bfloat16_refused)
-LAYOUTS = [pytest.param(c, d, id=f"{c}-{str(d)[6:]}") for d in (torch.float16, torch.bfloat16) for c in COMBOS
-           if not (COMBOS[c][1] and d == torch.bfloat16)]
+LAYOUTS = [
+    pytest.param(c, d, id=f"{c}-{str(d)[6:]}")
+    for d in (torch.float16, torch.bfloat16)
+    for c in COMBOS
+    if not (COMBOS[c][1] and d == torch.bfloat16)
+]
 
 
 @pytest.mark.parametrize("combo, dtype", LAYOUTS)
@@ -111,7 +123,9 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
     fa, kv = COMBOS[combo]
     recipe = variant(full, fa, kv)
     export_mindie(model.config.to_dict(), model.state_dict(), recipe, smollm2_tokenizer, tmp_path, dtype)
-    assert {"config.json", WEIGHTS_FILE, DESCRIPTION_FILE, "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", WEIGHTS_FILE, DESCRIPTION_FILE, "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
     tensors = load_file(str(tmp_path / WEIGHTS_FILE))
     desc = json.loads((tmp_path / DESCRIPTION_FILE).read_text())
     config = json.loads((tmp_path / "config.json").read_text())
@@ -120,7 +134,10 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
     assert desc.get("fa_quant_type") == ("FAQuant" if fa else None)
     assert (desc.get("kv_cache_type"), desc.get("kv_quant_type")) == (("C8", "C8") if kv else (None, None))
     assert config["torch_dtype"] == str(dtype).removeprefix("torch.")
-    assert config["quantization_config"] == {**({"fa_quant_type": "FAQuant"} if fa else {}), **({"kv_quant_type": "C8"} if kv else {})}
+    assert config["quantization_config"] == {
+        **({"fa_quant_type": "FAQuant"} if fa else {}),
+        **({"kv_quant_type": "C8"} if kv else {}),
+    }
     model_keys = {k for k in desc if k.endswith("_type")}
     assert set(desc) - model_keys == set(tensors)  # every tensor typed, nothing else
     # W8A8 Linears: 7 per layer, each with the format's tensors
@@ -128,9 +145,15 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
     assert len(linears) == 14
     for p in linears:
         n, k = model.get_submodule(p).weight.shape
-        expect = {"weight": (torch.int8, (n, k)), "input_scale": (dtype, (1,)), "input_offset": (dtype, (1,)),
-                  "deq_scale": (torch.int64 if dtype == torch.float16 else torch.float32, (n,)), "quant_bias": (torch.int32, (n,)),
-                  "weight_scale": (torch.float32, (n, 1)), "weight_offset": (torch.float32, (n, 1))}
+        expect = {
+            "weight": (torch.int8, (n, k)),
+            "input_scale": (dtype, (1,)),
+            "input_offset": (dtype, (1,)),
+            "deq_scale": (torch.int64 if dtype == torch.float16 else torch.float32, (n,)),
+            "quant_bias": (torch.int32, (n,)),
+            "weight_scale": (torch.float32, (n, 1)),
+            "weight_offset": (torch.float32, (n, 1)),
+        }
         for suffix, (dt, shape) in expect.items():
             t = tensors[f"{p}.{suffix}"]
             assert (t.dtype, tuple(t.shape)) == (dt, shape), f"{p}.{suffix}"
@@ -142,7 +165,9 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
         assert in_scale.item() == pytest.approx(full.tensors[f"w8a8.{p}.input_scale"].item(), rel=1e-2)
         offset = tensors[f"{p}.input_offset"].float()
         assert offset.item() == full.tensors[f"w8a8.{p}.input_offset"].item()  # unchanged: one sign convention
-        expected_bias = torch.round(-tensors[f"{p}.weight"].double().sum(1) * offset.double()).to(torch.int32)  # Llama: no bias
+        expected_bias = torch.round(-tensors[f"{p}.weight"].double().sum(1) * offset.double()).to(
+            torch.int32
+        )  # Llama: no bias
         assert torch.equal(tensors[f"{p}.quant_bias"], expected_bias)
         assert not tensors[f"{p}.weight_offset"].any()
         assert f"{p}.bias" not in tensors
@@ -159,7 +184,11 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
                 name = f"{a}.{kind}.{part}"
                 assert (name in tensors) == fa
                 if fa:
-                    assert (tensors[name].dtype, tuple(tensors[name].shape), desc[name]) == (dtype, (heads, 64), "FAQuant")
+                    assert (tensors[name].dtype, tuple(tensors[name].shape), desc[name]) == (
+                        dtype,
+                        (heads, 64),
+                        "FAQuant",
+                    )
                     assert torch.equal(tensors[name], full.tensors[f"layers.{i}.{kind}.{part}"].to(dtype))
         for kind, proj in (("kv_k", "k_proj"), ("kv_v", "v_proj")):
             for part in ("scale", "offset"):
@@ -186,21 +215,34 @@ def test_export_layout_and_round_trip(llama, smollm2_tokenizer, tmp_path, combo,
 def test_c8_bfloat16_refused(llama, tmp_path):
     model, full, _ = llama
     with pytest.raises(QpassError, match="bfloat16 with --kv-int8.*float16"):
-        export_mindie(model.config.to_dict(), model.state_dict(), variant(full, False, True), None, tmp_path, torch.bfloat16)
+        export_mindie(
+            model.config.to_dict(), model.state_dict(), variant(full, False, True), None, tmp_path, torch.bfloat16
+        )
 
 
 def test_refuses_recipe_without_w8a8_and_other_dtypes(llama, tmp_path):
     model, full, _ = llama
-    no_w8a8 = Recipe(QuantConfig(fa_quant=True), full.sites, {k: v for k, v in full.tensors.items() if not k.startswith("w8a8.")})
+    no_w8a8 = Recipe(
+        QuantConfig(fa_quant=True), full.sites, {k: v for k, v in full.tensors.items() if not k.startswith("w8a8.")}
+    )
     with pytest.raises(QpassError, match="the MindIE format is W8A8; add --w8a8"):
         export_mindie(model.config.to_dict(), model.state_dict(), no_w8a8, None, tmp_path, torch.float16)
     with pytest.raises(QpassError, match="float16 or bfloat16"):
-        export_mindie(model.config.to_dict(), model.state_dict(), variant(full, True, False), None, tmp_path, torch.float32)
+        export_mindie(
+            model.config.to_dict(), model.state_dict(), variant(full, True, False), None, tmp_path, torch.float32
+        )
 
 
 def test_export_is_deterministic(llama, smollm2_tokenizer, exported, tmp_path):
     model, full, _ = llama
-    export_mindie(model.config.to_dict(), model.state_dict(), variant(full, True, True), smollm2_tokenizer, tmp_path, torch.float16)
+    export_mindie(
+        model.config.to_dict(),
+        model.state_dict(),
+        variant(full, True, True),
+        smollm2_tokenizer,
+        tmp_path,
+        torch.float16,
+    )
     names = sorted(p.name for p in exported.iterdir())
     assert names == sorted(p.name for p in tmp_path.iterdir())
     for name in names:
@@ -212,8 +254,19 @@ def test_size_of_quantized_linears(exported, llama):
     model, full, _ = llama
     linears = full.w8a8_linears()
     with safe_open(str(exported / WEIGHTS_FILE), framework="pt") as f:
-        exported_bytes = sum(f.get_tensor(f"{p}.{s}").nbytes for p in linears
-                             for s in ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset"))
+        exported_bytes = sum(
+            f.get_tensor(f"{p}.{s}").nbytes
+            for p in linears
+            for s in (
+                "weight",
+                "input_scale",
+                "input_offset",
+                "deq_scale",
+                "quant_bias",
+                "weight_scale",
+                "weight_offset",
+            )
+        )
     float32_bytes = sum(model.get_submodule(p).weight.numel() * 4 for p in linears)
     ratio = exported_bytes / float32_bytes
     print(f"quantized Linears: {exported_bytes} bytes vs {float32_bytes} float32 bytes = {ratio:.3f}x")
@@ -268,7 +321,14 @@ def test_qwen2_bias_round_trip(smollm2_tokenizer, tmp_path):
 
 def test_w8a8_alone_generates_with_float_cache(llama, smollm2_tokenizer, tmp_path):
     model, full, _ = llama
-    export_mindie(model.config.to_dict(), model.state_dict(), variant(full, False, False), smollm2_tokenizer, tmp_path, torch.float16)
+    export_mindie(
+        model.config.to_dict(),
+        model.state_dict(),
+        variant(full, False, False),
+        smollm2_tokenizer,
+        tmp_path,
+        torch.float16,
+    )
     loaded = load_mindie(tmp_path)
     assert loaded.recipe is None
     new = generate_with_model(loaded.model, [1, 2, 3, 4], 5, loaded.tokenizer.eos_token_id)
@@ -302,9 +362,17 @@ def write_by_hand(model, tokenizer, out, fa: bool, c8: bool = False, msmodelslim
             deq = in_scale.float() * w_scale
             quant_bias = torch.round(-wq.double().sum(1) * -3.0).to(torch.int32)
             import numpy as np
+
             deq_bits = torch.from_numpy(deq.numpy().astype(np.float32).view(np.int32).astype(np.int64))
-            parts = [("weight", wq), ("input_scale", in_scale), ("input_offset", in_offset), ("deq_scale", deq_bits),
-                     ("quant_bias", quant_bias), ("weight_scale", w_scale[:, None]), ("weight_offset", torch.zeros(len(w), 1))]
+            parts = [
+                ("weight", wq),
+                ("input_scale", in_scale),
+                ("input_offset", in_offset),
+                ("deq_scale", deq_bits),
+                ("quant_bias", quant_bias),
+                ("weight_scale", w_scale[:, None]),
+                ("weight_offset", torch.zeros(len(w), 1)),
+            ]
             if msmodelslim:
                 parts = [(k, t.float() if k.startswith("input_") else t) for k, t in parts[:5]]
                 tensors[f"{name}.bias"], desc[f"{name}.bias"] = torch.zeros(len(w)).half(), "FLOAT"
@@ -322,7 +390,9 @@ def write_by_hand(model, tokenizer, out, fa: bool, c8: bool = False, msmodelslim
             for kind, heads in (("fa_q", 4), ("fa_k", 2), ("fa_v", 2)):
                 a = f"model.layers.{i}.self_attn"
                 shape = (heads, 1) if msmodelslim else (heads, 64)
-                tensors[f"{a}.{kind}.scale"] = torch.full(shape, 0.0625, dtype=torch.float32 if msmodelslim else torch.float16)
+                tensors[f"{a}.{kind}.scale"] = torch.full(
+                    shape, 0.0625, dtype=torch.float32 if msmodelslim else torch.float16
+                )
                 tensors[f"{a}.{kind}.offset"] = torch.zeros(shape, dtype=torch.int8 if msmodelslim else torch.float16)
                 desc[f"{a}.{kind}.scale"] = desc[f"{a}.{kind}.offset"] = "FAQuant"
                 if msmodelslim:
@@ -363,8 +433,12 @@ def test_msmodelslim_form_reads_like_the_documented_form(llama, tmp_path, fa, c8
     for name, t in doc.recipe.tensors.items():
         assert torch.equal(slim.recipe.tensors[name], t), name  # [heads, 1] repeated over head_dim
     with torch.no_grad():
-        torch.testing.assert_close(frontend(slim.model, WINDOW).logits(slim.recipe)(ids[:1]),
-                                   frontend(doc.model, WINDOW).logits(doc.recipe)(ids[:1]), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            frontend(slim.model, WINDOW).logits(slim.recipe)(ids[:1]),
+            frontend(doc.model, WINDOW).logits(doc.recipe)(ids[:1]),
+            rtol=1e-3,
+            atol=1e-3,
+        )
 
 
 def test_hand_written_directory_loads_and_matches_the_formula(llama, tmp_path):
@@ -377,7 +451,9 @@ def test_hand_written_directory_loads_and_matches_the_formula(llama, tmp_path):
     x = torch.randn(3, 256)
     p = "model.layers.0.self_attn.q_proj"
     t = load_file(str(tmp_path / "hand" / WEIGHTS_FILE))
-    xq = torch.clamp(torch.round(x.double() / t[f"{p}.input_scale"].double() + t[f"{p}.input_offset"].double()), -128, 127)
+    xq = torch.clamp(
+        torch.round(x.double() / t[f"{p}.input_scale"].double() + t[f"{p}.input_offset"].double()), -128, 127
+    )
     deq = t[f"{p}.deq_scale"].to(torch.int32).view(torch.float32).double()
     y = (xq @ t[f"{p}.weight"].double().t() + t[f"{p}.quant_bias"].double()) * deq
     torch.testing.assert_close(loaded.model.get_submodule(p)(x).double(), y, rtol=1e-5, atol=1e-5)
@@ -390,7 +466,9 @@ def test_hand_written_directory_loads_and_matches_the_formula(llama, tmp_path):
 def test_hand_written_directory_evals_and_runs(llama, smollm2_tokenizer, text_files, tmp_path, capsys):
     model, _, _ = llama
     write_by_hand(model, smollm2_tokenizer, tmp_path / "hand", fa=True)
-    assert main(["eval", str(tmp_path / "hand"), "--eval", str(text_files["prose"]), "--eval-windows", "1", "--json"]) == 0
+    assert (
+        main(["eval", str(tmp_path / "hand"), "--eval", str(text_files["prose"]), "--eval-windows", "1", "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["format"] == "mindie" and result["fa_quant"] and result["ppl_quant"] > 1
     assert main(["run", str(tmp_path / "hand"), "--prompt", "The capital of France is", "--max-new-tokens", "3"]) == 0
@@ -403,12 +481,14 @@ def test_hand_written_directory_evals_and_runs(llama, smollm2_tokenizer, text_fi
 def _set_tensor(name, value):
     def edit(tensors, desc, config):
         tensors[name] = value(tensors[name]) if callable(value) else value
+
     return edit
 
 
 def _drop_tensor(name):
     def edit(tensors, desc, config):
         del tensors[name]
+
     return edit
 
 
@@ -418,12 +498,14 @@ def _edit_desc(name, value):
             del desc[name]
         else:
             desc[name] = value
+
     return edit
 
 
 def _edit_config(edit_fn):
     def edit(tensors, desc, config):
         edit_fn(config)
+
     return edit
 
 
@@ -432,30 +514,66 @@ A = "model.layers.1.self_attn"
 K_W = "model.layers.0.self_attn.k_proj.weight"
 CORRUPTIONS = {
     "missing W8A8 tensor": (_drop_tensor(f"{Q}.quant_bias"), f"lists {Q}.quant_bias.*no such tensor"),
-    "missing float tensor": (lambda t, d, c: (t.pop("model.norm.weight"), d.pop("model.norm.weight")), "missing tensor model.norm.weight"),
-    "missing FAQuant tensor": (lambda t, d, c: (t.pop(f"{A}.fa_k.scale"), d.pop(f"{A}.fa_k.scale")), f"missing tensor {A}.fa_k.scale"),
-    "deq_scale as float32 in a float16 model": (_set_tensor(f"{Q}.deq_scale", lambda t: t.to(torch.int32).view(torch.float32)),
-                                                f"{Q}.deq_scale is float32, expected int64"),
-    "deq_scale value cast instead of bits": (_set_tensor(f"{Q}.deq_scale", lambda t: t.to(torch.int32).view(torch.float32).to(torch.int64)),
-                                             f"{Q}.deq_scale\\[0\\] is .*input_scale \\* weight_scale"),
+    "missing float tensor": (
+        lambda t, d, c: (t.pop("model.norm.weight"), d.pop("model.norm.weight")),
+        "missing tensor model.norm.weight",
+    ),
+    "missing FAQuant tensor": (
+        lambda t, d, c: (t.pop(f"{A}.fa_k.scale"), d.pop(f"{A}.fa_k.scale")),
+        f"missing tensor {A}.fa_k.scale",
+    ),
+    "deq_scale as float32 in a float16 model": (
+        _set_tensor(f"{Q}.deq_scale", lambda t: t.to(torch.int32).view(torch.float32)),
+        f"{Q}.deq_scale is float32, expected int64",
+    ),
+    "deq_scale value cast instead of bits": (
+        _set_tensor(f"{Q}.deq_scale", lambda t: t.to(torch.int32).view(torch.float32).to(torch.int64)),
+        f"{Q}.deq_scale\\[0\\] is .*input_scale \\* weight_scale",
+    ),
     "weight as float16": (_set_tensor(f"{Q}.weight", lambda t: t.half()), f"{Q}.weight is float16, expected int8"),
-    "weight transposed": (_set_tensor(K_W, lambda t: t.t().contiguous()), f"{K_W} has shape \\[256, 128\\], expected \\[128, 256\\]"),
-    "quant_bias shape": (_set_tensor(f"{Q}.quant_bias", lambda t: t[:-1].clone()), f"{Q}.quant_bias has shape \\[255\\], expected \\[256\\]"),
-    "C8 scale shape": (_set_tensor(f"{A}.v_proj.kv_cache_scale", lambda t: t.reshape(2, 64)), f"{A}.v_proj.kv_cache_scale has shape \\[2, 64\\]"),
-    "FAQuant scale zero": (_set_tensor(f"{A}.fa_q.scale", lambda t: torch.zeros_like(t)), f"{A}.fa_q.scale .*not a positive"),
-    "float tensor in float32": (_set_tensor("model.norm.weight", lambda t: t.float()), "model.norm.weight is float32, expected float16"),
+    "weight transposed": (
+        _set_tensor(K_W, lambda t: t.t().contiguous()),
+        f"{K_W} has shape \\[256, 128\\], expected \\[128, 256\\]",
+    ),
+    "quant_bias shape": (
+        _set_tensor(f"{Q}.quant_bias", lambda t: t[:-1].clone()),
+        f"{Q}.quant_bias has shape \\[255\\], expected \\[256\\]",
+    ),
+    "C8 scale shape": (
+        _set_tensor(f"{A}.v_proj.kv_cache_scale", lambda t: t.reshape(2, 64)),
+        f"{A}.v_proj.kv_cache_scale has shape \\[2, 64\\]",
+    ),
+    "FAQuant scale zero": (
+        _set_tensor(f"{A}.fa_q.scale", lambda t: torch.zeros_like(t)),
+        f"{A}.fa_q.scale .*not a positive",
+    ),
+    "float tensor in float32": (
+        _set_tensor("model.norm.weight", lambda t: t.float()),
+        "model.norm.weight is float32, expected float16",
+    ),
     "described FLOAT but W8A8": (_edit_desc(f"{Q}.weight", "FLOAT"), f"{Q}.weight"),
     "undescribed tensor": (_edit_desc(f"{Q}.input_scale", None), f"{Q}.input_scale has no entry"),
     "unknown type": (_edit_desc("model.norm.weight", "INT4"), "types model.norm.weight as 'INT4'"),
-    "FAQuant typed W8A8": (_edit_desc(f"{A}.fa_v.offset", "W8A8"), f"types {A}.fa_v.offset as 'W8A8'.*type it 'FAQuant'"),
-    "unknown tensor": (lambda t, d, c: (t.__setitem__("model.extra", torch.zeros(1).half()), d.__setitem__("model.extra", "FLOAT")),
-                       "tensor model.extra is not a parameter"),
-    "float bias of a W8A8 Linear misshaped": (lambda t, d, c: (t.__setitem__(f"{Q}.bias", torch.zeros(255).half()),
-                                                               d.__setitem__(f"{Q}.bias", "FLOAT")),
-                                              f"{Q}.bias has shape \\[255\\], expected \\[256\\] \\(the float bias of a W8A8 Linear\\)"),
-    "kv_quant_type without kv_cache_type": (_edit_desc("kv_cache_type", None), "kv_cache_type None and kv_quant_type 'C8'"),
-    "config disagrees with description": (_edit_config(lambda c: c["quantization_config"].pop("fa_quant_type")),
-                                          "quantization_config .* disagrees with quant_model_description.json"),
+    "FAQuant typed W8A8": (
+        _edit_desc(f"{A}.fa_v.offset", "W8A8"),
+        f"types {A}.fa_v.offset as 'W8A8'.*type it 'FAQuant'",
+    ),
+    "unknown tensor": (
+        lambda t, d, c: (t.__setitem__("model.extra", torch.zeros(1).half()), d.__setitem__("model.extra", "FLOAT")),
+        "tensor model.extra is not a parameter",
+    ),
+    "float bias of a W8A8 Linear misshaped": (
+        lambda t, d, c: (t.__setitem__(f"{Q}.bias", torch.zeros(255).half()), d.__setitem__(f"{Q}.bias", "FLOAT")),
+        f"{Q}.bias has shape \\[255\\], expected \\[256\\] \\(the float bias of a W8A8 Linear\\)",
+    ),
+    "kv_quant_type without kv_cache_type": (
+        _edit_desc("kv_cache_type", None),
+        "kv_cache_type None and kv_quant_type 'C8'",
+    ),
+    "config disagrees with description": (
+        _edit_config(lambda c: c["quantization_config"].pop("fa_quant_type")),
+        "quantization_config .* disagrees with quant_model_description.json",
+    ),
     "model dtype float32": (_edit_config(lambda c: c.update(torch_dtype="float32")), "torch_dtype is 'float32'"),
     "model_quant_type": (_edit_desc("model_quant_type", "W4A16"), "model_quant_type is 'W4A16'"),
 }
@@ -494,7 +612,9 @@ def test_cli_eval_and_run_on_exported_directory(exported, text_files, capsys):
     assert result["format"] == "mindie" and result["w8a8_linears"] == 14 and result["kv_cache"] == "static"
     assert result == {**result, "fa_quant": True, "model_dtype": "float16"} and result["ppl_quant"] > 1
     sat = result["saturation"]  # counted with the recipe read back from the directory, which has no calibration figures
-    assert sat["calibration"] == {} and set(sat["measured"]["0"]) == {"q", "k", "v"} and sat["tokens"] == result["tokens"]
+    assert (
+        sat["calibration"] == {} and set(sat["measured"]["0"]) == {"q", "k", "v"} and sat["tokens"] == result["tokens"]
+    )
     assert evaluate_saved(exported, text_files["prose"], 1)["ppl_quant"] == pytest.approx(result["ppl_quant"], rel=1e-9)
     assert main(["run", str(exported), "--prompt", "Hello there", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("Hello there")
@@ -503,25 +623,38 @@ def test_cli_eval_and_run_on_exported_directory(exported, text_files, capsys):
 def test_compile_result_saves_mindie(llama, smollm2_tokenizer, tmp_path):
     model, full, _ = llama
     recipe = variant(full, True, False)
-    report = {"model": {"name": "tiny", "num_heads": 4, "num_kv_heads": 2, "head_dim": 64}, "sites": [], "passes": {},
-              "config": recipe.config.to_dict(), "sqnr_db": {}, "timings_s": {}}
+    report = {
+        "model": {"name": "tiny", "num_heads": 4, "num_kv_heads": 2, "head_dim": 64},
+        "sites": [],
+        "passes": {},
+        "config": recipe.config.to_dict(),
+        "sqnr_db": {},
+        "timings_s": {},
+    }
     compiled = Compiled(recipe, report, model.state_dict(), model.config.to_dict(), smollm2_tokenizer)
-    result = CompileResult(program=None, recipe=recipe, sites=[], report=report, tokenizer=smollm2_tokenizer, compiled=compiled)
+    result = CompileResult(
+        program=None, recipe=recipe, sites=[], report=report, tokenizer=smollm2_tokenizer, compiled=compiled
+    )
     out = result.save(tmp_path / "out", format="mindie", dtype="bfloat16")
     loaded = load_mindie(out)
-    assert loaded.info["model_dtype"] == "bfloat16" and loaded.recipe.config.fa_quant and (out / "report.json").is_file()
+    assert (
+        loaded.info["model_dtype"] == "bfloat16" and loaded.recipe.config.fa_quant and (out / "report.json").is_file()
+    )
     with pytest.raises(QpassError, match="--dtype float32"):
         result.save(tmp_path / "out2", format="mindie", dtype="float32")
     assert not (tmp_path / "out2").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--format", "mindie", "--dtype", "bfloat16", "--kv-int8"], "bfloat16 with --kv-int8"),
-    (["--fa-quant", "--dtype", "float16"], "only --format mindie / vllm-ascend have a model dtype"),
-    (["--w8a8", "--kv-int8", "--format", "vllm-ascend"], "add --symmetric"),
-    (["--w8a8", "--fa-quant", "--format", "vllm-ascend"], "FAKQuant"),
-    (["--fa-quant", "--format", "mindie"], "add --w8a8"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--format", "mindie", "--dtype", "bfloat16", "--kv-int8"], "bfloat16 with --kv-int8"),
+        (["--fa-quant", "--dtype", "float16"], "only --format mindie / vllm-ascend have a model dtype"),
+        (["--w8a8", "--kv-int8", "--format", "vllm-ascend"], "add --symmetric"),
+        (["--w8a8", "--fa-quant", "--format", "vllm-ascend"], "FAKQuant"),
+        (["--fa-quant", "--format", "mindie"], "add --w8a8"),
+    ],
+)
 def test_cli_compile_format_errors(tmp_path, capsys, argv, message):
     assert main(["compile", "default", "-o", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err

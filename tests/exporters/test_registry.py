@@ -45,11 +45,24 @@ def test_the_cli_and_the_api_refuse_in_the_writers_words(tiny_model_dir, text_fi
     is refused by ``save`` (and its writer) in the same words, and nothing is written."""
     import qpass
 
-    args = ["compile", str(tiny_model_dir), "--w8a8", "--fa-quant", "--format", "vllm-ascend", "-o", str(tmp_path / "c")]
+    args = [
+        "compile",
+        str(tiny_model_dir),
+        "--w8a8",
+        "--fa-quant",
+        "--format",
+        "vllm-ascend",
+        "-o",
+        str(tmp_path / "c"),
+    ]
     assert main(args) == 2
     cli = capsys.readouterr().err.strip().removeprefix("qpass compile: error: ")
-    result = qpass.compile(str(tiny_model_dir), QuantConfig(w8a8=True, fa_quant=True), calib=text_files["calib"],
-                           run=qpass.RunSettings(window=32, calib_samples=2))
+    result = qpass.compile(
+        str(tiny_model_dir),
+        QuantConfig(w8a8=True, fa_quant=True),
+        calib=text_files["calib"],
+        run=qpass.RunSettings(window=32, calib_samples=2),
+    )
     with pytest.raises(QpassError) as api:
         result.save(tmp_path / "a", format="vllm-ascend")
     from qpass.exporters.mindie_write import write_vllm_ascend

@@ -12,7 +12,8 @@ from qpass.exporters.mindie_load import load as load_mindie
 from qpass.exporters.mindie_write import export_mindie, fused_floats
 from qpass.models.tiny import tiny_config
 from tests.helpers.frontend_cases import calibrated, frontend
-from tests.helpers.vllm_ascend_loader import LoaderError, load as vllm_ascend_load
+from tests.helpers.vllm_ascend_loader import LoaderError
+from tests.helpers.vllm_ascend_loader import load as vllm_ascend_load
 
 WINDOW = 32
 
@@ -49,8 +50,10 @@ def _export(model, recipe, out, target, dtype=torch.float16):
 def test_what_we_write_is_what_vllm_ascend_loads(llama, tmp_path, dtype):
     model, recipe, _ = llama
     if dtype == torch.bfloat16:  # C8 is documented for float16; vllm-ascend takes W8A8 in bfloat16
-        recipe = recipe.replace(config=type(recipe.config)(w8a8=True), tensors={k: v for k, v in recipe.tensors.items()
-                                                                                  if not k.startswith("layers.")})
+        recipe = recipe.replace(
+            config=type(recipe.config)(w8a8=True),
+            tensors={k: v for k, v in recipe.tensors.items() if not k.startswith("layers.")},
+        )
     out = _export(model, recipe, tmp_path / "v", "vllm-ascend", dtype)
     config = json.loads((out / "config.json").read_text())
     description = json.loads((out / "quant_model_description.json").read_text())
@@ -58,9 +61,14 @@ def test_what_we_write_is_what_vllm_ascend_loads(llama, tmp_path, dtype):
     assert description["lm_head.weight"] == "FLOAT" and "fa_quant_type" not in description
     params = vllm_ascend_load(out)  # raises where vllm-ascend would; consumes every tensor
     assert params["model.layers.0.self_attn.qkv_proj.weight"].dtype == torch.int8
-    assert params["model.layers.1.mlp.gate_up_proj.deq_scale"].dtype == (torch.int64 if dtype == torch.float16 else torch.float32)
+    assert params["model.layers.1.mlp.gate_up_proj.deq_scale"].dtype == (
+        torch.int64 if dtype == torch.float16 else torch.float32
+    )
     if dtype == torch.float16:
-        assert description["kv_cache_type"] == "C8" and description["model.layers.0.self_attn.k_proj.kv_cache_scale"] == "C8"
+        assert (
+            description["kv_cache_type"] == "C8"
+            and description["model.layers.0.self_attn.k_proj.kv_cache_scale"] == "C8"
+        )
         assert params["model.layers.1.self_attn.attn.v_cache_scale"].shape == (2 * 64,)
         assert not params["model.layers.1.self_attn.attn.k_cache_offset"].any()
 
@@ -118,8 +126,25 @@ def test_cli_writes_vllm_ascend_from_one_calibration(tiny_model_dir, text_files,
 
     small = ["--window", "64", "--calib-samples", "4", "--batch-size", "2"]
     vllm = tmp_path / "vllm"
-    assert main(["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--symmetric", "--calib", str(text_files["calib"]),
-                 "--format", "vllm-ascend", "-o", str(vllm), *small]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--w8a8",
+                "--kv-int8",
+                "--symmetric",
+                "--calib",
+                str(text_files["calib"]),
+                "--format",
+                "vllm-ascend",
+                "-o",
+                str(vllm),
+                *small,
+            ]
+        )
+        == 0
+    )
     params = vllm_ascend_load(vllm)
     assert "model.layers.1.self_attn.attn.k_cache_scale" in params
     report = json.loads((vllm / "report.json").read_text())
@@ -127,10 +152,38 @@ def test_cli_writes_vllm_ascend_from_one_calibration(tiny_model_dir, text_files,
     # the same recipe, written for MindIE
     mindie = tmp_path / "mindie"
     recipe_dir = tmp_path / "qpass"
-    assert main(["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--symmetric", "--calib", str(text_files["calib"]),
-                 "-o", str(recipe_dir), *small]) == 0
-    assert main(["compile", str(tiny_model_dir), "--recipe", str(recipe_dir / "recipe"), "--format", "mindie",
-                 "-o", str(mindie)]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--w8a8",
+                "--kv-int8",
+                "--symmetric",
+                "--calib",
+                str(text_files["calib"]),
+                "-o",
+                str(recipe_dir),
+                *small,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_model_dir),
+                "--recipe",
+                str(recipe_dir / "recipe"),
+                "--format",
+                "mindie",
+                "-o",
+                str(mindie),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     results = []
     for d in (vllm, mindie):

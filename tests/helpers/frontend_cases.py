@@ -29,9 +29,11 @@ def minmax_input_qparams(model: torch.nn.Module, batches) -> dict[str, torch.Ten
     ranges, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+
             def hook(_, inputs, __, name=name):
                 lo, hi = ranges.get(name, (0.0, 0.0))
                 ranges[name] = (min(lo, inputs[0].min().item()), max(hi, inputs[0].max().item()))
+
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():

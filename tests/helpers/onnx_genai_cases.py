@@ -18,8 +18,21 @@ import pytest
 
 def run_builder(hf_dir: Path, out_dir: Path, extra_options: dict[str, str] | None = None) -> Path:
     """``python -m onnxruntime_genai.models.builder -i hf_dir -o out_dir -p fp32 -e cpu`` offline; ``out_dir``."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
-           "-p", "fp32", "-e", "cpu", "-c", str(Path(out_dir).parent / f"{Path(out_dir).name}-cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out_dir),
+        "-p",
+        "fp32",
+        "-e",
+        "cpu",
+        "-c",
+        str(Path(out_dir).parent / f"{Path(out_dir).name}-cache"),
+    ]
     if extra_options:
         cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
@@ -33,10 +46,19 @@ def run_builder_int8(hf_dir: Path, out_dir: Path, k_scales: list[np.ndarray], v_
     """The builder's own int8 per-channel KV-cache model, fed ``k_scales[layer]``/``v_scales[layer]``
     ``[kv_heads * head_dim]`` through its ``kv_cache_scale_file``."""
     scale_file = Path(out_dir).parent / f"{Path(out_dir).name}-scales.json"
-    scale_file.write_text(json.dumps({"scales": {"k_scales": [np.asarray(s).tolist() for s in k_scales],
-                                                 "v_scales": [np.asarray(s).tolist() for s in v_scales]}}))
-    return run_builder(hf_dir, out_dir, {"kv_cache_quant_scheme": "int8_per_channel",
-                                         "kv_cache_scale_file": str(scale_file)})
+    scale_file.write_text(
+        json.dumps(
+            {
+                "scales": {
+                    "k_scales": [np.asarray(s).tolist() for s in k_scales],
+                    "v_scales": [np.asarray(s).tolist() for s in v_scales],
+                }
+            }
+        )
+    )
+    return run_builder(
+        hf_dir, out_dir, {"kv_cache_quant_scheme": "int8_per_channel", "kv_cache_scale_file": str(scale_file)}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -67,12 +89,16 @@ def cache_io(sess) -> tuple[list[str], list[str]]:
 def empty_cache(sess, head_dim: int, batch: int = 1) -> dict[str, np.ndarray]:
     """Zero-length past caches ``[batch, kv_heads, 0, head_dim]`` in each cache input's element type."""
     types = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
-    return {i.name: np.zeros((batch, i.shape[1], 0, head_dim), types[i.type])
-            for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    return {
+        i.name: np.zeros((batch, i.shape[1], 0, head_dim), types[i.type])
+        for i in sess.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
 
 
-def forward(sess, ids: np.ndarray, past: dict[str, np.ndarray],
-            mask: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def forward(
+    sess, ids: np.ndarray, past: dict[str, np.ndarray], mask: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One step: logits ``[B, S, vocab]`` of ``ids [B, S]`` after ``past``, and the next step's past (the
     present outputs, fed back unchanged). ``mask``: the attention mask ``[B, past + S]`` (default all ones)."""
     past_names, present_names = cache_io(sess)
@@ -104,5 +130,7 @@ def absmax_scales(sess, ids: np.ndarray, head_dim: int) -> tuple[list[np.ndarray
     def scale(x):  # [B, H, S, D] -> [H * D]
         return (np.abs(x).max(axis=(0, 2)).reshape(-1) / 127.0).astype(np.float32)
 
-    return ([scale(past[f"past_key_values.{i}.key"]) for i in layers],
-            [scale(past[f"past_key_values.{i}.value"]) for i in layers])
+    return (
+        [scale(past[f"past_key_values.{i}.key"]) for i in layers],
+        [scale(past[f"past_key_values.{i}.value"]) for i in layers],
+    )

@@ -105,12 +105,21 @@ def prefill(lowered, ids: torch.Tensor, block_size: int = 16):
     layout = decoder_layout(lowered)
     num_blocks = -(-ids.shape[1] // block_size) + 1
     dynamic = layout["kv_cache"] == "dynamic"
-    caches = [layer_caches(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"], dynamic)
-              for _ in range(layout["num_layers"])]
+    caches = [
+        layer_caches(num_blocks, block_size, layout["num_kv_heads"], layout["head_dim"], dynamic)
+        for _ in range(layout["num_layers"])
+    ]
     tables = BlockTables(BlockAllocator(num_blocks), block_size)
     slots = tables.append_tokens(0, ids.shape[1])
     block_tables, context_lens = tables.tensors([0])
-    args = (ids, torch.arange(ids.shape[1])[None], *(t for c in caches for t in c), block_tables, context_lens, slots,
-            torch.tensor([0, ids.shape[1]], dtype=torch.int32))
+    args = (
+        ids,
+        torch.arange(ids.shape[1])[None],
+        *(t for c in caches for t in c),
+        block_tables,
+        context_lens,
+        slots,
+        torch.tensor([0, ids.shape[1]], dtype=torch.int32),
+    )
     with torch.no_grad():
         return lowered.module()(*args), caches

@@ -15,13 +15,22 @@ import torch
 from safetensors.torch import load_file
 
 # vLLM's stacked parameters (LlamaModel / Qwen2Model): shard name -> (fused module, shard id)
-STACKED = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+STACKED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # vllm-ascend's cache-scale mapper: checkpoint suffix -> Attention parameter
-CACHE_SCALES = {".k_proj.kv_cache_scale": ".attn.k_cache_scale", ".k_proj.kv_cache_offset": ".attn.k_cache_offset",
-                ".v_proj.kv_cache_scale": ".attn.v_cache_scale", ".v_proj.kv_cache_offset": ".attn.v_cache_offset"}
+CACHE_SCALES = {
+    ".k_proj.kv_cache_scale": ".attn.k_cache_scale",
+    ".k_proj.kv_cache_offset": ".attn.k_cache_offset",
+    ".v_proj.kv_cache_scale": ".attn.v_cache_scale",
+    ".v_proj.kv_cache_offset": ".attn.v_cache_offset",
+}
 # AscendW8A8LinearMethod's parameters: name -> (dtype for float16 / bfloat16 models, shape given out, in)
 W8A8_PARAMS = {
     "weight": (lambda dt: torch.int8, lambda n, k: (n, k)),
@@ -59,8 +68,12 @@ def load(directory) -> dict[str, torch.Tensor]:
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     c8 = description.get("kv_cache_type") == "C8"  # kv_quant_type is not read
     if description.get("fa_quant_type"):
-        raise LoaderError("fa_quant_type is set: only FAKQuant on MLA models is registered; dense FAQuant does not load")
-    c8_layers = {int(m.group(1)) for k in description if "k_proj.kv_cache_scale" in k and (m := re.search(r"\.(\d+)\.", k))}
+        raise LoaderError(
+            "fa_quant_type is set: only FAKQuant on MLA models is registered; dense FAQuant does not load"
+        )
+    c8_layers = {
+        int(m.group(1)) for k in description if "k_proj.kv_cache_scale" in k and (m := re.search(r"\.(\d+)\.", k))
+    }
 
     def lookup(key):
         if key not in description:
@@ -71,7 +84,9 @@ def load(directory) -> dict[str, torch.Tensor]:
     if config.get("model_type") == "llama" or not config.get("tie_word_embeddings"):
         lookup("lm_head.weight")
     if not any(v == "FLOAT" and k.endswith(".weight") for k, v in description.items()):
-        raise LoaderError("KeyError: '.weight' (embed_tokens has no prefix in vLLM's Llama; some FLOAT weight must exist)")
+        raise LoaderError(
+            "KeyError: '.weight' (embed_tokens has no prefix in vLLM's Llama; some FLOAT weight must exist)"
+        )
     loaded, used = {}, set()
     for i in range(layers):
         prefix = f"model.layers.{i}"
@@ -80,7 +95,9 @@ def load(directory) -> dict[str, torch.Tensor]:
             shards = PACKED.get(module, (module,))
             types = [lookup(f"{prefix}.{parent}.{s}.weight") for s in shards]
             if len(set(t == "FLOAT" for t in types)) > 1 or len(set(types)) > 1:
-                raise LoaderError(f"ValueError: {prefix}.{parent}.{module} fuses shards of types {types}; they must agree")
+                raise LoaderError(
+                    f"ValueError: {prefix}.{parent}.{module} fuses shards of types {types}; they must agree"
+                )
             if types[0] not in ("FLOAT", "W8A8"):  # the registry: W8A8 -> AscendW8A8LinearMethod
                 raise LoaderError(f"NotImplementedError: quant type {types[0]!r} of {prefix}.{parent}.{module}")
             for s in shards:
@@ -105,7 +122,9 @@ def load(directory) -> dict[str, torch.Tensor]:
                     if module in PACKED and name in ("input_scale", "input_offset") and loaded_name in loaded:
                         # fused shards copy into one element: the last wins, so they must agree
                         if not torch.equal(loaded[loaded_name], t.to(want_dtype)):
-                            raise LoaderError(f"{key} differs from the other shards of {module}; the fused layer keeps one")
+                            raise LoaderError(
+                                f"{key} differs from the other shards of {module}; the fused layer keeps one"
+                            )
                     loaded[loaded_name] = t.to(want_dtype)
                     used.add(key)
                 if f"{p}.bias" in tensors:  # loads into the layer's bias, which the W8A8 method never applies
@@ -119,20 +138,32 @@ def load(directory) -> dict[str, torch.Tensor]:
                     raise LoaderError(f"C8: no {key}")
                 t = tensors[key].squeeze()
                 if t.numel() != kv_heads * head_dim:  # attention_v1 views it as [kv_heads, 1, head_dim]
-                    raise LoaderError(f"{key}: {t.numel()} values, the decode path views [kv_heads={kv_heads}, 1, {head_dim}]")
+                    raise LoaderError(
+                        f"{key}: {t.numel()} values, the decode path views [kv_heads={kv_heads}, 1, {head_dim}]"
+                    )
                 if "offset" in key and bool(t.any()):
                     raise LoaderError(f"{key} is not zero: vllm-ascend's decode dequantizes with the scale only")
                 loaded[f"{prefix}.self_attn{param}"] = t.to(dtype)
                 used.add(key)
         elif any(k.startswith(prefix + ".") and "kv_cache" in k for k in tensors):
-            raise LoaderError(f"{prefix} has kv_cache tensors but kv_cache_type is not C8: they would be loaded into qkv_proj")
+            raise LoaderError(
+                f"{prefix} has kv_cache tensors but kv_cache_type is not C8: they would be loaded into qkv_proj"
+            )
         for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             key = f"{prefix}.{norm}.weight"
             if key in tensors:
                 _take(tensors, used, loaded, key, dtype, key)
         for bias in [k for k in tensors if k.startswith(prefix + ".") and k.endswith(".bias") and k not in used]:
-            _take(tensors, used, loaded, bias, dtype, bias.replace(".q_proj.", ".qkv_proj.").replace(
-                ".k_proj.", ".qkv_proj.").replace(".v_proj.", ".qkv_proj."))
+            _take(
+                tensors,
+                used,
+                loaded,
+                bias,
+                dtype,
+                bias.replace(".q_proj.", ".qkv_proj.")
+                .replace(".k_proj.", ".qkv_proj.")
+                .replace(".v_proj.", ".qkv_proj."),
+            )
     for key in ("model.embed_tokens.weight", "model.norm.weight"):
         _take(tensors, used, loaded, key, dtype, key)
     if "lm_head.weight" in tensors:

@@ -7,7 +7,6 @@ checks, and the antiquant formula ``(x + offset) * scale``). Passing these tests
 lowering is consistent with the documents; it has not been run on Ascend hardware.
 """
 
-
 import pytest
 import torch
 
@@ -19,7 +18,6 @@ from qpass.runtime import (
     reshape_and_cache_int8,
 )
 from qpass.runtime.paged_attention import prefill_rows
-
 from tests.helpers.paged_cases import make_case, rel_err
 
 
@@ -38,7 +36,7 @@ class EmulatedTorchNpu:
         return torch.round(input.float() / scales + zero_points).clamp(-128, 127).to(torch.int8)
 
     def npu_scatter_pa_kv_cache(self, key, value, key_cache, value_cache, slot_mapping):
-        """"Norm" layout: key [tokens, heads, dim] into key_cache [blocks, block_size, heads, dim], in place."""
+        """ "Norm" layout: key [tokens, heads, dim] into key_cache [blocks, block_size, heads, dim], in place."""
         self.calls.append(("npu_scatter_pa_kv_cache", dict(slot_mapping=slot_mapping)))
         assert key_cache.dim() == 4 and key.shape[1:] == key_cache.shape[2:]
         assert value.shape[1:] == value_cache.shape[2:]
@@ -47,17 +45,43 @@ class EmulatedTorchNpu:
         key_cache.view(-1, *key_cache.shape[2:])[slot_mapping.long()] = key
         value_cache.view(-1, *value_cache.shape[2:])[slot_mapping.long()] = value
 
-    def npu_fused_infer_attention_score(self, query, key, value, *, block_table=None, actual_seq_lengths_kv=None,
-                                        num_heads=1, num_key_value_heads=0, scale=1.0, input_layout="BSH",
-                                        block_size=0, key_antiquant_scale=None, key_antiquant_offset=None,
-                                        value_antiquant_scale=None, value_antiquant_offset=None,
-                                        key_antiquant_mode=0, value_antiquant_mode=0, **unsupported):
+    def npu_fused_infer_attention_score(
+        self,
+        query,
+        key,
+        value,
+        *,
+        block_table=None,
+        actual_seq_lengths_kv=None,
+        num_heads=1,
+        num_key_value_heads=0,
+        scale=1.0,
+        input_layout="BSH",
+        block_size=0,
+        key_antiquant_scale=None,
+        key_antiquant_offset=None,
+        value_antiquant_scale=None,
+        value_antiquant_offset=None,
+        key_antiquant_mode=0,
+        value_antiquant_mode=0,
+        **unsupported,
+    ):
         """Decode (Q_S = 1) PageAttention with per-channel antiquant ``(x + offset) * scale``."""
-        self.calls.append(("npu_fused_infer_attention_score", dict(
-            key_antiquant_scale=key_antiquant_scale, key_antiquant_offset=key_antiquant_offset,
-            value_antiquant_scale=value_antiquant_scale, value_antiquant_offset=value_antiquant_offset,
-            input_layout=input_layout, block_size=block_size, num_heads=num_heads,
-            num_key_value_heads=num_key_value_heads)))
+        self.calls.append(
+            (
+                "npu_fused_infer_attention_score",
+                dict(
+                    key_antiquant_scale=key_antiquant_scale,
+                    key_antiquant_offset=key_antiquant_offset,
+                    value_antiquant_scale=value_antiquant_scale,
+                    value_antiquant_offset=value_antiquant_offset,
+                    input_layout=input_layout,
+                    block_size=block_size,
+                    num_heads=num_heads,
+                    num_key_value_heads=num_key_value_heads,
+                ),
+            )
+        )
         assert not [k for k, v in unsupported.items() if v is not None], unsupported
         assert input_layout == "BNSD" and query.dim() == 4 and query.shape[2] == 1 and query.shape[1] == num_heads
         assert query.dtype in (torch.float16, torch.bfloat16)
@@ -71,8 +95,11 @@ class EmulatedTorchNpu:
         assert isinstance(actual_seq_lengths_kv, list) and len(actual_seq_lengths_kv) == batch
         assert key_antiquant_mode == 0 and value_antiquant_mode == 0  # per channel
         for t in (key_antiquant_scale, key_antiquant_offset, value_antiquant_scale, value_antiquant_offset):
-            assert t.dtype == query.dtype and t.shape in {(1, kv_heads, 1, head_dim), (1, kv_heads, head_dim),
-                                                          (1, kv_heads * head_dim)}
+            assert t.dtype == query.dtype and t.shape in {
+                (1, kv_heads, 1, head_dim),
+                (1, kv_heads, head_dim),
+                (1, kv_heads * head_dim),
+            }
         k_scale = key_antiquant_scale.float().reshape(kv_heads, head_dim)
         k_offset = key_antiquant_offset.float().reshape(kv_heads, head_dim)
         v_scale = value_antiquant_scale.float().reshape(kv_heads, head_dim)
@@ -107,7 +134,7 @@ def test_offsets_are_passed_negated():
     case = make_case(1, [70, 20])
     npu = EmulatedTorchNpu()
     out = ascend.paged_attention_int8(npu, **case)
-    (_, kwargs), = [c for c in npu.calls if c[0] == "npu_fused_infer_attention_score"]
+    ((_, kwargs),) = [c for c in npu.calls if c[0] == "npu_fused_infer_attention_score"]
     assert torch.equal(kwargs["key_antiquant_offset"].float().reshape(2, 128), -case["k_offset"])
     assert torch.equal(kwargs["value_antiquant_offset"].float().reshape(2, 128), -case["v_offset"])
     # With our offsets passed as they are, Ascend's (x + offset) * scale gives a different answer.
@@ -120,8 +147,12 @@ def test_cache_write_lowering_equals_the_cpu_write_op():
     torch.manual_seed(2)
     key = torch.randn(40, 2, 128) * 2
     value = torch.randn(40, 2, 128)
-    scales = dict(k_scale=torch.rand(2, 128) * 0.03 + 0.01, k_offset=torch.randint(-20, 20, (2, 128)).float(),
-                  v_scale=torch.rand(2, 128) * 0.03 + 0.01, v_offset=torch.randint(-20, 20, (2, 128)).float())
+    scales = dict(
+        k_scale=torch.rand(2, 128) * 0.03 + 0.01,
+        k_offset=torch.randint(-20, 20, (2, 128)).float(),
+        v_scale=torch.rand(2, 128) * 0.03 + 0.01,
+        v_offset=torch.randint(-20, 20, (2, 128)).float(),
+    )
     slots = torch.randperm(5 * 32)[:40]
     slots[[3, 17]] = -1
     expected = [torch.full((5, 32, 2, 128), 7, dtype=torch.int8) for _ in range(2)]
@@ -130,7 +161,7 @@ def test_cache_write_lowering_equals_the_cpu_write_op():
     npu = EmulatedTorchNpu()
     ascend.reshape_and_cache_int8(npu, key, value, *lowered, slots, **scales)
     assert torch.equal(lowered[0], expected[0]) and torch.equal(lowered[1], expected[1])
-    (_, kwargs), = [c for c in npu.calls if c[0] == "npu_scatter_pa_kv_cache"]
+    ((_, kwargs),) = [c for c in npu.calls if c[0] == "npu_scatter_pa_kv_cache"]
     assert kwargs["slot_mapping"].shape == (38,) and kwargs["slot_mapping"].dtype == torch.int32
 
 
@@ -139,11 +170,22 @@ def test_prefill_lowers_to_decode_rows():
     query = torch.randn(7, 4, 64).half()
     query_start_loc = torch.tensor([0, 3, 7], dtype=torch.int32)
     rows, row_lens = prefill_rows(case["block_tables"], case["context_lens"], query_start_loc)
-    out = ascend.paged_attention_int8(EmulatedTorchNpu(), **{**case, "query": query, "block_tables": rows,
-                                                             "context_lens": row_lens})
+    out = ascend.paged_attention_int8(
+        EmulatedTorchNpu(), **{**case, "query": query, "block_tables": rows, "context_lens": row_lens}
+    )
     ref = paged_prefill_attention_int8_reference(
-        query.double(), case["key_cache"], case["value_cache"], case["block_tables"], case["context_lens"],
-        query_start_loc, case["k_scale"], case["k_offset"], case["v_scale"], case["v_offset"], case["softmax_scale"])
+        query.double(),
+        case["key_cache"],
+        case["value_cache"],
+        case["block_tables"],
+        case["context_lens"],
+        query_start_loc,
+        case["k_scale"],
+        case["k_offset"],
+        case["v_scale"],
+        case["v_offset"],
+        case["softmax_scale"],
+    )
     assert rel_err(out, ref) <= 1e-2
 
 
@@ -152,9 +194,18 @@ def test_block_size_not_a_multiple_of_32_is_refused():
     with pytest.raises(QpassError, match="multiple of 32"):
         ascend.paged_attention_int8(EmulatedTorchNpu(), **case)
     with pytest.raises(QpassError, match="multiple of 32"):
-        ascend.reshape_and_cache_int8(EmulatedTorchNpu(), torch.randn(1, 2, 128), torch.randn(1, 2, 128),
-                                      case["key_cache"], case["value_cache"], torch.tensor([0]),
-                                      case["k_scale"], case["k_offset"], case["v_scale"], case["v_offset"])
+        ascend.reshape_and_cache_int8(
+            EmulatedTorchNpu(),
+            torch.randn(1, 2, 128),
+            torch.randn(1, 2, 128),
+            case["key_cache"],
+            case["value_cache"],
+            torch.tensor([0]),
+            case["k_scale"],
+            case["k_offset"],
+            case["v_scale"],
+            case["v_offset"],
+        )
 
 
 def test_float32_query_is_refused():

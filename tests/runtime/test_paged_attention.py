@@ -24,8 +24,9 @@ from qpass.runtime import (
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def make_case(seed, context_lens, num_heads=4, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
-              spare_blocks=3):
+def make_case(
+    seed, context_lens, num_heads=4, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32, spare_blocks=3
+):
     """A random paged int8 cache: every slot holds random codes (unused ones too), each sequence's
     blocks are a random, out-of-order pick (holes between them), and block table padding points at
     a real block full of other data, so reading past a context length changes the result."""
@@ -51,9 +52,14 @@ def make_case(seed, context_lens, num_heads=4, kv_heads=2, head_dim=64, block_si
 
     return dict(
         query=torch.randn(len(context_lens), num_heads, head_dim, generator=g).to(dtype),
-        key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_tables=block_tables,
         context_lens=torch.tensor(context_lens, dtype=torch.int32),
-        k_scale=scale(), k_offset=offset(), v_scale=scale(), v_offset=offset(),
+        k_scale=scale(),
+        k_offset=offset(),
+        v_scale=scale(),
+        v_offset=offset(),
         softmax_scale=1 / math.sqrt(head_dim),
     )
 
@@ -156,15 +162,28 @@ def test_faquant_matches_reference(out_dtype):
 
 BAD_DECODE = [
     ("query dtype", lambda c: c.update(query=c["query"].int()), "query is torch.int32"),
-    ("head_dim 48", lambda c: c.update(query=c["query"][..., :48].contiguous(), key_cache=c["key_cache"][..., :48],
-                                       value_cache=c["value_cache"][..., :48]), "head_dim=48 is not supported"),
-    ("block_size 8", lambda c: c.update(key_cache=c["key_cache"][:, :8], value_cache=c["value_cache"][:, :8]),
-     "block_size=8 is not supported"),
+    (
+        "head_dim 48",
+        lambda c: c.update(
+            query=c["query"][..., :48].contiguous(),
+            key_cache=c["key_cache"][..., :48],
+            value_cache=c["value_cache"][..., :48],
+        ),
+        "head_dim=48 is not supported",
+    ),
+    (
+        "block_size 8",
+        lambda c: c.update(key_cache=c["key_cache"][:, :8], value_cache=c["value_cache"][:, :8]),
+        "block_size=8 is not supported",
+    ),
     ("heads not a multiple", lambda c: c.update(query=c["query"][:, :3]), "num_heads=3 is not a multiple"),
     ("table too short", lambda c: c["context_lens"].fill_(50), "widen block_tables"),
     ("context 0", lambda c: c["context_lens"].__setitem__(0, 0), "context_lens\\[0\\] = 0"),
-    ("context too long", lambda c: c["context_lens"].__setitem__(1, checks.MAX_CONTEXT_LEN + 1),
-     "must be in \\[1, 131072\\]"),
+    (
+        "context too long",
+        lambda c: c["context_lens"].__setitem__(1, checks.MAX_CONTEXT_LEN + 1),
+        "must be in \\[1, 131072\\]",
+    ),
     ("bad block id", lambda c: c["block_tables"].__setitem__((1, 0), 999), "block_tables\\[1, 0\\] = 999"),
     ("tables int64", lambda c: c.update(block_tables=c["block_tables"].long()), "block_tables is torch.int64"),
     ("lens int64", lambda c: c.update(context_lens=c["context_lens"].long()), "context_lens is torch.int64"),
@@ -194,18 +213,23 @@ def test_prefill_rejects_bad_query_start_loc(starts, message):
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("starts", [torch.tensor([0, 2, 7], dtype=torch.int64), torch.tensor([0, 7], dtype=torch.int32)],
-                         ids=["int64", "one-seq-short"])
+@pytest.mark.parametrize(
+    "starts",
+    [torch.tensor([0, 2, 7], dtype=torch.int64), torch.tensor([0, 7], dtype=torch.int32)],
+    ids=["int64", "one-seq-short"],
+)
 def test_prefill_ops_refuse_a_query_start_loc_of_the_wrong_layout(starts, dynamic):
     """The static and the dynamic prefill op share one layout check (paged_checks.check_query_start_loc_layout)."""
-    from tests.helpers.paged_cases import make_dynamic_case
     from qpass.runtime.paged_attention_dynamic import paged_prefill_attention_int8_dynamic
+    from tests.helpers.paged_cases import make_dynamic_case
 
     case = (make_dynamic_case if dynamic else prefill_case)(11, [5, 40], **({} if dynamic else {"query_lens": [2, 5]}))
     case["query"] = torch.randn(7, *case["query"].shape[1:])
     case["query_start_loc"] = starts
     op = paged_prefill_attention_int8_dynamic if dynamic else paged_prefill_attention_int8
-    with pytest.raises(QpassError, match=r"query_start_loc is torch\.int(32|64) \((3|2),\); it must be int32 \[num_seqs \+ 1 = 3\]"):
+    with pytest.raises(
+        QpassError, match=r"query_start_loc is torch\.int(32|64) \((3|2),\); it must be int32 \[num_seqs \+ 1 = 3\]"
+    ):
         op(**case)
 
 
@@ -222,8 +246,23 @@ def test_ops_export_through_their_fake_impls():
     q8 = quantize_int8(case["query"], torch.full((4, 64), 0.02), torch.zeros(4, 64))
 
     class Attend(torch.nn.Module):
-        def forward(self, query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset, v_scale,
-                    v_offset, prefill_query, query_start_loc, q8, q_scale, q_offset):
+        def forward(
+            self,
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            context_lens,
+            k_scale,
+            k_offset,
+            v_scale,
+            v_offset,
+            prefill_query,
+            query_start_loc,
+            q8,
+            q_scale,
+            q_offset,
+        ):
             cache = (key_cache, value_cache, block_tables, context_lens)
             scales = (k_scale, k_offset, v_scale, v_offset)
             return (
@@ -232,10 +271,24 @@ def test_ops_export_through_their_fake_impls():
                 paged_attention_int8_faquant(q8, q_scale, q_offset, *cache, *scales, 0.125, torch.float16),
             )
 
-    names = ["query", "key_cache", "value_cache", "block_tables", "context_lens", "k_scale", "k_offset", "v_scale",
-             "v_offset"]
-    args = tuple(case[n] for n in names) + (pcase["query"], pcase["query_start_loc"], q8, torch.full((4, 64), 0.02),
-                                            torch.zeros(4, 64))
+    names = [
+        "query",
+        "key_cache",
+        "value_cache",
+        "block_tables",
+        "context_lens",
+        "k_scale",
+        "k_offset",
+        "v_scale",
+        "v_offset",
+    ]
+    args = tuple(case[n] for n in names) + (
+        pcase["query"],
+        pcase["query_start_loc"],
+        q8,
+        torch.full((4, 64), 0.02),
+        torch.zeros(4, 64),
+    )
     ep = torch.export.export(Attend(), args)
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     ops = ("qpass.paged_attention_int8", "qpass.paged_prefill_attention_int8", "qpass.paged_attention_int8_faquant")

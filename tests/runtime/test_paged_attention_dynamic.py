@@ -8,10 +8,18 @@ import torch
 
 from qpass.core.errors import QpassError
 from qpass.core.int8 import dequantize, dynamic_qparams, fake_quant_dynamic, quantize_dynamic
-from qpass.runtime import (BlockAllocator, BlockTables, allocate_kv_cache, allocate_kv_scale_cache,
-                           fake_quant_int8_dynamic, paged_attention_int8_dynamic, paged_attention_int8_dynamic_reference,
-                           paged_prefill_attention_int8_dynamic, paged_prefill_attention_int8_dynamic_reference,
-                           reshape_and_cache_int8_dynamic)
+from qpass.runtime import (
+    BlockAllocator,
+    BlockTables,
+    allocate_kv_cache,
+    allocate_kv_scale_cache,
+    fake_quant_int8_dynamic,
+    paged_attention_int8_dynamic,
+    paged_attention_int8_dynamic_reference,
+    paged_prefill_attention_int8_dynamic,
+    paged_prefill_attention_int8_dynamic_reference,
+    reshape_and_cache_int8_dynamic,
+)
 from tests.helpers.paged_cases import make_dynamic_case, rel_err
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -53,7 +61,9 @@ def test_write_stores_codes_and_scales_per_token_and_head_and_skips_minus_one():
         t.fill_(55)
     for t in (k_scales, v_scales):
         t.fill_(-1.0)
-    key = torch.randn(20, kv_heads, head_dim) * torch.linspace(0.1, 10, 20)[:, None, None]  # scales that differ per token
+    key = (
+        torch.randn(20, kv_heads, head_dim) * torch.linspace(0.1, 10, 20)[:, None, None]
+    )  # scales that differ per token
     value = torch.randn(20, kv_heads, head_dim)
     tables = BlockTables(BlockAllocator(6), block_size)
     tables.append_tokens(9, 3)  # another sequence takes block 0
@@ -72,12 +82,15 @@ def test_write_stores_codes_and_scales_per_token_and_head_and_skips_minus_one():
         assert (scales.view(-1, kv_heads, 2)[untouched] == -1).all()
 
 
-@pytest.mark.parametrize("lens, heads, kv_heads, head_dim, block_size, dtype", [
-    ([1, 37, 16], 4, 4, 64, 16, torch.float32),
-    ([200, 5], 8, 2, 128, 32, torch.float16),
-    ([130, 3000], 6, 2, 64, 128, torch.bfloat16),  # more keys than one chunk of the folded path
-    ([45], 2, 1, 256, 64, torch.float32),
-])
+@pytest.mark.parametrize(
+    "lens, heads, kv_heads, head_dim, block_size, dtype",
+    [
+        ([1, 37, 16], 4, 4, 64, 16, torch.float32),
+        ([200, 5], 8, 2, 128, 32, torch.float16),
+        ([130, 3000], 6, 2, 64, 128, torch.bfloat16),  # more keys than one chunk of the folded path
+        ([45], 2, 1, 256, 64, torch.float32),
+    ],
+)
 def test_folded_decode_and_prefill_match_reference(lens, heads, kv_heads, head_dim, block_size, dtype):
     case = make_dynamic_case(sum(lens), lens, heads, kv_heads, head_dim, block_size, dtype)
     out = paged_attention_int8_dynamic(**case)
@@ -95,8 +108,10 @@ def test_folded_decode_and_prefill_match_reference(lens, heads, kv_heads, head_d
     assert rel_err(out, exact) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("name, index, factor", [("v_scale_cache", 0, 0.5), ("v_scale_cache", 1, 3.0),
-                                                 ("k_scale_cache", 0, 2.0), ("k_scale_cache", 1, -2.0)])
+@pytest.mark.parametrize(
+    "name, index, factor",
+    [("v_scale_cache", 0, 0.5), ("v_scale_cache", 1, 3.0), ("k_scale_cache", 0, 2.0), ("k_scale_cache", 1, -2.0)],
+)
 def test_scales_and_offsets_are_read_per_token(name, index, factor):
     """Changing one token's scale or offset changes the output the way dequantizing says: a path that ignored
     the per-token scales or offsets, or read another token's, would miss it."""
@@ -124,12 +139,20 @@ def test_write_then_attend_is_attention_over_the_fake_quantized_keys_and_values(
         for s, n in enumerate(lens):
             if step < n:
                 m = min(10, n - step)
-                reshape_and_cache_int8_dynamic(keys[s][step:step + m], values[s][step:step + m], key_cache, value_cache,
-                                               tables.append_tokens(s, m), k_scales, v_scales)
+                reshape_and_cache_int8_dynamic(
+                    keys[s][step : step + m],
+                    values[s][step : step + m],
+                    key_cache,
+                    value_cache,
+                    tables.append_tokens(s, m),
+                    k_scales,
+                    v_scales,
+                )
     block_tables, context_lens = tables.tensors([0, 1, 2])
     query = torch.randn(3, heads, head_dim)
-    out = paged_attention_int8_dynamic(query, key_cache, value_cache, block_tables, context_lens, k_scales, v_scales,
-                                       1 / math.sqrt(head_dim))
+    out = paged_attention_int8_dynamic(
+        query, key_cache, value_cache, block_tables, context_lens, k_scales, v_scales, 1 / math.sqrt(head_dim)
+    )
     for s in range(3):
         k = fake_quant_dynamic(keys[s]).repeat_interleave(2, dim=1).transpose(0, 1)
         v = fake_quant_dynamic(values[s]).repeat_interleave(2, dim=1).transpose(0, 1)
@@ -137,18 +160,37 @@ def test_write_then_attend_is_attention_over_the_fake_quantized_keys_and_values(
         assert (out[s] - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.update(k_scale_cache=a["k_scale_cache"].half()), "k_scale_cache is torch.float16"),
-    (lambda a: a.update(v_scale_cache=a["v_scale_cache"][:, :, :1].contiguous()), "v_scale_cache is .* \\(4, 16, 1, 2\\)"),
-    (lambda a: a.update(v_scale_cache=a["v_scale_cache"][..., 0].contiguous()), "v_scale_cache is .* \\(4, 16, 2\\)"),
-    (lambda a: a.update(k_scale_cache=a["k_scale_cache"].transpose(0, 1).contiguous().transpose(0, 1)), "contiguous"),
-    (lambda a: a.update(key_cache=a["key_cache"].float()), "int8 caches"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(k_scale_cache=a["k_scale_cache"].half()), "k_scale_cache is torch.float16"),
+        (
+            lambda a: a.update(v_scale_cache=a["v_scale_cache"][:, :, :1].contiguous()),
+            "v_scale_cache is .* \\(4, 16, 1, 2\\)",
+        ),
+        (
+            lambda a: a.update(v_scale_cache=a["v_scale_cache"][..., 0].contiguous()),
+            "v_scale_cache is .* \\(4, 16, 2\\)",
+        ),
+        (
+            lambda a: a.update(k_scale_cache=a["k_scale_cache"].transpose(0, 1).contiguous().transpose(0, 1)),
+            "contiguous",
+        ),
+        (lambda a: a.update(key_cache=a["key_cache"].float()), "int8 caches"),
+    ],
+)
 def test_write_rejects_bad_scale_caches(change, message):
     key_cache, value_cache = allocate_kv_cache(4, 16, 2, 64)
     k_scales, v_scales = allocate_kv_scale_cache(4, 16, 2)
-    args = dict(key=torch.randn(3, 2, 64), value=torch.randn(3, 2, 64), key_cache=key_cache, value_cache=value_cache,
-                slot_mapping=torch.tensor([0, 5, 17]), k_scale_cache=k_scales, v_scale_cache=v_scales)
+    args = dict(
+        key=torch.randn(3, 2, 64),
+        value=torch.randn(3, 2, 64),
+        key_cache=key_cache,
+        value_cache=value_cache,
+        slot_mapping=torch.tensor([0, 5, 17]),
+        k_scale_cache=k_scales,
+        v_scale_cache=v_scales,
+    )
     change(args)
     with pytest.raises(QpassError, match=message):
         reshape_and_cache_int8_dynamic(**args)
@@ -165,15 +207,23 @@ def test_write_and_prefill_export_as_cache_mutations():
     class Step(torch.nn.Module):
         def forward(self, key, value, query, key_cache, value_cache, k_scales, v_scales, slots, tables, lens, starts):
             reshape_and_cache_int8_dynamic(key, value, key_cache, value_cache, slots, k_scales, v_scales)
-            return paged_prefill_attention_int8_dynamic(query, key_cache, value_cache, tables, lens, starts, k_scales,
-                                                        v_scales, 0.125)
+            return paged_prefill_attention_int8_dynamic(
+                query, key_cache, value_cache, tables, lens, starts, k_scales, v_scales, 0.125
+            )
 
     def inputs():
         g = torch.Generator().manual_seed(0)
-        return (torch.randn(3, 2, 64, generator=g), torch.randn(3, 2, 64, generator=g), torch.randn(3, 4, 64, generator=g),
-                *allocate_kv_cache(4, 16, 2, 64), *allocate_kv_scale_cache(4, 16, 2), torch.tensor([16, 17, 18]),
-                torch.tensor([[1, 2]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
-                torch.tensor([0, 3], dtype=torch.int32))
+        return (
+            torch.randn(3, 2, 64, generator=g),
+            torch.randn(3, 2, 64, generator=g),
+            torch.randn(3, 4, 64, generator=g),
+            *allocate_kv_cache(4, 16, 2, 64),
+            *allocate_kv_scale_cache(4, 16, 2),
+            torch.tensor([16, 17, 18]),
+            torch.tensor([[1, 2]], dtype=torch.int32),
+            torch.tensor([3], dtype=torch.int32),
+            torch.tensor([0, 3], dtype=torch.int32),
+        )
 
     ep = torch.export.export(Step(), inputs())
     assert any("reshape_and_cache_int8_dynamic" in str(n.target) for n in ep.graph.nodes)

@@ -106,9 +106,17 @@ def test_write_round_trip_within_half_a_step_and_skips_minus_one():
 )
 def test_write_rejects_bad_arguments(change, message):
     key_cache, value_cache = allocate_kv_cache(4, 16, 2, 64)
-    args = dict(key=torch.randn(3, 2, 64), value=torch.randn(3, 2, 64), key_cache=key_cache, value_cache=value_cache,
-                slot_mapping=torch.tensor([0, 5, 17]), k_scale=torch.ones(2, 64), k_offset=torch.zeros(2, 64),
-                v_scale=torch.ones(2, 64), v_offset=torch.zeros(2, 64))
+    args = dict(
+        key=torch.randn(3, 2, 64),
+        value=torch.randn(3, 2, 64),
+        key_cache=key_cache,
+        value_cache=value_cache,
+        slot_mapping=torch.tensor([0, 5, 17]),
+        k_scale=torch.ones(2, 64),
+        k_offset=torch.zeros(2, 64),
+        v_scale=torch.ones(2, 64),
+        v_offset=torch.zeros(2, 64),
+    )
     change(args)
     with pytest.raises(QpassError, match=message):
         reshape_and_cache_int8(**args)
@@ -121,8 +129,17 @@ def test_write_op_exports_as_a_cache_mutation():
             return key_cache.sum()
 
     key_cache, value_cache = allocate_kv_cache(4, 16, 2, 64)
-    args = (torch.randn(3, 2, 64), torch.randn(3, 2, 64), key_cache, value_cache, torch.tensor([0, 5, 17]),
-            torch.full((2, 64), 0.05), torch.zeros(2, 64), torch.full((2, 64), 0.05), torch.zeros(2, 64))
+    args = (
+        torch.randn(3, 2, 64),
+        torch.randn(3, 2, 64),
+        key_cache,
+        value_cache,
+        torch.tensor([0, 5, 17]),
+        torch.full((2, 64), 0.05),
+        torch.zeros(2, 64),
+        torch.full((2, 64), 0.05),
+        torch.zeros(2, 64),
+    )
     ep = torch.export.export(Write(), args)
     targets = {str(n.target) for n in ep.graph.nodes}
     assert any("reshape_and_cache_int8" in t for t in targets)
@@ -149,12 +166,31 @@ def test_write_then_attend_matches_float_attention():
             if step < n:
                 m = min(10, n - step)
                 slots = tables.append_tokens(s, m)
-                reshape_and_cache_int8(keys[s][step:step + m], values[s][step:step + m], key_cache, value_cache,
-                                       slots, k_scale, k_offset, v_scale, v_offset)
+                reshape_and_cache_int8(
+                    keys[s][step : step + m],
+                    values[s][step : step + m],
+                    key_cache,
+                    value_cache,
+                    slots,
+                    k_scale,
+                    k_offset,
+                    v_scale,
+                    v_offset,
+                )
     block_tables, context_lens = tables.tensors([0, 1, 2])
     query = torch.randn(3, heads, head_dim)
-    out = paged_attention_int8(query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset,
-                               v_scale, v_offset, 1 / math.sqrt(head_dim))
+    out = paged_attention_int8(
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        k_scale,
+        k_offset,
+        v_scale,
+        v_offset,
+        1 / math.sqrt(head_dim),
+    )
     for s in range(3):
         k = keys[s].repeat_interleave(2, dim=1).transpose(0, 1)
         v = values[s].repeat_interleave(2, dim=1).transpose(0, 1)

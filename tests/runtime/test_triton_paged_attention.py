@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from qpass.core.errors import QpassError
-from qpass.runtime import (paged_attention_int8_dynamic_reference, paged_attention_int8_reference,
-                           paged_prefill_attention_int8_dynamic_reference, paged_prefill_attention_int8_reference,
-                           quantize_int8)
+from qpass.runtime import (
+    paged_attention_int8_dynamic_reference,
+    paged_attention_int8_reference,
+    paged_prefill_attention_int8_dynamic_reference,
+    paged_prefill_attention_int8_reference,
+    quantize_int8,
+)
 from qpass.runtime.paged_attention import prefill_rows
-
 from tests.helpers.paged_cases import make_case, make_dynamic_case, rel_err
 
 CHILD = os.environ.get("QPASS_TRITON_INTERPRET_CHILD") == "1"
@@ -31,7 +34,10 @@ def test_kernels_in_a_fresh_interpreter_process():
     env = {**os.environ, "TRITON_INTERPRET": "1", "QPASS_TRITON_INTERPRET_CHILD": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" in result.stdout  # the child ran the tests
@@ -101,8 +107,9 @@ def test_float16_cache_variant_matches_the_same_attention():
     case = make_case(21, [300, 700], 8, 2, 64, 16, torch.float16)
     k = ((case["key_cache"].float() - case["k_offset"]) * case["k_scale"]).half()
     v = ((case["value_cache"].float() - case["v_offset"]) * case["v_scale"]).half()
-    out = tpa.paged_attention_triton(case["query"], k, v, case["block_tables"], case["context_lens"],
-                                     softmax_scale=case["softmax_scale"])
+    out = tpa.paged_attention_triton(
+        case["query"], k, v, case["block_tables"], case["context_lens"], softmax_scale=case["softmax_scale"]
+    )
     assert rel_err(out, exact(case)) <= 1e-2
 
 
@@ -125,12 +132,31 @@ def test_prefill_as_causal_rows():
     query = torch.randn(9, 4, 64, generator=g).half()
     query_start_loc = torch.tensor([0, 4, 9], dtype=torch.int32)
     rows, row_lens = prefill_rows(case["block_tables"], case["context_lens"], query_start_loc)
-    out = tpa.paged_attention_triton(query, case["key_cache"], case["value_cache"], rows, row_lens,
-                                     case["k_scale"], case["k_offset"], case["v_scale"], case["v_offset"],
-                                     softmax_scale=case["softmax_scale"])
+    out = tpa.paged_attention_triton(
+        query,
+        case["key_cache"],
+        case["value_cache"],
+        rows,
+        row_lens,
+        case["k_scale"],
+        case["k_offset"],
+        case["v_scale"],
+        case["v_offset"],
+        softmax_scale=case["softmax_scale"],
+    )
     ref = paged_prefill_attention_int8_reference(
-        query.double(), case["key_cache"], case["value_cache"], case["block_tables"], case["context_lens"],
-        query_start_loc, case["k_scale"], case["k_offset"], case["v_scale"], case["v_offset"], case["softmax_scale"])
+        query.double(),
+        case["key_cache"],
+        case["value_cache"],
+        case["block_tables"],
+        case["context_lens"],
+        query_start_loc,
+        case["k_scale"],
+        case["k_offset"],
+        case["v_scale"],
+        case["v_offset"],
+        case["softmax_scale"],
+    )
     assert rel_err(out, ref) <= 1e-2
 
 
@@ -147,8 +173,10 @@ def test_dynamic_cache_kernel_matches_reference(lens, heads, kv_heads, head_dim,
     case = make_dynamic_case(sum(lens) + heads, lens, heads, kv_heads, head_dim, block_size, dtype)
     out = run_triton(case)
     assert out.dtype == dtype and out.shape == case["query"].shape
-    assert rel_err(out, paged_attention_int8_dynamic_reference(**{**case, "query": case["query"].double()})) \
+    assert (
+        rel_err(out, paged_attention_int8_dynamic_reference(**{**case, "query": case["query"].double()}))
         <= TOLERANCE[dtype]
+    )
 
 
 @in_child
@@ -157,19 +185,30 @@ def test_dynamic_cache_prefill_as_causal_rows():
     query = torch.randn(9, 4, 64, generator=torch.Generator().manual_seed(0)).half()
     query_start_loc = torch.tensor([0, 4, 9], dtype=torch.int32)
     rows, row_lens = prefill_rows(case["block_tables"], case["context_lens"], query_start_loc)
-    out = tpa.paged_attention_triton(query, case["key_cache"], case["value_cache"], rows, row_lens,
-                                     softmax_scale=case["softmax_scale"], k_scale_cache=case["k_scale_cache"],
-                                     v_scale_cache=case["v_scale_cache"])
-    ref = paged_prefill_attention_int8_dynamic_reference(**{**case, "query": query.double(),
-                                                            "query_start_loc": query_start_loc})
+    out = tpa.paged_attention_triton(
+        query,
+        case["key_cache"],
+        case["value_cache"],
+        rows,
+        row_lens,
+        softmax_scale=case["softmax_scale"],
+        k_scale_cache=case["k_scale_cache"],
+        v_scale_cache=case["v_scale_cache"],
+    )
+    ref = paged_prefill_attention_int8_dynamic_reference(
+        **{**case, "query": query.double(), "query_start_loc": query_start_loc}
+    )
     assert rel_err(out, ref) <= 1e-2
 
 
 BAD_DYNAMIC = [
     ("one scale cache", lambda c: c.update(v_scale_cache=None), "both k_scale_cache and v_scale_cache"),
     ("float16 scales", lambda c: c.update(k_scale_cache=c["k_scale_cache"].half()), "contiguous float32"),
-    ("float cache", lambda c: c.update(key_cache=c["key_cache"].half(), value_cache=c["value_cache"].half()),
-     "needs int8 caches"),
+    (
+        "float cache",
+        lambda c: c.update(key_cache=c["key_cache"].half(), value_cache=c["value_cache"].half()),
+        "needs int8 caches",
+    ),
 ]
 
 
@@ -183,18 +222,31 @@ def test_wrapper_rejects_bad_dynamic_scales(name, change, message):
 
 
 BAD = [
-    ("head_dim 96", lambda c: c.update(query=c["query"][..., :96].contiguous(), key_cache=c["key_cache"][..., :96],
-                                       value_cache=c["value_cache"][..., :96]), "supports \\(64, 128, 256\\)"),
-    ("block_size 8", lambda c: c.update(key_cache=c["key_cache"][:, :8], value_cache=c["value_cache"][:, :8]),
-     "supports \\(16, 32, 64, 128\\)"),
+    (
+        "head_dim 96",
+        lambda c: c.update(
+            query=c["query"][..., :96].contiguous(),
+            key_cache=c["key_cache"][..., :96],
+            value_cache=c["value_cache"][..., :96],
+        ),
+        "supports \\(64, 128, 256\\)",
+    ),
+    (
+        "block_size 8",
+        lambda c: c.update(key_cache=c["key_cache"][:, :8], value_cache=c["value_cache"][:, :8]),
+        "supports \\(16, 32, 64, 128\\)",
+    ),
     ("group > 64", lambda c: c.update(query=c["query"].repeat(1, 33, 1)), "at most 64 times"),
     ("heads not a multiple", lambda c: c.update(query=c["query"][:, :3]), "must be a multiple"),
     ("query int", lambda c: c.update(query=c["query"].int()), "query is torch.int32"),
     ("mixed caches", lambda c: c.update(value_cache=c["value_cache"].half()), "both int8"),
     ("missing scale", lambda c: c.update(v_scale=None), "v_scale must be float32"),
     ("tables int64", lambda c: c.update(block_tables=c["block_tables"].long()), "block_tables is torch.int64"),
-    ("strided query", lambda c: c.update(query=c["query"].transpose(1, 2).contiguous().transpose(1, 2)),
-     "contiguous last dimension"),
+    (
+        "strided query",
+        lambda c: c.update(query=c["query"].transpose(1, 2).contiguous().transpose(1, 2)),
+        "contiguous last dimension",
+    ),
 ]
 
 

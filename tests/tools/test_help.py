@@ -21,8 +21,9 @@ def test_the_tools_are_listed():
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help(name):
-    done = subprocess.run([sys.executable, "-m", f"tools.{name}", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", f"tools.{name}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     usage = done.stdout.splitlines()[0]
     assert usage.startswith("usage: ") and f"tools.{name}" in usage.split(), usage
@@ -57,6 +58,8 @@ def test_no_tool_imports_another(path):
 
 def test_tools_imported_sees_siblings(tmp_path):
     script = tmp_path / "x.py"
-    script.write_text("from tools import common, bench_run\nimport tools.sweep_observers\nfrom make_corpus import main\n"
-                      "from .common import parser\n")
+    script.write_text(
+        "from tools import common, bench_run\nimport tools.sweep_observers\nfrom make_corpus import main\n"
+        "from .common import parser\n"
+    )
     assert tools_imported(script) == {"tools.common", "tools.bench_run", "tools.sweep_observers", "tools.make_corpus"}

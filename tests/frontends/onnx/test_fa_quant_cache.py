@@ -27,8 +27,6 @@ from qpass.frontends.onnx.session import Runner, greedy, session
 from qpass.passes.onnx.base import SITES_METADATA
 from qpass.passes.onnx.insert_faquant_qdq import InsertFAQuantQDQPass
 from qpass.passes.onnx.verify_int8_cache import VerifyInt8CachePass
-from tests.helpers.onnx_cases import onnx_dirs  # noqa: F401  (fixture)
-from tests.helpers.onnx_genai_cases import genai_float_dir  # noqa: F401  (fixture)
 
 WINDOW = 64
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
@@ -44,8 +42,23 @@ def compiled(onnx_dirs, text_files, tmp_path_factory):
     base, out = tmp_path_factory.mktemp("fa-quant-cache"), {}
     for opset, flags in ((20, "fa"), (23, "fa"), (20, "both")):
         out[opset, flags] = base / f"{opset}-{flags}"
-        assert main(["compile", str(onnx_dirs[opset]), *FLAGS[flags], "--calib", str(text_files["calib"]),
-                     "--eval", str(text_files["prose"]), "-o", str(out[opset, flags]), *SMALL]) == 0
+        assert (
+            main(
+                [
+                    "compile",
+                    str(onnx_dirs[opset]),
+                    *FLAGS[flags],
+                    "--calib",
+                    str(text_files["calib"]),
+                    "--eval",
+                    str(text_files["prose"]),
+                    "-o",
+                    str(out[opset, flags]),
+                    *SMALL,
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -100,14 +113,20 @@ def test_the_cache_holds_the_recipes_scales(compiled, flags, cache_kind):
             assert quantize.inputs[1].name == f"qpass.layers.{layer}.{cache_kind}_{kind}.scale"
             scale, offset = recipe.get(layer, f"{cache_kind}_{kind}")
             assert tuple(scale.shape) == ((2, 16) if cache_kind == "fa" else (32,))
-            np.testing.assert_array_equal(quantize.inputs[1].const_value.numpy(), scale.double().flatten().float().numpy())
-            np.testing.assert_array_equal(quantize.inputs[2].const_value.numpy(), offset.flatten().numpy().astype(np.int8))
+            np.testing.assert_array_equal(
+                quantize.inputs[1].const_value.numpy(), scale.double().flatten().float().numpy()
+            )
+            np.testing.assert_array_equal(
+                quantize.inputs[2].const_value.numpy(), offset.flatten().numpy().astype(np.int8)
+            )
 
 
 def test_saturation_is_counted_on_q_k_and_v(compiled):
     report = json.loads((compiled[20, "fa"] / "report.json").read_text())
-    assert {layer: set(kinds) for layer, kinds in report["saturation"]["measured"].items()} == \
-        {"0": {"q", "k", "v"}, "1": {"q", "k", "v"}}
+    assert {layer: set(kinds) for layer, kinds in report["saturation"]["measured"].items()} == {
+        "0": {"q", "k", "v"},
+        "1": {"q", "k", "v"},
+    }
 
 
 # numbers
@@ -172,8 +191,12 @@ def test_an_int8_cache_written_with_a_per_tensor_scale_is_caught(compiled, onnx_
     model = ir.load(compiled[20, "fa"] / "model.onnx")
     VerifyInt8CachePass(found)(model)  # as written: passes
     quantize = _cache_quantizer(model, "present.0.key")
-    scalar = ir.Value(name="one_scale", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]),
-                      const_value=ir.tensor(np.array(0.05, dtype=np.float32), name="one_scale"))
+    scalar = ir.Value(
+        name="one_scale",
+        type=ir.TensorType(ir.DataType.FLOAT),
+        shape=ir.Shape([]),
+        const_value=ir.tensor(np.array(0.05, dtype=np.float32), name="one_scale"),
+    )
     model.graph.register_initializer(scalar)
     quantize.replace_input_with(1, scalar)
     with pytest.raises(QpassError, match="present.0.key without its quantization"):
@@ -206,7 +229,9 @@ def test_onnx_runtime_runs_attention_in_float_after_dequantize(compiled, opset, 
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(compiled[opset, "fa"] / "model.onnx"), options, providers=["CPUExecutionProvider"])
     ops = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
-    assert not {"QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"} & set(ops)
+    assert not {"QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"} & set(
+        ops
+    )
     assert (ops["QuantizeLinear"], ops["DequantizeLinear"]) == (6, 2)  # K, V into the cache; q's round trip
     assert ops["Attention" if opset == 23 else "Softmax"] == 2
 
@@ -217,7 +242,11 @@ def test_the_passes_name_what_they_take(onnx_dirs):
     from qpass.passes.onnx.insert_kv_cache_qdq import InsertKVCacheQDQPass
 
     _, found = load_decoder(onnx_dirs[20] / "model.onnx")
-    for make in (lambda: InsertKVCacheQDQPass(found, None, "w8a8"), lambda: FoldKVCacheScalesPass(found, None, "q"),
-                 lambda: InsertFAQuantQDQPass(found, None, ()), lambda: InsertFAQuantQDQPass(found, None, ("o",))):
+    for make in (
+        lambda: InsertKVCacheQDQPass(found, None, "w8a8"),
+        lambda: FoldKVCacheScalesPass(found, None, "q"),
+        lambda: InsertFAQuantQDQPass(found, None, ()),
+        lambda: InsertFAQuantQDQPass(found, None, ("o",)),
+    ):
         with pytest.raises(ValueError):
             make()

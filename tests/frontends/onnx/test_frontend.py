@@ -18,18 +18,19 @@ from qpass.core.calibrate import calibrate
 from qpass.core.config import QuantConfig
 from qpass.core.data import read_samples, token_windows
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import perplexity
 from qpass.frontends.onnx.frontend import OnnxFrontend
 from qpass.frontends.onnx.load import load_decoder
 from qpass.frontends.onnx.pipeline import read_sites
 from qpass.frontends.onnx.session import Runner, greedy, session
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
-from tests.helpers.onnx_cases import onnx_dirs  # noqa: F401  (fixture)
-from tests.helpers.onnx_genai_cases import genai_float_dir  # noqa: F401  (fixture)
 
 WINDOW = 64
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
-MODES = {"C8": dict(kv_cache="static"), "FAQuant": dict(fa_quant=True), "FAQuant+C8": dict(fa_quant=True, kv_cache="static")}
+MODES = {
+    "C8": dict(kv_cache="static"),
+    "FAQuant": dict(fa_quant=True),
+    "FAQuant+C8": dict(fa_quant=True, kv_cache="static"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,11 @@ def torch_frontend(tiny_model_dir):
 
 
 def _digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 # structure
@@ -53,10 +58,15 @@ def _digest(directory: Path) -> dict[str, str]:
 @pytest.mark.parametrize("opset, form", [(20, "matmul-softmax-matmul"), (23, "onnx-attention")])
 def test_sites_and_cache_io_are_found(onnx_dirs, opset, form):
     model, found = load_decoder(onnx_dirs[opset] / "model.onnx")
-    assert [(s.layer, s.form, s.num_heads, s.num_kv_heads, s.head_dim, s.rope) for s, _ in found] == \
-        [(0, form, 4, 2, 16, True), (1, form, 4, 2, 16, True)]
+    assert [(s.layer, s.form, s.num_heads, s.num_kv_heads, s.head_dim, s.rope) for s, _ in found] == [
+        (0, form, 4, 2, 16, True),
+        (1, form, 4, 2, 16, True),
+    ]
     for site, cache in found:
-        assert (cache.past_key, cache.present_value) == (f"past_key_values.{site.layer}.key", f"present.{site.layer}.value")
+        assert (cache.past_key, cache.present_value) == (
+            f"past_key_values.{site.layer}.key",
+            f"present.{site.layer}.value",
+        )
         values = {v.name: v for node in model.graph for v in node.outputs}
         assert values[site.k].shape[1] == 2 and values[site.q].shape[1] == 4  # k before GQA's repeat, q per head
 
@@ -78,8 +88,16 @@ def test_a_graph_without_attention_is_refused_with_the_closest_miss(tmp_path):
     from qpass.models.tiny import NoAttention
 
     path = tmp_path / "mlp.onnx"
-    torch.onnx.export(NoAttention(), (torch.zeros(1, 4, dtype=torch.long),), str(path), dynamo=True, opset_version=20,
-                      input_names=["input_ids"], output_names=["logits"], verbose=False)
+    torch.onnx.export(
+        NoAttention(),
+        (torch.zeros(1, 4, dtype=torch.long),),
+        str(path),
+        dynamo=True,
+        opset_version=20,
+        input_names=["input_ids"],
+        output_names=["logits"],
+        verbose=False,
+    )
     with pytest.raises(QpassError, match="found no attention"):
         load_decoder(path)
 
@@ -89,7 +107,9 @@ def test_opset_below_17_and_no_token_input_are_refused(tmp_path):
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
     for opset, message in ((16, "opset 16"), (20, "no input_ids input")):
-        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]), tmp_path / "m.onnx")
+        onnx.save(
+            onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]), tmp_path / "m.onnx"
+        )
         with pytest.raises(QpassError, match=message):
             load_decoder(tmp_path / "m.onnx")
 
@@ -145,7 +165,12 @@ def test_the_int8_cache_io_and_any_batch_size(onnx_dirs, torch_frontend, windows
     recipe = calibrate(torch_frontend, windows, QuantConfig(**MODES["C8"]))
     quantized, _ = OnnxFrontend.load(onnx_dirs[20], WINDOW).apply(recipe)
     types = {v.name: v.dtype for v in (*quantized.graph.inputs, *quantized.graph.outputs)}
-    assert all(types[f"{p}.{i}.{k}"] == ir.DataType.INT8 for p in ("past_key_values", "present") for i in (0, 1) for k in ("key", "value"))
+    assert all(
+        types[f"{p}.{i}.{k}"] == ir.DataType.INT8
+        for p in ("past_key_values", "present")
+        for i in (0, 1)
+        for k in ("key", "value")
+    )
     assert types["logits"] == ir.DataType.FLOAT
     runner = Runner(session(quantized), read_sites(quantized))
     together = runner.logits(windows[:3])
@@ -166,7 +191,7 @@ def test_greedy_decode_on_the_int8_cache_gives_the_pytorch_paths_tokens(onnx_dir
     for _ in range(12):  # the program is captured for WINDOW tokens; attention is causal, so padding after is inert
         padded = torch.tensor([ids + [0] * (WINDOW - len(ids))])
         ids.append(int(program(padded)[0, len(ids) - 1].argmax()))
-    assert ours == ids[len(prompt):]
+    assert ours == ids[len(prompt) :]
 
 
 def test_the_rewritten_model_passes_the_full_checker(onnx_dirs, torch_frontend, windows):
@@ -182,14 +207,37 @@ def test_the_rewritten_model_passes_the_full_checker(onnx_dirs, torch_frontend, 
 def compiled_onnx(onnx_dirs, text_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx-compiled") / "out"
     before = _digest(onnx_dirs[20])
-    assert main(["compile", str(onnx_dirs[20] / "model.onnx"), "--kv-int8", "--fa-quant", "--calib", str(text_files["calib"]),
-                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(onnx_dirs[20] / "model.onnx"),
+                "--kv-int8",
+                "--fa-quant",
+                "--calib",
+                str(text_files["calib"]),
+                "--eval",
+                str(text_files["prose"]),
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     assert _digest(onnx_dirs[20]) == before  # the input is never modified
     return out
 
 
 def test_compile_writes_the_onnx_directory(compiled_onnx):
-    for name in ("model.onnx", "recipe/recipe.json", "recipe/recipe.safetensors", "report.json", "report.txt", "tokenizer.json"):
+    for name in (
+        "model.onnx",
+        "recipe/recipe.json",
+        "recipe/recipe.safetensors",
+        "report.json",
+        "report.txt",
+        "tokenizer.json",
+    ):
         assert (compiled_onnx / name).is_file(), name
     report = json.loads((compiled_onnx / "report.json").read_text())
     assert report["model"]["frontend"] == "onnx" and report["model"]["checker_full"] is True
@@ -235,8 +283,11 @@ def test_external_weights_stay_in_the_input_file_until_written(tiny_model_dir, t
     from tests.helpers.onnx_cases import export_dir
 
     source = export_dir(tiny_model_dir, tmp_path / "ext", 20, external_data=True)
-    before = {name: v.const_value for name, v in ir.load(source / "model.onnx").graph.initializers.items()
-              if isinstance(v.const_value, ir.ExternalTensor)}
+    before = {
+        name: v.const_value
+        for name, v in ir.load(source / "model.onnx").graph.initializers.items()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
     assert before
     config = QuantConfig(kv_cache="static")
     run = qpass.RunSettings(window=64, calib_samples=4, batch_size=2)
@@ -305,7 +356,21 @@ def test_bad_onnx_input_is_one_line_exit_2_nothing_written_input_unchanged(onnx_
 def test_two_compiles_write_the_same_bytes(onnx_dirs, text_files, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        assert main(["compile", str(onnx_dirs[20]), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]) == 0
+        assert (
+            main(
+                [
+                    "compile",
+                    str(onnx_dirs[20]),
+                    "--kv-int8",
+                    "--calib",
+                    str(text_files["calib"]),
+                    "-o",
+                    str(out),
+                    *SMALL,
+                ]
+            )
+            == 0
+        )
     a, b = (_digest(out) for out in outs)
     for name in ("model.onnx", "recipe/recipe.json", "recipe/recipe.safetensors"):
         assert a[name] == b[name], name
@@ -320,8 +385,24 @@ def compiled_genai(genai_float_dir, text_files, tmp_path_factory, request):
     asymmetric recipe: K and V centred in the graph before the symmetric cache)."""
     out = tmp_path_factory.mktemp("genai-compiled") / "out"
     before = _digest(genai_float_dir)
-    assert main(["compile", str(genai_float_dir), "--kv-int8", *request.param, "--calib", str(text_files["calib"]),
-                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(genai_float_dir),
+                "--kv-int8",
+                *request.param,
+                "--calib",
+                str(text_files["calib"]),
+                "--eval",
+                str(text_files["prose"]),
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     assert _digest(genai_float_dir) == before
     return out
 
@@ -335,7 +416,9 @@ def test_a_genai_model_compiles_to_a_directory_onnxruntime_genai_runs(compiled_g
     centred = {} if report["config"]["symmetric"] else {"GQA K/V centred": 2}
     assert report["passes"] == {"QuantizeGQAKVCachePass": 2, **centred} and report["model"]["genai"] is True
     assert abs(report["eval"]["ppl_increase_pct"]) < 1.0
-    assert json.loads((compiled_genai / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    assert (
+        json.loads((compiled_genai / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    )
     loaded = load(compiled_genai, "run")
     prompt = loaded.tokenizer("def main():")["input_ids"]
     ours = OnnxFrontend.generate(loaded.program, prompt, 10, None)
@@ -351,11 +434,27 @@ def test_a_genai_model_compiles_to_a_directory_onnxruntime_genai_runs(compiled_g
     assert theirs[:10] == ours
 
 
-@pytest.mark.parametrize("flags, message", [(["--fa-quant"], "applies RoPE inside the op"),
-                                           (["--kv-int8", "dynamic"], "no per-token int8 cache form")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--fa-quant"], "applies RoPE inside the op"), (["--kv-int8", "dynamic"], "no per-token int8 cache form")],
+)
 def test_genai_refuses_what_its_cache_cannot_hold(genai_float_dir, text_files, tmp_path, capsys, flags, message):
     capsys.readouterr()
-    assert main(["compile", str(genai_float_dir), *flags, "--calib", str(text_files["calib"]), "-o", str(tmp_path / "o"), *SMALL]) == 2
+    assert (
+        main(
+            [
+                "compile",
+                str(genai_float_dir),
+                *flags,
+                "--calib",
+                str(text_files["calib"]),
+                "-o",
+                str(tmp_path / "o"),
+                *SMALL,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and not (tmp_path / "o").exists()
 
@@ -369,9 +468,26 @@ def test_the_large_model_paths(onnx_dirs, text_files, tmp_path, monkeypatch):
     monkeypatch.setattr(sessions, "IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(onnx_format, "EXTERNAL_BYTES", 0)
     out = tmp_path / "out"
-    assert main(["compile", str(onnx_dirs[20]), "--kv-int8", "--calib", str(text_files["calib"]),
-                 "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(onnx_dirs[20]),
+                "--kv-int8",
+                "--calib",
+                str(text_files["calib"]),
+                "--eval",
+                str(text_files["prose"]),
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     assert (out / "model.onnx.data").is_file()
     report = json.loads((out / "report.json").read_text())
-    assert abs(report["eval"]["ppl_increase_pct"]) < 1 and report["eval"]["ppl_float"] == pytest.approx(report["eval"]["ppl_reference"])
+    assert abs(report["eval"]["ppl_increase_pct"]) < 1 and report["eval"]["ppl_float"] == pytest.approx(
+        report["eval"]["ppl_reference"]
+    )
     assert not list(tmp_path.glob(".out.qpass-*"))

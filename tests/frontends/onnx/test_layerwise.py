@@ -1,7 +1,8 @@
 """ONNX models one layer at a time (``--layerwise``, issue 13): the graph cut into one stage per attention site,
 each stage's ONNX Runtime session made, run and dropped before the next. The same recipe, perplexities, saturation
 and output bytes as the whole-model run, on torch.onnx exports (opset 20 and 23) and onnxruntime-genai's builder
-model (GroupQueryAttention, external data); one stage's weights held at a time; the note when the model would not fit."""
+model (GroupQueryAttention, external data); one stage's weights held at a time; the note when the model would not
+fit."""
 
 import hashlib
 import json
@@ -18,13 +19,13 @@ from qpass.core import memory
 from qpass.core.data import read_samples, token_windows
 from qpass.frontends.onnx.frontend import OnnxFrontend
 from qpass.ort import stages as onnx_stages
-from tests.helpers.onnx_cases import onnx_dirs  # noqa: F401  (fixture)
-from tests.helpers.onnx_genai_cases import genai_float_dir  # noqa: F401  (fixture)
 
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
-FORMS = {"opset20": (lambda dirs, genai: dirs[20], ["--kv-int8", "--fa-quant"]),
-         "opset23": (lambda dirs, genai: dirs[23], ["--kv-int8", "--fa-quant"]),
-         "genai": (lambda dirs, genai: genai, ["--kv-int8"])}
+FORMS = {
+    "opset20": (lambda dirs, genai: dirs[20], ["--kv-int8", "--fa-quant"]),
+    "opset23": (lambda dirs, genai: dirs[23], ["--kv-int8", "--fa-quant"]),
+    "genai": (lambda dirs, genai: genai, ["--kv-int8"]),
+}
 
 
 def _sha(path: Path) -> str:
@@ -39,8 +40,24 @@ def test_layer_at_a_time_writes_what_the_whole_model_run_writes(onnx_dirs, genai
     reports = {}
     for name, extra in (("whole", []), ("layerwise", ["--layerwise"])):
         out = tmp_path / name
-        assert main(["compile", str(source), *flags, *extra, "--calib", str(text_files["calib"]),
-                     "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+        assert (
+            main(
+                [
+                    "compile",
+                    str(source),
+                    *flags,
+                    *extra,
+                    "--calib",
+                    str(text_files["calib"]),
+                    "--eval",
+                    str(text_files["prose"]),
+                    "-o",
+                    str(out),
+                    *SMALL,
+                ]
+            )
+            == 0
+        )
         reports[name] = json.loads((out / "report.json").read_text())
     for name in ("model.onnx", "recipe/recipe.safetensors"):
         assert _sha(tmp_path / "whole" / name) == _sha(tmp_path / "layerwise" / name), name
@@ -53,7 +70,9 @@ def test_layer_at_a_time_writes_what_the_whole_model_run_writes(onnx_dirs, genai
     assert layerwise["saturation"] == whole["saturation"]
 
 
-def test_saturation_on_held_out_windows_and_the_note_when_the_model_would_not_fit(genai_float_dir, text_files, tmp_path, monkeypatch, capsys):
+def test_saturation_on_held_out_windows_and_the_note_when_the_model_would_not_fit(
+    genai_float_dir, text_files, tmp_path, monkeypatch, capsys
+):
     """Without ``--layerwise``, a model whose external weights would not fit runs one layer at a time, with a one-line
     note; without ``--eval`` its saturation is measured on held-out calibration windows, as the whole-model run's is."""
     args = ["--kv-int8", "--calib", str(text_files["calib"]), *SMALL[:-4], "--calib-samples", "8"]
@@ -62,7 +81,9 @@ def test_saturation_on_held_out_windows_and_the_note_when_the_model_would_not_fi
     capsys.readouterr()
     assert main(["compile", str(genai_float_dir), *args, "-o", str(tmp_path / "auto")]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"a whole-model compile needs about [\d.]+ GiB .* running it in ONNX Runtime one decoder layer at a time", err)
+    assert re.search(
+        r"a whole-model compile needs about [\d.]+ GiB .* running it in ONNX Runtime one decoder layer at a time", err
+    )
     whole, auto = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("whole", "auto"))
     assert auto["calibration"]["layerwise"] is True and auto["saturation"]["measured_on"] == "held_out"
     assert auto["saturation"] == whole["saturation"]
@@ -91,9 +112,15 @@ def test_one_stage_of_weights_is_held_at_a_time(onnx_dirs, genai_float_dir, text
     frontend.window_nll(None, windows, 2)
     assert len(held) == 2
     for index, names in enumerate(held):
-        layers = {int(m.group(1)) for name in names if (m := re.search(r"layers\.(\d+)\.", name)) and "final_norm" not in name}
+        layers = {
+            int(m.group(1)) for name in names if (m := re.search(r"layers\.(\d+)\.", name)) and "final_norm" not in name
+        }
         assert layers <= {index - 1, index}, (index, layers)
-    everything = {v.name for v in frontend.model.graph.initializers.values() if v.const_value is not None and v.const_value.size > 64}
+    everything = {
+        v.name
+        for v in frontend.model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.size > 64
+    }
     assert everything <= set().union(*held)
 
 
@@ -107,14 +134,35 @@ def test_the_written_model_is_read_back_one_stage_at_a_time(onnx_dirs, text_file
 
     class Recording(real):
         def __init__(self, model, *args, **kwargs):
-            loaded.append(len((onnx.load(model, load_external_data=False) if isinstance(model, str)
-                               else onnx.load_from_string(model)).graph.node))
+            loaded.append(
+                len(
+                    (
+                        onnx.load(model, load_external_data=False)
+                        if isinstance(model, str)
+                        else onnx.load_from_string(model)
+                    ).graph.node
+                )
+            )
             super().__init__(model, *args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", Recording)
     out = tmp_path / "out"
-    assert main(["compile", str(onnx_dirs[23]), "--fa-quant", "--layerwise", "--calib", str(text_files["calib"]),
-                 "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(onnx_dirs[23]),
+                "--fa-quant",
+                "--layerwise",
+                "--calib",
+                str(text_files["calib"]),
+                "-o",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     assert len(loaded) == 2 * 3  # two stages each for calibration, held-out saturation and the read-back
     assert max(loaded) < len(onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
 
@@ -125,8 +173,11 @@ def test_values_crossing_a_boundary_are_dropped_after_their_last_reader(onnx_dir
 
     events = []
     real_put, real_drop = Spill.put, Spill.drop
-    monkeypatch.setattr(Spill, "put", lambda self, name, batch, value: (events.append(("add", name)),
-                                                                         real_put(self, name, batch, value)))
+    monkeypatch.setattr(
+        Spill,
+        "put",
+        lambda self, name, batch, value: (events.append(("add", name)), real_put(self, name, batch, value)),
+    )
     monkeypatch.setattr(Spill, "drop", lambda self, name: (events.append(("drop", name)), real_drop(self, name)))
     frontend = OnnxFrontend.load(onnx_dirs[20], 64, layerwise=True)
     windows = token_windows(frontend.tokenizer, read_samples(text_files["calib"], "--calib"), 64, 4, "--calib")
@@ -143,20 +194,32 @@ def test_values_crossing_a_boundary_are_dropped_after_their_last_reader(onnx_dir
 
 def test_a_value_an_if_branch_reads_from_outside_crosses_into_its_stage():
     """Nodes go to the first stage whose attention needs them; the outer values a subgraph reads count as read."""
-    then = helper.make_graph([helper.make_node("Identity", ["a"], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])])
-    other = helper.make_graph([helper.make_node("Neg", ["a"], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1])])
-    graph = helper.make_graph([
-        helper.make_node("Relu", ["x"], ["a"]),
-        helper.make_node("Sigmoid", ["a"], ["att0"]),
-        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
-        helper.make_node("If", ["c"], ["branch"], then_branch=then, else_branch=other),
-        helper.make_node("Add", ["branch", "att0"], ["att1"]),
-        helper.make_node("Mul", ["att1", "w"], ["logits"]),
-    ], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["a"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["a"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Sigmoid", ["a"], ["att0"]),
+            helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+            helper.make_node("If", ["c"], ["branch"], then_branch=then, else_branch=other),
+            helper.make_node("Add", ["branch", "att0"], ["att1"]),
+            helper.make_node("Mul", ["att1", "w"], ["logits"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [1], [2.0])])
+        [helper.make_tensor("w", TensorProto.FLOAT, [1], [2.0])],
+    )
     onnx.checker.check_model(helper.make_model(graph))
     first, second = onnx_stages.split(graph, ["att0", "att1"])
     assert first.nodes == (0, 1) and set(first.outputs) == {"a", "att0"}
@@ -164,11 +227,18 @@ def test_a_value_an_if_branch_reads_from_outside_crosses_into_its_stage():
     assert second.initializers == ("w",) and "logits" in second.outputs
 
 
-def test_qpass_eval_runs_an_output_too_large_for_memory_by_stage(genai_float_dir, text_files, tmp_path, monkeypatch, capsys):
+def test_qpass_eval_runs_an_output_too_large_for_memory_by_stage(
+    genai_float_dir, text_files, tmp_path, monkeypatch, capsys
+):
     """``qpass eval`` of an ONNX output that would not fit in memory runs it one stage at a time: the same perplexity
     and saturation as the whole-model run."""
     out = tmp_path / "out"
-    assert main(["compile", str(genai_float_dir), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]) == 0
+    assert (
+        main(
+            ["compile", str(genai_float_dir), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]
+        )
+        == 0
+    )
     results = []
     for available in (None, 1 << 20):
         if available:
@@ -193,7 +263,9 @@ def test_the_memory_a_whole_run_needs_is_read_from_the_graph_without_the_weights
     assert whole_model_memory(onnx_dirs[20] / "missing.onnx") is None
 
 
-def test_boundary_values_past_the_budget_go_to_temporary_files_and_give_the_same_numbers(onnx_dirs, text_files, monkeypatch):
+def test_boundary_values_past_the_budget_go_to_temporary_files_and_give_the_same_numbers(
+    onnx_dirs, text_files, monkeypatch
+):
     """With no memory to spare, every value crossing a stage boundary is kept in a temporary file, removed when its
     last reader is done; the perplexity is the in-memory run's, and no file is left behind."""
     import tempfile
@@ -205,8 +277,9 @@ def test_boundary_values_past_the_budget_go_to_temporary_files_and_give_the_same
     in_memory = frontend.window_nll(None, windows, 2)
     before = set(Path(tempfile.gettempdir()).glob("qpass-stages-*"))
     monkeypatch.setattr(memory, "available_memory", lambda: 0)
-    model = LayerwiseModel(frontend.model, frontend.site_docs, [s.attention for s in frontend.attention_sites()],
-                               frontend.path.parent)
+    model = LayerwiseModel(
+        frontend.model, frontend.site_docs, [s.attention for s in frontend.attention_sites()], frontend.path.parent
+    )
     spilled = model.window_nll(windows, 2, "eval")
     assert model.spilled and set(Path(tempfile.gettempdir()).glob("qpass-stages-*")) == before
     assert spilled.tolist() == in_memory.tolist()

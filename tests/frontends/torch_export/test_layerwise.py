@@ -40,12 +40,14 @@ def model_dir(tmp_path_factory):
             assert (path / "model.safetensors.index.json").is_file()
             made[arch, dtype] = path
         return made[arch, dtype]
+
     return get
 
 
 @pytest.fixture(scope="module")
 def frontends(model_dir):
-    """``get(arch, dtype)``: the whole-model frontend (float32, as the whole-model path computes) and the layer-wise one."""
+    """``get(arch, dtype)``: the whole-model frontend (float32, as the whole-model path computes) and the layer-wise
+    one."""
     made = {}
 
     def get(arch: str, dtype: torch.dtype = torch.float32):
@@ -53,12 +55,15 @@ def frontends(model_dir):
             path = model_dir(arch, dtype)
             made[arch, dtype] = TorchExportFrontend.load(load_model(str(path)), WINDOW), LayerwiseFrontend(path, WINDOW)
         return made[arch, dtype]
+
     return get
 
 
 @pytest.fixture(scope="module")
 def windows(text_files):
-    return token_windows(byte_tokenizer(), [text_files["prose"].read_text(encoding="utf-8")], WINDOW, CALIB_SAMPLES, "--calib")
+    return token_windows(
+        byte_tokenizer(), [text_files["prose"].read_text(encoding="utf-8")], WINDOW, CALIB_SAMPLES, "--calib"
+    )
 
 
 def _same(a: Recipe, b: Recipe) -> None:
@@ -68,8 +73,10 @@ def _same(a: Recipe, b: Recipe) -> None:
     assert [n for n in a.tensors if not torch.equal(a.tensors[n], b.tensors[n])] == []
 
 
-@pytest.mark.parametrize("arch, dtype, ppl", [("llama", torch.float32, True), ("qwen2", torch.float32, True),
-                                              ("mistral", torch.bfloat16, False)])  # mistral: sliding window 8 < WINDOW
+@pytest.mark.parametrize(
+    "arch, dtype, ppl",
+    [("llama", torch.float32, True), ("qwen2", torch.float32, True), ("mistral", torch.bfloat16, False)],
+)  # mistral: sliding window 8 < WINDOW
 def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, ppl, frontends, windows):
     whole, lw = frontends(arch, dtype)
     expected, got = calibrate(whole, windows, CONFIG, BATCH), calibrate_by_layer(lw, windows, CONFIG, BATCH)
@@ -89,7 +96,9 @@ def test_recipe_and_perplexity_equal_the_whole_models(arch, dtype, ppl, frontend
 def test_c8_alone_and_symmetric_equal_the_whole_models(frontends, windows):
     whole, lw = frontends("qwen2")
     config = QuantConfig(kv_cache="static", symmetric=True, observer="minmax")
-    _same(calibrate(lw, windows, config, 2), calibrate(whole, windows, config, 2))  # observe(): every layer, then the ranges
+    _same(
+        calibrate(lw, windows, config, 2), calibrate(whole, windows, config, 2)
+    )  # observe(): every layer, then the ranges
 
 
 @pytest.mark.parametrize("arch, level", [("llama", "L0"), ("qwen2", "L3")])  # qwen2: q/k/v with biases
@@ -102,8 +111,9 @@ def test_w8a8_recipe_equals_the_whole_models(arch, level, frontends, windows):
     assert dict(got.w8a8) == dict(expected.w8a8)  # the same Linears kept float, for the same reasons
     for name, ratio in expected.stats["w8a8"]["range_ratio"].items():
         assert got.stats["w8a8"]["range_ratio"][name] == pytest.approx(ratio, rel=1e-4)
-    assert [layer.linears for layer in lw.layers()] == [tuple(s for s in lw.linear_sites() if f".{i}." in s.module)
-                                                        for i in range(LAYERS)]
+    assert [layer.linears for layer in lw.layers()] == [
+        tuple(s for s in lw.linear_sites() if f".{i}." in s.module) for i in range(LAYERS)
+    ]
 
 
 @pytest.mark.parametrize("arch, anti", [("llama", "m1"), ("llama", "m3"), ("qwen2", "m4")])  # qwen2: GQA v -> o, biases
@@ -111,7 +121,9 @@ def test_smoothed_w8a8_recipe_equals_the_whole_models(arch, anti, frontends, win
     """Smoothing layer by layer (each layer's float run, its scales folded in, then its calibration run) gives the
     whole-model path's smoothing scales, W8A8 ranges and Linear statistics, and the same quantized perplexity."""
     whole, lw = frontends(arch)
-    config = QuantConfig(w8a8=True, fa_quant=True, kv_cache="static", anti_method=anti, act_method=3, disable_level="L2")
+    config = QuantConfig(
+        w8a8=True, fa_quant=True, kv_cache="static", anti_method=anti, act_method=3, disable_level="L2"
+    )
     expected, got = calibrate(whole, windows, config), calibrate_by_layer(lw, windows, config)
     # bit for bit: the float and the smoothed model's hidden states pass on as the whole model's two runs see them, so
     # no offset at a rounding half (m3's r = 1 on max|X| puts one there) and no near-tie of a search can go another way
@@ -125,7 +137,8 @@ def test_smoothed_w8a8_recipe_equals_the_whole_models(arch, anti, frontends, win
 
 def test_smoothed_w8a8_holds_one_layers_statistics_at_a_time(frontends, windows, monkeypatch):
     """With smoothing, each layer is loaded once, in order, and when a layer loads no observer that has seen data is
-    alive (the earlier layers' ranges are chosen; the smoothing groups' observers live only in the layer's float run)."""
+    alive (the earlier layers' ranges are chosen; the smoothing groups' observers live only in the layer's float
+    run)."""
     lw = frontends("llama")[1]
     made, alive, loads = _track_observers(monkeypatch)
     config = QuantConfig(w8a8=True, kv_cache="static", anti_method="m3")
@@ -183,13 +196,18 @@ def test_one_layer_of_weights_at_a_time(frontends, windows, monkeypatch):
     per_layer = [{n.split(".")[2] for n in names} for names in reads[1:]]
     assert per_layer == [{str(i)} for i in range(LAYERS)] and loads == list(range(LAYERS))
     stored = set(lw.checkpoint.files)
-    assert sorted(n for names in reads for n in names) == sorted(n for n in stored if n.startswith("model.layers.") or "embed" in n)
+    assert sorted(n for names in reads for n in names) == sorted(
+        n for n in stored if n.startswith("model.layers.") or "embed" in n
+    )
     assert len({lw.checkpoint.files[n] for n in stored}) > 3  # sharded: the layers' tensors came from several files
     assert not any("lm_head" in n or n == "model.norm.weight" for names in reads for n in names)
     assert len(lw._programs) == 1  # one capture (one layer type), its weights swapped per layer
     assert all(p.is_meta for p in lw._programs["all"].params.values())  # the last layer released too
     # in the file's dtype: the bf16 checkpoint is read as bf16 and widened one layer at a time
-    assert original_read(lw.checkpoint, ["model.layers.0.mlp.up_proj.weight"])["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert (
+        original_read(lw.checkpoint, ["model.layers.0.mlp.up_proj.weight"])["model.layers.0.mlp.up_proj.weight"].dtype
+        == torch.bfloat16
+    )
 
 
 def test_each_layers_statistics_are_dropped_when_it_is_done(frontends, windows, monkeypatch):
@@ -241,7 +259,18 @@ def test_an_interrupted_run_leaves_no_spill_file(frontends, windows, tmp_path, m
 def test_cli_writes_the_recipe_a_whole_model_compile_reuses(model_dir, frontends, text_files, tmp_path, capsys):
     path, out = model_dir("llama"), tmp_path / "out"
     calib = text_files["calib"]
-    args = ["compile", str(path), "--kv-int8", "--fa-quant", "--window", str(WINDOW), "--calib-samples", "4", "--calib", str(calib)]
+    args = [
+        "compile",
+        str(path),
+        "--kv-int8",
+        "--fa-quant",
+        "--window",
+        str(WINDOW),
+        "--calib-samples",
+        "4",
+        "--calib",
+        str(calib),
+    ]
     assert main([*args, "--layerwise", "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["recipe", "report.json", "report.png", "report.txt", "tokenizer"]
     report = json.loads((out / "report.json").read_text())
@@ -259,27 +288,72 @@ def test_a_recipe_is_reused_layer_by_layer_with_the_same_figures(model_dir, text
     """--recipe with --layerwise takes the same road: nothing calibrated, the quantized model measured layer by layer
     with the first compile's numbers."""
     path, first, again = model_dir("llama"), tmp_path / "first", tmp_path / "again"
-    common = [str(path), "--layerwise", "--window", str(WINDOW), "--eval", str(text_files["prose"]), "--eval-windows", "2"]
-    assert main(["compile", *common, "--kv-int8", "--calib-samples", "4", "--calib", str(text_files["calib"]),
-                 "-o", str(first)]) == 0
+    common = [
+        str(path),
+        "--layerwise",
+        "--window",
+        str(WINDOW),
+        "--eval",
+        str(text_files["prose"]),
+        "--eval-windows",
+        "2",
+    ]
+    assert (
+        main(
+            [
+                "compile",
+                *common,
+                "--kv-int8",
+                "--calib-samples",
+                "4",
+                "--calib",
+                str(text_files["calib"]),
+                "-o",
+                str(first),
+            ]
+        )
+        == 0
+    )
     assert main(["compile", *common, "--recipe", str(first / "recipe"), "-o", str(again)]) == 0
     one, two = (json.loads((d / "report.json").read_text()) for d in (first, again))
     assert "calibrate" not in two["timings_s"] and two["calibration"]["layerwise"] is True
-    assert two["eval"]["ppl_quant"] == one["eval"]["ppl_quant"] and two["saturation"]["measured"] == one["saturation"]["measured"]
+    assert (
+        two["eval"]["ppl_quant"] == one["eval"]["ppl_quant"]
+        and two["saturation"]["measured"] == one["saturation"]["measured"]
+    )
 
 
 def test_the_dynamic_cache_compiles_layerwise_as_a_recipe_with_nothing_calibrated(model_dir, tmp_path):
     """The one road: a dynamic cache calibrates nothing, layer by layer as whole, and the recipe says so."""
     out = tmp_path / "o"
-    assert main(["compile", str(model_dir("llama")), "--kv-int8", "dynamic", "--layerwise", "--window", str(WINDOW),
-                 "--calib-samples", "2", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(model_dir("llama")),
+                "--kv-int8",
+                "dynamic",
+                "--layerwise",
+                "--window",
+                str(WINDOW),
+                "--calib-samples",
+                "2",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     recipe = Recipe.load(out / "recipe")
     assert recipe.config.kv_cache == "dynamic" and dict(recipe.tensors) == {} and len(recipe.sites) == LAYERS
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--eval", "MISSING"], "--eval"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--eval", "MISSING"], "--eval"),
+    ],
+)
 def test_what_layerwise_does_not_do_is_refused_in_one_line(extra, words, model_dir, text_files, tmp_path, capsys):
     evaluation = text_files["prose"]
     extra = [str(evaluation) if e == "EVAL" else str(tmp_path / "missing.txt") if e == "MISSING" else e for e in extra]
@@ -303,21 +377,41 @@ def test_layerwise_is_automatic_when_the_model_would_not_fit(model_dir, tmp_path
     import qpass.api
 
     monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
-    result = qpass.api.compile(str(model_dir("llama")), QuantConfig(kv_cache="static"),
-                               calib=["a few words of calibration text, repeated. " * 40],
-                               run=RunSettings(window=WINDOW, calib_samples=2))
+    result = qpass.api.compile(
+        str(model_dir("llama")),
+        QuantConfig(kv_cache="static"),
+        calib=["a few words of calibration text, repeated. " * 40],
+        run=RunSettings(window=WINDOW, calib_samples=2),
+    )
     note = [line for line in capsys.readouterr().err.splitlines() if "one decoder layer at a time" in line]
     assert len(note) == 1 and "GiB" in note[0]
     assert result.program is None and result.report["model"]["layerwise"] is True
 
 
-def test_a_model_too_big_is_written_as_a_mindie_directory_layer_by_layer(model_dir, text_files, tmp_path, monkeypatch, capsys):
-    """Too big for a whole-model compile, with --format mindie: calibrated layer-wise (the note) and written as shards."""
+def test_a_model_too_big_is_written_as_a_mindie_directory_layer_by_layer(
+    model_dir, text_files, tmp_path, monkeypatch, capsys
+):
+    """Too big for a whole-model compile, with --format mindie: calibrated layer-wise (the note) and written as
+    shards."""
     from qpass.exporters.mindie_format import WEIGHTS_FILE, WEIGHTS_INDEX, shard_name
 
     monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
-    args = ["compile", str(model_dir("llama")), "--kv-int8", "--w8a8", "--window", str(WINDOW), "--calib-samples", "4",
-            "--calib", str(text_files["calib"]), "--format", "mindie", "-o", str(tmp_path / "o")]
+    args = [
+        "compile",
+        str(model_dir("llama")),
+        "--kv-int8",
+        "--w8a8",
+        "--window",
+        str(WINDOW),
+        "--calib-samples",
+        "4",
+        "--calib",
+        str(text_files["calib"]),
+        "--format",
+        "mindie",
+        "-o",
+        str(tmp_path / "o"),
+    ]
     assert main(args) == 0
     assert "calibrating one decoder layer at a time" in capsys.readouterr().err
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
@@ -325,16 +419,23 @@ def test_a_model_too_big_is_written_as_a_mindie_directory_layer_by_layer(model_d
     assert [n for n in names if n.endswith(".safetensors")] == [shard_name(i, LAYERS + 1) for i in range(1, LAYERS + 2)]
 
 
-@pytest.mark.parametrize("damage, words", [("shard", "not a file in the directory"), ("tensor", "which has no such tensor"),
-                                           ("map", "no weight_map")])
+@pytest.mark.parametrize(
+    "damage, words",
+    [("shard", "not a file in the directory"), ("tensor", "which has no such tensor"), ("map", "no weight_map")],
+)
 def test_a_damaged_sharded_directory_is_refused_naming_what(damage, words, model_dir, text_files, tmp_path):
     import qpass.api
     from qpass.exporters.mindie_format import WEIGHTS_INDEX
     from qpass.exporters.mindie_load import load as load_mindie
 
     config = QuantConfig(w8a8=True)
-    qpass.api.compile(str(model_dir("llama")), config, calib=[text_files["calib"].read_text(encoding="utf-8")],
-                      run=RunSettings(window=WINDOW, calib_samples=2), layerwise=True).save(tmp_path / "d", format="mindie")
+    qpass.api.compile(
+        str(model_dir("llama")),
+        config,
+        calib=[text_files["calib"].read_text(encoding="utf-8")],
+        run=RunSettings(window=WINDOW, calib_samples=2),
+        layerwise=True,
+    ).save(tmp_path / "d", format="mindie")
     index_path = tmp_path / "d" / WEIGHTS_INDEX
     index = json.loads(index_path.read_text())
     if damage == "shard":
@@ -355,14 +456,20 @@ def test_the_read_back_check_keeps_one_linears_tensors_at_a_time(model_dir, text
     model keeps every W8A8 weight. It refuses what loading refuses (a NaN scale in one shard)."""
     import weakref
 
+    from safetensors.torch import load_file, save_file
+
     import qpass.api
     from qpass.exporters import mindie_load
     from qpass.exporters.mindie_format import WEIGHTS_INDEX
-    from safetensors.torch import load_file, save_file
 
     config = QuantConfig(w8a8=True, kv_cache="static")
-    qpass.api.compile(str(model_dir("llama")), config, calib=[text_files["calib"].read_text(encoding="utf-8")],
-                      run=RunSettings(window=WINDOW, calib_samples=2), layerwise=True).save(tmp_path / "d", format="mindie")
+    qpass.api.compile(
+        str(model_dir("llama")),
+        config,
+        calib=[text_files["calib"].read_text(encoding="utf-8")],
+        run=RunSettings(window=WINDOW, calib_samples=2),
+        layerwise=True,
+    ).save(tmp_path / "d", format="mindie")
     alive, peak, reads = [], [0], [0]
     original = mindie_load._Tensors.__getitem__
 
@@ -389,16 +496,24 @@ def test_the_read_back_check_keeps_one_linears_tensors_at_a_time(model_dir, text
         mindie_load.check(tmp_path / "d")
 
 
-@pytest.mark.parametrize("target, extra", [("mindie", dict(fa_quant=True, anti_method="m1")),
-                                           ("vllm-ascend", dict(symmetric=True, anti_method="m3", disable_level="L2"))])
-def test_a_layerwise_mindie_directory_holds_the_whole_models_tensors(target, extra, model_dir, text_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "target, extra",
+    [
+        ("mindie", dict(fa_quant=True, anti_method="m1")),
+        ("vllm-ascend", dict(symmetric=True, anti_method="m3", disable_level="L2")),
+    ],
+)
+def test_a_layerwise_mindie_directory_holds_the_whole_models_tensors(
+    target, extra, model_dir, text_files, tmp_path, monkeypatch
+):
     """The same recipe written by the whole-model path (one file) and layer by layer (a shard per layer, then the
     rest, with the index): the same tensors bit for bit, the same description and config; the reader loads both to
     the same perplexity. The layer-wise writer reads one tensor at a time, layer after layer."""
+    from safetensors.torch import load_file
+
     import qpass.api
     from qpass.exporters.mindie_format import CONFIG_FILE, DESCRIPTION_FILE, WEIGHTS_FILE, WEIGHTS_INDEX
     from qpass.exporters.mindie_load import load as load_mindie
-    from safetensors.torch import load_file
 
     path = model_dir("llama")
     config, run = QuantConfig(w8a8=True, kv_cache="static", **extra), RunSettings(window=WINDOW, calib_samples=4)
@@ -429,18 +544,30 @@ def test_a_layerwise_mindie_directory_holds_the_whole_models_tensors(target, ext
         assert sharded[name].dtype == tensor.dtype and torch.equal(sharded[name], tensor), name
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
     for name in (DESCRIPTION_FILE, CONFIG_FILE):
-        assert json.loads((tmp_path / "layerwise" / name).read_text()) == json.loads((tmp_path / "whole" / name).read_text())
+        assert json.loads((tmp_path / "layerwise" / name).read_text()) == json.loads(
+            (tmp_path / "whole" / name).read_text()
+        )
     windows = token_windows(byte_tokenizer(), calib, WINDOW, 4, "--eval")
-    ppl = [perplexity(lambda ids, m=load_mindie(tmp_path / d).model: m(ids).logits, windows, 4) for d in ("layerwise", "whole")]
+    ppl = [
+        perplexity(lambda ids, m=load_mindie(tmp_path / d).model: m(ids).logits, windows, 4)
+        for d in ("layerwise", "whole")
+    ]
     assert ppl[0] == ppl[1]
-    if target == "vllm-ascend":  # vLLM reads every *.safetensors of the directory (its index filter names model.safetensors.index.json)
+    if (
+        target == "vllm-ascend"
+    ):  # vLLM reads every *.safetensors of the directory (its index filter names model.safetensors.index.json)
         from tests.helpers.vllm_ascend_loader import load as vllm_ascend_load
 
         params, expected_params = vllm_ascend_load(tmp_path / "layerwise"), vllm_ascend_load(tmp_path / "whole")
-        assert sorted(params) == sorted(expected_params) and all(torch.equal(params[k], expected_params[k]) for k in params)
+        assert sorted(params) == sorted(expected_params) and all(
+            torch.equal(params[k], expected_params[k]) for k in params
+        )
 
 
-@pytest.mark.parametrize("index", ['{"weight_map": ["a"]}', '{"weight_map": {"x": 3}}', '[1]', '{"weight_map": {"x": "gone.safetensors"}}', "{"])
+@pytest.mark.parametrize(
+    "index",
+    ['{"weight_map": ["a"]}', '{"weight_map": {"x": 3}}', "[1]", '{"weight_map": {"x": "gone.safetensors"}}', "{"],
+)
 def test_the_memory_estimate_leaves_a_broken_directory_to_the_loader(index, model_dir, tmp_path):
     """The automatic switch reads every shard's header; a broken index gives no estimate (the whole-model loader
     then says what is wrong) instead of a traceback."""
@@ -450,7 +577,6 @@ def test_the_memory_estimate_leaves_a_broken_directory_to_the_loader(index, mode
     (path / "model.safetensors.index.json").write_text(index)
     assert layerwise.whole_model_memory(path) is None
     assert layerwise.whole_model_memory(model_dir("llama")) > 0
-
 
 
 def test_the_streamed_forward_frees_each_quantized_layer_before_the_next(frontends, windows, monkeypatch):
@@ -479,11 +605,24 @@ def test_the_streamed_forward_frees_each_quantized_layer_before_the_next(fronten
     assert len(made) == LAYERS and alive_at_load == [0] * LAYERS
 
 
-@pytest.mark.parametrize("arch, extra", [("llama", {"fa_quant": True, "kv_cache": "static"}),
-                                         ("llama", {"w8a8": True, "fa_quant": True, "kv_cache": "static", "anti_method": "m3",
-                                                    "act_method": 3, "disable_level": "L2"}),
-                                         ("qwen2", {"w8a8": True, "kv_cache": "static", "anti_method": "m3", "act_method": 3,
-                                                    "disable_level": "L2"})])
+@pytest.mark.parametrize(
+    "arch, extra",
+    [
+        ("llama", {"fa_quant": True, "kv_cache": "static"}),
+        (
+            "llama",
+            {
+                "w8a8": True,
+                "fa_quant": True,
+                "kv_cache": "static",
+                "anti_method": "m3",
+                "act_method": 3,
+                "disable_level": "L2",
+            },
+        ),
+        ("qwen2", {"w8a8": True, "kv_cache": "static", "anti_method": "m3", "act_method": 3, "disable_level": "L2"}),
+    ],
+)
 def test_the_streamed_forward_gives_the_whole_models_nll(arch, extra, frontends, windows):
     """Layer by layer over every window, float and quantized (smoothing, Q/DQ, W8A8 and float Linears from the recipe),
     the per-window NLL is the whole-model program's; saturation is counted site by site as the whole model counts it."""
@@ -493,7 +632,9 @@ def test_the_streamed_forward_gives_the_whole_models_nll(arch, extra, frontends,
     whole, lw = frontends(arch)
     config = QuantConfig(**extra)
     recipe = calibrate(whole, windows, config, 3)
-    torch.testing.assert_close(lw.window_nll(None, windows, 3), window_nll(whole.logits(), windows, 3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        lw.window_nll(None, windows, 3), window_nll(whole.logits(), windows, 3), rtol=1e-5, atol=1e-6
+    )
     expected, got = saturation.counters(recipe), saturation.counters(recipe)
     quantized, _ = whole.apply(recipe, verify=False)
     nll = window_nll(whole.counting_logits(quantized, expected), windows, 3)
@@ -504,11 +645,26 @@ def test_the_streamed_forward_gives_the_whole_models_nll(arch, extra, frontends,
 
 
 def test_layerwise_eval_and_saturation_equal_the_whole_models(model_dir, text_files, tmp_path):
-    """``--layerwise --eval``: the float and quantized perplexity, measured layer by layer, are the whole-model compile's,
-    and so is the saturation on the evaluation text; without ``--eval``, saturation is measured on held-out windows."""
+    """``--layerwise --eval``: the float and quantized perplexity, measured layer by layer, are the whole-model
+    compile's, and so is the saturation on the evaluation text; without ``--eval``, saturation is measured on
+    held-out windows."""
     path, calib, prose = model_dir("llama"), text_files["calib"], text_files["prose"]
-    args = ["compile", str(path), "--kv-int8", "--fa-quant", "--window", str(WINDOW), "--calib-samples", "6", "--calib", str(calib),
-            "--eval", str(prose), "--eval-windows", "5"]
+    args = [
+        "compile",
+        str(path),
+        "--kv-int8",
+        "--fa-quant",
+        "--window",
+        str(WINDOW),
+        "--calib-samples",
+        "6",
+        "--calib",
+        str(calib),
+        "--eval",
+        str(prose),
+        "--eval-windows",
+        "5",
+    ]
     assert main([*args, "-o", str(tmp_path / "whole")]) == 0
     assert main([*args, "--layerwise", "-o", str(tmp_path / "lw")]) == 0
     whole, lw = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("whole", "lw"))

@@ -59,8 +59,15 @@ def test_layers_group_each_attention_with_its_linears():
     assert [layer.index for layer in layers] == [0, 1, 2]
     for layer in layers:
         modules = [s.module.removeprefix(f"model.layers.{layer.index}.") for s in layer.linears]
-        assert modules == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        assert modules == [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
         assert layer.attention.layer == layer.index
 
 

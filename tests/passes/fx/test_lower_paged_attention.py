@@ -26,8 +26,14 @@ from tests.helpers.paged_cases import fused_decoder, prefill, recipe_for, tiny
 
 # per layer: Q's pair stays; with both, C8's round trip on K, V
 QUANTIZE_LEFT = {"kv-int8": 0, "fa-quant": 1, "both": 3}
-CASES = [("llama", "kv-int8"), ("llama", "fa-quant"), ("qwen2", "kv-int8"), ("qwen2", "both"), ("gpt2", "kv-int8"),
-         ("gpt2", "fa-quant")]
+CASES = [
+    ("llama", "kv-int8"),
+    ("llama", "fa-quant"),
+    ("qwen2", "kv-int8"),
+    ("qwen2", "both"),
+    ("gpt2", "kv-int8"),
+    ("gpt2", "fa-quant"),
+]
 NEW_TOKENS = 12
 
 
@@ -59,15 +65,31 @@ def test_structure(decoder):
     assert len(writes) == len(reads) == 2
     assert sum(n.target is QUANTIZE for n in graph.nodes) == 2 * QUANTIZE_LEFT[mode]
     inputs = list(lowered.graph_signature.user_inputs)
-    assert inputs == ["input_ids", "position_ids", "key_cache_0", "value_cache_0", "key_cache_1", "value_cache_1",
-                      "block_tables", "context_lens", "slot_mapping", "query_start_loc"]
+    assert inputs == [
+        "input_ids",
+        "position_ids",
+        "key_cache_0",
+        "value_cache_0",
+        "key_cache_1",
+        "value_cache_1",
+        "block_tables",
+        "context_lens",
+        "slot_mapping",
+        "query_start_loc",
+    ]
     for layer, (write, read) in enumerate(zip(writes, reads)):
         # each layer writes its own caches (program inputs) and reads them back
         assert [a.name for a in write.args[2:4]] == [f"key_cache_{layer}", f"value_cache_{layer}"]
         assert read.args[1:3] == write.args[2:4]
     kv_heads = 4 if arch == "gpt2" else 2
-    assert decoder_layout(lowered) == {"num_layers": 2, "block_size": 16, "num_kv_heads": kv_heads, "head_dim": 64,
-                                       "max_context": 128, "kv_cache": "static"}
+    assert decoder_layout(lowered) == {
+        "num_layers": 2,
+        "block_size": 16,
+        "num_kv_heads": kv_heads,
+        "head_dim": 64,
+        "max_context": 128,
+        "kv_cache": "static",
+    }
 
 
 @pytest.mark.parametrize("mode", ["kv-int8", "fa-quant", "both"])
@@ -185,8 +207,12 @@ def compiled_dir(tmp_path_factory, smollm2_tokenizer):
     model = tiny("llama", vocab_size=len(smollm2_tokenizer))
     config = qpass.QuantConfig(kv_cache="static", observer="minmax")
     texts = ["The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up. " * 4]
-    result = qpass.compile(LoadedModel(model, smollm2_tokenizer, "tiny", "tiny-llama"), config, calib=texts,
-                           run=qpass.RunSettings(window=32, calib_samples=2))
+    result = qpass.compile(
+        LoadedModel(model, smollm2_tokenizer, "tiny", "tiny-llama"),
+        config,
+        calib=texts,
+        run=qpass.RunSettings(window=32, calib_samples=2),
+    )
     out = tmp_path_factory.mktemp("compiled") / "out"
     result.save(out)
     return out, result
@@ -195,8 +221,15 @@ def compiled_dir(tmp_path_factory, smollm2_tokenizer):
 def test_cli_run_generates_with_the_saved_decoder(compiled_dir, smollm2_tokenizer, capsys):
     out, result = compiled_dir
     assert (out / "decoder.pt2").is_file()
-    assert result.report["decoder"] == {"file": "decoder.pt2", "num_layers": 2, "block_size": 16, "num_kv_heads": 2,
-                                        "head_dim": 64, "max_context": 512, "kv_cache": "static"}
+    assert result.report["decoder"] == {
+        "file": "decoder.pt2",
+        "num_layers": 2,
+        "block_size": 16,
+        "num_kv_heads": 2,
+        "head_dim": 64,
+        "max_context": 512,
+        "kv_cache": "static",
+    }
     assert main(["run", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "6"]) == 0
     stdout, stderr = capsys.readouterr()
     prompt = smollm2_tokenizer("Once upon a time")["input_ids"]

@@ -35,8 +35,9 @@ def dynamic_recipe(model, **config):
     return calibrated(model, torch.randint(0, 256, (4, 32)), kv_cache="dynamic", **config)[1]
 
 
-@pytest.mark.parametrize("arch, config", [("llama", {}), ("gpt2", {}), ("qwen2", {"w8a8": True})],
-                         ids=["llama", "gpt2", "qwen2-w8a8"])
+@pytest.mark.parametrize(
+    "arch, config", [("llama", {}), ("gpt2", {}), ("qwen2", {"w8a8": True})], ids=["llama", "gpt2", "qwen2-w8a8"]
+)
 def test_lowered_decoder_writes_scale_caches_and_matches_greedy_tokens(arch, config):
     torch.manual_seed(0)
     model = tiny(arch)
@@ -45,8 +46,15 @@ def test_lowered_decoder_writes_scale_caches_and_matches_greedy_tokens(arch, con
     assert targets.count(CACHE_WRITE_DYNAMIC) == targets.count(PAGED_ATTENTION_DYNAMIC) == 2
     assert CACHE_WRITE not in targets and PAGED_ATTENTION not in targets and FAKE_QUANT_DYNAMIC not in targets
     assert list(lowered.graph_signature.user_inputs)[2:10] == [
-        "key_cache_0", "value_cache_0", "key_scale_cache_0", "value_scale_cache_0",
-        "key_cache_1", "value_cache_1", "key_scale_cache_1", "value_scale_cache_1"]
+        "key_cache_0",
+        "value_cache_0",
+        "key_scale_cache_0",
+        "value_scale_cache_0",
+        "key_cache_1",
+        "value_cache_1",
+        "key_scale_cache_1",
+        "value_scale_cache_1",
+    ]
     assert decoder_layout(lowered)["kv_cache"] == "dynamic"
     prompt = torch.randint(0, 256, (8,), generator=torch.Generator().manual_seed(1))
     expected = generate_reference(reference, prompt, NEW_TOKENS)

@@ -116,8 +116,11 @@ def test_rewrite_structure(genai_float_dir, float_model, scales):
     cache = [v for v in io if v.name.startswith(("past_key_values.", "present."))]
     assert len(cache) == 4 * LAYERS and {v.dtype for v in cache} == {ir.DataType.INT8}
     others = [v for v in io if v not in cache]
-    assert {v.name: v.dtype for v in others} == {"input_ids": ir.DataType.INT64, "attention_mask": ir.DataType.INT64,
-                                               "logits": ir.DataType.FLOAT}
+    assert {v.name: v.dtype for v in others} == {
+        "input_ids": ir.DataType.INT64,
+        "attention_mask": ir.DataType.INT64,
+        "logits": ir.DataType.FLOAT,
+    }
     again = rewrite(model)  # the same cache again: nothing to change
     assert not again.modified and rewrite.count == LAYERS
 
@@ -139,12 +142,16 @@ def test_same_graph_as_the_builders_int8_model(ours_dir, builder_int8_dir, ours_
         assert [v.name if v else None for v in a.inputs[:12]] == [v.name if v else None for v in b.inputs[:12]]
         for port in (12, 13):
             np.testing.assert_array_equal(a.inputs[port].const_value.numpy(), b.inputs[port].const_value.numpy())
+
     def io(model):
         return {v.name: (v.dtype, str(v.shape)) for v in (*model.graph.inputs, *model.graph.outputs)}
+
     assert io(ours) == io(theirs)
     theirs_sess = session(builder_int8_dir / "model.onnx")
-    np.testing.assert_array_equal(forward(ours_sess, prompt, empty_cache(ours_sess, HEAD_DIM))[0],
-                                  forward(theirs_sess, prompt, empty_cache(theirs_sess, HEAD_DIM))[0])
+    np.testing.assert_array_equal(
+        forward(ours_sess, prompt, empty_cache(ours_sess, HEAD_DIM))[0],
+        forward(theirs_sess, prompt, empty_cache(theirs_sess, HEAD_DIM))[0],
+    )
 
 
 # ---- numbers -----------------------------------------------------------------------------------------------
@@ -212,7 +219,7 @@ def test_onnxruntime_genai_generates(ours_dir, ours_sess, prompt):
     generator.append_tokens(prompt[0].astype(np.int32))
     while not generator.is_done():
         generator.generate_next_token()
-    generated = [int(t) for t in generator.get_sequence(0)[prompt.shape[1]:]]
+    generated = [int(t) for t in generator.get_sequence(0)[prompt.shape[1] :]]
     assert generated == greedy(ours_sess, prompt, steps, HEAD_DIM)[0]
 
 
@@ -220,8 +227,9 @@ def test_centred_int8_cache_holds_the_asymmetric_codes(genai_float_dir, float_se
     """Through the pass with an asymmetric recipe's scale and offset, layer 0's int8 cache holds
     ``round(x / scale) + offset`` (qpass's asymmetric codes; later layers read the int8 layers before them), and
     the logits are within the tolerance of the float model's."""
-    _, calib_past = forward(float_sess, np.random.default_rng(1).integers(0, VOCAB, (4, 128)),
-                            empty_cache(float_sess, HEAD_DIM, 4))
+    _, calib_past = forward(
+        float_sess, np.random.default_rng(1).integers(0, VOCAB, (4, 128)), empty_cache(float_sess, HEAD_DIM, 4)
+    )
     affine = []
     for layer in range(LAYERS):
         per_kind = []
@@ -241,8 +249,11 @@ def test_centred_int8_cache_holds_the_asymmetric_codes(genai_float_dir, float_se
     got, int8_past = forward(sess, prompt, empty_cache(sess, HEAD_DIM))
     for side, (scale, offset) in zip(("key", "value"), affine[0], strict=True):
         name = f"past_key_values.0.{side}"
-        codes = quantize(torch.from_numpy(float_past[name]), torch.from_numpy(scale).reshape(1, KV_HEADS, 1, HEAD_DIM),
-                         torch.from_numpy(offset).reshape(1, KV_HEADS, 1, HEAD_DIM)).numpy()
+        codes = quantize(
+            torch.from_numpy(float_past[name]),
+            torch.from_numpy(scale).reshape(1, KV_HEADS, 1, HEAD_DIM),
+            torch.from_numpy(offset).reshape(1, KV_HEADS, 1, HEAD_DIM),
+        ).numpy()
         diff = np.abs(int8_past[name].astype(np.int32) - codes)
         assert diff.max() <= 1 and (diff == 0).mean() > 0.99, name  # 1 LSB where x / scale is near a half
     error = np.abs(got - want).max() / np.abs(want).max()
