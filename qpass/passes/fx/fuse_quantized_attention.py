@@ -72,7 +72,8 @@ class FuseQuantizedAttentionPass(CountingPass):
                     )
             fused.meta["nn_module_stack"] = dict(output.meta.get("nn_module_stack", {}))
             output.replace_all_uses_with(fused)
-        erase_dead(graph)
+        if plans:  # what the rewrites left unused; with none, the graph stays as it is (modified False is the truth)
+            erase_dead(graph)
         return len(plans)
 
 
