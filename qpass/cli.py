@@ -25,8 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qpass", description="Quantization compiler for LLM attention: FAQuant and int8 KV cache (C8)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _compile_parser(
+        sub.add_parser("compile", help="capture, calibrate, insert Q/DQ, evaluate, write the program and report")
+    )
+    _eval_parser(sub.add_parser("eval", help="reload a compiled directory and measure its perplexity"))
+    r = sub.add_parser("run", help="generate text greedily with the compiled decoder and its paged int8 KV cache")
+    r.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
+    r.add_argument("--prompt", required=True, help="text to continue")
+    r.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+    i = sub.add_parser("inspect", help="list the attention sites found in MODEL")
+    i.add_argument(
+        "model", metavar="MODEL", help="Hugging Face model directory, .gguf file, `default`, or an ONNX decoder"
+    )
+    i.add_argument("--tokenizer", help="tokenizer directory of an ONNX model (default: the tokenizer files next to it)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
 
-    c = sub.add_parser("compile", help="capture, calibrate, insert Q/DQ, evaluate, write the program and report")
+
+def _compile_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "model",
         metavar="MODEL",
@@ -76,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the MindIE / vllm-ascend directory, or the ONNX directory",
     )
 
-    e = sub.add_parser("eval", help="reload a compiled directory and measure its perplexity")
+
+def _eval_parser(e: argparse.ArgumentParser) -> None:
     e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
     e.add_argument("--eval", required=True, help="evaluation text file")
     for name, flag, kwargs in cli_options(RunSettings):
@@ -90,19 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--no-float", dest="float_model", action="store_false", help="measure the quantized model only")
     e.add_argument("--json", action="store_true", help="print the full JSON record instead of the summary")
-
-    r = sub.add_parser("run", help="generate text greedily with the compiled decoder and its paged int8 KV cache")
-    r.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
-    r.add_argument("--prompt", required=True, help="text to continue")
-    r.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
-
-    i = sub.add_parser("inspect", help="list the attention sites found in MODEL")
-    i.add_argument(
-        "model", metavar="MODEL", help="Hugging Face model directory, .gguf file, `default`, or an ONNX decoder"
-    )
-    i.add_argument("--tokenizer", help="tokenizer directory of an ONNX model (default: the tokenizer files next to it)")
-    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
 
 
 class Interrupted(KeyboardInterrupt):

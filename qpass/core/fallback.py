@@ -110,15 +110,7 @@ def choose_float_linears(
         diff = nll(trial, held, batch_size, f"fallback {label}") - nll_float
         inc, upper = increase_bound(diff)
         strict[label] = increase_bound(diff, STRICT_Z)[1]
-        log.append(
-            {
-                "ranking": label.split(" ")[0],
-                "float_linears": len(names),
-                "ppl_increase_pct": round(inc, 4),
-                "upper_95_pct": round(upper, 4),
-                "upper_strict_pct": round(strict[label], 4),
-            }
-        )
+        log.append(_step(label, len(names), inc, upper, strict[label]))
         estimates[label] = inc
         return upper
 
@@ -166,16 +158,33 @@ def choose_float_linears(
         k = fewest(cap, n_all)
     else:  # not reachable by keeping Linears float: take the best tried
         k = min(tried, key=lambda j: (tried[j], j))
-    reached = "within" if tried[k] <= target else "NOT within"
-    loss = stats.get("loss_sensitivity", {})
-    floats = {
-        s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} (loss sensitivity "
-        f"{loss.get(s.module, float('nan')):.3g}, output SQNR {stats['output_sqnr_db'][s.module]:.1f} dB); "
+    outcome = (
         f"{k} float Linears keep held-out perplexity at {estimates[label(k)]:+.2f}%, upper bounds 95% "
-        f"{tried[k]:+.2f}% ({reached} {target}%) and 99.95% {strict[label(k)]:+.2f}%"
+        f"{tried[k]:+.2f}% ({'within' if tried[k] <= target else 'NOT within'} {target}%) and 99.95% "
+        f"{strict[label(k)]:+.2f}%"
+    )
+    floats = {
+        s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} ({_figures(s.module, stats)}); {outcome}"
         for i, s in enumerate(ranked[:k])
     }
     return floats, [{"held_out_windows": int(held.shape[0]), "ppl_float": ppl_float}, *log]
+
+
+def _step(label: str, count: int, increase: float, upper: float, strict: float) -> dict:
+    """One trial of the search, as its log records it."""
+    return {
+        "ranking": label.split(" ")[0],
+        "float_linears": count,
+        "ppl_increase_pct": round(increase, 4),
+        "upper_95_pct": round(upper, 4),
+        "upper_strict_pct": round(strict, 4),
+    }
+
+
+def _figures(module: str, stats: dict) -> str:
+    """A Linear's sensitivity figures, for why it stays float."""
+    loss = stats.get("loss_sensitivity", {}).get(module, float("nan"))
+    return f"loss sensitivity {loss:.3g}, output SQNR {stats['output_sqnr_db'][module]:.1f} dB"
 
 
 def smoothing_hint(recipe: Recipe) -> str | None:

@@ -83,27 +83,7 @@ def load(
     check = _Checker(d, tensors, types, model_dtype)
     config, model = _build(d, config_json, compute_dtype, build)
     model_type = config.model_type
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    w8a8 = sorted(n.removesuffix(".weight") for n, t in types.items() if t == W8A8 and n.endswith(".weight"))
-    for p in w8a8:
-        if p not in linears:
-            raise QpassError(
-                f"{d}: {p}.weight is typed W8A8, but {p} is not a Linear of this {model_type} model; "
-                "type it FLOAT or fix the name"
-            )
-        module = linears[p]
-        weights = check.w8a8(p, module.out_features, module.in_features)
-        if build:
-            parent, _, child = p.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, W8A8Linear(weights))
-        del weights
-    extra = {f"{p}.{s}" for p in w8a8 for s in W8A8_SUFFIXES if f"{p}.{s}" in tensors}
-    for p in w8a8:  # msModelSlim keeps a W8A8 Linear's float bias too (FLOAT); quant_bias already holds it
-        if f"{p}.bias" in tensors:
-            check.get(
-                f"{p}.bias", (FLOAT,), FLOAT_DTYPES, (linears[p].out_features,), "the float bias of a W8A8 Linear"
-            )
-            extra.add(f"{p}.bias")
+    w8a8, extra = _w8a8_linears(d, model, types, check, build)
     floats, checked = {}, set()  # checked: the float tensors read (and kept in floats when building)
     expected = model.state_dict()
     for key, param in expected.items():
@@ -136,6 +116,34 @@ def load(
         "kv_cache": "static" if c8 else None,
     }
     return Loaded("mindie", tokenizer, recipe, model=model if build else None, info=info)
+
+
+def _w8a8_linears(d: Path, model: torch.nn.Module, types: dict[str, str], check, build: bool):
+    """``(the W8A8 Linears' module paths, the format's tensors they read)``: each one's tensors checked and, when
+    ``build``, the Linear replaced by a :class:`W8A8Linear` of them."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    w8a8 = sorted(n.removesuffix(".weight") for n, t in types.items() if t == W8A8 and n.endswith(".weight"))
+    for p in w8a8:
+        if p not in linears:
+            raise QpassError(
+                f"{d}: {p}.weight is typed W8A8, but {p} is not a Linear of this {model.config.model_type} model; "
+                "type it FLOAT or fix the name"
+            )
+        module = linears[p]
+        weights = check.w8a8(p, module.out_features, module.in_features)
+        if build:
+            parent, _, child = p.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, W8A8Linear(weights))
+        del weights
+    tensors = check.tensors
+    extra = {f"{p}.{s}" for p in w8a8 for s in W8A8_SUFFIXES if f"{p}.{s}" in tensors}
+    for p in w8a8:  # msModelSlim keeps a W8A8 Linear's float bias too (FLOAT); quant_bias already holds it
+        if f"{p}.bias" in tensors:
+            check.get(
+                f"{p}.bias", (FLOAT,), FLOAT_DTYPES, (linears[p].out_features,), "the float bias of a W8A8 Linear"
+            )
+            extra.add(f"{p}.bias")
+    return w8a8, extra
 
 
 def _check_types(d: Path, tensors, types: dict[str, str]) -> None:

@@ -55,7 +55,6 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
 
     Remote code is never trusted and weights are read from safetensors or GGUF only, never unpickled.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -71,22 +70,33 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, attn_implementatio
                 "give a Hugging Face model directory, a .gguf file, or `default`"
             )
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False)
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise QpassError(
-                f"MODEL {spec}: not a .gguf file or a model directory; "
-                "give a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or `default`"
-            )
-        _require_gguf_support(spec)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-        except BROKEN_FILE as err:
-            raise QpassError(
-                f"MODEL {spec}: cannot read this GGUF file ({_first_line(err)}); check that it is a complete GGUF model"
-            ) from err
-        name = "SmolLM2-135M" if spec == "default" else path.stem
-        return LoadedModel(model.eval(), tokenizer, str(path), name)
+    return _load_gguf(spec, path, kwargs) if path.is_file() else _load_directory(spec, path, kwargs)
+
+
+def _load_gguf(spec: str, path: Path, kwargs: dict) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.suffix != ".gguf":
+        raise QpassError(
+            f"MODEL {spec}: not a .gguf file or a model directory; "
+            "give a Hugging Face model directory (config.json + *.safetensors), a .gguf file, or `default`"
+        )
+    _require_gguf_support(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    except BROKEN_FILE as err:
+        raise QpassError(
+            f"MODEL {spec}: cannot read this GGUF file ({_first_line(err)}); check that it is a complete GGUF model"
+        ) from err
+    name = "SmolLM2-135M" if spec == "default" else path.stem
+    return LoadedModel(model.eval(), tokenizer, str(path), name)
+
+
+def _load_directory(spec: str, path: Path, kwargs: dict) -> LoadedModel:
+    """A Hugging Face model directory: its config checked, its safetensors weights only, each one accounted for."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     config = path / "config.json"
     if not config.is_file():
         raise QpassError(
