@@ -49,7 +49,7 @@ class CompileResult:
         name = format or registry.default_for(frontend)
         options = {"dtype": dtype, "frontend": frontend}
         registry.check(name, self.recipe.config, options)
-        with atomic_output_dir(out_dir, force) as tmp:
+        with atomic_output_dir(out_dir, force, self.compiled.inputs) as tmp:
             registry.get(name).write(self.compiled, tmp, options)
             registry.get(name).check(tmp)  # read back before it is moved into place
         return Path(out_dir)
@@ -107,6 +107,7 @@ def compile(
     line each, and into ``report["warnings"]``.
     """
     run = run or RunSettings()
+    recipe_path = recipe if isinstance(recipe, (str, Path)) else None
     # the text files and the recipe first, so that a bad one is refused before the model loads
     if isinstance(recipe, (str, Path)):
         recipe = Recipe.load(Path(recipe))
@@ -121,6 +122,7 @@ def compile(
     frontend.check_config(config)
     timings = {"load": time.perf_counter() - start}
     compiled = compile_model(frontend, config, run, texts, recipe, verify, timings)
+    compiled.inputs = tuple(str(p) for p in (model, calib, eval, recipe_path, tokenizer) if isinstance(p, (str, Path)))
     return CompileResult(
         compiled.program,
         compiled.recipe,

@@ -149,7 +149,8 @@ def cmd_compile(args) -> int:
     from qpass.core.report import summary
     from qpass.exporters import registry
 
-    check_output_dir(args.output, args.force)  # fail before the slow part
+    inputs = (args.model, args.calib, args.eval, args.recipe, args.tokenizer)
+    check_output_dir(args.output, args.force, inputs)  # fail before the slow part
     run, recipe = _settings(args, RunSettings), None
     if args.recipe:  # its policy, and no flag that says otherwise
         recipe = qpass.Recipe.load(args.recipe)

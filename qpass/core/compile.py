@@ -40,6 +40,7 @@ class Compiled:
     files: dict[str, str] = field(repr=False, default_factory=dict)  # text files carried over (genai_config.json)
     layerwise: bool = False  # state_dict reads each tensor when looked up: write layer by layer
     sites: list[AttentionSite] = field(repr=False, default_factory=list)
+    inputs: tuple = ()  # the paths it was compiled from, which no output may replace or lie in
 
 
 @dataclass(frozen=True)

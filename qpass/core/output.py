@@ -4,15 +4,27 @@ when the writer and its read-back check have succeeded."""
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 from qpass.core.errors import QpassError
 
 
-def check_output_dir(out_dir: str | Path, force: bool) -> None:
-    """Refuse an output directory that exists and is not empty, unless ``force``."""
+def check_output_dir(out_dir: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuse, before any work, an output path that cannot be written all or nothing: a symbolic link (on it or on a
+    directory above it that does not exist yet), a file, a directory that exists and is not empty (unless ``force``),
+    one not writable, and (``--force`` or not) one that is, holds or lies inside any of ``inputs``: an input is never
+    replaced, nor written into."""
     out = Path(out_dir)
+    for path in (out, *out.parents):
+        if path.is_symlink() and (path == out or not path.exists()):
+            where = "is" if path == out else f"lies under {path}, which is"
+            raise QpassError(
+                f"-o {out}: {where} a symbolic link{'' if path.exists() else ' to nothing (or a loop)'}; "
+                "give the real path of a new or empty directory"
+            )
+    _check_apart(out, inputs)
     if out.exists() and not out.is_dir():
         raise QpassError(f"-o {out}: exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -24,11 +36,35 @@ def check_output_dir(out_dir: str | Path, force: bool) -> None:
         )
 
 
+def _check_apart(out: Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output path that is, holds or lies inside an input (symbolic links followed)."""
+    target = out.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        source = Path(item).resolve()
+        relation = (
+            "is"
+            if target == source
+            else "holds"
+            if source.is_relative_to(target)
+            else "lies inside"
+            if target.is_relative_to(source)
+            else None
+        )
+        if relation:
+            raise QpassError(
+                f"-o {out}: {relation} the input {item}; an input is never replaced or written into, "
+                "--force or not: choose an output path outside every input"
+            )
+
+
 @contextmanager
-def atomic_output_dir(out_dir: str | Path, force: bool):
-    """Yield a temporary directory beside ``out_dir``; move it into place only if the block succeeds."""
+def atomic_output_dir(out_dir: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()):
+    """Yield a temporary directory beside ``out_dir``; move it into place only if the block succeeds.
+    ``inputs``: the paths the output must keep apart from (:func:`check_output_dir`)."""
     out = Path(out_dir)
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qpass-", dir=out.parent))

@@ -108,6 +108,13 @@ class Inputs:
 # --- helpers that break a copy of an input ------------------------------------------------------------------
 
 
+def link(c: Inputs, name: str, target: Path | str) -> str:
+    """A symbolic link ``name`` among the case's inputs, to ``target`` (which need not exist)."""
+    path = c.p / name
+    path.symlink_to(target)
+    return str(path)
+
+
 def model_with(c: Inputs, config=None, drop=(), add=None, truncate=None, weights=None) -> str:
     """A copy of the tiny model: ``config(doc)`` edits config.json (or ``config`` is its new bytes), files in
     ``drop`` removed, ``add`` {name: bytes} added, file ``truncate`` cut to half, ``weights(dict)`` edits the
@@ -326,6 +333,41 @@ CASES = {
         lambda c: c.compile("--kv-int8", "-o", str(Path(c.file("keep.txt", "mine")).parent)),
         "directory exists and is not empty",
         "pass --force",
+    ),
+    "output is the model directory, with --force": (
+        lambda c: c.compile("--kv-int8", "-o", str(c.model), "--force"),
+        "is the input",
+        "choose an output path outside every input",
+    ),
+    "output inside the model directory": (
+        lambda c: c.compile("--kv-int8", "-o", str(c.model / "out")),
+        "lies inside the input",
+        "an input is never replaced or written into",
+    ),
+    "output holds the calibration file, with --force": (
+        lambda c: c.compile("--kv-int8", "-o", str(Path(c.text["calib"]).parent), "--force"),
+        "holds the input",
+        "choose an output path outside every input",
+    ),
+    "output is a link to the model directory, with --force": (
+        lambda c: c.compile("--kv-int8", "-o", link(c, "to-model", c.model), "--force"),
+        "is a symbolic link",
+        "give the real path",
+    ),
+    "output is a dangling link": (
+        lambda c: c.compile("--kv-int8", "-o", link(c, "dangling", c.p / "nowhere")),
+        "is a symbolic link to nothing (or a loop)",
+        "give the real path of a new or empty directory",
+    ),
+    "output is a link loop": (
+        lambda c: c.compile("--kv-int8", "-o", link(c, "a", link(c, "b", c.p / "a"))),
+        "is a symbolic link to nothing (or a loop)",
+        "give the real path",
+    ),
+    "output under a dangling link": (
+        lambda c: c.compile("--kv-int8", "-o", link(c, "gone", c.p / "nowhere") + "/out"),
+        "which is a symbolic link to nothing",
+        "give the real path",
     ),
     "output under a file": (
         lambda c: c.compile("--kv-int8", "-o", c.file("f", "x") + "/out"),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -338,3 +339,16 @@ def test_the_output_directory_has_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("where", ["model", "inside", "calib"])
+def test_save_never_replaces_or_writes_into_an_input(compile_result, tiny_model_dir, text_files, where):
+    """The API's ``save`` keeps apart from what the compile read, ``force`` or not (the CLI checks the same paths
+    before any work): the model directory is neither replaced nor written into, nor a directory holding a text."""
+    from qpass.core.errors import QpassError
+
+    out = {"model": tiny_model_dir, "inside": tiny_model_dir / "out", "calib": Path(text_files["calib"]).parent}[where]
+    before = sorted((p.name, p.stat().st_size) for p in tiny_model_dir.iterdir())
+    with pytest.raises(QpassError, match="an input is never replaced or written into"):
+        compile_result.save(out, force=True)
+    assert sorted((p.name, p.stat().st_size) for p in tiny_model_dir.iterdir()) == before
