@@ -17,7 +17,7 @@ from qpass import frontends
 from qpass.core import memory, saturation
 from qpass.core import report as reporting
 from qpass.core.compile import Compiled, Texts, compile_model
-from qpass.core.config import QuantConfig, RunSettings
+from qpass.core.config import MAX_COUNT, QuantConfig, RunSettings
 from qpass.core.data import read_samples, read_text, token_windows
 from qpass.core.errors import QpassError
 from qpass.core.output import atomic_output_dir
@@ -174,7 +174,14 @@ def evaluate_saved(
     frontend = frontends.get(exporter.frontend)
     counted = saturation.counters(loaded.recipe) if loaded.recipe is not None else {}
     window = frontend.saved_window(loaded)
-    ids = token_windows(loaded.tokenizer, [text], window, run.eval_windows, "--eval")
+    ids = token_windows(
+        loaded.tokenizer,
+        [text],
+        window,
+        run.eval_windows,
+        "--eval",
+        "give more text (the directory runs over the window it was compiled for)",
+    )
     loaded_s = time.perf_counter() - start
     start = time.perf_counter()
     nll, layerwise = frontend.saved_nll(loaded, out_dir, ids, run.batch_size, "eval quantized", counted)
@@ -230,8 +237,8 @@ def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[lis
     With FAQuant / C8 it runs the lowered decoder on the paged int8 KV cache (ONNX: in ONNX Runtime, the int8
     ``present.*`` fed back as ``past_key_values.*``); a W8A8-only MindIE directory keeps the KV cache in float, as
     the format says, and decodes with the model's own cache."""
-    if max_new_tokens < 1:
-        raise QpassError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if not 1 <= max_new_tokens <= MAX_COUNT:
+        raise QpassError(f"--max-new-tokens {max_new_tokens}: must be at least 1 and at most {MAX_COUNT}")
     exporter = registry.detect(out_dir)
     loaded = exporter.load(Path(out_dir), "run")
     tokenizer = loaded.tokenizer

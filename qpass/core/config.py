@@ -14,6 +14,7 @@ OLD_KV_CACHE = {"int8": "static"}  # recipes written before the cache had one na
 ACT_METHODS = (1, 2, 3)
 ANTI_METHODS = (None, "m1", "m2", "m3", "m4")
 DISABLE_LEVEL = re.compile(r"L(0|[1-9][0-9]*)|auto")
+MAX_COUNT = 2**31 - 1  # a window, batch or count beyond this is no setting any run can hold
 EVAL_WINDOWS = 32  # evaluation windows, at most (qpass compile --eval, qpass eval)
 
 
@@ -170,6 +171,12 @@ class QuantConfig:
                 "cache to static int8 with its calibrated K/V scales; use --fa-quant --kv-int8 (static), "
                 "or drop --fa-quant"
             )
+        if self.symmetric and not self.observed_kinds:
+            raise ValueError(
+                "symmetric=True (--symmetric) applies to the calibrated attention scales (--fa-quant, --kv-int8 "
+                "static) and this policy has none (the dynamic cache computes its own, W8A8's activations are "
+                "asymmetric per tensor); drop --symmetric"
+            )
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
@@ -209,8 +216,11 @@ class RunSettings:
     def __post_init__(self):
         _check_types(self)
         for f in fields(self):
-            if getattr(self, f.name) < 1:
-                raise ValueError(f"{f.metadata['flag']} {getattr(self, f.name)}: must be an integer, at least 1")
+            if not 1 <= getattr(self, f.name) <= MAX_COUNT:
+                raise ValueError(
+                    f"{f.metadata['flag']} {getattr(self, f.name)}: must be an integer, at least 1 and at most "
+                    f"{MAX_COUNT}"
+                )
 
 
 RUN_FIELDS = frozenset(f.name for f in fields(RunSettings))

@@ -66,11 +66,18 @@ def read_text(path: str | Path, flag: str = "--eval") -> str:
     return text
 
 
-def token_windows(tokenizer, texts: list[str], window: int, max_windows: int | None, flag: str) -> torch.Tensor:
+def token_windows(
+    tokenizer,
+    texts: list[str],
+    window: int,
+    max_windows: int | None,
+    flag: str,
+    fix: str = "give more text or a smaller --window",
+) -> torch.Tensor:
     """``[N, window]`` token ids: the texts tokenized, joined with EOS, cut into whole windows.
 
     Takes at most ``max_windows`` windows, spread evenly over the text so that a long file is sampled
-    throughout. Raises when the text does not fill one window.
+    throughout. Raises when the text does not fill one window (saying ``fix``).
     """
     eos = tokenizer.eos_token_id
     ids: list[int] = []
@@ -80,10 +87,7 @@ def token_windows(tokenizer, texts: list[str], window: int, max_windows: int | N
             ids.append(eos)
     count = len(ids) // window
     if count == 0:
-        raise QpassError(
-            f"{flag}: the text is {len(ids)} tokens, shorter than one window of {window}; "
-            "give more text or a smaller --window"
-        )
+        raise QpassError(f"{flag}: the text is {len(ids)} tokens, shorter than one window of {window}; {fix}")
     windows = torch.tensor(ids[: count * window], dtype=torch.long).view(count, window)
     if max_windows is not None and count > max_windows:
         pick = torch.linspace(0, count - 1, max_windows).round().long()

@@ -38,7 +38,7 @@ from qpass.exporters.mindie_format import (
     WEIGHTS_FILE,
     WEIGHTS_INDEX,
 )
-from qpass.models.loaders import check_remote_code
+from qpass.models.loaders import check_remote_code, load_tokenizer
 from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -190,14 +190,7 @@ def _build(d: Path, config_json: dict, compute_dtype: torch.dtype, build: bool):
 
 
 def _tokenizer(d: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(d))
-    except (OSError, ValueError) as err:
-        raise QpassError(
-            f"{d}: cannot load the tokenizer files ({_first_line(err)}); add tokenizer.json / tokenizer_config.json"
-        ) from None
+    return load_tokenizer(d, str(d), "add tokenizer.json / tokenizer_config.json")
 
 
 def _read_weights(d: Path, weights: str) -> "_Tensors":

