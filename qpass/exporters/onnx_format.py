@@ -19,6 +19,7 @@ from qpass.core.recipe import Recipe
 from qpass.exporters.base import Compiled, Loaded
 from qpass.ort.stages import run_stages, split
 from qpass.passes.onnx.base import SITES_METADATA
+from qpass.passes.onnx.external_data import check_external_data
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 RECIPE_DIR = "recipe"
@@ -123,7 +124,8 @@ def detect(path: Path) -> bool:
 
 
 def load(path: Path, purpose: str = "eval") -> Loaded:
-    """The quantized model (onnx-ir, weights read lazily) with its recipe and tokenizer, for evaluation or decoding."""
+    """The quantized model (onnx-ir, weights read lazily, their external data checked first) with its recipe and
+    tokenizer, for evaluation or decoding."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -142,4 +144,5 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
             f"{path / MODEL_FILE}: not a readable ONNX model ({type(err).__name__}); it is truncated or "
             "corrupt: recompile into a fresh directory"
         ) from None
+    check_external_data(model, path / MODEL_FILE, "recompile into a fresh directory")  # as compile checks its input
     return Loaded("onnx", tokenizer, recipe, program=model, info={"model_file": str(path / MODEL_FILE)})

@@ -33,7 +33,8 @@ from qpass.passes.onnx.quantize_gqa_kv_cache import int8_kv_genai_config
 
 
 class OnnxFrontend:
-    """An ONNX decoder over token ids ``[batch, window]`` (batch and sequence are dynamic in the graph)."""
+    """An ONNX decoder over token ids ``[batch, window]`` (the sequence dynamic in the graph; the batch dynamic, or
+    fixed by the export and run in runs of that size: :class:`qpass.frontends.onnx.session.Runner`)."""
 
     def __init__(self, path: Path, window: int, tokenizer_dir: str | Path | None = None, layerwise: bool = False):
         """``layerwise``: run the graph one attention site's stage at a time (:mod:`qpass.frontends.onnx.layerwise`),

@@ -21,7 +21,7 @@ from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
 from qpass.core.memory import hidden_budget
 from qpass.core.spill import Spill
-from qpass.frontends.onnx.session import Feeds
+from qpass.frontends.onnx.session import Feeds, described, logits_output, runs
 from qpass.ort.stages import run_stages, split
 
 
@@ -35,6 +35,7 @@ class LayerwiseModel:
         self.base_dir = base_dir
         self.stages = split(self.proto.graph, attention)
         self.feeds = Feeds.of_graph(model.graph, sites)
+        self.logits = logits_output(described(model.graph.outputs))
         self.made = {
             name: index
             for index, stage in enumerate(self.stages)
@@ -73,18 +74,19 @@ class LayerwiseModel:
     ) -> Iterator[int]:
         """Runs every stage over ``windows``, yielding each stage's index once it is done (and its session gone):
         ``observe[name](value)`` for each batch's value of each name observed, and each batch's NLL appended to
-        ``nll`` where it is a list."""
+        ``nll`` where it is a list. A graph that fixes its batch runs in batches of that size instead, the last
+        filled up (:func:`qpass.frontends.onnx.session.runs`), the copies' values dropped."""
         observe = observe or {}
         unknown = [name for name in observe if name not in self.made]
         if unknown:
             raise QpassError(f"layer by layer: no node of the ONNX graph makes {unknown[0]}; please report this model")
-        batches = list(windows.split(batch_size))
-        graph_feeds = [self.feeds(batch.numpy(), None, 0) for batch in batches]
+        batches = list(windows.split(self.feeds.batch or batch_size))
+        graph_feeds = [runs(self.feeds(batch.numpy(), None, 0), self.feeds.batch)[0][0] for batch in batches]
         kept = Spill(hidden_budget(None), prefix="qpass-stages-")
 
         def fetch(index, stage) -> list[str]:
             wanted = [
-                name for name in stage.outputs if name in self.last_read or (nll is not None and name == "logits")
+                name for name in stage.outputs if name in self.last_read or (nll is not None and name == self.logits)
             ]
             return wanted + [name for name in observe if self.made[name] == index]
 
@@ -103,9 +105,9 @@ class LayerwiseModel:
                     if name in self.last_read:
                         kept.put(name, b, value)
                     if name in observe:
-                        observe[name](value)
-                    if name == "logits" and nll is not None:
-                        nll.append(batch_nll(torch.from_numpy(value), batch))
+                        observe[name](value[: len(batch)])
+                    if name == self.logits and nll is not None:
+                        nll.append(batch_nll(torch.from_numpy(value[: len(batch)]), batch))
             for name in [name for name in kept.names() if self.last_read[name] == index]:
                 kept.drop(name)
 

@@ -1,6 +1,7 @@
 """Reading an ONNX decoder and what sits next to it (tokenizer files, ``genai_config.json``), refusing bad input
-in one line: a missing, truncated or corrupt file, missing external data, an opset below 17, no token-id input,
-no attention, a tokenizer that does not fit the vocabulary."""
+in one line: a missing, truncated or corrupt file, external data missing or outside the model's directory, an opset
+below 17, no token-id input, no attention, logits that are not one output, a tokenizer that does not fit the
+vocabulary."""
 
 import json
 from pathlib import Path
@@ -10,6 +11,8 @@ from onnx_ir.passes.common import CheckerPass, ShapeInferencePass
 
 from qpass.core.errors import QpassError
 from qpass.core.sites import AttentionSite
+from qpass.frontends.onnx.session import described, logits_output
+from qpass.passes.onnx.external_data import check_external_data
 from qpass.passes.onnx.find_attention_sites import ATTENTION_PATTERNS, CacheIO, find_attention_sites
 from qpass.passes.onnx.find_gqa_sites import GQASite, find_gqa_sites
 
@@ -72,7 +75,7 @@ def load_decoder(path: Path) -> tuple[ir.Model, list[tuple[AttentionSite, CacheI
             f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)}); "
             "it is truncated or corrupt: export it again"
         ) from None
-    _check_external_data(model, path)
+    check_external_data(model, path)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < MIN_OPSET:
         raise QpassError(
@@ -83,6 +86,7 @@ def load_decoder(path: Path) -> tuple[ir.Model, list[tuple[AttentionSite, CacheI
             f"{path}: no input_ids input (inputs: {', '.join(v.name for v in model.graph.inputs)}); "
             "export the decoder with token ids as input_ids"
         )
+    logits_output(described(model.graph.outputs), str(path))  # the logits are one output: refused here if not
     ShapeInferencePass(strict_mode=False)(model)  # onnxruntime-genai's graphs carry shapes strict inference rejects
     from onnxscript.rewriter.pattern import MatchingTracer
 
@@ -143,8 +147,9 @@ def load_tokenizer(path: Path, tokenizer_dir: str | Path | None, model: ir.Model
             f"{where}: no tokenizer qpass can load ({_first_line(err)}); give --tokenizer DIR with "
             "tokenizer.json / tokenizer_config.json"
         ) from None
-    logits = next((v for v in model.graph.outputs if v.name == "logits"), None)
-    vocab = logits.shape[-1] if logits is not None and logits.shape is not None else None
+    outputs = described(model.graph.outputs)
+    dims = outputs[logits_output(outputs, str(path))][1]
+    vocab = dims[-1] if dims else None
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise QpassError(
             f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's logits have {vocab}; "
@@ -161,18 +166,6 @@ def genai_config(path: Path) -> dict | None:
         return json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise QpassError(f"{config}: not JSON ({err}); restore the file onnxruntime-genai's builder wrote") from None
-
-
-def _check_external_data(model: ir.Model, path: Path) -> None:
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            data = Path(tensor.base_dir) / tensor.location
-            if not data.is_file() or data.stat().st_size < tensor.offset + tensor.length:
-                raise QpassError(
-                    f"{path}: the external data of {value.name} ({tensor.location}) is missing or short; "
-                    "keep the data file next to the model, as it was exported"
-                )
 
 
 def _closest_miss(tracer) -> str:
