@@ -17,6 +17,7 @@ from qpass.core import report as reporting
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.exporters.base import Compiled, Loaded
+from qpass.models.loaders import load_tokenizer
 from qpass.ort.stages import run_stages, split
 from qpass.passes.onnx.base import SITES_METADATA
 from qpass.passes.onnx.external_data import check_external_data
@@ -126,17 +127,9 @@ def detect(path: Path) -> bool:
 def load(path: Path, purpose: str = "eval") -> Loaded:
     """The quantized model (onnx-ir, weights read lazily, their external data checked first) with its recipe and
     tokenizer, for evaluation or decoding."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     recipe = Recipe.load(path / RECIPE_DIR)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise QpassError(
-            f"{path}: cannot load its tokenizer files ({str(err).splitlines()[0][:200]}); "
-            "recompile into a fresh directory"
-        ) from None
+    tokenizer = load_tokenizer(path, str(path), "recompile into a fresh directory")
     try:
         model = ir.load(path / MODEL_FILE)
     except Exception as err:  # protobuf's DecodeError, OSError
