@@ -49,6 +49,12 @@ class OnnxFrontend:
         self.window = window
         self.checker_ok = loading.passes_checker(self.model)
         self.genai_config = loading.genai_config(path)
+        positions = (self.genai_config or {}).get("model", {}).get("context_length")
+        if positions is not None and window > positions:  # before a run over positions it never learnt
+            raise QpassError(
+                f"--window {window}: longer than the {positions} positions of MODEL {path} (genai_config.json "
+                f"model.context_length); use --window {positions} or less"
+            )
         self.site_docs = [site_doc(site, cache) for site, cache in self.found]
 
     @classmethod

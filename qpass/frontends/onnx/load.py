@@ -75,6 +75,11 @@ def load_decoder(path: Path) -> tuple[ir.Model, list[tuple[AttentionSite, CacheI
             f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)}); "
             "it is truncated or corrupt: export it again"
         ) from None
+    if len(model.graph) == 0:
+        raise QpassError(
+            f"{path}: holds no ONNX graph ({path.stat().st_size} bytes); it is empty, truncated or not an ONNX "
+            "model: export it again"
+        )
     check_external_data(model, path)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < MIN_OPSET:
@@ -158,14 +163,38 @@ def load_tokenizer(path: Path, tokenizer_dir: str | Path | None, model: ir.Model
     return tokenizer
 
 
+GENAI_NUMBERS = (
+    "context_length",
+    "vocab_size",
+    "decoder.num_attention_heads",
+    "decoder.num_key_value_heads",
+    "decoder.head_size",
+    "decoder.hidden_size",
+    "decoder.num_hidden_layers",
+)  # under "model", where present
+
+
 def genai_config(path: Path) -> dict | None:
+    """The ``genai_config.json`` next to the model (None without one), checked now, before any work: the ``model``
+    and ``search`` objects the output's copy is written from, and each count it gives a positive integer."""
     config = path.parent / GENAI_CONFIG
     if not config.is_file():
         return None
+    fix = "restore the file onnxruntime-genai's builder wrote"
     try:
-        return json.loads(config.read_text(encoding="utf-8"))
+        doc = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QpassError(f"{config}: not JSON ({err}); restore the file onnxruntime-genai's builder wrote") from None
+        raise QpassError(f"{config}: not JSON ({err}); {fix}") from None
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), dict) for k in ("model", "search")):
+        raise QpassError(f"{config}: has no 'model' and 'search' objects, as onnxruntime-genai's config does; {fix}")
+    for key in GENAI_NUMBERS:
+        owner, _, name = ("model." + key).rpartition(".")
+        section = doc["model"] if owner == "model" else doc["model"].get("decoder")
+        if isinstance(section, dict) and name in section:
+            value = section[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QpassError(f"{config}: model.{key} is {json.dumps(value)}, not a positive integer; {fix}")
+    return doc
 
 
 def _closest_miss(tracer) -> str:
