@@ -7,6 +7,7 @@
 - ``bench_layerwise``: layer-wise calibration's peak memory against depth, and its time against the whole model's.
 - ``bench_onnx``: qpass on SmolLM2's ONNX exports: accuracy, ONNX Runtime speed and pass times.
 - ``bench_onnx_gqa``: ONNX Runtime's GroupQueryAttention with the int8 KV cache against its float cache.
+- ``bench_refusals``: how soon ``qpass compile`` refuses each class of bad input on SmolLM2, in a process of its own.
 - ``bench_run``: a MindIE W8A8 directory's integer inference against the float model on the CPU.
 - ``bench_w8a8``: W8A8 + FAQuant + C8 with ``--disable-level auto`` per smoothing and activation method.
 - ``make_corpus``: the standard-library corpus (calib.jsonl, eval_prose.txt, eval_code.txt).

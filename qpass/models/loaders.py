@@ -166,11 +166,14 @@ def load_tokenizer(source: str | Path, label: str, fix: str, **kwargs):
 
 
 def check_vocabulary(label: str, tokenizer, vocab_size) -> None:
-    """Refuse a tokenizer whose ids reach past the model's embedding (``vocab_size``): a token of the text would index
-    outside it mid-run."""
-    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+    """Refuse a tokenizer whose ids for ordinary text reach past the model's embedding (``vocab_size``): a token of the
+    text would index outside it mid-run. Ordinary text: the base vocabulary and the added tokens that are not special
+    (a special token appended past the embedding, such as a pad token, is never produced from text)."""
+    added = [i + 1 for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if not token.special]
+    reach = max([tokenizer.vocab_size, *added])
+    if isinstance(vocab_size, int) and reach > vocab_size:
         raise QpassError(
-            f"{label}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary (vocab_size) is "
+            f"{label}: the tokenizer has {reach} tokens but the model's vocabulary (vocab_size) is "
             f"{vocab_size}; give the model's own tokenizer"
         )
 
