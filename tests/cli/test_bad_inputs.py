@@ -1,6 +1,7 @@
 """The bad-input corpus (issue 12): each case exits with status 2 and one stderr line that names the problem
 and the way out, with no traceback; it writes nothing (no output, no temporary directory) and leaves every
-input file's bytes as they were (sha256 of every file under the inputs, before and after).
+input file's bytes as they were (sha256 of every file under the inputs, before and after); and (issue 24) it is
+refused before the model runs: no calibration, measurement or read-back perplexity has started.
 
 A case is ``(args, problem, fix)``: ``args(c)`` builds the command line from :class:`Inputs` (making any
 broken file under ``c.p``), and ``problem`` and ``fix`` are two pieces of the one line. ONNX inputs have
@@ -964,9 +965,54 @@ def test_the_corpus_holds_at_least_50_cases():
     assert len(CASES) >= 50
 
 
+def _watch_forward_passes(monkeypatch) -> list[str]:
+    """Record (in the list returned) each entry to a road's first forward pass: calibration and measurement in the
+    compile road, a read-back directory's perplexity and generation in `qpass eval` / `qpass run`."""
+    import qpass.core.compile as road
+    import qpass.frontends.onnx as onnx_frontend
+    import qpass.frontends.torch_export as torch_frontend
+
+    started = []
+
+    def watch(owner, name):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            started.append(f"{owner.__name__}.{name}")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for owner, name in ((road, "calibrate"), (road, "_measure")):
+        watch(owner, name)
+    for owner in (onnx_frontend, torch_frontend):
+        watch(owner, "saved_nll")
+        watch(owner, "generate")
+    return started
+
+
+def test_the_forward_watch_sees_a_compile_and_an_eval_run(compiled, tiny_model_dir, text_files, tmp_path, monkeypatch):
+    """The watch the corpus relies on to say "refused before the model ran" does see the model run."""
+    started = _watch_forward_passes(monkeypatch)
+    args = [
+        "compile",
+        str(tiny_model_dir),
+        *SMALL,
+        "--kv-int8",
+        "--calib",
+        str(text_files["calib"]),
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 0 and started[0] == "qpass.core.compile.calibrate"
+    started.clear()
+    assert main(["eval", str(compiled), "--eval", str(text_files["prose"]), "--eval-windows", "1", "--no-float"]) == 0
+    assert started == ["qpass.frontends.torch_export.saved_nll"]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_writes_nothing_and_changes_no_input(
-    case, tiny_model_dir, text_files, compiled, mindie, tmp_path, capsys
+    case, tiny_model_dir, text_files, compiled, mindie, tmp_path, capsys, monkeypatch
 ):
     make_args, problem, fix = CASES[case]
     inputs = tmp_path / "inputs"
@@ -976,11 +1022,13 @@ def test_bad_input_is_one_line_exit_2_writes_nothing_and_changes_no_input(
     roots = (tiny_model_dir, Path(text_files["calib"]).parent, compiled, mindie, inputs)
     before = _hashes(*roots)
     capsys.readouterr()
+    started = _watch_forward_passes(monkeypatch)
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert problem in err and fix in err, err
+    assert not started, f"refused after the model ran ({started[0]}): every fault here is knowable before"
     assert not c.out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]  # no temporary directory left behind
     assert _hashes(*roots) == before  # every input byte for byte, and nothing added among them
