@@ -5,6 +5,7 @@ options, choices and defaults from here (:func:`cli_options`) instead of restati
 """
 
 import argparse
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
@@ -233,6 +234,8 @@ def _check_types(settings) -> None:
         if want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
             kind = {(bool,): "true or false", (int,): "an integer"}.get(want, "a number")
             raise ValueError(f"{f.name}={value!r} is not {kind}")
+        if want == (int, float) and not math.isfinite(value):  # nor would it be JSON in the recipe and report
+            raise ValueError(f"{f.name}={value!r} is not a finite number")
 
 
 def cli_options(cls=None) -> list[tuple[str, str, dict]]:

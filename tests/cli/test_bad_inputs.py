@@ -360,6 +360,11 @@ CASES = {
         f"--max-new-tokens {10**20}",
         "at most 2147483647",
     ),
+    "an infinite perplexity budget": (
+        lambda c: c.compile("--w8a8", "--disable-level", "auto", "--max-ppl-increase", "inf"),
+        "max_ppl_increase=inf",
+        "is not a finite number",
+    ),
     "symmetric with the dynamic cache alone": (
         lambda c: c.compile("--kv-int8", "dynamic", "--symmetric"),
         "applies to the calibrated attention scales",
