@@ -49,6 +49,13 @@ class OnnxFrontend:
         self.window = window
         self.checker_ok = loading.passes_checker(self.model)
         self.genai_config = loading.genai_config(path)
+        ids = next(v for v in self.model.graph.inputs if v.name == "input_ids")
+        length = ids.shape[1] if ids.shape is not None and len(ids.shape) == 2 else None
+        if isinstance(length, int) and length != window:  # ONNX Runtime would refuse every window mid-run
+            raise QpassError(
+                f"--window {window}: MODEL {path} takes exactly {length} tokens a run (input_ids' sequence axis is "
+                f"fixed); use --window {length}, or export the model with a dynamic sequence axis"
+            )
         positions = (self.genai_config or {}).get("model", {}).get("context_length")
         if positions is not None and window > positions:  # before a run over positions it never learnt
             raise QpassError(

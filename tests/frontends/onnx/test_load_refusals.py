@@ -66,3 +66,21 @@ def test_an_empty_onnx_file_is_named_empty_not_opset_0(text_files, tmp_path, cap
     ]
     _refused(args, capsys, "holds no ONNX graph (0 bytes)", "export it again")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_fixed_sequence_axis_other_than_the_window_is_refused_up_front(onnx_dirs, text_files, tmp_path, capsys):
+    """An export whose input_ids take a fixed number of tokens runs only windows of that length: another --window
+    is refused before any run (ONNX Runtime would refuse every window mid-run)."""
+    import onnx_ir as ir
+
+    model = ir.load(onnx_dirs[20] / "model.onnx")
+    ids = next(v for v in model.graph.inputs if v.name == "input_ids")
+    ids.shape = ir.Shape([ids.shape[0], 16])
+    d = tmp_path / "fixed"
+    d.mkdir()
+    ir.save(model, d / "model.onnx")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(onnx_dirs[20] / name, d / name)
+    args = ["compile", str(d), "--kv-int8", *SMALL, "--calib", str(text_files["calib"]), "-o", str(tmp_path / "o")]
+    _refused(args, capsys, "takes exactly 16 tokens a run", "use --window 16, or export the model with a dynamic")
+    assert not (tmp_path / "o").exists()
