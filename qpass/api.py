@@ -45,10 +45,8 @@ class CompileResult:
         """Write ``out_dir`` all or nothing with the exporter ``format`` (``qpass``, ``mindie``, ``vllm-ascend``,
         ``onnx``; by default ``onnx`` for an ONNX input, else ``qpass``); ``dtype`` is the model dtype of formats
         that store one (``mindie``: float16, the default, or bfloat16)."""
-        frontend = self.report.get("model", {}).get("frontend", "torch.export")
-        name = format or registry.default_for(frontend)
-        options = {"dtype": dtype, "frontend": frontend}
-        registry.check(name, self.recipe.config, options)
+        options = {"dtype": dtype, "frontend": self.report.get("model", {}).get("frontend", "torch.export")}
+        name = registry.check(format, self.recipe.config, options)
         with atomic_output_dir(out_dir, force, self.compiled.inputs) as tmp:
             registry.get(name).write(self.compiled, tmp, options)
             registry.get(name).check(tmp)  # read back before it is moved into place
@@ -58,10 +56,7 @@ class CompileResult:
 def output_format(model, format: str | None, config: QuantConfig, dtype: str | None = None) -> str:
     """The exporter that writes what ``model`` compiles to: ``format``, or the default for its frontend; refused
     here, before any work, when that exporter cannot write ``config`` (its own rules, :func:`registry.check`)."""
-    frontend = frontends.name_of(model)
-    name = format or registry.default_for(frontend)
-    registry.check(name, config, {"dtype": dtype, "frontend": frontend})
-    return name
+    return registry.check(format, config, {"dtype": dtype, "frontend": frontends.name_of(model)})
 
 
 def open_model(
@@ -134,21 +129,20 @@ def compile(
     )
 
 
-def too_big(model, note: bool = True) -> bool:
+def too_big(model) -> bool:
     """Whether a whole-model run of ``model`` (a Hugging Face directory, or an ONNX model run whole in ONNX Runtime)
-    would not fit in the memory available (a note says so, unless not ``note``)."""
+    would not fit in the memory available; a note says so."""
     name = frontends.name_of(model)
     need = frontends.get(name).whole_model_memory(model)
     available = memory.available_memory()
     if need is None or need <= available:
         return False
-    if note:
-        how = "running it in ONNX Runtime" if name == "onnx" else "calibrating"
-        print(
-            f"qpass: MODEL {model}: a whole-model compile needs about {need / 2**30:.1f} GiB and "
-            f"{available / 2**30:.1f} GiB is available; {how} one decoder layer at a time (--layerwise)",
-            file=sys.stderr,
-        )
+    how = "running it in ONNX Runtime" if name == "onnx" else "calibrating"
+    print(
+        f"qpass: MODEL {model}: a whole-model compile needs about {need / 2**30:.1f} GiB and "
+        f"{available / 2**30:.1f} GiB is available; {how} one decoder layer at a time (--layerwise)",
+        file=sys.stderr,
+    )
     return True
 
 

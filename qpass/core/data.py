@@ -66,6 +66,16 @@ def read_text(path: str | Path, flag: str = "--eval") -> str:
     return text
 
 
+def check_window(window: int, positions, model, source: str = "max_position_embeddings") -> None:
+    """Refuse, before any run, a ``--window`` longer than the ``positions`` the model learnt (``source`` says where
+    the model gives them); None or no number: nothing to check."""
+    if isinstance(positions, int) and window > positions:
+        raise QpassError(
+            f"--window {window}: longer than the {positions} positions of MODEL {model} ({source}); "
+            f"use --window {positions} or less"
+        )
+
+
 def token_windows(
     tokenizer,
     texts: list[str],

@@ -38,4 +38,9 @@ class Exporter:
     frontend: str  # the frontend that runs what it reads back ("torch.export" or "onnx")
 
 
-__all__ = ["Compiled", "Exporter", "Loaded"]
+def first_refusal(rules) -> str | None:
+    """The message of the first ``(message, broken)`` rule that is broken, or None: how a format lists its refusals."""
+    return next((why for why, broken in rules if broken), None)
+
+
+__all__ = ["Compiled", "Exporter", "Loaded", "first_refusal"]

@@ -22,6 +22,7 @@ from qpass.core.errors import QpassError
 from qpass.core.naming import LM_HEAD, layer_of
 from qpass.core.recipe import Recipe
 from qpass.core.smoothing import apply_smoothing
+from qpass.exporters.base import first_refusal
 from qpass.exporters.mindie_format import (
     C8,
     C8_PROJECTIONS,
@@ -46,53 +47,47 @@ def refusal(config, options: dict, target: str = "mindie") -> str | None:
     """What ``target``'s loader cannot run under the policy ``config`` with ``options`` (``dtype``, the input's
     ``frontend``), in one line with the way out; None when it can."""
     dtype = options.get("dtype") or "float16"
-    return next(
+    return first_refusal(
         (
-            why
-            for why, bad in (
-                (
-                    f"--format {target}: the MindIE weight directory has the targets {', '.join(TARGETS)}",
-                    target not in TARGETS,
-                ),
-                (
-                    f"--format {target}: an ONNX input is written as ONNX (its weights stay in its graph); "
-                    "drop --format, or compile the PyTorch model for this format",
-                    options.get("frontend") == "onnx",
-                ),
-                (
-                    f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; "
-                    "choose one of those",
-                    dtype not in MODEL_DTYPES,
-                ),
-                (
-                    f"--format {target} with --kv-int8 dynamic: the MindIE weight format holds only a static int8 "
-                    "KV cache (C8, per-channel scales calibrated ahead), not scales computed per token as the cache "
-                    "is written; compile with --kv-int8 (static), or write --format qpass",
-                    config.kv_cache == "dynamic",
-                ),
-                (
-                    "--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
-                    "on MLA models, and never together with C8; drop --fa-quant, or write --format mindie",
-                    target == "vllm-ascend" and config.fa_quant,
-                ),
-                (
-                    "--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its "
-                    "scale only, so C8 must be symmetric; add --symmetric",
-                    target == "vllm-ascend" and config.kv_cache == "static" and not config.symmetric,
-                ),
-                (
-                    "--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights "
-                    "only; use --dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)",
-                    dtype == "bfloat16" and config.kv_cache == "static",
-                ),
-                (
-                    f"--format {target}: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)",
-                    not config.w8a8,
-                ),
-            )
-            if bad
-        ),
-        None,
+            (
+                f"--format {target}: the MindIE weight directory has the targets {', '.join(TARGETS)}",
+                target not in TARGETS,
+            ),
+            (
+                f"--format {target}: an ONNX input is written as ONNX (its weights stay in its graph); "
+                "drop --format, or compile the PyTorch model for this format",
+                options.get("frontend") == "onnx",
+            ),
+            (
+                f"--dtype {dtype}: the MindIE format stores {' or '.join(MODEL_DTYPES)} models; choose one of those",
+                dtype not in MODEL_DTYPES,
+            ),
+            (
+                f"--format {target} with --kv-int8 dynamic: the MindIE weight format holds only a static int8 "
+                "KV cache (C8, per-channel scales calibrated ahead), not scales computed per token as the cache "
+                "is written; compile with --kv-int8 (static), or write --format qpass",
+                config.kv_cache == "dynamic",
+            ),
+            (
+                "--format vllm-ascend with --fa-quant: vllm-ascend loads attention quantization only as FAKQuant "
+                "on MLA models, and never together with C8; drop --fa-quant, or write --format mindie",
+                target == "vllm-ascend" and config.fa_quant,
+            ),
+            (
+                "--format vllm-ascend with --kv-int8: vllm-ascend's decode dequantizes the int8 cache with its "
+                "scale only, so C8 must be symmetric; add --symmetric",
+                target == "vllm-ascend" and config.kv_cache == "static" and not config.symmetric,
+            ),
+            (
+                "--dtype bfloat16 with --kv-int8: MindIE's C8 (int8 KV cache) is documented for float16 weights "
+                "only; use --dtype float16, or drop --kv-int8 (FAQuant keeps the cache int8 in bfloat16 too)",
+                dtype == "bfloat16" and config.kv_cache == "static",
+            ),
+            (
+                f"--format {target}: the MindIE format is W8A8; add --w8a8 (or a --recipe calibrated with it)",
+                not config.w8a8,
+            ),
+        )
     )
 
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from qpass.core import report as reporting
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
-from qpass.exporters.base import Compiled, Loaded
+from qpass.exporters.base import Compiled, Loaded, first_refusal
 from qpass.models.loaders import load_tokenizer
 from qpass.ort.stages import run_stages, split
 from qpass.passes.onnx.base import SITES_METADATA
@@ -30,28 +30,23 @@ FILES = "model.onnx, recipe/, tokenizer files, report.json, report.txt, report.p
 
 def refusal(config, options: dict) -> str | None:
     """What an ONNX output cannot carry under ``config`` with ``options`` (``dtype``, the input's ``frontend``)."""
-    return next(
+    return first_refusal(
         (
-            why
-            for why, bad in (
-                (
-                    "--format onnx: qpass rewrites ONNX models it is given; export the model to ONNX "
-                    "(torch.onnx.export or onnxruntime-genai's builder) and compile that",
-                    options.get("frontend") not in (None, "onnx"),
-                ),
-                (
-                    f"--dtype {options.get('dtype')}: an ONNX model keeps its own dtype; drop --dtype",
-                    options.get("dtype"),
-                ),
-                (
-                    "--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; "
-                    "use --kv-int8 (static, per channel)",
-                    config.kv_cache == "dynamic",
-                ),
-            )
-            if bad
-        ),
-        None,
+            (
+                "--format onnx: qpass rewrites ONNX models it is given; export the model to ONNX "
+                "(torch.onnx.export or onnxruntime-genai's builder) and compile that",
+                options.get("frontend") not in (None, "onnx"),
+            ),
+            (
+                f"--dtype {options.get('dtype')}: an ONNX model keeps its own dtype; drop --dtype",
+                options.get("dtype"),
+            ),
+            (
+                "--kv-int8 dynamic: qpass writes no per-token int8 cache form in ONNX; "
+                "use --kv-int8 (static, per channel)",
+                config.kv_cache == "dynamic",
+            ),
+        )
     )
 
 

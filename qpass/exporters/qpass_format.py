@@ -17,7 +17,7 @@ import torch
 from qpass.core import report as reporting
 from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
-from qpass.exporters.base import Compiled, Loaded
+from qpass.exporters.base import Compiled, Loaded, first_refusal
 from qpass.models.loaders import load_tokenizer
 
 PROGRAM_FILE = "program.pt2"
@@ -29,24 +29,18 @@ FILES = "program.pt2, decoder.pt2, recipe/, tokenizer/, report.json, report.txt,
 
 def refusal(config, options: dict) -> str | None:
     """What qpass's directory cannot hold with ``options`` (``dtype``, the input's ``frontend``); any policy it can."""
-    return next(
+    return first_refusal(
         (
-            why
-            for why, bad in (
-                (
-                    "--format qpass: an ONNX input is written as ONNX (its weights stay in its graph); "
-                    "drop --format, or compile the PyTorch model for this format",
-                    options.get("frontend") == "onnx",
-                ),
-                (
-                    f"--dtype {options.get('dtype')}: only --format mindie / vllm-ascend have a model dtype; "
-                    "drop --dtype",
-                    options.get("dtype"),
-                ),
-            )
-            if bad
-        ),
-        None,
+            (
+                "--format qpass: an ONNX input is written as ONNX (its weights stay in its graph); "
+                "drop --format, or compile the PyTorch model for this format",
+                options.get("frontend") == "onnx",
+            ),
+            (
+                f"--dtype {options.get('dtype')}: only --format mindie / vllm-ascend have a model dtype; drop --dtype",
+                options.get("dtype"),
+            ),
+        )
     )
 
 

@@ -81,12 +81,14 @@ def default_for(frontend: str) -> str:
     return "onnx" if frontend == "onnx" else "qpass"
 
 
-def check(name: str, config, options: dict) -> None:
-    """Refuse, before any work, what exporter ``name`` cannot write under the policy ``config`` with ``options``
-    (``dtype``, the input's ``frontend``): one line with the way out."""
+def check(name: str | None, config, options: dict) -> str:
+    """The exporter ``name`` (None: the default for ``options["frontend"]``), refused before any work when it cannot
+    write the policy ``config`` with ``options`` (``dtype``, the input's ``frontend``): one line with the way out."""
+    name = name or default_for(options["frontend"])
     why = get(name).refusal(config, options)
     if why:
         raise QpassError(why)
+    return name
 
 
 def detect(path: str | Path) -> Exporter:

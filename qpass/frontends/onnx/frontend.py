@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from qpass.core.data import check_window
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batches, window_nll
 from qpass.core.frontend import Logits
@@ -57,11 +58,7 @@ class OnnxFrontend:
                 f"fixed); use --window {length}, or export the model with a dynamic sequence axis"
             )
         positions = (self.genai_config or {}).get("model", {}).get("context_length")
-        if positions is not None and window > positions:  # before a run over positions it never learnt
-            raise QpassError(
-                f"--window {window}: longer than the {positions} positions of MODEL {path} (genai_config.json "
-                f"model.context_length); use --window {positions} or less"
-            )
+        check_window(window, positions, path, "genai_config.json model.context_length")
         self.site_docs = [site_doc(site, cache) for site, cache in self.found]
 
     @classmethod

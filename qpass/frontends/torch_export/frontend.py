@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
+from qpass.core.data import check_window
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batches, window_nll
 from qpass.core.frontend import Logits
@@ -34,11 +35,7 @@ class TorchExportFrontend:
 
     def __init__(self, loaded: LoadedModel, window: int):
         positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
-        if isinstance(positions, int) and window > positions:  # before a capture over positions it never learnt
-            raise QpassError(
-                f"--window {window}: longer than the {positions} positions of MODEL {loaded.name} "
-                f"(max_position_embeddings); use --window {positions} or less"
-            )
+        check_window(window, positions, loaded.name)  # before a capture over positions it never learnt
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.name, self.source = loaded.name, loaded.source
         self.program = capture(loaded.model, window)

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
+from qpass.core.data import check_window
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import batch_nll
 from qpass.core.memory import hidden_budget, trim_heap
@@ -291,12 +292,7 @@ class LayerwiseFrontend:
             ) from None
         self.tokenizer = load_tokenizer(path, f"MODEL {path}", "check the tokenizer files")
         check_vocabulary(f"MODEL {path}", self.tokenizer, getattr(self.config, "vocab_size", None))
-        positions = getattr(self.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and window > positions:
-            raise QpassError(
-                f"--window {window}: longer than the {positions} positions of MODEL {path.name} "
-                f"(max_position_embeddings); use --window {positions} or less"
-            )
+        check_window(window, getattr(self.config, "max_position_embeddings", None), path.name)
         self.path, self.window, self.hidden_budget = path, window, hidden_budget
         self.name, self.source = path.name, str(path)
         self.checkpoint = Checkpoint(path)
