@@ -9,4 +9,5 @@ NAMES = (
     "mindie",
     "vllm-ascend",
     "onnx",
+    "vllm",
 )  # the registry's exporters, here so that the CLI's parser needs no torch

@@ -81,7 +81,7 @@ def load(
         del types[LM_HEAD]  # vllm-ascend asks for the LM head's type even when it is the embedding
     _check_types(d, tensors, types)
     check = _Checker(d, tensors, types, model_dtype)
-    config, model = _build(d, config_json, compute_dtype, build)
+    config, model = build_model(d, config_json, compute_dtype, build)
     model_type = config.model_type
     w8a8, extra = _w8a8_linears(d, model, types, check, build)
     floats, checked = {}, set()  # checked: the float tensors read (and kept in floats when building)
@@ -163,7 +163,7 @@ def _check_types(d: Path, tensors, types: dict[str, str]) -> None:
             )
 
 
-def _build(d: Path, config_json: dict, compute_dtype: torch.dtype, build: bool):
+def build_model(d: Path, config_json: dict, compute_dtype: torch.dtype, build: bool):
     """``(config, model)``: the Hugging Face causal LM ``config.json`` describes, of a built-in architecture only, in
     ``compute_dtype`` (on the meta device unless ``build``), in eval mode."""
     from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
@@ -431,7 +431,7 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     suffix = ".fa_q.scale" if fa else f".{C8_PROJECTIONS['kv_k']}.kv_cache_scale"
-    prefixes = sorted((n.removesuffix(suffix) for n in check.tensors if n.endswith(suffix)), key=_natural)
+    prefixes = sorted((n.removesuffix(suffix) for n in check.tensors if n.endswith(suffix)), key=natural)
     if len(prefixes) != config.num_hidden_layers:
         raise QpassError(
             f"{check.d}: {len(prefixes)} tensors named *{suffix} for a config of {config.num_hidden_layers} "
@@ -479,7 +479,7 @@ def _recipe(config, check: _Checker, fa: bool, c8: bool) -> tuple[Recipe | None,
     return Recipe(QuantConfig(fa_quant=fa, kv_cache="static" if c8 else None), sites, tensors), used
 
 
-def _natural(path: str) -> list:
+def natural(path: str) -> list:
     """Sort key: ``model.layers.10`` after ``model.layers.9``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 

@@ -20,6 +20,7 @@ def _exporters() -> dict[str, Exporter]:
         mindie_write,
         onnx_format,
         qpass_format,
+        vllm_format,
     )  # they import torch: on first use
 
     exporters = {
@@ -63,6 +64,17 @@ def _exporters() -> dict[str, Exporter]:
             onnx_format.FILES,
             onnx_format.refusal,
             "onnx",
+        ),
+        # a Hugging Face-style directory that vLLM serves (with qpass's plugin when attention is quantized)
+        "vllm": Exporter(
+            "vllm",
+            vllm_format.write,
+            vllm_format.detect,
+            vllm_format.load,
+            vllm_format.check,
+            vllm_format.FILES,
+            vllm_format.refusal,
+            "torch.export",
         ),
     }
     assert tuple(exporters) == NAMES, "qpass.exporters.NAMES lists the registry's exporters"

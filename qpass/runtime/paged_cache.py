@@ -182,7 +182,7 @@ def reshape_and_cache_int8(
     ``q = clamp(round(x / scale) + offset, -128, 127)``.
     """
     check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, k_offset, v_scale, v_offset)
-    num_slots = _check_slots(slot_mapping, key_cache)
+    _check_slots(slot_mapping, key_cache)
     if key.device.type == "npu":
         import torch_npu
 
@@ -196,8 +196,9 @@ def reshape_and_cache_int8(
     slots = slot_mapping[keep]
     key_q = quantize_int8(key[keep], k_scale, k_offset)
     value_q = quantize_int8(value[keep], v_scale, v_offset)
-    key_cache.view(num_slots, *key_cache.shape[2:])[slots] = key_q
-    value_cache.view(num_slots, *value_cache.shape[2:])[slots] = value_q
+    blocks, offsets = slots // key_cache.shape[1], slots % key_cache.shape[1]  # any strides: vLLM's are not dense
+    key_cache[blocks, offsets] = key_q
+    value_cache[blocks, offsets] = value_q
 
 
 @reshape_and_cache_int8.register_fake

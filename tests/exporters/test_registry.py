@@ -24,6 +24,11 @@ RULES = [  # (format, policy, options, words of the refusal); None: written
     ("vllm-ascend", dict(w8a8=True, kv_cache="static", symmetric=True), TORCH, None),
     ("vllm-ascend", dict(w8a8=True, fa_quant=True), TORCH, "only as FAKQuant"),
     ("vllm-ascend", dict(w8a8=True, kv_cache="static"), TORCH, "C8 must be symmetric"),
+    ("vllm", dict(fa_quant=True, kv_cache="static"), TORCH, None),
+    ("vllm", dict(w8a8=True), {**TORCH, "dtype": "bfloat16"}, None),
+    ("vllm", dict(kv_cache="static"), ONNX, "an ONNX input is written as ONNX"),
+    ("vllm", dict(kv_cache="static"), {**TORCH, "dtype": "int8"}, "--dtype int8"),
+    ("vllm", dict(kv_cache="dynamic"), TORCH, "static int8 cache (C8) and FAQuant so far"),
 ]
 
 

@@ -1,0 +1,409 @@
+"""``--format vllm``: a Hugging Face-style directory that vLLM serves (``vllm serve DIR``), and that qpass reads back.
+
+    config.json              the model's config with a ``quantization_config`` (below) and ``torch_dtype``
+    model.safetensors        the weights: float, or W8A8 in compressed-tensors' form; the attention grids
+    generation_config.json   the model's generation defaults
+    tokenizer files          the model's tokenizer
+    report.json / .txt / .png
+
+``quantization_config``:
+
+- W8A8 alone: compressed-tensors' own (``quant_method: compressed-tensors``, ``format: int-quantized``): int8
+  weights per output channel (``weight`` int8 ``[out, in]``, ``weight_scale`` float32 ``[out, 1]``), static int8
+  activations per tensor with a zero point (``input_scale`` float32 ``[1]``, ``input_zero_point`` int8 ``[1]``),
+  the float Linears and ``lm_head`` in ``ignore``. Smoothing is folded into the weights and norms, so stock vLLM
+  loads it with no plugin.
+- attention quantization (C8 static, FAQuant): ``{"quant_method": "qpass", "format_version": 1, "kv_cache":
+  "static" | null, "fa_quant": bool, "symmetric": bool, "linear": <the compressed-tensors dict above> | null}``,
+  which qpass's vLLM plugin (:mod:`qpass.vllm`) registers. Each attention layer's grids are float32 tensors beside
+  its weights, at vLLM's attention module ``<attention>.attn`` (for example ``model.layers.0.self_attn.attn``):
+  ``qpass_c8_key_scale`` / ``_offset`` and ``qpass_c8_value_scale`` / ``_offset`` ``[kv_heads * head_dim]``
+  (C8); ``qpass_fa_query_*`` ``[heads * head_dim]``, ``qpass_fa_key_*`` and ``qpass_fa_value_*``
+  ``[kv_heads * head_dim]`` (FAQuant), flat and head-major so that each tensor-parallel rank loads its heads'
+  rows. ``x ~= (code - offset) * scale``, ``code = clamp(round(x / scale) + offset, -128, 127)``.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qpass.core.config import QuantConfig
+from qpass.core.errors import QpassError
+from qpass.core.naming import LM_HEAD
+from qpass.core.recipe import Recipe, SiteGeometry, site_key
+from qpass.core.smoothing import apply_smoothing
+from qpass.exporters.base import Loaded, first_refusal
+from qpass.exporters.mindie_load import build_model, natural
+from qpass.exporters.mindie_write import fused_floats
+from qpass.models.loaders import load_tokenizer
+from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights, w8a8_weights
+
+QUANT_METHOD = "qpass"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, GENERATION_FILE = "config.json", "model.safetensors", "generation_config.json"
+MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FILES = "config.json, model.safetensors, generation_config.json, tokenizer, report.json, report.txt, report.png"
+# recipe kind -> (checkpoint name, the heads it has: q or kv)
+GRIDS = {
+    "kv_k": ("qpass_c8_key", "kv"),
+    "kv_v": ("qpass_c8_value", "kv"),
+    "fa_q": ("qpass_fa_query", "q"),
+    "fa_k": ("qpass_fa_key", "kv"),
+    "fa_v": ("qpass_fa_value", "kv"),
+}
+W8A8_TENSORS = ("weight", "weight_scale", "input_scale", "input_zero_point")
+
+
+def refusal(config, options: dict) -> str | None:
+    """What a vLLM directory cannot hold under the policy ``config`` with ``options``, in one line with the way out."""
+    dtype = options.get("dtype") or "float32"
+    return first_refusal(
+        (
+            (
+                "--format vllm: an ONNX input is written as ONNX (its weights stay in its graph); drop --format, "
+                "or compile the PyTorch model for this format",
+                options.get("frontend") == "onnx",
+            ),
+            (
+                f"--dtype {dtype}: --format vllm stores {', '.join(MODEL_DTYPES)} weights; choose one of those",
+                dtype not in MODEL_DTYPES,
+            ),
+            (
+                "--format vllm with --kv-int8 dynamic: qpass's vLLM backend runs the static int8 cache (C8) and "
+                "FAQuant so far; compile with --kv-int8 (static), or write --format qpass",
+                config.kv_cache == "dynamic",
+            ),
+        )
+    )
+
+
+def quantization_config(recipe: Recipe, linear: dict | None) -> dict:
+    """The ``quantization_config`` of a directory with ``recipe``'s policy and the compressed-tensors ``linear``."""
+    c = recipe.config
+    if not (c.fa_quant or c.kv_cache):
+        return linear
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "kv_cache": c.kv_cache,
+        "fa_quant": bool(c.fa_quant),
+        "symmetric": bool(c.symmetric),
+        "linear": linear,
+    }
+
+
+def check_quantization_config(doc) -> str | None:
+    """What is wrong with a ``qpass`` ``quantization_config`` (one line with the way out), or None."""
+    if not isinstance(doc, dict):
+        return "quantization_config is not a JSON object; recompile the directory with qpass --format vllm"
+    version = doc.get("format_version")
+    return first_refusal(
+        (
+            (
+                f"quantization_config format_version {version!r}: this qpass reads version {FORMAT_VERSION}; "
+                "recompile the directory with this qpass, or install the qpass that wrote it",
+                version != FORMAT_VERSION,
+            ),
+            (
+                f'quantization_config kv_cache {doc.get("kv_cache")!r}: qpass\'s vLLM backend runs "static" or null',
+                doc.get("kv_cache") not in ("static", None),
+            ),
+            (
+                f"quantization_config fa_quant {doc.get('fa_quant')!r}: it must be true or false",
+                not isinstance(doc.get("fa_quant"), bool),
+            ),
+            (
+                "quantization_config quantizes no attention (kv_cache null, fa_quant false); a W8A8-only directory "
+                "carries compressed-tensors' config instead: recompile it",
+                doc.get("kv_cache") is None and not doc.get("fa_quant"),
+            ),
+            (
+                "quantization_config linear is neither null nor a compressed-tensors config; recompile the directory",
+                doc.get("linear") is not None
+                and not (isinstance(doc["linear"], dict) and doc["linear"].get("quant_method") == "compressed-tensors"),
+            ),
+        )
+    )
+
+
+def attention_tensors(doc: dict) -> dict[str, str]:
+    """The attention layer's checkpoint tensors under ``doc`` (a ``qpass`` quantization_config): name -> "q"/"kv"."""
+    kinds = (["kv_k", "kv_v"] if doc.get("kv_cache") == "static" else []) + (
+        ["fa_q", "fa_k", "fa_v"] if doc.get("fa_quant") else []
+    )
+    return {f"{GRIDS[k][0]}_{part}": GRIDS[k][1] for k in kinds for part in ("scale", "offset")}
+
+
+def _linear_config(linears: list[str], floats: list[str]) -> dict | None:
+    """compressed-tensors' config for W8A8 ``linears`` (static asymmetric per-tensor activations, symmetric
+    per-channel weights), with ``floats`` and ``lm_head`` ignored."""
+    if not linears:
+        return None
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "int",
+                    "symmetric": False,
+                    "strategy": "tensor",
+                    "dynamic": False,
+                },
+            }
+        },
+        "ignore": sorted({LM_HEAD.removesuffix(".weight"), *floats}),
+    }
+
+
+def write(compiled, directory: Path, options: dict) -> None:
+    """The directory of the module docstring from a :class:`Compiled` (smoothing folded into the float weights)."""
+    from qpass.core import report as reporting
+
+    why = refusal(compiled.recipe.config, options)
+    if why:
+        raise QpassError(why)
+    dtype_name = options.get("dtype") or "float32"
+    dtype, recipe = MODEL_DTYPES[dtype_name], compiled.recipe
+    state = apply_smoothing(dict(compiled.state_dict.items()), recipe.smoothing, recipe.tensors)
+    demoted = fused_floats(recipe)  # vLLM fuses q/k/v and gate/up: one scheme per fused Linear
+    linears = [p for p in recipe.w8a8_linears() if p not in demoted]
+    all_linears = {k.removesuffix(".weight") for k in state if k.endswith(".weight") and state[k].dim() == 2}
+    floats = sorted((all_linears - set(linears)) - {LM_HEAD.removesuffix(".weight")}) if linears else []
+    tensors = {}
+    for key, value in state.items():
+        if key.removesuffix(".weight") in linears or key.removesuffix(".bias") in linears and key.endswith(".bias"):
+            continue
+        tied = compiled.config_json.get("tie_word_embeddings") and key == LM_HEAD
+        if not tied:
+            tensors[key] = value.detach().to(dtype)
+    for p in linears:
+        tensors.update(_w8a8_tensors(p, state, *recipe.linear(p), dtype))
+    for site in recipe.sites:
+        for kind, (name, _) in GRIDS.items():
+            if site_key(site.layer, kind, "scale") in recipe.tensors:
+                scale, offset = recipe.get(site.layer, kind)
+                tensors[f"{site.prefix}.attn.{name}_scale"] = scale.float().reshape(-1).contiguous()
+                tensors[f"{site.prefix}.attn.{name}_offset"] = offset.float().reshape(-1).contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(directory / WEIGHTS_FILE), {"format": "pt"})
+    config = dict(compiled.config_json)
+    config["torch_dtype"] = dtype_name
+    config.pop("dtype", None)
+    qc = quantization_config(recipe, _linear_config(linears, floats))
+    if qc is None:
+        config.pop("quantization_config", None)
+    else:
+        config["quantization_config"] = qc
+    if compiled.tokenizer is not None:
+        compiled.tokenizer.save_pretrained(str(directory))
+    _write_json(directory / CONFIG_FILE, config)  # after the tokenizer, which may write a config.json of its own
+    _write_json(directory / GENERATION_FILE, _generation_config(compiled.config_json))
+    export = {"format": "vllm", "dtype": dtype_name, "float_for_fusion": demoted}
+    reporting.write({**compiled.report, "export": export}, directory)
+
+
+def _w8a8_tensors(p: str, state: dict, input_scale, input_offset, dtype) -> dict[str, torch.Tensor]:
+    if f"{p}.weight" not in state:
+        raise QpassError(
+            f"recipe names W8A8 Linear {p}, but the model has no {p}.weight; use a recipe calibrated for this model"
+        )
+    scale, offset = input_scale.reshape(-1)[:1].float(), torch.round(input_offset.reshape(-1)[:1].float())
+    w = w8a8_weights(state[f"{p}.weight"], None, scale.item(), offset.item())
+    out = {
+        f"{p}.weight": w.weight,
+        f"{p}.weight_scale": w.weight_scale.reshape(-1, 1).float(),
+        f"{p}.input_scale": scale,
+        f"{p}.input_zero_point": offset.to(torch.int8),
+    }
+    if state.get(f"{p}.bias") is not None:
+        out[f"{p}.bias"] = state[f"{p}.bias"].detach().to(dtype)
+    return out
+
+
+def _generation_config(config_json: dict) -> dict:
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: config_json[k] for k in keys if config_json.get(k) is not None}
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def detect(path: Path) -> bool:
+    """A directory whose config.json names qpass's or compressed-tensors' quantization beside model.safetensors."""
+    path = Path(path)
+    if not ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        qc = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("quantization_config")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") in (QUANT_METHOD, "compressed-tensors")
+
+
+def load(path: Path, purpose: str = "eval", build: bool = True) -> Loaded:
+    """The Hugging Face model of a vLLM directory (W8A8 Linears as :class:`W8A8Linear`, computing in float32) with
+    the recipe of its attention grids, for ``qpass eval`` / ``qpass run``; ``purpose`` does not change what is read.
+    Every tensor is checked against the config (``build=False`` checks without keeping them)."""
+    d = Path(path)
+    config_json = _read_config(d)
+    qc = config_json["quantization_config"]
+    if qc.get("quant_method") == QUANT_METHOD:
+        why = check_quantization_config(qc)
+        if why:
+            raise QpassError(f"{d}: {why}")
+        attention, linear = qc, qc.get("linear")
+    else:
+        attention, linear = {"kv_cache": None, "fa_quant": False}, qc
+    try:
+        reader = safe_open(str(d / WEIGHTS_FILE), framework="pt")
+        names = set(reader.keys())
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise QpassError(f"{d}: cannot read {WEIGHTS_FILE} ({err}); recompile the directory") from None
+    config, model = build_model(d, config_json, torch.float32, build)
+    w8a8 = sorted(n.removesuffix(".input_zero_point") for n in names if n.endswith(".input_zero_point"))
+    if w8a8 and linear is None:
+        raise QpassError(f"{d}: {WEIGHTS_FILE} holds W8A8 Linears but config.json no compressed-tensors config")
+    used = set()
+    for p in w8a8:
+        weights = _read_w8a8(d, reader, p, model)
+        used |= {f"{p}.{s}" for s in (*W8A8_TENSORS, "bias")}
+        if build:
+            parent, _, child = p.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, W8A8Linear(weights))
+    floats, tied = {}, bool(config_json.get("tie_word_embeddings"))
+    for key, param in model.state_dict().items():
+        if key.rpartition(".")[0] in w8a8:
+            continue  # a W8A8 Linear: its tensors were read above
+        if tied and key == LM_HEAD:
+            continue
+        if key not in names:
+            raise QpassError(f"{d}: {WEIGHTS_FILE} has no tensor {key}; recompile the directory")
+        t = reader.get_tensor(key)
+        if tuple(t.shape) != tuple(param.shape) or not t.is_floating_point():
+            raise QpassError(
+                f"{d}: tensor {key} is {t.dtype} {list(t.shape)}, expected float {list(param.shape)}; recompile"
+            )
+        used.add(key)
+        if build:
+            floats[key] = t.float()
+    if build:
+        model.load_state_dict(floats, strict=False)
+        if tied:
+            model.tie_weights()
+    recipe = _recipe(d, reader, names, config, attention)
+    used |= {n for n in names if ".attn.qpass_" in n}
+    unknown = sorted(names - used)
+    if unknown:
+        raise QpassError(f"{d}: tensor {unknown[0]} is not a parameter of this model ({len(unknown)} such); recompile")
+    tokenizer = load_tokenizer(d, str(d), "recompile the directory (it writes the tokenizer)") if build else None
+    info = {"format": "vllm", "w8a8_linears": len(w8a8), "fa_quant": attention["fa_quant"]}
+    info["kv_cache"] = attention["kv_cache"]
+    return Loaded("vllm", tokenizer, recipe, model=model if build else None, info=info)
+
+
+def check(directory: Path) -> None:
+    """Re-read a directory just written: its config, every tensor's name, dtype and shape, every grid; the
+    tokenizer."""
+    load(directory, build=False)
+    load_tokenizer(Path(directory), str(directory), "recompile the directory")
+
+
+def _read_config(d: Path) -> dict:
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / f).is_file():
+            raise QpassError(f"{d}: no {f}; a vLLM directory written by qpass has {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        doc = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QpassError(f"{d}: {CONFIG_FILE} is not valid JSON ({err}); recompile the directory") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("quantization_config"), dict):
+        raise QpassError(f"{d}: {CONFIG_FILE} has no quantization_config; give a directory qpass wrote")
+    return doc
+
+
+def _read_w8a8(d: Path, reader, p: str, model) -> W8A8Weights:
+    try:
+        module = model.get_submodule(p)
+    except AttributeError:
+        module = None
+    if not isinstance(module, torch.nn.Linear):
+        raise QpassError(f"{d}: {p} holds W8A8 tensors but is not a Linear of this model; recompile the directory")
+    n, k = module.out_features, module.in_features
+    want = {
+        "weight": (torch.int8, (n, k)),
+        "weight_scale": (torch.float32, (n, 1)),
+        "input_scale": (torch.float32, (1,)),
+        "input_zero_point": (torch.int8, (1,)),
+    }
+    t = {}
+    for suffix, (dtype, shape) in want.items():
+        name = f"{p}.{suffix}"
+        try:
+            t[suffix] = reader.get_tensor(name)
+        except Exception:  # safetensors' own error for a missing name
+            raise QpassError(f"{d}: missing tensor {name}; recompile the directory") from None
+        if t[suffix].dtype != dtype or tuple(t[suffix].shape) != shape:
+            raise QpassError(
+                f"{d}: tensor {name} is {t[suffix].dtype} {list(t[suffix].shape)}, expected {dtype} {list(shape)}"
+            )
+    w_scale, in_scale = t["weight_scale"].reshape(n), t["input_scale"]
+    for name, s in ((f"{p}.weight_scale", w_scale), (f"{p}.input_scale", in_scale)):
+        if not (torch.isfinite(s).all() and (s > 0).all()):
+            raise QpassError(f"{d}: tensor {name} has a value that is not a positive finite number; recalibrate")
+    bias = None
+    if module.bias is not None:
+        bias = reader.get_tensor(f"{p}.bias").float()
+    zp = t["input_zero_point"].float()
+    b = torch.zeros(n) if bias is None else bias.double()
+    deq = (in_scale * w_scale).float()
+    correction = t["weight"].to(torch.int64).sum(dim=1).double() * zp.double()
+    quant_bias = torch.round(b / deq.double() - correction).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    return W8A8Weights(t["weight"], w_scale, in_scale, zp, deq, quant_bias)
+
+
+def _recipe(d: Path, reader, names: set, config, attention: dict) -> Recipe | None:
+    """The recipe of the directory's attention grids (None without attention quantization), one site per layer."""
+    kinds = (["kv_k", "kv_v"] if attention["kv_cache"] == "static" else []) + (
+        ["fa_q", "fa_k", "fa_v"] if attention["fa_quant"] else []
+    )
+    if not kinds:
+        return None
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    first = f".attn.{GRIDS[kinds[0]][0]}_scale"
+    prefixes = sorted((n.removesuffix(first) for n in names if n.endswith(first)), key=natural)
+    if len(prefixes) != config.num_hidden_layers:
+        raise QpassError(
+            f"{d}: {len(prefixes)} tensors named *{first} for {config.num_hidden_layers} layers; each attention "
+            "needs its grids: recompile the directory"
+        )
+    tensors = {}
+    for i, a in enumerate(prefixes):
+        for kind in kinds:
+            name, which = GRIDS[kind]
+            h = heads if which == "q" else kv_heads
+            for part in ("scale", "offset"):
+                key = f"{a}.attn.{name}_{part}"
+                if key not in names:
+                    raise QpassError(f"{d}: missing tensor {key}; recompile the directory")
+                t = reader.get_tensor(key)
+                if t.dtype != torch.float32 or tuple(t.shape) != (h * head_dim,) or not torch.isfinite(t).all():
+                    raise QpassError(
+                        f"{d}: tensor {key} is {t.dtype} {list(t.shape)}; expected finite float32 [{h * head_dim}]"
+                    )
+                if part == "scale" and not (t > 0).all():
+                    raise QpassError(f"{d}: tensor {key} has a scale that is not positive; recalibrate")
+                tensors[site_key(i, kind, part)] = t.reshape(h, head_dim) if kind.startswith("fa") else t
+    sites = [SiteGeometry(i, heads, kv_heads, head_dim, a) for i, a in enumerate(prefixes)]
+    config_ = QuantConfig(fa_quant=attention["fa_quant"], kv_cache=attention["kv_cache"])
+    return Recipe(config_, sites, tensors)
