@@ -18,7 +18,7 @@ from qpass.core import memory, saturation
 from qpass.core import report as reporting
 from qpass.core.compile import Compiled, Texts, compile_model
 from qpass.core.config import MAX_COUNT, QuantConfig, RunSettings
-from qpass.core.data import read_samples, read_text, token_windows
+from qpass.core.data import check_texts_apart, read_samples, read_text, token_windows
 from qpass.core.errors import QpassError
 from qpass.core.output import atomic_output_dir
 from qpass.core.recipe import Recipe
@@ -108,6 +108,7 @@ def compile(
         recipe = Recipe.load(Path(recipe))
     if recipe is not None:
         config = recipe.config
+    check_texts_apart(calib, eval, recipe is not None)
     eval_text = None if eval is None else read_text(eval, "--eval")
     calib_texts = calib if calib is None or isinstance(calib, list) or recipe is not None else read_samples(calib)
     calib_name = "stdlib corpus" if calib is None else "texts" if isinstance(calib, list) else str(calib)
@@ -176,6 +177,7 @@ def evaluate_saved(
         "--eval",
         "give more text (the directory runs over the window it was compiled for)",
     )
+    opened_float = _open_float(out_dir, float_model, window)  # a bad --float refused before the quantized run
     loaded_s = time.perf_counter() - start
     start = time.perf_counter()
     nll, layerwise = frontend.saved_nll(loaded, out_dir, ids, run.batch_size, "eval quantized", counted)
@@ -191,7 +193,7 @@ def evaluate_saved(
     }
     if layerwise:
         result["layerwise"] = True
-    result["float"] = _float_perplexity(out_dir, float_model, ids, run.batch_size)
+    result["float"] = _float_perplexity(opened_float, ids, run.batch_size)
     if "ppl" in result["float"]:
         result["ppl_increase_pct"] = (result["ppl_quant"] / result["float"]["ppl"] - 1.0) * 100.0
     if counted:
@@ -203,9 +205,10 @@ def evaluate_saved(
     return result
 
 
-def _float_perplexity(out_dir: str | Path, model: str | Path | bool | None, ids, batch_size: int) -> dict:
-    """``{"model": ..., "ppl": ...}``: the float model's perplexity on ``ids`` as its own framework computes it, or
-    ``{"skipped": why}`` where there is no float model to run."""
+def _open_float(out_dir: str | Path, model: str | Path | bool | None, window: int):
+    """The float model to measure beside the quantized one, opened over ``window``: ``(name, frontend)``, or
+    ``{"skipped": why}`` where there is none. A ``model`` given by name that does not open is refused (before any
+    run); the one ``report.json`` names is skipped."""
     if model is False:
         return {"skipped": "not asked for"}
     named = model is not None
@@ -214,15 +217,23 @@ def _float_perplexity(out_dir: str | Path, model: str | Path | bool | None, ids,
         if not model or (model != "default" and not Path(model).exists()):
             return {"skipped": f"the model it was compiled from ({model or 'not recorded'}) is not here; give --float"}
     try:
-        frontend = open_model(str(model), ids.shape[1], layerwise=None)
+        return str(model), open_model(str(model), window, layerwise=None)
     except QpassError as err:  # the one the report names: the quantized figures stand without it
         if named:
             raise
         return {"skipped": f"{model} does not open ({err}); give --float"}
+
+
+def _float_perplexity(opened, ids, batch_size: int) -> dict:
+    """``{"model": ..., "ppl": ...}``: the float model's perplexity on ``ids`` as its own framework computes it, or
+    ``{"skipped": why}`` where there is no float model to run (``opened``: what :func:`_open_float` gave)."""
+    if isinstance(opened, dict):
+        return opened
+    model, frontend = opened
     ppl = frontend.reference_perplexity(ids, batch_size)  # None layer-wise: then the float program, layer by layer
     if ppl is None:
         ppl = math.exp(float(frontend.window_nll(None, ids, batch_size, "eval float").mean()))
-    return {"model": str(model), "ppl": ppl}
+    return {"model": model, "ppl": ppl}
 
 
 def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int], object]:
@@ -238,6 +249,8 @@ def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[lis
     tokenizer = loaded.tokenizer
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     prompt_ids = tokenizer(prompt)["input_ids"]
+    if not prompt_ids:
+        raise QpassError(f"--prompt {prompt!r}: the prompt has no tokens; give some text")
     return prompt_ids, frontends.get(exporter.frontend).generate(loaded, prompt_ids, max_new_tokens, eos), tokenizer
 
 

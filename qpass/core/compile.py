@@ -18,7 +18,7 @@ from qpass.core.calibrate import calibrate
 from qpass.core.config import QuantConfig, RunSettings
 from qpass.core.data import calibration_text_warning, token_windows
 from qpass.core.errors import QpassError
-from qpass.core.fallback import smoothing_hint
+from qpass.core.fallback import check_level, smoothing_hint
 from qpass.core.frontend import Frontend
 from qpass.core.recipe import CALIBRATED_WITH, Recipe, geometry
 from qpass.core.sites import AttentionSite
@@ -69,6 +69,8 @@ def compile_model(
     with _timed(timings, "capture"):
         sites = frontend.attention_sites()
     if recipe is None:
+        if config.w8a8:  # what the Linears and the windows cannot satisfy, refused before any calibration run
+            check_level(config.disable_level, len(frontend.linear_sites()), int(calib_ids.shape[0]))
         with _timed(timings, "calibrate"):
             recipe = calibrate(frontend, calib_ids, config, run.batch_size)
         recipe = recipe.replace(stats={**recipe.stats, CALIBRATED_WITH: {"window": run.window}})

@@ -182,6 +182,31 @@ class QuantConfig:
             raise ValueError(f"observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile={self.percentile} must be in (50, 100]")
+        self._check_applies()
+
+    def _check_applies(self) -> None:
+        """Refuse a setting other than its default where nothing reads it: it would be recorded in the recipe and
+        the report as if it had been applied."""
+        unused = (
+            (
+                "observer",
+                not self.observed_kinds,
+                "chooses the calibrated attention scales (--fa-quant, --kv-int8 static) and this policy has none",
+            ),
+            ("percentile", self.observer != "percentile", "applies to observer='percentile' (--observer percentile)"),
+            ("act_method", not self.w8a8, "applies to W8A8 (--w8a8)"),
+            ("alpha", self.anti_method not in ("m1", "m2"), "applies to anti_method m1 or m2 (--anti-method m1/m2)"),
+            (
+                "max_ppl_increase",
+                self.disable_level != "auto",
+                "applies to disable_level='auto' (--disable-level auto)",
+            ),
+        )
+        for name, unread, why in unused:
+            value = getattr(self, name)
+            if unread and value != _DEFAULTS[name]:
+                flag = name.replace("_", "-")
+                raise ValueError(f"{name}={value!r} {why}, so it would be ignored; drop --{flag}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +250,7 @@ class RunSettings:
 
 
 RUN_FIELDS = frozenset(f.name for f in fields(RunSettings))
+_DEFAULTS = {f.name: f.default for f in fields(QuantConfig)}
 
 
 def _check_types(settings) -> None:

@@ -6,6 +6,7 @@ BoolQ, or under ``text``) or plain text; evaluation files are plain text.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -64,6 +65,27 @@ def read_text(path: str | Path, flag: str = "--eval") -> str:
     if not text.strip():
         raise QpassError(f"{flag}: {path.name} is empty; give a file with text in it")
     return text
+
+
+def check_texts_apart(calib, eval, reusing_recipe: bool) -> None:
+    """Refuse calibration text that would be silently unread (``--calib`` beside ``--recipe``, which reuses a
+    calibration) and an evaluation file that is the calibration file (its perplexity would be measured on the text
+    the ranges were fitted to)."""
+    if reusing_recipe and calib is not None:
+        raise QpassError(
+            "--calib: --recipe reuses a calibration, so nothing would read this text; drop --calib, or drop --recipe "
+            "to calibrate on it"
+        )
+    if isinstance(calib, (str, Path)) and isinstance(eval, (str, Path)):
+        try:
+            same = os.path.samefile(calib, eval)  # through links, hard ones too
+        except OSError:  # one of them is missing: its reader says so
+            same = False
+        if same:
+            raise QpassError(
+                f"--eval {eval}: is the calibration file; evaluate on text not used for calibration (or drop --eval "
+                "to measure on held-out calibration windows)"
+            )
 
 
 def check_window(window: int, positions, model, source: str = "max_position_embeddings") -> None:

@@ -34,6 +34,20 @@ STRICT_Z = 2 * UPPER_Z  # the bound within the float share: twice the 95% margin
 FALLBACK_SHARE = 0.10  # `auto` first tries this share of the Linears in float, then searches below or above
 
 
+def check_level(level: str, linears: int | None, windows: int | None) -> None:
+    """Refuse a W8A8 ``disable_level`` that ``linears`` quantizable Linears or ``windows`` calibration windows cannot
+    satisfy (None: not known yet): asked before any calibration run, and again where the level is applied."""
+    if level == "auto" and windows is not None and windows < 2:
+        raise QpassError(
+            f"--disable-level auto: needs at least 2 calibration windows (one is held out), got {windows}; "
+            "give more calibration text or raise --calib-samples"
+        )
+    if level.startswith("L") and linears is not None and int(level[1:]) > linears:
+        raise QpassError(
+            f"--disable-level {level}: the model has only {linears} quantizable Linears; use at most L{linears}"
+        )
+
+
 def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(calibration windows, held-out windows)``; only ``auto`` holds windows out: the last quarter, at
     most ``MAX_HELD_OUT``. The windows run in text order, so the held-out ones come from the last
@@ -42,11 +56,7 @@ def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Te
     estimated +1.35% for a choice that gave +2.18% on prose and +2.71% on code.)"""
     if config.disable_level != "auto":
         return windows, None
-    if windows.shape[0] < 2:
-        raise QpassError(
-            f"--disable-level auto: needs at least 2 calibration windows (one is held out), got {windows.shape[0]}; "
-            "give more calibration text or raise --calib-samples"
-        )
+    check_level(config.disable_level, None, windows.shape[0])
     held = max(1, min(MAX_HELD_OUT, windows.shape[0] // 4))
     return windows[:-held], windows[-held:]
 
@@ -54,10 +64,7 @@ def split_held_out(windows: torch.Tensor, config: QuantConfig) -> tuple[torch.Te
 def _widest_ranges(level: str, linears: list[LinearSite], stats: dict) -> dict[str, str]:
     """``Ln``: the n Linears with the widest activation range (``max|x| / std``) float, with why."""
     n, n_all = int(level[1:]), len(linears)
-    if n > n_all:
-        raise QpassError(
-            f"--disable-level {level}: the model has only {n_all} quantizable Linears; use at most L{n_all}"
-        )
+    check_level(level, n_all, None)
     ranked = sorted(linears, key=lambda s: -stats["range_ratio"][s.module])[:n]
     return {
         s.module: f"{level}: activation range max|x|/std = {stats['range_ratio'][s.module]:.1f}, "

@@ -15,7 +15,9 @@ def check_output_dir(out_dir: str | Path, force: bool, inputs: Iterable[str | Pa
     """Refuse, before any work, an output path that cannot be written all or nothing: a symbolic link (on it or on a
     directory above it that does not exist yet), a file, a directory that exists and is not empty (unless ``force``),
     one not writable, and (``--force`` or not) one that is, holds or lies inside any of ``inputs``: an input is never
-    replaced, nor written into."""
+    replaced, nor written into; nor is the current directory (``-o .``, ``-o ..``, an empty ``-o``, which is ``.``)."""
+    if str(out_dir) == "":
+        raise QpassError("-o is empty (an unset variable?); give the path of a new or empty directory")
     out = Path(out_dir)
     for path in (out, *out.parents):
         if path.is_symlink() and (path == out or not path.exists()):
@@ -25,6 +27,10 @@ def check_output_dir(out_dir: str | Path, force: bool, inputs: Iterable[str | Pa
                 "give the real path of a new or empty directory"
             )
     _check_apart(out, inputs)
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise QpassError(
+            f"-o {out}: is or holds the current directory, which the output would replace; choose a new directory"
+        )
     if out.exists() and not out.is_dir():
         raise QpassError(f"-o {out}: exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -63,8 +69,8 @@ def _check_apart(out: Path, inputs: Iterable[str | Path | None]) -> None:
 def atomic_output_dir(out_dir: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()):
     """Yield a temporary directory beside ``out_dir``; move it into place only if the block succeeds.
     ``inputs``: the paths the output must keep apart from (:func:`check_output_dir`)."""
-    out = Path(out_dir)
-    check_output_dir(out, force, inputs)
+    check_output_dir(out_dir, force, inputs)
+    out = Path(os.path.abspath(out_dir))  # ``a/..`` normalized: the temporary directory lies beside the output
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qpass-", dir=out.parent))

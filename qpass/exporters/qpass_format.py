@@ -115,10 +115,8 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
         return Loaded("qpass", tokenizer, recipe, program=_load_program(path / PROGRAM_FILE))
     decoder = path / DECODER_FILE
     if not decoder.is_file():
-        reason = ""
-        if (path / "report.json").is_file():
-            skipped = json.loads((path / "report.json").read_text(encoding="utf-8")).get("decoder", {}).get("skipped")
-            reason = f" (compile skipped it: {skipped})" if skipped else ""
+        skipped = reporting.read(path).get("decoder", {}).get("skipped")  # {} for a report that is gone or broken
+        reason = f" (compile skipped it: {skipped})" if skipped else ""
         raise QpassError(
             f"{path}: no {DECODER_FILE}{reason}; give a directory written by `qpass compile -o` "
             "for a model whose attention the paged int8 ops support"

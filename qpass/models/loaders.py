@@ -90,6 +90,7 @@ def _load_gguf(spec: str, path: Path, kwargs: dict) -> LoadedModel:
         raise QpassError(
             f"MODEL {spec}: cannot read this GGUF file ({_first_line(err)}); check that it is a complete GGUF model"
         ) from err
+    check_finite(f"MODEL {spec}", model.state_dict().items())
     name = "SmolLM2-135M" if spec == "default" else path.stem
     return LoadedModel(model.eval(), tokenizer, str(path), name)
 
@@ -118,10 +119,11 @@ def _load_directory(spec: str, path: Path, kwargs: dict) -> LoadedModel:
             f"MODEL {spec}: no *.safetensors weights in this directory; "
             "qpass never unpickles .bin files, convert them to safetensors first"
         )
+    load_config(path, f"MODEL {spec}")  # before the tokenizer, which reads config.json too and would be blamed
     tokenizer = load_tokenizer(
         path, f"MODEL {spec}", "check the tokenizer files (tokenizer.json, tokenizer_config.json)"
     )
-    check_vocabulary(f"MODEL {spec}", tokenizer, json.loads(config.read_text(encoding="utf-8")).get("vocab_size"))
+    check_vocabulary(f"MODEL {spec}", tokenizer, doc.get("vocab_size"))
     try:
         # the loading info, and mismatched shapes reported there rather than raised: transformers would otherwise
         # start a missing weight from random values and say so only in a log
@@ -147,7 +149,23 @@ def _load_directory(spec: str, path: Path, kwargs: dict) -> LoadedModel:
             f"MODEL {spec}: weight {missing[0]} is not in the safetensors files ({len(missing)} missing); "
             "the download is incomplete or the files belong to another model: re-download the model"
         )
+    check_finite(f"MODEL {spec}", model.state_dict().items())
     return LoadedModel(model.eval(), tokenizer, str(path), path.name)
+
+
+def load_config(path: Path, label: str):
+    """``AutoConfig.from_pretrained(path)`` (remote code never trusted), its failures in one line naming config.json:
+    transformers and huggingface_hub validate a config with error types of their own (a count of the wrong type,
+    heads that do not divide the hidden size), which the tokenizer would otherwise meet first and be blamed for."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 (huggingface_hub's StrictDataclass*Error derive from Exception alone)
+        raise QpassError(
+            f"{label}: cannot load this model's config.json ({_first_line(err)}); check config.json, or re-download "
+            "the model"
+        ) from None
 
 
 def load_tokenizer(source: str | Path, label: str, fix: str, **kwargs):
@@ -176,6 +194,16 @@ def check_vocabulary(label: str, tokenizer, vocab_size) -> None:
             f"{label}: the tokenizer has {reach} tokens but the model's vocabulary (vocab_size) is "
             f"{vocab_size}; give the model's own tokenizer"
         )
+
+
+def check_finite(label: str, weights) -> None:
+    """Refuse a weight (``weights``: ``(name, tensor)`` pairs) that holds NaN or an infinity: every value computed from
+    it would be too, and calibration would leave scales that say nothing of the model."""
+    for name, tensor in weights:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise QpassError(
+                f"{label}: weight {name} holds NaN or infinite values; the weights are corrupt: re-download the model"
+            )
 
 
 def check_layers(label: str, names, num_layers: int) -> None:

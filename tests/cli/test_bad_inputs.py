@@ -8,7 +8,6 @@ broken file under ``c.p``), and ``problem`` and ``fix`` are two pieces of the on
 cases of their own beside the ONNX frontend's tests.
 """
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qpass.cli import main
+from tests.helpers.refusals import hashes, watch_forward_passes
 
 SMALL = ["--window", "64", "--calib-samples", "4", "--batch-size", "2", "--eval-windows", "4"]
 MINDIE_WEIGHTS, MINDIE_DESCRIPTION = "quant_model_weight_w8a8.safetensors", "quant_model_description.json"
@@ -85,17 +85,10 @@ class Inputs:
     mindie: Path  # a MindIE directory
 
     def compile(self, *extra, model=None) -> list[str]:
-        """``qpass compile`` of ``model`` (the tiny one) with the small settings, then ``extra`` (later flags win)."""
-        return [
-            "compile",
-            str(model or self.model),
-            *SMALL,
-            "--calib",
-            str(self.text["calib"]),
-            "-o",
-            str(self.out),
-            *extra,
-        ]
+        """``qpass compile`` of ``model`` (the tiny one) with the small settings, the calibration text unless
+        ``extra`` reuses a ``--recipe``, then ``extra`` (later flags win)."""
+        calib = [] if "--recipe" in extra else ["--calib", str(self.text["calib"])]
+        return ["compile", str(model or self.model), *SMALL, *calib, "-o", str(self.out), *extra]
 
     def file(self, name: str, data: bytes | str) -> str:
         path = self.p / name
@@ -145,6 +138,23 @@ def model_with(c: Inputs, config=None, drop=(), add=None, truncate=None, weights
     return str(d)
 
 
+def sharded(c: Inputs, drop: int | None = None) -> str:
+    """A copy of the tiny model with its weights in two shards and an index (``model.safetensors.index.json``), shard
+    ``drop`` (0 or 1) removed."""
+    d = c.copy(c.model, "model")
+    tensors = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    names, weight_map = sorted(tensors), {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, d / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+        if i == drop:
+            (d / shard).unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return str(d)
+
+
 def edit(doc: dict, **changes) -> dict:
     doc.update(changes)
     return doc
@@ -183,8 +193,12 @@ def set_tensor(name: str, value) -> callable:
     return change
 
 
-def compiled_with(c: Inputs, drop=(), truncate=None, recipe_json=None) -> str:
+def compiled_with(c: Inputs, drop=(), truncate=None, recipe_json=None, raw=None) -> str:
+    """A copy of the qpass directory: files in ``drop`` removed, file ``truncate`` halved, ``recipe_json`` its
+    recipe's JSON, ``raw`` {name: bytes} replacing files."""
     d = c.copy(c.compiled, "compiled")
+    for name, data in (raw or {}).items():
+        (d / name).write_bytes(data)
     for name in drop:
         path = d / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -953,52 +967,249 @@ CASES = {
         "cannot load the tokenizer",
         "add tokenizer.json",
     ),
+    # --- issue 24's matrix: the cells the corpus lacked (see the module docstring) ----------------------------
+    "kv-int8 of an unknown form": (
+        lambda c: c.compile("--kv-int8", "int4"),
+        "'int4' is not static or dynamic",
+        "qpass compile --help",
+    ),
+    "percentile not a number": (
+        lambda c: c.compile("--kv-int8", "--observer", "percentile", "--percentile", "nan"),
+        "percentile=nan is not a finite number",
+        "is not a finite number",
+    ),
+    "alpha not a number": (
+        lambda c: c.compile("--w8a8", "--anti-method", "m1", "--alpha", "nan"),
+        "alpha=nan is not a finite number",
+        "is not a finite number",
+    ),
+    "percentile without the percentile observer": (
+        lambda c: c.compile("--kv-int8", "--percentile", "99.9"),
+        "percentile=99.9 applies to observer='percentile'",
+        "--observer percentile",
+    ),
+    "alpha without m1 or m2": (
+        lambda c: c.compile("--w8a8", "--anti-method", "m3", "--alpha", "0.8"),
+        "alpha=0.8 applies to anti_method m1 or m2",
+        "drop --alpha",
+    ),
+    "max ppl increase without disable level auto": (
+        lambda c: c.compile("--w8a8", "--max-ppl-increase", "5"),
+        "max_ppl_increase=5.0 applies to disable_level='auto'",
+        "--disable-level auto",
+    ),
+    "act method without w8a8": (
+        lambda c: c.compile("--kv-int8", "--act-method", "2"),
+        "act_method=2 applies to W8A8",
+        "--w8a8",
+    ),
+    "observer without a calibrated attention scale": (
+        lambda c: c.compile("--w8a8", "--observer", "mse"),
+        "observer='mse' chooses the calibrated attention scales",
+        "drop --observer",
+    ),
+    "disable level past the Linears": (
+        lambda c: c.compile("--w8a8", "--disable-level", "L1000"),
+        "--disable-level L1000: the model has only 14 quantizable Linears",
+        "use at most L14",
+    ),
+    "disable level auto with one calibration window": (
+        lambda c: c.compile("--w8a8", "--disable-level", "auto", "--calib-samples", "1"),
+        "needs at least 2 calibration windows (one is held out), got 1",
+        "raise --calib-samples",
+    ),
+    "tokenizer given for a PyTorch model": (
+        lambda c: c.compile("--kv-int8", "--tokenizer", str(c.model)),
+        "only ONNX models take a separate tokenizer",
+        "carries its own",
+    ),
+    "format onnx for a PyTorch model": (
+        lambda c: c.compile("--kv-int8", "--format", "onnx"),
+        "qpass rewrites ONNX models it is given",
+        "export the model to ONNX",
+    ),
+    "layerwise with a .gguf file": (
+        lambda c: c.compile("--kv-int8", "--layerwise", model="default"),
+        "is not a Hugging Face model directory",
+        "reads such a directory only",
+    ),
+    "recipe with a calibration file": (
+        lambda c: c.compile("--recipe", str(c.compiled / "recipe"), "--calib", str(c.text["calib"])),
+        "--recipe reuses a calibration, so nothing would read this text",
+        "drop --calib",
+    ),
+    "model is a dangling link": (
+        lambda c: c.compile("--kv-int8", model=link(c, "gone", c.p / "nowhere")),
+        "no such file or directory",
+        "give a Hugging Face model directory",
+    ),
+    "model is a link loop": (
+        lambda c: c.compile("--kv-int8", model=link(c, "a", link(c, "b", c.p / "a"))),
+        "no such file or directory",
+        "give a Hugging Face model directory",
+    ),
+    "config declares no layers": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: edit(d, num_hidden_layers=0))),
+        "num_hidden_layers 0, so there is no attention",
+        "repair config.json",
+    ),
+    "config count of the wrong type": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: edit(d, num_attention_heads="4"))),
+        "cannot load this model's config.json (Validation error for field 'num_attention_heads'",
+        "check config.json",
+    ),
+    "config heads that do not divide the hidden size": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: edit(d, num_attention_heads=3))),
+        "not a multiple of the number of attention heads (3)",
+        "check config.json",
+    ),
+    "config of the wrong type, layer-wise": (
+        lambda c: c.compile(
+            "--kv-int8", "--layerwise", model=model_with(c, config=lambda d: edit(d, num_attention_heads="4"))
+        ),
+        "cannot load this model's config.json (Validation error for field 'num_attention_heads'",
+        "check config.json",
+    ),
+    "config positions negative": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, config=lambda d: edit(d, max_position_embeddings=-1))),
+        "-1 positions",
+        "max_position_embeddings",
+    ),
+    "sharded weights missing a shard": (
+        lambda c: c.compile("--kv-int8", model=sharded(c, drop=1)),
+        "model-00002-of-00002.safetensors",
+        "the safetensors weights",
+    ),
+    "weights of NaN": (
+        lambda c: c.compile(
+            "--kv-int8",
+            model=model_with(
+                c, weights=set_tensor("model.layers.0.self_attn.k_proj.weight", lambda t: t * float("nan"))
+            ),
+        ),
+        "weight model.layers.0.self_attn.k_proj.weight holds NaN or infinite values",
+        "re-download the model",
+    ),
+    "tokenizer.json truncated": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, truncate="tokenizer.json")),
+        "cannot load the tokenizer",
+        "check the tokenizer files",
+    ),
+    "tokenizer_config.json corrupt": (
+        lambda c: c.compile("--kv-int8", model=model_with(c, add={"tokenizer_config.json": b"{"})),
+        "cannot load the tokenizer",
+        "check the tokenizer files",
+    ),
+    "calib is a dangling link": (
+        lambda c: c.compile("--kv-int8", "--calib", link(c, "c.jsonl", c.p / "nowhere.jsonl")),
+        "does not exist",
+        "give the path of a UTF-8 text file",
+    ),
+    "calib is a link loop": (
+        lambda c: c.compile("--kv-int8", "--calib", link(c, "a.txt", link(c, "b.txt", c.p / "a.txt"))),
+        "--calib: cannot read",
+        "check the path",
+    ),
+    "eval is the calibration file": (
+        lambda c: c.compile("--kv-int8", "--eval", str(c.text["calib"])),
+        "is the calibration file",
+        "evaluate on text not used for calibration",
+    ),
+    "eval command, eval not UTF-8": (
+        lambda c: ["eval", str(c.compiled), "--eval", c.file("e.txt", b"caf\xe9")],
+        "not UTF-8",
+        "iconv -t utf-8",
+    ),
+    "eval command, eval a directory": (
+        lambda c: ["eval", str(c.compiled), "--eval", str(c.p)],
+        "--eval: cannot read",
+        "check the path",
+    ),
+    "eval command, batch size 0": (
+        lambda c: ["eval", str(c.compiled), "--eval", str(c.text["prose"]), "--batch-size", "0"],
+        "--batch-size 0",
+        "at least 1",
+    ),
+    "eval command, float model missing": (
+        lambda c: ["eval", str(c.compiled), "--eval", str(c.text["prose"]), "--float", str(c.p / "nope")],
+        "no such file or directory",
+        "give a Hugging Face model directory",
+    ),
+    "eval command, float model broken": (
+        lambda c: ["eval", str(c.compiled), "--eval", str(c.text["prose"]), "--float", model_with(c, config=b"{")],
+        "config.json is not valid JSON",
+        "repair or re-download",
+    ),
+    "recipe missing": (
+        lambda c: c.compile("--recipe", str(c.p / "no-recipe")),
+        "needs recipe.json and recipe.safetensors",
+        "give a directory written by `qpass compile`",
+    ),
+    "recipe is a file": (
+        lambda c: c.compile("--recipe", str(c.compiled / "recipe" / "recipe.json")),
+        "needs recipe.json and recipe.safetensors",
+        "give a directory written by `qpass compile`",
+    ),
+    "eval of a missing directory": (
+        lambda c: ["eval", str(c.p / "nope"), "--eval", str(c.text["prose"])],
+        "not a directory written by `qpass compile -o`",
+        "give one of those",
+    ),
+    "eval of a file": (
+        lambda c: ["eval", str(c.compiled / "program.pt2"), "--eval", str(c.text["prose"])],
+        "not a directory written by `qpass compile -o`",
+        "give one of those",
+    ),
+    "eval of a corrupt program": (
+        lambda c: mindie_eval(c, compiled_with(c, raw={"program.pt2": BINARY})),
+        "program.pt2: cannot load this saved program",
+        "recompile into a fresh directory",
+    ),
+    "eval with a truncated tokenizer": (
+        lambda c: mindie_eval(c, compiled_with(c, truncate="tokenizer/tokenizer.json")),
+        "cannot load the tokenizer",
+        "recompile into a fresh directory",
+    ),
+    "run with a corrupt report": (
+        lambda c: ["run", compiled_with(c, raw={"report.json": b"{"}), "--prompt", "Hello"],
+        "no decoder.pt2",
+        "for a model whose attention the paged int8 ops support",
+    ),
+    "output is the current directory, with --force": (
+        lambda c: c.compile("--kv-int8", "-o", ".", "--force"),
+        "the current directory",
+        "choose a new directory",
+    ),
+    "output is an empty path": (
+        lambda c: c.compile("--kv-int8", "-o", ""),
+        "-o is empty",
+        "give the path of a new or empty directory",
+    ),
+    "output holds the working directory, with --force": (
+        lambda c: c.compile("--kv-int8", "-o", "..", "--force"),
+        "the current directory",
+        "choose a new directory",
+    ),
+    "output holds the recipe, with --force": (
+        lambda c: c.compile("--recipe", recipe_with(c), "-o", str(c.p), "--force"),
+        "holds the input",
+        "choose an output path outside every input",
+    ),
+    "output is the evaluation file": (
+        lambda c: c.compile("--kv-int8", "--eval", c.file("e.txt", "x " * 500), "-o", str(c.p / "e.txt"), "--force"),
+        "is the input",
+        "choose an output path outside every input",
+    ),
 }
-
-
-def _hashes(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under ``roots``."""
-    return {
-        str(f): hashlib.sha256(f.read_bytes()).hexdigest()
-        for root in roots
-        for f in sorted(Path(root).rglob("*"))
-        if f.is_file()
-    }
 
 
 def test_the_corpus_holds_at_least_50_cases():
     assert len(CASES) >= 50
 
 
-def _watch_forward_passes(monkeypatch) -> list[str]:
-    """Record (in the list returned) each entry to a road's first forward pass: calibration and measurement in the
-    compile road, a read-back directory's perplexity and generation in `qpass eval` / `qpass run`."""
-    import qpass.core.compile as road
-    import qpass.frontends.onnx as onnx_frontend
-    import qpass.frontends.torch_export as torch_frontend
-
-    started = []
-
-    def watch(owner, name):
-        real = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            started.append(f"{owner.__name__}.{name}")
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, wrapper)
-
-    for owner, name in ((road, "calibrate"), (road, "_measure")):
-        watch(owner, name)
-    for owner in (onnx_frontend, torch_frontend):
-        watch(owner, "saved_nll")
-        watch(owner, "generate")
-    return started
-
-
 def test_the_forward_watch_sees_a_compile_and_an_eval_run(compiled, tiny_model_dir, text_files, tmp_path, monkeypatch):
     """The watch the corpus relies on to say "refused before the model ran" does see the model run."""
-    started = _watch_forward_passes(monkeypatch)
+    started = watch_forward_passes(monkeypatch)
     args = [
         "compile",
         str(tiny_model_dir),
@@ -1025,9 +1236,11 @@ def test_bad_input_is_one_line_exit_2_writes_nothing_and_changes_no_input(
     c = Inputs(tiny_model_dir, text_files, inputs, tmp_path / "out", compiled, mindie)
     args = make_args(c)
     roots = (tiny_model_dir, Path(text_files["calib"]).parent, compiled, mindie, inputs)
-    before = _hashes(*roots)
+    before = hashes(*roots)
     capsys.readouterr()
-    started = _watch_forward_passes(monkeypatch)
+    started = watch_forward_passes(monkeypatch)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where "-o ." and "-o .." point
     code = main(args)
     err = capsys.readouterr().err
     assert code == 2, err
@@ -1035,8 +1248,9 @@ def test_bad_input_is_one_line_exit_2_writes_nothing_and_changes_no_input(
     assert problem in err and fix in err, err
     assert not started, f"refused after the model ran ({started[0]}): every fault here is knowable before"
     assert not c.out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]  # no temporary directory left behind
-    assert _hashes(*roots) == before  # every input byte for byte, and nothing added among them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "inputs"]  # no temporary directory left behind
+    assert not any((tmp_path / "cwd").iterdir())
+    assert hashes(*roots) == before  # every input byte for byte, and nothing added among them
 
 
 def test_a_mindie_directory_asking_for_remote_code_loads_the_built_in_architecture(mindie, tmp_path, capsys):
@@ -1048,7 +1262,7 @@ def test_a_mindie_directory_asking_for_remote_code_loads_the_built_in_architectu
     shutil.copytree(mindie, d)
     doc = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**doc, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
-    before = _hashes(d)
+    before = hashes(d)
     capsys.readouterr()
     loaded = load(d, load_tokenizer=False)
     err = capsys.readouterr().err
@@ -1057,7 +1271,7 @@ def test_a_mindie_directory_asking_for_remote_code_loads_the_built_in_architectu
         err.count("\n") == 1
         and "loading the built-in llama architecture instead (the model's own code was not run)" in err
     )
-    assert _hashes(d) == before
+    assert hashes(d) == before
 
 
 def test_a_truncated_program_is_one_line_in_a_real_process_too(compiled, text_files, tmp_path):

@@ -54,7 +54,15 @@ from qpass.core.spill import Spill
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, param_names
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
 from qpass.frontends.torch_export.pipeline import quantize_program
-from qpass.models.loaders import BROKEN_FILE, check_layers, check_remote_code, check_vocabulary, load_tokenizer
+from qpass.models.loaders import (
+    BROKEN_FILE,
+    check_finite,
+    check_layers,
+    check_remote_code,
+    check_vocabulary,
+    load_config,
+    load_tokenizer,
+)
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
 
@@ -114,6 +122,8 @@ class Checkpoint:
                 raise QpassError(
                     f"MODEL {self.path}: cannot read {file.name} ({type(err).__name__}: {err}); re-download the model"
                 ) from None
+        # as each layer is read: checking every weight before the run would read a model larger than memory twice
+        check_finite(f"MODEL {self.path}", out.items())
         return out
 
     def sizes(self) -> tuple[int, int]:
@@ -262,8 +272,6 @@ class LayerwiseFrontend:
     layerwise = True  # the mode: one decoder layer at a time
 
     def __init__(self, path: str | Path, window: int, hidden_budget: int | None = None):
-        from transformers import AutoConfig
-
         path = Path(path)
         if not (path.is_dir() and (path / "config.json").is_file()):
             raise QpassError(
@@ -283,13 +291,7 @@ class LayerwiseFrontend:
                 f"--layerwise: model_type {model_type!r} is not one layer-wise calibration supports yet "
                 f"({', '.join(ARCHITECTURES)}); drop --layerwise to compile the whole model"
             )
-        try:
-            self.config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        except BROKEN_FILE as err:
-            raise QpassError(
-                f"MODEL {path}: cannot load its config ({type(err).__name__}: "
-                f"{' '.join(str(err).split())[:200]}); check config.json and the tokenizer files"
-            ) from None
+        self.config = load_config(path, f"MODEL {path}")
         self.tokenizer = load_tokenizer(path, f"MODEL {path}", "check the tokenizer files")
         check_vocabulary(f"MODEL {path}", self.tokenizer, getattr(self.config, "vocab_size", None))
         check_window(window, getattr(self.config, "max_position_embeddings", None), path.name)
