@@ -133,4 +133,12 @@ def load(path: Path, purpose: str = "eval") -> Loaded:
             "corrupt: recompile into a fresh directory"
         ) from None
     check_external_data(model, path / MODEL_FILE, "recompile into a fresh directory")  # as compile checks its input
+    ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
+    length = ids.shape[1] if ids is not None and ids.shape is not None and len(ids.shape) == 2 else None
+    if purpose == "run" and isinstance(length, int):  # ONNX Runtime would refuse the first one-token step
+        raise QpassError(
+            f"{path / MODEL_FILE}: takes exactly {length} tokens a run (input_ids' sequence axis is fixed), and "
+            "qpass run feeds one token a step after the prompt; `qpass eval` reads it, or export the model with a "
+            "dynamic sequence axis to generate"
+        )
     return Loaded("onnx", tokenizer, recipe, program=model, info={"model_file": str(path / MODEL_FILE)})

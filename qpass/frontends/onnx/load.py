@@ -12,6 +12,7 @@ from onnx_ir.passes.common import CheckerPass, ShapeInferencePass
 from qpass.core.errors import QpassError
 from qpass.core.sites import AttentionSite
 from qpass.frontends.onnx.session import described, logits_output
+from qpass.models import loaders
 from qpass.passes.onnx.external_data import check_external_data
 from qpass.passes.onnx.find_attention_sites import ATTENTION_PATTERNS, CacheIO, find_attention_sites
 from qpass.passes.onnx.find_gqa_sites import GQASite, find_gqa_sites
@@ -142,16 +143,10 @@ def passes_checker(model: ir.Model) -> bool:
 
 def load_tokenizer(path: Path, tokenizer_dir: str | Path | None, model: ir.Model):
     """The tokenizer from ``tokenizer_dir``, or from the files next to the model; checked against the vocabulary."""
-    from transformers import AutoTokenizer
-
     where = Path(tokenizer_dir) if tokenizer_dir is not None else path.parent
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise QpassError(
-            f"{where}: no tokenizer qpass can load ({_first_line(err)}); give --tokenizer DIR with "
-            "tokenizer.json / tokenizer_config.json"
-        ) from None
+    tokenizer = loaders.load_tokenizer(
+        where, str(where), "give --tokenizer DIR with tokenizer.json / tokenizer_config.json"
+    )  # the one loader: its failures, the tokenizers library's plain Exception included, in one line
     outputs = described(model.graph.outputs)
     dims = outputs[logits_output(outputs, str(path))][1]
     vocab = dims[-1] if dims else None

@@ -2,7 +2,8 @@
 int32 ``input_ids``, the logits under another name compile to the dynamic export's recipe and perplexity, whole and
 layer by layer, and ``qpass eval`` / ``qpass run`` read their outputs back; logits that are not one output, external
 data outside the model's directory, and an output directory whose ``model.onnx.data`` is gone or cut are refused in
-one line, exit 2, nothing written, the input unchanged."""
+one line, exit 2, before any forward pass (tests/helpers/refusals.py's watch), nothing written, the input
+unchanged."""
 
 import hashlib
 import json
@@ -17,6 +18,7 @@ from safetensors.numpy import load_file
 
 from qpass.cli import main
 from tests.helpers import onnx_forms
+from tests.helpers.refusals import watch_forward_passes
 
 # 3 windows in batches of 2: a fixed batch of 2 runs the last one filled up with a copy
 SMALL = ["--window", "64", "--calib-samples", "3", "--eval-windows", "3", "--batch-size", "2"]
@@ -36,11 +38,14 @@ def _compile(source: Path, out: Path, text_files, *extra: str) -> int:
     return main([*args, "--eval", str(text_files["prose"]), "-o", str(out), *SMALL, *extra])
 
 
-def _refused(args: list[str], capsys, *said: str) -> str:
+def _refused(args: list[str], capsys, monkeypatch, *said: str) -> str:
+    """``args`` refused in one line saying each of ``said``, exit 2, before any forward pass."""
     capsys.readouterr()
+    started = watch_forward_passes(monkeypatch)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and all(s in err for s in said), err
+    assert not started, f"refused after the model ran ({started[0]})"
     return err
 
 
@@ -107,13 +112,14 @@ def test_a_fixed_batch_runs_layer_by_layer_to_the_same_numbers(forms, baseline, 
     _same_numbers(out, baseline)
 
 
-def test_logits_that_are_not_one_output_are_refused_in_one_line(onnx_dirs, text_files, tmp_path, capsys):
+def test_logits_that_are_not_one_output_are_refused_in_one_line(onnx_dirs, text_files, tmp_path, capsys, monkeypatch):
     source = onnx_forms.with_outputs_added(onnx_dirs[20], tmp_path / "two", "output_0")
     before = _digest(source)
     out = tmp_path / "out"
     _refused(
         ["compile", str(source), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL],
         capsys,
+        monkeypatch,
         "output_0 and doubled could each be its logits",
         "name the logits output logits",
     )
@@ -122,7 +128,7 @@ def test_logits_that_are_not_one_output_are_refused_in_one_line(onnx_dirs, text_
 
 @pytest.mark.parametrize("where", ["../w.bin", "absolute", "a link out"])
 def test_external_data_outside_the_models_directory_is_refused_before_any_work(
-    where, onnx_dirs, text_files, tmp_path, capsys
+    where, onnx_dirs, text_files, tmp_path, capsys, monkeypatch
 ):
     if where == "absolute":
         source = onnx_forms.with_data_outside(onnx_dirs[20], tmp_path / "m", str(tmp_path / "w.bin"))
@@ -139,6 +145,7 @@ def test_external_data_outside_the_models_directory_is_refused_before_any_work(
     _refused(
         ["compile", str(source), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL],
         capsys,
+        monkeypatch,
         "the external data of",
         "outside the model's directory",
         "beside model.onnx",
@@ -147,7 +154,9 @@ def test_external_data_outside_the_models_directory_is_refused_before_any_work(
 
 
 @pytest.mark.parametrize("damage", ["deleted", "truncated"])
-def test_eval_and_run_refuse_an_output_whose_external_data_is_gone(damage, baseline, text_files, tmp_path, capsys):
+def test_eval_and_run_refuse_an_output_whose_external_data_is_gone(
+    damage, baseline, text_files, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "out"
     shutil.copytree(baseline, out)
     ir.save(ir.load(baseline / "model.onnx"), out / "model.onnx", external_data="model.onnx.data")
@@ -161,5 +170,5 @@ def test_eval_and_run_refuse_an_output_whose_external_data_is_gone(damage, basel
         ["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "3"],
         ["run", str(out), *PROMPT],
     ):
-        _refused(args, capsys, "model.onnx: the external data of", "is missing or short", "recompile")
+        _refused(args, capsys, monkeypatch, "model.onnx: the external data of", "is missing or short", "recompile")
     assert _digest(out) == before
