@@ -11,6 +11,7 @@ _EXPORTS = {
     "evaluate_saved": "qpass.api",
     "generate": "qpass.api",
     "inspect_model": "qpass.api",
+    "long_context": "qpass.api",
     "open_model": "qpass.api",
     "QuantConfig": "qpass.core.config",
     "RunSettings": "qpass.core.config",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qpass import frontends
-from qpass.core import memory, saturation
+from qpass.core import longcontext, memory, saturation
 from qpass.core import report as reporting
 from qpass.core.compile import Compiled, Texts, compile_model
 from qpass.core.config import MAX_COUNT, QuantConfig, RunSettings
@@ -234,6 +234,47 @@ def _float_perplexity(opened, ids, batch_size: int) -> dict:
     if ppl is None:
         ppl = math.exp(float(frontend.window_nll(None, ids, batch_size, "eval float").mean()))
     return {"model": model, "ppl": ppl}
+
+
+def long_context(
+    out_dir: str | Path,
+    context: int,
+    documents: int = longcontext.DOCUMENTS,
+    eval: str | Path | None = None,
+    float_model: str | Path | bool | None = None,
+    plot: str | Path | None = None,
+) -> dict:
+    """The long-context check of a directory some exporter wrote (:mod:`qpass.core.longcontext`): ``documents``
+    documents of ``context`` tokens (from ``eval``, else the standard library's evaluation modules) and the passkey
+    grid, the quantized model through its paged int8 cache (prefill, then token by token), the float model
+    (``float_model``, by default the one the directory's report names) on its own. Its warnings go to stderr, one
+    line each; ``plot`` names a PNG to draw it in."""
+    longcontext.check_context(context, None)
+    longcontext.check_documents(documents)
+    text = read_text(eval, "--eval") if eval is not None else None
+    if float_model is False:
+        raise QpassError("--context: the check runs the float model beside the quantized one; drop --no-float")
+    source = float_model
+    if source is None:
+        source = reporting.read(Path(out_dir)).get("model", {}).get("source")
+        if not source or (source != "default" and not Path(source).exists()):
+            raise QpassError(
+                f"--context: the check runs the float model beside the quantized one, but the model it was compiled "
+                f"from ({source or 'not recorded'}) is not here; give --float MODEL"
+            )
+    exporter = registry.detect(out_dir)
+    loaded = exporter.load(Path(out_dir), "run")
+    start = time.perf_counter()
+    scorers = frontends.get(exporter.frontend).long_context_scorers(loaded, str(source), context)
+    float_score, quant_score, info = scorers
+    setup = time.perf_counter() - start
+    section = {**info, **longcontext.measure(loaded.tokenizer, context, documents, text, float_score, quant_score)}
+    section["timings_s"] = {"setup": round(setup, 3), **section["timings_s"]}
+    for warning in section["warnings"]:
+        print(f"qpass: {warning}", file=sys.stderr)
+    if plot is not None:
+        longcontext.plot(section, plot)
+    return section
 
 
 def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int], object]:

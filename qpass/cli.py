@@ -7,6 +7,7 @@ defaults and help live there); its output formats from the exporter registry.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from qpass.core.config import QuantConfig, RunSettings, cli_options
 from qpass.core.errors import QpassError
@@ -83,6 +84,13 @@ def _compile_parser(c: argparse.ArgumentParser) -> None:
         help="model dtype of --format mindie / vllm-ascend (default float16)",
     )
     c.add_argument(
+        "--long-context",
+        type=int,
+        metavar="N",
+        help="also run the long-context check over N tokens on what was written (as `qpass eval OUT --context N`): "
+        "into report.json, report.txt and longcontext.png; off by default",
+    )
+    c.add_argument(
         "--layerwise",
         action="store_true",
         default=None,
@@ -95,7 +103,9 @@ def _compile_parser(c: argparse.ArgumentParser) -> None:
 
 def _eval_parser(e: argparse.ArgumentParser) -> None:
     e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
-    e.add_argument("--eval", required=True, help="evaluation text file")
+    e.add_argument(
+        "--eval", help="evaluation text file (required without --context; with it, the long documents' text)"
+    )
     for name, flag, kwargs in cli_options(RunSettings):
         if name in ("batch_size", "eval_windows"):  # the window is the one the directory was compiled for
             e.add_argument(flag, **kwargs)
@@ -107,6 +117,22 @@ def _eval_parser(e: argparse.ArgumentParser) -> None:
     )
     e.add_argument("--no-float", dest="float_model", action="store_false", help="measure the quantized model only")
     e.add_argument("--json", action="store_true", help="print the full JSON record instead of the summary")
+    e.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help="the long-context check instead of perplexity: NLL by position bucket over documents of N tokens "
+        "(--eval's text, default the stdlib evaluation modules' sources) and passkey retrieval at N/4, N/2, N "
+        "tokens, the quantized model through its paged int8 cache (prefill, then token by token), float beside it",
+    )
+    e.add_argument(
+        "--documents",
+        type=int,
+        default=None,
+        metavar="K",
+        help="documents of the long-context check (default 4; with --context)",
+    )
+    e.add_argument("--plot", metavar="PNG", help="draw the long-context check into this PNG file (with --context)")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -146,7 +172,7 @@ def cmd_compile(args) -> int:
     import qpass
     from qpass.api import output_format
     from qpass.core.output import check_output_dir
-    from qpass.core.report import summary
+    from qpass.core.report import read, summary
     from qpass.exporters import registry
 
     inputs = (args.model, args.calib, args.eval, args.recipe, args.tokenizer)
@@ -159,6 +185,10 @@ def cmd_compile(args) -> int:
     else:
         config = _settings(args, QuantConfig)
     args.format = output_format(args.model, args.format, config, args.dtype)
+    if args.long_context is not None:
+        from qpass.core.longcontext import check_context
+
+        check_context(args.long_context, None, "--long-context")  # before the slow part
     result = qpass.compile(
         args.model,
         config,
@@ -170,7 +200,15 @@ def cmd_compile(args) -> int:
         tokenizer=args.tokenizer,
         layerwise=args.layerwise,
     )
+    if args.long_context is not None:
+        from qpass.core.longcontext import check_context
+
+        positions = result.compiled.config_json.get("max_position_embeddings")
+        check_context(args.long_context, positions, "--long-context")  # before anything is written
     result.save(args.output, force=args.force, format=args.format, dtype=args.dtype)
+    if args.long_context is not None:
+        _long_context(args)
+        result.report = read(Path(args.output))
     print(summary(result.report))
     files = registry.get(args.format).files
     if result.decoder is None:
@@ -179,6 +217,20 @@ def cmd_compile(args) -> int:
         files = files.replace("program.pt2, ", "")
     print(f"  wrote {args.output}/ ({files})")
     return 0
+
+
+def _long_context(args) -> None:
+    """``qpass compile --long-context N``: the check of ``qpass eval OUT --context N`` on what was just written, the
+    compiled model beside it; into OUT's report (``long_context``, its warnings) and ``longcontext.png``."""
+    import qpass
+    from qpass.core.report import LONG_CONTEXT_PLOT, read, write
+
+    out = Path(args.output)
+    section = qpass.long_context(out, args.long_context, float_model=args.model, plot=out / LONG_CONTEXT_PLOT)
+    report = read(out)
+    report["long_context"] = section
+    report["warnings"] = report.get("warnings", []) + section["warnings"]
+    write(report, out)
 
 
 def _settings(args, cls):
@@ -211,8 +263,24 @@ def _check_recipe_flags(args, calibrated: QuantConfig) -> None:
 
 def cmd_eval(args) -> int:
     import qpass
-    from qpass.core.report import eval_summary
+    from qpass.core.report import eval_summary, long_context_summary
 
+    if args.context is not None:
+        result = qpass.long_context(
+            args.out,
+            args.context,
+            **({} if args.documents is None else {"documents": args.documents}),
+            eval=args.eval,
+            float_model=args.float_model,
+            plot=args.plot,
+        )
+        print(json.dumps(result, indent=1, sort_keys=True) if args.json else long_context_summary(result))
+        return 0
+    for flag, value in (("--documents", args.documents), ("--plot", args.plot)):
+        if value is not None:
+            raise QpassError(f"{flag}: it sets the long-context check; add --context N")
+    if args.eval is None:
+        raise QpassError("--eval: give an evaluation text file (or --context N for the long-context check)")
     result = qpass.evaluate_saved(args.out, args.eval, args.eval_windows, args.batch_size, args.float_model)
     print(json.dumps(result, indent=1, sort_keys=True) if args.json else eval_summary(result))
     return 0

@@ -109,6 +109,11 @@ def eval_code() -> str:
     return "\n\n".join(_source(m) for m in EVAL_CODE_MODULES)
 
 
+def eval_sources() -> list[str]:
+    """The sources of the evaluation modules, prose modules first, each a whole real document (long-context check)."""
+    return [_source(m) for m in EVAL_PROSE_MODULES + EVAL_CODE_MODULES]
+
+
 def domain_pairs() -> dict[str, tuple[list[str], str]]:
     """``name -> (calibration samples, evaluation text)``, each pair's two sides of different kinds and modules.
 

@@ -3,7 +3,10 @@
 import json
 from pathlib import Path
 
+from qpass.core import longcontext
 from qpass.core.saturation import flagged_names
+
+LONG_CONTEXT_PLOT = "longcontext.png"  # beside the report, when the compile ran the long-context check
 
 
 def summary(report: dict) -> str:
@@ -60,8 +63,23 @@ def summary(report: dict) -> str:
             "  flagged: channels that were 0 throughout calibration (scale 1): "
             + ", ".join(f"layer {layer} {kind} {n}" for layer, kinds in zero.items() for kind, n in kinds.items())
         )
+    if report.get("long_context"):
+        lines.extend(longcontext.summary_lines(report["long_context"]))
     lines.extend(f"  warning: {w}" for w in report.get("warnings", []))
     lines.append("  timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()))
+    return "\n".join(lines)
+
+
+def long_context_summary(section: dict) -> str:
+    """A few lines for a terminal on what ``qpass eval --context N`` measured (:func:`qpass.api.long_context`)."""
+    lines = [f"qpass eval: long-context check, float {section['float']} beside the quantized model"]
+    lines.extend(longcontext.summary_lines(section))
+    lines.extend(f"  warning: {w}" for w in section["warnings"])
+    lines.append(
+        "  timings: "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in section["timings_s"].items())
+        + "; the full record: --json"
+    )
     return "\n".join(lines)
 
 

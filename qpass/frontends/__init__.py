@@ -10,7 +10,9 @@ frontend package's entry points, imported on first use. Each package offers the 
 - ``whole_model_memory(model) -> int | None``: bytes a whole-model run needs, about (None: unknown);
 - ``saved_window(loaded) -> int``: the window a directory read back runs over;
 - ``saved_nll(loaded, directory, windows, batch_size, desc, counters) -> (per-window NLL [N], layerwise)``;
-- ``generate(loaded, prompt_ids, max_new_tokens, eos_token_id) -> new ids``.
+- ``generate(loaded, prompt_ids, max_new_tokens, eos_token_id) -> new ids``;
+- ``long_context_scorers(loaded, float_model, context) -> (float_score, quant_score, info)``: the long-context
+  check's two runs (:mod:`qpass.core.longcontext`), or a one-line refusal.
 """
 
 import importlib

@@ -55,3 +55,15 @@ def generate(loaded, prompt_ids: list[int], max_new_tokens: int, eos_token_id: i
     from qpass.frontends.onnx.frontend import OnnxFrontend
 
     return OnnxFrontend.generate(loaded.program, prompt_ids, max_new_tokens, eos_token_id)
+
+
+def long_context_scorers(loaded, float_model, context: int):
+    """Refused: the long-context check runs the quantized model through a cache, and this frontend has no scorer that
+    feeds ONNX Runtime's ``present.*`` back chunk by chunk yet (it does so for greedy decoding only)."""
+    from qpass.core.errors import QpassError
+
+    raise QpassError(
+        "--context: the long-context check does not run ONNX directories yet (it needs ONNX Runtime's int8 cache "
+        "fed back chunk by chunk and scored, which qpass does only for greedy decoding); check the qpass or MindIE "
+        "directory compiled from the PyTorch model instead"
+    )

@@ -91,3 +91,25 @@ def generate(loaded, prompt_ids: list[int], max_new_tokens: int, eos_token_id: i
         _, lowered = build_decoder(loaded.model, loaded.recipe)
         return generate_lowered(lowered, prompt_ids, max_new_tokens, eos_token_id=eos_token_id)
     return generate_with_model(loaded.model, prompt_ids, max_new_tokens, eos_token_id)
+
+
+def long_context_scorers(loaded, float_model, context: int):
+    """``(float_score, quant_score, info)`` for the long-context check (:func:`qpass.core.longcontext.measure`):
+    ``float_model`` (a model spec) scored dense on its own cache, the directory's quantized decoder through its paged
+    int8 cache (prefill, then token by token); refused in one line where ``context`` is beyond the model's
+    positions or the directory has no int8 cache."""
+    from qpass.core.longcontext import check_context
+    from qpass.frontends.torch_export import longcontext
+    from qpass.frontends.torch_export.decoder import decoder_layout
+    from qpass.models.loaders import load_model
+
+    model = load_model(str(float_model)).model
+    check_context(context, longcontext.max_positions(model))
+    program, how = longcontext.paged_decoder(loaded, context, model)
+    kind = decoder_layout(program)["kv_cache"]
+    info = {"path": f"the paged int8 ops ({how}, {kind} cache)", "float": str(float_model)}
+    return (
+        lambda ids, desc: longcontext.float_scores(model, ids, desc),
+        lambda ids, prefill, desc: longcontext.paged_scores(program, ids, prefill, desc),
+        info,
+    )
