@@ -210,15 +210,16 @@ def bucket_table(context: int, float_nll: list[torch.Tensor], quant_nll: list[to
 
 
 def late_position_warning(rows: list[dict]) -> str | None:
-    """A warning when the quantized increase in the last bucket exceeds the first's by more than the last's 95 %
-    interval (half-width)."""
+    """A warning when the quantized increase in the last bucket exceeds the first's by more than the 95 % interval of
+    that difference (half-width ``sqrt(first's ** 2 + last's ** 2)``: the two buckets hold different tokens)."""
     first, last = rows[0], rows[-1]
-    if last["increase"] - first["increase"] <= last["interval"] + 1e-9:  # (rounding is no loss)
+    margin = math.hypot(first["interval"], last["interval"])
+    if last["increase"] - first["increase"] <= margin + 1e-9:  # (rounding is no loss)
         return None
     return (
         f"long context: the quantized NLL increase at positions {_span(last)} ({last['increase']:+.4f} nats) exceeds "
-        f"the first bucket's ({_span(first)}: {first['increase']:+.4f}) by more than its 95% interval "
-        f"(+/-{last['interval']:.4f}); the int8 cache loses accuracy late in long contexts"
+        f"the first bucket's ({_span(first)}: {first['increase']:+.4f}) by more than the difference's 95% interval "
+        f"(+/-{margin:.4f}); the int8 cache loses accuracy late in long contexts"
     )
 
 
@@ -262,7 +263,8 @@ def retrieval_note(table: dict) -> str:
 def summary_lines(section: dict) -> list[str]:
     """The table for a terminal: NLL by position bucket, then retrieval by length."""
     lines = [
-        f"  long context: {section['documents']} documents of {section['context']} tokens "
+        f"  long context: {section['documents']} document{'s' if section['documents'] != 1 else ''} of "
+        f"{section['context']} tokens "
         f"({section['source']}); quantized through {section['path']}",
         f"    {'positions':>12} {'tokens':>7} {'float':>8} {'quant':>8} {'increase (95% CI over tokens)':>30}",
     ]

@@ -118,3 +118,27 @@ def test_compile_refuses_a_long_context_beyond_the_model_before_writing(model_di
     args = ["compile", str(model_dir), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]
     assert main([*args, "--long-context", "4096"]) == 2
     assert "--long-context 4096: beyond the 512 positions" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_mindie_directory_runs_through_a_decoder_lowered_from_its_parameters(model_dir, text_files, tmp_path, capsys):
+    out = tmp_path / "mindie"
+    args = ["compile", str(model_dir), "--w8a8", "--kv-int8", "--format", "mindie", "--calib", str(text_files["calib"])]
+    assert main([*args, "-o", str(out), *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--context", "128", "--documents", "1", "--float", str(model_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "lowered again from the recipe" in result["path"]
+    assert sum(r["tokens"] for r in result["buckets"]) == 127
+
+
+def test_directories_without_an_int8_cache_to_check_are_refused_in_one_line():
+    from qpass.core.errors import QpassError
+    from qpass.exporters.base import Loaded
+    from qpass.frontends import onnx
+
+    w8a8_only = Loaded("mindie", None, None, model=torch.nn.Linear(1, 1))
+    with pytest.raises(QpassError, match="W8A8 alone keeps the KV cache in float"):
+        te_longcontext.paged_decoder(w8a8_only, 128, None)
+    with pytest.raises(QpassError, match="does not run ONNX directories yet") as err:
+        onnx.long_context_scorers(None, "model.onnx", 128)
+    assert "\n" not in str(err.value)

@@ -37,6 +37,10 @@ def test_bucket_table_pairs_tokens_and_flags_a_late_increase():
     assert math.isclose(rows[-1]["interval"], 1.959964 * float(d.std()) / math.sqrt(d.numel()))
     warning = longcontext.late_position_warning(rows)
     assert warning is not None and "128-256" in warning and "95% interval" in warning
+    # within the difference's interval: no warning, though beyond the last bucket's own
+    rows[-1]["increase"] = rows[0]["increase"] + 1.2 * rows[-1]["interval"]
+    rows[0]["interval"] = rows[-1]["interval"]
+    assert longcontext.late_position_warning(rows) is None
 
 
 def test_retrieval_table_is_complete_and_warns_where_quantized_loses_what_float_keeps(smollm2_tokenizer):
