@@ -13,14 +13,16 @@
   activations per tensor with a zero point (``input_scale`` float32 ``[1]``, ``input_zero_point`` int8 ``[1]``),
   the float Linears and ``lm_head`` in ``ignore``. Smoothing is folded into the weights and norms, so stock vLLM
   loads it with no plugin.
-- attention quantization (C8 static, FAQuant): ``{"quant_method": "qpass", "format_version": 1, "kv_cache":
-  "static" | null, "fa_quant": bool, "symmetric": bool, "linear": <the compressed-tensors dict above> | null}``,
+- attention quantization (C8, the dynamic cache, FAQuant): ``{"quant_method": "qpass", "format_version": 1,
+  "kv_cache": "static" | "dynamic" | null, "fa_quant": bool, "symmetric": bool, "linear": <the compressed-tensors
+  dict above> | null}``,
   which qpass's vLLM plugin (:mod:`qpass.vllm`) registers. Each attention layer's grids are float32 tensors beside
   its weights, at vLLM's attention module ``<attention>.attn`` (for example ``model.layers.0.self_attn.attn``):
   ``qpass_c8_key_scale`` / ``_offset`` and ``qpass_c8_value_scale`` / ``_offset`` ``[kv_heads * head_dim]``
   (C8); ``qpass_fa_query_*`` ``[heads * head_dim]``, ``qpass_fa_key_*`` and ``qpass_fa_value_*``
   ``[kv_heads * head_dim]`` (FAQuant), flat and head-major so that each tensor-parallel rank loads its heads'
-  rows. ``x ~= (code - offset) * scale``, ``code = clamp(round(x / scale) + offset, -128, 127)``.
+  rows. ``x ~= (code - offset) * scale``, ``code = clamp(round(x / scale) + offset, -128, 127)``. The dynamic cache
+  has no tensors: its scale and offset per token and kv head are computed as the cache is written.
 """
 
 import json
@@ -72,9 +74,9 @@ def refusal(config, options: dict) -> str | None:
                 dtype not in MODEL_DTYPES,
             ),
             (
-                "--format vllm with --kv-int8 dynamic: qpass's vLLM backend runs the static int8 cache (C8) and "
-                "FAQuant so far; compile with --kv-int8 (static), or write --format qpass",
-                config.kv_cache == "dynamic",
+                "--format vllm with --fa-quant and --kv-int8 dynamic: qpass's vLLM backend stores FAQuant's codes "
+                "in a cache with static grids; drop one of the two, or write --format qpass",
+                config.kv_cache == "dynamic" and config.fa_quant,
             ),
         )
     )
@@ -108,8 +110,14 @@ def check_quantization_config(doc) -> str | None:
                 version != FORMAT_VERSION,
             ),
             (
-                f'quantization_config kv_cache {doc.get("kv_cache")!r}: qpass\'s vLLM backend runs "static" or null',
-                doc.get("kv_cache") not in ("static", None),
+                f"quantization_config kv_cache {doc.get('kv_cache')!r}: qpass's vLLM backend runs "
+                '"static", "dynamic" or null',
+                doc.get("kv_cache") not in ("static", "dynamic", None),
+            ),
+            (
+                "quantization_config has fa_quant with the dynamic cache, which qpass's vLLM backend does not run; "
+                "recompile with one of the two",
+                doc.get("kv_cache") == "dynamic" and doc.get("fa_quant") is True,
             ),
             (
                 f"quantization_config fa_quant {doc.get('fa_quant')!r}: it must be true or false",
@@ -371,21 +379,21 @@ def _read_w8a8(d: Path, reader, p: str, model) -> W8A8Weights:
 
 
 def _recipe(d: Path, reader, names: set, config, attention: dict) -> Recipe | None:
-    """The recipe of the directory's attention grids (None without attention quantization), one site per layer."""
+    """The recipe of the directory's attention quantization (None without any), one site per layer: the grids of C8 /
+    FAQuant from their tensors; the dynamic cache has none."""
+    if not (attention["kv_cache"] or attention["fa_quant"]):
+        return None
     kinds = (["kv_k", "kv_v"] if attention["kv_cache"] == "static" else []) + (
         ["fa_q", "fa_k", "fa_v"] if attention["fa_quant"] else []
     )
-    if not kinds:
-        return None
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    first = f".attn.{GRIDS[kinds[0]][0]}_scale"
-    prefixes = sorted((n.removesuffix(first) for n in names if n.endswith(first)), key=natural)
-    if len(prefixes) != config.num_hidden_layers:
+    prefixes = sorted({n.partition(".attn.qpass_")[0] for n in names if ".attn.qpass_" in n}, key=natural)
+    if kinds and len(prefixes) != config.num_hidden_layers:
         raise QpassError(
-            f"{d}: {len(prefixes)} tensors named *{first} for {config.num_hidden_layers} layers; each attention "
-            "needs its grids: recompile the directory"
+            f"{d}: grids for {len(prefixes)} attention layers in {WEIGHTS_FILE}, for {config.num_hidden_layers} "
+            "layers in config.json; each attention needs its grids: recompile the directory"
         )
     tensors = {}
     for i, a in enumerate(prefixes):
@@ -404,6 +412,7 @@ def _recipe(d: Path, reader, names: set, config, attention: dict) -> Recipe | No
                 if part == "scale" and not (t > 0).all():
                     raise QpassError(f"{d}: tensor {key} has a scale that is not positive; recalibrate")
                 tensors[site_key(i, kind, part)] = t.reshape(h, head_dim) if kind.startswith("fa") else t
+    prefixes = prefixes or [""] * config.num_hidden_layers
     sites = [SiteGeometry(i, heads, kv_heads, head_dim, a) for i, a in enumerate(prefixes)]
-    config_ = QuantConfig(fa_quant=attention["fa_quant"], kv_cache=attention["kv_cache"])
-    return Recipe(config_, sites, tensors)
+    policy = QuantConfig(fa_quant=attention["fa_quant"], kv_cache=attention["kv_cache"])
+    return Recipe(policy, sites, tensors)

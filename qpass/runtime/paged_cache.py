@@ -234,13 +234,14 @@ def reshape_and_cache_int8_dynamic(
     Plain PyTorch on every device (no torch_npu kernel for this form).
     """
     _check_dynamic_write(key, value, key_cache, value_cache, slot_mapping, k_scale_cache, v_scale_cache)
-    num_slots = _check_slots(slot_mapping, key_cache)
+    _check_slots(slot_mapping, key_cache)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
+    blocks, offsets = slots // key_cache.shape[1], slots % key_cache.shape[1]  # any strides: vLLM's are not dense
     for x, cache, scales in ((key, key_cache, k_scale_cache), (value, value_cache, v_scale_cache)):
         codes, scale, offset = quantize_dynamic(x[keep])
-        cache.view(num_slots, *cache.shape[2:])[slots] = codes
-        scales.view(num_slots, *scales.shape[2:])[slots] = torch.cat([scale, offset], dim=-1)
+        cache[blocks, offsets] = codes
+        scales[blocks, offsets] = torch.cat([scale, offset], dim=-1)
 
 
 @reshape_and_cache_int8_dynamic.register_fake

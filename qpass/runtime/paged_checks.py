@@ -24,14 +24,16 @@ def check_int8_caches(key_cache, value_cache, fix: str) -> None:
 
 
 def check_scale_caches(key_cache, k_scale_cache, v_scale_cache) -> None:
-    """The dynamic cache's scales and offsets: float32 ``[num_blocks, block_size, num_kv_heads, 2]`` each, contiguous,
-    one pair per token and kv head of ``key_cache`` (``allocate_kv_scale_cache``), on its device."""
+    """The dynamic cache's scales and offsets: float32 ``[num_blocks, block_size, num_kv_heads, 2]`` each, every pair
+    contiguous (``allocate_kv_scale_cache``, or views into a cache that vLLM lays out), one pair per token and kv
+    head of ``key_cache``, on its device."""
     want = (*key_cache.shape[:3], 2)
     for name, t in (("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache)):
-        if t.dtype != torch.float32 or tuple(t.shape) != want or not t.is_contiguous():
+        if t.dtype != torch.float32 or tuple(t.shape) != want or t.stride(-1) != 1:
             raise QpassError(
-                f"{name} is {t.dtype} {tuple(t.shape)}; the dynamic cache's scales must be contiguous float32 "
-                f"[num_blocks, block_size, num_kv_heads, 2] = {list(want)} (allocate_kv_scale_cache)"
+                f"{name} is {t.dtype} {tuple(t.shape)}; the dynamic cache's scales must be float32 "
+                f"[num_blocks, block_size, num_kv_heads, 2] = {list(want)}, each pair contiguous "
+                "(allocate_kv_scale_cache)"
             )
         if t.device != key_cache.device:
             raise QpassError(f"{name} is on {t.device} but the cache on {key_cache.device}; put them on one device")

@@ -57,8 +57,9 @@ def _partition_kernel(
     stride_kv_block,
     stride_kv_token,
     stride_kv_head,
-    stride_s_block,
-    stride_s_token,  # of the dynamic cache's (scale, offset) pairs (contiguous over kv heads)
+    stride_s_block,  # of the dynamic cache's (scale, offset) pairs, each pair contiguous
+    stride_s_token,
+    stride_s_head,
     stride_bt_row,
     stride_o_row,
     stride_o_head,
@@ -115,7 +116,7 @@ def _partition_kernel(
         k = tl.load(k_cache_ptr + kv_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, TILE]
         if KV_DYNAMIC:  # a key's score: scale * (q . code - offset * sum(q))
-            s_ptrs = block * stride_s_block + (tokens % BLOCK_SIZE) * stride_s_token + kv_head * 2
+            s_ptrs = block * stride_s_block + (tokens % BLOCK_SIZE) * stride_s_token + kv_head * stride_s_head
             k_s = tl.load(k_token_scale_ptr + s_ptrs, mask=token_mask, other=0.0)
             k_o = tl.load(k_token_scale_ptr + s_ptrs + 1, mask=token_mask, other=0.0)
             scores = (scores - q_sum[:, None] * k_o[None, :]) * k_s[None, :]
@@ -273,12 +274,13 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
                 )
     if token_scales is not None:
         if key_cache.dtype != torch.int8 or any(
-            t is None or t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (*key_cache.shape[:3], 2)
+            t is None or t.dtype != torch.float32 or t.stride(-1) != 1 or t.shape != (*key_cache.shape[:3], 2)
             for t in token_scales
-        ):
+        ) or token_scales[0].stride() != token_scales[1].stride():
             raise QpassError(
-                f"the dynamic cache needs int8 caches and both k_scale_cache and v_scale_cache, contiguous "
-                f"float32 [num_blocks, block_size, num_kv_heads={kv_heads}, 2] (scale, offset)"
+                f"the dynamic cache needs int8 caches and both k_scale_cache and v_scale_cache, float32 "
+                f"[num_blocks, block_size, num_kv_heads={kv_heads}, 2] (scale, offset) with one layout and each "
+                "pair contiguous"
             )
         scales = dict(zip(("k_scale_cache", "v_scale_cache"), token_scales))
     if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
@@ -370,8 +372,7 @@ def paged_attention_triton(
         key_cache.stride(0),
         key_cache.stride(1),
         key_cache.stride(2),
-        block_size * kv_heads * 2,
-        kv_heads * 2,
+        *(k_scale_cache.stride()[:3] if dynamic else (0, 0, 0)),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),

@@ -1,16 +1,12 @@
-"""The attention backend the plugin puts in place of vLLM's on every layer of a qpass model: the KV cache lives in
-vLLM's paged blocks as int8, written by ``qpass::reshape_and_cache_int8`` with the checkpoint's static per-channel
-scales and offsets, and attention runs ``qpass::paged_prefill_attention_int8`` (one op for a batch of prefills,
-chunked prefills and decodes: vLLM's ``query_start_loc`` is its ``query_start_loc``). The ops choose their
-backend by device: the folded PyTorch path on CPU, the Triton kernel on CUDA.
-
-vLLM hands each layer its cache as a ``[num_blocks, kv_heads, block_size, 2 * head_dim]`` int8 view (layout
-``LBHNC``, K in the first ``head_dim`` of the last axis, V in the second); the ops read and write it through
-``[num_blocks, block_size, kv_heads, head_dim]`` views of the same memory, so a block is still one page that vLLM
-allocates, shares between prefixes and frees.
+"""The attention backends the plugin puts in place of vLLM's on every layer of a qpass model: the KV cache lives in
+vLLM's paged blocks as int8 (:mod:`qpass.vllm.int8_layer` says how a page is laid out), written by qpass's cache
+ops with the checkpoint's static per-channel scales and offsets (``QPASS_INT8``) or per token and kv head
+(``QPASS_INT8_DYNAMIC``), and attention runs qpass's paged prefill op (one op for a batch of prefills, chunked
+prefills and decodes: vLLM's ``query_start_loc`` is its ``query_start_loc``). The ops choose their backend by
+device: the folded PyTorch path on CPU, the Triton kernel on CUDA.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -23,12 +19,10 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from qpass.runtime.paged_attention import paged_prefill_attention_int8
-from qpass.runtime.paged_cache import reshape_and_cache_int8
 from qpass.runtime.paged_checks import BLOCK_SIZES, HEAD_DIMS
-from qpass.runtime.quant_ops import dequantize_int8, quantize_int8
+from qpass.vllm.int8_layer import Grids, attend, content_bytes, write_cache
 
-NAME = "QPASS_INT8"
+NAME, DYNAMIC_NAME = "QPASS_INT8", "QPASS_INT8_DYNAMIC"
 
 
 class QpassInt8Backend(AttentionBackend):
@@ -65,6 +59,18 @@ class QpassInt8Backend(AttentionBackend):
         return QpassInt8MetadataBuilder
 
 
+class QpassInt8DynamicBackend(QpassInt8Backend):
+    """The dynamic cache: each token and kv head's scale and offset in the page beside its codes."""
+
+    @staticmethod
+    def get_name() -> str:
+        return DYNAMIC_NAME
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return replace(spec, state_content_bytes=content_bytes(spec.head_size, dynamic=True))
+
+
 @dataclass
 class QpassInt8Metadata:
     num_actual_tokens: int  # the batch's tokens, padding excluded
@@ -88,31 +94,6 @@ class QpassInt8MetadataBuilder(AttentionMetadataBuilder[QpassInt8Metadata]):
             block_table=m.block_table_tensor[:n].to(torch.int32),
             slot_mapping=m.slot_mapping[: m.num_actual_tokens].to(torch.int64),
         )
-
-
-@dataclass
-class Grids:
-    """A layer's int8 grids, float32: the cache's ``(scale, offset)`` per kv channel ``[kv_heads, head_dim]`` each;
-    the query's FAQuant round trip ``[heads, head_dim]`` or None; and, with FAQuant and C8 together, C8's round
-    trip on K and V before the cache stores them on FAQuant's grid (as qpass's own lowering orders them)."""
-
-    k_cache: tuple[torch.Tensor, torch.Tensor]
-    v_cache: tuple[torch.Tensor, torch.Tensor]
-    query: tuple[torch.Tensor, torch.Tensor] | None = None
-    k_before: tuple[torch.Tensor, torch.Tensor] | None = None
-    v_before: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def round_trip(x: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``x`` ``[tokens, heads, head_dim]`` quantized to int8 on ``grid`` and back, in ``x``'s dtype."""
-    return dequantize_int8(quantize_int8(x.float(), *grid), *grid, torch.float32).to(x.dtype)
-
-
-def split_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's ``[num_blocks, kv_heads, block_size, 2 * head_dim]`` layer cache as the ops' key and value caches
-    ``[num_blocks, block_size, kv_heads, head_dim]`` (views of the same memory)."""
-    head_dim = kv_cache.shape[-1] // 2
-    return kv_cache[..., :head_dim].transpose(1, 2), kv_cache[..., head_dim:].transpose(1, 2)
 
 
 class QpassInt8Impl(AttentionImpl[QpassInt8Metadata]):
@@ -141,15 +122,7 @@ class QpassInt8Impl(AttentionImpl[QpassInt8Metadata]):
         self.grids: Grids | None = None
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        g = self.grids
-        n = slot_mapping.shape[0]
-        key, value = key[:n], value[:n]
-        if g.k_before is not None:
-            key, value = round_trip(key, g.k_before), round_trip(value, g.v_before)
-        key_cache, value_cache = split_cache(kv_cache)
-        reshape_and_cache_int8(
-            key.float(), value.float(), key_cache, value_cache, slot_mapping.to(torch.int64), *g.k_cache, *g.v_cache
-        )
+        write_cache(self.grids, key, value, kv_cache, slot_mapping)
 
     def forward(
         self,
@@ -167,21 +140,7 @@ class QpassInt8Impl(AttentionImpl[QpassInt8Metadata]):
             raise NotImplementedError("qpass's int8 attention does not fuse output quantization")
         if attn_metadata is None:  # vLLM's warm-up and profiling runs
             return output
-        g, n = self.grids, attn_metadata.num_actual_tokens
-        q = query[:n]
-        if g.query is not None:
-            q = round_trip(q, g.query)
-        key_cache, value_cache = split_cache(kv_cache)
-        out = paged_prefill_attention_int8(
-            q.float(),
-            key_cache,
-            value_cache,
-            attn_metadata.block_table,
-            attn_metadata.seq_lens,
-            attn_metadata.query_start_loc,
-            *g.k_cache,
-            *g.v_cache,
-            self.scale,
-        )
-        output[:n] = out.to(output.dtype)
+        m = attn_metadata
+        n = m.num_actual_tokens
+        output[:n] = attend(self.grids, query[:n], kv_cache, m.block_table, m.seq_lens, m.query_start_loc, self.scale)
         return output

@@ -4,8 +4,8 @@ when it quantizes attention (:mod:`qpass.exporters.vllm_format`).
 Linears go to compressed-tensors (the config's ``linear`` section, the same dict a W8A8-only directory carries as
 its whole ``quantization_config``) or stay float. Each attention layer gets :class:`QpassAttentionMethod`, which
 creates the layer's grids as parameters (so vLLM's loader reads them from the checkpoint, each tensor-parallel rank
-its own KV heads' rows), makes the layer's KV cache int8 and puts :mod:`qpass.vllm.backend` in place of the
-attention backend vLLM chose.
+its own KV heads' rows), makes the layer's KV cache int8 and puts one of :mod:`qpass.vllm.backend`'s backends
+in place of the attention backend vLLM chose.
 """
 
 from typing import Any
@@ -24,7 +24,8 @@ from qpass.exporters.vllm_format import (
     attention_tensors,
     check_quantization_config,
 )
-from qpass.vllm.backend import NAME, Grids, QpassInt8Backend, QpassInt8Impl
+from qpass.vllm.backend import DYNAMIC_NAME, NAME, QpassInt8Backend, QpassInt8DynamicBackend, QpassInt8Impl
+from qpass.vllm.int8_layer import Grids
 
 
 class QpassPluginError(ValueError):
@@ -119,8 +120,9 @@ class QpassAttentionMethod(BaseKVCacheMethod):
             param.weight_loader = _rows_of_rank(f"{layer.layer_name}.{name}", local * layer.head_size, tp, rank)
             layer.register_parameter(name, param)
         layer.kv_cache_torch_dtype = torch.int8  # vLLM sizes the layer's pages from it
-        layer.attn_backend = QpassInt8Backend
-        layer.backend = AttentionBackendEnum[NAME]
+        dynamic = self.quant_config.kv_cache == "dynamic"
+        layer.attn_backend = QpassInt8DynamicBackend if dynamic else QpassInt8Backend
+        layer.backend = AttentionBackendEnum[DYNAMIC_NAME if dynamic else NAME]
         layer.impl = QpassInt8Impl(
             layer.num_heads,
             layer.head_size,
@@ -150,7 +152,7 @@ class QpassAttentionMethod(BaseKVCacheMethod):
         fa_grids = (grid("qpass_fa_query", h), grid("qpass_fa_key", hk), grid("qpass_fa_value", hk)) if fa else None
         if fa_grids:  # the cache holds FAQuant's codes; C8's round trip (if any) comes first
             layer.impl.grids = Grids(fa_grids[1], fa_grids[2], fa_grids[0], *c8)
-        else:
+        else:  # C8, or the dynamic cache (no grids: its pairs are computed as it is written)
             layer.impl.grids = Grids(*c8)
 
 

@@ -203,7 +203,7 @@ def test_dynamic_cache_prefill_as_causal_rows():
 
 BAD_DYNAMIC = [
     ("one scale cache", lambda c: c.update(v_scale_cache=None), "both k_scale_cache and v_scale_cache"),
-    ("float16 scales", lambda c: c.update(k_scale_cache=c["k_scale_cache"].half()), "contiguous float32"),
+    ("float16 scales", lambda c: c.update(k_scale_cache=c["k_scale_cache"].half()), "each pair contiguous"),
     (
         "float cache",
         lambda c: c.update(key_cache=c["key_cache"].half(), value_cache=c["value_cache"].half()),

@@ -1,0 +1,93 @@
+"""What an attention layer of a qpass model does inside vLLM, in plain PyTorch over qpass's paged int8 ops (no vLLM
+import, so that it is tested, the Triton kernel included, without vLLM): write new K/V into vLLM's layer cache and
+attend over it. :mod:`qpass.vllm.backend` calls these from vLLM's attention backend interface.
+
+vLLM hands each layer its cache as a ``[num_blocks, kv_heads, block_size, content]`` int8 view (layout ``LBHNC``;
+``content`` is K's ``head_dim`` codes then V's, with the dynamic cache each followed by its float32 scale and
+offset, :func:`content_bytes`); the ops read and write it through ``[num_blocks, block_size, kv_heads, ...]``
+views of the same memory (:func:`split_cache`), so a block is still one page that vLLM allocates, shares between
+prefixes and frees.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from qpass.runtime.paged_attention import paged_prefill_attention_int8
+from qpass.runtime.paged_attention_dynamic import paged_prefill_attention_int8_dynamic
+from qpass.runtime.paged_cache import reshape_and_cache_int8, reshape_and_cache_int8_dynamic
+from qpass.runtime.quant_ops import dequantize_int8, quantize_int8
+
+PAIR_BYTES = 8  # the dynamic cache's (scale, offset) of one token and kv head: two float32
+
+
+@dataclass
+class Grids:
+    """A layer's int8 grids, float32: the cache's ``(scale, offset)`` per kv channel ``[kv_heads, head_dim]`` each
+    (None for the dynamic cache, whose pairs are computed per token and kv head as it is written); the query's
+    FAQuant round trip ``[heads, head_dim]`` or None; and, with FAQuant and C8 together, C8's round trip on K and V
+    before the cache stores them on FAQuant's grid (as qpass's own lowering orders them)."""
+
+    k_cache: tuple[torch.Tensor, torch.Tensor] | None
+    v_cache: tuple[torch.Tensor, torch.Tensor] | None
+    query: tuple[torch.Tensor, torch.Tensor] | None = None
+    k_before: tuple[torch.Tensor, torch.Tensor] | None = None
+    v_before: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.k_cache is None
+
+
+def round_trip(x: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x`` ``[tokens, heads, head_dim]`` quantized to int8 on ``grid`` and back, in ``x``'s dtype."""
+    return dequantize_int8(quantize_int8(x.float(), *grid), *grid, torch.float32).to(x.dtype)
+
+
+def content_bytes(head_dim: int, dynamic: bool) -> int:
+    """Bytes of one token and kv head in a page: K's and V's codes, and with the dynamic cache each one's pair."""
+    return 2 * (head_dim + (PAIR_BYTES if dynamic else 0))
+
+
+def split_cache(kv_cache: torch.Tensor, dynamic: bool = False):
+    """vLLM's ``[num_blocks, kv_heads, block_size, content]`` layer cache as the ops' caches, views of the same memory:
+    ``(key_cache, value_cache)`` ``[num_blocks, block_size, kv_heads, head_dim]`` int8, and for the dynamic cache
+    ``(k_scale_cache, v_scale_cache)`` ``[num_blocks, block_size, kv_heads, 2]`` float32 (else None). A token and kv
+    head's content is K's codes, [K's pair,] V's codes[, V's pair]."""
+    half = kv_cache.shape[-1] // 2
+    d = half - (PAIR_BYTES if dynamic else 0)
+    key, value = kv_cache[..., :d].transpose(1, 2), kv_cache[..., half : half + d].transpose(1, 2)
+    if not dynamic:
+        return (key, value), None
+    pairs = tuple(kv_cache[..., a + d : a + half].view(torch.float32).transpose(1, 2) for a in (0, half))
+    return (key, value), pairs
+
+
+def write_cache(grids: Grids, key, value, kv_cache, slot_mapping) -> None:
+    """Quantize the batch's new ``key``/``value`` ``[tokens, kv_heads, head_dim]`` into their ``slot_mapping`` slots of
+    the layer cache ``kv_cache``: on the cache's grid (C8's round trip first where FAQuant stores them), or per token
+    and kv head (the dynamic cache)."""
+    n = slot_mapping.shape[0]
+    key, value, slots = key[:n].float(), value[:n].float(), slot_mapping.to(torch.int64)
+    (key_cache, value_cache), pairs = split_cache(kv_cache, grids.dynamic)
+    if grids.dynamic:
+        reshape_and_cache_int8_dynamic(key, value, key_cache, value_cache, slots, *pairs)
+        return
+    if grids.k_before is not None:
+        key, value = round_trip(key, grids.k_before), round_trip(value, grids.v_before)
+    reshape_and_cache_int8(key, value, key_cache, value_cache, slots, *grids.k_cache, *grids.v_cache)
+
+
+def attend(grids: Grids, query, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale: float):
+    """Causal attention of ``query`` ``[tokens, heads, head_dim]`` (requests back to back, ``query_start_loc``) over
+    the layer cache: one op for prefills, chunked prefills and decodes; in ``query``'s dtype."""
+    q = (query if grids.query is None else round_trip(query, grids.query)).float()
+    (key_cache, value_cache), pairs = split_cache(kv_cache, grids.dynamic)
+    tables = (block_table, seq_lens, query_start_loc)
+    if grids.dynamic:
+        out = paged_prefill_attention_int8_dynamic(q, key_cache, value_cache, *tables, *pairs, softmax_scale)
+    else:
+        out = paged_prefill_attention_int8(
+            q, key_cache, value_cache, *tables, *grids.k_cache, *grids.v_cache, softmax_scale
+        )
+    return out.to(query.dtype)
