@@ -240,6 +240,13 @@ class Recipe:
         for site in recipe.sites:  # every site's tensors, refused here rather than after the model is captured
             for kind in kinds:
                 recipe.get(site.layer, kind)
+        layers = {site.layer for site in recipe.sites}
+        stray = sorted(n for n in tensors if _SITE_KEY.fullmatch(n) and int(n.split(".")[1]) not in layers)
+        if stray:  # the two files disagree: one of them was replaced or edited
+            raise QpassError(
+                f"--recipe {directory}: {TENSORS_FILE} holds {stray[0]}, of a layer {JSON_FILE} lists no site for "
+                f"({len(stray)} such); the two files are not of one calibration: {fix}"
+            )
         return recipe
 
     def check_matches(self, geometry: tuple[SiteGeometry, ...]) -> None:

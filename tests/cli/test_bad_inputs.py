@@ -5,7 +5,57 @@ refused before the model runs: no calibration, measurement or read-back perplexi
 
 A case is ``(args, problem, fix)``: ``args(c)`` builds the command line from :class:`Inputs` (making any
 broken file under ``c.p``), and ``problem`` and ``fix`` are two pieces of the one line. ONNX inputs have
-cases of their own beside the ONNX frontend's tests.
+cases of their own beside the ONNX frontend's tests ("onnx": tests/frontends/onnx/test_load_refusals.py,
+"forms": its test_exported_forms.py).
+
+The matrix (issue 24): every input of `qpass compile`, `qpass eval` and `qpass run`, and the ways it can be wrong.
+
+- model directory: missing, a dangling link, a link loop, empty (no config.json); config.json empty, cut, not UTF-8,
+  a list, without model_type, a count of the wrong type (whole, layer-wise), heads that do not divide the hidden
+  size, an unknown or non-causal architecture, remote code; weights missing, pickle-only, truncated, header corrupt,
+  a tensor or a shard missing, NaN, shapes config.json does not give, layers config.json does not declare (whole,
+  layer-wise), no layers (whole, layer-wise), positions shorter than --window; the tokenizer missing, cut, its
+  tokenizer_config.json corrupt, from a newer release (whole, layer-wise), past vocab_size (whole, layer-wise);
+  read-only: it compiles (test_read_only_inputs_...). A safetensors file given as MODEL: wrong type.
+- GGUF file: empty, truncated, of another format, with --layerwise. Missing and links: the model directory's road.
+- ONNX file (onnx): missing, empty, truncated, of another format, opset 16, without input_ids, without attention,
+  a sequence axis fixed at another length than --window (and compiled at its own: the fixed-axis test), logits
+  that are not one output (forms); external data missing, truncated, hard-linked, a dangling link, outside the
+  model's directory (../, absolute, a link out: forms); -o inside the model's directory.
+- onnxruntime-genai directory (onnx): genai_config.json not JSON, a list, nulls, a negative or boolean count, a
+  context_length shorter than --window; --fa-quant on its GroupQueryAttention.
+- tokenizer (--tokenizer, onnx): missing, unparsable, larger than the logits; given for a PyTorch model (here).
+- calibration text: missing, a dangling link, a link loop, a directory, empty, whitespace, binary, not UTF-8,
+  UTF-16, JSON broken / a list / a number / empty / without its field, shorter than one window; beside --recipe
+  (unread). Evaluation text: missing, empty, whitespace, a directory, not UTF-8, the weights file, too short
+  (compile and eval); the calibration file itself.
+- recipe: missing, a file, empty directory, JSON corrupt / a list / not UTF-8 / another version / an invalid
+  config, safetensors truncated, a tensor missing / unknown / of the wrong shape, a scale NaN / 0 / infinite / 1.0
+  everywhere, an offset beyond int8, of another model, flags that contradict it, JSON and tensors of two
+  calibrations (via a compiled directory).
+- compiled output: qpass (missing, a file, empty, program truncated / corrupt, no tokenizer, tokenizer cut, recipe
+  corrupt / missing, no decoder.pt2, a corrupt report.json, read-only: it evaluates), MindIE (a tensor missing /
+  of the wrong dtype or shape / not described, the description or config.json disagreeing, corrupt or of another
+  type, weights missing or truncated, scales NaN / 1.0 / beyond int8, deq_scale wrong, the tokenizer missing or
+  unparsable, remote code), vllm-ascend (the same reader: a tensor missing, weights truncated, the description
+  corrupt), ONNX (onnx, forms: external data missing or cut, model.onnx cut, no tokenizer, no recipe, an empty
+  prompt, a fixed sequence axis for run).
+- output path: a file, not empty, the model directory (--force), inside it, holding the calibration file, the
+  recipe or the evaluation file, a link to an input, a dangling link, a link loop, under a dangling link, under a
+  file, under a directory that is not writable (test_an_output_parent_...), empty, the current directory or above.
+- options: each of QuantConfig and RunSettings out of range (window, batch size, calibration and evaluation windows,
+  --max-new-tokens: 0, negative, 10^20; percentile, alpha, --max-ppl-increase: out of range, NaN, inf), not a
+  number, an unknown choice (--observer, --format, --kv-int8), given where nothing reads it (--symmetric,
+  --percentile, --alpha, --max-ppl-increase, --act-method, --observer, --dtype), contradicting each other (--fa-quant
+  with the dynamic cache, --anti-method without --w8a8, the formats' own rules, --disable-level past the Linears or
+  auto with one window, --format onnx for a PyTorch model).
+
+Cells that do not apply: a GGUF directory, config.json or a recipe file that is a directory (each read as missing,
+the cell above); an unreadable file (EACCES) as root, which the tests run as (the read_text road names strerror);
+a special file such as a FIFO for --calib / --eval (process substitution, `<(...)`, is one and is accepted);
+--window on `qpass eval` (it takes the directory's own). Left open: `qpass run` of an ONNX output past the model's
+positions (the graph records no limit; the lowered qpass decoder refuses it), and run settings given where nothing
+reads them (--calib-samples with --recipe, --eval-windows without --eval: recorded in the report's run section).
 """
 
 import json
@@ -75,6 +125,15 @@ def mindie(tiny_model_dir, text_files, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def vllm_ascend(tiny_model_dir, text_files, tmp_path_factory):
+    """The same directory in vllm-ascend's form (W8A8 + symmetric C8), to break copies of."""
+    out = tmp_path_factory.mktemp("vllm-ascend") / "v"
+    args = ["compile", str(tiny_model_dir), "--w8a8", "--kv-int8", "--symmetric", "--format", "vllm-ascend"]
+    assert main([*args, "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]) == 0
+    return out
+
+
 @dataclass
 class Inputs:
     model: Path  # the tiny model directory
@@ -83,6 +142,7 @@ class Inputs:
     out: Path  # the output path a compile is given
     compiled: Path  # a qpass directory
     mindie: Path  # a MindIE directory
+    vllm_ascend: Path  # the same in vllm-ascend's form
 
     def compile(self, *extra, model=None) -> list[str]:
         """``qpass compile`` of ``model`` (the tiny one) with the small settings, the calibration text unless
@@ -210,10 +270,12 @@ def compiled_with(c: Inputs, drop=(), truncate=None, recipe_json=None, raw=None)
     return str(d)
 
 
-def mindie_with(c: Inputs, tensors=None, description=None, config=None, drop=(), truncate=None, raw=None) -> str:
-    """A copy of the MindIE directory with ``tensors(dict)``, ``description(dict)``, ``config(dict)`` edits,
-    files in ``drop`` removed, file ``truncate`` halved, ``raw`` {name: bytes} replacing files."""
-    d = c.copy(c.mindie, "mindie")
+def mindie_with(
+    c: Inputs, tensors=None, description=None, config=None, drop=(), truncate=None, raw=None, source=None
+) -> str:
+    """A copy of the MindIE directory (or ``source``) with ``tensors(dict)``, ``description(dict)``, ``config(dict)``
+    edits, files in ``drop`` removed, file ``truncate`` halved, ``raw`` {name: bytes} replacing files."""
+    d = c.copy(source or c.mindie, "mindie")
     if tensors is not None:
         t = load_file(d / MINDIE_WEIGHTS)
         save_file(tensors(t) or t, d / MINDIE_WEIGHTS, metadata={"format": "pt"})
@@ -1175,6 +1237,37 @@ CASES = {
         "no decoder.pt2",
         "for a model whose attention the paged int8 ops support",
     ),
+    "vllm-ascend tensor missing": (
+        lambda c: mindie_eval(c, mindie_with(c, tensors=lambda t: without(t, NORM), source=c.vllm_ascend)),
+        f"lists {NORM}",
+        "add the tensor or re-export",
+    ),
+    "vllm-ascend weights truncated": (
+        lambda c: mindie_eval(c, mindie_with(c, truncate=MINDIE_WEIGHTS, source=c.vllm_ascend)),
+        f"cannot read {MINDIE_WEIGHTS}",
+        "re-export the directory",
+    ),
+    "vllm-ascend description not JSON": (
+        lambda c: ["run", mindie_with(c, raw={MINDIE_DESCRIPTION: b"{"}, source=c.vllm_ascend), "--prompt", "Hi"],
+        "quant_model_description.json is not valid JSON",
+        "re-export the directory",
+    ),
+    "eval with a recipe whose JSON lists no sites": (
+        lambda c: mindie_eval(
+            c,
+            compiled_with(
+                c,
+                recipe_json=json.dumps(
+                    edit(
+                        json.loads((c.compiled / "recipe/recipe.json").read_text()),
+                        sites=[],
+                    )
+                ).encode(),
+            ),
+        ),
+        "recipe.safetensors holds layers.0.fa_k.offset, of a layer recipe.json lists no site for",
+        "the two files are not of one calibration: recalibrate",
+    ),
     "output is the current directory, with --force": (
         lambda c: c.compile("--kv-int8", "-o", ".", "--force"),
         "the current directory",
@@ -1228,14 +1321,14 @@ def test_the_forward_watch_sees_a_compile_and_an_eval_run(compiled, tiny_model_d
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_writes_nothing_and_changes_no_input(
-    case, tiny_model_dir, text_files, compiled, mindie, tmp_path, capsys, monkeypatch
+    case, tiny_model_dir, text_files, compiled, mindie, vllm_ascend, tmp_path, capsys, monkeypatch
 ):
     make_args, problem, fix = CASES[case]
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    c = Inputs(tiny_model_dir, text_files, inputs, tmp_path / "out", compiled, mindie)
+    c = Inputs(tiny_model_dir, text_files, inputs, tmp_path / "out", compiled, mindie, vllm_ascend)
     args = make_args(c)
-    roots = (tiny_model_dir, Path(text_files["calib"]).parent, compiled, mindie, inputs)
+    roots = (tiny_model_dir, Path(text_files["calib"]).parent, compiled, mindie, vllm_ascend, inputs)
     before = hashes(*roots)
     capsys.readouterr()
     started = watch_forward_passes(monkeypatch)
@@ -1285,3 +1378,62 @@ def test_a_truncated_program_is_one_line_in_a_real_process_too(compiled, text_fi
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "cannot load this saved program" in done.stderr and "recompile into a fresh directory" in done.stderr
+
+
+def _writable(root: Path, writable: bool) -> None:
+    """Every directory and file under ``root`` (and ``root``) with write permission, or without."""
+    for path in (root, *root.rglob("*")):
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
+def test_read_only_inputs_compile_and_the_output_reads_back_read_only(tiny_model_dir, text_files, tmp_path, capsys):
+    """The read-only cells of the matrix: a model directory and text files without write permission (a read-only
+    mount, a shared cache) compile, and `qpass eval` / `qpass run` read a read-only output; no input gains or loses a
+    file or a byte. (As root the permissions bind nothing: the hashes are then the check that nothing wrote there.)"""
+    model, texts, out = tmp_path / "model", tmp_path / "texts", tmp_path / "out"
+    shutil.copytree(tiny_model_dir, model)
+    texts.mkdir()
+    for name in ("calib", "prose"):
+        shutil.copy(text_files[name], texts / Path(text_files[name]).name)
+    calib, prose = (str(texts / Path(text_files[name]).name) for name in ("calib", "prose"))
+    _writable(model, False)
+    _writable(texts, False)
+    try:
+        before = hashes(model, texts)
+        args = ["compile", str(model), *SMALL, "--kv-int8", "--calib", calib, "--eval", prose, "-o", str(out)]
+        assert main(args) == 0
+        _writable(out, False)
+        written = hashes(out)
+        assert main(["eval", str(out), "--eval", prose, "--eval-windows", "2", "--no-float"]) == 0
+        assert main(["run", str(out), "--prompt", "Hello"]) == 2  # the tiny model has no lowered decoder (head_dim 16)
+        assert "no decoder.pt2" in capsys.readouterr().err
+        assert hashes(model, texts) == before and hashes(out) == written
+    finally:
+        for root in (model, texts, out):
+            if root.exists():
+                _writable(root, True)
+
+
+def test_an_output_parent_that_is_not_writable_is_refused_before_any_work(
+    tiny_model_dir, text_files, tmp_path, capsys, monkeypatch
+):
+    """-o under a directory the user cannot write: one line, before the model loads, nothing made there."""
+    import os
+
+    import qpass.core.output as output
+
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: stand in for the answer the kernel gives anyone else
+        access = os.access
+        monkeypatch.setattr(output.os, "access", lambda p, mode: False if Path(p) == parent else access(p, mode))
+    started = watch_forward_passes(monkeypatch)
+    args = ["compile", str(tiny_model_dir), *SMALL, "--kv-int8", "--calib", str(text_files["calib"])]
+    capsys.readouterr()
+    assert main([*args, "-o", str(parent / "new" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot create it under {parent} (not a writable directory)" in err, err
+    assert "choose an output path you can write" in err and not started and not any(parent.iterdir())
+    parent.chmod(0o755)
