@@ -134,11 +134,34 @@ def test_a_mindie_directory_runs_through_a_decoder_lowered_from_its_parameters(m
 def test_directories_without_an_int8_cache_to_check_are_refused_in_one_line():
     from qpass.core.errors import QpassError
     from qpass.exporters.base import Loaded
-    from qpass.frontends import onnx
 
     w8a8_only = Loaded("mindie", None, None, model=torch.nn.Linear(1, 1))
-    with pytest.raises(QpassError, match="W8A8 alone keeps the KV cache in float"):
+    with pytest.raises(QpassError, match="W8A8 alone keeps the KV cache in float") as err:
         te_longcontext.paged_decoder(w8a8_only, 128, None)
-    with pytest.raises(QpassError, match="does not run ONNX directories yet") as err:
-        onnx.long_context_scorers(None, "model.onnx", 128)
     assert "\n" not in str(err.value)
+
+
+def test_an_onnx_directory_runs_through_onnx_runtimes_int8_cache(onnx_dirs, text_files, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from qpass.frontends.onnx import longcontext as onnx_longcontext
+    from qpass.frontends.onnx.frontend import OnnxFrontend
+    from qpass.frontends.onnx.session import Runner, session
+
+    # chunks on the fed-back cache give the logits of one run over the whole sequence
+    reference = OnnxFrontend.load(onnx_dirs[20], 128)
+    runner = Runner(session(reference.path), reference.site_docs)
+    ids = torch.randint(0, 1000, (100,)).tolist()
+    monkeypatch.setattr(onnx_longcontext, "PREFILL_CHUNK", 32)
+    nll, _ = onnx_longcontext.scores(runner, ids, 80, "test")
+    whole = torch.from_numpy(np.asarray(runner.logits(torch.tensor([ids]))[0, :-1], dtype=np.float32))
+    expected = torch.nn.functional.cross_entropy(whole, torch.tensor(ids[1:]), reduction="none").double()
+    assert (nll - expected).abs().max() < 1e-4
+    out = tmp_path / "onnx"
+    args = ["compile", str(onnx_dirs[20]), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--context", "128", "--documents", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["path"].startswith("ONNX Runtime") and "int8" in result["path"]
+    assert sum(r["tokens"] for r in result["buckets"]) == 127 and len(result["retrieval"]["cells"]) == 3

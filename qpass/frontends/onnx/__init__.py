@@ -58,12 +58,35 @@ def generate(loaded, prompt_ids: list[int], max_new_tokens: int, eos_token_id: i
 
 
 def long_context_scorers(loaded, float_model, context: int):
-    """Refused: the long-context check runs the quantized model through a cache, and this frontend has no scorer that
-    feeds ONNX Runtime's ``present.*`` back chunk by chunk yet (it does so for greedy decoding only)."""
+    """``(float_score, quant_score, info)`` for the long-context check (:func:`qpass.core.longcontext.measure`): the
+    quantized model and ``float_model`` (the ONNX model it was compiled from) in ONNX Runtime, each on its own cache
+    fed back chunk by chunk, then token by token; refused in one line where ``context`` is beyond the positions the
+    model's ``genai_config.json`` or ``config.json`` gives, or the model takes a fixed number of tokens a run."""
     from qpass.core.errors import QpassError
+    from qpass.core.longcontext import check_context
+    from qpass.frontends.onnx import longcontext
+    from qpass.frontends.onnx.frontend import OnnxFrontend
+    from qpass.frontends.onnx.pipeline import read_sites
+    from qpass.frontends.onnx.session import Runner, session
 
-    raise QpassError(
-        "--context: the long-context check does not run ONNX directories yet (it needs ONNX Runtime's int8 cache "
-        "fed back chunk by chunk and scored, which qpass does only for greedy decoding); check the qpass or MindIE "
-        "directory compiled from the PyTorch model instead"
+    if not accepts(float_model):
+        raise QpassError(
+            f"--float {float_model}: an ONNX directory's float side is the ONNX model it was compiled from; give that"
+        )
+    reference = OnnxFrontend.load(float_model, context)
+    limit = (reference.genai_config or {}).get("model", {}).get("context_length")
+    check_context(context, limit or reference.config_json().get("max_position_embeddings"))
+    quantized = Runner(session(loaded.program), read_sites(loaded.program))
+    if not quantized.pasts:
+        raise QpassError(
+            "--context: this ONNX model has no past_key_values inputs, so it has no cache to run through; export the "
+            "decoder with its KV cache as inputs and outputs"
+        )
+    float_runner = Runner(session(reference.path), reference.site_docs)
+    dtypes = sorted({kind for name, (kind, _) in quantized.feeds.inputs.items() if name in quantized.pasts})
+    info = {"path": f"ONNX Runtime, its cache fed back ({'/'.join(dtypes)} past_key_values)", "float": str(float_model)}
+    return (
+        lambda ids, desc: longcontext.scores(float_runner, ids, len(ids) - 1, desc),
+        lambda ids, prefill, desc: longcontext.scores(quantized, ids, prefill, desc),
+        info,
     )
