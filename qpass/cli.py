@@ -205,6 +205,9 @@ def cmd_compile(args) -> int:
 
         positions = result.compiled.config_json.get("max_position_embeddings")
         check_context(args.long_context, positions, "--long-context")  # before anything is written
+        if args.format == "qpass" and result.decoder is None:
+            why = result.report.get("decoder", {}).get("skipped") or "a layer-wise compile writes the recipe only"
+            raise QpassError(f"--long-context: this compile lowers no paged decoder to check ({why})")
     result.save(args.output, force=args.force, format=args.format, dtype=args.dtype)
     if args.long_context is not None:
         _long_context(args)

@@ -165,3 +165,13 @@ def test_an_onnx_directory_runs_through_onnx_runtimes_int8_cache(onnx_dirs, text
     result = json.loads(capsys.readouterr().out)
     assert result["path"].startswith("ONNX Runtime") and "int8" in result["path"]
     assert sum(r["tokens"] for r in result["buckets"]) == 127 and len(result["retrieval"]["cells"]) == 3
+
+
+def test_compile_refuses_a_long_context_check_of_a_model_the_paged_ops_cannot_run(
+    tiny_model_dir, text_files, tmp_path, capsys
+):
+    out = tmp_path / "out"  # head_dim 16: the paged ops take 64, 128, 256, so no decoder is lowered
+    args = ["compile", str(tiny_model_dir), "--kv-int8", "--calib", str(text_files["calib"]), "-o", str(out), *SMALL]
+    assert main([*args, "--long-context", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "--long-context: this compile lowers no paged decoder to check (head_dim=16" in err and not out.exists()
