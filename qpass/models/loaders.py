@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import struct
 import sys
 from dataclasses import dataclass
@@ -199,8 +200,12 @@ def check_vocabulary(label: str, tokenizer, vocab_size) -> None:
 def check_finite(label: str, weights) -> None:
     """Refuse a weight (``weights``: ``(name, tensor)`` pairs) that holds NaN or an infinity: every value computed from
     it would be too, and calibration would leave scales that say nothing of the model."""
-    for name, tensor in weights:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    for name, tensor in weights:  # the sum is NaN or infinite if a value is (and else only if it overflows: then look)
+        if (
+            tensor.is_floating_point()
+            and not math.isfinite(float(tensor.sum()))
+            and not bool(torch.isfinite(tensor).all())
+        ):
             raise QpassError(
                 f"{label}: weight {name} holds NaN or infinite values; the weights are corrupt: re-download the model"
             )

@@ -1437,3 +1437,18 @@ def test_an_output_parent_that_is_not_writable_is_refused_before_any_work(
     assert err.count("\n") == 1 and f"cannot create it under {parent} (not a writable directory)" in err, err
     assert "choose an output path you can write" in err and not started and not any(parent.iterdir())
     parent.chmod(0o755)
+
+
+def test_weights_of_nan_are_refused_layer_wise_as_their_layer_is_read(tiny_model_dir, text_files, tmp_path, capsys):
+    """Layer-wise, a weight holding NaN is refused when its layer is read (checking every weight before the run would
+    read a model larger than memory twice): one line, exit 2, nothing written, the input unchanged."""
+    c = Inputs(tiny_model_dir, text_files, tmp_path, tmp_path / "out", None, None, None)
+    nan = set_tensor("model.layers.1.mlp.down_proj.weight", lambda t: t * float("nan"))
+    model = model_with(c, weights=nan)
+    before = hashes(Path(model))
+    capsys.readouterr()
+    assert main(c.compile("--kv-int8", "--layerwise", model=model)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weight model.layers.1.mlp.down_proj.weight holds NaN" in err, err
+    assert "re-download the model" in err and not c.out.exists() and hashes(Path(model)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
