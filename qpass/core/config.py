@@ -19,6 +19,14 @@ MAX_COUNT = 2**31 - 1  # a window, batch or count beyond this is no setting any 
 EVAL_WINDOWS = 32  # evaluation windows, at most (qpass compile --eval, qpass eval)
 
 
+class UnreadSetting(ValueError):
+    """A setting other than its default where the policy reads nothing of it (``name``: the field)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 def _opt(flag: str, help: str, **argparse_kwargs) -> dict:
     return {"flag": flag, "help": help, **argparse_kwargs}
 
@@ -206,15 +214,23 @@ class QuantConfig:
             value = getattr(self, name)
             if unread and value != _DEFAULTS[name]:
                 flag = name.replace("_", "-")
-                raise ValueError(f"{name}={value!r} {why}, so it would be ignored; drop --{flag}")
+                raise UnreadSetting(name, f"{name}={value!r} {why}, so it would be ignored; drop --{flag}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, doc: dict) -> "QuantConfig":
-        """The policy a ``recipe.json`` holds; the run settings that older recipes kept beside it are left out."""
-        return cls(**{k: v for k, v in doc.items() if k not in RUN_FIELDS})
+        """The policy a ``recipe.json`` holds; the run settings that older recipes kept beside it are left out, and
+        a setting nothing reads under its policy is read as its default (older recipes recorded one as given, or an
+        older default: the observer of a W8A8-only recipe was mse, then extreme)."""
+        doc = {k: v for k, v in doc.items() if k not in RUN_FIELDS}
+        for _ in _DEFAULTS:
+            try:
+                return cls(**doc)
+            except UnreadSetting as unread:
+                doc[unread.name] = _DEFAULTS[unread.name]
+        return cls(**doc)
 
     @property
     def observed_kinds(self) -> tuple[str, ...]:

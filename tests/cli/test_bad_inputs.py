@@ -48,7 +48,8 @@ The matrix (issue 24): every input of `qpass compile`, `qpass eval` and `qpass r
   number, an unknown choice (--observer, --format, --kv-int8), given where nothing reads it (--symmetric,
   --percentile, --alpha, --max-ppl-increase, --act-method, --observer, --dtype), contradicting each other (--fa-quant
   with the dynamic cache, --anti-method without --w8a8, the formats' own rules, --disable-level past the Linears or
-  auto with one window, --format onnx for a PyTorch model).
+  auto with one window, --format onnx for a PyTorch model); `qpass eval --float MODEL` missing or broken (refused
+  before the quantized run).
 
 Cells that do not apply: a GGUF directory, config.json or a recipe file that is a directory (each read as missing,
 the cell above); an unreadable file (EACCES) as root, which the tests run as (the read_text road names strerror);

@@ -77,6 +77,21 @@ def test_missing_or_corrupt_recipe_is_refused(calibrated, tmp_path):
         Recipe.load(tmp_path)
 
 
+def test_a_setting_nothing_reads_is_refused_but_an_older_recipe_holding_one_loads():
+    """--percentile without --observer percentile (and the like) is refused: it would be recorded as applied. A
+    recipe.json written before recorded such settings (a W8A8-only policy with the observer default of its day): they
+    load as the defaults, since nothing read them."""
+    with pytest.raises(ValueError, match="percentile=99.0 applies to observer='percentile'"):
+        QuantConfig(kv_cache="static", percentile=99.0)
+    with pytest.raises(ValueError, match="observer='mse' chooses the calibrated attention scales"):
+        QuantConfig(w8a8=True, observer="mse")
+    old = {"w8a8": True, "observer": "mse", "percentile": 99.0, "alpha": 0.7, "anti_method": "m3"}
+    assert QuantConfig.from_dict(old) == QuantConfig(w8a8=True, anti_method="m3")
+    assert (
+        QuantConfig.from_dict({"kv_cache": "static", "observer": "percentile", "percentile": 99.0}).percentile == 99.0
+    )
+
+
 def test_config_is_validated_on_construction():
     with pytest.raises(ValueError, match="nothing to quantize"):
         QuantConfig()
