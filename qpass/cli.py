@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _eval_parser(sub.add_parser("eval", help="reload a compiled directory and measure its perplexity"))
     r = sub.add_parser("run", help="generate text greedily with the compiled decoder and its paged int8 KV cache")
-    r.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
+    r.add_argument(
+        "out",
+        metavar="OUT",
+        help="directory written by `qpass compile -o` (any --format), or a MindIE weight directory",
+    )
     r.add_argument("--prompt", required=True, help="text to continue")
     r.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
     i = sub.add_parser("inspect", help="list the attention sites found in MODEL")
@@ -102,7 +106,11 @@ def _compile_parser(c: argparse.ArgumentParser) -> None:
 
 
 def _eval_parser(e: argparse.ArgumentParser) -> None:
-    e.add_argument("out", metavar="OUT", help="directory written by `qpass compile -o`, or a MindIE weight directory")
+    e.add_argument(
+        "out",
+        metavar="OUT",
+        help="directory written by `qpass compile -o` (any --format), or a MindIE weight directory",
+    )
     e.add_argument(
         "--eval", help="evaluation text file (required without --context; with it, the long documents' text)"
     )

@@ -1,19 +1,28 @@
-"""Runs vLLM in its own environment (``.venv-vllm``) for the plugin's tests and benchmarks: ``python vllm_driver.py
-JOB.json`` prints one JSON line, ``RESULT {...}``, with what the job asked for.
+"""Runs vLLM in its own environment (``.venv-vllm``) for the plugin's tests and ``tools.bench_vllm``:
+``.venv-vllm/bin/python tools/vllm_driver.py JOB.json`` prints one JSON line, ``RESULT {...}``, with what the job
+asked for. It imports nothing of qpass's (vLLM loads qpass's plugin itself, by its entry point).
 
 JOB: ``{"model": DIR, "dtype": "float32", "tp": 1, "kv_cache_memory_bytes": N, "generate": [[ids...], ...],
-"max_tokens": 8, "logprobs": [[ids...], ...]}``. The result holds the greedy token ids of each ``generate`` prompt,
-the summed next-token NLL and token count of each ``logprobs`` window (vLLM's ``prompt_logprobs``), the engine's
-cache figures (blocks, block size, bytes) and the attention backend each layer runs.
+"generate_after": [[ids...], ...], "max_tokens": 8, "logprobs": [[ids...], ...]}`` and engine settings
+(``max_num_batched_tokens``, ``block_size``, ``enable_prefix_caching``). The result holds the greedy token ids of
+each ``generate`` prompt (and of ``generate_after``'s, a second batch, with the prefix cache's hits), the summed
+next-token NLL and token count of each ``logprobs`` window (vLLM's ``prompt_logprobs``), the engine's cache figures
+(blocks, block size, bytes) and the attention backend each layer runs.
+
+``"bench": {"batches": [1, 8], "decode": 16}`` with ``"bench_prompts"`` times, for each batch size, the prefill of
+that many prompts (one new token) and their prefill with ``decode`` more tokens, each prompt new to the prefix cache.
 """
 
+import argparse
 import json
 import os
-import sys
+import time
 
 
-def main(job_file: str) -> None:
-    job = json.loads(open(job_file, encoding="utf-8").read())
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.vllm_driver", description=__doc__.split("\n\n")[0])
+    parser.add_argument("job", help="the job, a JSON file (the module docstring)")
+    job = json.loads(open(parser.parse_args().job, encoding="utf-8").read())
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -24,15 +33,29 @@ def main(job_file: str) -> None:
         tensor_parallel_size=job.get("tp", 1),
         max_model_len=job.get("max_model_len", 512),
         max_num_seqs=job.get("max_num_seqs", 8),
+        max_num_batched_tokens=job.get("max_num_batched_tokens"),
+        block_size=job.get("block_size"),
+        enable_prefix_caching=job.get("enable_prefix_caching", True),
+        kv_cache_dtype=job.get("kv_cache_dtype", "auto"),
         gpu_memory_utilization=0.05,
         kv_cache_memory_bytes=job.get("kv_cache_memory_bytes", 1 << 26),
         seed=0,
+        disable_log_stats=False,  # get_metrics() counts the prefix cache's hits
     )
     result = {}
     if job.get("generate"):
         params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["generate"]], params, use_tqdm=False)
         result["generated"] = [list(o.outputs[0].token_ids) for o in outs]
+    if job.get("generate_after"):  # a second batch, after the first finished (its blocks in the prefix cache)
+        params = SamplingParams(max_tokens=job.get("max_tokens", 8), temperature=0.0, ignore_eos=True)
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["generate_after"]]
+        result["generated_after"] = [
+            list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)
+        ]
+        result["prefix_cache_hits"] = sum(
+            m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits" and hasattr(m, "value")
+        )
     if job.get("logprobs"):
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["logprobs"]], params, use_tqdm=False)
@@ -40,6 +63,8 @@ def main(job_file: str) -> None:
         for ids, o in zip(job["logprobs"], outs):
             nll.append(-sum(o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))))
         result["nll_sum"] = nll
+    if job.get("bench"):
+        result["bench"] = bench(llm, job["bench"], job["bench_prompts"])
     cache = llm.llm_engine.vllm_config.cache_config
     result["cache"] = {"num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size}
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and job.get("tp", 1) == 1:
@@ -52,5 +77,26 @@ def main(job_file: str) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def bench(llm, settings: dict, prompts: list[list[int]]) -> list[dict]:
+    """Seconds of each batch size's prefill (one new token) and of its prefill and ``decode`` more tokens, each on
+    prompts not seen before (two disjoint slices of ``prompts`` per batch size)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    out, at = [], 0
+    for b in settings["batches"]:
+        timed = {}
+        for name, tokens in (("prefill_s", 1), ("prefill_and_decode_s", 1 + settings["decode"])):
+            batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts[at : at + b]]
+            at += b
+            params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+            start = time.perf_counter()
+            llm.generate(batch, params, use_tqdm=False)
+            timed[name] = time.perf_counter() - start
+        decode_s = timed["prefill_and_decode_s"] - timed["prefill_s"]
+        out.append({"batch": b, **timed, "decode_tokens_per_s": b * settings["decode"] / decode_s})
+    return out
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

@@ -109,6 +109,7 @@ def detect(path: str | Path) -> Exporter:
         if exporter.detect(Path(path)):
             return exporter
     raise QpassError(
-        f"{path}: not a directory written by `qpass compile -o` (program.pt2, or model.onnx with recipe/) nor a "
-        "MindIE weight directory (quant_model_description.json); give one of those"
+        f"{path}: not a directory written by `qpass compile -o` (program.pt2; model.onnx with recipe/; config.json "
+        "whose quantization_config is qpass's or compressed-tensors') nor a MindIE weight directory "
+        "(quant_model_description.json); give one of those"
     )

@@ -73,11 +73,6 @@ def refusal(config, options: dict) -> str | None:
                 f"--dtype {dtype}: --format vllm stores {', '.join(MODEL_DTYPES)} weights; choose one of those",
                 dtype not in MODEL_DTYPES,
             ),
-            (
-                "--format vllm with --fa-quant and --kv-int8 dynamic: qpass's vLLM backend stores FAQuant's codes "
-                "in a cache with static grids; drop one of the two, or write --format qpass",
-                config.kv_cache == "dynamic" and config.fa_quant,
-            ),
         )
     )
 

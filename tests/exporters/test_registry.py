@@ -29,7 +29,6 @@ RULES = [  # (format, policy, options, words of the refusal); None: written
     ("vllm", dict(kv_cache="static"), ONNX, "an ONNX input is written as ONNX"),
     ("vllm", dict(kv_cache="static"), {**TORCH, "dtype": "int8"}, "--dtype int8"),
     ("vllm", dict(kv_cache="dynamic"), TORCH, None),
-    ("vllm", dict(kv_cache="dynamic", fa_quant=True), TORCH, "stores FAQuant's codes in a cache with static grids"),
 ]
 
 

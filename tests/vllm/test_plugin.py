@@ -1,6 +1,6 @@
 """``--format vllm`` served by vLLM with qpass's plugin (issue 25), checked against vLLM itself: vLLM for CPU runs in
 its own environment (``.venv-vllm``, made by ``make test``: its pins conflict with the test environment's) through
-``tests/helpers/vllm_driver.py``, one engine start per directory.
+``tools/vllm_driver.py``, one engine start per directory.
 
 On a tiny Llama (head_dim 64, GQA 4/2) for C8, FAQuant + C8, W8A8 + FAQuant + C8 and the dynamic cache: vLLM
 decodes qpass run's greedy tokens; its perplexity from ``prompt_logprobs`` in float32 equals ``qpass eval``'s within
@@ -21,7 +21,7 @@ from qpass.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-DRIVER = ROOT / "tests" / "helpers" / "vllm_driver.py"
+DRIVER = ROOT / "tools" / "vllm_driver.py"
 WINDOW, WINDOWS = 512, 4
 PROMPT = "The tokenizer splits the text into words and"
 
@@ -31,11 +31,12 @@ if not VLLM_PYTHON.is_file():
     pytest.skip("vLLM's environment .venv-vllm is absent (`make test` creates it)", allow_module_level=True)
 
 
-def run_vllm(tmp_path: Path, job: dict, plugins: bool = True) -> dict:
-    """The driver's result for ``job`` (vLLM in this process's stead, in its own environment)."""
+def run_vllm(tmp_path: Path, job: dict, plugins: bool = True, env: dict | None = None) -> dict:
+    """The driver's result for ``job`` (vLLM in this process's stead, in its own environment); ``env`` adds to the
+    driver's environment."""
     path = tmp_path / f"job-{len(list(tmp_path.glob('job-*')))}.json"
     path.write_text(json.dumps(job), encoding="utf-8")
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     if not plugins:
         env["VLLM_PLUGINS"] = "none-but-stock-vllm"  # vLLM loads only the plugins named here: none
     proc = subprocess.run(
@@ -112,6 +113,49 @@ def test_vllm_serves_what_qpass_runs(flags, tiny_dir, text_files, tmp_path, caps
     assert PROMPT + tokenizer.decode(got["generated"][0]) == text
     vllm_ppl = math.exp(sum(n / (WINDOW - 1) for n in got["nll_sum"]) / len(got["nll_sum"]))
     assert abs(vllm_ppl / ppl - 1) < 5e-4, (vllm_ppl, ppl)
+
+
+def test_continuous_batching_chunked_prefill_and_prefix_caching_decode_what_qpass_runs(
+    tiny_dir, text_files, tmp_path, capsys
+):
+    """vLLM's default scheduler over qpass's cache: prompts of different lengths in one batch, prefilled in chunks of
+    16 tokens (blocks of 16), then prompts that extend the first batch's (their leading blocks from the prefix
+    cache): every request decodes what ``qpass run`` decodes for its prompt alone."""
+    from transformers import AutoTokenizer
+
+    out = compile_vllm(tiny_dir, text_files, tmp_path / "out", "--kv-int8")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    source = text_files["prose"].read_text(encoding="utf-8").split()
+    first = [" ".join(source[:40]), " ".join(source[100:112]), " ".join(source[200:260])]
+    after = [first[0] + " " + " ".join(source[40:50]), first[2] + " and"]
+    capsys.readouterr()
+    expected = []
+    for prompt in first + after:
+        assert main(["run", str(out), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+        expected.append(capsys.readouterr().out.rstrip("\n").splitlines()[0])
+    ids = lambda prompts: [tokenizer(p)["input_ids"] for p in prompts]  # noqa: E731
+    job = {"model": str(out), "generate": ids(first), "generate_after": ids(after), "max_tokens": 6}
+    got = run_vllm(tmp_path, {**job, "max_num_batched_tokens": 16, "block_size": 16, "max_num_seqs": 4})
+    texts = [p + tokenizer.decode(g) for p, g in zip(first + after, got["generated"] + got["generated_after"])]
+    assert texts == expected
+    assert got["prefix_cache_hits"] >= 32  # the extended prompts' leading blocks came from the cache
+
+
+@pytest.mark.parametrize(
+    "flags", [("--kv-int8",), ("--w8a8", "--fa-quant", "--kv-int8")], ids=["c8", "w8a8-faquant-c8"]
+)
+def test_two_tensor_parallel_ranks_decode_what_one_does(flags, tiny_dir, text_files, tmp_path, capsys):
+    """``tensor_parallel_size=2`` on the CPU (one core per rank): each rank loads its own KV head's rows of every grid
+    (and, with W8A8, its shard of each Linear) and the two decode qpass run's tokens, as one rank does."""
+    from transformers import AutoTokenizer
+
+    out = compile_vllm(tiny_dir, text_files, tmp_path / "out", *flags)
+    capsys.readouterr()
+    text = qpass_generate(out, capsys)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    job = {"model": str(out), "generate": [tokenizer(PROMPT)["input_ids"]], "max_tokens": 8, "tp": 2}
+    got = run_vllm(tmp_path, job, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert PROMPT + tokenizer.decode(got["generated"][0]) == text
 
 
 def test_the_int8_cache_holds_twice_the_tokens_of_stock_vllms_bfloat16_cache(tiny_dir, text_files, tmp_path):
