@@ -273,10 +273,14 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
                     f"{name} must be float32 [num_kv_heads={kv_heads}, head_dim={head_dim}] for an int8 cache"
                 )
     if token_scales is not None:
-        if key_cache.dtype != torch.int8 or any(
-            t is None or t.dtype != torch.float32 or t.stride(-1) != 1 or t.shape != (*key_cache.shape[:3], 2)
-            for t in token_scales
-        ) or token_scales[0].stride() != token_scales[1].stride():
+        if (
+            key_cache.dtype != torch.int8
+            or any(
+                t is None or t.dtype != torch.float32 or t.stride(-1) != 1 or t.shape != (*key_cache.shape[:3], 2)
+                for t in token_scales
+            )
+            or token_scales[0].stride() != token_scales[1].stride()
+        ):
             raise QpassError(
                 f"the dynamic cache needs int8 caches and both k_scale_cache and v_scale_cache, float32 "
                 f"[num_blocks, block_size, num_kv_heads={kv_heads}, 2] (scale, offset) with one layout and each "
