@@ -21,7 +21,7 @@ from qpass.core.config import MAX_COUNT, QuantConfig, RunSettings
 from qpass.core.data import check_texts_apart, read_samples, read_text, token_windows
 from qpass.core.errors import QpassError
 from qpass.core.output import atomic_output_dir
-from qpass.core.recipe import Recipe
+from qpass.core.recipe import CALIBRATED_WITH, Recipe
 from qpass.core.sites import AttentionSite
 from qpass.exporters import registry
 from qpass.models.loaders import LoadedModel
@@ -268,7 +268,9 @@ def long_context(
     scorers = frontends.get(exporter.frontend).long_context_scorers(loaded, str(source), context)
     float_score, quant_score, info = scorers
     setup = time.perf_counter() - start
-    section = {**info, **longcontext.measure(loaded.tokenizer, context, documents, text, float_score, quant_score)}
+    window = (loaded.recipe.stats.get(CALIBRATED_WITH, {}).get("window") if loaded.recipe is not None else None) or None
+    measured = longcontext.measure(loaded.tokenizer, context, documents, text, float_score, quant_score, window)
+    section = {**info, **measured}
     section["timings_s"] = {"setup": round(setup, 3), **section["timings_s"]}
     for warning in section["warnings"]:
         print(f"qpass: {warning}", file=sys.stderr)

@@ -138,12 +138,21 @@ def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def measure(tokenizer, context: int, count: int, text: str | None, float_score, quant_score) -> dict:
+def measure(
+    tokenizer,
+    context: int,
+    count: int,
+    text: str | None,
+    float_score,
+    quant_score,
+    calibrated_window: int | None = None,
+) -> dict:
     """The check's section of a report: :func:`documents` scored by both models (the quantized one prefilled but for
     the last :func:`decode_tokens`, which it decodes one at a time), the :func:`passkey_prompts` grid (the quantized
     one prefilled with the prompt, then decoding the key), judged by :func:`bucket_table` and
     :func:`retrieval_table`, with the warnings. ``float_score(ids, desc)`` and ``quant_score(ids, prefill, desc)``
-    return ``(nll float64 [T - 1], hit bool [T - 1])``."""
+    return ``(nll float64 [T - 1], hit bool [T - 1])``; ``calibrated_window``: the window the recipe was calibrated
+    over, where it records one (the late-position warning then says so)."""
     docs = documents(tokenizer, context, count, text)
     grid = passkey_prompts(tokenizer, context)  # refused now rather than after the documents
     timings = {}
@@ -172,9 +181,10 @@ def measure(tokenizer, context: int, count: int, text: str | None, float_score, 
         "retrieval": retrieval_table(grid, hits["float"], hits["quant"]),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    section["warnings"] = [
-        w for w in (late_position_warning(section["buckets"]), retrieval_warning(section["retrieval"])) if w
-    ]
+    if calibrated_window is not None:
+        section["calibrated_window"] = calibrated_window
+    late = late_position_warning(section["buckets"], calibrated_window)
+    section["warnings"] = [w for w in (late, retrieval_warning(section["retrieval"])) if w]
     return section
 
 
@@ -209,10 +219,13 @@ def bucket_table(context: int, float_nll: list[torch.Tensor], quant_nll: list[to
     return rows
 
 
-def late_position_warning(rows: list[dict]) -> str | None:
+def late_position_warning(rows: list[dict], calibrated_window: int | None = None) -> str | None:
     """A warning when the quantized increase in the last bucket exceeds the first's by more than the 95 % interval of
-    that difference (half-width ``sqrt(first's ** 2 + last's ** 2)``: the two buckets hold different tokens)."""
+    that difference (half-width ``sqrt(first's ** 2 + last's ** 2)``: the two buckets hold different tokens). Where
+    the recipe was calibrated over windows shorter than the context, it says so: ranges fitted at positions
+    0 .. window - 1 need not hold Q and K after RoPE further on (SmolLM2: docs/benchmarks.md)."""
     first, last = rows[0], rows[-1]
+    end = last["positions"][1]
     margin = math.hypot(first["interval"], last["interval"])
     if last["increase"] - first["increase"] <= margin + 1e-9:  # (rounding is no loss)
         return None
@@ -220,6 +233,11 @@ def late_position_warning(rows: list[dict]) -> str | None:
         f"long context: the quantized NLL increase at positions {_span(last)} ({last['increase']:+.4f} nats) exceeds "
         f"the first bucket's ({_span(first)}: {first['increase']:+.4f}) by more than the difference's 95% interval "
         f"(+/-{margin:.4f}); the int8 cache loses accuracy late in long contexts"
+        + (
+            f" (calibrated over {calibrated_window}-token windows: recalibrate with --window {end})"
+            if calibrated_window is not None and calibrated_window < end
+            else ""
+        )
     )
 
 

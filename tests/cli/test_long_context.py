@@ -55,6 +55,7 @@ def test_eval_context_runs_the_quantized_model_through_the_paged_op(compiled, sp
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert "paged int8" in result["path"] and plot.stat().st_size > 0
+    assert result["calibrated_window"] == 64  # the compile's --window, for the late-position warning's hint
     # the paged path is what runs: per document and layer (2 layers), prefill in calls of at most 64 tokens, then
     # one call per decoded token; the passkey prompts likewise, prefilled then decoding the key
     decoded = longcontext.decode_tokens(CONTEXT)

@@ -36,7 +36,10 @@ def test_bucket_table_pairs_tokens_and_flags_a_late_increase():
     assert math.isclose(rows[-1]["increase"], float(d.mean()))
     assert math.isclose(rows[-1]["interval"], 1.959964 * float(d.std()) / math.sqrt(d.numel()))
     warning = longcontext.late_position_warning(rows)
-    assert warning is not None and "128-256" in warning and "95% interval" in warning
+    assert warning is not None and "128-256" in warning and "95% interval" in warning and "--window" not in warning
+    hint = longcontext.late_position_warning(rows, calibrated_window=64)
+    assert hint.endswith("(calibrated over 64-token windows: recalibrate with --window 256)")
+    assert longcontext.late_position_warning(rows, calibrated_window=256) == warning
     # within the difference's interval: no warning, though beyond the last bucket's own
     rows[-1]["increase"] = rows[0]["increase"] + 1.2 * rows[-1]["interval"]
     rows[0]["interval"] = rows[-1]["interval"]
