@@ -119,7 +119,7 @@ def _calibrate_w8a8(
     linears = _linears(frontend)
     calib, held = split_held_out(windows, config)
     stride = max(1, calib.numel() // LINEAR_SAMPLE_TOKENS)
-    doc, tensors, w8a8_stats = _w8a8_doc(config), {}, {}
+    doc, tensors, w8a8_stats = _w8a8_doc(config, linears), {}, {}
     state, smoothed = frontend.state_dict(), None
     if config.anti_method is not None:
         groups = _smoothing_groups(frontend, linears, config)
@@ -128,9 +128,12 @@ def _calibrate_w8a8(
         chosen = _smooth(config, list(enumerate(groups)), group_obs, state, tensors, doc)
         w8a8_stats["smooth"] = {"groups": len(groups), **_chosen(chosen)}
         state = smoothed = apply_smoothing(state, doc["smooth"], tensors)
-    linear_obs = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({s.input for s in linears})}
+    dynamic = config.w8a8 == "dynamic"  # no Linear input ranges: each token's scale is computed at run time
+    inputs = set() if dynamic else {s.input for s in linears}
+    linear_obs = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted(inputs)}
     attention_obs = attention_observers(sites, config, calib)
-    frontend.observe(calib, {**linear_obs, **attention_obs}, batch_size, state_dict=smoothed)
+    if linear_obs or attention_obs:
+        frontend.observe(calib, {**linear_obs, **attention_obs}, batch_size, state_dict=smoothed)
     attn_tensors, stats = attention_qparams(sites, attention_obs, config)
     linear_tensors, per_linear = linear_qparams(linears, linear_obs, state, config)
     tensors.update(linear_tensors)
@@ -159,8 +162,8 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
     sites, linears = [layer.attention for layer in layers], _linears(frontend)
     windows, held = split_held_out(windows, config)
     stride = max(1, windows.numel() // LINEAR_SAMPLE_TOKENS)
-    doc, tensors, stats, chosen = _w8a8_doc(config), {}, {}, []
-    per_linear = {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
+    doc, tensors, stats, chosen = _w8a8_doc(config, linears), {}, {}, []
+    per_linear = {} if config.w8a8 == "dynamic" else {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
     state, smoothed = frontend.state_dict(), {}  # smoothed: the layer's smoothed tensors, by name
     groups = _smoothing_groups(frontend, linears, config) if config.anti_method is not None else []
     layer_of = {s.module: layer.index for layer in layers for s in layer.linears}
@@ -185,7 +188,8 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
         )
         return dict(smoothed)
 
-    observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted({s.input for s in linears})}
+    inputs = set() if config.w8a8 == "dynamic" else {s.input for s in linears}  # dynamic: no Linear input ranges
+    observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted(inputs)}
     observers.update(attention_observers(sites, config, windows))  # each popped when its layer is done
     layer_at = {layer.index: layer for layer in layers}
     for index in frontend.observe_layers(windows, observers, batch_size, smooth=smooth if groups else None):
@@ -197,7 +201,8 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
         tensors.update(site_tensors)
         for key, table in site_stats.items():
             stats.setdefault(key, {}).update(table)
-        inputs = {name: observers.pop(name) for name in dict.fromkeys(s.input for s in layer.linears)}
+        names = dict.fromkeys(s.input for s in layer.linears if s.input in observers)  # none for dynamic W8A8
+        inputs = {name: observers.pop(name) for name in names}
         layer_state = {
             n: smoothed[n] if n in smoothed else state[n] for n in (f"{s.module}.weight" for s in layer.linears)
         }
@@ -223,9 +228,12 @@ def _linears(frontend) -> list:
     return linears
 
 
-def _w8a8_doc(config: QuantConfig) -> dict:
-    """The recipe's ``w8a8`` section before the smoothing groups and the float Linears are known."""
+def _w8a8_doc(config: QuantConfig, linears: list) -> dict:
+    """The recipe's ``w8a8`` section before the smoothing groups and the float Linears are known (dynamic W8A8: with
+    the Linears found, which have no qparams to name them)."""
+    found = {"linears": sorted(s.module for s in linears)} if config.w8a8 == "dynamic" else {}
     return {
+        **found,
         "act_method": config.act_method,
         "anti_method": config.anti_method,
         "alpha": config.alpha,
@@ -251,7 +259,8 @@ def _smooth(
     """The smoothing scales of ``entries`` (``(recipe index, group)``) into ``tensors`` and ``doc["smooth"]``; what the
     method chose per group."""
     groups = [g for _, g in entries]
-    scales, chosen = smoothing_scales(config.anti_method, groups, observers, state, config.act_method, config.alpha)
+    act_method = None if config.w8a8 == "dynamic" else config.act_method  # None: the searches measure per token
+    scales, chosen = smoothing_scales(config.anti_method, groups, observers, state, act_method, config.alpha)
     for (i, g), s in zip(entries, scales):
         tensors[smooth_key(i)] = s.contiguous()
         doc["smooth"].append(g.to_recipe(smooth_key(i)))
@@ -262,6 +271,8 @@ def linear_qparams(linears: list, observers: dict[str, Observer], state, config:
     """Each Linear's W8A8 input qparams (recipe tensors) and its statistics (``range_ratio``, ``act_method_used``,
     ``output_sqnr_db`` by module), from the observers of the Linears' inputs and their (smoothed) weights ``state``."""
     tensors, per_linear = {}, {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
+    if config.w8a8 == "dynamic":  # nothing to choose: each token's scale is computed at run time
+        return tensors, {}
     for site in linears:
         obs = observers[site.input]
         if float(obs.min.min()) == 0.0 == float(obs.max.max()):

@@ -198,7 +198,11 @@ def _feeds(config: QuantConfig, sites: list[AttentionSite]) -> str:
         name for name, on in (("FAQuant q/k/v", config.fa_quant), ("C8 k/v", config.kv_cache == "static")) if on
     ]
     parts = [f"{' and '.join(attention)} at {len(sites)} attention sites"] if attention else []
-    return " and ".join(parts + (["the W8A8 Linears' inputs"] if config.w8a8 else []))
+    if config.w8a8 == "static":
+        parts.append("the W8A8 Linears' inputs")
+    elif config.w8a8 == "dynamic" and config.anti_method:  # dynamic W8A8 calibrates only its smoothing
+        parts.append("the smoothing of the W8A8 Linears")
+    return " and ".join(parts)
 
 
 def _warn(warnings: list[str], message: str | None) -> list[str]:

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 OBSERVERS = ("minmax", "percentile", "mse", "extreme", "reach")
 KV_CACHE = (None, "static", "dynamic")
 OLD_KV_CACHE = {"int8": "static"}  # recipes written before the cache had one name on every surface
+W8A8 = (None, "static", "dynamic")
+OLD_W8A8 = {True: "static", False: None}  # recipes written before W8A8 had a dynamic form: a bool
 ACT_METHODS = (1, 2, 3)
 ANTI_METHODS = (None, "m1", "m2", "m3", "m4")
 DISABLE_LEVEL = re.compile(r"L(0|[1-9][0-9]*)|auto")
@@ -40,6 +42,15 @@ def _kv_form(value: str) -> str:
     return value
 
 
+def _w8a8_form(value: str) -> str:
+    """``--w8a8``'s value, ``static`` or ``dynamic``: ``QuantConfig.w8a8`` as it is."""
+    if value not in W8A8[1:]:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not static or dynamic (a bare --w8a8 is static; give MODEL before --w8a8)"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """The quantization policy of one compile.
@@ -58,9 +69,12 @@ class QuantConfig:
         at ``percentile`` of |x| per channel); ``mse`` (clip range searched on a histogram to minimise the
         L2 error on the calibration text).
     symmetric: symmetric int8 (offset 0, [-127, 127]) instead of asymmetric.
-    w8a8: every decoder Linear with int8 weights (symmetric, per output channel) and int8 activations
-        (asymmetric, per tensor, static); lm_head and the embeddings stay float.
-    act_method: W8A8 activation range: 1 min-max; 2 histogram (least-L2 clip); 3 per Linear, histogram
+    w8a8: every decoder Linear with int8 weights (symmetric, per output channel) and int8 activations:
+        ``"static"`` asymmetric per tensor, calibrated; ``"dynamic"`` symmetric per token, each token's scale
+        ``max|x| / 127`` computed at run time (msModelSlim's W8A8_DYNAMIC; nothing to calibrate but smoothing);
+        None for none. lm_head and the embeddings stay float. (``True`` / ``False``, older recipes' form, read as
+        ``"static"`` / None.)
+    act_method: static W8A8 activation range: 1 min-max; 2 histogram (least-L2 clip); 3 per Linear, histogram
         when ``max(|min|, |max|) / std <= 50``, else min-max.
     anti_method: anti-outlier smoothing before W8A8 calibration: ``m1`` SmoothQuant (``alpha``),
         ``m2`` SmoothQuant on shifted ranges (``alpha``), ``m3`` activation-aware scaling with a searched
@@ -102,9 +116,17 @@ class QuantConfig:
     percentile: float = field(
         default=99.99, metadata=_opt("--percentile", "clip percentile for --observer percentile (default 99.99)")
     )
-    w8a8: bool = field(
-        default=False,
-        metadata=_opt("--w8a8", "W8A8: every decoder Linear int8 x int8 (weights per channel, activations per tensor)"),
+    w8a8: str | None = field(
+        default=None,
+        metadata=_opt(
+            "--w8a8",
+            "W8A8: every decoder Linear int8 x int8, weights per channel; bare or `static`, activations per tensor "
+            "(calibrated); `dynamic`, activations per token (scale max|x|/127 computed at run time)",
+            nargs="?",
+            const="static",
+            type=_w8a8_form,
+            metavar="static|dynamic",
+        ),
     )
     act_method: int = field(
         default=1,
@@ -147,9 +169,16 @@ class QuantConfig:
         _check_types(self)
         if self.kv_cache in OLD_KV_CACHE:  # an older recipe.json: the same cache under its old name
             object.__setattr__(self, "kv_cache", OLD_KV_CACHE[self.kv_cache])
+        if isinstance(self.w8a8, bool):  # an older recipe.json (or caller): W8A8 was a bool, static
+            object.__setattr__(self, "w8a8", OLD_W8A8[self.w8a8])
+        if self.w8a8 not in W8A8:
+            raise ValueError(
+                f"w8a8={self.w8a8!r} is not supported; use 'static' (activations per tensor, calibrated), "
+                "'dynamic' (per token, at run time) or None"
+            )
         if not self.fa_quant and self.kv_cache is None and not self.w8a8:
             raise ValueError(
-                "nothing to quantize: set fa_quant=True, kv_cache='static' and/or w8a8=True "
+                "nothing to quantize: set fa_quant=True, kv_cache='static' and/or w8a8='static' "
                 "(--fa-quant / --kv-int8 / --w8a8)"
             )
         if self.act_method not in ACT_METHODS:
@@ -167,7 +196,13 @@ class QuantConfig:
         if not self.w8a8 and (self.anti_method is not None or self.disable_level != "L0"):
             raise ValueError(
                 f"anti_method={self.anti_method!r} / disable_level={self.disable_level!r} apply to W8A8 only; "
-                "set w8a8=True (--w8a8) or drop them"
+                "set w8a8='static' (--w8a8) or drop them"
+            )
+        if self.w8a8 == "dynamic" and self.disable_level != "L0":
+            raise ValueError(
+                f"disable_level={self.disable_level!r} with w8a8='dynamic' (--w8a8 dynamic): the fallback ranks and "
+                "searches Linears by their calibrated activation ranges, which dynamic W8A8 does not have; drop "
+                "--disable-level, or use --w8a8 (static)"
             )
         if self.kv_cache not in KV_CACHE:
             raise ValueError(
@@ -202,7 +237,13 @@ class QuantConfig:
                 "chooses the calibrated attention scales (--fa-quant, --kv-int8 static) and this policy has none",
             ),
             ("percentile", self.observer != "percentile", "applies to observer='percentile' (--observer percentile)"),
-            ("act_method", not self.w8a8, "applies to W8A8 (--w8a8)"),
+            (
+                "act_method",
+                self.w8a8 != "static",
+                "applies to static W8A8 (--w8a8); --w8a8 dynamic computes each token's scale at run time"
+                if self.w8a8
+                else "applies to W8A8 (--w8a8)",
+            ),
             ("alpha", self.anti_method not in ("m1", "m2"), "applies to anti_method m1 or m2 (--anti-method m1/m2)"),
             (
                 "max_ppl_increase",

@@ -17,7 +17,9 @@ Offsets follow ``q = clamp(round(x / scale) + offset)``, ``x = (q - offset) * sc
 
 With W8A8 the JSON has a ``w8a8`` object: ``act_method``, ``anti_method``, ``alpha``,
 ``disable_level``, ``smooth`` (the smoothing groups) and ``float_linears`` (module path -> why it
-stays float). Linears not listed there are quantized.
+stays float). Linears not listed there are quantized. Dynamic W8A8 (``config.w8a8 == "dynamic"``) has no
+``w8a8.<linear>.*`` tensors (each token's scale is computed at run time); its ``w8a8`` object lists the
+Linears found under ``linears`` instead.
 """
 
 import json
@@ -159,8 +161,12 @@ class Recipe:
         return list(self.w8a8.get("smooth", []))
 
     def w8a8_linears(self) -> list[str]:
-        """The Linears (module paths) this recipe quantizes to W8A8: those with input qparams, less the float ones."""
-        names = {m.group(1) for k in self.tensors if (m := _LINEAR_KEY.fullmatch(k))}
+        """The Linears (module paths) this recipe quantizes to W8A8: those with input qparams (dynamic W8A8: those
+        listed in ``w8a8.linears``), less the float ones."""
+        if self.config.w8a8 == "dynamic":
+            names = set(self.w8a8.get("linears", []))
+        else:
+            names = {m.group(1) for k in self.tensors if (m := _LINEAR_KEY.fullmatch(k))}
         return sorted(names - set(self.float_linears))
 
     def replace(self, **changes) -> "Recipe":
@@ -226,6 +232,11 @@ class Recipe:
                 stats = {**stats, CALIBRATED_WITH: {"window": doc["config"]["window"]}}
             if not isinstance(w8a8.get("float_linears", {}), dict) or not isinstance(w8a8.get("smooth", []), list):
                 raise TypeError("w8a8.float_linears must be an object and w8a8.smooth a list")
+            linears = w8a8.get("linears", [])
+            if not isinstance(linears, list) or not all(isinstance(m, str) for m in linears):
+                raise TypeError("w8a8.linears must be a list of module paths")
+            if config.w8a8 == "dynamic" and not linears:
+                raise TypeError("a dynamic W8A8 recipe lists its Linears under w8a8.linears")
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
             raise QpassError(
                 f"--recipe {directory}: {JSON_FILE} is not a qpass recipe ({type(err).__name__}: {err}); {fix}"

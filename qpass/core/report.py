@@ -21,7 +21,9 @@ def summary(report: dict) -> str:
         "static": "int8 KV cache static (C8, per channel)",
         "dynamic": "int8 KV cache dynamic (per token and kv head)",
     }.get(cfg["kv_cache"])
-    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), (cache, cache), ("W8A8", cfg.get("w8a8"))) if on]
+    w8a8 = {"static": "W8A8", "dynamic": "W8A8 dynamic (activations per token)"}.get(cfg.get("w8a8"))
+    w8a8 = "W8A8" if cfg.get("w8a8") is True else w8a8  # a report of an older qpass: W8A8 was a bool
+    modes = [m for m, on in (("FAQuant", cfg["fa_quant"]), (cache, cache), (w8a8, w8a8)) if on]
     static = cfg["fa_quant"] or cfg["kv_cache"] == "static"  # the observer and symmetry apply to static scales only
     lines.append(
         f"  quantized: {' + '.join(modes)}"
@@ -30,8 +32,9 @@ def summary(report: dict) -> str:
     w = report.get("w8a8")
     if w:
         lines.append(
-            f"  W8A8: {w['quantized']} of {w['linears']} Linears int8 (act-method {w['act_method']}, "
-            f"anti-method {w['anti_method'] or 'none'}, disable-level {w['disable_level']}); "
+            f"  W8A8: {w['quantized']} of {w['linears']} Linears int8 ("
+            + ("activations per token, " if w.get("activations") == "dynamic" else f"act-method {w['act_method']}, ")
+            + f"anti-method {w['anti_method'] or 'none'}, disable-level {w['disable_level']}); "
             f"{len(w['float_linears'])} float"
             + (f": {', '.join(sorted(w['float_linears']))}" if w["float_linears"] else "")
         )
@@ -148,8 +151,10 @@ def saturation_lines(sat: dict | None) -> list[str]:
 def w8a8_section(recipe) -> dict:
     """``report["w8a8"]``: how many Linears are int8, which stayed float and why, and the calibration figures."""
     doc, stats = recipe.w8a8, recipe.stats.get("w8a8", {})
-    linears = len(stats.get("range_ratio", {}))
+    dynamic = recipe.config.w8a8 == "dynamic"
+    linears = len(doc["linears"]) if dynamic else len(stats.get("range_ratio", {}))
     return {
+        "activations": recipe.config.w8a8,
         "act_method": doc["act_method"],
         "anti_method": doc["anti_method"],
         "alpha": doc["alpha"],

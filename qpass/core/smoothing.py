@@ -128,13 +128,14 @@ def smoothing_scales(
     groups: list[SmoothGroup],
     observers: dict[str, Observer],
     state_dict: dict[str, torch.Tensor],
-    act_method: int,
+    act_method: int | None,
     alpha: float,
 ) -> tuple[list[torch.Tensor], list[dict]]:
     """Per group, the scale ``[group.channels]`` float32 of ``method`` (m1 .. m4) and what the method chose.
 
     ``observers``: the float run's statistics by group input; ``state_dict``: the float weights (module
     paths + ``.weight``). A scale that is not a positive finite number becomes 1 (no smoothing there).
+    ``act_method``: how the searches (m3, m4) quantize activations, per tensor; None for per token (dynamic W8A8).
     """
     scale_fn = METHODS[method]
     scales, chosen = [], []

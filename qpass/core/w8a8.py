@@ -10,7 +10,7 @@ def quantized_output_error(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor,
-    act_method: int = 1,
+    act_method: int | None = 1,
     reference: torch.Tensor | None = None,
     lo: torch.Tensor | None = None,
     hi: torch.Tensor | None = None,
@@ -25,17 +25,29 @@ def quantized_output_error(
     ``x [N, C]`` a sample of the shared input, ``weight [n, C]`` the consumers' weights stacked,
     ``scale [C]`` (ones: no smoothing). Activations are quantized per tensor as ``act_method`` says,
     over the range of the whole calibration run when given (``lo``, ``hi`` per channel ``[C]``: rare
-    outlier tokens the sample missed still set the int8 step), else over the sample's range.
+    outlier tokens the sample missed still set the int8 step), else over the sample's range. ``act_method``
+    None: each token quantized with its own symmetric scale, as dynamic W8A8 does at run time.
     """
     xs = x / scale
+    ref = x @ weight.t() if reference is None else reference
+    energy = ref.pow(2).sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
+    if act_method is None:
+        out = fake_quant_per_token(xs) @ fake_quant_weight(weight * scale).t()
+        return float(((out - ref).pow(2).sum(-1) / energy).sum())
     lo = float(xs.min()) if lo is None else min(float((lo / scale).min()), float(xs.min()))
     hi = float(xs.max()) if hi is None else max(float((hi / scale).max()), float(xs.max()))
     ratio = max(-lo, hi) / max(float(xs.std()), 1e-12)
     s, o, _ = act_qparams(lo, hi, xs, ratio, act_method)
-    ref = x @ weight.t() if reference is None else reference
     out = fake_quant(xs, s, o) @ fake_quant_weight(weight * scale).t()
-    energy = ref.pow(2).sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
     return float(((out - ref).pow(2).sum(-1) / energy).sum())
+
+
+def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, C]`` through dynamic W8A8's activation quantization (symmetric, one scale ``max|x_t| / 127`` per
+    token) and back, in ``x``'s dtype."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(x / scale).clamp(-127, 127) * scale
 
 
 def output_sqnr_db(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> float:

@@ -23,11 +23,22 @@ from qpass.runtime.paged_cache import (
     reshape_and_cache_int8_dynamic,
 )
 from qpass.runtime.quant_ops import dequantize_int8, fake_quant_int8_dynamic, quantize_int8
-from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights, w8a8_linear, w8a8_weights
+from qpass.runtime.w8a8 import (
+    W8A8DynamicLinear,
+    W8A8DynamicWeights,
+    W8A8Linear,
+    W8A8Weights,
+    w8a8_dynamic_linear,
+    w8a8_dynamic_weights,
+    w8a8_linear,
+    w8a8_weights,
+)
 
 __all__ = [
     "BlockAllocator",
     "BlockTables",
+    "W8A8DynamicLinear",
+    "W8A8DynamicWeights",
     "W8A8Linear",
     "W8A8Weights",
     "allocate_kv_cache",
@@ -49,6 +60,8 @@ __all__ = [
     "quantize_int8",
     "reshape_and_cache_int8",
     "reshape_and_cache_int8_dynamic",
+    "w8a8_dynamic_linear",
+    "w8a8_dynamic_weights",
     "w8a8_linear",
     "w8a8_weights",
 ]

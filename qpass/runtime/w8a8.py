@@ -1,4 +1,5 @@
-"""W8A8 linear: int8 weights (symmetric, per output channel) x int8 activations (asymmetric, per tensor).
+"""W8A8 linear: int8 weights (symmetric, per output channel) x int8 activations (asymmetric, per tensor, static;
+or symmetric per token, dynamic: :func:`w8a8_dynamic_linear` below).
 
 The arithmetic of the MindIE format (``../shared/FORMATS.md`` section 1):
 
@@ -102,3 +103,76 @@ class W8A8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return w8a8_linear(x, self.input_scale, self.input_offset, self.weight, self.quant_bias, self.deq_scale)
+
+
+# --- dynamic activations: each token quantized with its own symmetric scale at run time -------------------------
+#
+#     s_t = max_k |x[t, k]| / 127     (1 where the row is all zero)                    float32 [m, 1]
+#     xq  = clamp(round(x / s_t), -127, 127)                                            int8 [m, k]
+#     y   = (xq @ Wq^T) * s_t * weight_scale + bias                                     [m, n]
+#
+# msModelSlim's W8A8_DYNAMIC, vllm-ascend's ``w8a8_dynamic`` (``npu_dynamic_quant`` then ``npu_quant_matmul`` with
+# ``pertoken_scale``) and compressed-tensors' ``dynamic: true, strategy: token, symmetric: true``.
+
+
+@dataclass(frozen=True)
+class W8A8DynamicWeights:
+    """The tensors of one Linear with int8 weights and per-token dynamic int8 activations."""
+
+    weight: torch.Tensor  # int8 [n, k]
+    weight_scale: torch.Tensor  # float32 [n]
+    bias: torch.Tensor  # float32 [n] (zeros when the Linear has none)
+
+
+def w8a8_dynamic_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> W8A8DynamicWeights:
+    """Quantize a Linear's float ``weight [n, k]`` (symmetric, per output channel); ``bias [n]`` stays float."""
+    wq, w_scale = quantize_weight(weight)
+    b = torch.zeros(wq.shape[0]) if bias is None else bias.detach().float().clone()
+    return W8A8DynamicWeights(wq, w_scale.float(), b)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [m, k]`` -> ``(xq int8 [m, k], scale float32 [m, 1])``, symmetric, one scale per row."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).clamp_(min=torch.finfo(torch.float32).tiny)
+    return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
+
+
+@torch.library.custom_op("qpass::w8a8_dynamic_linear", mutates_args=())
+def w8a8_dynamic_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``x [..., k]`` (float) through the int8 Linear ``weight [n, k]``, each token quantized with its own scale;
+    int32 accumulation, exact. Returns ``[..., n]`` in ``x.dtype``."""
+    xq, scale = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    acc = int8_matmul(xq, weight)  # int32 [m, n]
+    y = acc.float() * scale * weight_scale + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@w8a8_dynamic_linear.register_fake
+def _(x, weight, weight_scale, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def w8a8_dynamic_linear_reference(x: torch.Tensor, w: W8A8DynamicWeights) -> torch.Tensor:
+    """The same in plain float64 arithmetic (per-token quantization as :func:`quantize_per_token`): the ground
+    truth for tests."""
+    xq, scale = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    acc = xq.double() @ w.weight.double().t()
+    y = acc * scale.double() * w.weight_scale.double() + w.bias.double()
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.weight.shape[0])
+
+
+class W8A8DynamicLinear(torch.nn.Module):
+    """A drop-in for ``nn.Linear`` that runs :func:`w8a8_dynamic_linear`; its tensors are buffers."""
+
+    def __init__(self, w: W8A8DynamicWeights):
+        super().__init__()
+        for name in ("weight", "weight_scale", "bias"):
+            self.register_buffer(name, getattr(w, name))
+        self.out_features, self.in_features = w.weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)

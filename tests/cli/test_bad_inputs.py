@@ -405,7 +405,7 @@ CASES = {
     ),
     "recipe with other options": (
         lambda c: c.compile("--w8a8", "--recipe", str(c.compiled / "recipe")),
-        "calibrated otherwise than --w8a8 (w8a8=False in the recipe)",
+        "calibrated otherwise than --w8a8 (w8a8=None in the recipe)",
         "drop those flags",
     ),
     "config declares fewer layers than the weights hold": (

@@ -653,6 +653,8 @@ def layer_recipe(recipe, layer: int, site: AttentionSite):
             smooth=groups,
             float_linears={to_capture(m): why for m, why in recipe.float_linears.items() if m.startswith(ours)},
         )
+    if "linears" in w8a8:  # dynamic W8A8: the Linears by name, no qparams
+        w8a8["linears"] = [to_capture(m) for m in w8a8["linears"] if m.startswith(ours)]
     return Recipe(recipe.config, geometry([site]), tensors, {}, w8a8)
 
 

@@ -7,8 +7,12 @@ the float, already smoothed, parameter values it is given) and writes
     y = w8a8_linear(x, input_scale [1], input_offset [1], weight int8 [n, k], quant_bias int32 [n],
                     deq_scale float32 [n])
 
-so the program computes int8 x int8 -> int32 (see ``runtime/w8a8.py``). The float weight and bias
-placeholders the graph no longer uses are erased; the pipeline drops them from the program's
+so the program computes int8 x int8 -> int32 (see ``runtime/w8a8.py``). With dynamic activations
+(``config.w8a8 == "dynamic"``: no qparams in the recipe, each token's scale computed at run time) it writes
+
+    y = w8a8_dynamic_linear(x, weight int8 [n, k], weight_scale float32 [n], bias float32 [n])
+
+The float weight and bias placeholders the graph no longer uses are erased; the pipeline drops them from the program's
 signature and state dict when it rebuilds the program, so the saved program shrinks.
 """
 
@@ -19,8 +23,8 @@ from qpass.core.errors import QpassError
 from qpass.core.recipe import Recipe
 from qpass.core.sites import LinearSite
 from qpass.passes.fx.base import CountingPass
-from qpass.passes.fx.patterns import W8A8_LINEAR
-from qpass.runtime.w8a8 import w8a8_weights
+from qpass.passes.fx.patterns import W8A8_DYNAMIC_LINEAR, W8A8_LINEAR
+from qpass.runtime.w8a8 import w8a8_dynamic_weights, w8a8_weights
 
 
 class InsertW8A8Pass(CountingPass):
@@ -40,9 +44,23 @@ class InsertW8A8Pass(CountingPass):
     def rewrite(self, gm: GraphModule) -> int:
         nodes = {n.name: n for n in gm.graph.nodes}
         floats = self.recipe.float_linears
+        dynamic = self.recipe.config.w8a8 == "dynamic"
+        quantized = set(self.recipe.w8a8_linears())
         replaced = 0
         for i, site in enumerate(self.sites):
             if site.module in floats:
+                continue
+            bias = self.params[site.bias] if site.bias is not None else None
+            if dynamic:
+                if site.module not in quantized:
+                    raise QpassError(
+                        f"recipe: {site.module} is neither in w8a8.linears nor in w8a8.float_linears; recalibrate "
+                        "this model with --w8a8 dynamic"
+                    )
+                w = w8a8_dynamic_weights(self.params[site.weight], bias)
+                consts = {"weight": w.weight, "weight_scale": w.weight_scale, "bias": w.bias}
+                self._replace(gm, nodes[site.node], W8A8_DYNAMIC_LINEAR, consts, f"qpass_w8a8_{i}")
+                replaced += 1
                 continue
             qparams = self.recipe.linear(site.module)
             if qparams is None:
@@ -51,9 +69,15 @@ class InsertW8A8Pass(CountingPass):
                     "w8a8.float_linears; recalibrate this model with --w8a8"
                 )
             in_scale, in_offset = qparams
-            bias = self.params[site.bias] if site.bias is not None else None
             w = w8a8_weights(self.params[site.weight], bias, float(in_scale), float(in_offset))
-            self._replace(gm, nodes[site.node], w, f"qpass_w8a8_{i}")
+            consts = {
+                "input_scale": w.input_scale,
+                "input_offset": w.input_offset,
+                "weight": w.weight,
+                "quant_bias": w.quant_bias,
+                "deq_scale": w.deq_scale,
+            }
+            self._replace(gm, nodes[site.node], W8A8_LINEAR, consts, f"qpass_w8a8_{i}")
             replaced += 1
         for site in self.sites:
             for name in (site.weight, site.bias):
@@ -63,32 +87,16 @@ class InsertW8A8Pass(CountingPass):
         return replaced
 
     @staticmethod
-    def _replace(gm: GraphModule, linear: torch.fx.Node, w, name: str) -> None:
+    def _replace(gm: GraphModule, linear: torch.fx.Node, op, consts: dict, name: str) -> None:
+        """``linear`` -> ``op(x, *consts)``, the constants (in ``op``'s argument order) as buffers."""
         graph = gm.graph
-        consts = {
-            "input_scale": w.input_scale,
-            "input_offset": w.input_offset,
-            "weight": w.weight,
-            "quant_bias": w.quant_bias,
-            "deq_scale": w.deq_scale,
-        }
         getters = {}
         for key, value in consts.items():
             gm.register_buffer(f"{name}_{key}", value.clone(memory_format=torch.contiguous_format))
             with graph.inserting_before(linear):
                 getters[key] = graph.get_attr(f"{name}_{key}")
         with graph.inserting_before(linear):
-            new = graph.call_function(
-                W8A8_LINEAR,
-                (
-                    linear.args[0],
-                    getters["input_scale"],
-                    getters["input_offset"],
-                    getters["weight"],
-                    getters["quant_bias"],
-                    getters["deq_scale"],
-                ),
-            )
+            new = graph.call_function(op, (linear.args[0], *getters.values()))
         new.meta = dict(linear.meta)  # same output value: [..., n] in x's dtype
         for g in getters.values():
             g.meta["nn_module_stack"] = dict(linear.meta.get("nn_module_stack", {}))

@@ -83,9 +83,18 @@ LAYOUT = frozenset(
 )
 LINEAR = aten.linear.default
 W8A8_LINEAR = torch.ops.qpass.w8a8_linear.default
+W8A8_DYNAMIC_LINEAR = torch.ops.qpass.w8a8_dynamic_linear.default
 # Where the backward walk from Q/K to its projection stops (an int8 Linear of a W8A8 model too).
 PROJECTION = frozenset(
-    {LINEAR, W8A8_LINEAR, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default}
+    {
+        LINEAR,
+        W8A8_LINEAR,
+        W8A8_DYNAMIC_LINEAR,
+        aten.addmm.default,
+        aten.mm.default,
+        aten.matmul.default,
+        aten.bmm.default,
+    }
 )
 
 

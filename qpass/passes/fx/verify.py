@@ -3,7 +3,7 @@
 import torch
 from torch.fx import GraphModule
 
-from qpass.passes.fx.patterns import W8A8_LINEAR
+from qpass.passes.fx.patterns import W8A8_DYNAMIC_LINEAR, W8A8_LINEAR
 from qpass.passes.fx.qdq import DEQUANTIZE, FAKE_QUANT_DYNAMIC, QUANTIZE
 
 
@@ -55,7 +55,8 @@ def verify_graph(gm: GraphModule) -> None:
 
 def verify_w8a8(gm: GraphModule) -> None:
     """Every ``w8a8_linear`` reads constants of the right dtypes and shapes: int8 ``[n, k]`` weight,
-    int32 ``[n]`` quant_bias, float32 ``[n]`` deq_scale, float32 ``[1]`` input scale and offset."""
+    int32 ``[n]`` quant_bias, float32 ``[n]`` deq_scale, float32 ``[1]`` input scale and offset; every
+    ``w8a8_dynamic_linear`` an int8 ``[n, k]`` weight, float32 ``[n]`` weight scale and bias."""
     for node in gm.graph.find_nodes(op="call_function", target=W8A8_LINEAR):
         x, scale, offset, weight, qbias, deq = (_constant(gm, a) for a in node.args)
         for val, dtype in (
@@ -82,6 +83,20 @@ def verify_w8a8(gm: GraphModule) -> None:
             )
         if x.shape[-1] != k:
             raise VerificationError(f"{node.name}: input [..., {x.shape[-1]}] does not fit weight [{n}, {k}]")
+
+    for node in gm.graph.find_nodes(op="call_function", target=W8A8_DYNAMIC_LINEAR):
+        x, weight, w_scale, bias = (_constant(gm, a) for a in node.args)
+        for val, dtype in ((weight, torch.int8), (w_scale, torch.float32), (bias, torch.float32)):
+            if val is None or val.dtype != dtype:
+                raise VerificationError(
+                    f"{node.name}: a w8a8_dynamic_linear constant is {None if val is None else val.dtype}, not {dtype}"
+                )
+        n, k = weight.shape
+        if tuple(w_scale.shape) != (n,) or tuple(bias.shape) != (n,) or x.shape[-1] != k:
+            raise VerificationError(
+                f"{node.name}: w8a8_dynamic_linear weight_scale {tuple(w_scale.shape)}, bias {tuple(bias.shape)} "
+                f"and input [..., {x.shape[-1]}] do not fit weight [{n}, {k}]"
+            )
 
 
 def _constant(gm: GraphModule, node):
