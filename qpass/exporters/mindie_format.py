@@ -41,6 +41,7 @@ WEIGHTS_INDEX = "quant_model_weight_w8a8.safetensors.index.json"  # sharded weig
 DESCRIPTION_FILE = "quant_model_description.json"
 CONFIG_FILE = "config.json"
 FLOAT, W8A8, FAQUANT, C8 = "FLOAT", "W8A8", "FAQuant", "C8"
+W8A8_DYNAMIC = "W8A8_DYNAMIC"  # msModelSlim's per-token dynamic activations: weight, weight_scale, weight_offset
 FA_TYPES = ("FAQuant", "FAKQuant")  # fa_quant_type values: MindIE's documentation; msModelSlim's current saver
 MODEL_KEYS = (
     "model_quant_type",
@@ -49,6 +50,7 @@ MODEL_KEYS = (
     "kv_quant_type",
 )  # description keys that are not tensors
 W8A8_SUFFIXES = ("weight", "input_scale", "input_offset", "deq_scale", "quant_bias", "weight_scale", "weight_offset")
+W8A8_DYNAMIC_SUFFIXES = ("weight", "weight_scale", "weight_offset")
 FA_KINDS = ("fa_q", "fa_k", "fa_v")
 C8_PROJECTIONS = {"kv_k": "k_proj", "kv_v": "v_proj"}  # recipe kind -> the projection module the format names
 

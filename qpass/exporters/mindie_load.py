@@ -2,8 +2,9 @@
 
 Both consumers' forms are read, and msModelSlim's older and current savers': ``quantization_config`` in
 ``config.json`` or none; ``weight_scale`` / ``weight_offset`` or not; C8 tensors typed ``W8A8`` or ``C8``;
-a W8A8 Linear's float ``.bias`` beside its ``quant_bias``; FAQuant scales ``[heads, head_dim]`` or one per
-head ``[heads, 1]``; scales in the model dtype or float32.
+a W8A8 Linear's float ``.bias`` beside its ``quant_bias``; W8A8_DYNAMIC Linears (per-token activations,
+``weight`` / ``weight_scale`` / ``weight_offset``, read as :class:`qpass.runtime.w8a8.W8A8DynamicLinear`); FAQuant
+scales ``[heads, head_dim]`` or one per head ``[heads, 1]``; scales in the model dtype or float32.
 
 Every tensor's name, description type, dtype and shape is checked against the description and the
 config; the model is a Hugging Face causal LM whose W8A8 Linears are replaced by
@@ -34,12 +35,14 @@ from qpass.exporters.mindie_format import (
     FLOAT,
     MODEL_KEYS,
     W8A8,
+    W8A8_DYNAMIC,
+    W8A8_DYNAMIC_SUFFIXES,
     W8A8_SUFFIXES,
     WEIGHTS_FILE,
     WEIGHTS_INDEX,
 )
 from qpass.models.loaders import check_remote_code, load_tokenizer
-from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights
+from qpass.runtime.w8a8 import W8A8DynamicLinear, W8A8DynamicWeights, W8A8Linear, W8A8Weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,22 +125,34 @@ def _w8a8_linears(d: Path, model: torch.nn.Module, types: dict[str, str], check,
     """``(the W8A8 Linears' module paths, the format's tensors they read)``: each one's tensors checked and, when
     ``build``, the Linear replaced by a :class:`W8A8Linear` of them."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    w8a8 = sorted(n.removesuffix(".weight") for n, t in types.items() if t == W8A8 and n.endswith(".weight"))
+    kinds = {
+        n.removesuffix(".weight"): t for n, t in types.items() if t in (W8A8, W8A8_DYNAMIC) and n.endswith(".weight")
+    }
+    w8a8 = sorted(kinds)
     for p in w8a8:
         if p not in linears:
             raise QpassError(
-                f"{d}: {p}.weight is typed W8A8, but {p} is not a Linear of this {model.config.model_type} model; "
-                "type it FLOAT or fix the name"
+                f"{d}: {p}.weight is typed {kinds[p]}, but {p} is not a Linear of this {model.config.model_type} "
+                "model; type it FLOAT or fix the name"
             )
         module = linears[p]
-        weights = check.w8a8(p, module.out_features, module.in_features)
+        if kinds[p] == W8A8_DYNAMIC:
+            weights = check.w8a8_dynamic(p, module.out_features, module.in_features, module.bias is not None)
+            made = W8A8DynamicLinear(weights) if build else None
+        else:
+            weights = check.w8a8(p, module.out_features, module.in_features)
+            made = W8A8Linear(weights) if build else None
         if build:
             parent, _, child = p.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, W8A8Linear(weights))
-        del weights
+            setattr(model.get_submodule(parent) if parent else model, child, made)
+        del weights, made
     tensors = check.tensors
-    extra = {f"{p}.{s}" for p in w8a8 for s in W8A8_SUFFIXES if f"{p}.{s}" in tensors}
+    suffixes = {W8A8: W8A8_SUFFIXES, W8A8_DYNAMIC: W8A8_DYNAMIC_SUFFIXES}
+    extra = {f"{p}.{s}" for p in w8a8 for s in suffixes[kinds[p]] if f"{p}.{s}" in tensors}
     for p in w8a8:  # msModelSlim keeps a W8A8 Linear's float bias too (FLOAT); quant_bias already holds it
+        if kinds[p] == W8A8_DYNAMIC:  # its float bias was read above, into the Linear
+            extra |= {f"{p}.bias"} & set(tensors)
+            continue
         if f"{p}.bias" in tensors:
             check.get(
                 f"{p}.bias", (FLOAT,), FLOAT_DTYPES, (linears[p].out_features,), "the float bias of a W8A8 Linear"
@@ -154,8 +169,10 @@ def _check_types(d: Path, tensors, types: dict[str, str]) -> None:
                 f"{d}: {DESCRIPTION_FILE} lists {name} ({types[name]}), but {WEIGHTS_FILE} has no such "
                 "tensor; add the tensor or re-export the directory"
             )
-        if types[name] not in (FLOAT, W8A8, FAQUANT, C8):
-            raise QpassError(f"{d}: {DESCRIPTION_FILE} types {name} as {types[name]!r}; use FLOAT, W8A8, C8 or FAQuant")
+        if types[name] not in (FLOAT, W8A8, W8A8_DYNAMIC, FAQUANT, C8):
+            raise QpassError(
+                f"{d}: {DESCRIPTION_FILE} types {name} as {types[name]!r}; use FLOAT, W8A8, W8A8_DYNAMIC, C8 or FAQuant"
+            )
     for name in sorted(tensors):
         if name not in types:
             raise QpassError(
@@ -282,10 +299,10 @@ def _model_dtype(d: Path, config_json: dict) -> torch.dtype:
 
 def _quant_kinds(d: Path, config_json: dict, description: dict) -> tuple[bool, bool]:
     """(FAQuant, C8) from the description's model-level keys, checked against config.json."""
-    if description.get("model_quant_type") != W8A8:
+    if description.get("model_quant_type") not in (W8A8, W8A8_DYNAMIC):
         raise QpassError(
             f"{d}: {DESCRIPTION_FILE} model_quant_type is {description.get('model_quant_type')!r}; "
-            'qpass loads W8A8 directories ("model_quant_type": "W8A8")'
+            f'qpass loads W8A8 directories ("model_quant_type": "{W8A8}" or "{W8A8_DYNAMIC}")'
         )
     fa = description.get("fa_quant_type")
     if fa not in (None, *FA_TYPES):
@@ -373,6 +390,30 @@ class _Checker:
                 "recalibrate (an int8 offset lies within the int8 range)"
             )
         return t
+
+    def w8a8_dynamic(self, p: str, n: int, k: int, has_bias: bool) -> W8A8DynamicWeights:
+        """The tensors of W8A8_DYNAMIC Linear ``p``: int8 ``weight [n, k]``, ``weight_scale`` (positive) and
+        ``weight_offset`` (0: symmetric) ``[n, 1]``, and its float ``bias [n]`` (typed FLOAT or W8A8_DYNAMIC) when the
+        Linear has one."""
+        kinds = (W8A8_DYNAMIC,)
+        weight = self.get(f"{p}.weight", kinds, (torch.int8,), (n, k), "a W8A8_DYNAMIC int8 weight")
+        w_scale = self.get(f"{p}.weight_scale", kinds, FLOAT_DTYPES, (n, 1), "a W8A8_DYNAMIC weight_scale").float()
+        if not (torch.isfinite(w_scale).all() and (w_scale > 0).all()):
+            raise QpassError(
+                f"{self.d}: tensor {p}.weight_scale has a value that is not a positive finite number; re-export it"
+            )
+        if f"{p}.weight_offset" in self.tensors:
+            offset = self.get(f"{p}.weight_offset", kinds, FLOAT_DTYPES, (n, 1), "a W8A8_DYNAMIC weight_offset")
+            if bool((offset != 0).any()):
+                raise QpassError(
+                    f"{self.d}: tensor {p}.weight_offset is not 0; qpass reads symmetric W8A8_DYNAMIC weights "
+                    "(offset 0), as msModelSlim writes them"
+                )
+        bias = torch.zeros(n)
+        if has_bias:
+            what = "the float bias of a W8A8_DYNAMIC Linear"
+            bias = self.get(f"{p}.bias", (FLOAT, W8A8_DYNAMIC), FLOAT_DTYPES, (n,), what).float()
+        return W8A8DynamicWeights(weight, w_scale.reshape(n), bias)
 
     def w8a8(self, p: str, n: int, k: int) -> W8A8Weights:
         """The tensors of W8A8 Linear ``p``; ``weight_scale`` / ``weight_offset`` are optional (msModelSlim's

@@ -9,6 +9,12 @@ sites' module names and the float state dict, for one of two consumers (``target
   (its decode dequantizes with the scale only), no FAQuant (registered there only as FAKQuant for MLA
   models, and never with C8), and one quant type per fused layer (q/k/v -> qkv_proj, gate/up ->
   gate_up_proj): a Linear kept float makes its fused siblings float too.
+
+Dynamic W8A8 (``--w8a8 dynamic``) is written as msModelSlim's ``W8A8_DYNAMIC``, which both consumers read
+(vllm-ascend's ``w8a8_dynamic`` method): ``"model_quant_type": "W8A8_DYNAMIC"``, and per quantized Linear ``<p>``
+``weight`` int8 ``[n, k]``, ``weight_scale`` and ``weight_offset`` (0) ``[n, 1]`` in the model dtype, typed
+``W8A8_DYNAMIC``; its float ``bias``, when it has one, stays ``FLOAT`` (added after the int32 product is scaled).
+Each token's activation scale ``max|x| / 127`` is computed at run time (``npu_dynamic_quant``).
 """
 
 import json
@@ -19,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from qpass.core.errors import QpassError
+from qpass.core.int8 import QMAX
 from qpass.core.naming import LM_HEAD, layer_of
 from qpass.core.recipe import Recipe
 from qpass.core.smoothing import apply_smoothing
@@ -32,6 +39,7 @@ from qpass.exporters.mindie_format import (
     FAQUANT,
     FLOAT,
     W8A8,
+    W8A8_DYNAMIC,
     WEIGHTS_FILE,
     WEIGHTS_INDEX,
     shard_name,
@@ -245,16 +253,21 @@ def _tensors(
     """The format's tensors and their types for the (smoothed) float tensors ``state_dict``, the W8A8 Linears
     ``linears`` among them and the attention ``sites``."""
     tensors, types = {}, {}
+    dynamic = recipe.config.w8a8 == "dynamic"
     for p in linears:
         if f"{p}.weight" not in state_dict:
             raise QpassError(
                 f"recipe names W8A8 Linear {p}, but the model has no {p}.weight; use a recipe calibrated for this model"
             )
-        for suffix, tensor in w8a8_tensors(
-            state_dict[f"{p}.weight"], state_dict.get(f"{p}.bias"), *recipe.linear(p), dtype
-        ).items():
-            tensors[f"{p}.{suffix}"], types[f"{p}.{suffix}"] = tensor, W8A8
-    quantized = {f"{p}.{s}" for p in linears for s in ("weight", "bias")}
+        if dynamic:
+            made, kind = w8a8_dynamic_tensors(p, state_dict[f"{p}.weight"], dtype), W8A8_DYNAMIC
+        else:
+            made = w8a8_tensors(state_dict[f"{p}.weight"], state_dict.get(f"{p}.bias"), *recipe.linear(p), dtype)
+            kind = W8A8
+        for suffix, tensor in made.items():
+            tensors[f"{p}.{suffix}"], types[f"{p}.{suffix}"] = tensor, kind
+    # a static W8A8 Linear's bias is in its quant_bias; a dynamic one's stays a float tensor (FLOAT)
+    quantized = {f"{p}.{s}" for p in linears for s in (("weight",) if dynamic else ("weight", "bias"))}
     for key, value in state_dict.items():
         if key in quantized or (tied and key == LM_HEAD):
             continue  # a tied lm_head is embed_tokens: loaders tie it again from config.json
@@ -288,7 +301,7 @@ def _finish(
     """The description, config.json and the tokenizer files beside the weights."""
     name = next(k for k, v in MODEL_DTYPES.items() if v == dtype)
     fa, c8 = recipe.config.fa_quant, recipe.config.kv_cache == "static"
-    description = {"model_quant_type": W8A8}
+    description = {"model_quant_type": W8A8_DYNAMIC if recipe.config.w8a8 == "dynamic" else W8A8}
     if fa:
         description["fa_quant_type"] = FAQUANT
     if c8:
@@ -343,6 +356,30 @@ def w8a8_tensors(
         "quant_bias": w.quant_bias,
         "weight_scale": w.weight_scale.reshape(n, 1).float(),
         "weight_offset": torch.zeros(n, 1, dtype=torch.float32),
+    }
+
+
+def w8a8_dynamic_tensors(p: str, weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The format's tensors of one W8A8_DYNAMIC Linear ``p`` (suffix -> tensor), for model dtype ``dtype``.
+
+    The per-channel scale is rounded to ``dtype`` first (the format stores it so) and the weight quantized with the
+    rounded scale, so that ``weight * weight_scale`` is what a runtime reads. A row of zeros gets scale 1.
+    """
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).to(dtype).float()
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise QpassError(
+            f"{p}.weight row {i}: its int8 scale {float(amax[i]) / QMAX:.3g} is not a positive finite {dtype} number; "
+            "write a wider --dtype (float16's smallest is 6e-8), or keep this Linear float"
+        )
+    n = w.shape[0]
+    return {
+        "weight": torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8),
+        "weight_scale": scale.reshape(n, 1).to(dtype),
+        "weight_offset": torch.zeros(n, 1, dtype=dtype),
     }
 
 

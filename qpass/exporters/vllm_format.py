@@ -12,7 +12,9 @@
   weights per output channel (``weight`` int8 ``[out, in]``, ``weight_scale`` float32 ``[out, 1]``), static int8
   activations per tensor with a zero point (``input_scale`` float32 ``[1]``, ``input_zero_point`` int8 ``[1]``),
   the float Linears and ``lm_head`` in ``ignore``. Smoothing is folded into the weights and norms, so stock vLLM
-  loads it with no plugin.
+  loads it with no plugin. Dynamic W8A8 (``--w8a8 dynamic``): the same weights, activations ``dynamic: true,
+  strategy: token, symmetric: true`` (each token's scale computed at run time), so no ``input_scale`` /
+  ``input_zero_point``.
 - attention quantization (C8, the dynamic cache, FAQuant): ``{"quant_method": "qpass", "format_version": 1,
   "kv_cache": "static" | "dynamic" | null, "fa_quant": bool, "symmetric": bool, "linear": <the compressed-tensors
   dict above> | null}``,
@@ -41,7 +43,14 @@ from qpass.exporters.base import Loaded, first_refusal
 from qpass.exporters.mindie_load import build_model, natural
 from qpass.exporters.mindie_write import fused_floats
 from qpass.models.loaders import load_tokenizer
-from qpass.runtime.w8a8 import W8A8Linear, W8A8Weights, w8a8_weights
+from qpass.runtime.w8a8 import (
+    W8A8DynamicLinear,
+    W8A8DynamicWeights,
+    W8A8Linear,
+    W8A8Weights,
+    w8a8_dynamic_weights,
+    w8a8_weights,
+)
 
 QUANT_METHOD = "qpass"
 FORMAT_VERSION = 1
@@ -140,11 +149,17 @@ def attention_tensors(doc: dict) -> dict[str, str]:
     return {f"{GRIDS[k][0]}_{part}": GRIDS[k][1] for k in kinds for part in ("scale", "offset")}
 
 
-def _linear_config(linears: list[str], floats: list[str]) -> dict | None:
-    """compressed-tensors' config for W8A8 ``linears`` (static asymmetric per-tensor activations, symmetric
-    per-channel weights), with ``floats`` and ``lm_head`` ignored."""
+def _linear_config(linears: list[str], floats: list[str], dynamic: bool = False) -> dict | None:
+    """compressed-tensors' config for W8A8 ``linears`` (symmetric per-channel weights; static asymmetric per-tensor
+    activations, or with ``dynamic`` symmetric per-token ones computed at run time), with ``floats`` and ``lm_head``
+    ignored."""
     if not linears:
         return None
+    activations = (
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+        if dynamic
+        else {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor", "dynamic": False}
+    )
     return {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
@@ -153,13 +168,7 @@ def _linear_config(linears: list[str], floats: list[str]) -> dict | None:
             "group_0": {
                 "targets": ["Linear"],
                 "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
-                "input_activations": {
-                    "num_bits": 8,
-                    "type": "int",
-                    "symmetric": False,
-                    "strategy": "tensor",
-                    "dynamic": False,
-                },
+                "input_activations": activations,
             }
         },
         "ignore": sorted({LM_HEAD.removesuffix(".weight"), *floats}),
@@ -187,8 +196,9 @@ def write(compiled, directory: Path, options: dict) -> None:
         tied = compiled.config_json.get("tie_word_embeddings") and key == LM_HEAD
         if not tied:
             tensors[key] = value.detach().to(dtype)
+    dynamic = recipe.config.w8a8 == "dynamic"
     for p in linears:
-        tensors.update(_w8a8_tensors(p, state, *recipe.linear(p), dtype))
+        tensors.update(_w8a8_tensors(p, state, *(None, None) if dynamic else recipe.linear(p), dtype))
     for site in recipe.sites:
         for kind, (name, _) in GRIDS.items():
             if site_key(site.layer, kind, "scale") in recipe.tensors:
@@ -200,7 +210,7 @@ def write(compiled, directory: Path, options: dict) -> None:
     config = dict(compiled.config_json)
     config["torch_dtype"] = dtype_name
     config.pop("dtype", None)
-    qc = quantization_config(recipe, _linear_config(linears, floats))
+    qc = quantization_config(recipe, _linear_config(linears, floats, dynamic))
     if qc is None:
         config.pop("quantization_config", None)
     else:
@@ -214,10 +224,17 @@ def write(compiled, directory: Path, options: dict) -> None:
 
 
 def _w8a8_tensors(p: str, state: dict, input_scale, input_offset, dtype) -> dict[str, torch.Tensor]:
+    """W8A8 Linear ``p``'s tensors; ``input_scale`` None for dynamic activations (weight and weight_scale only)."""
     if f"{p}.weight" not in state:
         raise QpassError(
             f"recipe names W8A8 Linear {p}, but the model has no {p}.weight; use a recipe calibrated for this model"
         )
+    if input_scale is None:
+        w = w8a8_dynamic_weights(state[f"{p}.weight"], None)
+        out = {f"{p}.weight": w.weight, f"{p}.weight_scale": w.weight_scale.reshape(-1, 1).float()}
+        if state.get(f"{p}.bias") is not None:
+            out[f"{p}.bias"] = state[f"{p}.bias"].detach().to(dtype)
+        return out
     scale, offset = input_scale.reshape(-1)[:1].float(), torch.round(input_offset.reshape(-1)[:1].float())
     w = w8a8_weights(state[f"{p}.weight"], None, scale.item(), offset.item())
     out = {
@@ -272,16 +289,23 @@ def load(path: Path, purpose: str = "eval", build: bool = True) -> Loaded:
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise QpassError(f"{d}: cannot read {WEIGHTS_FILE} ({err}); recompile the directory") from None
     config, model = build_model(d, config_json, torch.float32, build)
-    w8a8 = sorted(n.removesuffix(".input_zero_point") for n in names if n.endswith(".input_zero_point"))
+    dynamic = _dynamic_activations(d, linear)
+    suffix = ".weight_scale" if dynamic else ".input_zero_point"  # the tensor only a W8A8 Linear has
+    w8a8 = sorted(n.removesuffix(suffix) for n in names if n.endswith(suffix))
     if w8a8 and linear is None:
         raise QpassError(f"{d}: {WEIGHTS_FILE} holds W8A8 Linears but config.json no compressed-tensors config")
     used = set()
     for p in w8a8:
-        weights = _read_w8a8(d, reader, p, model)
+        if dynamic:
+            weights = _read_w8a8_dynamic(d, reader, names, p, model)
+            made = W8A8DynamicLinear(weights)
+        else:
+            weights = _read_w8a8(d, reader, p, model)
+            made = W8A8Linear(weights)
         used |= {f"{p}.{s}" for s in (*W8A8_TENSORS, "bias")}
         if build:
             parent, _, child = p.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, W8A8Linear(weights))
+            setattr(model.get_submodule(parent) if parent else model, child, made)
     floats, tied = {}, bool(config_json.get("tie_word_embeddings"))
     for key, param in model.state_dict().items():
         if key.rpartition(".")[0] in w8a8:
@@ -331,6 +355,70 @@ def _read_config(d: Path) -> dict:
     if not isinstance(doc, dict) or not isinstance(doc.get("quantization_config"), dict):
         raise QpassError(f"{d}: {CONFIG_FILE} has no quantization_config; give a directory qpass wrote")
     return doc
+
+
+def _dynamic_activations(d: Path, linear: dict | None) -> bool:
+    """Whether the compressed-tensors config ``linear`` quantizes activations per token at run time (qpass's dynamic
+    W8A8) rather than per tensor with a calibrated scale; one line naming anything else."""
+    if linear is None:
+        return False
+    try:
+        (group,) = linear["config_groups"].values()
+        act = group["input_activations"]
+        dynamic = bool(act["dynamic"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise QpassError(
+            f"{d}: {CONFIG_FILE} quantization_config is not the compressed-tensors config qpass writes (one config "
+            "group with input_activations); recompile the directory"
+        ) from None
+    want = ("token", True) if dynamic else ("tensor", False)
+    if (act.get("strategy"), act.get("symmetric")) != want or act.get("num_bits") != 8:
+        raise QpassError(
+            f"{d}: {CONFIG_FILE} input_activations {act} is not one qpass reads (8-bit, static asymmetric per tensor "
+            "or dynamic symmetric per token); recompile the directory"
+        )
+    return dynamic
+
+
+def _read_w8a8_dynamic(d: Path, reader, names: set, p: str, model) -> W8A8DynamicWeights:
+    """W8A8 Linear ``p`` with dynamic per-token activations: int8 ``weight [n, k]``, float32 ``weight_scale [n, 1]``
+    (positive), its float ``bias`` when the Linear has one; no activation tensors."""
+    module = _linear(d, model, p)
+    n, k = module.out_features, module.in_features
+    for stray in (f"{p}.input_scale", f"{p}.input_zero_point"):
+        if stray in names:
+            raise QpassError(
+                f"{d}: tensor {stray} beside dynamic per-token activations (config.json); recompile the directory"
+            )
+    t = {}
+    for suffix, (dtype, shape) in {"weight": (torch.int8, (n, k)), "weight_scale": (torch.float32, (n, 1))}.items():
+        name = f"{p}.{suffix}"
+        if name not in names:
+            raise QpassError(f"{d}: missing tensor {name}; recompile the directory")
+        t[suffix] = reader.get_tensor(name)
+        if t[suffix].dtype != dtype or tuple(t[suffix].shape) != shape:
+            raise QpassError(
+                f"{d}: tensor {name} is {t[suffix].dtype} {list(t[suffix].shape)}, expected {dtype} {list(shape)}"
+            )
+    w_scale = t["weight_scale"].reshape(n)
+    if not (torch.isfinite(w_scale).all() and (w_scale > 0).all()):
+        raise QpassError(f"{d}: tensor {p}.weight_scale has a value that is not a positive finite number; recompile")
+    bias = torch.zeros(n)
+    if module.bias is not None:
+        if f"{p}.bias" not in names:
+            raise QpassError(f"{d}: missing tensor {p}.bias; recompile the directory")
+        bias = reader.get_tensor(f"{p}.bias").float()
+    return W8A8DynamicWeights(t["weight"], w_scale, bias)
+
+
+def _linear(d: Path, model, p: str) -> torch.nn.Linear:
+    try:
+        module = model.get_submodule(p)
+    except AttributeError:
+        module = None
+    if not isinstance(module, torch.nn.Linear):
+        raise QpassError(f"{d}: {p} holds W8A8 tensors but is not a Linear of this model; recompile the directory")
+    return module
 
 
 def _read_w8a8(d: Path, reader, p: str, model) -> W8A8Weights:
