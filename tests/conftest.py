@@ -33,6 +33,20 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_head64_dir(tmp_path_factory, smollm2_tokenizer):
+    """A 2-layer random Llama that qpass's paged ops and vLLM both run (head_dim 64, 4 heads over 2 KV heads), with
+    1024 positions (a window of 512 and its next token fit vLLM's max_model_len)."""
+    from qpass.models.tiny import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-head64")
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer), hidden_size=256)
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(path, safe_serialization=True)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def text_files(tmp_path_factory):
     """Calibration jsonl and evaluation texts from the standard-library corpus (disjoint modules)."""
     return corpus.write(tmp_path_factory.mktemp("corpus"))

@@ -70,7 +70,7 @@ def main() -> None:
     for name, flags in dirs.items():
         out = work / name
         if not (out / "config.json").is_file():
-            common.compile_child(hf, out, [*flags, "--calib", texts["calib"], "--format", "vllm", "--force"])
+            common.compile_child(hf, out, [*flags, "--calib", str(texts["calib"]), "--format", "vllm", "--force"])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf)

@@ -184,6 +184,12 @@ def write(compiled, directory: Path, options: dict) -> None:
         raise QpassError(why)
     dtype_name = options.get("dtype") or "float32"
     dtype, recipe = MODEL_DTYPES[dtype_name], compiled.recipe
+    skipped = compiled.report.get("decoder", {}).get("skipped", "")
+    if (recipe.config.fa_quant or recipe.config.kv_cache) and not compiled.layerwise and skipped:
+        raise QpassError(
+            f"--format vllm: qpass's vLLM backend runs the paged int8 attention this model's attention cannot be "
+            f"lowered to ({skipped.split(';')[0]}); write --format qpass, or --format vllm with --w8a8 alone"
+        )
     state = apply_smoothing(dict(compiled.state_dict.items()), recipe.smoothing, recipe.tensors)
     demoted = fused_floats(recipe)  # vLLM fuses q/k/v and gate/up: one scheme per fused Linear
     linears = [p for p in recipe.w8a8_linears() if p not in demoted]
