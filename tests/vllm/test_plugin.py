@@ -147,14 +147,18 @@ def test_two_tensor_parallel_ranks_decode_what_one_does(flags, tiny_head64_dir, 
 
 def test_the_int8_cache_holds_twice_the_tokens_of_stock_vllms_bfloat16_cache(tiny_head64_dir, text_files, tmp_path):
     """The same cache memory: qpass's int8 blocks against the bfloat16 blocks that stock vLLM (plugin off) gives the
-    W8A8-only directory, which it loads by compressed-tensors alone."""
+    W8A8-only directory, which it loads by compressed-tensors alone; with the plugin loaded that directory runs
+    exactly as stock vLLM runs it (the plugin leaves models without qpass attention alone)."""
     c8 = compile_vllm(tiny_head64_dir, text_files, tmp_path / "c8", "--kv-int8")
     w8 = compile_vllm(tiny_head64_dir, text_files, tmp_path / "w8", "--w8a8")
     assert json.loads((w8 / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
     job = {"generate": [[1, 2, 3]], "max_tokens": 2, "dtype": "bfloat16", "kv_cache_memory_bytes": 1 << 25}
     stock = run_vllm(tmp_path, {**job, "model": str(w8)}, plugins=False)
+    untouched = run_vllm(tmp_path, {**job, "model": str(w8)})  # the plugin loaded: a model without qpass attention
     ours = run_vllm(tmp_path, {**job, "model": str(c8)})
     assert stock["cache_dtypes"] == ["torch.bfloat16"] and "QpassInt8Impl" not in stock["backends"]
+    assert untouched["backends"] == stock["backends"] and untouched["cache"] == stock["cache"]
+    assert untouched["generated"] == stock["generated"]
     assert ours["cache_dtypes"] == ["torch.int8"]
     per_token = {
         k: r["kv_cache_bytes"] / (r["cache"]["num_blocks"] * r["cache"]["block_size"])
