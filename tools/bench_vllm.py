@@ -11,6 +11,7 @@ process of its own in vLLM's environment (``.venv-vllm``, ``make vllm-env``):
   fp8 e4m3 cache beside them where this CPU has AVX-512 (vLLM refuses it on AVX2).
 
     python -m tools.bench_vllm [--work out/bench-vllm] [--batches 1 8 32] [--context 2048] [--decode 16]
+                               [--parts capacity speed accuracy]
 """
 
 import json
@@ -52,10 +53,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens per request (default 2048)")
     parser.add_argument("--decode", type=int, default=16, help="tokens decoded per request (default 16)")
     parser.add_argument("--windows", type=int, default=16, help="512-token windows per text (default 16)")
+    parser.add_argument(
+        "--parts", nargs="+", default=["capacity", "speed", "accuracy"], help="what to measure (default: all three)"
+    )
     args = parser.parse_args()
     if not VLLM_PYTHON.is_file():
         raise SystemExit(f"{VLLM_PYTHON} is missing: run `make vllm-env` first")
-    import torch
 
     from qpass.core import corpus
     from qpass.models.loaders import load_model
@@ -79,9 +82,22 @@ def main() -> None:
         "qpass C8": (work / "c8", True),
         "qpass dynamic": (work / "dynamic", True),
     }
-    results = {"machine": os.uname().nodename, "cpu_fp8": fp8_possible()}
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}  # the parts not run again
+    results.update({"machine": os.uname().nodename, "cpu_fp8": fp8_possible()})
 
-    # capacity, bfloat16 model, 256 MiB of cache
+    if "capacity" in args.parts:
+        capacity(models, work, results)
+    if "speed" in args.parts:
+        speed(models, work, results, tokenizer, args)
+    if "accuracy" in args.parts:
+        accuracy(hf, work, texts, results, tokenizer, args)
+    results_file.write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {results_file}")
+
+
+def capacity(models: dict, work: Path, results: dict) -> None:
+    """Tokens the cache holds in 256 MiB, bfloat16 model."""
     capacity = {}
     for label, (model, plugins) in models.items():
         job = {"model": str(model), "dtype": "bfloat16", "kv_cache_memory_bytes": 1 << 28, "max_model_len": 2048}
@@ -93,9 +109,13 @@ def main() -> None:
         [common.table_row([k, str(v), f"{v / capacity['bfloat16 (stock)']:.2f}"]) for k, v in capacity.items()],
     )
 
-    # speed, bfloat16 model
+
+def speed(models: dict, work: Path, results: dict, tokenizer, args) -> None:
+    """Prefill and decode tokens/s at each batch size, every prompt ``--context`` tokens, bfloat16 model."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
-    needed = 2 * sum(args.batches)
+    needed = sum(args.batches)
     prompts = torch.randint(100, tokenizer.vocab_size - 100, (needed, args.context), generator=g).tolist()
     speed = {}
     for label in ("bfloat16 (stock)", "qpass C8"):
@@ -119,8 +139,8 @@ def main() -> None:
             common.table_row(
                 [
                     str(b),
-                    f"{b * args.context / base['prefill_s']:.0f}",
-                    f"{b * args.context / ours['prefill_s']:.0f}",
+                    f"{base['prefill_tokens_per_s']:.0f}",
+                    f"{ours['prefill_tokens_per_s']:.0f}",
                     f"{base['decode_tokens_per_s']:.2f}",
                     f"{ours['decode_tokens_per_s']:.2f}",
                     f"{ours['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}",
@@ -131,7 +151,11 @@ def main() -> None:
         ["batch", "prefill tok/s bf16", "prefill tok/s C8", "decode tok/s bf16", "decode tok/s C8", "decode x"], rows
     )
 
-    # accuracy, float32, paired on the same windows
+
+def accuracy(hf: Path, work: Path, texts: dict, results: dict, tokenizer, args) -> None:
+    """Perplexity in float32 on prose and code, each quantized cache paired with the float cache on the same windows."""
+    import torch
+
     accuracy = {}
     kinds = {"float": (hf, False, "auto"), "qpass C8": (work / "c8", True, "auto")}
     kinds["qpass dynamic"] = (work / "dynamic", True, "auto")
@@ -167,8 +191,6 @@ def main() -> None:
     common.print_table(["text", "cache", "ppl (vLLM, float32)", "increase % vs float (95%)"], rows)
     if not results["cpu_fp8"]:
         print("\nvLLM's fp8 e4m3 cache: not measured; vLLM refuses it on a CPU without AVX-512 or AMX (this one)")
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {work / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ next-token NLL and token count of each ``logprobs`` window (vLLM's ``prompt_logp
 (blocks, block size, bytes) and the attention backend each layer runs.
 
 ``"bench": {"batches": [1, 8], "decode": 16}`` with ``"bench_prompts"`` times, for each batch size, the prefill of
-that many prompts (one new token) and their prefill with ``decode`` more tokens, each prompt new to the prefix cache.
+that many prompts new to the prefix cache and the decode of ``decode`` more tokens each (vLLM's own timestamps).
 """
 
 import argparse
 import json
 import os
-import time
 
 
 def main() -> None:
@@ -78,23 +77,30 @@ def main() -> None:
 
 
 def bench(llm, settings: dict, prompts: list[list[int]]) -> list[dict]:
-    """Seconds of each batch size's prefill (one new token) and of its prefill and ``decode`` more tokens, each on
-    prompts not seen before (two disjoint slices of ``prompts`` per batch size)."""
+    """For each batch size, that many prompts not seen before, each decoding ``decode`` tokens after its first: the
+    prefill's seconds (scheduled to the last first token) and the decode's (the last first token to the last
+    token), from vLLM's own per-request timestamps."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     out, at = [], 0
     for b in settings["batches"]:
-        timed = {}
-        for name, tokens in (("prefill_s", 1), ("prefill_and_decode_s", 1 + settings["decode"])):
-            batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts[at : at + b]]
-            at += b
-            params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-            start = time.perf_counter()
-            llm.generate(batch, params, use_tqdm=False)
-            timed[name] = time.perf_counter() - start
-        decode_s = timed["prefill_and_decode_s"] - timed["prefill_s"]
-        out.append({"batch": b, **timed, "decode_tokens_per_s": b * settings["decode"] / decode_s})
+        batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts[at : at + b]]
+        at += b
+        params = SamplingParams(max_tokens=1 + settings["decode"], temperature=0.0, ignore_eos=True)
+        metrics = [o.metrics for o in llm.generate(batch, params, use_tqdm=False)]
+        first = max(m.first_token_ts for m in metrics)
+        prefill_s = first - min(m.scheduled_ts for m in metrics)
+        decode_s = max(m.last_token_ts for m in metrics) - first
+        out.append(
+            {
+                "batch": b,
+                "prefill_s": prefill_s,
+                "decode_s": decode_s,
+                "prefill_tokens_per_s": sum(len(p["prompt_token_ids"]) for p in batch) / prefill_s,
+                "decode_tokens_per_s": b * settings["decode"] / decode_s,
+            }
+        )
     return out
 
 

@@ -118,9 +118,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 @in_child
-@pytest.mark.parametrize(
-    "kind, dtype", [("flat", torch.float32), ("needle", torch.float16), ("drift", torch.bfloat16)]
-)
+@pytest.mark.parametrize("kind, dtype", [("flat", torch.float32), ("needle", torch.float16), ("drift", torch.bfloat16)])
 def test_triton_decode_at_32k_matches_float64(kind, dtype):
     import qpass.runtime.triton_paged_attention as tpa
 
