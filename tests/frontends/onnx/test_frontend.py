@@ -333,7 +333,7 @@ def _bad_inputs(source: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing external data": ([str(ext / "model.onnx"), "--kv-int8"], "external data"),
         "missing file": ([str(tmp / "nothing.onnx"), "--kv-int8"], "no such ONNX file"),
         "tokenizer does not match": ([str(cut / "model.onnx"), "--kv-int8"], "the tokenizer has"),
-        "no tokenizer": ([model_path, "--kv-int8", "--tokenizer", str(tmp / "none")], "no tokenizer"),
+        "no tokenizer": ([model_path, "--kv-int8", "--tokenizer", str(tmp / "none")], "cannot load"),
         "w8a8": ([model_path, "--w8a8"], "--w8a8"),
         "dynamic cache": ([model_path, "--kv-int8", "dynamic"], "--kv-int8 dynamic"),
         "mindie format": ([model_path, "--kv-int8", "--format", "mindie"], "an ONNX input is written as ONNX"),
