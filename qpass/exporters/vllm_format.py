@@ -428,12 +428,7 @@ def _linear(d: Path, model, p: str) -> torch.nn.Linear:
 
 
 def _read_w8a8(d: Path, reader, p: str, model) -> W8A8Weights:
-    try:
-        module = model.get_submodule(p)
-    except AttributeError:
-        module = None
-    if not isinstance(module, torch.nn.Linear):
-        raise QpassError(f"{d}: {p} holds W8A8 tensors but is not a Linear of this model; recompile the directory")
+    module = _linear(d, model, p)
     n, k = module.out_features, module.in_features
     want = {
         "weight": (torch.int8, (n, k)),
