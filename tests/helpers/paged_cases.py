@@ -123,3 +123,21 @@ def prefill(lowered, ids: torch.Tensor, block_size: int = 16):
     )
     with torch.no_grad():
         return lowered.module()(*args), caches
+
+
+def run_interpreted(test_file: str, *pytest_args: str, timeout: int = 600):
+    """``pytest test_file`` again in a fresh process with ``TRITON_INTERPRET=1`` (which must be set before triton is
+    first imported) and ``QPASS_TRITON_INTERPRET_CHILD=1``, so that the file's interpreter tests run there; the
+    finished process (``returncode``, ``stdout``, ``stderr``)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "QPASS_TRITON_INTERPRET_CHILD": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", *pytest_args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -8,8 +8,6 @@ The Triton half runs in a fresh process with ``TRITON_INTERPRET=1`` (as ``test_t
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from qpass.runtime import (
     paged_prefill_attention_int8,
     paged_prefill_attention_int8_reference,
 )
-from tests.helpers.paged_cases import rel_err
+from tests.helpers.paged_cases import rel_err, run_interpreted
 
 CONTEXT = 32 * 1024
 CHILD = os.environ.get("QPASS_TRITON_INTERPRET_CHILD") == "1"
@@ -101,14 +99,7 @@ def test_cpu_prefill_of_the_last_tokens_at_32k_matches_float64():
 @pytest.mark.slow  # about a minute: the interpreter walks 32k keys per kernel
 def test_triton_kernels_at_32k_in_a_fresh_interpreter_process():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "QPASS_TRITON_INTERPRET_CHILD": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_interpreted(__file__, timeout=900)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" in result.stdout  # the child ran the tests
 

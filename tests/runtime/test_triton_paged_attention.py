@@ -8,8 +8,6 @@ this file again in a fresh process with the variable set; the tests below run on
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from qpass.runtime import (
     quantize_int8,
 )
 from qpass.runtime.paged_attention import prefill_rows
-from tests.helpers.paged_cases import make_case, make_dynamic_case, rel_err
+from tests.helpers.paged_cases import make_case, make_dynamic_case, rel_err, run_interpreted
 
 CHILD = os.environ.get("QPASS_TRITON_INTERPRET_CHILD") == "1"
 in_child = pytest.mark.skipif(not CHILD, reason="runs in the interpreter child process")
@@ -31,14 +29,7 @@ in_child = pytest.mark.skipif(not CHILD, reason="runs in the interpreter child p
 
 @pytest.mark.skipif(CHILD, reason="this is the child")
 def test_kernels_in_a_fresh_interpreter_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "QPASS_TRITON_INTERPRET_CHILD": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_interpreted(__file__)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" in result.stdout  # the child ran the tests
 

@@ -7,8 +7,6 @@ CPU path.
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from qpass.runtime.paged_attention import paged_prefill_attention_int8_reference
 from qpass.runtime.paged_attention_dynamic import paged_prefill_attention_int8_dynamic_reference
 from qpass.runtime.quant_ops import quantize_int8
 from qpass.vllm.int8_layer import Grids, attend, content_bytes, round_trip, split_cache, write_cache
-from tests.helpers.paged_cases import rel_err
+from tests.helpers.paged_cases import rel_err, run_interpreted
 
 CHILD = os.environ.get("QPASS_TRITON_INTERPRET_CHILD") == "1"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 16
@@ -97,14 +95,7 @@ def test_the_layer_writes_and_attends_through_vllms_cache_layout(mode):
 
 @pytest.mark.skipif(CHILD, reason="this is the child")
 def test_the_triton_kernel_runs_vllms_layer_cache_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "QPASS_TRITON_INTERPRET_CHILD": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "triton_kernel_matches"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_interpreted(__file__, "-k", "triton_kernel_matches")
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-6000:] + result.stderr[-2000:]
 
 
