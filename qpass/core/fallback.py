@@ -65,21 +65,30 @@ def _widest_ranges(level: str, linears: list[LinearSite], stats: dict) -> dict[s
     """``Ln``: the n Linears with the widest activation range (``max|x| / std``) float, with why."""
     n, n_all = int(level[1:]), len(linears)
     check_level(level, n_all, None)
-    ranked = sorted(linears, key=lambda s: -stats["range_ratio"][s.module])[:n]
-    return {
-        s.module: f"{level}: activation range max|x|/std = {stats['range_ratio'][s.module]:.1f}, "
-        f"rank {i + 1} of {n_all}"
-        for i, s in enumerate(ranked)
-    }
+    ranked = _ranked([s.module for s in linears], stats, "range")[:n]
+    return {name: f"{level}: {_figure('range', name, stats)}, rank {i + 1} of {n_all}" for i, name in enumerate(ranked)}
+
+
+# a ranking -> the per-Linear statistic it sorts by, whether a higher value is more sensitive, its name, its format
+MEASURES = {
+    "loss": ("loss_sensitivity", True, "loss sensitivity", "{:.3g}"),  # first-order loss change of its W8A8 error
+    "sqnr": ("output_sqnr_db", False, "output SQNR", "{:.1f} dB"),  # its W8A8 form's, on the calibration sample
+    "range": ("range_ratio", True, "activation range max|x|/std", "= {:.1f}"),  # what the Ln levels rank by
+}
+
+
+def _ranked(names: list[str], stats: dict, ranking: str) -> list[str]:
+    """``names`` most sensitive first by ``ranking`` (a key of ``MEASURES``); ties in name order."""
+    key, higher, _, _ = MEASURES[ranking]
+    return sorted(names, key=lambda n: (-stats[key][n] if higher else stats[key][n], n))
 
 
 def _rankings(linears: list[LinearSite], stats: dict) -> dict[str, list[LinearSite]]:
     """The Linears most sensitive first, by each measure the calibration has: loss sensitivity (where the frontend
     took gradients), output SQNR."""
-    rankings = {"sqnr": sorted(linears, key=lambda s: stats["output_sqnr_db"][s.module])}
-    if "loss_sensitivity" in stats:
-        rankings = {"loss": sorted(linears, key=lambda s: -stats["loss_sensitivity"][s.module]), **rankings}
-    return rankings
+    by_name = {s.module: s for s in linears}
+    names = ("loss", "sqnr") if MEASURES["loss"][0] in stats else ("sqnr",)
+    return {r: [by_name[n] for n in _ranked(list(by_name), stats, r)] for r in names}
 
 
 def increase_bound(diff: torch.Tensor, z: float = UPPER_Z) -> tuple[float, float]:
@@ -174,7 +183,7 @@ def choose_float_linears(
         s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} ({_figures(s.module, stats)}); {outcome}"
         for i, s in enumerate(ranked[:k])
     }
-    return floats, [{"held_out_windows": int(held.shape[0]), "ppl_float": ppl_float}, *log]
+    return floats, [{"held_out_windows": int(held.shape[0]), "ppl_float": ppl_float, "ranking": best}, *log]
 
 
 def _step(label: str, count: int, increase: float, upper: float, strict: float) -> dict:
@@ -192,6 +201,64 @@ def _figures(module: str, stats: dict) -> str:
     """A Linear's sensitivity figures, for why it stays float."""
     loss = stats.get("loss_sensitivity", {}).get(module, float("nan"))
     return f"loss sensitivity {loss:.3g}, output SQNR {stats['output_sqnr_db'][module]:.1f} dB"
+
+
+def _figure(ranking: str, module: str, stats: dict) -> str:
+    """``module``'s figure of the measure ``ranking`` (a key of ``MEASURES``), in words."""
+    key, _, name, form = MEASURES[ranking]
+    return f"{name} {form.format(stats[key][module])}"
+
+
+def per_linear(recipe: Recipe) -> tuple[str | None, list[dict]]:
+    """``(the ranking the rows are ordered by, or None, one row per W8A8 Linear)``, for the report.
+
+    A row: ``name``, ``mode`` (``static``, ``dynamic`` or ``float``), ``rank`` (1 the most sensitive, None where
+    nothing ranked the Linears), ``reason`` in words, and the figures calibration measured for the Linear
+    (``loss_sensitivity``, ``output_sqnr_db``, ``range_ratio``; absent where not measured). The rows are ranked by the
+    measure that decided: the one the ``auto`` search chose, the activation range for ``Ln``, the output SQNR for
+    ``L0`` (measured, though no search ran). Dynamic W8A8 measures nothing per Linear and ranks none; so does a recipe
+    whose search did not record its ranking (an older qpass), whose float Linears keep the recipe's own reason.
+    """
+    config, stats, floats = recipe.config, recipe.stats.get("w8a8", {}), recipe.float_linears
+    names = sorted({*recipe.w8a8_linears(), *floats})
+    level, n_all = config.disable_level, len(names)
+    if config.w8a8 == "dynamic":
+        why = "dynamic: --w8a8 dynamic (activations per token at run time); no sensitivity measured, no search ran"
+        return None, [
+            {"name": n, "mode": "float", "rank": None, "reason": f"float: {floats[n]}"}
+            if n in floats
+            else {"name": n, "mode": "dynamic", "rank": None, "reason": why}
+            for n in names
+        ]
+    search = stats.get("search") or [{}]
+    ranking = {"L0": "sqnr", "auto": search[0].get("ranking")}.get(level, "range")
+    if ranking is not None and not all(n in stats.get(MEASURES[ranking][0], {}) for n in names):
+        ranking = None  # a recipe without this figure for every Linear: nothing to rank by
+    order = names if ranking is None else _ranked(names, stats, ranking)
+    kept = sum(n in floats for n in names)
+    rows = []
+    for rank, name in enumerate(order, start=1):
+        figure = None if ranking is None else f"{_figure(ranking, name, stats)}, rank {rank} of {n_all}"
+        if name in floats:
+            why = floats[name]
+            if figure is None or level == "L0":  # nothing of ours explains it: the recipe's own reason
+                reason = f"float: {why}"
+            elif level == "auto":
+                reason = f"kept float by the search: {figure}"
+            else:
+                reason = f"fell back: level {level}: {figure}"
+        elif figure is None:
+            reason = "static: not ranked (the recipe, of an older qpass, records no sensitivity ranking)"
+        elif level == "L0":
+            reason = f"static: {figure}; --disable-level L0, no search ran"
+        elif level == "auto":
+            reason = f"static: {figure}; the search kept the {kept} most sensitive float"
+        else:
+            reason = f"static: {figure}, not among the {level[1:]} widest ({level})"
+        measured = {key: stats[key][name] for key, *_ in MEASURES.values() if name in stats.get(key, {})}
+        row = {"name": name, "mode": "float" if name in floats else "static", "rank": rank if figure else None}
+        rows.append({**row, "reason": reason, **measured})
+    return ranking, rows
 
 
 def smoothing_hint(recipe: Recipe) -> str | None:

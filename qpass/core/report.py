@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from qpass.core import longcontext
+from qpass.core.fallback import MEASURES, per_linear
 from qpass.core.saturation import flagged_names
 
 LONG_CONTEXT_PLOT = "longcontext.png"  # beside the report, when the compile ran the long-context check
@@ -38,6 +39,7 @@ def summary(report: dict) -> str:
             f"{len(w['float_linears'])} float"
             + (f": {', '.join(sorted(w['float_linears']))}" if w["float_linears"] else "")
         )
+    lines.extend(per_linear_lines(w))
     lines.append(
         "  passes: "
         + (
@@ -149,10 +151,13 @@ def saturation_lines(sat: dict | None) -> list[str]:
 
 
 def w8a8_section(recipe) -> dict:
-    """``report["w8a8"]``: how many Linears are int8, which stayed float and why, and the calibration figures."""
+    """``report["w8a8"]``: how many Linears are int8, which stayed float and why, the calibration figures, and per
+    Linear its mode (static, dynamic or float), why, and its measured sensitivity (``per_linear``, most sensitive first
+    by the measure ``ranked_by`` names: :func:`qpass.core.fallback.per_linear`)."""
     doc, stats = recipe.w8a8, recipe.stats.get("w8a8", {})
     dynamic = recipe.config.w8a8 == "dynamic"
     linears = len(doc["linears"]) if dynamic else len(stats.get("range_ratio", {}))
+    ranked_by, rows = per_linear(recipe)
     return {
         "activations": recipe.config.w8a8,
         "act_method": doc["act_method"],
@@ -164,10 +169,36 @@ def w8a8_section(recipe) -> dict:
         "float_linears": doc["float_linears"],
         "smooth_groups": len(doc["smooth"]),
         "fallback_search": stats.get("search", []),
+        "ranked_by": ranked_by,
+        "per_linear": rows,
         "smoothing": stats.get("smooth", {}),
         "output_sqnr_db": stats.get("output_sqnr_db", {}),
         "act_method_used": stats.get("act_method_used", {}),
     }
+
+
+MOST_SENSITIVE = 5  # the Linears the summary names; report.json has them all
+
+
+def per_linear_lines(w8a8: dict | None) -> list[str]:
+    """The Linears per mode and the most sensitive few (``report["w8a8"]["per_linear"]``; none in a report of an older
+    qpass, which has no such table)."""
+    rows = (w8a8 or {}).get("per_linear")
+    if not rows:
+        return []
+    counts = {mode: sum(row["mode"] == mode for row in rows) for mode in ("static", "dynamic", "float")}
+    line = "  W8A8 per Linear: " + ", ".join(f"{n} {mode}" for mode, n in counts.items() if n)
+    ranked = w8a8.get("ranked_by")
+    if ranked is None:
+        why = (
+            "no sensitivity measured (dynamic W8A8)"
+            if counts["dynamic"]
+            else "not ranked (the recipe, of an older qpass, records no ranking)"
+        )
+        return [f"{line}; {why}; each Linear's reason: report.json w8a8.per_linear"]
+    lines = [f"{line}; most sensitive by {MEASURES[ranked][2]} (all {len(rows)}: report.json w8a8.per_linear):"]
+    lines.extend(f"    {row['name']}: {row['reason']}" for row in rows[:MOST_SENSITIVE])
+    return lines
 
 
 def write(report: dict, directory: Path) -> None:

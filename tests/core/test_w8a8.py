@@ -257,6 +257,85 @@ def test_auto_spends_the_float_share_when_only_the_95_bound_passes_within_it(mon
     assert sorted(floats) == ["l0", "l1", "l2"] and search[-1]["upper_95_pct"] < 1.0 < search[-1]["upper_strict_pct"]
 
 
+def test_report_says_per_linear_static_or_float_and_why_for_ln_and_l0(tiny):
+    from qpass.core.report import per_linear_lines, w8a8_section
+
+    w = w8a8_section(_recipe(tiny, disable_level="L2"))
+    rows = w["per_linear"]
+    assert w["ranked_by"] == "range" and len(rows) == 14
+    assert [r["rank"] for r in rows] == list(range(1, 15))
+    assert [r["mode"] for r in rows] == ["float"] * 2 + ["static"] * 12
+    assert {r["name"] for r in rows if r["mode"] == "float"} == set(w["float_linears"])
+    assert [r["range_ratio"] for r in rows] == sorted((r["range_ratio"] for r in rows), reverse=True)
+    top, third = rows[0], rows[2]
+    assert top["reason"] == f"fell back: level L2: activation range max|x|/std = {top['range_ratio']:.1f}, rank 1 of 14"
+    assert third["reason"].endswith("rank 3 of 14, not among the 2 widest (L2)")
+    assert all(isinstance(r["output_sqnr_db"], float) and "loss_sensitivity" not in r for r in rows)  # no search ran
+    lines = per_linear_lines(w)
+    assert lines[0].startswith("  W8A8 per Linear: 12 static, 2 float; most sensitive by activation range")
+    assert len(lines) == 6 and lines[1] == f"    {top['name']}: {top['reason']}"  # the few; report.json has them all
+
+    w = w8a8_section(_recipe(tiny))  # L0: nothing kept float, no search; the output SQNR was measured all the same
+    assert w["ranked_by"] == "sqnr" and {r["mode"] for r in w["per_linear"]} == {"static"}
+    assert w["per_linear"][0]["reason"].endswith("rank 1 of 14; --disable-level L0, no search ran")
+
+
+def test_report_says_dynamic_and_that_no_sensitivity_was_measured(tiny):
+    from qpass.core.report import per_linear_lines, w8a8_section
+
+    fe, _, _, ids = tiny
+    w = w8a8_section(calibrate(fe, ids, QuantConfig(w8a8="dynamic"), batch_size=4))
+    assert w["ranked_by"] is None and len(w["per_linear"]) == 14
+    assert all(
+        r["mode"] == "dynamic"
+        and r["rank"] is None
+        and "no sensitivity measured" in r["reason"]
+        and not {"loss_sensitivity", "output_sqnr_db", "range_ratio"} & set(r)
+        for r in w["per_linear"]
+    )
+    assert per_linear_lines(w) == [
+        "  W8A8 per Linear: 14 dynamic; no sensitivity measured (dynamic W8A8); each Linear's reason: "
+        "report.json w8a8.per_linear"
+    ]
+
+
+def test_report_says_which_linears_the_search_kept_float_by_their_sensitivity(tiny, monkeypatch, tmp_path):
+    import qpass.frontends.torch_export.frontend as torch_frontend
+    from qpass.core.report import per_linear_lines, w8a8_section
+
+    def fake_window_nll(module, windows, batch_size, desc):  # +1% per quantized Linear beyond 9
+        quantized = (
+            0 if desc == "fallback float" else len(module.graph.find_nodes(op="call_function", target=W8A8_LINEAR))
+        )
+        return torch.full((windows.shape[0],), math.log(100.0 * (1 + max(0, quantized - 9) / 100)), dtype=torch.float64)
+
+    monkeypatch.setattr(torch_frontend, "window_nll", fake_window_nll)
+    recipe = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
+    w = w8a8_section(recipe)
+    ranking = recipe.stats["w8a8"]["search"][0]["ranking"]
+    assert w["ranked_by"] == ranking == recipe.stats["w8a8"]["search"][-1]["ranking"]
+    rows = w["per_linear"]
+    assert [r["mode"] for r in rows] == ["float"] * 3 + ["static"] * 11
+    assert {r["name"] for r in rows[:3]} == set(recipe.float_linears)
+    figure = {"loss": "loss sensitivity", "sqnr": "output SQNR"}[ranking]
+    assert rows[0]["reason"].startswith(f"kept float by the search: {figure} ") and "rank 1 of 14" in rows[0]["reason"]
+    assert rows[3]["reason"].endswith("rank 4 of 14; the search kept the 3 most sensitive float")
+    assert all(r["loss_sensitivity"] == recipe.stats["w8a8"]["loss_sensitivity"][r["name"]] for r in rows)
+    recipe.save(tmp_path / "recipe")
+    assert w8a8_section(Recipe.load(tmp_path / "recipe"))["per_linear"] == rows  # the ranking travels in the recipe
+
+    # A recipe of an older qpass: its search did not record the ranking; the report says so instead of guessing.
+    search = recipe.stats["w8a8"]["search"]
+    old = recipe.replace(
+        stats={**recipe.stats, "w8a8": {**recipe.stats["w8a8"], "search": [{"held_out_windows": 2}, *search[1:]]}}
+    )
+    w = w8a8_section(old)
+    assert w["ranked_by"] is None and all(r["rank"] is None for r in w["per_linear"])
+    floats = [r for r in w["per_linear"] if r["mode"] == "float"]
+    assert [r["reason"] for r in floats] == [f"float: {recipe.float_linears[r['name']]}" for r in floats]
+    assert "not ranked" in per_linear_lines(w)[0]
+
+
 def test_increase_bound_is_the_estimate_for_one_window_and_above_it_for_several():
     from qpass.core.fallback import increase_bound
 
@@ -341,7 +420,14 @@ def test_cli_compile_w8a8_then_eval_reproduces(tiny_model_dir, text_files, tmp_p
     w = report["w8a8"]
     assert (w["linears"], w["quantized"], len(w["float_linears"])) == (14, 13, 1)
     assert next(iter(w["float_linears"].values())).startswith("L1: activation range")
-    capsys.readouterr()
+    assert w["ranked_by"] == "range" and [r["mode"] for r in w["per_linear"]] == ["float"] + ["static"] * 13
+    printed = capsys.readouterr().out
+    assert "  W8A8 per Linear: 13 static, 1 float; most sensitive by activation range" in printed
+    assert "W8A8 per Linear: 13 static, 1 float" in (out / "report.txt").read_text()
+    from qpass.core.report import summary
+
+    older = {**report, "w8a8": {k: v for k, v in w.items() if k not in ("per_linear", "ranked_by")}}
+    assert "W8A8 per Linear" not in summary(older)  # a report.json of an older qpass still reads
     assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl_quant"] == pytest.approx(report["eval"]["ppl_quant"], rel=1e-6)
     assert main(["compile", str(tiny_model_dir), "--w8a8", "--disable-level", "L2x", "-o", str(tmp_path / "bad")]) == 2
