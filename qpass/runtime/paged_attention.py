@@ -18,6 +18,7 @@ and ``v ~= (vq - v_offset) * v_scale`` per channel:
 import torch
 
 from qpass.core.errors import QpassError
+from qpass.runtime import cpu_kernel
 from qpass.runtime.paged_checks import (
     check_cache_args,
     check_context_lens,
@@ -140,6 +141,33 @@ def folded_attention(
     return out.view(kv_heads, q_len, group, head_dim).permute(1, 0, 2, 3).reshape(q_len, num_heads, head_dim)
 
 
+def folded_paged(
+    query, key_cache, value_cache, block_tables, context_lens, query_start_loc, softmax_scale, scales, token_scales=None
+):
+    """The CPU backend of every paged op, in the query's dtype. Where the C++ kernel (:mod:`qpass.runtime.cpu_kernel`)
+    is built, the whole batch is one call of it, each query token a decode row with its causal context (as the CUDA
+    path runs it); where it is not, :func:`folded_attention` runs one request at a time. ``scales``: the static
+    cache's ``(k_scale, k_offset, v_scale, v_offset)``, or None with the dynamic cache's ``token_scales``."""
+    if cpu_kernel.available():
+        static = None if scales is None else (scales[0], scales[2], scales[3])  # K's offset cancels in the softmax
+        if query_start_loc.tolist() != list(range(context_lens.shape[0] + 1)):  # not one query token per request
+            block_tables, context_lens = prefill_rows(block_tables, context_lens, query_start_loc)
+        args = (key_cache, value_cache, block_tables, context_lens, softmax_scale, static, token_scales)
+        return cpu_kernel.paged_decode(query, *args)
+    out = torch.empty_like(query)
+    starts, lens = query_start_loc.tolist(), context_lens.tolist()
+    params = scales if scales is not None else (None,) * 4
+    for i, n in enumerate(lens):
+        a, b = starts[i], starts[i + 1]
+        if a == b:
+            continue
+        pos = torch.arange(n - (b - a), n, device=query.device)
+        out[a:b] = folded_attention(
+            query[a:b].float(), key_cache, value_cache, block_tables[i], n, pos, *params, softmax_scale, token_scales
+        ).to(query.dtype)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Decode
 # ---------------------------------------------------------------------------------------------
@@ -162,24 +190,10 @@ def paged_attention_int8_reference(
 def paged_attention_int8_torch(
     query, key_cache, value_cache, block_tables, context_lens, k_scale, k_offset, v_scale, v_offset, softmax_scale
 ):
-    """The folded PyTorch decode path (the CPU backend): same contract as :func:`paged_attention_int8`."""
-    out = torch.empty_like(query)
-    for i, n in enumerate(context_lens.tolist()):
-        pos = torch.tensor([n - 1], device=query.device)
-        out[i] = folded_attention(
-            query[i : i + 1].float(),
-            key_cache,
-            value_cache,
-            block_tables[i],
-            n,
-            pos,
-            k_scale,
-            k_offset,
-            v_scale,
-            v_offset,
-            softmax_scale,
-        )[0]
-    return out
+    """The CPU decode path: same contract as :func:`paged_attention_int8`."""
+    starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+    scales = (k_scale, k_offset, v_scale, v_offset)
+    return folded_paged(query, key_cache, value_cache, block_tables, context_lens, starts, softmax_scale, scales)
 
 
 @torch.library.custom_op("qpass::paged_attention_int8", mutates_args=())
@@ -269,28 +283,11 @@ def paged_prefill_attention_int8_torch(
     v_offset,
     softmax_scale,
 ):
-    """The folded PyTorch prefill path (the CPU backend)."""
-    out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
-    for i, n in enumerate(context_lens.tolist()):
-        a, b = starts[i], starts[i + 1]
-        if a == b:
-            continue
-        pos = torch.arange(n - (b - a), n, device=query.device)
-        out[a:b] = folded_attention(
-            query[a:b].float(),
-            key_cache,
-            value_cache,
-            block_tables[i],
-            n,
-            pos,
-            k_scale,
-            k_offset,
-            v_scale,
-            v_offset,
-            softmax_scale,
-        )
-    return out
+    """The CPU prefill path."""
+    scales = (k_scale, k_offset, v_scale, v_offset)
+    return folded_paged(
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, softmax_scale, scales
+    )
 
 
 def _check_prefill(

@@ -13,7 +13,7 @@ import torch
 
 from qpass.core.errors import QpassError
 from qpass.core.int8 import dequantize
-from qpass.runtime.paged_attention import causal_sdpa, folded_attention, gather_tokens, prefill_rows
+from qpass.runtime.paged_attention import causal_sdpa, folded_paged, gather_tokens, prefill_rows
 from qpass.runtime.paged_checks import (
     check_cache_args,
     check_context_lens,
@@ -59,25 +59,10 @@ def paged_attention_int8_dynamic_reference(
 def paged_attention_int8_dynamic_torch(
     query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, v_scale_cache, softmax_scale
 ):
-    """The folded PyTorch decode path: same contract as :func:`paged_attention_int8_dynamic`."""
-    out = torch.empty_like(query)
-    for i, n in enumerate(context_lens.tolist()):
-        pos = torch.tensor([n - 1], device=query.device)
-        out[i] = folded_attention(
-            query[i : i + 1].float(),
-            key_cache,
-            value_cache,
-            block_tables[i],
-            n,
-            pos,
-            None,
-            None,
-            None,
-            None,
-            softmax_scale,
-            (k_scale_cache, v_scale_cache),
-        )[0]
-    return out
+    """The CPU decode path: same contract as :func:`paged_attention_int8_dynamic`."""
+    starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+    pairs = (k_scale_cache, v_scale_cache)
+    return folded_paged(query, key_cache, value_cache, block_tables, context_lens, starts, softmax_scale, None, pairs)
 
 
 def _check_decode(query, key_cache, value_cache, block_tables, context_lens, k_scale_cache, v_scale_cache):
@@ -172,29 +157,11 @@ def paged_prefill_attention_int8_dynamic_torch(
     v_scale_cache,
     softmax_scale,
 ):
-    """The folded PyTorch prefill path."""
-    out = torch.empty_like(query)
-    starts = query_start_loc.tolist()
-    for i, n in enumerate(context_lens.tolist()):
-        a, b = starts[i], starts[i + 1]
-        if a == b:
-            continue
-        pos = torch.arange(n - (b - a), n, device=query.device)
-        out[a:b] = folded_attention(
-            query[a:b].float(),
-            key_cache,
-            value_cache,
-            block_tables[i],
-            n,
-            pos,
-            None,
-            None,
-            None,
-            None,
-            softmax_scale,
-            (k_scale_cache, v_scale_cache),
-        )
-    return out
+    """The CPU prefill path."""
+    pairs = (k_scale_cache, v_scale_cache)
+    return folded_paged(
+        query, key_cache, value_cache, block_tables, context_lens, query_start_loc, softmax_scale, None, pairs
+    )
 
 
 def _check_prefill(

@@ -54,9 +54,13 @@ def _partition_kernel(
     qk_scale,  # softmax_scale * log2(e): scores are kept in base 2
     stride_q_row,
     stride_q_head,
-    stride_kv_block,
-    stride_kv_token,
-    stride_kv_head,
+    stride_k_block,
+    stride_k_token,
+    stride_k_head,
+    stride_k_dim,  # 1 for token-major keys; block_size for channel-major ones (qpass's vLLM pages)
+    stride_v_block,
+    stride_v_token,
+    stride_v_head,
     stride_s_block,  # of the dynamic cache's (scale, offset) pairs, each pair contiguous
     stride_s_token,
     stride_s_head,
@@ -111,12 +115,14 @@ def _partition_kernel(
         tokens = tile_start + offs_t
         token_mask = tokens < end
         block = tl.load(table_row + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        kv_off = block * stride_kv_block + (tokens % BLOCK_SIZE) * stride_kv_token + kv_head * stride_kv_head
-        kv_ptrs = kv_off[:, None] + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
+        slot = tokens % BLOCK_SIZE
+        k_off = block * stride_k_block + slot * stride_k_token + kv_head * stride_k_head
+        k_ptrs = k_off[:, None] + offs_d[None, :] * stride_k_dim
+        v_ptrs = (block * stride_v_block + slot * stride_v_token + kv_head * stride_v_head)[:, None] + offs_d[None, :]
+        k = tl.load(k_cache_ptr + k_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, TILE]
         if KV_DYNAMIC:  # a key's score: scale * (q . code - offset * sum(q))
-            s_ptrs = block * stride_s_block + (tokens % BLOCK_SIZE) * stride_s_token + kv_head * stride_s_head
+            s_ptrs = block * stride_s_block + slot * stride_s_token + kv_head * stride_s_head
             k_s = tl.load(k_token_scale_ptr + s_ptrs, mask=token_mask, other=0.0)
             k_o = tl.load(k_token_scale_ptr + s_ptrs + 1, mask=token_mask, other=0.0)
             scores = (scores - q_sum[:, None] * k_o[None, :]) * k_s[None, :]
@@ -125,7 +131,7 @@ def _partition_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
+        v = tl.load(v_cache_ptr + v_ptrs, mask=token_mask[:, None], other=0).to(DOT_TY)
         if (
             KV_DYNAMIC
         ):  # each value's scale weights its p, relative to the tile's largest (p * scale underflows float16)
@@ -239,10 +245,9 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
         raise QpassError(
             f"key_cache/value_cache are {key_cache.dtype}/{value_cache.dtype}; both int8 (or both float16/bfloat16)"
         )
-    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
         raise QpassError(
-            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] "
-            "with the same shape and strides"
+            "key_cache and value_cache must both be [num_blocks, block_size, num_kv_heads, head_dim] with one shape"
         )
     num_rows, num_heads, head_dim = query.shape
     _, block_size, kv_heads, cache_head_dim = key_cache.shape
@@ -287,8 +292,8 @@ def _check(query, key_cache, value_cache, block_tables, context_lens, scales, ou
                 "pair contiguous"
             )
         scales = dict(zip(("k_scale_cache", "v_scale_cache"), token_scales))
-    if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise QpassError("query, the caches and block_tables need a contiguous last dimension; call .contiguous()")
+    if query.stride(-1) != 1 or value_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise QpassError("query, value_cache and block_tables need a contiguous last dimension; call .contiguous()")
     tensors = [query, key_cache, value_cache, block_tables, context_lens]
     tensors += [t for t in scales.values() if t is not None]
     if not INTERPRET and any(not t.is_cuda for t in tensors):
@@ -373,9 +378,8 @@ def paged_attention_triton(
         softmax_scale * math.log2(math.e),
         query.stride(0),
         query.stride(1),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
+        *key_cache.stride(),
+        *value_cache.stride()[:3],
         *(k_scale_cache.stride()[:3] if dynamic else (0, 0, 0)),
         block_tables.stride(0),
         out.stride(0),

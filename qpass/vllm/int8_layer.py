@@ -2,11 +2,14 @@
 import, so that it is tested, the Triton kernel included, without vLLM): write new K/V into vLLM's layer cache and
 attend over it. :mod:`qpass.vllm.backend` calls these from vLLM's attention backend interface.
 
-vLLM hands each layer its cache as a ``[num_blocks, kv_heads, block_size, content]`` int8 view (layout ``LBHNC``;
-``content`` is K's ``head_dim`` codes then V's, with the dynamic cache each followed by its float32 scale and
-offset, :func:`content_bytes`); the ops read and write it through ``[num_blocks, block_size, kv_heads, ...]``
-views of the same memory (:func:`split_cache`), so a block is still one page that vLLM allocates, shares between
-prefixes and frees.
+vLLM hands each layer its cache as a ``[num_blocks, kv_heads, block_size, content]`` int8 tensor (layout ``LBHNC``,
+:func:`content_bytes` per token and kv head) and moves, shares and frees it only block by block, so the inside of a
+block's kv-head run of ``block_size * content`` bytes is qpass's to lay out (:func:`split_cache`): K's codes
+channel-major (``[head_dim, block_size]``: 16 slots of one channel are one vector load, which is how the CPU kernel
+scores 16 keys at once), then V's codes token-major (``[block_size, head_dim]``: a weight times a whole value row), and
+for the dynamic cache K's then V's float32 ``(scale, offset)`` per slot. The ops read and write it through
+``[num_blocks, block_size, kv_heads, ...]`` views of the same memory, so a block is still one page that vLLM
+allocates, shares between prefixes and frees.
 """
 
 from dataclasses import dataclass
@@ -51,15 +54,22 @@ def content_bytes(head_dim: int, dynamic: bool) -> int:
 
 def split_cache(kv_cache: torch.Tensor, dynamic: bool = False):
     """vLLM's ``[num_blocks, kv_heads, block_size, content]`` layer cache as the ops' caches, views of the same memory:
-    ``(key_cache, value_cache)`` ``[num_blocks, block_size, kv_heads, head_dim]`` int8, and for the dynamic cache
-    ``(k_scale_cache, v_scale_cache)`` ``[num_blocks, block_size, kv_heads, 2]`` float32 (else None). A token and kv
-    head's content is K's codes, [K's pair,] V's codes[, V's pair]."""
-    half = kv_cache.shape[-1] // 2
-    d = half - (PAIR_BYTES if dynamic else 0)
-    key, value = kv_cache[..., :d].transpose(1, 2), kv_cache[..., half : half + d].transpose(1, 2)
+    ``(key_cache, value_cache)`` ``[num_blocks, block_size, kv_heads, head_dim]`` int8 (the key's channels strided by
+    ``block_size``, the value's contiguous), and for the dynamic cache ``(k_scale_cache, v_scale_cache)``
+    ``[num_blocks, block_size, kv_heads, 2]`` float32 (else None). The module docstring has the layout."""
+    blocks, kv_heads, block_size, content = kv_cache.shape
+    d = content // 2 - (PAIR_BYTES if dynamic else 0)
+    run = kv_cache.view(blocks, kv_heads, block_size * content)  # one block's bytes of one kv head
+    codes = block_size * d
+    key = run[..., :codes].unflatten(-1, (d, block_size)).permute(0, 3, 1, 2)
+    value = run[..., codes : 2 * codes].unflatten(-1, (block_size, d)).transpose(1, 2)
     if not dynamic:
         return (key, value), None
-    pairs = tuple(kv_cache[..., a + d : a + half].view(torch.float32).transpose(1, 2) for a in (0, half))
+    pair_bytes = block_size * PAIR_BYTES
+    pairs = tuple(
+        run[..., a : a + pair_bytes].view(torch.float32).unflatten(-1, (block_size, 2)).transpose(1, 2)
+        for a in (2 * codes, 2 * codes + pair_bytes)
+    )
     return (key, value), pairs
 
 
