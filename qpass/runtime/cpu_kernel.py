@@ -1,4 +1,4 @@
-"""qpass's C++ attention kernel for the CPU (``csrc/paged_decode_int8.cpp``): one call attends a batch of query rows,
+"""qpass's C++ attention kernel for the CPU (``csrc/paged_int8.cpp``): one call attends a batch of query rows,
 each over its own context in the paged int8 cache (a decode's token, or a prefill's tokens each with its causal
 context), static or dynamic, reading the int8 codes in place (the folding of ``paged_attention.py``) on ATen's thread
 pool. The folded PyTorch path it replaces loops over the requests in Python and materialises every score, which costs
@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode_int8.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "paged_int8.cpp"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno"]
 
 
@@ -37,7 +37,7 @@ def available() -> bool:
     # One build per CPU capability and per Python environment: torch's builder keys its cache directory by name
     # alone, and two environments sharing a name would rebuild it for each other in turn.
     where = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
-    name = f"qpass_paged_decode_int8_{torch.backends.cpu.get_cpu_capability().lower()}_{where}"
+    name = f"qpass_paged_int8_{torch.backends.cpu.get_cpu_capability().lower()}_{where}"
     try:
         cpp_extension.load(
             name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False
@@ -59,4 +59,15 @@ def paged_decode(query, key_cache, value_cache, block_tables, context_lens, soft
     pairs = [None] * 2 if pairs is None else pairs
     tables, lens = (t.to(torch.int32).contiguous() for t in (block_tables, context_lens))
     args = (query.contiguous(), key_cache, value_cache, tables, lens, *static, *pairs, float(softmax_scale))
-    return torch.ops.qpass_cpu.paged_decode_int8(*args)
+    return torch.ops.qpass_cpu.paged_attention_int8(*args)
+
+
+def write(key, value, key_cache, value_cache, slots, grids=None, pairs=None) -> None:
+    """Quantize ``key`` and ``value`` ``[tokens, kv_heads, head_dim]`` into their ``slots`` (int64, -1 skips) of the
+    caches (any strides): on the static ``grids`` ``((k_scale, k_offset), (v_scale, v_offset))`` per channel, or per
+    token and kv head with each ``(scale, offset)`` written to ``pairs`` ``(k_scale_cache, v_scale_cache)``; the codes
+    of :func:`qpass.core.int8.quantize` and :func:`qpass.core.int8.quantize_dynamic`."""
+    grids = [None] * 4 if grids is None else [t.float().contiguous() for grid in grids for t in grid]
+    pairs = [None] * 2 if pairs is None else pairs
+    x = (key.contiguous(), value.contiguous(), key_cache, value_cache, slots.to(torch.int64).contiguous())
+    torch.ops.qpass_cpu.write_int8(*x, *grids, *pairs)

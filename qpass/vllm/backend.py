@@ -20,7 +20,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from qpass.runtime.paged_checks import BLOCK_SIZES, HEAD_DIMS
-from qpass.vllm.int8_layer import Grids, attend, content_bytes, write_cache
+from qpass.vllm.int8_layer import Grids, Views, attend, content_bytes, write_cache
 
 NAME, DYNAMIC_NAME = "QPASS_INT8", "QPASS_INT8_DYNAMIC"
 
@@ -120,9 +120,15 @@ class QpassInt8Impl(AttentionImpl[QpassInt8Metadata]):
         self.attn_type = attn_type
         self.sliding_window = sliding_window
         self.grids: Grids | None = None
+        self.views: Views | None = None
+
+    def split(self, kv_cache):
+        if self.views is None:
+            self.views = Views(self.grids.dynamic)
+        return self.views(kv_cache)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        write_cache(self.grids, key, value, kv_cache, slot_mapping)
+        write_cache(self.grids, key, value, kv_cache, slot_mapping, self.split(kv_cache))
 
     def forward(
         self,
@@ -142,5 +148,6 @@ class QpassInt8Impl(AttentionImpl[QpassInt8Metadata]):
             return output
         m = attn_metadata
         n = m.num_actual_tokens
-        output[:n] = attend(self.grids, query[:n], kv_cache, m.block_table, m.seq_lens, m.query_start_loc, self.scale)
+        tables = (m.block_table, m.seq_lens, m.query_start_loc)
+        output[:n] = attend(self.grids, query[:n], kv_cache, *tables, self.scale, self.split(kv_cache))
         return output

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qpass.runtime.paged_attention import paged_prefill_attention_int8
+from qpass.runtime import cpu_kernel
+from qpass.runtime.paged_attention import paged_prefill_attention_int8, prefill_rows
 from qpass.runtime.paged_attention_dynamic import paged_prefill_attention_int8_dynamic
 from qpass.runtime.paged_cache import reshape_and_cache_int8, reshape_and_cache_int8_dynamic
 from qpass.runtime.quant_ops import dequantize_int8, quantize_int8
@@ -73,26 +74,55 @@ def split_cache(kv_cache: torch.Tensor, dynamic: bool = False):
     return (key, value), pairs
 
 
-def write_cache(grids: Grids, key, value, kv_cache, slot_mapping) -> None:
+class Views:
+    """:func:`split_cache` of a layer's cache, made again only when vLLM hands the layer other memory (the views cost
+    more than a decode step's cache write)."""
+
+    def __init__(self, dynamic: bool) -> None:
+        self.dynamic, self.memory, self.views = dynamic, None, None
+
+    def __call__(self, kv_cache: torch.Tensor):
+        memory = (kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride())
+        if memory != self.memory:
+            self.memory, self.views = memory, split_cache(kv_cache, self.dynamic)
+        return self.views
+
+
+def write_cache(grids: Grids, key, value, kv_cache, slot_mapping, views=None) -> None:
     """Quantize the batch's new ``key``/``value`` ``[tokens, kv_heads, head_dim]`` into their ``slot_mapping`` slots of
     the layer cache ``kv_cache``: on the cache's grid (C8's round trip first where FAQuant stores them), or per token
-    and kv head (the dynamic cache)."""
+    and kv head (the dynamic cache). On CPU with qpass's kernel built, its write op (one call per cache, no Python
+    per token); else the runtime's write ops. ``views``: :func:`split_cache` of ``kv_cache``, where the caller keeps
+    them (:class:`Views`)."""
     n = slot_mapping.shape[0]
-    key, value, slots = key[:n].float(), value[:n].float(), slot_mapping.to(torch.int64)
-    (key_cache, value_cache), pairs = split_cache(kv_cache, grids.dynamic)
+    key, value, slots = key[:n], value[:n], slot_mapping.to(torch.int64)
+    (key_cache, value_cache), pairs = views or split_cache(kv_cache, grids.dynamic)
+    if grids.k_before is not None:
+        key, value = round_trip(key.float(), grids.k_before), round_trip(value.float(), grids.v_before)
+    if kv_cache.device.type == "cpu" and cpu_kernel.available():  # reads any float dtype as float32, exactly
+        static = None if grids.dynamic else (grids.k_cache, grids.v_cache)
+        cpu_kernel.write(key, value, key_cache, value_cache, slots, static, pairs)
+        return
+    key, value = key.float(), value.float()
     if grids.dynamic:
         reshape_and_cache_int8_dynamic(key, value, key_cache, value_cache, slots, *pairs)
-        return
-    if grids.k_before is not None:
-        key, value = round_trip(key, grids.k_before), round_trip(value, grids.v_before)
-    reshape_and_cache_int8(key, value, key_cache, value_cache, slots, *grids.k_cache, *grids.v_cache)
+    else:
+        reshape_and_cache_int8(key, value, key_cache, value_cache, slots, *grids.k_cache, *grids.v_cache)
 
 
-def attend(grids: Grids, query, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale: float):
-    """Causal attention of ``query`` ``[tokens, heads, head_dim]`` (requests back to back, ``query_start_loc``) over
-    the layer cache: one op for prefills, chunked prefills and decodes; in ``query``'s dtype."""
-    q = (query if grids.query is None else round_trip(query, grids.query)).float()
-    (key_cache, value_cache), pairs = split_cache(kv_cache, grids.dynamic)
+def attend(grids: Grids, query, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale: float, views=None):
+    """Causal attention of ``query`` ``[tokens, heads, head_dim]`` (requests back to back, ``query_start_loc``; every
+    request has at least one token, as vLLM schedules them) over the layer cache: one op for prefills, chunked
+    prefills and decodes; in ``query``'s dtype. On CPU with qpass's kernel built, the kernel itself (vLLM's metadata
+    needs none of the ops' argument checks); else the runtime's prefill op."""
+    q = query if grids.query is None else round_trip(query, grids.query)
+    (key_cache, value_cache), pairs = views or split_cache(kv_cache, grids.dynamic)
+    if query.device.type == "cpu" and cpu_kernel.available():
+        if query.shape[0] != seq_lens.shape[0]:  # not decodes only: one row per query token, its causal context
+            block_table, seq_lens = prefill_rows(block_table, seq_lens, query_start_loc)
+        static = None if grids.dynamic else (grids.k_cache[0], *grids.v_cache)  # K's offset cancels
+        return cpu_kernel.paged_decode(q, key_cache, value_cache, block_table, seq_lens, softmax_scale, static, pairs)
+    q = q.float()
     tables = (block_table, seq_lens, query_start_loc)
     if grids.dynamic:
         out = paged_prefill_attention_int8_dynamic(q, key_cache, value_cache, *tables, *pairs, softmax_scale)

@@ -145,3 +145,31 @@ def test_agrees_with_the_folded_path_it_replaces(monkeypatch):
 def test_the_folded_path_still_matches_the_reference(folded):
     case = make_case(10, LENS, 9, 3, 64, 16, torch.float32)
     assert rel_err(paged_attention_int8(*static_args(case)), paged_attention_int8_reference(*static_args(case))) < 2e-6
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_write_op_stores_the_runtime_ops_codes(dynamic, dtype):
+    """The kernel's cache write (what qpass's vLLM backend runs on CPU) against the runtime's write ops, bit for bit:
+    into vLLM's page views (channel-major keys), skipping -1 slots, K and V of a float32 or bfloat16 model."""
+    from qpass.runtime import reshape_and_cache_int8, reshape_and_cache_int8_dynamic
+    from qpass.vllm.int8_layer import content_bytes, split_cache
+
+    g = torch.Generator().manual_seed(11)
+    blocks, kv_heads, d, bs, tokens = 6, 2, 64, 16, 40
+    key, value = (torch.randn(tokens, kv_heads, d, generator=g).mul(3).to(dtype) for _ in range(2))
+    key[3, 1] = 0.0  # a row of zeros (the dynamic cache's scale 1)
+    value[5, 0] = value[5, 0].abs() + 1  # a row of one sign
+    slots = torch.randperm(blocks * bs, generator=g)[:tokens]
+    slots[[7, 19]] = -1
+    grids = [(torch.rand(kv_heads, d, generator=g) * 0.03 + 0.004, torch.randint(-30, 30, (kv_heads, d)).float())]
+    grids.append((torch.rand(kv_heads, d, generator=g) * 0.03 + 0.004, torch.randint(-30, 30, (kv_heads, d)).float()))
+    pages = [torch.zeros(blocks, kv_heads, bs, content_bytes(d, dynamic), dtype=torch.int8) for _ in range(2)]
+    (kc, vc), pairs = split_cache(pages[0], dynamic)
+    cpu_kernel.write(key, value, kc, vc, slots, None if dynamic else grids, pairs)
+    (kc, vc), pairs = split_cache(pages[1], dynamic)
+    if dynamic:
+        reshape_and_cache_int8_dynamic(key.float(), value.float(), kc, vc, slots, *pairs)
+    else:
+        reshape_and_cache_int8(key.float(), value.float(), kc, vc, slots, *grids[0], *grids[1])
+    assert torch.equal(pages[0], pages[1]) and pages[0].abs().sum() > 0

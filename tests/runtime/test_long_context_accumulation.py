@@ -1,5 +1,6 @@
 """The paged int8 attention ops at 32k tokens of context against the float64 reference: the CPU op (decode and
-prefill) and the Triton kernels in Triton's interpreter. Long contexts are where accumulation goes wrong (a softmax
+prefill; the C++ kernel, with token-major and channel-major keys, and the folded PyTorch path it falls back to) and
+the Triton kernels in Triton's interpreter. Long contexts are where accumulation goes wrong (a softmax
 over 32k nearly equal scores, a sum of 32k weighted values, one key that must win over all the others); see
 docs/longcontext.md for how each backend accumulates.
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from qpass.runtime import (
+    cpu_kernel,
     paged_attention_int8,
     paged_attention_int8_reference,
     paged_prefill_attention_int8,
@@ -68,10 +70,23 @@ def exact(case):
     return paged_attention_int8_reference(**{**case, "query": case["query"].double()})
 
 
+def channel_major(case):
+    """The case's key cache laid out as qpass's vLLM pages lay keys out: a block's slots contiguous per channel."""
+    blocks, block_size, kv_heads, head_dim = case["key_cache"].shape
+    keys = torch.empty(blocks, kv_heads, head_dim, block_size, dtype=torch.int8).permute(0, 3, 1, 2)
+    keys.copy_(case["key_cache"])
+    return {**case, "key_cache": keys}
+
+
 @on_cpu
+@pytest.mark.parametrize("path", ["kernel", "kernel, channel-major keys", "folded"])
 @pytest.mark.parametrize("kind", ["flat", "needle", "drift"])
-def test_cpu_decode_at_32k_matches_float64(kind):
+def test_cpu_decode_at_32k_matches_float64(kind, path, monkeypatch):
     case = long_case(kind)
+    if path == "folded":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    if path.endswith("channel-major keys"):
+        case = channel_major(case)
     out, ref = paged_attention_int8(**case), exact(case)
     assert rel_err(out, ref) < 1e-5
     if kind == "needle":  # the needle's value wins: (100 - v_offset) * v_scale, nearly
@@ -80,7 +95,10 @@ def test_cpu_decode_at_32k_matches_float64(kind):
 
 
 @on_cpu
-def test_cpu_prefill_of_the_last_tokens_at_32k_matches_float64():
+@pytest.mark.parametrize("path", ["kernel", "folded"])
+def test_cpu_prefill_of_the_last_tokens_at_32k_matches_float64(path, monkeypatch):
+    if path == "folded":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     case = long_case("drift", rows=8)
     case.pop("context_lens")
     case["query"] = case["query"].reshape(8, 4, 64)

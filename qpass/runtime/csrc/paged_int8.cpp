@@ -181,6 +181,8 @@ void run_task(const Task& t, const Cache& k, const Cache& v, const Pairs* kp, co
     scores_channel_major<D, 1>(t, k, kp, group, q_padded, scores.data());
   else if (group == 2)
     scores_channel_major<D, 2>(t, k, kp, group, q_padded, scores.data());
+  else if (group == 3)
+    scores_channel_major<D, 3>(t, k, kp, group, q_padded, scores.data());
   else
     scores_channel_major<D, 4>(t, k, kp, group, q_padded, scores.data());
   for (int r = 0; r < group; ++r) {
@@ -233,6 +235,14 @@ at::Tensor decode(const at::Tensor& query, const at::Tensor& key_cache, const at
   const int group = static_cast<int>(heads / kv_heads);
   const int64_t block_size = key_cache.size(1), max_blocks = block_tables.size(1);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* td = block_tables.data_ptr<int32_t>();
+  for (int64_t s = 0; s < seqs; ++s) {  // every page a row reads lies in the cache
+    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "context length ", lens[s], " of row ", s,
+                " is outside 1 .. ", max_blocks * block_size, " (the block table's capacity)");
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(td[s * max_blocks + b] >= 0 && td[s * max_blocks + b] < key_cache.size(0), "block ",
+                  td[s * max_blocks + b], " of row ", s, " is not in the cache of ", key_cache.size(0), " blocks");
+  }
 
   // Tasks: (sequence, partition) x kv head, and where each sequence's partitions start.
   std::vector<int64_t> first(seqs + 1, 0);
@@ -254,18 +264,21 @@ at::Tensor decode(const at::Tensor& query, const at::Tensor& key_cache, const at
   }
   const T* qd = query.data_ptr<T>();
   const float* ks = dynamic ? nullptr : k_scale.data_ptr<float>();
-  const int32_t* td = block_tables.data_ptr<int32_t>();
-  at::parallel_for(0, parts * kv_heads, 1, [&](int64_t lo, int64_t hi) {
+  // Tasks dealt round-robin to the threads: contiguous ranges would give one thread every long partition of a short
+  // batch (a row's last partition is often a few keys).
+  const int64_t tasks = parts * kv_heads, threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> q((group + 3) / 4 * 4 * D, 0.f), sums(group);  // zero rows pad the group to tiles of 4
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t p = i / kv_heads, h = i % kv_heads, s = task_seq[p];
-      const int64_t begin = (p - first[s]) * kPartition, end = std::min<int64_t>(lens[s], begin + kPartition);
-      fold_query<D>(qd + (s * heads + h * group) * D, ks ? ks + h * D : nullptr, softmax_scale, group, q.data(),
-                    sums.data());
-      const Task t{q.data(), sums.data(), td + s * max_blocks, h, begin, end, block_size};
-      run_task<D>(t, k, v, dynamic ? &kp : nullptr, dynamic ? &vp : nullptr, group, q.data(), &m[i * group],
-                  &l[i * group], &acc[i * group * D]);
-    }
+    for (int64_t deal = lo; deal < hi; ++deal)
+      for (int64_t i = deal; i < tasks; i += threads) {
+        const int64_t p = i / kv_heads, h = i % kv_heads, s = task_seq[p];
+        const int64_t begin = (p - first[s]) * kPartition, end = std::min<int64_t>(lens[s], begin + kPartition);
+        fold_query<D>(qd + (s * heads + h * group) * D, ks ? ks + h * D : nullptr, softmax_scale, group, q.data(),
+                      sums.data());
+        const Task t{q.data(), sums.data(), td + s * max_blocks, h, begin, end, block_size};
+        run_task<D>(t, k, v, dynamic ? &kp : nullptr, dynamic ? &vp : nullptr, group, q.data(), &m[i * group],
+                    &l[i * group], &acc[i * group * D]);
+      }
   });
 
   // Merge each sequence's partitions, in order.
@@ -273,7 +286,7 @@ at::Tensor decode(const at::Tensor& query, const at::Tensor& key_cache, const at
   T* od = out.data_ptr<T>();
   const float* vs = dynamic ? nullptr : v_scale.data_ptr<float>();
   const float* vo = dynamic ? nullptr : v_offset.data_ptr<float>();
-  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, seqs * kv_heads, 16, [&](int64_t lo, int64_t hi) {  // a short batch merges on one thread
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t s = i / kv_heads, h = i % kv_heads;
       for (int r = 0; r < group; ++r) {
@@ -302,13 +315,13 @@ at::Tensor decode_any(const at::Tensor& query, const at::Tensor& key_cache, cons
                       const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& k_scale,
                       const at::Tensor& v_scale, const at::Tensor& v_offset, const at::Tensor& k_pairs,
                       const at::Tensor& v_pairs, float softmax_scale) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_int8", [&] {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention_int8", [&] {
     return decode<D, scalar_t>(query, key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale, v_offset,
                                k_pairs, v_pairs, softmax_scale);
   });
 }
 
-at::Tensor paged_decode_int8(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+at::Tensor paged_attention_int8(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                              const at::Tensor& block_tables, const at::Tensor& seq_lens,
                              const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
                              const std::optional<at::Tensor>& v_offset, const std::optional<at::Tensor>& k_pairs,
@@ -351,12 +364,104 @@ at::Tensor paged_decode_int8(const at::Tensor& query, const at::Tensor& key_cach
   TORCH_CHECK(false, "head_dim must be 64, 128 or 256");
 }
 
+// clamp(round(x / scale) + offset, -128, 127), rounding half to even as torch.round does (qpass/core/int8.py).
+inline int8_t quantize(float x, float scale, float offset) {
+  return static_cast<int8_t>(std::min(127.f, std::max(-128.f, std::nearbyint(x / scale) + offset)));
+}
+
+template <typename T>
+void write(const at::Tensor& x, const at::Tensor& cache, const at::Tensor& slots, const float* scale,
+           const float* offset, const at::Tensor& pairs) {
+  const int64_t tokens = x.size(0), heads = x.size(1), dim = x.size(2), block_size = cache.size(1);
+  const T* xd = x.data_ptr<T>();
+  const int64_t* sd = slots.data_ptr<int64_t>();
+  int8_t* cd = cache.data_ptr<int8_t>();
+  float* pd = pairs.defined() ? pairs.data_ptr<float>() : nullptr;
+  at::parallel_for(0, tokens * heads, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = i / heads, h = i % heads, slot = sd[t];
+      if (slot < 0) continue;  // a padding token: vLLM's -1
+      const int64_t blk = slot / block_size, pos = slot % block_size;
+      int8_t* dst = cd + blk * cache.stride(0) + pos * cache.stride(1) + h * cache.stride(2);
+      const T* src = xd + (t * heads + h) * dim;
+      if (pd) {  // the dynamic cache: this token and head's asymmetric pair from its min and max
+        float lo_x = 0.f, hi_x = 0.f;
+        for (int64_t d = 0; d < dim; ++d) {
+          lo_x = std::min(lo_x, static_cast<float>(src[d]));
+          hi_x = std::max(hi_x, static_cast<float>(src[d]));
+        }
+        float step = (hi_x - lo_x) / 255.f;
+        step = step > 0.f ? std::max(step, std::numeric_limits<float>::min()) : 1.f;
+        const float zero = std::min(127.f, std::max(-128.f, std::nearbyint(-lo_x / step) - 128.f));
+        for (int64_t d = 0; d < dim; ++d) dst[d * cache.stride(3)] = quantize(static_cast<float>(src[d]), step, zero);
+        float* pair = pd + blk * pairs.stride(0) + pos * pairs.stride(1) + h * pairs.stride(2);
+        pair[0] = step;
+        pair[1] = zero;
+      } else {
+        for (int64_t d = 0; d < dim; ++d)
+          dst[d * cache.stride(3)] = quantize(static_cast<float>(src[d]), scale[h * dim + d], offset[h * dim + d]);
+      }
+    }
+  });
+}
+
+void check_write(const at::Tensor& x, const at::Tensor& cache, const at::Tensor& slots,
+                 const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& offset,
+                 const std::optional<at::Tensor>& pairs) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && cache.dim() == 4 && cache.scalar_type() == at::kChar &&
+                  x.size(1) == cache.size(2) && x.size(2) == cache.size(3),
+              "K and V must be contiguous [tokens, kv_heads, head_dim] and their caches int8 of the same heads and dim");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
+              "slots must be contiguous int64, one per token");
+  const int64_t capacity = cache.size(0) * cache.size(1);
+  for (int64_t t = 0; t < slots.numel(); ++t)
+    TORCH_CHECK(slots.data_ptr<int64_t>()[t] < capacity, "slot ", slots.data_ptr<int64_t>()[t], " is past the cache's ",
+                capacity);
+  TORCH_CHECK(pairs.has_value() != scale.has_value(), "pass the static grids or the dynamic pairs");
+  if (scale) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && offset &&
+                    offset->scalar_type() == at::kFloat && offset->is_contiguous() &&
+                    scale->numel() == x.size(1) * x.size(2) && offset->numel() == scale->numel(),
+                "scales and offsets must be contiguous float32 [kv_heads, head_dim]");
+  } else {
+    TORCH_CHECK(pairs->scalar_type() == at::kFloat && pairs->dim() == 4 && pairs->size(3) == 2 &&
+                    pairs->stride(3) == 1 && pairs->size(0) == cache.size(0) && pairs->size(1) == cache.size(1) &&
+                    pairs->size(2) == cache.size(2),
+                "pairs must be float32 [blocks, block_size, kv_heads, 2], each pair contiguous");
+  }
+}
+
+// Quantize new K and V [tokens, kv_heads, head_dim] into their slots of caches [blocks, block_size, kv_heads,
+// head_dim] of any strides: on the static per-channel grids (scale, offset), or per token and head with its pair
+// written to pairs [blocks, block_size, kv_heads, 2] (the dynamic cache). The same codes as qpass/core/int8.py.
+void write_int8(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                const at::Tensor& value_cache, const at::Tensor& slots, const std::optional<at::Tensor>& k_scale,
+                const std::optional<at::Tensor>& k_offset, const std::optional<at::Tensor>& v_scale,
+                const std::optional<at::Tensor>& v_offset, const std::optional<at::Tensor>& k_pairs,
+                const std::optional<at::Tensor>& v_pairs) {
+  check_write(key, key_cache, slots, k_scale, k_offset, k_pairs);
+  check_write(value, value_cache, slots, v_scale, v_offset, v_pairs);
+  auto data = [](const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; };
+  auto tensor = [](const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "write_int8", [&] {
+    write<scalar_t>(key, key_cache, slots, data(k_scale), data(k_offset), tensor(k_pairs));
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "write_int8", [&] {
+    write<scalar_t>(value, value_cache, slots, data(v_scale), data(v_offset), tensor(v_pairs));
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qpass_cpu, m) {
   m.def(
-      "paged_decode_int8(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
+      "paged_attention_int8(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
       "Tensor? k_scale, Tensor? v_scale, Tensor? v_offset, Tensor? k_pairs, Tensor? v_pairs, float softmax_scale) "
       "-> Tensor");
-  m.impl("paged_decode_int8", c10::DispatchKey::CPU, &paged_decode_int8);
+  m.impl("paged_attention_int8", c10::DispatchKey::CPU, &paged_attention_int8);
+  m.def(
+      "write_int8(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slots, "
+      "Tensor? k_scale, Tensor? k_offset, Tensor? v_scale, Tensor? v_offset, Tensor(c!)? k_pairs, Tensor(d!)? v_pairs) "
+      "-> ()");
+  m.impl("write_int8", c10::DispatchKey::CPU, &write_int8);
 }
