@@ -131,3 +131,79 @@ def test_a_damaged_directory_is_refused_in_one_line(what, words, tiny_head64_dir
     assert main(["eval", str(out), "--eval", str(text_files["prose"]), "--no-float"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
+
+
+# llm-compressor 0.14's quantization_config for its W8A8 int8 recipe, as `oneshot` wrote it for SmolLM2 (compressed-
+# tensors 0.19): more fields than qpass writes, and no report.json beside it (tools/bench_llmcompressor.py reads such a
+# checkpoint with qpass's evaluator).
+LLMC_ARGS = {"actorder": None, "block_structure": None, "group_size": None, "num_bits": 8, "observer_kwargs": {}}
+LLMC_ARGS |= {"scale_dtype": None, "symmetric": True, "type": "int", "zp_dtype": None}
+LLMC_W8A8 = {
+    "config_groups": {
+        "group_0": {
+            "format": "int-quantized",
+            "input_activations": {**LLMC_ARGS, "dynamic": True, "observer": None, "strategy": "token"},
+            "output_activations": None,
+            "targets": ["Linear"],
+            "weights": {**LLMC_ARGS, "dynamic": False, "observer": "memoryless_minmax", "strategy": "channel"},
+        }
+    },
+    "format": "int-quantized",
+    "global_compression_ratio": None,
+    "ignore": ["lm_head"],
+    "kv_cache_scheme": None,
+    "quant_method": "compressed-tensors",
+    "quantization_status": "compressed",
+    "sparsity_config": {},
+    "transform_config": {},
+    "version": "0.19.0",
+}
+
+
+def test_another_tools_compressed_tensors_w8a8_dynamic_checkpoint_is_read(
+    tiny_head64_dir, text_files, tmp_path, capsys
+):
+    """A W8A8 checkpoint in llm-compressor's layout (int8 ``weight``, float32 ``weight_scale [n, 1]`` per Linear,
+    ``lm_head`` float): qpass evaluates it, and its perplexity is the float model's with each Linear's weight
+    dequantized and its input rounded per token (symmetric, absmax / 127), computed here by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from qpass.core.data import token_windows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_head64_dir, dtype=torch.float32).eval()
+    out = tmp_path / "llmc"
+    tied = model.config.tie_word_embeddings  # then lm_head.weight is not written, as llm-compressor writes it
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            scale = module.weight.detach().abs().amax(dim=1, keepdim=True) / 127
+            code = torch.round(module.weight.detach() / scale).clamp(-128, 127).to(torch.int8)
+            weights[f"{name}.weight"], weights[f"{name}.weight_scale"] = code, scale.float()
+            module.weight.data = code.float() * scale  # the reference: dequantized weights ...
+            module.register_forward_pre_hook(lambda _, args: (_per_token(args[0]),))  # ... and rounded inputs
+    model.config.quantization_config = LLMC_W8A8
+    model.config.save_pretrained(out)
+    save_file(weights, str(out / "model.safetensors"), {"format": "pt"})
+    (out / "recipe.yaml").write_text("default_stage: {}\n")  # llm-compressor writes its recipe beside the weights
+    for f in tiny_head64_dir.iterdir():
+        if f.name.startswith("tokenizer"):
+            (out / f.name).write_bytes(f.read_bytes())
+
+    capsys.readouterr()
+    args = ["eval", str(out), "--eval", str(text_files["prose"]), "--eval-windows", "2", "--no-float", "--json"]
+    assert main(args) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["format"] == "vllm" and measured["w8a8_linears"] == 14 and measured["window"] == 512
+
+    from transformers import AutoTokenizer
+
+    ids = token_windows(AutoTokenizer.from_pretrained(out), [text_files["prose"].read_text()], 512, 2, "--eval")
+    with torch.no_grad():
+        logits = model(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert measured["ppl_quant"] == pytest.approx(float(torch.exp(nll)), rel=1e-4)
+
+
+def _per_token(x: torch.Tensor) -> torch.Tensor:
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(x / scale).clamp(-127, 127) * scale
