@@ -45,14 +45,15 @@ def llmc_env() -> None:
 
 def llmcompressor(hf: Path, out: Path, calib, weights: str, work: Path) -> dict:
     """llm-compressor's W8A8 checkpoint of ``hf`` in ``out``, calibrated on ``calib [N, W]``: the driver's result."""
-    job = work / "llmc-job.json"
+    job = work / f"llmc-job-{weights}.json"
     job.write_text(json.dumps({"model": str(hf), "out": str(out), "calib": calib.tolist(), "weights": weights}))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([str(LLMC_PYTHON), str(DRIVER), str(job)], capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    (work / "llmc.log").write_text(done.stderr, encoding="utf-8")
+    log = work / f"llmc-{weights}.log"
+    log.write_text(done.stderr, encoding="utf-8")
     if done.returncode or not lines:
-        raise SystemExit(f"llm-compressor failed (log: {work / 'llmc.log'}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"llm-compressor failed (log: {log}):\n{done.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -138,7 +139,7 @@ def main() -> None:
     if not (llmc_dir / "config.json").is_file():
         llmc_env()
         print(f"llm-compressor oneshot on {calib.shape[0]} windows of {calib.shape[1]} tokens ...", flush=True)
-        results["llmcompressor"] = llmcompressor(hf, llmc_dir, calib, args.weights, work)
+        results.setdefault("llmcompressor", {})[args.weights] = llmcompressor(hf, llmc_dir, calib, args.weights, work)
         results_file.write_text(json.dumps(results, indent=2))
     results.update(
         {
