@@ -211,16 +211,22 @@ def test_vllm_serve_answers_a_completion_and_stops(tiny_head64_dir, text_files, 
 
 
 @pytest.mark.slow
-def test_smollm2_through_vllm_decodes_and_measures_what_qpass_does(text_files, tmp_path, capsys):
-    """SmolLM2-135M with C8: vLLM's greedy tokens are qpass run's, and its perplexity qpass eval's within 0.05 % over
-    32 windows of code. Not over fewer: vLLM's K and V equal qpass's to about 4e-6 (float32 kernels), and int8
-    rounding turns such differences into whole codes here and there, which move a window's loss by about 0.0013
-    nats (standard deviation over windows; a 3e-7 relative change of qpass's own embeddings moves it as much), so
-    the mean over 32 windows is within 0.023 % (one standard deviation; measured: -0.012 %)."""
+@pytest.mark.parametrize(
+    "flags",
+    [("--kv-int8",), ("--fa-quant", "--kv-int8"), ("--kv-int8", "dynamic")],
+    ids=["c8", "faquant-c8", "dynamic"],
+)
+def test_smollm2_through_vllm_decodes_and_measures_what_qpass_does(flags, text_files, tmp_path, capsys):
+    """SmolLM2-135M with C8, FAQuant + C8 and the dynamic cache: vLLM's greedy tokens are qpass run's, and its
+    perplexity qpass eval's within 0.05 % over 32 windows of code. Not over fewer: vLLM's K and V equal qpass's to
+    about 4e-6 (float32 kernels), and int8 rounding turns such differences into whole codes here and there, which
+    move a window's loss by about 0.0013 nats (C8: standard deviation over windows; a 3e-7 relative change of
+    qpass's own embeddings moves it as much), so the mean over 32 windows is within 0.023 % (one standard
+    deviation; C8 measured -0.012 %)."""
     from transformers import AutoTokenizer
 
     out = tmp_path / "smollm2"
-    args = ["compile", "default", "--kv-int8", "--calib", str(text_files["calib"]), "--calib-samples", "16"]
+    args = ["compile", "default", *flags, "--calib", str(text_files["calib"]), "--calib-samples", "16"]
     assert main([*args, "--eval-windows", "2", "--format", "vllm", "-o", str(out)]) == 0
     capsys.readouterr()
     text = qpass_generate(out, capsys)
