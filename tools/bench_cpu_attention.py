@@ -10,11 +10,12 @@ Runs in vLLM's environment:
     .venv-vllm/bin/python -m tools.bench_cpu_attention [--batches 1 8 32] [--context 2048] [--threads 1 2]
 """
 
-import argparse
 import statistics
 import time
 
 import torch
+
+from tools import common
 
 
 def timed(fn, repeats: int, inner: int) -> float:
@@ -29,7 +30,7 @@ def timed(fn, repeats: int, inner: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__, "tools.bench_cpu_attention")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])

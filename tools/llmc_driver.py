@@ -18,7 +18,7 @@ import time
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python tools/llmc_driver.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.llmc_driver", description=__doc__.split("\n\n")[0])
     parser.add_argument("job", help="the job, a JSON file (the module docstring)")
     job = json.loads(open(parser.parse_args().job, encoding="utf-8").read())
     import compressed_tensors
