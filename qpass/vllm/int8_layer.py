@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from qpass.runtime import cpu_kernel
-from qpass.runtime.paged_attention import paged_prefill_attention_int8, prefill_rows
+from qpass.runtime.paged_attention import folded_paged, paged_prefill_attention_int8
 from qpass.runtime.paged_attention_dynamic import paged_prefill_attention_int8_dynamic
 from qpass.runtime.paged_cache import reshape_and_cache_int8, reshape_and_cache_int8_dynamic
 from qpass.runtime.quant_ops import dequantize_int8, quantize_int8
@@ -111,19 +111,17 @@ def write_cache(grids: Grids, key, value, kv_cache, slot_mapping, views=None) ->
 
 
 def attend(grids: Grids, query, kv_cache, block_table, seq_lens, query_start_loc, softmax_scale: float, views=None):
-    """Causal attention of ``query`` ``[tokens, heads, head_dim]`` (requests back to back, ``query_start_loc``; every
-    request has at least one token, as vLLM schedules them) over the layer cache: one op for prefills, chunked
-    prefills and decodes; in ``query``'s dtype. On CPU with qpass's kernel built, the kernel itself (vLLM's metadata
-    needs none of the ops' argument checks); else the runtime's prefill op."""
+    """Causal attention of ``query`` ``[tokens, heads, head_dim]`` (requests back to back, ``query_start_loc``) over the
+    layer cache: one op for prefills, chunked prefills and decodes; in ``query``'s dtype. On CPU the runtime's CPU
+    backend itself (:func:`qpass.runtime.paged_attention.folded_paged`: qpass's kernel where it is built; vLLM's
+    metadata needs none of the ops' argument checks); else the runtime's prefill op."""
     q = query if grids.query is None else round_trip(query, grids.query)
     (key_cache, value_cache), pairs = views or split_cache(kv_cache, grids.dynamic)
-    if query.device.type == "cpu" and cpu_kernel.available():
-        if query.shape[0] != seq_lens.shape[0]:  # not decodes only: one row per query token, its causal context
-            block_table, seq_lens = prefill_rows(block_table, seq_lens, query_start_loc)
-        static = None if grids.dynamic else (grids.k_cache[0], *grids.v_cache)  # K's offset cancels
-        return cpu_kernel.paged_decode(q, key_cache, value_cache, block_table, seq_lens, softmax_scale, static, pairs)
-    q = q.float()
     tables = (block_table, seq_lens, query_start_loc)
+    if query.device.type == "cpu":
+        scales = None if grids.dynamic else (*grids.k_cache, *grids.v_cache)
+        return folded_paged(q, key_cache, value_cache, *tables, softmax_scale, scales, pairs)
+    q = q.float()
     if grids.dynamic:
         out = paged_prefill_attention_int8_dynamic(q, key_cache, value_cache, *tables, *pairs, softmax_scale)
     else:
