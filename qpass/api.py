@@ -268,8 +268,9 @@ def long_context(
     scorers = frontends.get(exporter.frontend).long_context_scorers(loaded, str(source), context)
     float_score, quant_score, info = scorers
     setup = time.perf_counter() - start
-    window = (loaded.recipe.stats.get(CALIBRATED_WITH, {}).get("window") if loaded.recipe is not None else None) or None
-    measured = longcontext.measure(loaded.tokenizer, context, documents, text, float_score, quant_score, window)
+    measured = longcontext.measure(
+        loaded.tokenizer, context, documents, text, float_score, quant_score, _calibrated_window(loaded.recipe)
+    )
     section = {**info, **measured}
     section["timings_s"] = {"setup": round(setup, 3), **section["timings_s"]}
     for warning in section["warnings"]:
@@ -277,6 +278,17 @@ def long_context(
     if plot is not None:
         longcontext.plot(section, plot)
     return section
+
+
+def _calibrated_window(recipe: Recipe | None) -> int | None:
+    """The window the recipe's ranges were calibrated over; None where it calibrated none that a longer window would
+    change (the dynamic cache and dynamic W8A8 compute their scales at run time)."""
+    if recipe is None:
+        return None
+    config = recipe.config
+    if not (config.fa_quant or config.kv_cache == "static" or config.w8a8 == "static"):
+        return None
+    return recipe.stats.get(CALIBRATED_WITH, {}).get("window") or None
 
 
 def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int], object]:

@@ -95,3 +95,23 @@ def test_a_context_beyond_the_model_is_refused_naming_its_limit():
     with pytest.raises(QpassError, match="--long-context 9000: beyond the 8192 positions"):
         longcontext.check_context(9000, 8192, "--long-context")
     longcontext.check_context(8192, 8192)
+
+
+@pytest.mark.parametrize(
+    ("options", "window"),
+    [
+        ({"kv_cache": "static"}, 64),
+        ({"fa_quant": True}, 64),
+        ({"w8a8": "static", "kv_cache": "dynamic"}, 64),
+        ({"kv_cache": "dynamic"}, None),  # nothing calibrated: no --window advice
+        ({"kv_cache": "dynamic", "w8a8": "dynamic"}, None),
+    ],
+)
+def test_the_window_hint_names_only_a_window_that_calibrated_ranges(options, window):
+    from qpass.api import _calibrated_window
+    from qpass.core.config import QuantConfig
+    from qpass.core.recipe import CALIBRATED_WITH, Recipe
+
+    recipe = Recipe(QuantConfig(**options), (), stats={CALIBRATED_WITH: {"window": 64, "windows": 4}})
+    assert _calibrated_window(recipe) == window
+    assert _calibrated_window(None) is None
