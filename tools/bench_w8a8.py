@@ -8,18 +8,43 @@ holds the last quarter out) and evaluates the compiled program against the float
 windows of ``--prose`` and ``--code`` (text from modules the corpus leaves out: ``python -m tools.make_corpus``).
 Prints the search log, the float Linears and each text's increase with the 95% interval over windows.
 ``--samples between`` takes the windows halfway between the default ones (one fewer): a second sample of the same
-text; ``--samples both`` measures both.
+text; ``--samples both`` measures both. ``--calib-sets`` calibrates on other texts than the standard mix, each of
+modules or files the evaluation texts leave out (``CALIB_SETS``): the search must hold on any small calibration file.
 
     python -m tools.bench_w8a8 [--variants none:1 m3:3] [--calib-samples 14] [--eval-windows 16]
                                [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt]
-                               [--samples between|both]
+                               [--samples between|both] [--calib-sets mixed prose code notes email short long http]
 """
 
 import math
 import time
 
 import qpass
+from qpass.core import corpus
 from tools import common
+
+OTHER_PROSE_MODULES = ("json/encoder", "shlex", "sched", "selectors", "socket", "tempfile", "os", "sqlite3/__init__")
+
+
+def calib_texts(name: str) -> list[str]:
+    """The calibration samples of a named set: ``mixed`` (the standard corpus, docstrings and sources of the
+    calibration modules), ``prose`` (their docstrings alone), ``code`` (their sources alone), ``short`` (each docstring
+    a sample of its own), ``long`` (two long sources), ``notes`` (IDLE's release notes: English with no code),
+    ``email`` and ``http`` (a package's sources), ``prose2`` (docstrings of other modules). None of them holds text of
+    the evaluation modules."""
+    docs = [corpus.docstrings(m) for m in corpus.CALIBRATION_MODULES]
+    sets = {
+        "mixed": corpus.calibration_samples,
+        "prose": lambda: ["\n\n".join(d) for d in docs],
+        "code": lambda: [corpus._source(m) for m in corpus.CALIBRATION_MODULES],
+        "short": lambda: [one for d in docs for one in d],
+        "long": lambda: [corpus._source(m) for m in ("typing", "argparse")],
+        "notes": lambda: [(corpus._stdlib() / f).read_text(encoding="utf-8") for f in corpus.NOTES],
+        "email": lambda: corpus.package_sources("email"),
+        "http": lambda: corpus.package_sources("http"),
+        "prose2": lambda: ["\n\n".join(corpus.docstrings(m)) for m in OTHER_PROSE_MODULES],
+    }
+    return sets[name]()
 
 
 def increase(diff) -> str:
@@ -39,6 +64,9 @@ def parse_args():
     parser.add_argument("--prose", default="out/corpus/eval_prose.txt")
     parser.add_argument("--code", default="out/corpus/eval_code.txt")
     parser.add_argument(
+        "--calib-sets", nargs="+", default=["mixed"], help="calibration texts (calib_texts): mixed prose code notes ..."
+    )
+    parser.add_argument(
         "--samples",
         choices=("", "between", "both"),
         default="",
@@ -47,8 +75,9 @@ def parse_args():
     return parser.parse_args()
 
 
-def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args) -> str:
-    """Calibrate ``variant`` (``ANTI:ACT``), print its search log and float Linears; its markdown row."""
+def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args, calib_set: str = "mixed") -> str:
+    """Calibrate ``variant`` (``ANTI:ACT``) on ``calib`` (the set ``calib_set``), print its search log and float
+    Linears; its markdown row."""
     from qpass.core.calibrate import calibrate
     from qpass.core.evaluate import window_nll
 
@@ -68,9 +97,8 @@ def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args) -> 
     search = recipe.stats["w8a8"]["search"]
     for step in search[1:]:
         print(
-            f"  {variant}: {step['ranking']:5} {step['float_linears']:3} float: "
-            f"held-out {step['ppl_increase_pct']:+.3f}% "
-            f"(95% bound {step['upper_95_pct']:+.3f}%, 99.95% {step['upper_strict_pct']:+.3f}%)",
+            f"  {calib_set} {variant}: {step['ranking']:5} {step['float_linears']:3} float: "
+            f"held-out divergence {step['ppl_increase_pct']:+.3f}% (95% bound {step['upper_95_pct']:+.3f}%)",
             flush=True,
         )
     floats = recipe.w8a8["float_linears"]
@@ -81,6 +109,7 @@ def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args) -> 
     chosen = next(s for s in search[1:] if s["float_linears"] == len(floats))
     row = common.table_row(
         [
+            calib_set,
             variant,
             f"{len(floats)} ({100 * len(floats) / len(recipe.stats['w8a8']['range_ratio']):.1f}%)",
             f"{all_int8['ppl_increase_pct']:+.2f}%",
@@ -90,7 +119,7 @@ def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args) -> 
         ]
     )
     print(row, flush=True)
-    print(f"  float: {', '.join(sorted(floats))}", flush=True)
+    print(f"  {calib_set} float: {', '.join(sorted(floats))}", flush=True)
     return row
 
 
@@ -104,7 +133,8 @@ def main():
 
     torch.manual_seed(0)
     fe = qpass.open_model(args.model, args.window)
-    calib = common.calib_windows(fe.tokenizer, args.window, args.calib_samples)
+    from qpass.core.data import token_windows
+
     samples = {"": [False], "between": [True], "both": [False, True]}[args.samples]
     texts = {
         name + ("-between" if between else ""): common.eval_windows(
@@ -115,18 +145,19 @@ def main():
     }
     float_module = fe.logits()
     nll_float = {name: window_nll(float_module, ids, 4, f"float {name}") for name, ids in texts.items()}
-    print(
-        f"calibration {calib.shape[0]} x {args.window}; float ppl "
-        + ", ".join(f"{n} {math.exp(float(v.mean())):.4f}" for n, v in nll_float.items()),
-        flush=True,
-    )
-    rows = [variant_row(fe, variant, calib, texts, nll_float, args) for variant in args.variants]
+    print("float ppl " + ", ".join(f"{n} {math.exp(float(v.mean())):.4f}" for n, v in nll_float.items()), flush=True)
+    rows = []
+    for name in args.calib_sets:
+        calib = token_windows(fe.tokenizer, calib_texts(name), args.window, args.calib_samples, "--calib-sets")
+        print(f"calibration {name}: {calib.shape[0]} x {args.window}", flush=True)
+        rows += [variant_row(fe, variant, calib, texts, nll_float, args, name) for variant in args.variants]
     common.print_table(
         [
+            "calibration text",
             "variant (anti:act)",
             "Linears float",
-            "held-out all-int8",
-            "held-out at the choice (estimate / 95% bound)",
+            "held-out divergence, all-int8",
+            "held-out divergence at the choice (estimate / 95% bound)",
             *(f"unseen {name}" for name in texts),
             "calibration",
         ],

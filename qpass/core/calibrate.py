@@ -10,10 +10,14 @@ The order matters and is fixed here:
 4. with W8A8, the fallback search decides which Linears stay float (:mod:`qpass.core.fallback`).
 """
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
+from qpass.core.evaluate import Divergence
 from qpass.core.fallback import choose_float_linears, split_held_out
 from qpass.core.frontend import Frontend
 from qpass.core.int8 import saturated, sqnr_db
@@ -309,7 +313,8 @@ def _fallback(
         if sensitivity is not None:
             w8a8_stats = {**w8a8_stats, "loss_sensitivity": sensitivity}
             base = base.replace(stats={**stats, "w8a8": w8a8_stats})
-    floats, search = choose_float_linears(base, linears, held, frontend.window_nll, batch_size)
+    divergence, ppl_float = _divergence(frontend, held, batch_size) if config.disable_level == "auto" else (None, None)
+    floats, search = choose_float_linears(base, linears, held, divergence, batch_size, ppl_float)
     if search:
         w8a8_stats = {**w8a8_stats, "search": search}
     drop = {linear_key(name, part) for name in floats for part in ("scale", "offset")}  # float Linears have no qparams
@@ -320,6 +325,19 @@ def _fallback(
         {**stats, "w8a8": w8a8_stats},
         {**doc, "float_linears": floats},
     )
+
+
+def _divergence(frontend, held: torch.Tensor, batch_size: int) -> tuple[Callable, float]:
+    """The `auto` search's measure: the float model's run over the held-out windows recorded once, then per trial the
+    per-window mean KL divergence of the trial's next-token distribution from it; and the float model's perplexity on
+    those windows, for the search log."""
+    reference = Divergence()
+    nll_float = frontend.window_nll(None, held, batch_size, "fallback float", score=reference.record)
+
+    def divergence(trial: Recipe, windows: torch.Tensor, size: int, desc: str) -> torch.Tensor:
+        return frontend.window_nll(trial, windows, size, desc, score=reference)
+
+    return divergence, math.exp(float(nll_float.mean()))
 
 
 def _chosen(chosen: list[dict]) -> dict:

@@ -80,9 +80,9 @@ class QuantConfig:
         ``m2`` SmoothQuant on shifted ranges (``alpha``), ``m3`` activation-aware scaling with a searched
         exponent, ``m4`` iterative SmoothQuant (a = 0.9); None for none.
     disable_level: Linears kept float: ``L0`` none; ``Ln`` the n with the widest activation range
-        (``max|x| / std``); ``auto`` the fewest, most sensitive first, keeping the perplexity increase on
-        held-out calibration text (its one-sided 95% upper bound over the windows) within
-        ``max_ppl_increase`` percent.
+        (``max|x| / std``); ``auto`` the fewest, most sensitive first, keeping the divergence from the float model
+        on held-out calibration text, as a perplexity increase (its one-sided 95% upper bound over the windows),
+        within ``max_ppl_increase`` percent (:mod:`qpass.core.fallback`).
     """
 
     fa_quant: bool = field(
@@ -160,8 +160,8 @@ class QuantConfig:
         default=2.0,
         metadata=_opt(
             "--max-ppl-increase",
-            "--disable-level auto: perplexity increase allowed on held-out calibration text "
-            "(95%% upper bound), percent (default 2)",
+            "--disable-level auto: perplexity increase allowed, as the held-out calibration text's divergence from "
+            "the float model (95%% upper bound), percent (default 2)",
         ),
     )
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from qpass.core.evaluate import Score
 from qpass.core.observers import Observer
 from qpass.core.recipe import Recipe
 from qpass.core.saturation import SaturationCounter
@@ -106,11 +107,13 @@ class Frontend(Protocol):
         desc: str = "eval",
         counters: dict[tuple[int, str], SaturationCounter] | None = None,
         program=None,
+        score: Score | None = None,
     ) -> torch.Tensor:
         """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``), float (``recipe`` None) or quantized
         as ``recipe`` says (``program``: what :meth:`apply` returned for it, if the caller has it), feeding each
         saturation counter keyed ``(layer, kind)`` the values the first int8 Quantize on that site's q/k/v receives,
-        ``[tokens, channels]``. Evaluation, saturation and the `auto` fallback all measure through it."""
+        ``[tokens, channels]``; ``score`` instead of the NLL where given (:class:`qpass.core.evaluate.Divergence`:
+        the `auto` fallback's). Evaluation, saturation and the `auto` fallback all measure through it."""
 
     def reference_perplexity(self, windows: torch.Tensor, batch_size: int) -> float | None:
         """The float model's perplexity as its own framework computes it (the ground truth for ``window_nll``);

@@ -18,7 +18,7 @@ import torch
 
 from qpass.core.data import check_window
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import batches, window_nll
+from qpass.core.evaluate import Score, batches, window_nll
 from qpass.core.frontend import Logits
 from qpass.core.observers import Observer
 from qpass.core.recipe import Recipe
@@ -177,12 +177,13 @@ class OnnxFrontend:
         desc: str = "eval",
         counters: dict[tuple[int, str], SaturationCounter] | None = None,
         program: ir.Model | None = None,
+        score: Score | None = None,
     ) -> torch.Tensor:
-        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (``program``, what
-        :meth:`apply` returned for it, else applied here unverified)."""
+        """Per-window NLL ``[N]`` (or ``score``) of the float model or the model quantized as ``recipe`` says
+        (``program``, what :meth:`apply` returned for it, else applied here unverified)."""
         if recipe is not None and program is None:
             program = self.apply(recipe, verify=False)[0]
-        return self.program_nll(self.model if recipe is None else program, windows, batch_size, desc, counters)
+        return self.program_nll(self.model if recipe is None else program, windows, batch_size, desc, counters, score)
 
     def program_nll(
         self,
@@ -191,15 +192,16 @@ class OnnxFrontend:
         batch_size: int,
         desc: str = "eval",
         counters: dict[tuple[int, str], SaturationCounter] | None = None,
+        score: Score | None = None,
     ) -> torch.Tensor:
-        """Per-window NLL ``[N]`` of ``model`` (the input's, or a quantized one :meth:`apply` returned), counting
-        saturation into ``counters`` as :meth:`counting_logits` does; one stage at a time where layer-wise."""
+        """Per-window NLL ``[N]`` (or ``score``) of ``model`` (the input's, or a quantized one :meth:`apply` returned),
+        counting saturation into ``counters`` as :meth:`counting_logits` does; one stage at a time where layer-wise."""
         if self.layerwise:
             return self._layerwise(model).window_nll(
-                windows, batch_size, desc, _count_updates(model, counters) if counters else None
+                windows, batch_size, desc, _count_updates(model, counters) if counters else None, score=score
             )
         logits = self.counting_logits(model, counters) if counters else Runner(session(model), self.site_docs).logits
-        return window_nll(logits, windows, batch_size, desc)
+        return window_nll(logits, windows, batch_size, desc, score)
 
     @staticmethod
     def layerwise_nll(

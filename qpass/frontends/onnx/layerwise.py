@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import batch_nll
+from qpass.core.evaluate import Score, batch_nll
 from qpass.core.memory import hidden_budget
 from qpass.core.spill import Spill
 from qpass.frontends.onnx.session import Feeds, described, logits_output, runs
@@ -56,11 +56,12 @@ class LayerwiseModel:
         desc: str,
         observe: dict[str, Callable[[np.ndarray], None]] | None = None,
         nll: bool = True,
+        score: Score | None = None,
     ) -> torch.Tensor | None:
-        """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``, None unless ``nll``), and
-        ``observe[name](value)`` for each batch's value of each name observed."""
+        """The mean next-token NLL (or ``score``) of each of ``windows [N, W]`` (float64 ``[N]``, None unless ``nll``),
+        and ``observe[name](value)`` for each batch's value of each name observed."""
         result = [] if nll else None
-        for _ in self.run(windows, batch_size, desc, observe, result):
+        for _ in self.run(windows, batch_size, desc, observe, result, score or batch_nll):
             pass
         return torch.cat(result) if nll else None
 
@@ -71,11 +72,12 @@ class LayerwiseModel:
         desc: str,
         observe: dict[str, Callable[[np.ndarray], None]] | None = None,
         nll: list | None = None,
+        score: Score = batch_nll,
     ) -> Iterator[int]:
         """Runs every stage over ``windows``, yielding each stage's index once it is done (and its session gone):
-        ``observe[name](value)`` for each batch's value of each name observed, and each batch's NLL appended to
-        ``nll`` where it is a list. A graph that fixes its batch runs in batches of that size instead, the last
-        filled up (:func:`qpass.frontends.onnx.session.runs`), the copies' values dropped."""
+        ``observe[name](value)`` for each batch's value of each name observed, and each batch's NLL (its ``score``)
+        appended to ``nll`` where it is a list. A graph that fixes its batch runs in batches of that size instead, the
+        last filled up (:func:`qpass.frontends.onnx.session.runs`), the copies' values dropped."""
         observe = observe or {}
         unknown = [name for name in observe if name not in self.made]
         if unknown:
@@ -107,7 +109,7 @@ class LayerwiseModel:
                     if name in observe:
                         observe[name](value[: len(batch)])
                     if name == self.logits and nll is not None:
-                        nll.append(batch_nll(torch.from_numpy(value[: len(batch)]), batch))
+                        nll.append(score(torch.from_numpy(value[: len(batch)]), batch, b))
             for name in [name for name in kept.names() if self.last_read[name] == index]:
                 kept.drop(name)
 

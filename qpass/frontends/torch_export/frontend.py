@@ -11,7 +11,7 @@ import torch
 
 from qpass.core.data import check_window
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import batches, window_nll
+from qpass.core.evaluate import Score, batches, window_nll
 from qpass.core.frontend import Logits
 from qpass.core.int8 import fake_quant, fake_quant_weight
 from qpass.core.observers import Observer
@@ -107,14 +107,16 @@ class TorchExportFrontend:
         desc: str = "eval",
         counters: dict[tuple[int, str], SaturationCounter] | None = None,
         program=None,
+        score: Score | None = None,
     ) -> torch.Tensor:
-        """Per-window NLL ``[N]`` of the float model or the model quantized as ``recipe`` says (``program``, what
-        :meth:`apply` returned for it, else applied here unverified), feeding the saturation ``counters``."""
+        """Per-window NLL ``[N]`` (or ``score``) of the float model or the model quantized as ``recipe`` says
+        (``program``, what :meth:`apply` returned for it, else applied here unverified), feeding the saturation
+        ``counters``."""
         if recipe is None:
-            return window_nll(self.logits(), windows, batch_size, desc)
+            return window_nll(self.logits(), windows, batch_size, desc, score)
         if program is None:
             program = self.apply(recipe, verify=False)[0]
-        return window_nll(self.counting_logits(program, counters or {}), windows, batch_size, desc)
+        return window_nll(self.counting_logits(program, counters or {}), windows, batch_size, desc, score)
 
     @staticmethod
     def counting_logits(quantized, counters: dict[tuple[int, str], SaturationCounter]) -> Logits:

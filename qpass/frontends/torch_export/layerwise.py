@@ -44,7 +44,7 @@ from torch.export import Dim
 
 from qpass.core.data import check_window
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import batch_nll
+from qpass.core.evaluate import Score, batch_nll
 from qpass.core.memory import hidden_budget, trim_heap
 from qpass.core.naming import EMBEDDING, LM_HEAD, NORM, layer_key, layer_prefix
 from qpass.core.observers import Observer
@@ -509,8 +509,9 @@ class LayerwiseFrontend:
         desc: str = "eval",
         counters: dict | None = None,
         program=None,
+        score: Score | None = None,
     ) -> torch.Tensor:
-        """The mean next-token NLL of each of ``windows [N, W]`` (float64 ``[N]``, as
+        """The mean next-token NLL (or ``score``) of each of ``windows [N, W]`` (float64 ``[N]``, as
         :func:`qpass.core.evaluate.window_nll` gives it) for the float model (``recipe`` None) or the model quantized
         as ``recipe`` says, run one decoder layer at a time over every window: each layer's weights are read once,
         quantized by the whole-model pass pipeline on the one-layer capture (smoothing folded in, Q/DQ, W8A8), and the
@@ -536,7 +537,7 @@ class LayerwiseFrontend:
                     program.release()
                     gc.collect()  # the quantized program's fx graph holds reference cycles, and with them its weights
                     trim_heap()
-            return self._head_nll(windows, hidden, batch_size)
+            return self._head_nll(windows, hidden, batch_size, score or batch_nll)
 
     def _embed(self, windows: torch.Tensor, hidden: Spill, batch_size: int) -> None:
         """``hidden``'s stream, batch by batch: the embedding of ``windows``, as float32 ``[B, W, hidden]`` (the
@@ -545,9 +546,9 @@ class LayerwiseFrontend:
         for b, batch in enumerate(windows.split(batch_size)):
             hidden.put(STREAM, b, torch.nn.functional.embedding(batch, embedding).float())
 
-    def _head_nll(self, windows: torch.Tensor, hidden: Spill, batch_size: int) -> torch.Tensor:
-        """Per-window NLL from the last layer's hidden states: the final norm, the LM head (the embedding where the
-        config ties them), the next-token cross-entropy."""
+    def _head_nll(self, windows: torch.Tensor, hidden: Spill, batch_size: int, score: Score) -> torch.Tensor:
+        """Per-window NLL (``score``) from the last layer's hidden states: the final norm, the LM head (the embedding
+        where the config ties them), the next-token cross-entropy."""
         head_name = EMBEDDING if getattr(self.config, "tie_word_embeddings", False) else LM_HEAD
         norm = self._norm.to_empty(device="cpu")
         try:
@@ -555,7 +556,7 @@ class LayerwiseFrontend:
                 norm.weight.copy_(self.checkpoint.read([NORM])[NORM].float())
                 head = self.checkpoint.read([head_name])[head_name].float()
                 out = [
-                    batch_nll(torch.nn.functional.linear(norm(hidden.tensor(STREAM, b)), head), batch)
+                    score(torch.nn.functional.linear(norm(hidden.tensor(STREAM, b)), head), batch, b)
                     for b, batch in enumerate(windows.split(batch_size))
                 ]
         finally:

@@ -685,8 +685,9 @@ def test_layerwise_auto_searches_as_the_whole_model_does(frontends, windows, mon
     streamed forward on the held-out windows; the whole model, given the same ranking, keeps the same Linears float."""
     whole, lw = frontends("llama")
     monkeypatch.setattr(TorchExportFrontend, "loss_sensitivity", lambda *args: None)
-    config = QuantConfig(w8a8=True, kv_cache="static", act_method=3, disable_level="auto", max_ppl_increase=0.1)
-    # all-int8: +0.011%, bound +0.078%: the search runs 7 trials
+    config = QuantConfig(w8a8=True, kv_cache="static", act_method=3, disable_level="auto", max_ppl_increase=5e-5)
+    # divergence from the float model (this random model predicts nearly uniformly): all-int8 +0.00010%, all Linears
+    # float (C8 alone) +0.00002%: the search runs beyond the 10% share
     expected, got = calibrate(whole, windows, config), calibrate_by_layer(lw, windows, config)
     search = got.stats["w8a8"]["search"]
     assert search[0]["held_out_windows"] == 2 and {step["ranking"] for step in search[1:]} <= {"none", "sqnr"}
