@@ -83,4 +83,4 @@ def _split(logits: torch.Tensor, ids: torch.Tensor | None = None, top: int = 0):
         values, ids = log_p.topk(min(top, log_p.shape[-1]), dim=-1)
     else:
         values = log_p.gather(-1, ids)
-    return values, ids, log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return values, ids, log_p.scatter_(-1, ids, float("-inf")).logsumexp(-1)  # in place: no second vocab-wide copy
