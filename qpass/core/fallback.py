@@ -6,18 +6,22 @@ gradients; and by the output SQNR of their W8A8 form on the sample) and measures
 divergence of its next-token distribution from the float model's on the held-out calibration windows, read as a
 perplexity increase (``exp(mean KL) - 1``). It keeps the ranking whose estimate is lower with 10% of the Linears
 float (both are measured on the same windows, so their difference is paired), then binary-searches the fewest float
-Linears whose one-sided 95% bound over the windows is within ``max_ppl_increase``.
+Linears whose one-sided 95% bound over the windows passes, as below, against ``max_ppl_increase``.
 
 Why the divergence and not the held-out perplexity: it weighs every next token by the float model's probability
 instead of scoring the one token the text has, so its spread over windows is several times smaller (SmolLM2,
 3 held-out windows, 21 float Linears: standard error 0.12 points against 0.57), and it is not optimistic about other
 text the way the held-out perplexity was (all-int8: held-out perplexity +3.5%, divergence +5.6%, unseen prose +4.1%
-and code +8.2%). The old measure needed a bound at twice the 95% margin and still kept 71 of 210 Linears float on one
-14-window file (docs/benchmarks.md).
+and code +8.2%). With the held-out perplexity the search kept 69 of 210 Linears float on a 14-window file of sources,
+where the 21 of the share measured +1.31% / +1.10% on unseen prose / code (docs/benchmarks.md).
 
-The 10% share is the float budget a W8A8 user accepts. Within it, the 95% bound decides. When the share's estimate
-is within the limit and only its bound is not, the search keeps the share rather than buying speed-costing Linears
-against noise; it goes beyond the share only when the share's estimate itself exceeds the limit.
+The 10% share is the float budget a W8A8 user accepts, and it is spent before accuracy is risked. A count below it
+must keep the 95% bound within half the limit (``OTHER_TEXT_MARGIN``): the held-out windows are of the calibration's
+kind, and text of another kind costs more (SmolLM2, 14 windows, the fewest count within the full limit: unseen text up
+to 1.6x the held-out estimate from docstrings, 2.5x from two modules' sources; docs/benchmarks.md). When no count
+below the share passes, the share is kept while its estimate is within the limit, even where its bound is not: a
+Linear beyond the share costs speed, and a noisy measure must not buy it. Only an estimate over the limit at the
+share sends the search past it, where the 95% bound decides.
 """
 
 import math
@@ -32,6 +36,7 @@ from qpass.core.sites import LinearSite
 
 MAX_HELD_OUT = 16  # calibration windows held out for the `auto` perplexity search, at most
 UPPER_Z = 1.645  # one-sided 95% normal quantile for the bound on the perplexity increase
+OTHER_TEXT_MARGIN = 2.0  # below the float share, the bound must be within the limit / this (text unlike calibration's)
 FALLBACK_SHARE = 0.10  # `auto` first tries this share of the Linears in float, then searches below or above
 
 
@@ -138,8 +143,9 @@ def choose_float_linears(
     # FALLBACK_SHARE of the Linears float is searched (both are measured on the same windows: the difference is paired).
     rankings = _rankings(linears, stats)
     cap = max(1, math.ceil(FALLBACK_SHARE * n_all))
+    below = target / OTHER_TEXT_MARGIN  # what a count below the share must pass
     tried: dict[int, float] = {0: measure([], "none 0")}
-    if tried[0] > target:
+    if tried[0] > below:
         at_cap = {name: measure([s.module for s in r[:cap]], f"{name} {cap}") for name, r in rankings.items()}
         best = min(at_cap, key=lambda name: estimates[f"{name} {cap}"])
         tried[cap] = at_cap[best]
@@ -150,35 +156,36 @@ def choose_float_linears(
     def label(k: int) -> str:
         return f"{best} {k}" if k else "none 0"
 
-    def within(k: int) -> bool:
-        """Whether k float Linears pass: the 95% bound within the limit."""
+    def within(k: int, limit: float) -> bool:
+        """Whether k float Linears pass: the 95% bound within ``limit``."""
         if k not in tried:
             tried[k] = measure([s.module for s in ranked[:k]], label(k))
-        return tried[k] <= target
+        return tried[k] <= limit
 
-    def fewest(lo: int, hi: int) -> int:
+    def fewest(lo: int, hi: int, limit: float) -> int:
         """The fewest passing count in (lo, hi], given that lo fails and hi passes."""
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if within(mid):
+            if within(mid, limit):
                 hi = mid
             else:
                 lo = mid
         return hi
 
-    if within(0):
+    if within(0, below):
         k = 0
-    elif within(cap):
-        k = fewest(0, cap)
-    elif estimates[label(cap)] <= target:  # only the bound fails: the share, not Linears bought against noise
+    elif within(cap, below):
+        k = fewest(0, cap, below)
+    elif estimates[label(cap)] <= target:  # the share, rather than Linears bought against noise beyond it
         k = cap
-    elif within(n_all):
-        k = fewest(cap, n_all)
+    elif within(n_all, target):
+        k = fewest(cap, n_all, target)
     else:  # not reachable by keeping Linears float: take the best tried
         k = min(tried, key=lambda j: (tried[j], j))
     outcome = (
         f"{k} float Linears keep the held-out divergence from the float model at {estimates[label(k)]:+.2f}% "
-        f"perplexity, upper bound 95% {tried[k]:+.2f}% ({'within' if tried[k] <= target else 'NOT within'} {target}%)"
+        f"perplexity, upper bound 95% {tried[k]:+.2f}% ({'within' if tried[k] <= target else 'NOT within'} {target}%"
+        f"{f'; a count below the float share of {cap} must be within {below:g}%' if k < cap else ''})"
     )
     floats = {
         s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} ({_figures(s.module, stats)}); {outcome}"
