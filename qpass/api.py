@@ -286,7 +286,7 @@ def _calibrated_window(recipe: Recipe | None) -> int | None:
     if recipe is None:
         return None
     config = recipe.config
-    if not (config.fa_quant or config.kv_cache == "static" or config.w8a8 == "static"):
+    if not (config.observed_kinds or config.w8a8 == "static"):  # q/k/v ranges (FAQuant, C8) or Linear inputs
         return None
     return recipe.stats.get(CALIBRATED_WITH, {}).get("window") or None
 
