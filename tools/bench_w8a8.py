@@ -9,11 +9,12 @@ windows of ``--prose`` and ``--code`` (text from modules the corpus leaves out: 
 Prints the search log, the float Linears and each text's increase with the 95% interval over windows.
 ``--samples between`` takes the windows halfway between the default ones (one fewer): a second sample of the same
 text; ``--samples both`` measures both. ``--calib-sets`` calibrates on other texts than the standard mix, each of
-modules or files the evaluation texts leave out (``CALIB_SETS``): the search must hold on any small calibration file.
+modules or files the evaluation texts leave out (:func:`calib_texts`): the search must hold on any small calibration
+file.
 
     python -m tools.bench_w8a8 [--variants none:1 m3:3] [--calib-samples 14] [--eval-windows 16]
                                [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt]
-                               [--samples between|both] [--calib-sets mixed prose code notes email short long http]
+                               [--samples between|both] [--calib-sets mixed prose code notes email short long ...]
 """
 
 import math
@@ -24,27 +25,27 @@ from qpass.core import corpus
 from tools import common
 
 OTHER_PROSE_MODULES = ("json/encoder", "shlex", "sched", "selectors", "socket", "tempfile", "os", "sqlite3/__init__")
+# a named calibration set -> its samples; prose, code, notes and email are the calibration sides of corpus.domain_pairs
+CALIB_SETS = {
+    "mixed": corpus.calibration_samples,
+    "prose": lambda: corpus.domain_pairs()["docstrings->source"][0],
+    "code": lambda: corpus.domain_pairs()["source->docstrings"][0],
+    "short": lambda: [d for m in corpus.CALIBRATION_MODULES for d in corpus.docstrings(m)],
+    "long": lambda: [corpus._source(m) for m in ("typing", "argparse")],
+    "notes": lambda: corpus.domain_pairs()["notes->source"][0],
+    "email": lambda: corpus.domain_pairs()[f"{corpus.PACKAGE_PAIR[0]}->{corpus.PACKAGE_PAIR[1]}"][0],
+    "http": lambda: corpus.package_sources("http"),
+    "prose2": lambda: ["\n\n".join(corpus.docstrings(m)) for m in OTHER_PROSE_MODULES],
+}
 
 
 def calib_texts(name: str) -> list[str]:
-    """The calibration samples of a named set: ``mixed`` (the standard corpus, docstrings and sources of the
-    calibration modules), ``prose`` (their docstrings alone), ``code`` (their sources alone), ``short`` (each docstring
-    a sample of its own), ``long`` (two long sources), ``notes`` (IDLE's release notes: English with no code),
-    ``email`` and ``http`` (a package's sources), ``prose2`` (docstrings of other modules). None of them holds text of
-    the evaluation modules."""
-    docs = [corpus.docstrings(m) for m in corpus.CALIBRATION_MODULES]
-    sets = {
-        "mixed": corpus.calibration_samples,
-        "prose": lambda: ["\n\n".join(d) for d in docs],
-        "code": lambda: [corpus._source(m) for m in corpus.CALIBRATION_MODULES],
-        "short": lambda: [one for d in docs for one in d],
-        "long": lambda: [corpus._source(m) for m in ("typing", "argparse")],
-        "notes": lambda: [(corpus._stdlib() / f).read_text(encoding="utf-8") for f in corpus.NOTES],
-        "email": lambda: corpus.package_sources("email"),
-        "http": lambda: corpus.package_sources("http"),
-        "prose2": lambda: ["\n\n".join(corpus.docstrings(m)) for m in OTHER_PROSE_MODULES],
-    }
-    return sets[name]()
+    """The calibration samples of a named set (``CALIB_SETS``): ``mixed`` (the standard corpus, docstrings and sources
+    of the calibration modules), ``prose`` (their docstrings alone), ``code`` (their sources alone), ``short`` (each
+    docstring a sample of its own), ``long`` (two long sources), ``notes`` (IDLE's release notes: English with no
+    code), ``email`` and ``http`` (a package's sources), ``prose2`` (docstrings of other modules). None of them holds
+    text of the evaluation modules."""
+    return CALIB_SETS[name]()
 
 
 def increase(diff) -> str:
@@ -64,7 +65,7 @@ def parse_args():
     parser.add_argument("--prose", default="out/corpus/eval_prose.txt")
     parser.add_argument("--code", default="out/corpus/eval_code.txt")
     parser.add_argument(
-        "--calib-sets", nargs="+", default=["mixed"], help="calibration texts (calib_texts): mixed prose code notes ..."
+        "--calib-sets", nargs="+", default=["mixed"], choices=sorted(CALIB_SETS), help="calibration texts (calib_texts)"
     )
     parser.add_argument(
         "--samples",
@@ -128,13 +129,11 @@ def main():
 
     import torch
 
-    from qpass.core.data import read_text
+    from qpass.core.data import read_text, token_windows
     from qpass.core.evaluate import window_nll
 
     torch.manual_seed(0)
     fe = qpass.open_model(args.model, args.window)
-    from qpass.core.data import token_windows
-
     samples = {"": [False], "between": [True], "both": [False, True]}[args.samples]
     texts = {
         name + ("-between" if between else ""): common.eval_windows(
