@@ -36,3 +36,14 @@ def onnx_name(layer: int, name: str) -> str:
     """The name of a tensor or node an ONNX pass adds for ``name`` at layer ``layer``:
     ``qpass.layers.<layer>.<name>``."""
     return f"qpass.{layer_key(layer, name)}"
+
+
+FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # fused by vLLM and MindIE: one quant type
+
+
+def fused_siblings(module: str) -> list[str]:
+    """The Linears that vLLM and MindIE fuse with ``module`` (a checkpoint module path), ``module`` among them, in
+    :data:`FUSED_LINEARS` order: q/k/v of one attention block, gate/up of one MLP; ``[module]`` for any other."""
+    parent, _, leaf = module.rpartition(".")
+    group = next((g for g in FUSED_LINEARS if leaf in g), (leaf,))
+    return [f"{parent}.{name}" if parent else name for name in group]

@@ -17,9 +17,11 @@ Offsets follow ``q = clamp(round(x / scale) + offset)``, ``x = (q - offset) * sc
 
 With W8A8 the JSON has a ``w8a8`` object: ``act_method``, ``anti_method``, ``alpha``,
 ``disable_level``, ``smooth`` (the smoothing groups) and ``float_linears`` (module path -> why it
-stays float). Linears not listed there are quantized. Dynamic W8A8 (``config.w8a8 == "dynamic"``) has no
-``w8a8.<linear>.*`` tensors (each token's scale is computed at run time); its ``w8a8`` object lists the
-Linears found under ``linears`` instead.
+stays float). Linears not listed there are quantized. Static W8A8 may also have ``dynamic_linears`` (module path ->
+why): Linears whose activations are quantized per token at run time instead of with calibrated qparams (the ``auto``
+search's second step, :mod:`qpass.core.fallback`); they have no ``w8a8.<linear>.*`` tensors. Dynamic W8A8
+(``config.w8a8 == "dynamic"``) has no ``w8a8.<linear>.*`` tensors (each token's scale is computed at run time); its
+``w8a8`` object lists the Linears found under ``linears`` instead.
 """
 
 import json
@@ -157,6 +159,26 @@ class Recipe:
         return dict(self.w8a8.get("float_linears", {}))
 
     @property
+    def dynamic_linears(self) -> dict[str, str]:
+        """The Linears quantized with per-token activations (module path -> why): every one under dynamic W8A8, the
+        ``w8a8.dynamic_linears`` of a static recipe."""
+        if self.config.w8a8 == "dynamic":
+            return dict.fromkeys(self.w8a8_linears(), "--w8a8 dynamic")
+        return dict(self.w8a8.get("dynamic_linears", {}))
+
+    def activations(self, module: str) -> str | None:
+        """How W8A8 quantizes ``module``'s input: ``"static"`` (calibrated qparams), ``"dynamic"`` (per token at run
+        time), or None (float, or not a Linear of this recipe). A static recipe's dynamic Linears may keep qparams
+        (the search's trials do): ``dynamic_linears`` decides."""
+        if module in self.float_linears:
+            return None
+        if self.config.w8a8 == "dynamic":
+            return "dynamic" if module in self.w8a8.get("linears", []) else None
+        if module in self.w8a8.get("dynamic_linears", {}):
+            return "dynamic"
+        return "static" if linear_key(module, "scale") in self.tensors else None
+
+    @property
     def smoothing(self) -> list[dict]:
         return list(self.w8a8.get("smooth", []))
 
@@ -167,6 +189,7 @@ class Recipe:
             names = set(self.w8a8.get("linears", []))
         else:
             names = {m.group(1) for k in self.tensors if (m := _LINEAR_KEY.fullmatch(k))}
+            names |= set(self.w8a8.get("dynamic_linears", {}))
         return sorted(names - set(self.float_linears))
 
     def replace(self, **changes) -> "Recipe":
@@ -237,6 +260,11 @@ class Recipe:
                 raise TypeError("w8a8.linears must be a list of module paths")
             if config.w8a8 == "dynamic" and not linears:
                 raise TypeError("a dynamic W8A8 recipe lists its Linears under w8a8.linears")
+            dynamic = w8a8.get("dynamic_linears", {})
+            if not isinstance(dynamic, dict) or (dynamic and config.w8a8 != "static"):
+                raise TypeError("w8a8.dynamic_linears must be an object, in a static W8A8 recipe only")
+            if set(dynamic) & set(w8a8.get("float_linears", {})):
+                raise TypeError(f"{sorted(set(dynamic) & set(w8a8['float_linears']))[0]} is both float and dynamic")
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
             raise QpassError(
                 f"--recipe {directory}: {JSON_FILE} is not a qpass recipe ({type(err).__name__}: {err}); {fix}"

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from qpass.core.errors import QpassError
 from qpass.core.int8 import QMAX
-from qpass.core.naming import LM_HEAD, layer_of
+from qpass.core.naming import LM_HEAD, fused_siblings, layer_of
 from qpass.core.recipe import Recipe
 from qpass.core.smoothing import apply_smoothing
 from qpass.exporters.base import first_refusal
@@ -48,7 +48,6 @@ from qpass.runtime.w8a8 import w8a8_weights
 
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 TARGETS = ("mindie", "vllm-ascend")
-VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's packed modules: one quant type each
 
 
 def refusal(config, options: dict, target: str = "mindie") -> str | None:
@@ -113,13 +112,7 @@ def check_target(recipe: Recipe, target: str, dtype: str | None = None) -> None:
 def fused_floats(recipe: Recipe) -> list[str]:
     """Quantized Linears that vllm-ascend would fuse with a Linear the recipe keeps float: they must be float too."""
     quantized, floats = set(recipe.w8a8_linears()), set(recipe.float_linears)
-    out = set()
-    for name in floats:
-        parent, _, leaf = name.rpartition(".")
-        for group in VLLM_FUSED:
-            if leaf in group:
-                out |= {f"{parent}.{sibling}" for sibling in group} & quantized
-    return sorted(out)
+    return sorted({sibling for name in floats for sibling in fused_siblings(name)} & quantized)
 
 
 def check_names(recipe: Recipe, c8: bool) -> None:

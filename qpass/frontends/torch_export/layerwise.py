@@ -654,6 +654,10 @@ def layer_recipe(recipe, layer: int, site: AttentionSite):
             smooth=groups,
             float_linears={to_capture(m): why for m, why in recipe.float_linears.items() if m.startswith(ours)},
         )
+    if "dynamic_linears" in w8a8:  # static W8A8's Linears with per-token activations
+        w8a8["dynamic_linears"] = {
+            to_capture(m): why for m, why in recipe.w8a8["dynamic_linears"].items() if m.startswith(ours)
+        }
     if "linears" in w8a8:  # dynamic W8A8: the Linears by name, no qparams
         w8a8["linears"] = [to_capture(m) for m in w8a8["linears"] if m.startswith(ours)]
     return Recipe(recipe.config, geometry([site]), tensors, {}, w8a8)

@@ -8,7 +8,8 @@ the float, already smoothed, parameter values it is given) and writes
                     deq_scale float32 [n])
 
 so the program computes int8 x int8 -> int32 (see ``runtime/w8a8.py``). With dynamic activations
-(``config.w8a8 == "dynamic"``: no qparams in the recipe, each token's scale computed at run time) it writes
+(``config.w8a8 == "dynamic"``, or a static recipe's ``w8a8.dynamic_linears``: each token's scale computed at run
+time) it writes
 
     y = w8a8_dynamic_linear(x, weight int8 [n, k], weight_scale float32 [n], bias float32 [n])
 
@@ -44,24 +45,22 @@ class InsertW8A8Pass(CountingPass):
     def rewrite(self, gm: GraphModule) -> int:
         nodes = {n.name: n for n in gm.graph.nodes}
         floats = self.recipe.float_linears
-        dynamic = self.recipe.config.w8a8 == "dynamic"
-        quantized = set(self.recipe.w8a8_linears())
         replaced = 0
         for i, site in enumerate(self.sites):
             if site.module in floats:
                 continue
             bias = self.params[site.bias] if site.bias is not None else None
-            if dynamic:
-                if site.module not in quantized:
-                    raise QpassError(
-                        f"recipe: {site.module} is neither in w8a8.linears nor in w8a8.float_linears; recalibrate "
-                        "this model with --w8a8 dynamic"
-                    )
+            if self.recipe.activations(site.module) == "dynamic":
                 w = w8a8_dynamic_weights(self.params[site.weight], bias)
                 consts = {"weight": w.weight, "weight_scale": w.weight_scale, "bias": w.bias}
                 self._replace(gm, nodes[site.node], W8A8_DYNAMIC_LINEAR, consts, f"qpass_w8a8_{i}")
                 replaced += 1
                 continue
+            if self.recipe.config.w8a8 == "dynamic":
+                raise QpassError(
+                    f"recipe: {site.module} is neither in w8a8.linears nor in w8a8.float_linears; recalibrate "
+                    "this model with --w8a8 dynamic"
+                )
             qparams = self.recipe.linear(site.module)
             if qparams is None:
                 raise QpassError(
