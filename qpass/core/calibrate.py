@@ -18,7 +18,7 @@ import torch
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
 from qpass.core.evaluate import Divergence
-from qpass.core.fallback import choose_float_linears, split_held_out
+from qpass.core.fallback import choose_fallback, split_held_out
 from qpass.core.frontend import Frontend
 from qpass.core.int8 import saturated, sqnr_db
 from qpass.core.observers import Observer
@@ -306,7 +306,8 @@ def _fallback(
     doc: dict,
     batch_size: int,
 ) -> Recipe:
-    """The recipe with the Linears ``config.disable_level`` keeps float (their qparams dropped)."""
+    """The recipe with the Linears ``config.disable_level`` keeps float, and those the ``auto`` search gives per-token
+    activations (their qparams dropped)."""
     base = Recipe(config, geometry(sites), tensors, {**stats, "w8a8": w8a8_stats}, doc)
     if config.disable_level == "auto":
         sensitivity = frontend.loss_sensitivity(base, linears, calib[:batch_size])
@@ -314,16 +315,17 @@ def _fallback(
             w8a8_stats = {**w8a8_stats, "loss_sensitivity": sensitivity}
             base = base.replace(stats={**stats, "w8a8": w8a8_stats})
     divergence, ppl_float = _divergence(frontend, held, batch_size) if config.disable_level == "auto" else (None, None)
-    floats, search = choose_float_linears(base, linears, held, divergence, batch_size, ppl_float)
+    floats, dynamic, search = choose_fallback(base, linears, held, divergence, batch_size, ppl_float)
     if search:
         w8a8_stats = {**w8a8_stats, "search": search}
-    drop = {linear_key(name, part) for name in floats for part in ("scale", "offset")}  # float Linears have no qparams
+    # float and per-token Linears have no qparams
+    drop = {linear_key(name, part) for name in (*floats, *dynamic) for part in ("scale", "offset")}
     return Recipe(
         config,
         base.sites,
         {k: v for k, v in base.tensors.items() if k not in drop},
         {**stats, "w8a8": w8a8_stats},
-        {**doc, "float_linears": floats},
+        {**doc, "float_linears": floats, **({"dynamic_linears": dynamic} if dynamic else {})},
     )
 
 

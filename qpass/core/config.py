@@ -82,7 +82,9 @@ class QuantConfig:
     disable_level: Linears kept float: ``L0`` none; ``Ln`` the n with the widest activation range
         (``max|x| / std``); ``auto`` the fewest, most sensitive first, keeping the divergence from the float model
         on held-out calibration text, as a perplexity increase (its one-sided 95% upper bound over the windows),
-        within ``max_ppl_increase`` percent (:mod:`qpass.core.fallback`).
+        within ``max_ppl_increase`` percent, then, where the float share does not reach half of it, the next most
+        sensitive Linears with per-token activations (:mod:`qpass.core.fallback`).
+    static_only: ``auto`` keeps every int8 Linear's activations static: no per-token Linears in a static recipe.
     """
 
     fa_quant: bool = field(
@@ -162,6 +164,15 @@ class QuantConfig:
             "--max-ppl-increase",
             "--disable-level auto: perplexity increase allowed, as the held-out calibration text's divergence from "
             "the float model (95%% upper bound), percent (default 2)",
+        ),
+    )
+
+    static_only: bool = field(
+        default=False,
+        metadata=_opt(
+            "--static-only",
+            "--disable-level auto: keep every int8 Linear's activations static (per tensor), for a runtime without "
+            "per-token W8A8 (W8A8_DYNAMIC); by default the search makes the next most sensitive Linears per-token",
         ),
     )
 
@@ -250,6 +261,7 @@ class QuantConfig:
                 self.disable_level != "auto",
                 "applies to disable_level='auto' (--disable-level auto)",
             ),
+            ("static_only", self.disable_level != "auto", "applies to disable_level='auto' (--disable-level auto)"),
         )
         for name, unread, why in unused:
             value = getattr(self, name)

@@ -38,6 +38,11 @@ def summary(report: dict) -> str:
             + f"anti-method {w['anti_method'] or 'none'}, disable-level {w['disable_level']}); "
             f"{len(w['float_linears'])} float"
             + (f": {', '.join(sorted(w['float_linears']))}" if w["float_linears"] else "")
+            + (
+                f"; {len(w['dynamic_linears'])} with per-token activations"
+                if w.get("dynamic_linears") and w.get("activations") != "dynamic"
+                else ""
+            )
         )
     lines.extend(per_linear_lines(w))
     lines.append(
@@ -167,6 +172,7 @@ def w8a8_section(recipe) -> dict:
         "linears": linears,
         "quantized": linears - len(doc["float_linears"]),
         "float_linears": doc["float_linears"],
+        "dynamic_linears": doc.get("dynamic_linears", {}),
         "smooth_groups": len(doc["smooth"]),
         "fallback_search": stats.get("search", []),
         "ranked_by": ranked_by,
@@ -192,7 +198,7 @@ def per_linear_lines(w8a8: dict | None) -> list[str]:
     if ranked is None:
         why = (
             "no sensitivity measured (dynamic W8A8)"
-            if counts["dynamic"]
+            if w8a8.get("activations") == "dynamic"
             else "not ranked (the recipe, of an older qpass, records no ranking)"
         )
         return [f"{line}; {why}; each Linear's reason: report.json w8a8.per_linear"]

@@ -9,7 +9,7 @@ import torch
 from qpass.core.calibrate import calibrate
 from qpass.core.config import QuantConfig, cli_options
 from qpass.core.errors import QpassError
-from qpass.core.recipe import JSON_FILE, TENSORS_FILE, Recipe, axes, geometry
+from qpass.core.recipe import JSON_FILE, TENSORS_FILE, Recipe, axes, geometry, linear_key
 from qpass.models.tiny import tiny_model
 from tests.helpers.frontend_cases import frontend
 
@@ -149,3 +149,21 @@ def test_an_offset_outside_int8_is_refused(calibrated):
     offsets[0, 0] = 300.0
     with pytest.raises(QpassError, match="layers.0.fa_k.offset has an offset that is not a finite number in"):
         recipe.replace(tensors={**recipe.tensors, "layers.0.fa_k.offset": offsets})
+
+
+def test_dynamic_linears_of_a_static_recipe_load_and_are_refused_where_they_cannot_be(tmp_path):
+    """A static recipe's per-token Linears round-trip; one named both float and per-token, or in a dynamic recipe,
+    is refused on load."""
+    config = QuantConfig(w8a8="static", disable_level="auto")
+    tensors = {linear_key("a", "scale"): torch.tensor([0.1]), linear_key("a", "offset"): torch.tensor([3.0])}
+    recipe = Recipe(config, (), tensors, {}, {"float_linears": {"c": "why"}, "dynamic_linears": {"b": "why"}})
+    assert recipe.w8a8_linears() == ["a", "b"]
+    assert [recipe.activations(n) for n in "abcd"] == ["static", "dynamic", None, None]
+    recipe.save(tmp_path / "r")
+    loaded = Recipe.load(tmp_path / "r")
+    assert loaded.dynamic_linears == {"b": "why"} and loaded.activations("b") == "dynamic"
+    doc = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    doc["w8a8"]["float_linears"]["b"] = "why"
+    (tmp_path / "r" / "recipe.json").write_text(json.dumps(doc))
+    with pytest.raises(QpassError, match="b is both float and dynamic"):
+        Recipe.load(tmp_path / "r")

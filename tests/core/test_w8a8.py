@@ -11,8 +11,9 @@ from qpass.cli import main
 from qpass.core.calibrate import calibrate
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
+from qpass.core.naming import fused_siblings
 from qpass.core.ranges import act_qparams
-from qpass.core.recipe import Recipe
+from qpass.core.recipe import Recipe, linear_key
 from qpass.frontends.torch_export.pipeline import quantize_program
 from qpass.models.tiny import tiny_model
 from qpass.passes.fx.patterns import W8A8_LINEAR
@@ -135,8 +136,24 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     search = strict.stats["w8a8"]["search"]
     assert search[0]["held_out_windows"] == 2 and search[0]["measure"] == "kl"
     assert search[0]["ppl_float"] == pytest.approx(100.0)
-    assert len(search) - 1 <= 7  # both rankings at 10%, then a binary search, not a sweep of 15 counts
+    floats_steps = [step for step in search[1:] if step["dynamic_linears"] == 0]
+    assert len(floats_steps) <= 7  # both rankings at 10%, then a binary search, not a sweep of 15 counts
     ranking = search[-1]["ranking"]
+    # 3 float leave +2% (over half the limit): the next 10% (2 Linears, with their fused siblings) go per-token and
+    # the bound falls within half the limit; their qparams leave the recipe and the program computes them per token
+    dynamic = strict.w8a8["dynamic_linears"]
+    order = sorted(strict.stats["w8a8"]["output_sqnr_db"], key=lambda n: -strict.stats["w8a8"]["loss_sensitivity"][n])
+    if ranking == "sqnr":
+        order = sorted(strict.stats["w8a8"]["output_sqnr_db"], key=strict.stats["w8a8"]["output_sqnr_db"].get)
+    seeds = order[3:5]
+    assert set(seeds) <= set(dynamic) and not set(dynamic) & set(floats)
+    assert set(dynamic) == {m for n in seeds for m in fused_siblings(n)} - set(floats)
+    assert search[-1]["dynamic_linears"] == len(dynamic) and search[-1]["upper_95_pct"] <= 1.25
+    assert "per-token Linears after 3 float" in dynamic[seeds[0]]
+    assert not any(linear_key(n, "scale") in strict.tensors for n in dynamic)
+    assert set(strict.w8a8_linears()) == set(strict.stats["w8a8"]["output_sqnr_db"]) - set(floats)
+    assert {strict.activations(n) for n in dynamic} == {"dynamic"}
+    assert not _recipe(tiny, disable_level="auto", max_ppl_increase=2.5, static_only=True).w8a8.get("dynamic_linears")
     assert ranking in ("loss", "sqnr")
     key = {
         "loss": lambda n: -strict.stats["w8a8"]["loss_sensitivity"][n],
@@ -152,7 +169,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     monkeypatch.setattr(torch_frontend, "window_nll", lambda *args: fake_window_nll(*args, noise=0.01))
     noisy = _recipe(tiny, disable_level="auto", max_ppl_increase=2.5)
     assert len(noisy.w8a8["float_linears"]) == 5  # 10 quantized: +1.0% estimated, bound +2.7%; 9: +0%, bound +1.7%
-    last = noisy.stats["w8a8"]["search"][-1]
+    last = [step for step in noisy.stats["w8a8"]["search"][1:] if step["dynamic_linears"] == 0][-1]
     assert last["upper_95_pct"] > last["ppl_increase_pct"]
 
 
@@ -188,7 +205,7 @@ def test_auto_searches_the_ranking_with_the_lower_estimate_not_the_lower_bound(m
     def divergence(trial, windows, batch, desc):
         return torch.tensor(diffs[frozenset(trial.w8a8["float_linears"])], dtype=torch.float64)
 
-    floats, search = fallback.choose_float_linears(
+    floats, _, search = fallback.choose_fallback(
         recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), divergence, 4
     )
     at_cap = {step["ranking"]: step for step in search[1:] if step["float_linears"] == 2}
@@ -222,8 +239,8 @@ def test_auto_spends_the_share_first_and_goes_beyond_it_only_on_its_estimate():
             "loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)},
             "output_sqnr_db": {n: 40.0 - i for i, n in enumerate(names)},
         }
-        recipe = Trial(
-            config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0),
+        recipe = Trial(  # the float Linears' rules alone: no per-token step
+            config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0, static_only=True),
             stats={"w8a8": stats},
             w8a8={"float_linears": {}},
         )
@@ -231,23 +248,23 @@ def test_auto_spends_the_share_first_and_goes_beyond_it_only_on_its_estimate():
         def divergence(trial, windows, batch, desc):
             return torch.tensor(diffs.get(len(trial.w8a8["float_linears"]), [0.0, 0.0]), dtype=torch.float64)
 
-        return fallback.choose_float_linears(
+        return fallback.choose_fallback(
             recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), divergence, 4
         )
 
     diffs = {0: [0.03, 0.03], 1: [0.001, 0.003], 2: [0.0, 0.002]}
-    floats, search = choose(diffs)  # the share's bound +0.27% and 1 float's +0.37%, both within half of 1%: one
+    floats, _, search = choose(diffs)  # the share's bound +0.27% and 1 float's +0.37%, both within half of 1%: one
     assert sorted(floats) == ["l0"] and "95% +0.37% (within 1.0%; a count below the float share of 2" in floats["l0"]
     assert [step["float_linears"] for step in search[1:]] == [0, 2, 2, 1]  # none, both rankings at the share, 1
 
-    floats, _ = choose({**diffs, 1: [0.001, 0.005]})  # 1 float: bound +0.63%, within 1% but not within 0.5%
+    floats, _, _ = choose({**diffs, 1: [0.001, 0.005]})  # 1 float: bound +0.63%, within 1% but not within 0.5%
     assert sorted(floats) == ["l0", "l1"]
 
-    floats, search = choose({**diffs, 1: [0.0, 0.03], 2: [0.0, 0.018]})  # the share: +0.90%, bound +2.4%
+    floats, _, search = choose({**diffs, 1: [0.0, 0.03], 2: [0.0, 0.018]})  # the share: +0.90%, bound +2.4%
     assert sorted(floats) == ["l0", "l1"] and "NOT within 1.0%" in floats["l0"]
     assert max(step["float_linears"] for step in search[1:]) == 2  # nothing beyond the share was tried
 
-    floats, search = choose({**diffs, 2: [0.0, 0.02], 3: [0.0, 0.006]})  # the share's estimate +1.005%: beyond it
+    floats, _, search = choose({**diffs, 2: [0.0, 0.02], 3: [0.0, 0.006]})  # the share's estimate +1.005%: beyond it
     assert sorted(floats) == ["l0", "l1", "l2"] and 0.5 < search[-1]["upper_95_pct"] < 1.0
 
 
@@ -309,11 +326,22 @@ def test_report_says_which_linears_the_search_kept_float_by_their_sensitivity(ti
     ranking = recipe.stats["w8a8"]["search"][0]["ranking"]
     assert w["ranked_by"] == ranking == recipe.stats["w8a8"]["search"][-1]["ranking"]
     rows = w["per_linear"]
-    assert [r["mode"] for r in rows] == ["float"] * 3 + ["static"] * 11
+    dynamic = recipe.dynamic_linears  # 3 float leave +2%, over half the limit: the next ones go per-token
+    assert [r["mode"] for r in rows[:5]] == ["float"] * 3 + ["dynamic"] * 2 and len(dynamic) >= 2
+    assert [r["mode"] for r in rows].count("static") == 11 - len(dynamic)
     assert {r["name"] for r in rows[:3]} == set(recipe.float_linears)
+    assert {r["name"] for r in rows if r["mode"] == "dynamic"} == set(dynamic)
     figure = {"loss": "loss sensitivity", "sqnr": "output SQNR"}[ranking]
     assert rows[0]["reason"].startswith(f"kept float by the search: {figure} ") and "rank 1 of 14" in rows[0]["reason"]
-    assert rows[3]["reason"].endswith("rank 4 of 14; the search kept the 3 most sensitive float")
+    assert (
+        rows[3]["reason"].startswith("dynamic: per-token activations, chosen by the search")
+        and "rank 4 of 14" in (rows[3]["reason"])
+    )
+    static = next(r for r in rows if r["mode"] == "static")
+    assert static["reason"].endswith(
+        f"the search kept the 3 most sensitive float and gave the next {len(dynamic)} per-token activations"
+    )
+    assert f"{len(dynamic)} dynamic" in per_linear_lines(w)[0]
     assert all(r["loss_sensitivity"] == recipe.stats["w8a8"]["loss_sensitivity"][r["name"]] for r in rows)
     recipe.save(tmp_path / "recipe")
     assert w8a8_section(Recipe.load(tmp_path / "recipe"))["per_linear"] == rows  # the ranking travels in the recipe
@@ -350,6 +378,8 @@ def test_config_validation():
         QuantConfig(fa_quant=True, anti_method="m1")
     with pytest.raises(ValueError, match="max_ppl_increase"):
         QuantConfig(w8a8=True, max_ppl_increase=0)
+    with pytest.raises(ValueError, match="static_only=True applies to disable_level='auto'.*drop --static-only"):
+        QuantConfig(w8a8=True, static_only=True)
     assert QuantConfig(w8a8=True).fa_quant is False  # W8A8 alone is something to quantize
 
 
