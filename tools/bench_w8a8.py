@@ -62,6 +62,7 @@ def parse_args():
     parser.add_argument("--calib-samples", type=int, default=14)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--max-ppl-increase", type=float, default=2.0)
+    parser.add_argument("--static-only", action="store_true", help="the search without its per-token step")
     parser.add_argument("--prose", default="out/corpus/eval_prose.txt")
     parser.add_argument("--code", default="out/corpus/eval_code.txt")
     parser.add_argument(
@@ -91,6 +92,7 @@ def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args, cal
         max_ppl_increase=args.max_ppl_increase,
         anti_method=None if anti == "none" else anti,
         act_method=int(act),
+        static_only=args.static_only,
     )
     start = time.perf_counter()
     recipe = calibrate(fe, calib, config)
@@ -98,21 +100,25 @@ def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args, cal
     search = recipe.stats["w8a8"]["search"]
     for step in search[1:]:
         print(
-            f"  {calib_set} {variant}: {step['ranking']:5} {step['float_linears']:3} float: "
+            f"  {calib_set} {variant}: {step['ranking']:5} {step['float_linears']:3} float "
+            f"{step.get('dynamic_linears', 0):3} per-token: "
             f"held-out divergence {step['ppl_increase_pct']:+.3f}% (95% bound {step['upper_95_pct']:+.3f}%)",
             flush=True,
         )
-    floats = recipe.w8a8["float_linears"]
+    floats, dynamic = recipe.float_linears, recipe.dynamic_linears
     quantized = fe.logits(recipe, verify=False)
     measured = {n: increase(window_nll(quantized, ids, 4, f"{variant} {n}") - nll_float[n]) for n, ids in texts.items()}
     del quantized
     all_int8 = search[1]
-    chosen = next(s for s in search[1:] if s["float_linears"] == len(floats))
+    chosen = next(
+        s for s in search[1:] if (s["float_linears"], s.get("dynamic_linears", 0)) == (len(floats), len(dynamic))
+    )
     row = common.table_row(
         [
             calib_set,
             variant,
             f"{len(floats)} ({100 * len(floats) / len(recipe.stats['w8a8']['range_ratio']):.1f}%)",
+            str(len(dynamic)),
             f"{all_int8['ppl_increase_pct']:+.2f}%",
             f"{chosen['ppl_increase_pct']:+.2f}% / {chosen['upper_95_pct']:+.2f}%",
             *measured.values(),
@@ -121,6 +127,7 @@ def variant_row(fe, variant: str, calib, texts: dict, nll_float: dict, args, cal
     )
     print(row, flush=True)
     print(f"  {calib_set} float: {', '.join(sorted(floats))}", flush=True)
+    print(f"  {calib_set} per-token: {', '.join(sorted(dynamic))}", flush=True)
     return row
 
 
@@ -155,6 +162,7 @@ def main():
             "calibration text",
             "variant (anti:act)",
             "Linears float",
+            "Linears per-token",
             "held-out divergence, all-int8",
             "held-out divergence at the choice (estimate / 95% bound)",
             *(f"unseen {name}" for name in texts),

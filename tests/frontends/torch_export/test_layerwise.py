@@ -693,6 +693,7 @@ def test_layerwise_auto_searches_as_the_whole_model_does(frontends, windows, mon
     assert search[0]["held_out_windows"] == 2 and {step["ranking"] for step in search[1:]} <= {"none", "sqnr"}
     assert len(search) > 4  # a binary search ran: all-int8 was not within the limit
     assert dict(got.w8a8) == dict(expected.w8a8)
+    assert any(step["dynamic_linears"] for step in search[1:])  # and its per-token step, streamed layer by layer
     for ours, theirs in zip(search[1:], expected.stats["w8a8"]["search"][1:], strict=True):
-        assert ours["float_linears"] == theirs["float_linears"]
+        assert (ours["float_linears"], ours["dynamic_linears"]) == (theirs["float_linears"], theirs["dynamic_linears"])
         assert ours["ppl_increase_pct"] == pytest.approx(theirs["ppl_increase_pct"], abs=1e-3)
