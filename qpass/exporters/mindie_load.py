@@ -6,10 +6,15 @@ a W8A8 Linear's float ``.bias`` beside its ``quant_bias``; W8A8_DYNAMIC Linears 
 ``weight`` / ``weight_scale`` / ``weight_offset``, read as :class:`qpass.runtime.w8a8.W8A8DynamicLinear`); FAQuant
 scales ``[heads, head_dim]`` or one per head ``[heads, 1]``; scales in the model dtype or float32.
 
+Each Linear is read by its own weight's type, as vllm-ascend and MindIE-LLM's runtime choose its method: a W8A8
+directory (``"model_quant_type": "W8A8"``) may hold W8A8_DYNAMIC Linears beside W8A8 ones (static W8A8 with
+per-token Linears, :mod:`qpass.exporters.mindie_write`), each checked against the tensors of its type and built in
+its own form. Linears that both consumers fuse into one layer (q/k/v, gate/up) must then share a type.
+
 Every tensor's name, description type, dtype and shape is checked against the description and the
 config; the model is a Hugging Face causal LM whose W8A8 Linears are replaced by
-:class:`qpass.runtime.w8a8.W8A8Linear`, and FAQuant / C8 come back as a :class:`Recipe` that the frontend
-applies. Remote code is never run.
+:class:`qpass.runtime.w8a8.W8A8Linear` (W8A8_DYNAMIC: :class:`qpass.runtime.w8a8.W8A8DynamicLinear`), and FAQuant /
+C8 come back as a :class:`Recipe` that the frontend applies. Remote code is never run.
 """
 
 import json
@@ -22,7 +27,7 @@ from safetensors import safe_open
 
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
-from qpass.core.naming import LM_HEAD
+from qpass.core.naming import LM_HEAD, fused_siblings
 from qpass.core.recipe import Recipe, SiteGeometry, site_key
 from qpass.exporters.base import Loaded
 from qpass.exporters.mindie_format import (
@@ -134,6 +139,14 @@ def _w8a8_linears(d: Path, model: torch.nn.Module, types: dict[str, str], check,
             raise QpassError(
                 f"{d}: {p}.weight is typed {kinds[p]}, but {p} is not a Linear of this {model.config.model_type} "
                 "model; type it FLOAT or fix the name"
+            )
+        mixed = {s: kinds[s] for s in fused_siblings(p) if s in kinds and kinds[s] != kinds[p]}
+        if mixed:  # vllm-ascend and MindIE fuse them into one layer of one quant type, and refuse this
+            other = next(iter(mixed))
+            raise QpassError(
+                f"{d}: {DESCRIPTION_FILE} types {p}.weight {kinds[p]} but {other}.weight {mixed[other]}, which "
+                "vllm-ascend and MindIE fuse into one layer of one quant type; type the fused Linears alike "
+                "(re-export from a recipe that keeps each fused group together)"
             )
         module = linears[p]
         if kinds[p] == W8A8_DYNAMIC:

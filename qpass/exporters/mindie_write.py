@@ -15,6 +15,27 @@ Dynamic W8A8 (``--w8a8 dynamic``) is written as msModelSlim's ``W8A8_DYNAMIC``, 
 ``weight`` int8 ``[n, k]``, ``weight_scale`` and ``weight_offset`` (0) ``[n, 1]`` in the model dtype, typed
 ``W8A8_DYNAMIC``; its float ``bias``, when it has one, stays ``FLOAT`` (added after the int32 product is scaled).
 Each token's activation scale ``max|x| / 127`` is computed at run time (``npu_dynamic_quant``).
+
+Static W8A8 with per-token Linears (the recipe's ``w8a8.dynamic_linears``, :meth:`Recipe.activations`) is written per
+Linear: each dynamic one in the W8A8_DYNAMIC form above, each static one as W8A8, typed per tensor, with
+``"model_quant_type": "W8A8"`` still (``W8A8_DYNAMIC`` only for ``--w8a8 dynamic``). Both consumers choose a Linear's
+method by its weight's own type, and both refuse a fused layer whose shards differ in type; checked against their
+source (docs/formats.md has the details):
+
+- vllm-ascend (``vllm_ascend/quantization/modelslim_config.py``, ``AscendModelSlimConfig.get_quant_method`` ->
+  ``create_scheme_for_layer`` -> ``get_linear_quant_type``): the scheme of each Linear is the registry's entry for
+  ``description["<p>.weight"]`` (``W8A8`` -> ``AscendW8A8LinearMethod``, ``W8A8_DYNAMIC`` ->
+  ``AscendW8A8DynamicLinearMethod``); ``model_quant_type`` is not read there. For a packed layer (qkv_proj,
+  gate_up_proj) every shard's type must be the same, else a ValueError ("Not all shards of ... are quantized with
+  same quant type").
+- MindIE-LLM's runtime (``mindie_llm/runtime/layers/quantization/ms_model_slim/quantization_config.py``,
+  ``QuantizationConfig.get_quant_method``): ``W8A8`` -> ``W8A8PerTensorLinearMethod``, ``W8A8_DYNAMIC`` ->
+  ``W8A8PerTokenLinearMethod``, per weight; merged q/k/v and gate/up prefixes with more than one type raise a
+  ValueError. (ATB-Models' older loader, ``atb_llm/utils/weights.py``, reads every quantized Linear's tensors by the
+  model-level ``quantize`` instead, so a W8A8_DYNAMIC Linear in a W8A8 model does not load there; not run.)
+
+A fused group (:func:`qpass.core.naming.fused_siblings`) whose Linears mix static and per-token activations is
+therefore refused (:func:`check_fused_activations`), for both targets.
 """
 
 import json
@@ -113,6 +134,32 @@ def fused_floats(recipe: Recipe) -> list[str]:
     """Quantized Linears that vllm-ascend would fuse with a Linear the recipe keeps float: they must be float too."""
     quantized, floats = set(recipe.w8a8_linears()), set(recipe.float_linears)
     return sorted({sibling for name in floats for sibling in fused_siblings(name)} & quantized)
+
+
+CONSUMERS = {"mindie": "MindIE", "vllm-ascend": "vllm-ascend", "vllm": "vLLM"}  # --format -> who fuses the Linears
+
+
+def check_fused_activations(recipe: Recipe, linears: list[str], fmt: str) -> None:
+    """Refuse W8A8 Linears ``linears`` of which fused siblings (q/k/v, gate/up: one layer of one quant type in vLLM,
+    vllm-ascend and MindIE) quantize their activations differently, static and per token (:meth:`Recipe.activations`);
+    one line naming the first such group, with the way out."""
+    written = set(linears)
+    mixed = []
+    for p in linears:
+        group = [s for s in fused_siblings(p) if s in written]
+        kinds = {s: recipe.activations(s) for s in group}
+        if p == group[0] and len(set(kinds.values())) > 1:
+            mixed.append(kinds)
+    if mixed:
+        kinds = mixed[0]
+        static = ", ".join(s for s, k in kinds.items() if k == "static")
+        dynamic = ", ".join(s for s, k in kinds.items() if k == "dynamic")
+        more = f" ({len(mixed)} such groups)" if len(mixed) > 1 else ""
+        raise QpassError(
+            f"--format {fmt}: {CONSUMERS[fmt]} runs {', '.join(kinds)} as one fused layer of one quant type, but the "
+            f"recipe quantizes {static} with static and {dynamic} with per-token activations{more}; recalibrate (the "
+            "auto search keeps each fused group together), or write --format qpass"
+        )
 
 
 def check_names(recipe: Recipe, c8: bool) -> None:
@@ -221,6 +268,7 @@ def _check(config_json: dict, recipe: Recipe, dtype: torch.dtype, target: str) -
     check_target(recipe, target, names.get(dtype, str(dtype)))
     demoted = fused_floats(recipe) if target == "vllm-ascend" else []
     linears = [p for p in recipe.w8a8_linears() if p not in demoted]
+    check_fused_activations(recipe, linears, target)
     if not linears:
         raise QpassError(
             "--format mindie: the recipe has no W8A8 Linears (no w8a8.<linear>.input_scale tensors); "
@@ -245,22 +293,21 @@ def _tensors(
 ) -> tuple[dict, dict]:
     """The format's tensors and their types for the (smoothed) float tensors ``state_dict``, the W8A8 Linears
     ``linears`` among them and the attention ``sites``."""
-    tensors, types = {}, {}
-    dynamic = recipe.config.w8a8 == "dynamic"
+    tensors, types, quantized = {}, {}, set()
     for p in linears:
         if f"{p}.weight" not in state_dict:
             raise QpassError(
                 f"recipe names W8A8 Linear {p}, but the model has no {p}.weight; use a recipe calibrated for this model"
             )
-        if dynamic:
+        if recipe.activations(p) == "dynamic":  # per token: its float bias stays a FLOAT tensor
             made, kind = w8a8_dynamic_tensors(p, state_dict[f"{p}.weight"], dtype), W8A8_DYNAMIC
-        else:
+            quantized.add(f"{p}.weight")
+        else:  # static: its bias is in its quant_bias
             made = w8a8_tensors(state_dict[f"{p}.weight"], state_dict.get(f"{p}.bias"), *recipe.linear(p), dtype)
             kind = W8A8
+            quantized |= {f"{p}.weight", f"{p}.bias"}
         for suffix, tensor in made.items():
             tensors[f"{p}.{suffix}"], types[f"{p}.{suffix}"] = tensor, kind
-    # a static W8A8 Linear's bias is in its quant_bias; a dynamic one's stays a float tensor (FLOAT)
-    quantized = {f"{p}.{s}" for p in linears for s in (("weight",) if dynamic else ("weight", "bias"))}
     for key, value in state_dict.items():
         if key in quantized or (tied and key == LM_HEAD):
             continue  # a tied lm_head is embed_tokens: loaders tie it again from config.json

@@ -21,8 +21,9 @@ from qpass.exporters.mindie_write import export_mindie
 from qpass.exporters.registry import Compiled
 from qpass.frontends.torch_export.decoder import generate_with_model
 from qpass.models.tiny import tiny_config, tiny_model
-from qpass.runtime.w8a8 import W8A8Linear, w8a8_weights
+from qpass.runtime.w8a8 import W8A8DynamicLinear, W8A8DynamicWeights, W8A8Linear, w8a8_weights
 from tests.helpers.frontend_cases import calibrated, frontend, minmax_input_qparams
+from tests.helpers.mixed_w8a8 import DYNAMIC, splice_static_linear, with_dynamic_linears
 
 COMBOS = {"w8a8": (False, False), "w8a8+fa": (True, False), "w8a8+c8": (False, True), "w8a8+fa+c8": (True, True)}
 WINDOW = 64
@@ -82,14 +83,22 @@ def in_memory_w8a8(model, recipe: Recipe, dtype: torch.dtype | None) -> tuple[to
     rounded = (lambda t: t.to(dtype).float()) if dtype is not None else (lambda t: t)
     for name in recipe.w8a8_linears():
         linear = model.get_submodule(name)
-        w = w8a8_weights(
-            linear.weight,
-            linear.bias,
-            rounded(recipe.tensors[f"w8a8.{name}.input_scale"]).item(),
-            recipe.tensors[f"w8a8.{name}.input_offset"].item(),
-        )
+        if recipe.activations(name) == "dynamic":  # per token: int8 weights on the (rounded) per-channel scale
+            weight = linear.weight.detach().float()
+            scale = rounded(weight.abs().amax(1) / 127)
+            bias = torch.zeros(len(weight)) if linear.bias is None else rounded(linear.bias.detach().float())
+            code = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            made = W8A8DynamicLinear(W8A8DynamicWeights(code, scale, bias))
+        else:
+            w = w8a8_weights(
+                linear.weight,
+                linear.bias,
+                rounded(recipe.tensors[f"w8a8.{name}.input_scale"]).item(),
+                recipe.tensors[f"w8a8.{name}.input_offset"].item(),
+            )
+            made = W8A8Linear(w)
         parent, _, child = name.rpartition(".")
-        setattr(m.get_submodule(parent), child, W8A8Linear(w))
+        setattr(m.get_submodule(parent), child, made)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(rounded(p))
@@ -338,6 +347,76 @@ def test_w8a8_alone_generates_with_float_cache(llama, smollm2_tokenizer, tmp_pat
         for _ in range(len(new)):
             ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
     assert new == ids[4:]
+
+
+# ------------------------------------------------------------------------------ static and per-token Linears
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_static_and_per_token_linears_each_in_its_form_run_the_program(llama, tmp_path, dtype):
+    """Static W8A8 with per-token Linears: each dynamic one in msModelSlim's W8A8_DYNAMIC form, each static one in
+    W8A8's, typed per tensor under ``"model_quant_type": "W8A8"``. Read back, each Linear runs in its own form: the
+    perplexity is the in-memory program's built from the same rounded tensors (1e-6) and qpass's own float32
+    program's (0.1%: what storing the model dtype costs), which the mix moves away from the all-static one's."""
+    model, full, ids = llama
+    static = variant(full, False, False)
+    recipe = with_dynamic_linears(static)
+    export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path, dtype)
+    tensors = load_file(str(tmp_path / WEIGHTS_FILE))
+    desc = json.loads((tmp_path / DESCRIPTION_FILE).read_text())
+    assert desc["model_quant_type"] == "W8A8" and set(desc) - {"model_quant_type"} == set(tensors)
+    linears = recipe.w8a8_linears()
+    assert len(linears) == 14 and set(DYNAMIC) < set(linears)
+    deq = torch.int64 if dtype == torch.float16 else torch.float32
+    for p in linears:
+        n, k = model.get_submodule(p).weight.shape
+        if p in DYNAMIC:
+            kind, absent = "W8A8_DYNAMIC", ("input_scale", "input_offset", "deq_scale", "quant_bias")
+            expect = {"weight": (torch.int8, (n, k)), "weight_scale": (dtype, (n, 1)), "weight_offset": (dtype, (n, 1))}
+        else:
+            kind, absent = "W8A8", ()
+            expect = {"weight": (torch.int8, (n, k)), "input_scale": (dtype, (1,)), "input_offset": (dtype, (1,))}
+            expect |= {"deq_scale": (deq, (n,)), "quant_bias": (torch.int32, (n,))}
+        for suffix, (dt, shape) in expect.items():
+            t = tensors[f"{p}.{suffix}"]
+            assert (t.dtype, tuple(t.shape), desc[f"{p}.{suffix}"]) == (dt, shape, kind), f"{p}.{suffix}"
+        assert not [s for s in absent if f"{p}.{s}" in tensors], p
+    loaded = load_mindie(tmp_path, load_tokenizer=False)
+    forms = {n: type(m) for n, m in loaded.model.named_modules() if isinstance(m, (W8A8Linear, W8A8DynamicLinear))}
+    assert forms == {p: W8A8DynamicLinear if p in DYNAMIC else W8A8Linear for p in linears}
+    ppl_loaded = perplexity(frontend(loaded.model, WINDOW).logits(None), ids, 4)
+    ppl_rounded = program_ppl(*in_memory_w8a8(model, recipe, dtype), ids)
+    ppl_program, ppl_static = program_ppl(model, recipe, ids), program_ppl(model, static, ids)
+    print(f"ppl reloaded {ppl_loaded:.6f}, rounded {ppl_rounded:.6f}, program {ppl_program:.6f} (static {ppl_static})")
+    assert abs(ppl_loaded / ppl_rounded - 1) < 1e-6
+    assert abs(ppl_program / ppl_static - 1) > 1e-4  # the mix changes the numbers ...
+    assert abs(ppl_loaded / ppl_program - 1) < 1e-3  # ... and the directory runs the mixed program's
+
+
+@pytest.mark.parametrize("target", ["mindie", "vllm-ascend"])
+def test_a_fused_group_of_static_and_per_token_linears_is_refused_in_one_line(llama, tmp_path, target):
+    model, full, _ = llama
+    recipe = with_dynamic_linears(variant(full, False, False), ["model.layers.1.self_attn.k_proj"])
+    with pytest.raises(QpassError) as err:
+        export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path / "out", torch.float16, target)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--format {target}: ")
+    a = "model.layers.1.self_attn"
+    assert f"{a}.q_proj, {a}.k_proj, {a}.v_proj as one fused layer" in message
+    assert f"quantizes {a}.q_proj, {a}.v_proj with static and {a}.k_proj with per-token" in message
+    assert "recalibrate" in message and not (tmp_path / "out").exists()
+
+
+def test_the_reader_refuses_fused_linears_of_two_types(llama, tmp_path):
+    """A directory (not qpass's: spliced by hand) whose q_proj is W8A8 beside a W8A8_DYNAMIC k_proj and v_proj."""
+    model, full, _ = llama
+    static = variant(full, False, False)
+    for name, recipe in (("static", static), ("mixed", with_dynamic_linears(static))):
+        export_mindie(model.config.to_dict(), model.state_dict(), recipe, None, tmp_path / name, torch.float16)
+    load_mindie(tmp_path / "mixed", load_tokenizer=False)
+    splice_static_linear(tmp_path / "mixed", tmp_path / "static", "model.layers.0.self_attn.q_proj")
+    with pytest.raises(QpassError, match="fuse into one layer of one quant type; type the fused Linears alike"):
+        load_mindie(tmp_path / "mixed", load_tokenizer=False)
 
 
 # ------------------------------------------------------------------------------------------- hand-written

@@ -12,6 +12,7 @@ from qpass.exporters.mindie_load import load as load_mindie
 from qpass.exporters.mindie_write import export_mindie, fused_floats
 from qpass.models.tiny import tiny_config
 from tests.helpers.frontend_cases import calibrated, frontend
+from tests.helpers.mixed_w8a8 import splice_static_linear, with_dynamic_linears
 from tests.helpers.vllm_ascend_loader import LoaderError
 from tests.helpers.vllm_ascend_loader import load as vllm_ascend_load
 
@@ -119,6 +120,48 @@ def test_a_float_linear_takes_its_fused_siblings_with_it(llama, tmp_path):
     (mixed / "quant_model_description.json").write_text(json.dumps({**description, "lm_head.weight": "FLOAT"}))
     with pytest.raises(LoaderError, match="fuses shards"):
         vllm_ascend_load(mixed)
+
+
+def test_static_and_per_token_linears_load_each_by_its_type(llama, tmp_path):
+    """Static W8A8 + C8 with per-token Linears (whole fused groups): vllm-ascend builds each fused layer with its
+    shards' one type (W8A8_DYNAMIC: weight, weight_scale, weight_offset; no activation qparams), and both targets run
+    the same numbers in our reader, with each Linear in its form."""
+    model, recipe, ids = llama
+    mixed = with_dynamic_linears(recipe)
+    out = _export(model, mixed, tmp_path / "v", "vllm-ascend")
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description["model_quant_type"] == "W8A8" and description["kv_cache_type"] == "C8"
+    params = vllm_ascend_load(out)
+    dynamic, static = "model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"
+    assert params[f"{dynamic}.weight"].dtype == params[f"{static}.weight"].dtype == torch.int8
+    assert {f"{dynamic}.weight_scale", f"{dynamic}.weight_offset"} <= set(params)
+    assert not any(k.startswith((f"{dynamic}.input", f"{dynamic}.deq", f"{dynamic}.quant")) for k in params)
+    assert {f"{static}.input_scale", f"{static}.deq_scale", "model.layers.1.mlp.gate_up_proj.weight_offset"} <= set(
+        params
+    )
+    assert "model.layers.1.mlp.gate_up_proj.input_scale" not in params  # gate/up of layer 1: per token
+    ppl = {}
+    for target in ("mindie", "vllm-ascend"):
+        loaded = load_mindie(_export(model, mixed, tmp_path / target, target), load_tokenizer=False)
+        assert loaded.info["w8a8_linears"] == 14
+        ppl[target] = perplexity(frontend(loaded.model, WINDOW).logits(loaded.recipe), ids[:2], 2)
+    assert ppl["mindie"] == ppl["vllm-ascend"]
+
+
+def test_vllm_ascend_refuses_a_fused_layer_of_two_types(llama, tmp_path):
+    """Our writer refuses to write it; spliced by hand, vllm-ascend's loader refuses it too (one type per packed
+    layer), and so does our reader."""
+    model, recipe, _ = llama
+    split = with_dynamic_linears(recipe, ["model.layers.0.mlp.up_proj"])
+    with pytest.raises(QpassError, match="gate_proj, model.layers.0.mlp.up_proj as one fused layer"):
+        _export(model, split, tmp_path / "split", "vllm-ascend")
+    static = _export(model, recipe, tmp_path / "static", "vllm-ascend")
+    mixed = _export(model, with_dynamic_linears(recipe), tmp_path / "mixed", "vllm-ascend")
+    splice_static_linear(mixed, static, "model.layers.1.mlp.gate_proj")  # W8A8 beside layer 1's W8A8_DYNAMIC up_proj
+    with pytest.raises(LoaderError, match=r"fuses shards of types \['W8A8', 'W8A8_DYNAMIC'\]"):
+        vllm_ascend_load(mixed)
+    with pytest.raises(QpassError, match="type the fused Linears alike"):
+        load_mindie(mixed, load_tokenizer=False)
 
 
 def test_cli_writes_vllm_ascend_from_one_calibration(tiny_model_dir, text_files, tmp_path, capsys):

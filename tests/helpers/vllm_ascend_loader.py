@@ -1,7 +1,9 @@
 """A test-side model of how vllm-ascend (with vLLM's Llama/Qwen2 loaders) reads an msModelSlim-style
 W8A8 + C8 directory, written from reading their source (vllm_ascend/quantization/modelslim_config.py,
-methods/w8a8_static.py, methods/kv_c8.py, attention_v1.py; vLLM's AutoWeightsLoader and the models'
-stacked-parameter mappings). It copies no code; each rule below names the behaviour it models.
+methods/w8a8_static.py, methods/w8a8_dynamic.py, methods/kv_c8.py, attention_v1.py; vLLM's AutoWeightsLoader and
+the models' stacked-parameter mappings). It copies no code; each rule below names the behaviour it models. Each
+Linear's method is its weight's own description type (W8A8, W8A8_DYNAMIC or FLOAT; ``get_linear_quant_type``), one
+per fused layer.
 
 ``load(directory)`` returns ``{vLLM parameter name: tensor}`` after the same decisions and checks, and
 raises ``LoaderError`` where vllm-ascend would fail (KeyError, ValueError, a shape it cannot view).
@@ -42,6 +44,13 @@ W8A8_PARAMS = {
     "weight_offset": (lambda dt: dt, lambda n, k: (n, 1)),
 }
 OPTIONAL = {"weight_scale", "weight_offset"}  # created, never used by apply(); vLLM 0.27 does not insist on them
+# AscendW8A8DynamicLinearMethod's parameters (apply() quantizes x per token and passes the layer's float bias)
+W8A8_DYNAMIC_PARAMS = {
+    "weight": (lambda dt: torch.int8, lambda n, k: (n, k)),
+    "weight_scale": (lambda dt: dt, lambda n, k: (n, 1)),
+    "weight_offset": (lambda dt: dt, lambda n, k: (n, 1)),
+}
+PARAMS = {"W8A8": (W8A8_PARAMS, OPTIONAL), "W8A8_DYNAMIC": (W8A8_DYNAMIC_PARAMS, {"weight_offset"})}
 
 
 class LoaderError(Exception):
@@ -98,7 +107,8 @@ def load(directory) -> dict[str, torch.Tensor]:
                 raise LoaderError(
                     f"ValueError: {prefix}.{parent}.{module} fuses shards of types {types}; they must agree"
                 )
-            if types[0] not in ("FLOAT", "W8A8"):  # the registry: W8A8 -> AscendW8A8LinearMethod
+            # the registry: W8A8 -> AscendW8A8LinearMethod, W8A8_DYNAMIC -> AscendW8A8DynamicLinearMethod
+            if types[0] not in ("FLOAT", *PARAMS):
                 raise LoaderError(f"NotImplementedError: quant type {types[0]!r} of {prefix}.{parent}.{module}")
             for s in shards:
                 p = f"{prefix}.{parent}.{s}"
@@ -106,12 +116,13 @@ def load(directory) -> dict[str, torch.Tensor]:
                     _take(tensors, used, loaded, f"{p}.weight", dtype, module_name(p, module, "weight"))
                     continue
                 n, k = tensors[f"{p}.weight"].shape if f"{p}.weight" in tensors else (None, None)
-                for name, (dt, shape) in W8A8_PARAMS.items():
+                params, optional = PARAMS[types[0]]
+                for name, (dt, shape) in params.items():
                     key = f"{p}.{name}"
                     if key not in tensors:
-                        if name in OPTIONAL:
+                        if name in optional:
                             continue
-                        raise LoaderError(f"W8A8 {p} has no {name}")
+                        raise LoaderError(f"{types[0]} {p} has no {name}")
                     want_dtype, want_shape = dt(dtype), shape(n, k)
                     t = tensors[key]
                     if tuple(t.shape) != want_shape:
@@ -127,8 +138,8 @@ def load(directory) -> dict[str, torch.Tensor]:
                             )
                     loaded[loaded_name] = t.to(want_dtype)
                     used.add(key)
-                if f"{p}.bias" in tensors:  # loads into the layer's bias, which the W8A8 method never applies
-                    used.add(f"{p}.bias")
+                if types[0] == "W8A8" and f"{p}.bias" in tensors:  # into the layer's bias, which W8A8 never applies
+                    used.add(f"{p}.bias")  # (W8A8_DYNAMIC's apply adds it: loaded with the other biases below)
         if c8:
             if i not in c8_layers:
                 raise LoaderError(f"layer {i} has no k_proj.kv_cache_scale although kv_cache_type is C8")
