@@ -207,13 +207,15 @@ def choose_fallback(
     }
     dynamic = {}
     if tried[k] > below and not config.static_only:
-        trial = lambda names: measure(list(floats), f"{best} {k}+{len(names)} per-token", names)  # noqa: E731
-        dynamic = _choose_dynamic(ranked, k, cap, below, tried[k], trial)
-        if dynamic:
-            dynamic = {
-                name: f"auto: {best} sensitivity rank {rank} of {n_all} ({_figures(name, stats)}); {why}"
-                for name, (rank, why) in dynamic.items()
-            }
+
+        def per_token(names: tuple[str, ...]) -> float:
+            return measure(list(floats), f"{best} {k}+{len(names)} per-token", names)
+
+        chosen = _choose_dynamic(ranked, k, cap, below, tried[k], per_token)
+        dynamic = {
+            name: f"auto: {best} sensitivity rank {rank} of {n_all} ({_figures(name, stats)}); {why}"
+            for name, (rank, why) in chosen.items()
+        }
     head = {"held_out_windows": int(held.shape[0]), "measure": "kl", "ppl_float": ppl_float, "ranking": best}
     return floats, dynamic, [head, *log]
 
