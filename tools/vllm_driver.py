@@ -7,7 +7,8 @@ JOB: ``{"model": DIR, "dtype": "float32", "tp": 1, "kv_cache_memory_bytes": N, "
 (``max_num_batched_tokens``, ``block_size``, ``enable_prefix_caching``). The result holds the greedy token ids of
 each ``generate`` prompt (and of ``generate_after``'s, a second batch, with the prefix cache's hits), the summed
 next-token NLL and token count of each ``logprobs`` window (vLLM's ``prompt_logprobs``), the engine's cache figures
-(blocks, block size, bytes) and the attention backend each layer runs.
+(blocks, block size, bytes), the attention backend each layer runs and the compressed-tensors scheme of each
+quantized Linear layer (its class, and whether its input scale is static).
 
 ``"bench": {"batches": [1, 8], "decode": 16}`` with ``"bench_prompts"`` times, for each batch size, the prefill of
 that many prompts new to the prefix cache and the decode of ``decode`` more tokens each (vLLM's own timestamps).
@@ -73,6 +74,12 @@ def main() -> None:
         result["backends"] = sorted({type(layer.impl).__name__ for layer in layers.values()})
         result["cache_dtypes"] = sorted({str(layer.kv_cache_torch_dtype) for layer in layers.values()})
         result["kv_cache_bytes"] = sum(t.numel() * t.element_size() for t in runner.kv_caches)
+        # each quantized Linear layer's compressed-tensors scheme: class, static input scale or per token
+        result["schemes"] = {
+            name: [type(m.scheme).__name__, bool(getattr(m.scheme, "is_static_input_scheme", False))]
+            for name, m in runner.get_model().named_modules()
+            if getattr(m, "scheme", None) is not None
+        }
     print("RESULT " + json.dumps(result), flush=True)
 
 

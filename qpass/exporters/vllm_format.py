@@ -15,6 +15,17 @@
   loads it with no plugin. Dynamic W8A8 (``--w8a8 dynamic``): the same weights, activations ``dynamic: true,
   strategy: token, symmetric: true`` (each token's scale computed at run time), so no ``input_scale`` /
   ``input_zero_point``.
+  Static W8A8 with per-token Linears (the recipe's ``w8a8.dynamic_linears``): two config groups, ``group_0`` the
+  static activations above, ``group_1`` the per-token ones, each listing its Linears by exact module path
+  (``model.layers.0.mlp.down_proj``). Not the class name ``Linear``: vLLM gives a layer the first target equal to
+  its name (or matching it as ``re:``), then, for q/k/v and gate/up fused into one layer, its first shard's target if
+  every shard matches one, then a class-name target contained in the layer's class (vLLM 0.32,
+  ``compressed_tensors/utils.py`` ``find_matched_target``; older versions tried the class name before the fused
+  shards: llm-compressor issue #2730), so a ``Linear`` target in one group would take fused layers the other group
+  names; exact paths resolve every layer, fused or not, to its own group in either order, and vLLM renames them
+  with a model's own weight mapping, which it does not do to ``re:`` patterns. A fused group (q/k/v, gate/up) whose
+  Linears the recipe quantizes both ways is refused: vLLM runs one scheme per fused layer. The reader resolves each
+  Linear's group the way vLLM does (:func:`_schemes`) and reads it by that group's scheme.
 - attention quantization (C8, the dynamic cache, FAQuant): ``{"quant_method": "qpass", "format_version": 1,
   "kv_cache": "static" | "dynamic" | null, "fa_quant": bool, "symmetric": bool, "linear": <the compressed-tensors
   dict above> | null}``,
@@ -28,6 +39,7 @@
 """
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -36,12 +48,12 @@ from safetensors.torch import save_file
 
 from qpass.core.config import QuantConfig
 from qpass.core.errors import QpassError
-from qpass.core.naming import LM_HEAD
+from qpass.core.naming import FUSED_LINEARS, LM_HEAD, fused_siblings
 from qpass.core.recipe import Recipe, SiteGeometry, site_key
 from qpass.core.smoothing import apply_smoothing
 from qpass.exporters.base import Loaded, first_refusal
 from qpass.exporters.mindie_load import build_model, natural
-from qpass.exporters.mindie_write import fused_floats
+from qpass.exporters.mindie_write import check_fused_activations, fused_floats
 from qpass.models.loaders import load_tokenizer
 from qpass.runtime.w8a8 import (
     W8A8DynamicLinear,
@@ -66,6 +78,12 @@ GRIDS = {
     "fa_v": ("qpass_fa_value", "kv"),
 }
 W8A8_TENSORS = ("weight", "weight_scale", "input_scale", "input_zero_point")
+VLLM_FUSED = dict(zip(FUSED_LINEARS, ("qkv_proj", "gate_up_proj")))  # the Linears vLLM fuses -> the fused layer's name
+WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+ACTIVATIONS = {  # a W8A8 Linear's input_activations: static (calibrated) or dynamic (per token)
+    "static": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor", "dynamic": False},
+    "dynamic": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+}
 
 
 def refusal(config, options: dict) -> str | None:
@@ -149,27 +167,24 @@ def attention_tensors(doc: dict) -> dict[str, str]:
     return {f"{GRIDS[k][0]}_{part}": GRIDS[k][1] for k in kinds for part in ("scale", "offset")}
 
 
-def _linear_config(linears: list[str], floats: list[str], dynamic: bool = False) -> dict | None:
-    """compressed-tensors' config for W8A8 ``linears`` (symmetric per-channel weights; static asymmetric per-tensor
-    activations, or with ``dynamic`` symmetric per-token ones computed at run time), with ``floats`` and ``lm_head``
-    ignored."""
-    if not linears:
+def _linear_config(static: list[str], dynamic: list[str], floats: list[str]) -> dict | None:
+    """compressed-tensors' config for W8A8 Linears (symmetric per-channel weights), ``static`` ones with static
+    asymmetric per-tensor activations and ``dynamic`` ones with symmetric per-token activations computed at run time,
+    with ``floats`` and ``lm_head`` ignored. One kind: one group targeting the class ``Linear``; both: one group each,
+    targeting its Linears by exact module path (the module docstring says why)."""
+    if not (static or dynamic):
         return None
-    activations = (
-        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-        if dynamic
-        else {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "tensor", "dynamic": False}
-    )
+    if static and dynamic:
+        groups = [("static", sorted(static, key=natural)), ("dynamic", sorted(dynamic, key=natural))]
+    else:
+        groups = [("dynamic" if dynamic else "static", ["Linear"])]
     return {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
         "quantization_status": "compressed",
         "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
-                "input_activations": activations,
-            }
+            f"group_{i}": {"targets": targets, "weights": WEIGHTS, "input_activations": ACTIVATIONS[kind]}
+            for i, (kind, targets) in enumerate(groups)
         },
         "ignore": sorted({LM_HEAD.removesuffix(".weight"), *floats}),
     }
@@ -193,6 +208,8 @@ def write(compiled, directory: Path, options: dict) -> None:
     state = apply_smoothing(dict(compiled.state_dict.items()), recipe.smoothing, recipe.tensors)
     demoted = fused_floats(recipe)  # vLLM fuses q/k/v and gate/up: one scheme per fused Linear
     linears = [p for p in recipe.w8a8_linears() if p not in demoted]
+    check_fused_activations(recipe, linears, "vllm")
+    dynamic = [p for p in linears if recipe.activations(p) == "dynamic"]
     all_linears = {k.removesuffix(".weight") for k in state if k.endswith(".weight") and state[k].dim() == 2}
     floats = sorted((all_linears - set(linears)) - {LM_HEAD.removesuffix(".weight")}) if linears else []
     tensors = {}
@@ -202,9 +219,8 @@ def write(compiled, directory: Path, options: dict) -> None:
         tied = compiled.config_json.get("tie_word_embeddings") and key == LM_HEAD
         if not tied:
             tensors[key] = value.detach().to(dtype)
-    dynamic = recipe.config.w8a8 == "dynamic"
     for p in linears:
-        tensors.update(_w8a8_tensors(p, state, *(None, None) if dynamic else recipe.linear(p), dtype))
+        tensors.update(_w8a8_tensors(p, state, *(None, None) if p in dynamic else recipe.linear(p), dtype))
     for site in recipe.sites:
         for kind, (name, _) in GRIDS.items():
             if site_key(site.layer, kind, "scale") in recipe.tensors:
@@ -216,7 +232,8 @@ def write(compiled, directory: Path, options: dict) -> None:
     config = dict(compiled.config_json)
     config["torch_dtype"] = dtype_name
     config.pop("dtype", None)
-    qc = quantization_config(recipe, _linear_config(linears, floats, dynamic))
+    static = [p for p in linears if p not in dynamic]
+    qc = quantization_config(recipe, _linear_config(static, dynamic, floats))
     if qc is None:
         config.pop("quantization_config", None)
     else:
@@ -295,14 +312,20 @@ def load(path: Path, purpose: str = "eval", build: bool = True) -> Loaded:
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise QpassError(f"{d}: cannot read {WEIGHTS_FILE} ({err}); recompile the directory") from None
     config, model = build_model(d, config_json, torch.float32, build)
-    dynamic = _dynamic_activations(d, linear)
-    suffix = ".weight_scale" if dynamic else ".input_zero_point"  # the tensor only a W8A8 Linear has
-    w8a8 = sorted(n.removesuffix(suffix) for n in names if n.endswith(suffix))
-    if w8a8 and linear is None:
+    schemes = _schemes(d, linear, model)  # each W8A8 Linear's scheme, by the config group vLLM gives it
+    stray = sorted(n.removesuffix(".weight_scale") for n in names if n.endswith(".weight_scale"))  # W8A8 tensors
+    stray = [p for p in stray if p not in schemes]
+    if stray and linear is None:
         raise QpassError(f"{d}: {WEIGHTS_FILE} holds W8A8 Linears but config.json no compressed-tensors config")
+    if stray:
+        raise QpassError(
+            f"{d}: {stray[0]} holds W8A8 tensors, but config.json's quantization_config ignores it or targets it with "
+            f"no config group, so vLLM would run it float ({len(stray)} such); recompile the directory"
+        )
+    w8a8 = sorted(schemes, key=natural)
     used = set()
     for p in w8a8:
-        if dynamic:
+        if schemes[p] == "dynamic":
             weights = _read_w8a8_dynamic(d, reader, names, p, model)
             made = W8A8DynamicLinear(weights)
         else:
@@ -363,27 +386,91 @@ def _read_config(d: Path) -> dict:
     return doc
 
 
-def _dynamic_activations(d: Path, linear: dict | None) -> bool:
-    """Whether the compressed-tensors config ``linear`` quantizes activations per token at run time (qpass's dynamic
-    W8A8) rather than per tensor with a calibrated scale; one line naming anything else."""
+def _schemes(d: Path, linear: dict | None, model: torch.nn.Module) -> dict[str, str]:
+    """The scheme vLLM runs each W8A8 Linear of ``model`` with under the compressed-tensors config ``linear``: module
+    path -> ``static`` or ``dynamic`` (:data:`ACTIVATIONS`), for the Linears it quantizes (the others run float).
+
+    As vLLM resolves it (``compressed_tensors/utils.py`` ``find_matched_target``, ``should_ignore_layer``): a layer is
+    a Linear, or q/k/v and gate/up fused into one (``qkv_proj``, ``gate_up_proj``); an ignored one runs float (a fused
+    layer must be ignored whole); else its config group is that of the first target equal to its name or matching it
+    as ``re:``, else, for a fused layer whose shards all match targets, its first shard's, else that of a class-name
+    target (``Linear`` matches every Linear layer, not the LM head). Refused in one line: input activations qpass does
+    not run, a class-name target other than ``Linear`` or ``Linear`` beside other targets (vLLM versions order the
+    class-name and fused steps differently), a target in two groups, a fused layer ignored in part, or one whose shards
+    the groups target differently (vLLM would run them all with the first shard's)."""
     if linear is None:
-        return False
+        return {}
+    fix = "recompile the directory"
     try:
-        (group,) = linear["config_groups"].values()
-        act = group["input_activations"]
-        dynamic = bool(act["dynamic"])
+        targets: list[tuple[str, str]] = []
+        for group in linear["config_groups"].values():
+            kind = _activations(d, group["input_activations"])
+            targets += [(t, kind) for t in group["targets"]]
+        ignore = list(linear.get("ignore") or [])
+        if not all(isinstance(t, str) for t, _ in targets) or not all(isinstance(t, str) for t in ignore):
+            raise TypeError("targets and ignore must be strings")
     except (KeyError, TypeError, ValueError, AttributeError):
         raise QpassError(
-            f"{d}: {CONFIG_FILE} quantization_config is not the compressed-tensors config qpass writes (one config "
-            "group with input_activations); recompile the directory"
+            f"{d}: {CONFIG_FILE} quantization_config is not the compressed-tensors config qpass writes (config groups "
+            f"with targets and input_activations, an ignore list); {fix}"
         ) from None
-    want = ("token", True) if dynamic else ("tensor", False)
-    if (act.get("strategy"), act.get("symmetric")) != want or act.get("num_bits") != 8:
+    kinds = dict(targets)
+    if len(kinds) != len(targets):
+        twice = next(t for i, (t, _) in enumerate(targets) if t in [u for u, _ in targets[:i]])
+        raise QpassError(f"{d}: {CONFIG_FILE} quantization_config targets {twice!r} in two config groups; {fix}")
+    classes = [t for t in kinds if "." not in t and not t.startswith("re:")]
+    if classes and (classes != ["Linear"] or len(kinds) > 1):
         raise QpassError(
-            f"{d}: {CONFIG_FILE} input_activations {act} is not one qpass reads (8-bit, static asymmetric per tensor "
-            "or dynamic symmetric per token); recompile the directory"
+            f"{d}: {CONFIG_FILE} quantization_config targets {', '.join(map(repr, kinds))}; qpass reads the class "
+            f"name 'Linear' as the one target of one group, or module paths and re: patterns; {fix}"
         )
-    return dynamic
+
+    def match(name: str, patterns) -> str | None:
+        return next((t for t in patterns if t == name or (t.startswith("re:") and re.match(t[3:], name))), None)
+
+    present = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers: dict[str, list[str]] = {}  # vLLM's layer name -> its Linears
+    for n in sorted(present, key=natural):
+        group = fused_siblings(n)
+        leaves = tuple(s.rpartition(".")[2] for s in group)
+        fused = leaves in VLLM_FUSED and all(s in present for s in group)
+        layers.setdefault(f"{n.rpartition('.')[0]}.{VLLM_FUSED[leaves]}" if fused else n, group if fused else [n])
+    out = {}
+    for name, shards in layers.items():
+        ignored = [True] if match(name, ignore) else [match(s, ignore) is not None for s in shards]
+        if any(ignored) and not all(ignored):
+            raise QpassError(
+                f"{d}: {CONFIG_FILE} quantization_config ignores {shards[ignored.index(True)]} but not "
+                f"{shards[ignored.index(False)]}, which vLLM runs as one layer ({name}) and refuses; {fix}"
+            )
+        if all(ignored):
+            continue
+        target = match(name, kinds)
+        if target is None and len(shards) > 1 and all(hits := [match(s, kinds) for s in shards]):
+            if len({kinds[h] for h in hits}) > 1:
+                raise QpassError(
+                    f"{d}: {CONFIG_FILE} quantization_config gives {', '.join(shards)} different config groups "
+                    f"({', '.join(kinds[h] for h in hits)}), but vLLM runs them as one layer ({name}) with the first's "
+                    f"scheme; {fix}"
+                )
+            target = hits[0]
+        if target is None and classes and name != LM_HEAD.removesuffix(".weight"):
+            target = "Linear"
+        if target is not None:
+            out.update(dict.fromkeys(shards, kinds[target]))
+    return out
+
+
+def _activations(d: Path, act: dict) -> str:
+    """``static`` or ``dynamic``: which of :data:`ACTIVATIONS` the compressed-tensors ``input_activations`` ``act``
+    are; one line naming anything else."""
+    kind = next((k for k, want in ACTIVATIONS.items() if all(act.get(f) == v for f, v in want.items())), None)
+    if kind is None:
+        raise QpassError(
+            f"{d}: {CONFIG_FILE} input_activations {act} is not one qpass reads (8-bit int, static asymmetric per "
+            "tensor or dynamic symmetric per token); recompile the directory"
+        )
+    return kind
 
 
 def _read_w8a8_dynamic(d: Path, reader, names: set, p: str, model) -> W8A8DynamicWeights:

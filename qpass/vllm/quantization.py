@@ -2,7 +2,8 @@
 when it quantizes attention (:mod:`qpass.exporters.vllm_format`).
 
 Linears go to compressed-tensors (the config's ``linear`` section, the same dict a W8A8-only directory carries as
-its whole ``quantization_config``) or stay float. Each attention layer gets :class:`QpassAttentionMethod`, which
+its whole ``quantization_config``, one config group or, with static and per-token Linears, two; compressed-tensors
+picks each layer's) or stay float. Each attention layer gets :class:`QpassAttentionMethod`, which
 creates the layer's grids as parameters (so vLLM's loader reads them from the checkpoint, each tensor-parallel rank
 its own KV heads' rows), makes the layer's KV cache int8 and puts one of :mod:`qpass.vllm.backend`'s backends
 in place of the attention backend vLLM chose.
@@ -66,6 +67,13 @@ class QpassConfig(QuantizationConfig):
         if why:
             raise QpassPluginError(why)
         return cls(config)
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        """The model's renaming of checkpoint paths, passed on to the compressed-tensors config inside: vLLM calls this
+        on the config it built (this one), and a directory whose Linears mix static and per-token activations targets
+        them by module path (:mod:`qpass.exporters.vllm_format`)."""
+        if self.linear is not None:
+            self.linear.apply_vllm_mapper(hf_to_vllm_mapper)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, Attention):

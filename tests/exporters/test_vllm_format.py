@@ -3,6 +3,7 @@ compile measured, and the refusals (a model the paged op cannot run; a directory
 reads these directories in tests/vllm."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qpass.cli import main
+from qpass.exporters import vllm_format
+from qpass.exporters.mindie_load import natural
+from tests.helpers.mixed_w8a8 import DYNAMIC, mixed_recipe_dir
 
 SMALL = ["--window", "64", "--calib-samples", "8", "--eval-windows", "2"]
 
@@ -55,6 +59,7 @@ def test_w8a8_alone_is_compressed_tensors_that_stock_vllm_reads(tiny_head64_dir,
     qc = config["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
     group = qc["config_groups"]["group_0"]
+    assert list(qc["config_groups"]) == ["group_0"] and group["targets"] == ["Linear"]  # no mix: one group
     assert group["weights"]["strategy"] == "channel" and group["input_activations"]["strategy"] == "tensor"
     assert "lm_head" in qc["ignore"] and config["torch_dtype"] == "bfloat16"
     t = tensors(out)
@@ -207,3 +212,135 @@ def test_another_tools_compressed_tensors_w8a8_dynamic_checkpoint_is_read(
 def _per_token(x: torch.Tensor) -> torch.Tensor:
     scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     return torch.round(x / scale).clamp(-127, 127) * scale
+
+
+# ------------------------------------------------------------------------------ static and per-token Linears
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_head64_dir, text_files, tmp_path_factory):
+    """``--format vllm`` (float32) of a static W8A8 recipe with per-token Linears (tests/helpers/mixed_w8a8.py),
+    evaluated by the compile on prose over 512-token windows."""
+    work = tmp_path_factory.mktemp("mixed")
+    recipe = str(mixed_recipe_dir(tiny_head64_dir, text_files, work))
+    args = ["compile", str(tiny_head64_dir), "--recipe", recipe, "--format", "vllm", "-o", str(work / "out")]
+    assert main([*args, "--eval", str(text_files["prose"]), "--window", "512", "--eval-windows", "2"]) == 0
+    return work / "out"
+
+
+def test_static_and_per_token_linears_are_two_groups_that_target_module_paths(mixed):
+    qc = json.loads((mixed / "config.json").read_text())["quantization_config"]
+    t = tensors(mixed)
+    linears = sorted((n.removesuffix(".weight_scale") for n in t if n.endswith(".weight_scale")), key=natural)
+    static, dynamic = [p for p in linears if p not in DYNAMIC], [p for p in linears if p in DYNAMIC]
+    assert len(linears) == 14 and dynamic == sorted(DYNAMIC, key=natural)
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}
+    acts = {"num_bits": 8, "type": "int"}
+    assert qc["config_groups"] == {
+        "group_0": {
+            "targets": static,
+            "weights": weights,
+            "input_activations": {**acts, "symmetric": False, "strategy": "tensor", "dynamic": False},
+        },
+        "group_1": {
+            "targets": dynamic,
+            "weights": weights,
+            "input_activations": {**acts, "symmetric": True, "strategy": "token", "dynamic": True},
+        },
+    }
+    assert qc["ignore"] == ["lm_head", "model.embed_tokens"]
+    for p in linears:
+        has = {s for s in ("input_scale", "input_zero_point") if f"{p}.{s}" in t}
+        assert has == (set() if p in DYNAMIC else {"input_scale", "input_zero_point"}), p
+        assert t[f"{p}.weight"].dtype == torch.int8 and t[f"{p}.weight_scale"].dtype == torch.float32
+
+
+def test_the_reader_runs_each_linear_by_its_groups_scheme_and_measures_the_program(mixed, text_files, capsys):
+    """Each Linear comes back in its group's form, and ``qpass eval`` on the directory measures the perplexity the
+    compile measured for qpass's own program of the mixed recipe (float32 throughout: equal to 1e-6)."""
+    from qpass.runtime.w8a8 import W8A8DynamicLinear, W8A8Linear
+
+    loaded = vllm_format.load(mixed, build=True)
+    forms = {n: type(m) for n, m in loaded.model.named_modules() if isinstance(m, (W8A8Linear, W8A8DynamicLinear))}
+    assert len(forms) == 14 and {n for n, f in forms.items() if f is W8A8DynamicLinear} == set(DYNAMIC)
+    compiled = json.loads((mixed / "report.json").read_text())["eval"]
+    capsys.readouterr()
+    args = ["eval", str(mixed), "--eval", str(text_files["prose"]), "--eval-windows", "2", "--no-float", "--json"]
+    assert main(args) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["window"] == 512 and measured["ppl_quant"] == pytest.approx(compiled["ppl_quant"], rel=1e-6)
+
+
+def test_one_kind_of_activations_is_still_one_group_targeting_linear():
+    """Without a mix the config is the one qpass always wrote (stock vLLM and llm-compressor's form)."""
+    for static, dynamic, kind in ((["m.a", "m.b"], [], "static"), ([], ["m.a", "m.b"], "dynamic")):
+        qc = vllm_format._linear_config(static, dynamic, ["m.c"])
+        assert list(qc["config_groups"]) == ["group_0"] and qc["ignore"] == ["lm_head", "m.c"]
+        assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
+        assert qc["config_groups"]["group_0"]["input_activations"] == vllm_format.ACTIVATIONS[kind]
+    assert vllm_format._linear_config([], [], ["m.c"]) is None
+
+
+def test_a_fused_group_of_static_and_per_token_linears_is_refused(tiny_head64_dir, text_files, tmp_path, capsys):
+    recipe = mixed_recipe_dir(tiny_head64_dir, text_files, tmp_path, linears=["model.layers.0.self_attn.v_proj"])
+    capsys.readouterr()
+    args = ["compile", str(tiny_head64_dir), "--recipe", str(recipe), "--format", "vllm", "-o", str(tmp_path / "out")]
+    assert main([*args, "--window", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "vLLM runs model.layers.0.self_attn.q_proj, " in err, err
+    assert "with per-token activations; recalibrate" in err and not (tmp_path / "out").exists()
+
+
+def _regroup(out, edit):
+    config = json.loads((out / "config.json").read_text())
+    edit(config["quantization_config"])
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def _move(qc, target, source, to):
+    qc["config_groups"][source]["targets"].remove(target)
+    qc["config_groups"][to]["targets"].append(target)
+
+
+QKV0 = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (
+            lambda qc: qc["config_groups"]["group_0"]["targets"].append("Linear"),
+            "qpass reads the class name 'Linear' as the one target of one group",
+        ),
+        (
+            lambda qc: qc["config_groups"]["group_1"]["targets"].remove("model.layers.0.mlp.down_proj"),
+            "model.layers.0.mlp.down_proj holds W8A8 tensors, but config.json's quantization_config ignores it or "
+            "targets it with no config group",
+        ),
+        (
+            lambda qc: _move(qc, QKV0[1], "group_1", "group_0"),
+            f"gives {', '.join(QKV0)} different config groups (dynamic, static, dynamic)",
+        ),
+        (
+            lambda qc: qc["config_groups"]["group_0"]["targets"].append(QKV0[0]),
+            f"targets '{QKV0[0]}' in two config groups",
+        ),
+        (
+            lambda qc: qc["ignore"].append("model.layers.1.mlp.up_proj"),
+            "ignores model.layers.1.mlp.up_proj but not model.layers.1.mlp.gate_proj",
+        ),
+        (
+            lambda qc: qc["config_groups"]["group_1"]["input_activations"].update(symmetric=False),
+            "is not one qpass reads (8-bit int, static asymmetric per tensor or dynamic symmetric per token)",
+        ),
+    ],
+    ids=["Linear beside paths", "untargeted", "fused split", "twice", "ignored in part", "asymmetric per token"],
+)
+def test_a_config_whose_groups_qpass_cannot_resolve_is_refused_in_one_line(mixed, tmp_path, capsys, edit, words):
+    out = tmp_path / "out"
+    shutil.copytree(mixed, out)
+    _regroup(out, edit)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval", str(out / "report.txt"), "--no-float"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err

@@ -269,3 +269,64 @@ def test_vllm_decodes_what_qpass_runs_with_dynamic_w8a8(tiny_head64_dir, text_fi
     got = run_vllm(tmp_path, job)
     assert got["backends"] == ["QpassInt8Impl"] and got["cache_dtypes"] == ["torch.int8"]
     assert PROMPT + tokenizer.decode(got["generated"][0]) == text
+
+
+@pytest.mark.parametrize("flags", [(), ("--kv-int8",)], ids=["w8a8", "w8a8-c8"])
+def test_vllm_runs_each_linear_with_its_groups_scheme(flags, tiny_head64_dir, text_files, tmp_path, capsys):
+    """Static W8A8 with per-token Linears (whole fused groups: tests/helpers/mixed_w8a8.py), alone (stock vLLM's
+    compressed-tensors) and with C8 (the same config under qpass's method): vLLM gives each layer, fused (qkv_proj,
+    gate_up_proj) or not, the scheme of the config group that names its Linears, static input scale or per token,
+    decodes qpass run's greedy tokens and measures qpass eval's perplexity."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers.mixed_w8a8 import DYNAMIC, mixed_recipe_dir
+
+    recipe = mixed_recipe_dir(tiny_head64_dir, text_files, tmp_path, *flags)
+    out = tmp_path / "out"
+    args = ["compile", str(tiny_head64_dir), "--recipe", str(recipe), "--format", "vllm", "-o", str(out)]
+    assert main([*args, "--window", "128", "--eval-windows", "2"]) == 0
+    capsys.readouterr()
+    text = qpass_generate(out, capsys)
+    ppl = qpass_perplexity(out, text_files["prose"], capsys)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    job = {"model": str(out), "generate": [tokenizer(PROMPT)["input_ids"]], "max_tokens": 8, "max_model_len": 1024}
+    got = run_vllm(tmp_path, {**job, "logprobs": eval_windows(out, text_files["prose"])})
+    expected = {}  # vLLM's layer -> [scheme, static input scale], by its first Linear's group
+    for i in range(2):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for layer, first in ((f"{a}.qkv_proj", f"{a}.q_proj"), (f"{m}.gate_up_proj", f"{m}.gate_proj")):
+            expected[layer] = ["CompressedTensorsW8A8Int8", first not in DYNAMIC]
+        for layer in (f"{a}.o_proj", f"{m}.down_proj"):
+            expected[layer] = ["CompressedTensorsW8A8Int8", layer not in DYNAMIC]
+    assert got["schemes"] == expected
+    assert sorted(s for _, s in expected.values()) == [False] * 4 + [True] * 4  # both kinds, fused and not
+    assert got["backends"] == (["QpassInt8Impl"] if flags else got["backends"])
+    assert PROMPT + tokenizer.decode(got["generated"][0]) == text
+    vllm_ppl = math.exp(sum(n / (WINDOW - 1) for n in got["nll_sum"]) / len(got["nll_sum"]))
+    print(f"perplexity: vLLM {vllm_ppl:.6f}, qpass {ppl:.6f}")
+    assert abs(vllm_ppl / ppl - 1) < 5e-4, (vllm_ppl, ppl)
+
+
+MAPPED = """
+import json, sys
+from vllm.model_executor.models.utils import WeightsMapper
+from qpass.exporters.vllm_format import _linear_config
+from qpass.vllm.quantization import QpassConfig
+linear = _linear_config(["model.layers.0.mlp.down_proj"], ["model.layers.0.self_attn.o_proj"], [])
+doc = {"quant_method": "qpass", "format_version": 1, "kv_cache": "static", "fa_quant": False, "symmetric": False}
+config = QpassConfig.from_config({**doc, "linear": linear})
+config.apply_vllm_mapper(WeightsMapper(orig_to_new_prefix={"model.": "language_model.model."}))
+print("RESULT " + json.dumps(sorted(config.linear.target_scheme_map)))
+"""
+
+
+def test_the_plugin_renames_the_module_paths_its_linear_groups_target():
+    """vLLM renames checkpoint paths in the quantization config it built with the model's own mapping (a wrapped
+    model's ``language_model.``): under qpass's method that is the compressed-tensors config inside, whose groups for
+    static and per-token Linears target module paths."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([str(VLLM_PYTHON), "-c", MAPPED], capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    targets = json.loads(lines[-1].removeprefix("RESULT "))
+    assert targets == ["language_model.model.layers.0.mlp.down_proj", "language_model.model.layers.0.self_attn.o_proj"]
