@@ -10,9 +10,9 @@ Linears whose one-sided 95% bound over the windows passes, as below, against ``m
 float Linears it keeps leave the bound over half the limit, a second step gives the Linears ranked next per-token
 (dynamic) activations in an otherwise static model: the next 10%, then twice as many, until the bound is within half
 the limit (:func:`_choose_dynamic`; not with ``--static-only``). Per-token activations cost a reduction per token at
-run time, not a float GEMM, and they carry to text unlike the calibration's: SmolLM2 from 14 windows of docstrings,
-21 float Linears: +1.19% / +2.81% on unseen prose / code all others static, +0.38% / +0.86% with the next 21 per
-token (docs/benchmarks.md).
+run time, not a float GEMM, and they carry to text unlike the calibration's: SmolLM2 (W8A8 + FAQuant + C8) from 14
+windows of docstrings, 21 float Linears: +1.52% / +2.85% on unseen prose / code all others static, +0.52% / +0.93%
+with the next 28 per token; within 2% on both from 7 of 8 such files (docs/benchmarks.md).
 
 Why the divergence and not the held-out perplexity: it weighs every next token by the float model's probability
 instead of scoring the one token the text has, so its spread over windows is several times smaller (SmolLM2,
