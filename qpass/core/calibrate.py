@@ -20,9 +20,9 @@ from qpass.core.errors import QpassError
 from qpass.core.evaluate import Divergence
 from qpass.core.fallback import choose_fallback, split_held_out
 from qpass.core.frontend import Frontend
-from qpass.core.int8 import saturated, sqnr_db
+from qpass.core.int8 import affine_qparams, saturated, sqnr_db
 from qpass.core.observers import Observer
-from qpass.core.ranges import channel_qparams, linear_input_qparams
+from qpass.core.ranges import channel_range, linear_input_qparams, rotary_range
 from qpass.core.recipe import Recipe, geometry, linear_key, site_key, smooth_key
 from qpass.core.sites import AttentionSite
 from qpass.core.smoothing import apply_smoothing, smoothing_scales
@@ -44,7 +44,7 @@ def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig, ba
     observers = attention_observers(sites, config, windows)
     if observers:  # none for the dynamic cache alone: its scales are computed as it is written
         frontend.observe(windows, observers, batch_size)
-    tensors, stats = attention_qparams(sites, observers, config)
+    tensors, stats = attention_qparams(sites, observers, config, frontend.rotary())
     return Recipe(config, geometry(sites), tensors, stats)
 
 
@@ -61,11 +61,11 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, bat
     observers = attention_observers(list(sites.values()), config, windows)
     if not observers:  # the dynamic cache alone: nothing to observe
         return Recipe(config, geometry(sites.values()), *attention_qparams(list(sites.values()), {}, config))
-    tensors, stats = {}, {}
+    tensors, stats, rotary = {}, {}, frontend.rotary()
     for layer in frontend.observe_layers(windows, observers, batch_size):
         site = sites[layer]
         done = {name: observers.pop(name) for name in (getattr(site, kind) for kind in config.observed_kinds)}
-        site_tensors, site_stats = attention_qparams([site], done, config)
+        site_tensors, site_stats = attention_qparams([site], done, config, rotary)
         tensors.update(site_tensors)
         for key, table in site_stats.items():
             stats.setdefault(key, {}).update(table)
@@ -85,10 +85,17 @@ def attention_observers(sites: list[AttentionSite], config: QuantConfig, windows
 
 
 def attention_qparams(
-    sites: list[AttentionSite], observers: dict[str, Observer], config: QuantConfig
+    sites: list[AttentionSite],
+    observers: dict[str, Observer],
+    config: QuantConfig,
+    rotary: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[dict, dict]:
     """The recipe tensors of FAQuant (``[heads, head_dim]``) and C8 (``[kv_heads * head_dim]``), and per-site SQNR
-    and saturation (the fraction of the kept sample at the int8 limits, :mod:`qpass.core.saturation`)."""
+    and saturation (the fraction of the kept sample at the int8 limits, :mod:`qpass.core.saturation`).
+
+    ``rotary``: ``(RoPE frequencies per channel pair, the model's context)`` (:meth:`Frontend.rotary`); with it, the
+    ranges of q and k after RoPE at a site that has RoPE are widened to hold at every position of the context, not
+    only those the calibration windows reached (:func:`qpass.core.ranges.rotary_range`)."""
     tensors, sqnr, zero, sat = {}, {}, {}, {}
     for site in sites:
         per_site, per_site_sat = {}, {}
@@ -104,7 +111,10 @@ def attention_qparams(
             if zero_channels:  # they get scale 1 (any scale round-trips 0): flagged in the report
                 zero.setdefault(str(site.layer), {})[kind] = zero_channels
             heads = site.num_heads if kind == "q" else site.num_kv_heads
-            scale, offset = channel_qparams(obs, config.observer, config.symmetric, config.percentile)  # [C]
+            lo, hi = channel_range(obs, config.observer, config.symmetric, config.percentile)  # [C]
+            if rotary is not None and site.rope and kind in ("q", "k"):
+                lo, hi = rotary_range(lo, hi, site.head_dim, rotary[0], obs.window, rotary[1])
+            scale, offset = affine_qparams(lo, hi, config.symmetric)
             if config.fa_quant:
                 tensors[site_key(site.layer, f"fa_{kind}", "scale")] = scale.reshape(heads, site.head_dim)
                 tensors[site_key(site.layer, f"fa_{kind}", "offset")] = offset.reshape(heads, site.head_dim)
@@ -138,7 +148,7 @@ def _calibrate_w8a8(
     attention_obs = attention_observers(sites, config, calib)
     if linear_obs or attention_obs:
         frontend.observe(calib, {**linear_obs, **attention_obs}, batch_size, state_dict=smoothed)
-    attn_tensors, stats = attention_qparams(sites, attention_obs, config)
+    attn_tensors, stats = attention_qparams(sites, attention_obs, config, frontend.rotary())
     linear_tensors, per_linear = linear_qparams(linears, linear_obs, state, config)
     tensors.update(linear_tensors)
     return _fallback(
@@ -195,13 +205,13 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
     inputs = set() if config.w8a8 == "dynamic" else {s.input for s in linears}  # dynamic: no Linear input ranges
     observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted(inputs)}
     observers.update(attention_observers(sites, config, windows))  # each popped when its layer is done
-    layer_at = {layer.index: layer for layer in layers}
+    layer_at, rotary = {layer.index: layer for layer in layers}, frontend.rotary()
     for index in frontend.observe_layers(windows, observers, batch_size, smooth=smooth if groups else None):
         layer = layer_at[index]
         done = {
             name: observers.pop(name) for name in (getattr(layer.attention, kind) for kind in config.observed_kinds)
         }
-        site_tensors, site_stats = attention_qparams([layer.attention], done, config)
+        site_tensors, site_stats = attention_qparams([layer.attention], done, config, rotary)
         tensors.update(site_tensors)
         for key, table in site_stats.items():
             stats.setdefault(key, {}).update(table)

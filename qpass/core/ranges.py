@@ -20,6 +20,8 @@ searches stay for the cases they suit:
   down to 1% of the range (``CLIP_FRACTIONS``).
 """
 
+import math
+
 import torch
 
 from qpass.core.int8 import affine_qparams, fake_quant
@@ -41,6 +43,13 @@ def channel_qparams(
     obs: Observer, method: str, symmetric: bool, percentile: float = 99.99
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(scale [C], offset [C])`` float32 for ``method`` in minmax / percentile / mse."""
+    return affine_qparams(*channel_range(obs, method, symmetric, percentile), symmetric)
+
+
+def channel_range(
+    obs: Observer, method: str, symmetric: bool, percentile: float = 99.99
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(lo [C], hi [C])`` that ``method`` chooses (:func:`channel_qparams`)."""
     lo, hi = obs.min, obs.max
     if method == "percentile":
         q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0])
@@ -53,7 +62,36 @@ def channel_qparams(
         lo, hi = extreme_range(obs, GROWTH * windows if method == "extreme" else REACH_WINDOWS)
     elif method != "minmax":
         raise ValueError(f"unknown range method {method!r}; choose one of {', '.join(RANGE_METHODS)}")
-    return affine_qparams(lo, hi, symmetric)
+    return lo, hi
+
+
+def rotary_range(
+    lo: torch.Tensor, hi: torch.Tensor, head_dim: int, frequencies: torch.Tensor, window: int, context: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ranges ``lo, hi [heads * head_dim]`` of a value after RoPE, observed at positions below ``window``,
+    widened to hold at every position below ``context``.
+
+    RoPE turns channel pair ``(d, d + r/2)`` of each head (the rotate-half layout; ``r = 2 * len(frequencies)``,
+    channels from ``r`` on are not turned) by ``p * frequencies[d]`` at position ``p``. A pair that turns a full
+    circle within the window has shown every angle; a slower one has not, and further on its channels take values
+    calibration never saw (SmolLM2, C8 from 512-token windows: +11% perplexity at positions 1k-2k). Text seen at a
+    position below the window may come at any position below the context, turned by up to ``context * frequency``
+    more or less; turning by an angle ``a`` moves a channel by at most ``a`` times the pair's norm, and never past the
+    norm, which is at most ``sqrt(A_d^2 + A_d'^2)`` with ``A`` each channel's largest magnitude. So a slow pair's
+    channels are widened by ``norm * context * frequency`` on each side, within ``[-norm, norm]``."""
+    rot = 2 * frequencies.numel()
+    if rot > head_dim or window >= context:
+        return lo, hi
+    lo, hi = lo.double().view(-1, head_dim), hi.double().view(-1, head_dim)
+    mag = torch.maximum(lo.abs(), hi.abs())[:, :rot]
+    partner = torch.cat([mag[:, rot // 2 :], mag[:, : rot // 2]], dim=1)
+    norm = (mag * mag + partner * partner).sqrt()
+    freq = torch.cat([frequencies, frequencies]).double()
+    turn = torch.where(window * freq >= 2 * math.pi, 0.0, (context * freq).clamp(max=math.pi))
+    wide_lo, wide_hi = lo.clone(), hi.clone()
+    wide_lo[:, :rot] = torch.minimum(lo[:, :rot], torch.maximum(-norm, lo[:, :rot] - norm * turn))
+    wide_hi[:, :rot] = torch.maximum(hi[:, :rot], torch.minimum(norm, hi[:, :rot] + norm * turn))
+    return wide_lo.reshape(-1).float(), wide_hi.reshape(-1).float()
 
 
 def extreme_range(obs: Observer, windows: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -262,3 +262,24 @@ def _first_line(err: Exception, limit: int = 240) -> str:
     """``err``'s message on one line (its lines joined), at most ``limit`` characters."""
     text = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Architectures whose attention applies one RoPE in transformers' rotate-half layout (channel d of a head turns with
+# d + r/2; from r on, with a partial rotary factor, channels are not turned). Others (Gemma 3's two RoPEs by layer
+# type, interleaved layouts) get no rotary widening of their ranges.
+ROTATE_HALF = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3")
+RUN_TIME_ROPE = ("dynamic", "longrope")  # frequencies that change with the sequence length at run time
+
+
+def rotary_frequencies(module: torch.nn.Module, config) -> tuple[torch.Tensor, int] | None:
+    """``(frequencies [r / 2] float64, the model's context)`` of the one rotary embedding in ``module`` (its
+    ``inv_freq`` buffer, scaling applied), for a transformers ``config`` of a :data:`ROTATE_HALF` architecture whose
+    frequencies are fixed; None otherwise."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    context = getattr(config, "max_position_embeddings", None)
+    if getattr(config, "model_type", None) not in ROTATE_HALF or rope.get("rope_type") in RUN_TIME_ROPE or not context:
+        return None
+    found = [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] == "inv_freq"]
+    if len(found) != 1 or found[0].is_meta:
+        return None
+    return found[0].detach().double().clone(), int(context)

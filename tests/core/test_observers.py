@@ -6,7 +6,7 @@ import torch
 from qpass.core.errors import QpassError
 from qpass.core.int8 import affine_qparams, fake_quant, sqnr_db
 from qpass.core.observers import Observer
-from qpass.core.ranges import CLIP_GRID, REACH_WINDOWS, channel_qparams, extreme_range, mse_range
+from qpass.core.ranges import CLIP_GRID, REACH_WINDOWS, channel_qparams, extreme_range, mse_range, rotary_range
 
 
 def test_asymmetric_qparams_follow_the_design_formulas():
@@ -191,3 +191,52 @@ def test_reach_sets_the_range_for_a_fixed_number_of_windows():
             assert all(torch.equal(a, b) for a, b in zip(reach, extreme))
         else:
             assert torch.all(reach[0] < extreme[0])  # a finer step: less headroom
+
+
+def _rotate_half(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """``x [T, heads * head_dim]`` after RoPE at ``positions [T]`` (rotate-half layout, all channels turned)."""
+    t, c = x.shape
+    head_dim = 2 * freq.numel()
+    x = x.view(t, -1, head_dim)
+    angle = positions[:, None, None] * torch.cat([freq, freq])
+    half = torch.cat([-x[..., head_dim // 2 :], x[..., : head_dim // 2]], dim=-1)
+    return (x * angle.cos() + half * angle.sin()).reshape(t, c)
+
+
+def test_rotary_range_holds_at_positions_the_calibration_never_reached():
+    """Keys with a large steady component in every pair (what RoPE's slow pairs carry in real models), turned by RoPE:
+    ranges observed over positions 0-63 clip the same keys further on, the widened ones do not; a pair that turned a
+    full circle within the window keeps its range (the same keys at other angles stay within it but for a few)."""
+    gen = torch.Generator().manual_seed(0)
+    head_dim, window, context = 16, 64, 1024
+    freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [8]
+    base = torch.randn(4096, 2 * head_dim, generator=gen, dtype=torch.float64) * 0.3 + 2.0  # 2 heads
+    seen = _rotate_half(base[:2048], torch.arange(2048) % window, freq)
+    later = _rotate_half(base[:2048], torch.randint(window, context, (2048,), generator=gen), freq)
+    lo, hi = seen.amin(0), seen.amax(0)
+    wide_lo, wide_hi = rotary_range(lo, hi, head_dim, freq, window, context)
+    assert bool((wide_lo <= lo.float()).all() and (wide_hi >= hi.float()).all())
+    outside = lambda a, b: ((later < a.double() - 1e-6) | (later > b.double() + 1e-6)).double().mean(0)  # noqa: E731
+    fast = (window * freq >= 2 * torch.pi).repeat(4)  # per channel: pairs that turned a full circle in the window
+    assert bool(fast.any()) and not bool(fast.all())
+    assert float(outside(lo, hi)[~fast].mean()) > 0.3  # the slow pairs' calibrated ranges do not hold further on
+    assert float(outside(wide_lo, wide_hi)[~fast].max()) == 0.0  # the widened ones hold everywhere
+    assert float(outside(wide_lo, wide_hi)[fast].max()) < 0.01
+    assert torch.equal(wide_lo[fast], lo.float()[fast]) and torch.equal(wide_hi[fast], hi.float()[fast])
+    mag = torch.maximum(lo.abs(), hi.abs()).view(2, head_dim)
+    bound = (mag**2 + mag.roll(head_dim // 2, 1) ** 2).sqrt().reshape(-1) * 1.0001  # the pair's norm, at most
+    assert bool((wide_hi.double() <= bound).all() and (wide_lo.double() >= -bound).all())
+    assert rotary_range(lo, hi, head_dim, freq, context, context) == (lo, hi)  # calibrated over the whole context
+
+
+def test_frontends_read_the_rotary_frequencies_of_rotate_half_models_only():
+    """The whole-model and layer-wise frontends read the same RoPE frequencies and context; GPT-2 has none."""
+    from qpass.models.tiny import tiny_model
+    from tests.helpers.frontend_cases import frontend
+
+    llama = tiny_model("llama", num_layers=1)
+    freq, context = frontend(llama, 16).rotary()
+    head_dim = llama.config.hidden_size // llama.config.num_attention_heads
+    expected = 1.0 / llama.config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2) / head_dim)
+    assert torch.allclose(freq, expected.double(), rtol=1e-6) and context == llama.config.max_position_embeddings
+    assert frontend(tiny_model("gpt2", num_layers=1), 16).rotary() is None

@@ -85,6 +85,9 @@ class OnnxFrontend:
         }
         return {**facts, "layerwise": True} if self.layerwise else facts
 
+    def rotary(self) -> None:
+        return None  # an ONNX graph's RoPE is cos/sin tables, not frequencies qpass reads: ranges as calibrated
+
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
         """``genai_config.json`` for the output, where the input had one (updated for GQA's int8 cache)."""
         if self.genai_config is None:

@@ -21,7 +21,7 @@ from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGrou
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, capture, param_names
 from qpass.frontends.torch_export.decoder import compile_decoder
 from qpass.frontends.torch_export.pipeline import quantize_program, smoothed_state_dict
-from qpass.models.loaders import LoadedModel, load_model
+from qpass.models.loaders import LoadedModel, load_model, rotary_frequencies
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
 from qpass.passes.fx.qdq import DEQUANTIZE, QUANTIZE
@@ -74,6 +74,9 @@ class TorchExportFrontend:
 
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
         return {}  # the exporters write everything a PyTorch model's artefacts hold
+
+    def rotary(self) -> tuple[torch.Tensor, int] | None:
+        return rotary_frequencies(self.model, self.model.config)
 
     def observe(
         self, windows, observers: dict[str, Observer], batch_size: int, state_dict=None, desc: str = "calibrate"

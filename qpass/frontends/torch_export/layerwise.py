@@ -62,6 +62,7 @@ from qpass.models.loaders import (
     check_vocabulary,
     load_config,
     load_tokenizer,
+    rotary_frequencies,
 )
 from qpass.passes.fx.find_attention_sites import find_attention_sites
 from qpass.passes.fx.find_linear_sites import find_linear_sites, find_smoothing_groups
@@ -599,6 +600,17 @@ class LayerwiseFrontend:
 
     def extra_files(self, recipe) -> dict[str, str]:
         return {}
+
+    def rotary(self) -> tuple[torch.Tensor, int] | None:
+        """The whole model's rotary embedding, built from the config as each layer's capture builds it."""
+        from transformers import AutoModel
+
+        config = copy.deepcopy(self.config)
+        config.num_hidden_layers = 1
+        with torch.device("meta"):
+            base = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        rotary = getattr(base, "rotary_emb", None)
+        return None if rotary is None else rotary_frequencies(type(rotary)(config=config), self.config)
 
 
 def _run(
