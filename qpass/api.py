@@ -281,14 +281,16 @@ def long_context(
 
 
 def _calibrated_window(recipe: Recipe | None) -> int | None:
-    """The window the recipe's ranges were calibrated over; None where it calibrated none that a longer window would
-    change (the dynamic cache and dynamic W8A8 compute their scales at run time)."""
+    """The context the recipe's ranges were made to hold: the window they were calibrated over, or its
+    ``--max-context`` where longer; None where it calibrated none that a longer window would change (the dynamic cache
+    and dynamic W8A8 compute their scales at run time)."""
     if recipe is None:
         return None
     config = recipe.config
     if not (config.observed_kinds or config.w8a8 == "static"):  # q/k/v ranges (FAQuant, C8) or Linear inputs
         return None
-    return recipe.stats.get(CALIBRATED_WITH, {}).get("window") or None
+    window = recipe.stats.get(CALIBRATED_WITH, {}).get("window") or None
+    return max(window, config.max_context) if window and config.max_context else window
 
 
 def generate(out_dir: str | Path, prompt: str, max_new_tokens: int) -> tuple[list[int], list[int], object]:

@@ -44,7 +44,7 @@ def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig, ba
     observers = attention_observers(sites, config, windows)
     if observers:  # none for the dynamic cache alone: its scales are computed as it is written
         frontend.observe(windows, observers, batch_size)
-    tensors, stats = attention_qparams(sites, observers, config, frontend.rotary())
+    tensors, stats = attention_qparams(sites, observers, config, _rotary(frontend, config))
     return Recipe(config, geometry(sites), tensors, stats)
 
 
@@ -61,7 +61,7 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, bat
     observers = attention_observers(list(sites.values()), config, windows)
     if not observers:  # the dynamic cache alone: nothing to observe
         return Recipe(config, geometry(sites.values()), *attention_qparams(list(sites.values()), {}, config))
-    tensors, stats, rotary = {}, {}, frontend.rotary()
+    tensors, stats, rotary = {}, {}, _rotary(frontend, config)
     for layer in frontend.observe_layers(windows, observers, batch_size):
         site = sites[layer]
         done = {name: observers.pop(name) for name in (getattr(site, kind) for kind in config.observed_kinds)}
@@ -71,6 +71,19 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, bat
             stats.setdefault(key, {}).update(table)
         del done  # before the next layer runs
     return Recipe(config, geometry(sites.values()), tensors, stats)
+
+
+def _rotary(frontend, config: QuantConfig) -> torch.Tensor | None:
+    """The RoPE frequencies ``--max-context`` widens q and k's ranges with; None without ``--max-context``."""
+    if config.max_context is None:
+        return None
+    frequencies = frontend.rotary()
+    if frequencies is None:
+        raise QpassError(
+            f"--max-context {config.max_context}: qpass reads no RoPE frequencies from this model (an ONNX graph, no "
+            "RoPE, or a RoPE it does not know); calibrate with --window as long as the context instead"
+        )
+    return frequencies
 
 
 def attention_observers(sites: list[AttentionSite], config: QuantConfig, windows: torch.Tensor) -> dict[str, Observer]:
@@ -88,14 +101,14 @@ def attention_qparams(
     sites: list[AttentionSite],
     observers: dict[str, Observer],
     config: QuantConfig,
-    rotary: tuple[torch.Tensor, int] | None = None,
+    rotary: torch.Tensor | None = None,
 ) -> tuple[dict, dict]:
     """The recipe tensors of FAQuant (``[heads, head_dim]``) and C8 (``[kv_heads * head_dim]``), and per-site SQNR
     and saturation (the fraction of the kept sample at the int8 limits, :mod:`qpass.core.saturation`).
 
-    ``rotary``: ``(RoPE frequencies per channel pair, the model's context)`` (:meth:`Frontend.rotary`); with it, the
-    ranges of q and k after RoPE at a site that has RoPE are widened to hold at every position of the context, not
-    only those the calibration windows reached (:func:`qpass.core.ranges.rotary_range`)."""
+    ``rotary``: the RoPE frequencies per channel pair (:func:`_rotary`, with ``config.max_context``); with them, the
+    ranges of q and k after RoPE at a site that has RoPE are widened to hold at every position below
+    ``config.max_context``, not only those the calibration windows reached (:func:`qpass.core.ranges.rotary_range`)."""
     tensors, sqnr, zero, sat = {}, {}, {}, {}
     for site in sites:
         per_site, per_site_sat = {}, {}
@@ -113,7 +126,7 @@ def attention_qparams(
             heads = site.num_heads if kind == "q" else site.num_kv_heads
             lo, hi = channel_range(obs, config.observer, config.symmetric, config.percentile)  # [C]
             if rotary is not None and site.rope and kind in ("q", "k"):
-                lo, hi = rotary_range(lo, hi, site.head_dim, rotary[0], obs.window, rotary[1])
+                lo, hi = rotary_range(lo, hi, site.head_dim, rotary, obs.window, config.max_context)
             scale, offset = affine_qparams(lo, hi, config.symmetric)
             if config.fa_quant:
                 tensors[site_key(site.layer, f"fa_{kind}", "scale")] = scale.reshape(heads, site.head_dim)
@@ -148,7 +161,7 @@ def _calibrate_w8a8(
     attention_obs = attention_observers(sites, config, calib)
     if linear_obs or attention_obs:
         frontend.observe(calib, {**linear_obs, **attention_obs}, batch_size, state_dict=smoothed)
-    attn_tensors, stats = attention_qparams(sites, attention_obs, config, frontend.rotary())
+    attn_tensors, stats = attention_qparams(sites, attention_obs, config, _rotary(frontend, config))
     linear_tensors, per_linear = linear_qparams(linears, linear_obs, state, config)
     tensors.update(linear_tensors)
     return _fallback(
@@ -205,7 +218,7 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
     inputs = set() if config.w8a8 == "dynamic" else {s.input for s in linears}  # dynamic: no Linear input ranges
     observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted(inputs)}
     observers.update(attention_observers(sites, config, windows))  # each popped when its layer is done
-    layer_at, rotary = {layer.index: layer for layer in layers}, frontend.rotary()
+    layer_at, rotary = {layer.index: layer for layer in layers}, _rotary(frontend, config)
     for index in frontend.observe_layers(windows, observers, batch_size, smooth=smooth if groups else None):
         layer = layer_at[index]
         done = {

@@ -85,6 +85,9 @@ class QuantConfig:
         within ``max_ppl_increase`` percent, then, where the float share does not reach half of it, the next most
         sensitive Linears with per-token activations (:mod:`qpass.core.fallback`).
     static_only: ``auto`` keeps every int8 Linear's activations static: no per-token Linears in a static recipe.
+    max_context: the longest context the calibrated ranges of q and k after RoPE must hold: the channel pairs RoPE
+        turns too slowly to show every angle within the calibration window get ranges widened by the turn they make
+        by then (:func:`qpass.core.ranges.rotary_range`); None keeps the ranges as calibrated.
     """
 
     fa_quant: bool = field(
@@ -167,6 +170,16 @@ class QuantConfig:
         ),
     )
 
+    max_context: int | None = field(
+        default=None,
+        metadata=_opt(
+            "--max-context",
+            "the longest context the calibrated q/k ranges must hold (RoPE models): ranges of RoPE's slow channel "
+            "pairs widened to the turn they make by then (default: as calibrated, good up to --window)",
+            type=int,
+            metavar="N",
+        ),
+    )
     static_only: bool = field(
         default=False,
         metadata=_opt(
@@ -234,6 +247,10 @@ class QuantConfig:
             )
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer={self.observer!r} is not one of {', '.join(OBSERVERS)}")
+        if self.max_context is not None and (
+            not isinstance(self.max_context, int) or isinstance(self.max_context, bool) or self.max_context <= 0
+        ):
+            raise ValueError(f"max_context={self.max_context} must be a positive number of tokens")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile={self.percentile} must be in (50, 100]")
         self._check_applies()
@@ -262,6 +279,11 @@ class QuantConfig:
                 "applies to disable_level='auto' (--disable-level auto)",
             ),
             ("static_only", self.disable_level != "auto", "applies to disable_level='auto' (--disable-level auto)"),
+            (
+                "max_context",
+                not {"q", "k"} & set(self.observed_kinds),
+                "widens calibrated q/k ranges (--fa-quant, --kv-int8 static) and this policy has none",
+            ),
         )
         for name, unread, why in unused:
             value = getattr(self, name)

@@ -54,11 +54,11 @@ class Frontend(Protocol):
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
         """Text files the output carries over from the input, by file name (an ONNX model's ``genai_config.json``)."""
 
-    def rotary(self) -> tuple[torch.Tensor, int] | None:
-        """``(frequencies [r / 2], context)``: the RoPE frequency of each channel pair in the rotate-half layout
-        (channel ``d`` turns with ``d + r/2``) and the model's context, where the ranges of q and k after RoPE must hold
-        beyond the calibration window; None where the frontend cannot read them (no RoPE, several, or frequencies
-        that change at run time)."""
+    def rotary(self) -> torch.Tensor | None:
+        """The RoPE frequency of each channel pair ``[r / 2]`` in the rotate-half layout (channel ``d`` turns with
+        ``d + r/2``), for ranges of q and k after RoPE that must hold beyond the calibration window
+        (``--max-context``); None where the frontend cannot read them (no RoPE, several, or frequencies that change at
+        run time)."""
 
     def attention_sites(self) -> list[AttentionSite]:
         """Every attention site, in execution order (raises QpassError when there is none)."""

@@ -222,8 +222,9 @@ def bucket_table(context: int, float_nll: list[torch.Tensor], quant_nll: list[to
 def late_position_warning(rows: list[dict], calibrated_window: int | None = None) -> str | None:
     """A warning when the quantized increase in the last bucket exceeds the first's by more than the 95 % interval of
     that difference (half-width ``sqrt(first's ** 2 + last's ** 2)``: the two buckets hold different tokens). Where
-    the recipe was calibrated over windows shorter than the context, it says so: ranges fitted at positions
-    0 .. window - 1 need not hold Q and K after RoPE further on (SmolLM2: docs/benchmarks.md)."""
+    the recipe's ranges were made to hold fewer tokens than the context (its calibration window, or its
+    ``--max-context``), it says so: ranges fitted at positions 0 .. window - 1 need not hold Q and K after RoPE
+    further on (SmolLM2: docs/benchmarks.md)."""
     first, last = rows[0], rows[-1]
     end = last["positions"][1]
     margin = math.hypot(first["interval"], last["interval"])
@@ -234,7 +235,8 @@ def late_position_warning(rows: list[dict], calibrated_window: int | None = None
         f"the first bucket's ({_span(first)}: {first['increase']:+.4f}) by more than the difference's 95% interval "
         f"(+/-{margin:.4f}); the int8 cache loses accuracy late in long contexts"
         + (
-            f" (calibrated over {calibrated_window}-token windows: recalibrate with --window {end})"
+            f" (ranges calibrated to hold {calibrated_window} tokens: recalibrate with --max-context {end}, or "
+            f"--window {end})"
             if calibrated_window is not None and calibrated_window < end
             else ""
         )

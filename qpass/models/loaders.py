@@ -271,15 +271,14 @@ ROTATE_HALF = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2
 RUN_TIME_ROPE = ("dynamic", "longrope")  # frequencies that change with the sequence length at run time
 
 
-def rotary_frequencies(module: torch.nn.Module, config) -> tuple[torch.Tensor, int] | None:
-    """``(frequencies [r / 2] float64, the model's context)`` of the one rotary embedding in ``module`` (its
-    ``inv_freq`` buffer, scaling applied), for a transformers ``config`` of a :data:`ROTATE_HALF` architecture whose
-    frequencies are fixed; None otherwise."""
+def rotary_frequencies(module: torch.nn.Module, config) -> torch.Tensor | None:
+    """The frequencies ``[r / 2]`` (float64) of the one rotary embedding in ``module`` (its ``inv_freq`` buffer,
+    scaling applied), for a transformers ``config`` of a :data:`ROTATE_HALF` architecture whose frequencies are fixed;
+    None otherwise."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    context = getattr(config, "max_position_embeddings", None)
-    if getattr(config, "model_type", None) not in ROTATE_HALF or rope.get("rope_type") in RUN_TIME_ROPE or not context:
+    if getattr(config, "model_type", None) not in ROTATE_HALF or rope.get("rope_type") in RUN_TIME_ROPE:
         return None
     found = [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] == "inv_freq"]
     if len(found) != 1 or found[0].is_meta:
         return None
-    return found[0].detach().double().clone(), int(context)
+    return found[0].detach().double().clone()

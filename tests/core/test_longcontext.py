@@ -38,7 +38,7 @@ def test_bucket_table_pairs_tokens_and_flags_a_late_increase():
     warning = longcontext.late_position_warning(rows)
     assert warning is not None and "128-256" in warning and "95% interval" in warning and "--window" not in warning
     hint = longcontext.late_position_warning(rows, calibrated_window=64)
-    assert hint.endswith("(calibrated over 64-token windows: recalibrate with --window 256)")
+    assert hint.endswith("(ranges calibrated to hold 64 tokens: recalibrate with --max-context 256, or --window 256)")
     assert longcontext.late_position_warning(rows, calibrated_window=256) == warning
     # within the difference's interval: no warning, though beyond the last bucket's own
     rows[-1]["increase"] = rows[0]["increase"] + 1.2 * rows[-1]["interval"]
@@ -101,6 +101,8 @@ def test_a_context_beyond_the_model_is_refused_naming_its_limit():
     ("options", "window"),
     [
         ({"kv_cache": "static"}, 64),
+        ({"kv_cache": "static", "max_context": 2048}, 2048),  # --max-context: the ranges hold 2,048 tokens
+        ({"kv_cache": "static", "max_context": 32}, 64),
         ({"fa_quant": True}, 64),
         ({"w8a8": "static", "kv_cache": "dynamic"}, 64),
         ({"kv_cache": "dynamic"}, None),  # nothing calibrated: no --window advice

@@ -230,13 +230,44 @@ def test_rotary_range_holds_at_positions_the_calibration_never_reached():
 
 
 def test_frontends_read_the_rotary_frequencies_of_rotate_half_models_only():
-    """The whole-model and layer-wise frontends read the same RoPE frequencies and context; GPT-2 has none."""
+    """The torch frontend reads a rotate-half model's RoPE frequencies; GPT-2 has none."""
     from qpass.models.tiny import tiny_model
     from tests.helpers.frontend_cases import frontend
 
     llama = tiny_model("llama", num_layers=1)
-    freq, context = frontend(llama, 16).rotary()
+    freq = frontend(llama, 16).rotary()
     head_dim = llama.config.hidden_size // llama.config.num_attention_heads
     expected = 1.0 / llama.config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2) / head_dim)
-    assert torch.allclose(freq, expected.double(), rtol=1e-6) and context == llama.config.max_position_embeddings
+    assert torch.allclose(freq, expected.double(), rtol=1e-6)
     assert frontend(tiny_model("gpt2", num_layers=1), 16).rotary() is None
+
+
+def test_max_context_widens_only_rope_q_and_k_and_is_refused_where_no_rope_is_read(tmp_path):
+    """``--max-context``: C8's K ranges widen (V's do not), FAQuant's Q and K too; without it the ranges are as
+    calibrated; a model whose RoPE qpass cannot read is refused in one line rather than left unwidened."""
+    from qpass.core.calibrate import calibrate
+    from qpass.core.config import QuantConfig
+    from qpass.models.tiny import tiny_model
+    from tests.helpers.frontend_cases import frontend
+
+    fe = frontend(tiny_model("llama", num_layers=1), 16)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def ranges(recipe, kind):
+        scale, offset = recipe.get(0, kind)
+        return (-128 - offset) * scale, (127 - offset) * scale
+
+    plain = calibrate(fe, ids, QuantConfig(kv_cache="static", fa_quant=True))
+    wide = calibrate(fe, ids, QuantConfig(kv_cache="static", fa_quant=True, max_context=512))
+    for kind in ("kv_k", "fa_q", "fa_k"):
+        (lo, hi), (wlo, whi) = ranges(plain, kind), ranges(wide, kind)
+        assert bool((wlo <= lo + 1e-6).all() and (whi >= hi - 1e-6).all()) and bool(
+            ((whi - wlo) > (hi - lo) * 1.01).any()
+        )
+    for kind in ("kv_v", "fa_v"):
+        assert torch.equal(plain.get(0, kind)[0], wide.get(0, kind)[0])
+    gpt2 = frontend(tiny_model("gpt2", num_layers=1), 16)
+    with pytest.raises(QpassError, match="--max-context 512: qpass reads no RoPE frequencies from this model"):
+        calibrate(gpt2, ids, QuantConfig(kv_cache="static", max_context=512))
+    with pytest.raises(ValueError, match="max_context=512 widens calibrated q/k ranges"):
+        QuantConfig(kv_cache="dynamic", max_context=512)

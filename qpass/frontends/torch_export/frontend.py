@@ -75,7 +75,7 @@ class TorchExportFrontend:
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
         return {}  # the exporters write everything a PyTorch model's artefacts hold
 
-    def rotary(self) -> tuple[torch.Tensor, int] | None:
+    def rotary(self) -> torch.Tensor | None:
         return rotary_frequencies(self.model, self.model.config)
 
     def observe(

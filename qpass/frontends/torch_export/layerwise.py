@@ -601,7 +601,7 @@ class LayerwiseFrontend:
     def extra_files(self, recipe) -> dict[str, str]:
         return {}
 
-    def rotary(self) -> tuple[torch.Tensor, int] | None:
+    def rotary(self) -> torch.Tensor | None:
         """The whole model's rotary embedding, built from the config as each layer's capture builds it."""
         from transformers import AutoModel
 
