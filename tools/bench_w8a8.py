@@ -6,7 +6,8 @@ and min-max, ``m3:3``) calibrates on ``--calib-samples`` windows of the standard
 ``qpass compile default --w8a8 --fa-quant --kv-int8 --disable-level auto --calib-samples 14`` does; `auto`
 holds the last quarter out) and evaluates the compiled program against the float one on the same
 windows of ``--prose`` and ``--code`` (text from modules the corpus leaves out: ``python -m tools.make_corpus``).
-Prints the search log, the float Linears and each text's increase with the 95% interval over windows.
+Prints the search log, the float and per-token Linears and each text's increase with the 95% interval over windows
+(``--static-only``: the search without its per-token step).
 ``--samples between`` takes the windows halfway between the default ones (one fewer): a second sample of the same
 text; ``--samples both`` measures both. ``--calib-sets`` calibrates on other texts than the standard mix, each of
 modules or files the evaluation texts leave out (:func:`calib_texts`): the search must hold on any small calibration
@@ -15,6 +16,7 @@ file.
     python -m tools.bench_w8a8 [--variants none:1 m3:3] [--calib-samples 14] [--eval-windows 16]
                                [--prose out/corpus/eval_prose.txt] [--code out/corpus/eval_code.txt]
                                [--samples between|both] [--calib-sets mixed prose code notes email short long ...]
+                               [--static-only]
 """
 
 import math
