@@ -325,7 +325,9 @@ class LayerwiseFrontend:
             self._programs[kind] = self._capture(layer)
         return self._programs[kind]
 
-    def _capture(self, layer: int) -> _LayerProgram:
+    def _base(self, layer: int) -> torch.nn.Module:
+        """The base model of ``layer`` alone (its config with one layer of ``layer``'s type), on the meta device but
+        for its rotary embedding, whose ``inv_freq`` is computed."""
         from transformers import AutoModel
 
         config = copy.deepcopy(self.config)
@@ -335,6 +337,10 @@ class LayerwiseFrontend:
         with torch.device("meta"):
             base = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         base.rotary_emb = type(base.rotary_emb)(config=config)  # its inv_freq computed, not left on meta
+        return base
+
+    def _capture(self, layer: int) -> _LayerProgram:
+        base = self._base(layer)
         norm, base.embed_tokens, base.norm = base.norm, torch.nn.Identity(), torch.nn.Identity()
         base.layers[0].to_empty(device="cpu")  # tracing needs shapes, not values: the weights are read per layer later
         example = torch.zeros((2, self.window, self.config.hidden_size))
@@ -602,15 +608,8 @@ class LayerwiseFrontend:
         return {}
 
     def rotary(self) -> torch.Tensor | None:
-        """The whole model's rotary embedding, built from the config as each layer's capture builds it."""
-        from transformers import AutoModel
-
-        config = copy.deepcopy(self.config)
-        config.num_hidden_layers = 1
-        with torch.device("meta"):
-            base = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-        rotary = getattr(base, "rotary_emb", None)
-        return None if rotary is None else rotary_frequencies(type(rotary)(config=config), self.config)
+        """The rotary embedding's frequencies, built as each layer's capture builds it (:meth:`_base`)."""
+        return rotary_frequencies(self._base(0).rotary_emb, self.config)
 
 
 def _run(
@@ -660,16 +659,15 @@ def layer_recipe(recipe, layer: int, site: AttentionSite):
     }:
         for part in ("scale", "offset"):
             tensors[linear_key(to_capture(module), part)] = recipe.tensors[linear_key(module, part)]
+
+    def mine(table: dict) -> dict:  # this layer's Linears of a module path -> reason table, by capture name
+        return {to_capture(m): why for m, why in table.items() if m.startswith(ours)}
+
     w8a8 = dict(recipe.w8a8)
     if w8a8:
-        w8a8.update(
-            smooth=groups,
-            float_linears={to_capture(m): why for m, why in recipe.float_linears.items() if m.startswith(ours)},
-        )
+        w8a8.update(smooth=groups, float_linears=mine(recipe.float_linears))
     if "dynamic_linears" in w8a8:  # static W8A8's Linears with per-token activations
-        w8a8["dynamic_linears"] = {
-            to_capture(m): why for m, why in recipe.w8a8["dynamic_linears"].items() if m.startswith(ours)
-        }
+        w8a8["dynamic_linears"] = mine(w8a8["dynamic_linears"])
     if "linears" in w8a8:  # dynamic W8A8: the Linears by name, no qparams
         w8a8["linears"] = [to_capture(m) for m in w8a8["linears"] if m.startswith(ours)]
     return Recipe(recipe.config, geometry([site]), tensors, {}, w8a8)

@@ -101,6 +101,15 @@ def test_c8_alone_and_symmetric_equal_the_whole_models(frontends, windows):
     )  # observe(): every layer, then the ranges
 
 
+def test_max_context_widens_as_the_whole_models_does(frontends, windows):
+    """``--max-context``: the layer-wise frontend reads the same RoPE frequencies (from its one-layer base model) and
+    widens q and k's ranges alike."""
+    whole, lw = frontends("llama")
+    assert torch.equal(lw.rotary(), whole.rotary())
+    config = QuantConfig(fa_quant=True, kv_cache="static", max_context=8 * WINDOW)
+    _same(calibrate(lw, windows, config, 2), calibrate(whole, windows, config, 2))
+
+
 @pytest.mark.parametrize("arch, level", [("llama", "L0"), ("qwen2", "L3")])  # qwen2: q/k/v with biases
 def test_w8a8_recipe_equals_the_whole_models(arch, level, frontends, windows):
     whole, lw = frontends(arch)
