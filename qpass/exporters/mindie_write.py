@@ -7,8 +7,12 @@ sites' module names and the float state dict, for one of two consumers (``target
   no ``quantization_config`` (when present, vLLM builds the quant config from it and never reads the
   description), ``lm_head.weight`` typed ``FLOAT`` even when tied, C8 tensors typed ``C8`` and symmetric
   (its decode dequantizes with the scale only), no FAQuant (registered there only as FAKQuant for MLA
-  models, and never with C8), and one quant type per fused layer (q/k/v -> qkv_proj, gate/up ->
-  gate_up_proj): a Linear kept float makes its fused siblings float too.
+  models, and never with C8).
+
+For both: one quant type per fused layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj), so a Linear kept float makes
+its fused siblings float too (:func:`fused_floats`; ``report.json``'s ``export.float_for_fusion``). vllm-ascend and
+MindIE-LLM's runtime both raise on a merged layer whose shards differ in type, FLOAT beside W8A8 included; ATB-Models'
+older loader packs such a mix (``MIX_W8A8``) but loads an all-float group as well.
 
 Dynamic W8A8 (``--w8a8 dynamic``) is written as msModelSlim's ``W8A8_DYNAMIC``, which both consumers read
 (vllm-ascend's ``w8a8_dynamic`` method): ``"model_quant_type": "W8A8_DYNAMIC"``, and per quantized Linear ``<p>``
@@ -131,7 +135,8 @@ def check_target(recipe: Recipe, target: str, dtype: str | None = None) -> None:
 
 
 def fused_floats(recipe: Recipe) -> list[str]:
-    """Quantized Linears that vllm-ascend would fuse with a Linear the recipe keeps float: they must be float too."""
+    """Quantized Linears that vllm-ascend, MindIE and vLLM would fuse with a Linear the recipe keeps float: they must be
+    float too."""
     quantized, floats = set(recipe.w8a8_linears()), set(recipe.float_linears)
     return sorted({sibling for name in floats for sibling in fused_siblings(name)} & quantized)
 
@@ -266,7 +271,7 @@ def _check(config_json: dict, recipe: Recipe, dtype: torch.dtype, target: str) -
         check_names(recipe, c8)
     names = {v: k for k, v in MODEL_DTYPES.items()}
     check_target(recipe, target, names.get(dtype, str(dtype)))
-    demoted = fused_floats(recipe) if target == "vllm-ascend" else []
+    demoted = fused_floats(recipe)
     linears = [p for p in recipe.w8a8_linears() if p not in demoted]
     check_fused_activations(recipe, linears, target)
     if not linears:
@@ -455,9 +460,7 @@ def write(compiled, directory: Path, options: dict, target: str = "mindie") -> N
     else:
         state = apply_smoothing(compiled.state_dict, recipe.smoothing, recipe.tensors)
         export_mindie(compiled.config_json, state, recipe, compiled.tokenizer, directory, MODEL_DTYPES[dtype], target)
-    export = {"format": target, "dtype": dtype}
-    if target == "vllm-ascend":
-        export["float_for_fusion"] = fused_floats(recipe)
+    export = {"format": target, "dtype": dtype, "float_for_fusion": fused_floats(recipe)}
     reporting.write({**compiled.report, "export": export}, directory)
 
 

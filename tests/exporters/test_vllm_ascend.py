@@ -1,5 +1,5 @@
 """--format vllm-ascend: what we write loads the way vllm-ascend loads it (tests/vllm_ascend_loader.py), and
-what it cannot run is refused. The same calibration feeds --format mindie, whose form vllm-ascend rejects."""
+what it cannot run is refused. The same calibration feeds --format mindie."""
 
 import json
 
@@ -102,21 +102,29 @@ def test_what_vllm_ascend_cannot_run_is_refused(llama, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "f").exists()
 
 
-def test_a_float_linear_takes_its_fused_siblings_with_it(llama, tmp_path):
+@pytest.mark.parametrize("target", ["vllm-ascend", "mindie"])
+def test_a_float_linear_takes_its_fused_siblings_with_it(llama, tmp_path, target, monkeypatch):
+    """vllm-ascend and MindIE-LLM's runtime both refuse a merged gate/up of FLOAT and W8A8 shards: both targets write
+    the group float, and what an older qpass wrote for MindIE (the mix) is refused by vllm-ascend's loader."""
     model, recipe, _ = llama
-    up = "model.layers.0.mlp.up_proj"
+    up, gate = "model.layers.0.mlp.up_proj", "model.layers.0.mlp.gate_proj"
     kept = recipe.replace(w8a8={**recipe.w8a8, "float_linears": {up: "test"}})
-    assert fused_floats(kept) == ["model.layers.0.mlp.gate_proj"]
-    out = _export(model, kept, tmp_path / "v", "vllm-ascend")
+    assert fused_floats(kept) == [gate]
+    out = _export(model, kept, tmp_path / "v", target)
     description = json.loads((out / "quant_model_description.json").read_text())
-    assert description[f"{up}.weight"] == description["model.layers.0.mlp.gate_proj.weight"] == "FLOAT"
-    vllm_ascend_load(out)
-    # the MindIE form keeps the mix; made otherwise loadable, vllm-ascend refuses it
-    mixed = _export(model, kept, tmp_path / "m", "mindie")
+    assert description[f"{up}.weight"] == description[f"{gate}.weight"] == "FLOAT"
+    assert description["model.layers.1.mlp.gate_proj.weight"] == "W8A8"  # the other layer's group is untouched
+    if target == "vllm-ascend":
+        vllm_ascend_load(out)
+        return
+    assert load_mindie(out, load_tokenizer=False).info["w8a8_linears"] == 14 - 2
+    monkeypatch.setattr("qpass.exporters.mindie_write.fused_floats", lambda recipe: [])
+    mixed = _export(model, kept, tmp_path / "m", "mindie")  # the older form, made otherwise loadable below
     config = json.loads((mixed / "config.json").read_text())
     config.pop("quantization_config")
     (mixed / "config.json").write_text(json.dumps(config))
     description = json.loads((mixed / "quant_model_description.json").read_text())
+    assert description[f"{gate}.weight"] == "W8A8"
     (mixed / "quant_model_description.json").write_text(json.dumps({**description, "lm_head.weight": "FLOAT"}))
     with pytest.raises(LoaderError, match="fuses shards"):
         vllm_ascend_load(mixed)
