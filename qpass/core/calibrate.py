@@ -80,8 +80,9 @@ def _rotary(frontend, config: QuantConfig) -> torch.Tensor | None:
     frequencies = frontend.rotary()
     if frequencies is None:
         raise QpassError(
-            f"--max-context {config.max_context}: qpass reads no RoPE frequencies from this model (an ONNX graph, no "
-            "RoPE, or a RoPE it does not know); calibrate with --window as long as the context instead"
+            f"--max-context {config.max_context}: qpass reads no RoPE frequencies from this model (an ONNX graph "
+            "other than GroupQueryAttention's, no RoPE, or a RoPE it does not know); calibrate with --window as long "
+            "as the context instead"
         )
     return frequencies
 

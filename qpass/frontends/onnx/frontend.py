@@ -30,6 +30,7 @@ from qpass.frontends.onnx.load import GENAI_CONFIG, GQA_FORM
 from qpass.frontends.onnx.pipeline import SITES_METADATA, check_config, int8_cache, quantize_model, read_sites, site_doc
 from qpass.frontends.onnx.session import Runner, greedy, session
 from qpass.passes.onnx.find_attention_sites import CacheIO
+from qpass.passes.onnx.gqa_centre import rotary_frequencies
 from qpass.passes.onnx.quantize_gqa_kv_cache import int8_kv_genai_config
 
 
@@ -85,8 +86,10 @@ class OnnxFrontend:
         }
         return {**facts, "layerwise": True} if self.layerwise else facts
 
-    def rotary(self) -> None:
-        return None  # an ONNX graph's RoPE is cos/sin tables, not frequencies qpass reads: ranges as calibrated
+    def rotary(self) -> torch.Tensor | None:
+        """GroupQueryAttention's RoPE frequencies, read from its cos/sin tables; None for the other forms, whose RoPE
+        qpass does not read (:func:`~qpass.passes.onnx.gqa_centre.rotary_frequencies`)."""
+        return rotary_frequencies(self.model)
 
     def extra_files(self, recipe: Recipe) -> dict[str, str]:
         """``genai_config.json`` for the output, where the input had one (updated for GQA's int8 cache)."""

@@ -22,13 +22,47 @@ chunked prefill, decode and a padded batch.
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
 from qpass.core.errors import QpassError
-from qpass.passes.onnx.find_gqa_sites import QUERY, GQASite, attr_int, input_at
+from qpass.passes.onnx.find_gqa_sites import QUERY, GQASite, attr_int, gqa_nodes, input_at
 from qpass.passes.onnx.qdq import initializer, node, replace_uses
 
 SEQLENS_K, TOTAL_SEQUENCE_LENGTH, COS_CACHE, SIN_CACHE, POSITION_IDS = 5, 6, 7, 8, 9
 MS = "com.microsoft"
+TABLE_TOLERANCE = 1e-2  # a cos/sin table entry may differ this much from cos/sin(p * frequency) (float32, fp16 tables)
+
+
+def rotary_frequencies(model: ir.Model) -> torch.Tensor | None:
+    """The RoPE frequencies ``[r / 2]`` (float64) that every GroupQueryAttention node of ``model`` turns K by, read
+    from its ``cos_cache`` / ``sin_cache`` ``[positions, r / 2]`` (row p holds ``cos`` / ``sin`` of ``p * frequency``:
+    the frequency is the angle of row 1), for ``--max-context``. None where qpass cannot say: no GroupQueryAttention
+    node, one without ``do_rotary`` or with the interleaved layout, tables that are not constants or not the same
+    for every layer (Gemma 3's two RoPEs), or not ``p * frequency`` at every position (a scaling that changes with
+    the position)."""
+    tables = []
+    for gqa in gqa_nodes(model.graph):
+        if attr_int(gqa, "do_rotary", 0) != 1 or attr_int(gqa, "rotary_interleaved", 0) != 0:
+            return None
+        values = [input_at(gqa, i) for i in (COS_CACHE, SIN_CACHE)]
+        if any(v is None or v.const_value is None for v in values):
+            return None
+        tables.append(tuple(v.const_value for v in values))
+    if not tables:
+        return None
+    cos, sin = (t.numpy().astype(np.float64) for t in tables[0])
+    if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] < 2:
+        return None
+    for other in tables[1:]:  # most graphs share one pair of tables; where not, they must hold the same values
+        if any(
+            t is not first and not np.array_equal(t.numpy(), ref) for t, first, ref in zip(other, tables[0], (cos, sin))
+        ):
+            return None
+    frequencies = np.arctan2(sin[1], cos[1])
+    angles = np.arange(cos.shape[0], dtype=np.float64)[:, None] * frequencies[None, :]
+    if max(np.abs(np.cos(angles) - cos).max(), np.abs(np.sin(angles) - sin).max()) > TABLE_TOLERANCE:
+        return None
+    return torch.from_numpy(frequencies)
 
 
 class Positions:

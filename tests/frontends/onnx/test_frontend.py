@@ -23,6 +23,9 @@ from qpass.frontends.onnx.load import load_decoder
 from qpass.frontends.onnx.pipeline import read_sites
 from qpass.frontends.onnx.session import Runner, greedy, session
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
+from qpass.passes.onnx.find_gqa_sites import gqa_nodes
+from qpass.passes.onnx.gqa_centre import COS_CACHE, SIN_CACHE, rotary_frequencies
+from qpass.passes.onnx.qdq import initializer
 
 WINDOW = 64
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
@@ -432,6 +435,44 @@ def test_a_genai_model_compiles_to_a_directory_onnxruntime_genai_runs(compiled_g
         generator.generate_next_token()
         theirs.append(int(generator.get_next_tokens()[0]))
     assert theirs[:10] == ours
+
+
+def test_max_context_reads_the_rope_of_groupqueryattention_from_its_tables(
+    genai_float_dir, onnx_dirs, torch_frontend, text_files
+):
+    """GroupQueryAttention's cos/sin tables give the frequencies the PyTorch model's rotary embedding has, and
+    ``--max-context`` widens the K cache's ranges from them as on the PyTorch path (V's are unchanged); the
+    torch.onnx exports' RoPE is not read, so there it is refused in one line."""
+    genai = OnnxFrontend.load(genai_float_dir, WINDOW)
+    assert torch.allclose(genai.rotary(), torch_frontend.rotary(), rtol=1e-5, atol=0)
+    ids = token_windows(genai.tokenizer, read_samples(text_files["calib"], "--calib"), WINDOW, 4, "--calib")
+    plain, wide = (
+        calibrate(genai, ids, QuantConfig(kv_cache="static", max_context=context), batch_size=2)
+        for context in (None, 4 * WINDOW)
+    )
+    for layer in (0, 1):
+        (s, o), (ws, wo) = plain.get(layer, "kv_k"), wide.get(layer, "kv_k")
+        lo, hi, wlo, whi = (-128 - o) * s, (127 - o) * s, (-128 - wo) * ws, (127 - wo) * ws
+        assert bool((wlo <= lo + 1e-6).all() and (whi >= hi - 1e-6).all() and ((whi - wlo) > 1.01 * (hi - lo)).any())
+        assert torch.equal(plain.get(layer, "kv_v")[0], wide.get(layer, "kv_v")[0])
+    # what qpass cannot say gives None: an interleaved layout, a layer of other tables, tables not p * frequency
+    last = gqa_nodes(genai.model.graph)[-1]
+    last.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", 1)
+    assert rotary_frequencies(genai.model) is None
+    del last.attributes["rotary_interleaved"]
+    cos, sin = (last.inputs[i].const_value.numpy() for i in (COS_CACHE, SIN_CACHE))
+    angle = np.arctan2(sin, cos)
+    last.replace_input_with(COS_CACHE, initializer(genai.model.graph, "test.cos2", np.cos(2 * angle)))
+    assert rotary_frequencies(genai.model) is None  # this layer's frequencies are twice the others'
+    squared = [initializer(genai.model.graph, f"test.{f.__name__}", f(angle**2)) for f in (np.cos, np.sin)]
+    for gqa in gqa_nodes(genai.model.graph):  # every layer alike, but the angle grows as p^2
+        gqa.replace_input_with(COS_CACHE, squared[0])
+        gqa.replace_input_with(SIN_CACHE, squared[1])
+    assert rotary_frequencies(genai.model) is None
+    exported = OnnxFrontend.load(onnx_dirs[20], WINDOW)
+    assert exported.rotary() is None
+    with pytest.raises(QpassError, match="--max-context 256: qpass reads no RoPE frequencies from this model"):
+        calibrate(exported, ids, QuantConfig(kv_cache="static", max_context=256), batch_size=2)
 
 
 @pytest.mark.parametrize(
