@@ -109,6 +109,11 @@ def compile(
     if recipe is not None:
         config = recipe.config
     check_texts_apart(calib, eval, recipe is not None)
+    if recipe is not None and run.calib_samples != RunSettings().calib_samples:
+        raise QpassError(
+            f"--calib-samples {run.calib_samples}: --recipe reuses a calibration, so no calibration windows are read; "
+            "drop --calib-samples, or drop --recipe to calibrate"
+        )
     eval_text = None if eval is None else read_text(eval, "--eval")
     calib_texts = calib if calib is None or isinstance(calib, list) or recipe is not None else read_samples(calib)
     calib_name = "stdlib corpus" if calib is None else "texts" if isinstance(calib, list) else str(calib)

@@ -96,7 +96,7 @@ def compile_model(
     report = {
         "model": model_info(frontend, sites),
         "config": config.to_dict(),
-        "run": asdict(run),
+        "run": {k: v for k, v in asdict(run).items() if k != "calib_samples" or calib_ids is not None},  # as read
         "sites": [site_info(s) for s in sites],
         "passes": counts,
         "calibration": calib_info,

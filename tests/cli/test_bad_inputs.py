@@ -55,8 +55,8 @@ Cells that do not apply: a GGUF directory, config.json or a recipe file that is 
 the cell above); an unreadable file (EACCES) as root, which the tests run as (the read_text road names strerror);
 a special file such as a FIFO for --calib / --eval (process substitution, `<(...)`, is one and is accepted);
 --window on `qpass eval` (it takes the directory's own). Left open: `qpass run` of an ONNX output past the model's
-positions (the graph records no limit; the lowered qpass decoder refuses it), and run settings given where nothing
-reads them (--calib-samples with --recipe, --eval-windows without --eval: recorded in the report's run section).
+positions (the graph records no limit; the lowered qpass decoder refuses it), and --eval-windows without --eval
+(recorded in the report's run section). --calib-samples with --recipe, which nothing would read, is refused.
 """
 
 import json
@@ -74,6 +74,7 @@ from qpass.cli import main
 from tests.helpers.refusals import hashes, watch_forward_passes
 
 SMALL = ["--window", "64", "--calib-samples", "4", "--batch-size", "2", "--eval-windows", "4"]
+RECIPE_SMALL = ["--window", "64", "--batch-size", "2", "--eval-windows", "4"]  # --recipe: no calibration windows
 MINDIE_WEIGHTS, MINDIE_DESCRIPTION = "quant_model_weight_w8a8.safetensors", "quant_model_description.json"
 
 
@@ -148,8 +149,18 @@ class Inputs:
     def compile(self, *extra, model=None) -> list[str]:
         """``qpass compile`` of ``model`` (the tiny one) with the small settings, the calibration text unless
         ``extra`` reuses a ``--recipe``, then ``extra`` (later flags win)."""
-        calib = [] if "--recipe" in extra else ["--calib", str(self.text["calib"])]
-        return ["compile", str(model or self.model), *SMALL, *calib, "-o", str(self.out), *extra]
+        if "--recipe" in extra:  # it reads no calibration text nor windows
+            return ["compile", str(model or self.model), *RECIPE_SMALL, "-o", str(self.out), *extra]
+        return [
+            "compile",
+            str(model or self.model),
+            *SMALL,
+            "--calib",
+            str(self.text["calib"]),
+            "-o",
+            str(self.out),
+            *extra,
+        ]
 
     def file(self, name: str, data: bytes | str) -> str:
         path = self.p / name
@@ -402,6 +413,11 @@ CASES = {
         lambda c: c.compile("--w8a8", "--kv-int8", "--format", "mindie", "--dtype", "bfloat16"),
         "documented for float16 weights only",
         "use --dtype float16",
+    ),
+    "recipe with calibration windows": (
+        lambda c: c.compile("--recipe", str(c.compiled / "recipe"), "--calib-samples", "4"),
+        "--recipe reuses a calibration, so no calibration windows are read",
+        "drop --calib-samples",
     ),
     "recipe with other options": (
         lambda c: c.compile("--w8a8", "--recipe", str(c.compiled / "recipe")),

@@ -9,6 +9,7 @@ import pytest
 from qpass.cli import main
 
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
+REUSE_SMALL = ["--window", "64", "--eval-windows", "4", "--batch-size", "2"]  # --recipe reads no calibration windows
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_recipe_reuse_gives_the_same_program(compiled, tiny_model_dir, text_file
                 str(text_files["prose"]),
                 "-o",
                 str(out),
-                *SMALL,
+                *REUSE_SMALL,
             ]
         )
         == 0
@@ -116,7 +117,7 @@ def test_recipe_reuse_gives_the_same_program(compiled, tiny_model_dir, text_file
     first, again = (json.loads((d / "report.json").read_text()) for d in (compiled, out))
     assert again["eval"]["ppl_quant"] == first["eval"]["ppl_quant"]
     assert "calibrate" not in again["timings_s"]
-    assert again["run"] == first["run"]
+    assert again["run"] == {k: v for k, v in first["run"].items() if k != "calib_samples"}  # no calibration windows
     assert (out / "recipe/recipe.safetensors").read_bytes() == (compiled / "recipe/recipe.safetensors").read_bytes()
 
 
@@ -124,7 +125,8 @@ def test_recipe_reuse_keeps_this_runs_settings_and_refuses_another_policy(
     compiled, tiny_model_dir, text_files, tmp_path, capsys
 ):
     """Window, batch size and evaluation windows are run settings: with --recipe they are this run's (the program is
-    captured over the new window); a policy flag that says otherwise than the recipe is refused, not dropped."""
+    captured over the new window); a policy flag that says otherwise than the recipe is refused, not dropped, and so
+    is --calib-samples, which nothing would read."""
     out = tmp_path / "wider"
     assert (
         main(
@@ -166,6 +168,10 @@ def test_recipe_reuse_keeps_this_runs_settings_and_refuses_another_policy(
         == 2
     )
     assert "calibrated otherwise than --observer (observer='reach' in the recipe)" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+    reuse = ["compile", str(tiny_model_dir), "--recipe", str(compiled / "recipe"), "-o", str(tmp_path / "other")]
+    assert main([*reuse, "--calib-samples", "3"]) == 2  # nothing would read it
+    assert capsys.readouterr().err.strip().endswith("drop --calib-samples, or drop --recipe to calibrate")
     assert not (tmp_path / "other").exists()
 
 
