@@ -75,6 +75,8 @@ def test_eval_context_runs_the_quantized_model_through_the_paged_op(compiled, sp
         (n, d) for n in lengths for d in longcontext.DEPTHS
     )
     assert all(isinstance(c["float"], bool) and isinstance(c["quant"], bool) for c in cells)
+    # each key token above one half is the model's first choice: retrieved
+    assert all(0 < c[f"{m}_p"] <= 1 and (c[f"{m}_p"] <= 0.5 or c[m]) for c in cells for m in ("float", "quant"))
     assert set(result["retrieval"]["lengths"]) == {str(n) for n in lengths}
 
 

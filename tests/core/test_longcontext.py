@@ -58,6 +58,20 @@ def test_retrieval_table_is_complete_and_warns_where_quantized_loses_what_float_
     assert longcontext.retrieval_warning(none) is None and "no length" in longcontext.retrieval_note(none)
     short = longcontext.retrieval_table(grid, [True] * 3 + [False] * 6, [True] * 3 + [False] * 6)
     assert longcontext.retrieval_note(short) == "the float model retrieves at 128 tokens and at none of 256, 512"
+    # how surely each retrieves: the least probability of a key token, in the cells and in the warning
+    sure = longcontext.retrieval_table(grid, float_hits, quant_hits, [0.9] * 8 + [0.41234], [0.8] * 8 + [0.35])
+    assert sure["cells"][-1] | {"key": None} == {
+        "depth": 0.9,
+        "length": 512,
+        "key": None,
+        "float": True,
+        "quant": False,
+        "float_p": 0.4123,
+        "quant_p": 0.35,
+    }
+    assert longcontext.retrieval_warning(sure).endswith(
+        "512 tokens depth 90% (key token at least p 0.41 float, 0.35 quantized)"
+    )
 
 
 def test_passkey_prompts_hold_the_key_at_its_depth_and_judge_its_tokens(smollm2_tokenizer):
