@@ -246,7 +246,8 @@ class OnnxFrontend:
         feeds the counter keyed ``(layer, kind)`` the value its site's first QuantizeLinear receives: the
         sites' q/k/v as the model's ``qpass.sites`` metadata names them, as extra outputs. GroupQueryAttention
         quantizes inside the op; there the int8 ``present.*`` it writes is read and its codes counted (as the
-        values ``code * scale``, whose code is the same)."""
+        values ``(code - offset) * scale``, whose code is the same: with an asymmetric recipe the graph centres K and
+        V so that the cached code is the recipe's, :mod:`qpass.passes.onnx.gqa_centre`)."""
         updates = _count_updates(quantized, counters)
         outputs = list(updates)
         runner = Runner(_session_with_outputs(quantized, outputs), read_sites(quantized), outputs)
@@ -294,9 +295,9 @@ def _count_updates(quantized: ir.Model, counters: dict[tuple[int, str], Saturati
         )
 
     def update(counter: SaturationCounter, codes: bool) -> Callable:
-        def count(value: np.ndarray) -> None:
+        def count(value: np.ndarray) -> None:  # a cached code is the recipe's own (the zero point centred in the graph)
             channels = _channels(value)
-            counter.update(channels.float() * counter.scale if codes else channels)
+            counter.update((channels.float() - counter.offset) * counter.scale if codes else channels)
 
         return count
 

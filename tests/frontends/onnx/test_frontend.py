@@ -475,6 +475,27 @@ def test_max_context_reads_the_rope_of_groupqueryattention_from_its_tables(
         calibrate(exported, ids, QuantConfig(kv_cache="static", max_context=256), batch_size=2)
 
 
+def test_saturation_reads_groupqueryattention_codes_as_the_recipes(compiled_genai):
+    """The int8 ``present.*`` GroupQueryAttention writes holds the recipe's own codes (the graph centres an asymmetric
+    recipe's K and V, gqa_centre): a code is counted at a limit where it is -128 or 127, whatever the channel's offset
+    (counting ``code * scale`` against the offset flagged 2-4% of SmolLM2's held-out values, 0.01% on the PyTorch
+    path's same windows)."""
+    from qpass.core import saturation
+    from qpass.exporters.onnx_format import load
+    from qpass.frontends.onnx.frontend import _count_updates
+
+    loaded = load(compiled_genai)
+    counters = saturation.counters(loaded.recipe)
+    assert counters and (loaded.recipe.config.symmetric or any(bool(c.offset.any()) for c in counters.values()))
+    updates = _count_updates(loaded.program, counters)
+    for count, counter in zip(updates.values(), counters.values(), strict=True):
+        channels = counter.scale.numel()
+        lowest = -127 if loaded.recipe.config.symmetric else -128
+        codes = np.array([[0] * channels, [127] * channels, [lowest] * channels], np.int8)
+        count(codes.reshape(1, 3, 1, channels).transpose(0, 2, 1, 3))  # [B, H, S, D] as present.* is
+        assert (counter.hits, counter.values) == (2 * channels, 3 * channels)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [(["--fa-quant"], "applies RoPE inside the op"), (["--kv-int8", "dynamic"], "no per-token int8 cache form")],
