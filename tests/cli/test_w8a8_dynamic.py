@@ -22,6 +22,7 @@ from qpass.runtime.w8a8 import (
 from tests.helpers.paged_cases import tiny
 
 SMALL = ["--window", "64", "--calib-samples", "4", "--eval-windows", "4", "--batch-size", "2"]
+REUSE_SMALL = ["--window", "64", "--eval-windows", "4", "--batch-size", "2"]  # --recipe reads no calibration windows
 LINEARS = 14  # q, k, v, o, gate, up, down in each of the 2 decoder layers
 
 
@@ -129,7 +130,7 @@ def test_the_recipe_has_no_activation_ranges_and_the_program_is_integer(compiled
 def test_each_format_writes_its_form_and_reads_it_back(compiled, model_dir, text_files, tmp_path, capsys, fmt, dtype):
     out = tmp_path / fmt
     argv = ["compile", str(model_dir), "--recipe", str(compiled / "recipe"), "--format", fmt, "--dtype", dtype]
-    assert main([*argv, "--eval", str(text_files["prose"]), "-o", str(out), *SMALL]) == 0
+    assert main([*argv, "--eval", str(text_files["prose"]), "-o", str(out), *REUSE_SMALL]) == 0
     if fmt == "vllm":
         qc = json.loads((out / "config.json").read_text())["quantization_config"]["linear"]
         acts = qc["config_groups"]["group_0"]["input_activations"]

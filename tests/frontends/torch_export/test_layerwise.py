@@ -528,7 +528,9 @@ def test_a_layerwise_mindie_directory_holds_the_whole_models_tensors(
     config, run = QuantConfig(w8a8=True, kv_cache="static", **extra), RunSettings(window=WINDOW, calib_samples=4)
     calib = [text_files["calib"].read_text(encoding="utf-8")]
     by_layer = qpass.api.compile(str(path), config, calib=calib, run=run, layerwise=True)
-    whole = qpass.api.compile(str(path), config, recipe=by_layer.recipe, run=run, layerwise=False)
+    whole = qpass.api.compile(
+        str(path), config, recipe=by_layer.recipe, run=RunSettings(window=WINDOW), layerwise=False
+    )
     reads = []
     original_read = layerwise.Checkpoint.read
 
