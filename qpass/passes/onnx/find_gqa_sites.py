@@ -7,6 +7,7 @@ names, so a renamed graph is found the same way.
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from qpass.core.errors import QpassError
@@ -146,6 +147,12 @@ def _divided(candidates: dict[str, int], value: ir.Value | None, heads: int, whe
 
 def input_at(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
+
+
+def const_input(node: ir.Node, index: int) -> np.ndarray | None:
+    """The initializer wired to ``node``'s input ``index``, as an array; None where the input is absent or computed."""
+    value = input_at(node, index)
+    return None if value is None or value.const_value is None else value.const_value.numpy()
 
 
 def _output(node: ir.Node, index: int) -> ir.Value | None:

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import torch
 
 from qpass.core.errors import QpassError
-from qpass.passes.onnx.find_gqa_sites import QUERY, GQASite, attr_int, gqa_nodes, input_at
+from qpass.passes.onnx.find_gqa_sites import QUERY, GQASite, attr_int, const_input, gqa_nodes, input_at
 from qpass.passes.onnx.qdq import initializer, node, replace_uses
 
 SEQLENS_K, TOTAL_SEQUENCE_LENGTH, COS_CACHE, SIN_CACHE, POSITION_IDS = 5, 6, 7, 8, 9
@@ -44,20 +44,15 @@ def rotary_frequencies(model: ir.Model) -> torch.Tensor | None:
     for gqa in gqa_nodes(model.graph):
         if attr_int(gqa, "do_rotary", 0) != 1 or attr_int(gqa, "rotary_interleaved", 0) != 0:
             return None
-        values = [input_at(gqa, i) for i in (COS_CACHE, SIN_CACHE)]
-        if any(v is None or v.const_value is None for v in values):
+        table = (const_input(gqa, COS_CACHE), const_input(gqa, SIN_CACHE))
+        if table[0] is None or table[1] is None:
             return None
-        tables.append(tuple(v.const_value for v in values))
-    if not tables:
-        return None
-    cos, sin = (t.numpy().astype(np.float64) for t in tables[0])
+        tables.append(table)
+    if not tables or any(not np.array_equal(t, first) for table in tables[1:] for t, first in zip(table, tables[0])):
+        return None  # none, or layers of other tables
+    cos, sin = (t.astype(np.float64) for t in tables[0])
     if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[0] < 2:
         return None
-    for other in tables[1:]:  # most graphs share one pair of tables; where not, they must hold the same values
-        if any(
-            t is not first and not np.array_equal(t.numpy(), ref) for t, first, ref in zip(other, tables[0], (cos, sin))
-        ):
-            return None
     frequencies = np.arctan2(sin[1], cos[1])
     angles = np.arange(cos.shape[0], dtype=np.float64)[:, None] * frequencies[None, :]
     if max(np.abs(np.cos(angles) - cos).max(), np.abs(np.sin(angles) - sin).max()) > TABLE_TOLERANCE:

@@ -28,6 +28,7 @@ from qpass.passes.onnx.find_gqa_sites import (
     PRESENT_KEY,
     PRESENT_VALUE,
     GQASite,
+    const_input,
     find_gqa_sites,
     gqa_nodes,
 )
@@ -232,11 +233,7 @@ def _quant_state(node: ir.Node) -> tuple:
 
 
 def _same_scales(node: ir.Node, scales: GQAKVScales) -> bool:
-    def held(port):
-        value = node.inputs[port] if port < len(node.inputs) else None
-        return None if value is None or value.const_value is None else value.const_value.numpy()
-
-    k, v = held(K_SCALE), held(V_SCALE)
+    k, v = const_input(node, K_SCALE), const_input(node, V_SCALE)
     return (
         k is not None
         and v is not None
