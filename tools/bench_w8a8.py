@@ -27,6 +27,7 @@ from qpass.core import corpus
 from tools import common
 
 OTHER_PROSE_MODULES = ("json/encoder", "shlex", "sched", "selectors", "socket", "tempfile", "os", "sqlite3/__init__")
+THIRD_PROSE_MODULES = ("http/client", "smtplib", "imaplib", "mailbox", "gettext", "optparse", "getopt", "ftplib")
 # a named calibration set -> its samples; prose, code, notes and email are the calibration sides of corpus.domain_pairs
 CALIB_SETS = {
     "mixed": corpus.calibration_samples,
@@ -38,6 +39,8 @@ CALIB_SETS = {
     "email": lambda: corpus.domain_pairs()[f"{corpus.PACKAGE_PAIR[0]}->{corpus.PACKAGE_PAIR[1]}"][0],
     "http": lambda: corpus.package_sources("http"),
     "prose2": lambda: ["\n\n".join(corpus.docstrings(m)) for m in OTHER_PROSE_MODULES],
+    "prose3": lambda: ["\n\n".join(corpus.docstrings(m)) for m in THIRD_PROSE_MODULES],
+    "license": lambda: [(corpus._stdlib() / corpus.LICENSE).read_text()],
 }
 
 
@@ -45,8 +48,9 @@ def calib_texts(name: str) -> list[str]:
     """The calibration samples of a named set (``CALIB_SETS``): ``mixed`` (the standard corpus, docstrings and sources
     of the calibration modules), ``prose`` (their docstrings alone), ``code`` (their sources alone), ``short`` (each
     docstring a sample of its own), ``long`` (two long sources), ``notes`` (IDLE's release notes: English with no
-    code), ``email`` and ``http`` (a package's sources), ``prose2`` (docstrings of other modules). None of them holds
-    text of the evaluation modules."""
+    code), ``email`` and ``http`` (a package's sources), ``prose2`` and ``prose3`` (docstrings of other modules),
+    ``license`` (Python's licence: legal English, about 7 windows). None of them holds text of the evaluation
+    modules."""
     return CALIB_SETS[name]()
 
 

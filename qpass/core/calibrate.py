@@ -30,6 +30,9 @@ from qpass.core.w8a8 import output_sqnr_db
 
 SAMPLE_TOKENS = 2048  # tokens kept per observed attention value for the range search
 LINEAR_SAMPLE_TOKENS = 512  # tokens kept per Linear input for smoothing searches, histograms and SQNR
+# what static W8A8 calibration records per Linear (recipe stats["w8a8"]): max|x|/std of its input, sqrt(2 ln N) for
+# the N values seen (fallback's light-tail rule), the activation range method used, its W8A8 output SQNR
+LINEAR_STATS = ("range_ratio", "gaussian_reach", "act_method_used", "output_sqnr_db")
 
 
 def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig, batch_size: int = 4) -> Recipe:
@@ -191,7 +194,7 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
     windows, held = split_held_out(windows, config)
     stride = max(1, windows.numel() // LINEAR_SAMPLE_TOKENS)
     doc, tensors, stats, chosen = _w8a8_doc(config, linears), {}, {}, []
-    per_linear = {} if config.w8a8 == "dynamic" else {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
+    per_linear = {} if config.w8a8 == "dynamic" else {key: {} for key in LINEAR_STATS}
     state, smoothed = frontend.state_dict(), {}  # smoothed: the layer's smoothed tensors, by name
     groups = _smoothing_groups(frontend, linears, config) if config.anti_method is not None else []
     layer_of = {s.module: layer.index for layer in layers for s in layer.linears}
@@ -296,9 +299,9 @@ def _smooth(
 
 
 def linear_qparams(linears: list, observers: dict[str, Observer], state, config: QuantConfig) -> tuple[dict, dict]:
-    """Each Linear's W8A8 input qparams (recipe tensors) and its statistics (``range_ratio``, ``act_method_used``,
-    ``output_sqnr_db`` by module), from the observers of the Linears' inputs and their (smoothed) weights ``state``."""
-    tensors, per_linear = {}, {"range_ratio": {}, "act_method_used": {}, "output_sqnr_db": {}}
+    """Each Linear's W8A8 input qparams (recipe tensors) and its statistics (``LINEAR_STATS`` by module), from the
+    observers of the Linears' inputs and their (smoothed) weights ``state``."""
+    tensors, per_linear = {}, {key: {} for key in LINEAR_STATS}
     if config.w8a8 == "dynamic":  # nothing to choose: each token's scale is computed at run time
         return tensors, {}
     for site in linears:
@@ -312,6 +315,7 @@ def linear_qparams(linears: list, observers: dict[str, Observer], state, config:
         tensors[linear_key(site.module, "scale")], tensors[linear_key(site.module, "offset")] = scale, offset
         weight = state[f"{site.module}.weight"].detach()
         per_linear["range_ratio"][site.module] = round(obs.range_ratio(), 3)
+        per_linear["gaussian_reach"][site.module] = round(obs.gaussian_reach(), 3)
         per_linear["act_method_used"][site.module] = used
         per_linear["output_sqnr_db"][site.module] = round(output_sqnr_db(obs.sample(), weight, scale, offset), 3)
     return tensors, per_linear

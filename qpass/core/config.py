@@ -83,7 +83,8 @@ class QuantConfig:
         (``max|x| / std``); ``auto`` the fewest, most sensitive first, keeping the divergence from the float model
         on held-out calibration text, as a perplexity increase (its one-sided 95% upper bound over the windows),
         within ``max_ppl_increase`` percent, then, where the float share does not reach half of it, the next most
-        sensitive Linears with per-token activations (:mod:`qpass.core.fallback`).
+        sensitive Linears with per-token activations (:mod:`qpass.core.fallback`); Linears with a light-tailed input
+        get per-token activations from the start.
     static_only: ``auto`` keeps every int8 Linear's activations static: no per-token Linears in a static recipe.
     max_context: the longest context the calibrated ranges of q and k after RoPE must hold: the channel pairs RoPE
         turns too slowly to show every angle within the calibration window get ranges widened by the turn they make
@@ -185,7 +186,8 @@ class QuantConfig:
         metadata=_opt(
             "--static-only",
             "--disable-level auto: keep every int8 Linear's activations static (per tensor), for a runtime without "
-            "per-token W8A8 (W8A8_DYNAMIC); by default the search makes the next most sensitive Linears per-token",
+            "per-token W8A8 (W8A8_DYNAMIC); by default Linears with a light-tailed input, and the next most sensitive "
+            "where the float ones do not suffice, are per-token",
         ),
     )
 

@@ -14,6 +14,14 @@ run time, not a float GEMM, and they carry to text unlike the calibration's: Smo
 windows of docstrings, 21 float Linears: +1.52% / +2.85% on unseen prose / code all others static, +0.52% / +0.93%
 with the next 28 per token; within 2% on both from 7 of 8 such files (docs/benchmarks.md).
 
+Before any trial, ``auto`` gives per-token activations to every Linear whose input is light-tailed
+(:func:`_light_tailed`: max|x|/std within sqrt(2 ln N), the reach of N Gaussian values), and every trial keeps them so.
+Where no outlier channel sets a static per-tensor range, the bulk's spread does, and text of another kind moves the
+bulk, which no measure on the calibration text can see: from 14 windows of release notes, SmolLM2's MLP inputs
+(max|x|/std 3.8-5.7 against a reach of 5.5) static cost +3.68% on unseen code, per token +1.52%, while the held-out
+notes moved 0.06 points. Where an outlier sets the range, the bulk has room under it and per-token scales would follow
+the outlier instead.
+
 Why the divergence and not the held-out perplexity: it weighs every next token by the float model's probability
 instead of scoring the one token the text has, so its spread over windows is several times smaller (SmolLM2,
 3 held-out windows, 21 float Linears: standard error 0.12 points against 0.57), and it is not optimistic about other
@@ -140,16 +148,19 @@ def choose_fallback(
     target = config.max_ppl_increase
     log, estimates = [], {}
 
+    light = {} if config.static_only else _light_tailed(linears, stats)
+
     def measure(names: list[str], label: str, dynamic: tuple[str, ...] = ()) -> float:
+        per_token = [n for n in (*light, *dynamic) if n not in names]
         trial = recipe.replace(
             w8a8={
                 **recipe.w8a8,
                 "float_linears": dict.fromkeys(names, "trial"),
-                "dynamic_linears": dict.fromkeys(dynamic, "trial"),
+                "dynamic_linears": dict.fromkeys(per_token, "trial"),
             }
         )
         inc, upper = increase_bound(divergence(trial, held, batch_size, f"fallback {label}"))
-        log.append(_step(label, len(names), inc, upper, len(dynamic)))
+        log.append(_step(label, len(names), inc, upper, len(per_token)))
         estimates[label] = inc
         return upper
 
@@ -205,38 +216,63 @@ def choose_fallback(
         s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} ({_figures(s.module, stats)}); {outcome}"
         for i, s in enumerate(ranked[:k])
     }
-    dynamic = {}
+    dynamic = {name: why for name, why in light.items() if name not in floats}
     if tried[k] > below and not config.static_only:
 
         def per_token(names: tuple[str, ...]) -> float:
             return measure(list(floats), f"{best} {k}+{len(names)} per-token", names)
 
-        chosen = _choose_dynamic(ranked, k, cap, below, tried[k], per_token)
-        dynamic = {
-            name: f"auto: {best} sensitivity rank {rank} of {n_all} ({_figures(name, stats)}); {why}"
-            for name, (rank, why) in chosen.items()
-        }
+        chosen = _choose_dynamic(ranked, k, cap, below, tried[k], per_token, skip=set(dynamic))
+        dynamic.update(
+            {
+                name: f"auto: {best} sensitivity rank {rank} of {n_all} ({_figures(name, stats)}); {why}"
+                for name, (rank, why) in chosen.items()
+            }
+        )
     head = {"held_out_windows": int(held.shape[0]), "measure": "kl", "ppl_float": ppl_float, "ranking": best}
     return floats, dynamic, [head, *log]
 
 
+def _light_tailed(linears: list[LinearSite], stats: dict) -> dict[str, str]:
+    """``{module: why}`` for the Linears whose input is light-tailed: its range over the calibration text
+    (``max|x| / std``) within what the largest of as many Gaussian values reaches (``sqrt(2 ln N)``), so no outlier
+    channel sets a static range; the bulk's spread does, and that spread is what text of another kind changes. Such
+    a Linear gets per-token activations, which need no range and lose little where no outlier dominates a token
+    (fused siblings share an input, so they go together). SmolLM2, 14 windows of IDLE's release notes, 21 float:
+    the MLP inputs (max|x|/std 3.8-5.7, bound 5.5) set static cost +3.68% on unseen code, per token +1.52%
+    (docs/benchmarks.md)."""
+    return {s.module: f"auto: {why}" for s in linears if (why := _light_why(s.module, stats))}
+
+
+def _light_why(module: str, stats: dict) -> str | None:
+    """Why ``module``'s input counts as light-tailed (:func:`_light_tailed`), or None where it does not (or the stats,
+    of an older qpass, lack ``gaussian_reach``)."""
+    ratio, bound = stats.get("range_ratio", {}).get(module), stats.get("gaussian_reach", {}).get(module)
+    if ratio is None or bound is None or ratio > bound:
+        return None
+    return (
+        f"light-tailed input (max|x|/std {ratio:.1f} within {bound:.1f}, the reach of as many Gaussian values): "
+        "per-token activations, as a static range fitted to the bulk clips text of another kind"
+    )
+
+
 def _choose_dynamic(
-    ranked: list[LinearSite], k: int, cap: int, below: float, upper_k: float, measure: Callable
+    ranked: list[LinearSite], k: int, cap: int, below: float, upper_k: float, measure: Callable, skip: set[str]
 ) -> dict[str, tuple[int, str]]:
     """The search's second step: with the ``k`` most sensitive Linears float and their 95% bound ``upper_k`` over
-    ``below``, the Linears ranked next get per-token activations: the first ``cap``, then twice as many, and so on,
-    until the bound is within ``below`` (else the count with the lowest bound, when it is below ``upper_k``). A
-    Linear's fused siblings (q/k/v, gate/up: one quant type in vLLM and MindIE) join it unless float.
-    ``measure(dynamic names)`` gives a trial's bound. ``{name: (sensitivity rank, why)}``."""
+    ``below``, the Linears ranked next (but those in ``skip``, per-token already) get per-token activations: the first
+    ``cap``, then twice as many, and so on, until the bound is within ``below`` (else the count with the lowest bound,
+    when it is below ``upper_k``). A Linear's fused siblings (q/k/v, gate/up: one quant type in vLLM and MindIE) join
+    it unless float. ``measure(dynamic names)`` gives a trial's bound. ``{name: (sensitivity rank, why)}``."""
     rank = {s.module: i + 1 for i, s in enumerate(ranked)}
     floats = {s.module for s in ranked[:k]}
-    rest = [s.module for s in ranked[k:]]
+    rest = [s.module for s in ranked[k:] if s.module not in skip]
     trials: dict[int, tuple[float, list[str]]] = {}
     d = cap
     while True:
         names = []
         for name in rest[:d]:
-            names += [m for m in fused_siblings(name) if m in rank and m not in floats and m not in names]
+            names += [m for m in fused_siblings(name) if m in rank and m not in floats | skip and m not in names]
         trials[d] = (measure(tuple(names)), names)
         if trials[d][0] <= below or d >= len(rest):
             break
@@ -320,6 +356,8 @@ def per_linear(recipe: Recipe) -> tuple[str | None, list[dict]]:
                 reason = f"kept float by the search: {figure}"
             else:
                 reason = f"fell back: level {level}: {figure}"
+        elif name in dynamic and level == "auto" and (light := _light_why(name, stats)) and not config.static_only:
+            reason = f"dynamic: {light}" + (f"; {figure}" if figure else "")
         elif name in dynamic:
             reason = f"dynamic: per-token activations, chosen by the search: {figure}" if figure else dynamic[name]
         elif figure is None:

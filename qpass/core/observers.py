@@ -11,6 +11,8 @@ far they may reach on text the calibration did not see); ranges are chosen at th
 statistics gathered in pieces (layer by layer, batch by batch) give the same result.
 """
 
+import math
+
 import torch
 
 from qpass.core.errors import QpassError
@@ -123,3 +125,9 @@ class Observer:
         mean = self.total / n
         std = max(self.total_sq / n - mean * mean, 0.0) ** 0.5
         return float(self.absmax.max()) / max(std, 1e-12)
+
+    def gaussian_reach(self) -> float:
+        """``sqrt(2 ln N)``, N the values seen (tokens x channels): about how many standard deviations the largest
+        of N Gaussian values reaches. A :meth:`range_ratio` within it says no outlier sets the range: the bulk does."""
+        self._check()
+        return math.sqrt(2.0 * math.log(max(self.count * self.min.numel(), 2)))

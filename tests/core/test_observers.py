@@ -1,5 +1,7 @@
 """Observers: the int8 formulas, the range searches, and the statistics they keep (mergeable)."""
 
+import math
+
 import pytest
 import torch
 
@@ -271,3 +273,14 @@ def test_max_context_widens_only_rope_q_and_k_and_is_refused_where_no_rope_is_re
         calibrate(gpt2, ids, QuantConfig(kv_cache="static", max_context=512))
     with pytest.raises(ValueError, match="max_context=512 widens calibrated q/k ranges"):
         QuantConfig(kv_cache="dynamic", max_context=512)
+
+
+def test_a_light_tailed_range_is_within_the_gaussian_reach_and_an_outlier_channel_is_not():
+    """``gaussian_reach`` is sqrt(2 ln N) for the N values seen: Gaussian values stay within it (the bulk sets the
+    range); one channel 20x the others does not (an outlier sets it): what `auto`'s light-tail rule reads."""
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    light, heavy = Observer(), Observer()
+    light.update(x)
+    heavy.update(x * torch.where(torch.arange(64) == 7, 20.0, 1.0))
+    assert light.gaussian_reach() == heavy.gaussian_reach() == pytest.approx(math.sqrt(2 * math.log(4096 * 64)))
+    assert light.range_ratio() <= light.gaussian_reach() < heavy.range_ratio()

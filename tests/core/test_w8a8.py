@@ -113,6 +113,9 @@ def test_many_float_linears_without_smoothing_get_a_hint(tiny):
 
 
 def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
+    import qpass.core.fallback as fallback
+
+    monkeypatch.setattr(fallback, "_light_tailed", lambda *args: {})  # the search's own steps (the rule: below)
     loose = _recipe(tiny, disable_level="auto", max_ppl_increase=50.0)  # real perplexities: W8A8 is within 50%
     assert loose.w8a8["float_linears"] == {}
     assert loose.stats["w8a8"]["search"][1]["float_linears"] == 0
@@ -171,6 +174,35 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert len(noisy.w8a8["float_linears"]) == 5  # 10 quantized: +1.0% estimated, bound +2.7%; 9: +0%, bound +1.7%
     last = [step for step in noisy.stats["w8a8"]["search"][1:] if step["dynamic_linears"] == 0][-1]
     assert last["upper_95_pct"] > last["ppl_increase_pct"]
+
+
+def test_auto_gives_linears_with_a_light_tailed_input_per_token_activations(tiny, tmp_path):
+    """A Linear whose input's max|x|/std is within sqrt(2 ln N), the reach of N Gaussian values, has no outlier to
+    set its static range: the bulk sets it, and text of another kind moves the bulk. `auto` gives such Linears
+    per-token activations from the first trial on; the others stay static; fused siblings share an input and go
+    together; --static-only keeps them all static; the report says why."""
+    from qpass.core.report import w8a8_section
+
+    recipe = _recipe(tiny, disable_level="auto", max_ppl_increase=50.0)  # within the limit all-int8: no search step
+    stats, dynamic = recipe.stats["w8a8"], recipe.dynamic_linears
+    light = {n for n, ratio in stats["range_ratio"].items() if ratio <= stats["gaussian_reach"][n]}
+    assert set(dynamic) == light and 0 < len(light) < len(stats["range_ratio"])  # 10 of 14 in this random model
+    channels = {n: 128 if n.endswith("down_proj") else 64 for n in stats["range_ratio"]}  # 6 windows calibrate
+    assert stats["gaussian_reach"] == {
+        n: round(math.sqrt(2 * math.log(6 * WINDOW * c)), 3) for n, c in channels.items()
+    }
+    assert all(set(fused_siblings(n)) <= light for n in light)
+    assert all(why.startswith("auto: light-tailed input (max|x|/std ") for why in dynamic.values())
+    assert recipe.float_linears == {} and recipe.stats["w8a8"]["search"][1]["dynamic_linears"] == len(light)
+    assert {recipe.activations(n) for n in light} == {"dynamic"}
+    assert not any(linear_key(n, "scale") in recipe.tensors for n in light)
+    rows = {r["name"]: r for r in w8a8_section(recipe)["per_linear"]}
+    assert all(rows[n]["mode"] == "dynamic" and rows[n]["reason"].startswith("dynamic: light-tailed") for n in light)
+    assert {n for n, r in rows.items() if r["mode"] == "static"} == set(stats["range_ratio"]) - light
+    recipe.save(tmp_path / "recipe")
+    assert Recipe.load(tmp_path / "recipe").dynamic_linears == dynamic
+    static = _recipe(tiny, disable_level="auto", max_ppl_increase=50.0, static_only=True)
+    assert not static.dynamic_linears and static.stats["w8a8"]["search"][1]["dynamic_linears"] == 0
 
 
 def test_auto_searches_the_ranking_with_the_lower_estimate_not_the_lower_bound(monkeypatch):
@@ -311,8 +343,11 @@ def test_report_says_dynamic_and_that_no_sensitivity_was_measured(tiny):
 
 
 def test_report_says_which_linears_the_search_kept_float_by_their_sensitivity(tiny, monkeypatch, tmp_path):
+    import qpass.core.fallback as fallback
     import qpass.frontends.torch_export.frontend as torch_frontend
     from qpass.core.report import per_linear_lines, w8a8_section
+
+    monkeypatch.setattr(fallback, "_light_tailed", lambda *args: {})  # the search's own choice (the rule: above)
 
     def fake_window_nll(module, windows, batch_size, desc, score):  # divergence +1% per quantized Linear beyond 9
         quantized = (
