@@ -300,6 +300,51 @@ def test_auto_spends_the_share_first_and_goes_beyond_it_only_on_its_estimate():
     assert sorted(floats) == ["l0", "l1", "l2"] and 0.5 < search[-1]["upper_95_pct"] < 1.0
 
 
+def test_auto_tries_per_token_activations_at_the_share_before_going_beyond_it():
+    """Where the share's estimate is over the limit, the Linears ranked next get per-token activations at the share
+    first (the next 10%, then twice as many); only where that leaves the estimate over the limit too do more Linears
+    go float (a 7-window file of legal prose once kept 51 of 210 float this way)."""
+    from types import SimpleNamespace
+
+    import qpass.core.fallback as fallback
+
+    names = [f"l{i}" for i in range(20)]
+
+    class Trial(SimpleNamespace):
+        def replace(self, w8a8):
+            return Trial(config=self.config, stats=self.stats, w8a8=w8a8)
+
+    def choose(helped: bool):
+        stats = {
+            "loss_sensitivity": {n: 20.0 - i for i, n in enumerate(names)},
+            "output_sqnr_db": {n: 20.0 + i for i, n in enumerate(names)},  # the same order
+        }
+        recipe = Trial(
+            config=QuantConfig(w8a8=True, disable_level="auto", max_ppl_increase=1.0),
+            stats={"w8a8": stats},
+            w8a8={"float_linears": {}},
+        )
+
+        def divergence(trial, windows, batch, desc):  # 3% below 3 float; per token, 4 Linears bring it to 0.3%
+            floats, dynamic = len(trial.w8a8["float_linears"]), len(trial.w8a8["dynamic_linears"])
+            kl = 0.003 if floats >= 3 or (helped and dynamic >= 4) else 0.03
+            return torch.tensor([kl, kl], dtype=torch.float64)
+
+        return fallback.choose_fallback(
+            recipe, [SimpleNamespace(module=n) for n in names], torch.zeros(2, 8, dtype=torch.long), divergence, 4
+        )
+
+    floats, dynamic, search = choose(helped=True)
+    assert sorted(floats) == ["l0", "l1"] and sorted(dynamic) == ["l2", "l3", "l4", "l5"]
+    assert max(step["float_linears"] for step in search[1:]) == 2  # no float Linear beyond the share was tried
+    assert [step["dynamic_linears"] for step in search[1:] if step["dynamic_linears"]] == [2, 4]
+    assert "from +3.05% to +0.30%" in dynamic["l2"]
+
+    floats, dynamic, search = choose(helped=False)  # per-token activations do not help: 3 float
+    assert sorted(floats) == ["l0", "l1", "l2"] and not dynamic
+    assert [step["dynamic_linears"] for step in search[1:] if step["dynamic_linears"]] == [2, 4, 8, 16, 18]
+
+
 def test_report_says_per_linear_static_or_float_and_why_for_ln_and_l0(tiny):
     from qpass.core.report import per_linear_lines, w8a8_section
 
