@@ -16,7 +16,7 @@ from qpass.core.ranges import act_qparams
 from qpass.core.recipe import Recipe, linear_key
 from qpass.frontends.torch_export.pipeline import quantize_program
 from qpass.models.tiny import tiny_model
-from qpass.passes.fx.patterns import W8A8_LINEAR
+from qpass.passes.fx.patterns import W8A8_DYNAMIC_LINEAR, W8A8_LINEAR
 from tests.helpers.frontend_cases import calibrated, frontend
 
 WINDOW = 32
@@ -29,6 +29,15 @@ def tiny():
     fe = frontend(model, WINDOW)
     ids = torch.randint(0, 256, (8, WINDOW), generator=torch.Generator().manual_seed(1))
     return fe, fe.program, fe.attention_sites(), ids
+
+
+def _costly(module) -> int:
+    """The Linears a fake search measure charges +1% each beyond 9, of the 14 of the tiny model: the static ones, and
+    the per-token ones while fewer than 3 Linears are float (beside 3 they are free): per-token activations do not
+    save the 10% share (2 float), so the search keeps 3 float, and then they bring the bound within half the limit."""
+    static = len(module.graph.find_nodes(op="call_function", target=W8A8_LINEAR))
+    dynamic = len(module.graph.find_nodes(op="call_function", target=W8A8_DYNAMIC_LINEAR))
+    return static + (dynamic if static + dynamic > 11 else 0)
 
 
 def _recipe(tiny, **config):
@@ -124,11 +133,11 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
 
     def fake_window_nll(module, windows, batch_size, desc, score, noise=0.0):
         """The float run's NLL (perplexity 100); a trial's divergence: +1% per quantized Linear beyond the 9 least
-        sensitive."""
+        sensitive (:func:`_costly`)."""
         if desc == "fallback float":
             return torch.full((windows.shape[0],), math.log(100.0), dtype=torch.float64)
         assert score is not None  # the trials are measured by the divergence from the float run
-        quantized = len(module.graph.find_nodes(op="call_function", target=W8A8_LINEAR))
+        quantized = _costly(module)
         kl = torch.full((windows.shape[0],), math.log(1 + max(0, quantized - 9) / 100), dtype=torch.float64)
         return kl + noise * (quantized > 0) * torch.tensor([1.0, -1.0]).repeat(windows.shape[0] // 2)
 
@@ -141,6 +150,7 @@ def test_auto_fallback_searches_the_fewest_float_linears(tiny, monkeypatch):
     assert search[0]["ppl_float"] == pytest.approx(100.0)
     floats_steps = [step for step in search[1:] if step["dynamic_linears"] == 0]
     assert len(floats_steps) <= 7  # both rankings at 10%, then a binary search, not a sweep of 15 counts
+    assert any(s["float_linears"] == 2 and s["dynamic_linears"] for s in search[1:])  # per token at the share first
     ranking = search[-1]["ranking"]
     # 3 float leave +2% (over half the limit): the next 10% (2 Linears, with their fused siblings) go per-token and
     # the bound falls within half the limit; their qparams leave the recipe and the program computes them per token
@@ -395,9 +405,7 @@ def test_report_says_which_linears_the_search_kept_float_by_their_sensitivity(ti
     monkeypatch.setattr(fallback, "_light_tailed", lambda *args: {})  # the search's own choice (the rule: above)
 
     def fake_window_nll(module, windows, batch_size, desc, score):  # divergence +1% per quantized Linear beyond 9
-        quantized = (
-            0 if desc == "fallback float" else len(module.graph.find_nodes(op="call_function", target=W8A8_LINEAR))
-        )
+        quantized = 0 if desc == "fallback float" else _costly(module)
         return torch.full((windows.shape[0],), math.log(1 + max(0, quantized - 9) / 100), dtype=torch.float64)
 
     monkeypatch.setattr(torch_frontend, "window_nll", fake_window_nll)
