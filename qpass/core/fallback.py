@@ -229,6 +229,11 @@ def choose_fallback(
         f"{k} float Linears keep the held-out divergence from the float model at {estimates[label(k)]:+.2f}% "
         f"perplexity, upper bound 95% {tried[k]:+.2f}% ({'within' if tried[k] <= target else 'NOT within'} {target}%"
         f"{f'; a count below the float share of {cap} must be within {below:g}%' if k < cap else ''})"
+        + (
+            f"; with the next {len(chosen)} per-token, {after[frozenset(chosen)]:+.2f}%: within {target}%"
+            if chosen
+            else ""
+        )
     )
     floats = {
         s.module: f"auto: {best} sensitivity rank {i + 1} of {n_all} ({_figures(s.module, stats)}); {outcome}"

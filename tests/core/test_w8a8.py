@@ -349,6 +349,7 @@ def test_auto_tries_per_token_activations_at_the_share_before_going_beyond_it():
     assert max(step["float_linears"] for step in search[1:]) == 2  # no float Linear beyond the share was tried
     assert [step["dynamic_linears"] for step in search[1:] if step["dynamic_linears"]] == [2, 4]
     assert "from +3.05% to +0.30%" in dynamic["l2"]
+    assert floats["l0"].endswith("+3.05% (NOT within 1.0%); with the next 4 per-token, +0.30%: within 1.0%")
 
     floats, dynamic, search = choose(helped=False)  # per-token activations do not help: 3 float
     assert sorted(floats) == ["l0", "l1", "l2"] and not dynamic
