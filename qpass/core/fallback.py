@@ -199,16 +199,15 @@ def choose_fallback(
                 lo = mid
         return hi
 
-    after: dict[frozenset, float] = {}  # the per-token step's trials: their per-token Linears -> estimate
+    def per_token_label(k: int, count: int) -> str:  # a trial of the second step (its counts grow: one per label)
+        return f"{best} {k}+{count} per-token"
 
     def per_token_step(k: int) -> dict[str, tuple[int, str]]:
         """The second step with the ``k`` most sensitive Linears float (:func:`_choose_dynamic`)."""
         names = [s.module for s in ranked[:k]]
 
         def per_token(dynamic: tuple[str, ...]) -> float:
-            upper = measure(names, f"{best} {k}+{len(dynamic)} per-token", dynamic)
-            after[frozenset(dynamic)] = estimates[f"{best} {k}+{len(dynamic)} per-token"]
-            return upper
+            return measure(names, per_token_label(k, len(dynamic)), dynamic)
 
         return _choose_dynamic(ranked, k, cap, below, tried[k], per_token, skip=set(light) - set(names))
 
@@ -219,7 +218,11 @@ def choose_fallback(
         k = fewest(0, cap, below)
     elif estimates[label(cap)] <= target:  # the share, rather than Linears bought against noise beyond it
         k = cap
-    elif not config.static_only and (chosen := per_token_step(cap)) and after[frozenset(chosen)] <= target:
+    elif (
+        not config.static_only
+        and (chosen := per_token_step(cap))
+        and estimates[per_token_label(cap, len(chosen))] <= target
+    ):
         k = cap  # per-token activations, rather than float Linears, bring the share's estimate within the limit
     elif within(n_all, target):
         k, chosen = fewest(cap, n_all, target), None
@@ -230,7 +233,8 @@ def choose_fallback(
         f"perplexity, upper bound 95% {tried[k]:+.2f}% ({'within' if tried[k] <= target else 'NOT within'} {target}%"
         f"{f'; a count below the float share of {cap} must be within {below:g}%' if k < cap else ''})"
         + (
-            f"; with the next {len(chosen)} per-token, {after[frozenset(chosen)]:+.2f}%: within {target}%"
+            f"; with the next {len(chosen)} per-token, {estimates[per_token_label(k, len(chosen))]:+.2f}%: "
+            f"within {target}%"
             if chosen
             else ""
         )
