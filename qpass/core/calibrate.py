@@ -44,10 +44,11 @@ def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig, ba
     sites = frontend.attention_sites()
     if config.w8a8:
         return _calibrate_w8a8(frontend, sites, windows, config, batch_size)
-    observers = attention_observers(sites, config, windows)
+    rotary = _rotary(frontend, config)
+    observers = attention_observers(sites, config, windows, rotary)
     if observers:  # none for the dynamic cache alone: its scales are computed as it is written
         frontend.observe(windows, observers, batch_size)
-    tensors, stats = attention_qparams(sites, observers, config, _rotary(frontend, config))
+    tensors, stats = attention_qparams(sites, observers, config, rotary)
     return Recipe(config, geometry(sites), tensors, stats)
 
 
@@ -60,11 +61,11 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, bat
     ranks every Linear at the end, from the figures kept per Linear."""
     if config.w8a8:
         return _calibrate_w8a8_by_layer(frontend, windows, config, batch_size)
-    sites = {s.layer: s for s in frontend.attention_sites()}
-    observers = attention_observers(list(sites.values()), config, windows)
+    sites, rotary = {s.layer: s for s in frontend.attention_sites()}, _rotary(frontend, config)
+    observers = attention_observers(list(sites.values()), config, windows, rotary)
     if not observers:  # the dynamic cache alone: nothing to observe
         return Recipe(config, geometry(sites.values()), *attention_qparams(list(sites.values()), {}, config))
-    tensors, stats, rotary = {}, {}, _rotary(frontend, config)
+    tensors, stats = {}, {}
     for layer in frontend.observe_layers(windows, observers, batch_size):
         site = sites[layer]
         done = {name: observers.pop(name) for name in (getattr(site, kind) for kind in config.observed_kinds)}
@@ -90,12 +91,21 @@ def _rotary(frontend, config: QuantConfig) -> torch.Tensor | None:
     return frequencies
 
 
-def attention_observers(sites: list[AttentionSite], config: QuantConfig, windows: torch.Tensor) -> dict[str, Observer]:
+def attention_observers(
+    sites: list[AttentionSite], config: QuantConfig, windows: torch.Tensor, rotary: torch.Tensor | None = None
+) -> dict[str, Observer]:
     """One observer per site value that ``config`` quantizes over ``windows [N, W]``, keyed by the value's name in
-    the IR."""
+    the IR; with ``rotary`` (:func:`_rotary`), those of q and k after RoPE also keep their channel pairs' reach per
+    angle (:func:`qpass.core.ranges.rotary_range`)."""
     stride = max(1, windows.numel() // SAMPLE_TOKENS)
+
+    def pairs(site: AttentionSite, kind: str) -> tuple[int, int] | None:
+        turned = rotary.numel() if rotary is not None else 0
+        rope = turned and site.rope and kind in ("q", "k") and 2 * turned <= site.head_dim
+        return (site.head_dim, turned) if rope else None
+
     return {
-        getattr(s, kind): Observer(stride, SAMPLE_TOKENS, windows.shape[1])
+        getattr(s, kind): Observer(stride, SAMPLE_TOKENS, windows.shape[1], pairs(s, kind))
         for s in sites
         for kind in config.observed_kinds
     }
@@ -130,7 +140,7 @@ def attention_qparams(
             heads = site.num_heads if kind == "q" else site.num_kv_heads
             lo, hi = channel_range(obs, config.observer, config.symmetric, config.percentile)  # [C]
             if rotary is not None and site.rope and kind in ("q", "k"):
-                lo, hi = rotary_range(lo, hi, site.head_dim, rotary, obs.window, config.max_context)
+                lo, hi = rotary_range(obs, lo, hi, site.head_dim, rotary, config.max_context)
             scale, offset = affine_qparams(lo, hi, config.symmetric)
             if config.fa_quant:
                 tensors[site_key(site.layer, f"fa_{kind}", "scale")] = scale.reshape(heads, site.head_dim)
@@ -162,10 +172,11 @@ def _calibrate_w8a8(
     dynamic = config.w8a8 == "dynamic"  # no Linear input ranges: each token's scale is computed at run time
     inputs = set() if dynamic else {s.input for s in linears}
     linear_obs = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted(inputs)}
-    attention_obs = attention_observers(sites, config, calib)
+    rotary = _rotary(frontend, config)
+    attention_obs = attention_observers(sites, config, calib, rotary)
     if linear_obs or attention_obs:
         frontend.observe(calib, {**linear_obs, **attention_obs}, batch_size, state_dict=smoothed)
-    attn_tensors, stats = attention_qparams(sites, attention_obs, config, _rotary(frontend, config))
+    attn_tensors, stats = attention_qparams(sites, attention_obs, config, rotary)
     linear_tensors, per_linear = linear_qparams(linears, linear_obs, state, config)
     tensors.update(linear_tensors)
     return _fallback(
@@ -221,8 +232,9 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
 
     inputs = set() if config.w8a8 == "dynamic" else {s.input for s in linears}  # dynamic: no Linear input ranges
     observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted(inputs)}
-    observers.update(attention_observers(sites, config, windows))  # each popped when its layer is done
-    layer_at, rotary = {layer.index: layer for layer in layers}, _rotary(frontend, config)
+    rotary = _rotary(frontend, config)
+    observers.update(attention_observers(sites, config, windows, rotary))  # each popped when its layer is done
+    layer_at = {layer.index: layer for layer in layers}
     for index in frontend.observe_layers(windows, observers, batch_size, smooth=smooth if groups else None):
         layer = layer_at[index]
         done = {

@@ -87,8 +87,9 @@ class QuantConfig:
         get per-token activations from the start.
     static_only: ``auto`` keeps every int8 Linear's activations static: no per-token Linears in a static recipe.
     max_context: the longest context the calibrated ranges of q and k after RoPE must hold: the channel pairs RoPE
-        turns too slowly to show every angle within the calibration window get ranges widened by the turn they make
-        by then (:func:`qpass.core.ranges.rotary_range`); None keeps the ranges as calibrated.
+        turns too slowly to show every angle within the calibration window get ranges widened to where the tokens
+        calibration saw reach when turned as far as position ``max_context`` turns them
+        (:func:`qpass.core.ranges.rotary_range`); None keeps the ranges as calibrated.
     """
 
     fa_quant: bool = field(
@@ -176,7 +177,8 @@ class QuantConfig:
         metadata=_opt(
             "--max-context",
             "the longest context the calibrated q/k ranges must hold (RoPE models): ranges of RoPE's slow channel "
-            "pairs widened to the turn they make by then (default: as calibrated, good up to --window)",
+            "pairs widened to where the calibration's tokens reach when turned so far (default: as calibrated, good "
+            "up to --window)",
             type=int,
             metavar="N",
         ),

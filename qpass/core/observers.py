@@ -6,9 +6,10 @@ channel ``c = h * D + d``, so one observer serves FAQuant ``[heads, head_dim]`` 
 The observer keeps per-channel min / max / sum|x|, the whole tensor's first two moments, and every
 ``stride``-th token up to ``max_tokens`` (cheap during the forward) and, given ``window``, each
 calibration window's per-channel min and max (how the extremes vary from window to window says how
-far they may reach on text the calibration did not see); ranges are chosen at the end from these
-(:mod:`qpass.core.ranges`). Two observers of the same value merge (:meth:`Observer.merge`), so
-statistics gathered in pieces (layer by layer, batch by batch) give the same result.
+far they may reach on text the calibration did not see) and, given ``pairs``, the largest norm of each RoPE
+channel pair per angle (how far a pair reaches when the rotation turns it further than calibration saw);
+ranges are chosen at the end from these (:mod:`qpass.core.ranges`). Two observers of the same value merge
+(:meth:`Observer.merge`), so statistics gathered in pieces (layer by layer, batch by batch) give the same result.
 """
 
 import math
@@ -17,14 +18,36 @@ import torch
 
 from qpass.core.errors import QpassError
 
+ANGLE_BINS = 64  # angle bins of a RoPE pair's reach: 5.6 degrees each
+
+
+def pair_angle_reach(x: torch.Tensor, head_dim: int, turned: int) -> torch.Tensor:
+    """Per RoPE channel pair of ``x [tokens, heads * head_dim]`` (pairs ``(d, d + turned)`` of each head) and per
+    ``ANGLE_BINS``-th of the circle, the largest norm of a token whose pair points into that bin: ``[heads * turned,
+    ANGLE_BINS]``, 0 where none does. Rotation keeps a pair's norm and moves its angle, so this says where a pair can
+    reach at any angle it is turned by (:func:`qpass.core.ranges.rotary_range`)."""
+    v = x.float().reshape(x.shape[0], -1, head_dim)
+    a, b = v[..., :turned].reshape(x.shape[0], -1), v[..., turned : 2 * turned].reshape(x.shape[0], -1)
+    norm, angle = torch.hypot(a, b), torch.atan2(b, a)  # [tokens, pairs]; angle in [-pi, pi]
+    bins = ((angle + math.pi) * (ANGLE_BINS / (2 * math.pi))).long().clamp_(0, ANGLE_BINS - 1)
+    reach = torch.zeros(norm.shape[1], ANGLE_BINS)
+    return reach.scatter_reduce_(1, bins.t(), norm.t(), reduce="amax")
+
 
 class Observer:
     """Statistics of one ``[tokens, C]`` value; keeps every ``stride``-th token of each update, at most ``max_tokens``,
     and with ``window``, the per-channel min and max of every ``window`` consecutive tokens (updates must
-    then hold whole windows, as the frontends' ``[B, S, ...]`` values flattened batch-major do)."""
+    then hold whole windows, as the frontends' ``[B, S, ...]`` values flattened batch-major do).
 
-    def __init__(self, stride: int = 1, max_tokens: int = 2048, window: int | None = None):
-        self.stride, self.max_tokens, self.window = stride, max_tokens, window
+    ``pairs``: ``(head_dim, turned)`` of a value after RoPE in the rotate-half layout, channels ``(d, d + turned)``
+    of each head a pair for ``d < turned``; the observer then keeps, per pair and per ``ANGLE_BINS``-th of the
+    circle, the largest norm of a token whose pair points there (:attr:`pair_reach`)."""
+
+    def __init__(
+        self, stride: int = 1, max_tokens: int = 2048, window: int | None = None, pairs: tuple[int, int] | None = None
+    ):
+        self.stride, self.max_tokens, self.window, self.pairs = stride, max_tokens, window, pairs
+        self.pair_reach: torch.Tensor | None = None  # [heads * turned, ANGLE_BINS], 0 where no token pointed
         self.window_min: list[torch.Tensor] = []  # [windows, C] blocks, in update order
         self.window_max: list[torch.Tensor] = []
         self.min: torch.Tensor | None = None  # [C]
@@ -52,6 +75,8 @@ class Observer:
             lo, hi, a, x.shape[0], float(x.sum(dtype=torch.float64)), float(x.pow(2).sum(dtype=torch.float64))
         )
         self._keep(x[:: self.stride])
+        if self.pairs is not None:
+            self._reach(pair_angle_reach(x, *self.pairs))
 
     def merge(self, other: "Observer") -> None:
         """Add everything ``other`` saw (its kept tokens after this one's)."""
@@ -61,6 +86,11 @@ class Observer:
         self._keep(other.sample())
         self.window_min += other.window_min
         self.window_max += other.window_max
+        if other.pair_reach is not None:
+            self._reach(other.pair_reach)
+
+    def _reach(self, reach: torch.Tensor) -> None:
+        self.pair_reach = reach if self.pair_reach is None else torch.maximum(self.pair_reach, reach)
 
     def _combine(self, lo, hi, abs_sum, count, total, total_sq) -> None:
         if self.min is None:

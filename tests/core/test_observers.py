@@ -7,7 +7,7 @@ import torch
 
 from qpass.core.errors import QpassError
 from qpass.core.int8 import affine_qparams, fake_quant, sqnr_db
-from qpass.core.observers import Observer
+from qpass.core.observers import ANGLE_BINS, Observer, pair_angle_reach
 from qpass.core.ranges import CLIP_GRID, REACH_WINDOWS, channel_qparams, extreme_range, mse_range, rotary_range
 
 
@@ -208,27 +208,59 @@ def _rotate_half(x: torch.Tensor, positions: torch.Tensor, freq: torch.Tensor) -
 def test_rotary_range_holds_at_positions_the_calibration_never_reached():
     """Keys with a large steady component in every pair (what RoPE's slow pairs carry in real models), turned by RoPE:
     ranges observed over positions 0-63 clip the same keys further on, the widened ones do not; a pair that turned a
-    full circle within the window keeps its range (the same keys at other angles stay within it but for a few)."""
+    full circle within the window keeps its range (the same keys at other angles stay within it but for a few). The
+    widening reaches where the seen tokens go and no further: every slow channel's range is at least a tenth
+    narrower than the bound from each channel's extremes that the widening replaced."""
     gen = torch.Generator().manual_seed(0)
     head_dim, window, context = 16, 64, 1024
     freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [8]
     base = torch.randn(4096, 2 * head_dim, generator=gen, dtype=torch.float64) * 0.3 + 2.0  # 2 heads
     seen = _rotate_half(base[:2048], torch.arange(2048) % window, freq)
     later = _rotate_half(base[:2048], torch.randint(window, context, (2048,), generator=gen), freq)
-    lo, hi = seen.amin(0), seen.amax(0)
-    wide_lo, wide_hi = rotary_range(lo, hi, head_dim, freq, window, context)
-    assert bool((wide_lo <= lo.float()).all() and (wide_hi >= hi.float()).all())
-    outside = lambda a, b: ((later < a.double() - 1e-6) | (later > b.double() + 1e-6)).double().mean(0)  # noqa: E731
+    obs = Observer(window=window, pairs=(head_dim, head_dim // 2))
+    obs.update(seen)
+    lo, hi = obs.min, obs.max
+    wide_lo, wide_hi = rotary_range(obs, lo, hi, head_dim, freq, context)
+    assert bool((wide_lo <= lo).all() and (wide_hi >= hi).all())
+    outside = lambda a, b: ((later < a.double() - 1e-5) | (later > b.double() + 1e-5)).double().mean(0)  # noqa: E731
     fast = (window * freq >= 2 * torch.pi).repeat(4)  # per channel: pairs that turned a full circle in the window
     assert bool(fast.any()) and not bool(fast.all())
     assert float(outside(lo, hi)[~fast].mean()) > 0.3  # the slow pairs' calibrated ranges do not hold further on
     assert float(outside(wide_lo, wide_hi)[~fast].max()) == 0.0  # the widened ones hold everywhere
     assert float(outside(wide_lo, wide_hi)[fast].max()) < 0.01
-    assert torch.equal(wide_lo[fast], lo.float()[fast]) and torch.equal(wide_hi[fast], hi.float()[fast])
-    mag = torch.maximum(lo.abs(), hi.abs()).view(2, head_dim)
-    bound = (mag**2 + mag.roll(head_dim // 2, 1) ** 2).sqrt().reshape(-1) * 1.0001  # the pair's norm, at most
-    assert bool((wide_hi.double() <= bound).all() and (wide_lo.double() >= -bound).all())
-    assert rotary_range(lo, hi, head_dim, freq, context, context) == (lo, hi)  # calibrated over the whole context
+    assert torch.equal(wide_lo[fast], lo[fast]) and torch.equal(wide_hi[fast], hi[fast])
+    mag = torch.maximum(lo.abs(), hi.abs()).view(2, head_dim).double()
+    norm = (mag**2 + mag.roll(head_dim // 2, 1) ** 2).sqrt()
+    turn = (context * torch.cat([freq, freq])).clamp(max=torch.pi)
+    old_lo = torch.maximum(-norm, lo.view(2, head_dim) - norm * turn).reshape(-1)
+    old_hi = torch.minimum(norm, hi.view(2, head_dim) + norm * turn).reshape(-1)
+    assert bool((wide_hi.double() <= old_hi + 1e-5).all() and (wide_lo.double() >= old_lo - 1e-5).all())
+    assert bool(((wide_hi - wide_lo).double() <= 0.9 * (old_hi - old_lo))[~fast].all())
+    assert rotary_range(obs, lo, hi, head_dim, freq, window) == (lo, hi)  # calibrated over the whole context
+    grown = rotary_range(obs, lo * 1.5, hi * 1.5, head_dim, freq, context)  # headroom over the observed extremes
+    assert bool((grown[1][~fast] >= 1.4 * wide_hi[~fast]).all())
+    with pytest.raises(ValueError, match="needs an observer given the RoPE pairs"):
+        rotary_range(Observer(window=window), lo, hi, head_dim, freq, context)
+
+
+def test_pair_angle_reach_keeps_the_largest_norm_per_angle_and_merges():
+    """Each pair's norm lands in the bin of its angle (cosine channel d, sine channel d + turned); merging two
+    observers keeps the larger norm per bin, as one observer of both would."""
+    x = torch.tensor([[3.0, 0.0, 0.0, 4.0], [0.0, 1.0, -2.0, 0.0]])  # one head, head_dim 4, two pairs
+    reach = pair_angle_reach(x, 4, 2)
+    assert reach.shape == (2, ANGLE_BINS)
+    expect = torch.zeros(2, ANGLE_BINS)
+    expect[0, ANGLE_BINS // 2] = 3.0  # pair (0, 2): (3, 0) at angle 0, then (0, -2) at -pi/2
+    expect[0, ANGLE_BINS // 4] = 2.0
+    expect[1, 3 * ANGLE_BINS // 4] = 4.0  # pair (1, 3): (0, 4) at pi/2, then (1, 0) at 0
+    expect[1, ANGLE_BINS // 2] = 1.0
+    assert torch.equal(reach, expect)
+    one, two, both = (Observer(pairs=(4, 2)) for _ in range(3))
+    one.update(x[:1])
+    two.update(x[1:])
+    both.update(x)
+    one.merge(two)
+    assert torch.equal(one.pair_reach, both.pair_reach)
 
 
 def test_frontends_read_the_rotary_frequencies_of_rotate_half_models_only():
@@ -257,13 +289,13 @@ def test_max_context_widens_only_rope_q_and_k_and_is_refused_where_no_rope_is_re
 
     def ranges(recipe, kind):
         scale, offset = recipe.get(0, kind)
-        return (-128 - offset) * scale, (127 - offset) * scale
+        return (-128 - offset) * scale, (127 - offset) * scale, scale
 
     plain = calibrate(fe, ids, QuantConfig(kv_cache="static", fa_quant=True))
     wide = calibrate(fe, ids, QuantConfig(kv_cache="static", fa_quant=True, max_context=512))
     for kind in ("kv_k", "fa_q", "fa_k"):
-        (lo, hi), (wlo, whi) = ranges(plain, kind), ranges(wide, kind)
-        assert bool((wlo <= lo + 1e-6).all() and (whi >= hi - 1e-6).all()) and bool(
+        (lo, hi, step), (wlo, whi, _) = ranges(plain, kind), ranges(wide, kind)  # within a step: the offset rounds
+        assert bool((wlo <= lo + step).all() and (whi >= hi - step).all()) and bool(
             ((whi - wlo) > (hi - lo) * 1.01).any()
         )
     for kind in ("kv_v", "fa_v"):
