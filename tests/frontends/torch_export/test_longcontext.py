@@ -13,9 +13,12 @@ from tests.helpers.paged_cases import recipe_for, tiny
 
 def _close(nll, expected):
     """Within what the folded int8 attention and the Q/DQ program's float attention round apart (an int8 code now and
-    then on the other side of a rounding boundary, amplified by this model's large random weights)."""
+    then on the other side of a rounding boundary, amplified by this model's large random weights). How many codes
+    flip depends on the CPU's float kernels: on an AMD EPYC the mean stayed under 1e-4, on an Intel Xeon (AVX-512)
+    18 of the 95 tokens move by more than 1e-4, the largest by 2.7e-3, the mean 1.03e-4. A wrong scale, offset or
+    position moves them by tenths."""
     diff = (nll - expected).abs()
-    return diff.max() < 5e-3 and diff.mean() < 1e-4
+    return diff.max() < 5e-3 and diff.mean() < 3e-4
 
 
 def _dense_nll(program, ids):
