@@ -98,13 +98,12 @@ def rotary_range(
     edges = torch.linspace(-math.pi, math.pi, ANGLE_BINS + 1, dtype=torch.float64)
     start = edges[:-1] - obs.window * freq[:, None]  # [turned, bins]: the angles a bin's tokens may come at
     end = edges[1:] + context * freq[:, None]
-    seen = norm > 0
+    seen, slow = norm > 0, obs.window * freq < 2 * math.pi
     wide_lo, wide_hi = lo.clone(), hi.clone()
     for channels, shift in ((slice(0, turned), 0.0), (slice(turned, 2 * turned), math.pi / 2)):  # cos, then sin
         least, most = _cos_bounds(start - shift, end - shift)
         reach_hi = torch.where(seen, norm * most, -math.inf).amax(-1)
         reach_lo = torch.where(seen, norm * least, math.inf).amin(-1)
-        slow = obs.window * freq < 2 * math.pi
         wide_hi[:, channels] = torch.where(slow, torch.maximum(hi[:, channels], reach_hi), hi[:, channels])
         wide_lo[:, channels] = torch.where(slow, torch.minimum(lo[:, channels], reach_lo), lo[:, channels])
     return wide_lo.reshape(-1).float(), wide_hi.reshape(-1).float()
@@ -112,7 +111,8 @@ def rotary_range(
 
 def _cos_bounds(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The least and the largest cosine of any angle in ``[start, end]``, elementwise."""
-    ends_lo, ends_hi = torch.minimum(start.cos(), end.cos()), torch.maximum(start.cos(), end.cos())
+    first, last = start.cos(), end.cos()
+    ends_lo, ends_hi = torch.minimum(first, last), torch.maximum(first, last)
     peak = torch.ceil(start / (2 * math.pi)) * 2 * math.pi <= end  # a multiple of 2 pi lies within
     trough = torch.ceil((start - math.pi) / (2 * math.pi)) * 2 * math.pi + math.pi <= end
     return torch.where(trough, -1.0, ends_lo), torch.where(peak, 1.0, ends_hi)
