@@ -1,5 +1,8 @@
 """Perplexity increase of C8, FAQuant and the dynamic cache on SmolLM2, per range method and domain pair.
 
+The dynamic cache is measured with its key smoothing searched on the pair's calibration windows, as a compile does
+(``dynamic``), and without it (``dynamic-unsmoothed``), the two paired on the same windows.
+
 Each domain pair (``qpass.core.corpus.domain_pairs``: the standard split, docstrings only -> source,
 source -> docstrings, one package -> another) is calibrated once (observers keep their statistics and
 each window's extremes), then every (range method, mode) is evaluated against the float program on the
@@ -28,16 +31,18 @@ BATCH_SIZE = RunSettings.batch_size
 MODES = {
     "C8": dict(fa_quant=False, kv_cache="static"),
     "FAQuant": dict(fa_quant=True, kv_cache=None),
-    "dynamic": dict(fa_quant=False, kv_cache="dynamic"),
+    "dynamic": dict(fa_quant=False, kv_cache="dynamic"),  # with its key smoothing, as a compile makes it
+    "dynamic-unsmoothed": dict(fa_quant=False, kv_cache="dynamic"),
     "C8-symmetric": dict(fa_quant=False, kv_cache="static", symmetric=True),
     "FAQuant-symmetric": dict(fa_quant=True, kv_cache=None, symmetric=True),
 }
 
 
-def observe_pair(fe, samples: list[str], window: int, windows: int) -> dict:
+def observe_pair(fe, samples: list[str], window: int, windows: int, keys: bool) -> tuple[dict, dict]:
     """Observers (``qpass.core.observers.Observer`` by value name) of every site's q, k and v over ``windows``
-    calibration windows of ``window`` tokens from the pair's ``samples``."""
-    from qpass.core.calibrate import SAMPLE_TOKENS
+    calibration windows of ``window`` tokens from the pair's ``samples``, and (``keys``) those the dynamic cache's
+    key smoothing is searched with, as a compile makes them (a second run over the same windows)."""
+    from qpass.core.calibrate import SAMPLE_TOKENS, attention_observers, key_smoothing_sites
     from qpass.core.data import token_windows
     from qpass.core.observers import Observer
 
@@ -50,23 +55,31 @@ def observe_pair(fe, samples: list[str], window: int, windows: int) -> dict:
     }
     start = time.perf_counter()
     fe.observe(calib, observers, BATCH_SIZE)
+    key_observers = {}
+    if keys:
+        sites, config = fe.attention_sites(), qpass.QuantConfig(kv_cache="dynamic")
+        key_observers = attention_observers(sites, config, calib, None, key_smoothing_sites(fe, sites, config))
+        fe.observe(calib, key_observers, BATCH_SIZE)
     print(
         f"  calibration: {calib.shape[0]} windows, {calib.numel()} tokens, {time.perf_counter() - start:.1f}s",
         flush=True,
     )
-    return observers
+    return observers, key_observers
 
 
-def increase(fe, observers, config, ids, nll_float) -> tuple[float, float, object]:
-    """Perplexity increase (percent) of ``config``'s recipe from ``observers`` on ``ids [N, W]``, the half
-    width of its 95% interval over the windows (``nll_float [N]``: the float program's per-window NLL), and the
-    per-window NLL increase ``[N]``."""
-    from qpass.core.calibrate import attention_qparams
+def increase(fe, observers, config, ids, nll_float, key_observers=None) -> tuple[float, float, object]:
+    """Perplexity increase (percent) of ``config``'s recipe from ``observers`` (the dynamic cache's key smoothing:
+    from ``key_observers``) on ``ids [N, W]``, the half width of its 95% interval over the windows (``nll_float
+    [N]``: the float program's per-window NLL), and the per-window NLL increase ``[N]``."""
+    from qpass.core.calibrate import attention_qparams, key_smoothing_sites
     from qpass.core.evaluate import window_nll
     from qpass.core.recipe import geometry
 
     sites = fe.attention_sites()
-    tensors, stats = attention_qparams(sites, observers, config) if config.observed_kinds else ({}, {})
+    if key_observers:
+        tensors, stats = attention_qparams(sites, key_observers, config, keys=key_smoothing_sites(fe, sites, config))
+    else:
+        tensors, stats = attention_qparams(sites, observers, config) if config.observed_kinds else ({}, {})
     nll = window_nll(fe.logits(qpass.Recipe(config, geometry(sites), tensors, stats)), ids, BATCH_SIZE, "quantized")
     gc.collect()  # the quantized program's module graph holds reference cycles: free its weights before the next
     diff = nll - nll_float
@@ -90,14 +103,19 @@ def parse_args():
     return parser.parse_args()
 
 
-def sweep_pair(fe, name: str, observers, ids, nll_float, base, args, table: dict) -> None:
+def sweep_pair(fe, name: str, observed, ids, nll_float, base, args, table: dict) -> None:
     """Every (mode, range method) of ``args`` on the pair ``name``: one line each (and each method paired against
-    the mode's first), its increase into ``table``."""
+    the mode's first), its increase into ``table``; the dynamic cache's with and without key smoothing paired."""
+    observers, key_observers = observed
+    dynamic = {}
     for mode in args.modes.split(","):
         first = None  # (method, per-window increase): later methods are paired against it
-        for method in args.observers.split(",") if mode != "dynamic" else ["-"]:
+        for method in args.observers.split(",") if not mode.startswith("dynamic") else ["-"]:
             config = dataclasses.replace(base, **MODES[mode], **({"observer": method} if method != "-" else {}))
-            pct, half, diff = increase(fe, observers, config, ids, nll_float)
+            keys = key_observers if mode == "dynamic" else None
+            pct, half, diff = increase(fe, observers, config, ids, nll_float, keys)
+            if mode.startswith("dynamic"):
+                dynamic[mode] = diff
             table[name, mode, method] = pct
             print(f"  {name:20} {mode:8} {method:10} {pct:+.3f}% (95% over windows: +-{half:.3f})", flush=True)
             if first is None:
@@ -109,6 +127,13 @@ def sweep_pair(fe, name: str, observers, ids, nll_float, base, args, table: dict
                     f"+-{common.half_width(paired):.3f} points",
                     flush=True,
                 )
+    if len(dynamic) == 2:
+        paired = dynamic["dynamic"] - dynamic["dynamic-unsmoothed"]
+        print(
+            f"  {'':20} dynamic paired key smoothing - none: {100.0 * float(paired.mean()):+.3f} "
+            f"+-{common.half_width(paired):.3f} points",
+            flush=True,
+        )
 
 
 def main():
@@ -129,7 +154,8 @@ def main():
         print(f"{name}:", flush=True)
         key = hash(tuple(samples))  # the standard split's two pairs share their calibration
         if key not in observed:
-            observed = {key: observe_pair(fe, samples, args.window, args.calib_samples)}  # one calibration's at a time
+            keys = "dynamic" in args.modes.split(",")
+            observed = {key: observe_pair(fe, samples, args.window, args.calib_samples, keys)}  # one at a time
         ids = common.eval_windows(fe.tokenizer, text, args.window, args.eval_windows, args.between)
         nll_float = window_nll(float_module, ids, BATCH_SIZE, "float")
         print(f"  eval: {ids.numel()} tokens, float ppl {math.exp(float(nll_float.mean())):.4f}", flush=True)

@@ -23,12 +23,13 @@ from qpass.core.frontend import Frontend
 from qpass.core.int8 import affine_qparams, saturated, sqnr_db
 from qpass.core.observers import Observer
 from qpass.core.ranges import channel_range, linear_input_qparams, rotary_range
-from qpass.core.recipe import Recipe, geometry, linear_key, site_key, smooth_key
+from qpass.core.recipe import Recipe, geometry, key_smooth_key, linear_key, site_key, smooth_key
 from qpass.core.sites import AttentionSite
-from qpass.core.smoothing import apply_smoothing, smoothing_scales
+from qpass.core.smoothing import apply_smoothing, key_smoothing_scale, smoothing_scales
 from qpass.core.w8a8 import output_sqnr_db
 
 SAMPLE_TOKENS = 2048  # tokens kept per observed attention value for the range search
+KEY_SAMPLE_TOKENS = 1024  # tokens of q and k kept per site for key smoothing's search (scores: tokens^2 per head)
 LINEAR_SAMPLE_TOKENS = 512  # tokens kept per Linear input for smoothing searches, histograms and SQNR
 # what static W8A8 calibration records per Linear (recipe stats["w8a8"]): max|x|/std of its input, sqrt(2 ln N) for
 # the N values seen (fallback's light-tail rule), the activation range method used, its W8A8 output SQNR
@@ -44,11 +45,11 @@ def calibrate(frontend: Frontend, windows: torch.Tensor, config: QuantConfig, ba
     sites = frontend.attention_sites()
     if config.w8a8:
         return _calibrate_w8a8(frontend, sites, windows, config, batch_size)
-    rotary = _rotary(frontend, config)
-    observers = attention_observers(sites, config, windows, rotary)
-    if observers:  # none for the dynamic cache alone: its scales are computed as it is written
+    rotary, keys = _rotary(frontend, config), key_smoothing_sites(frontend, sites, config)
+    observers = attention_observers(sites, config, windows, rotary, keys)
+    if observers:  # none for a dynamic cache without key smoothing: its scales are computed as it is written
         frontend.observe(windows, observers, batch_size)
-    tensors, stats = attention_qparams(sites, observers, config, rotary)
+    tensors, stats = attention_qparams(sites, observers, config, rotary, keys)
     return Recipe(config, geometry(sites), tensors, stats)
 
 
@@ -62,14 +63,15 @@ def calibrate_by_layer(frontend, windows: torch.Tensor, config: QuantConfig, bat
     if config.w8a8:
         return _calibrate_w8a8_by_layer(frontend, windows, config, batch_size)
     sites, rotary = {s.layer: s for s in frontend.attention_sites()}, _rotary(frontend, config)
-    observers = attention_observers(list(sites.values()), config, windows, rotary)
-    if not observers:  # the dynamic cache alone: nothing to observe
-        return Recipe(config, geometry(sites.values()), *attention_qparams(list(sites.values()), {}, config))
+    keys = key_smoothing_sites(frontend, list(sites.values()), config)
+    observers = attention_observers(list(sites.values()), config, windows, rotary, keys)
+    if not observers:  # a dynamic cache without key smoothing: nothing to observe
+        return Recipe(config, geometry(sites.values()), *attention_qparams(list(sites.values()), {}, config, keys=keys))
     tensors, stats = {}, {}
     for layer in frontend.observe_layers(windows, observers, batch_size):
         site = sites[layer]
-        done = {name: observers.pop(name) for name in (getattr(site, kind) for kind in config.observed_kinds)}
-        site_tensors, site_stats = attention_qparams([site], done, config, rotary)
+        done = _site_observers(site, observers)
+        site_tensors, site_stats = attention_qparams([site], done, config, rotary, keys)
         tensors.update(site_tensors)
         for key, table in site_stats.items():
             stats.setdefault(key, {}).update(table)
@@ -92,11 +94,16 @@ def _rotary(frontend, config: QuantConfig) -> torch.Tensor | None:
 
 
 def attention_observers(
-    sites: list[AttentionSite], config: QuantConfig, windows: torch.Tensor, rotary: torch.Tensor | None = None
+    sites: list[AttentionSite],
+    config: QuantConfig,
+    windows: torch.Tensor,
+    rotary: torch.Tensor | None = None,
+    keys: dict[int, int | str] | None = None,
 ) -> dict[str, Observer]:
     """One observer per site value that ``config`` quantizes over ``windows [N, W]``, keyed by the value's name in
     the IR; with ``rotary`` (:func:`_rotary`), those of q and k after RoPE also keep their channel pairs' reach per
-    angle (:func:`qpass.core.ranges.rotary_range`)."""
+    angle (:func:`qpass.core.ranges.rotary_range`). ``keys`` (:func:`key_smoothing_sites`): q's and k's observers at
+    each site the dynamic cache's key smoothing applies to, k's with its RoPE pairs' reach where it has RoPE."""
     stride = max(1, windows.numel() // SAMPLE_TOKENS)
 
     def pairs(site: AttentionSite, kind: str) -> tuple[int, int] | None:
@@ -104,11 +111,52 @@ def attention_observers(
         rope = turned and site.rope and kind in ("q", "k") and 2 * turned <= site.head_dim
         return (site.head_dim, turned) if rope else None
 
-    return {
+    observers = {
         getattr(s, kind): Observer(stride, SAMPLE_TOKENS, windows.shape[1], pairs(s, kind))
         for s in sites
         for kind in config.observed_kinds
     }
+    key_stride = max(1, windows.numel() // KEY_SAMPLE_TOKENS)
+    for s in sites:
+        turned = (keys or {}).get(s.layer)
+        if isinstance(turned, int):  # the same tokens kept of both: the search scores them (key_smoothing_scale)
+            observers[s.k] = Observer(key_stride, KEY_SAMPLE_TOKENS, None, (s.head_dim, turned) if turned else None)
+            observers[s.q] = Observer(key_stride, KEY_SAMPLE_TOKENS)
+    return observers
+
+
+def key_smoothing_sites(frontend, sites: list[AttentionSite], config: QuantConfig) -> dict[int, int | str]:
+    """Per site layer, whether the dynamic cache's key smoothing (:mod:`qpass.core.smoothing`) applies there: the
+    RoPE pairs' offset ``turned`` (0 without RoPE), or why it does not. It needs K and Q each from a Linear of their
+    own whose output rows are the heads' channels (so the scale folds into them), no norm between those Linears and
+    the attention (a per-head norm would undo it), and RoPE in the rotate-half layout qpass reads frequencies for (a
+    pair's two channels share a scale). Empty for any other cache."""
+    if config.kv_cache != "dynamic":
+        return {}
+    state, rotary = frontend.state_dict(), None
+    keys: dict[int, int | str] = {}
+    for site in sites:
+        q, k = site.q_from, site.k_from
+        shapes = {p: tuple(state[p].shape) for p in (q, k) if p in state}
+        if site.qk_norm:
+            keys[site.layer] = "q and k are normed per head after their projections"
+        elif q == k or len(shapes) != 2 or not q.endswith(".weight") or not k.endswith(".weight"):
+            keys[site.layer] = "q and k do not come from Linears of their own"
+        elif shapes[q][0] != site.num_heads * site.head_dim or shapes[k][0] != site.num_kv_heads * site.head_dim:
+            keys[site.layer] = "the q and k projections' rows are not the heads' channels"
+        elif site.rope:
+            rotary = frontend.rotary() if rotary is None else rotary
+            turned = 0 if rotary is None else rotary.numel()
+            ok = 0 < 2 * turned <= site.head_dim
+            keys[site.layer] = turned if ok else "its RoPE is not one qpass reads (the rotate-half layout)"
+        else:
+            keys[site.layer] = 0
+    return keys
+
+
+def _site_observers(site: AttentionSite, observers: dict[str, Observer]) -> dict[str, Observer]:
+    """The observers of ``site``'s q, k and v, taken out of ``observers`` (its layer is done)."""
+    return {name: observers.pop(name) for name in (site.q, site.k, site.v) if name in observers}
 
 
 def attention_qparams(
@@ -116,16 +164,28 @@ def attention_qparams(
     observers: dict[str, Observer],
     config: QuantConfig,
     rotary: torch.Tensor | None = None,
+    keys: dict[int, int | str] | None = None,
 ) -> tuple[dict, dict]:
     """The recipe tensors of FAQuant (``[heads, head_dim]``) and C8 (``[kv_heads * head_dim]``), and per-site SQNR
     and saturation (the fraction of the kept sample at the int8 limits, :mod:`qpass.core.saturation`).
 
     ``rotary``: the RoPE frequencies per channel pair (:func:`_rotary`, with ``config.max_context``); with them, the
     ranges of q and k after RoPE at a site that has RoPE are widened to hold at every position below
-    ``config.max_context``, not only those the calibration windows reached (:func:`qpass.core.ranges.rotary_range`)."""
-    tensors, sqnr, zero, sat = {}, {}, {}, {}
+    ``config.max_context``, not only those the calibration windows reached (:func:`qpass.core.ranges.rotary_range`).
+
+    ``keys`` (:func:`key_smoothing_sites`): the key smoothing scale of each site it applies to where the search
+    chose one, and in the stats (``key_smoothing``) each site's exponent (0: none) or why it does not apply."""
+    tensors, sqnr, zero, sat, key_stats = {}, {}, {}, {}, {}
     for site in sites:
         per_site, per_site_sat = {}, {}
+        if site.layer in (keys or {}):
+            turned = keys[site.layer]
+            if isinstance(turned, int):
+                group = site.num_heads // site.num_kv_heads
+                scale, alpha = key_smoothing_scale(observers[site.k], observers[site.q], site.head_dim, group)
+                if alpha > 0:  # 0: none helped on the sample; the site keeps its weights
+                    tensors[key_smooth_key(site.layer)] = scale
+            key_stats[str(site.layer)] = alpha if isinstance(turned, int) else turned
         for kind in config.observed_kinds:
             obs = observers[getattr(site, kind)]
             zero_channels = int(((obs.min == 0) & (obs.max == 0)).sum())
@@ -151,7 +211,8 @@ def attention_qparams(
             per_site[kind] = round(sqnr_db(obs.sample(), scale, offset), 3)
             per_site_sat[kind] = float(saturated(obs.sample(), scale, offset, config.symmetric).float().mean())
         sqnr[str(site.layer)], sat[str(site.layer)] = per_site, per_site_sat
-    return tensors, {"sqnr_db": sqnr, "saturation": sat, **({"zero_range_channels": zero} if zero else {})}
+    extra = {**({"zero_range_channels": zero} if zero else {}), **({"key_smoothing": key_stats} if key_stats else {})}
+    return tensors, {"sqnr_db": sqnr, "saturation": sat, **extra}
 
 
 def _calibrate_w8a8(
@@ -172,11 +233,11 @@ def _calibrate_w8a8(
     dynamic = config.w8a8 == "dynamic"  # no Linear input ranges: each token's scale is computed at run time
     inputs = set() if dynamic else {s.input for s in linears}
     linear_obs = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted(inputs)}
-    rotary = _rotary(frontend, config)
-    attention_obs = attention_observers(sites, config, calib, rotary)
+    rotary, keys = _rotary(frontend, config), key_smoothing_sites(frontend, sites, config)
+    attention_obs = attention_observers(sites, config, calib, rotary, keys)
     if linear_obs or attention_obs:
         frontend.observe(calib, {**linear_obs, **attention_obs}, batch_size, state_dict=smoothed)
-    attn_tensors, stats = attention_qparams(sites, attention_obs, config, rotary)
+    attn_tensors, stats = attention_qparams(sites, attention_obs, config, rotary, keys)
     linear_tensors, per_linear = linear_qparams(linears, linear_obs, state, config)
     tensors.update(linear_tensors)
     return _fallback(
@@ -232,15 +293,13 @@ def _calibrate_w8a8_by_layer(frontend, windows: torch.Tensor, config: QuantConfi
 
     inputs = set() if config.w8a8 == "dynamic" else {s.input for s in linears}  # dynamic: no Linear input ranges
     observers = {name: Observer(stride, LINEAR_SAMPLE_TOKENS) for name in sorted(inputs)}
-    rotary = _rotary(frontend, config)
-    observers.update(attention_observers(sites, config, windows, rotary))  # each popped when its layer is done
+    rotary, keys = _rotary(frontend, config), key_smoothing_sites(frontend, sites, config)
+    observers.update(attention_observers(sites, config, windows, rotary, keys))  # each popped when its layer is done
     layer_at = {layer.index: layer for layer in layers}
     for index in frontend.observe_layers(windows, observers, batch_size, smooth=smooth if groups else None):
         layer = layer_at[index]
-        done = {
-            name: observers.pop(name) for name in (getattr(layer.attention, kind) for kind in config.observed_kinds)
-        }
-        site_tensors, site_stats = attention_qparams([layer.attention], done, config, rotary)
+        done = _site_observers(layer.attention, observers)
+        site_tensors, site_stats = attention_qparams([layer.attention], done, config, rotary, keys)
         tensors.update(site_tensors)
         for key, table in site_stats.items():
             stats.setdefault(key, {}).update(table)

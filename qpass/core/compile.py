@@ -81,7 +81,7 @@ def compile_model(
             "held_out_windows": 0 if held_ids is None else int(held_ids.shape[0]),
         }
         feeds = _feeds(config, sites)
-        if feeds:  # a dynamic cache alone calibrates nothing
+        if feeds:  # a dynamic cache alone calibrates no range (its key smoothing is searched on the sample)
             _warn(warnings, calibration_text_warning(calib_ids, feeds))
         _warn(warnings, smoothing_hint(recipe))
     else:
@@ -105,6 +105,8 @@ def compile_model(
     }
     if "zero_range_channels" in recipe.stats:  # channels that were 0 throughout calibration (scale 1)
         report["zero_range_channels"] = dict(recipe.stats["zero_range_channels"])
+    if "key_smoothing" in recipe.stats:  # the dynamic cache: per site, "on" or why not
+        report["key_smoothing"] = dict(recipe.stats["key_smoothing"])
     if config.w8a8:
         report["w8a8"] = reporting.w8a8_section(recipe)
     _measure(frontend, recipe, program, run, texts, eval_ids, held_ids, report, warnings, timings)

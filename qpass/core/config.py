@@ -60,7 +60,8 @@ class QuantConfig:
     kv_cache: ``"static"`` for C8, K and V quantized per channel (``[kv_heads * head_dim]``, calibrated) where
         they are written to the cache; ``"dynamic"`` for a cache whose K and V of each token and KV head get
         their own asymmetric scale and offset (min and max over head_dim) when they are written, stored beside
-        the int8 cache (vLLM's ``int8_per_token_head`` granularity; nothing to calibrate, not with FAQuant); None
+        the int8 cache (vLLM's ``int8_per_token_head`` granularity; no range to calibrate, only the key smoothing
+        folded into the q and k projections, :mod:`qpass.core.smoothing`; not with FAQuant); None
         keeps the cache in float.
     observer: how a calibration range is chosen: ``reach`` (default: per channel, the range its
         extremes are expected to reach over 700 windows of text, from how they vary across the

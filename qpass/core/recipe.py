@@ -12,6 +12,8 @@ exporter. Tensor names (built only by the functions below), all float32, with th
     w8a8.<linear>.input_scale / .input_offset  [tensor]            W8A8 activation qparams of a quantized Linear
                                                                    (``<linear>`` its module path)
     smooth.<i>.scale                    [channels]                 smoothing group i (qpass/core/smoothing.py)
+    layers.<i>.key_smooth.scale         [kv_heads * head_dim]      key smoothing of the dynamic cache: K divided by it,
+                                                                   Q multiplied (qpass/core/smoothing.py)
 
 Offsets follow ``q = clamp(round(x / scale) + offset)``, ``x = (q - offset) * scale``.
 
@@ -49,10 +51,12 @@ AXES = {
     "kv_v": ("kv_heads * head_dim",),
     "input": ("tensor",),
     "smooth": ("channels",),
+    "key_smooth": ("kv_heads * head_dim",),
 }
 _SITE_KEY = re.compile(r"layers\.\d+\.(fa_[qkv]|kv_[kv])\.(scale|offset)")
 _LINEAR_KEY = re.compile(r"w8a8\.(.+)\.input_(scale|offset)")
 _SMOOTH_KEY = re.compile(r"smooth\.\d+\.scale")
+_KEY_SMOOTH = re.compile(r"layers\.(\d+)\.key_smooth\.scale")
 
 
 CALIBRATED_WITH = "calibrated_with"  # stats entry: the run settings calibration ran with (window, windows)
@@ -72,6 +76,11 @@ def smooth_key(group: int) -> str:
     return f"smooth.{group}.scale"
 
 
+def key_smooth_key(layer: int) -> str:
+    """``layers.<layer>.key_smooth.scale``: the key smoothing of that layer's attention (the dynamic cache)."""
+    return layer_key(layer, "key_smooth.scale")
+
+
 def axes(name: str) -> tuple[str, ...]:
     """The axes of recipe tensor ``name`` (its granularity)."""
     if m := _SITE_KEY.fullmatch(name):
@@ -80,6 +89,8 @@ def axes(name: str) -> tuple[str, ...]:
         return AXES["input"]
     if _SMOOTH_KEY.fullmatch(name):
         return AXES["smooth"]
+    if _KEY_SMOOTH.fullmatch(name):
+        return AXES["key_smooth"]
     raise QpassError(f"recipe: tensor {name} is not one a recipe holds; recalibrate with this qpass")
 
 
@@ -120,6 +131,27 @@ class SiteGeometry:
 def geometry(sites) -> tuple[SiteGeometry, ...]:
     """The :class:`SiteGeometry` of each :class:`~qpass.core.sites.AttentionSite`."""
     return tuple(SiteGeometry(s.layer, s.num_heads, s.num_kv_heads, s.head_dim, s.prefix, s.projections) for s in sites)
+
+
+def key_smoothing_groups(sites, tensors) -> list[dict]:
+    """The key smoothing groups (:mod:`qpass.core.smoothing`, ``prev_kind = "key"``) of the sites of ``sites`` with a
+    ``layers.<i>.key_smooth.scale`` in ``tensors``: the k projection divided, the q projection multiplied."""
+    groups = []
+    for site in sites:
+        name = key_smooth_key(site.layer)
+        if name in tensors:
+            q, k, _ = site.projections
+            groups.append(
+                {
+                    "scale": name,
+                    "prev": k,
+                    "prev_kind": "key",
+                    "consumers": [q],
+                    "group": site.num_heads // site.num_kv_heads,
+                    "head_dim": site.head_dim,
+                }
+            )
+    return groups
 
 
 @dataclass(frozen=True)
@@ -180,7 +212,9 @@ class Recipe:
 
     @property
     def smoothing(self) -> list[dict]:
-        return list(self.w8a8.get("smooth", []))
+        """Every smoothing group to fold into the float weights: W8A8's (``w8a8.smooth``), then the key smoothing of
+        each site that has a ``layers.<i>.key_smooth.scale`` (:func:`key_smoothing_groups`)."""
+        return list(self.w8a8.get("smooth", [])) + key_smoothing_groups(self.sites, self.tensors)
 
     def w8a8_linears(self) -> list[str]:
         """The Linears (module paths) this recipe quantizes to W8A8: those with input qparams (dynamic W8A8: those
@@ -280,6 +314,18 @@ class Recipe:
             for kind in kinds:
                 recipe.get(site.layer, kind)
         layers = {site.layer for site in recipe.sites}
+        named = {site.layer for site in recipe.sites if all(p and "?" not in p for p in site.projections[:2])}
+        keyed = sorted(int(m.group(1)) for n in tensors if (m := _KEY_SMOOTH.fullmatch(n)))
+        if keyed and config.kv_cache != "dynamic":
+            raise QpassError(
+                f"--recipe {directory}: {TENSORS_FILE} holds key smoothing (layer {keyed[0]}), which only a recipe of "
+                f"the dynamic cache has; {fix}"
+            )
+        if set(keyed) - named:
+            raise QpassError(
+                f"--recipe {directory}: {TENSORS_FILE} holds key smoothing for layer {min(set(keyed) - named)}, whose "
+                f"q and k projections {JSON_FILE} does not name; {fix}"
+            )
         stray = sorted(n for n in tensors if _SITE_KEY.fullmatch(n) and int(n.split(".")[1]) not in layers)
         if stray:  # the two files disagree: one of them was replaced or edited
             raise QpassError(

@@ -30,6 +30,17 @@ def summary(report: dict) -> str:
         f"  quantized: {' + '.join(modes)}"
         + (f"; observer {cfg['observer']}, {'symmetric' if cfg['symmetric'] else 'asymmetric'}" if static else "")
     )
+    keys = report.get("key_smoothing")
+    if keys:
+        alphas = [a for a in keys.values() if not isinstance(a, str)]
+        on = [a for a in alphas if a > 0]
+        off = sorted({why for why in keys.values() if isinstance(why, str)})
+        lines.append(
+            f"  key smoothing: K's channels evened out at {len(on)} of {len(keys)} sites"
+            + (f" (exponent {min(on):g} to {max(on):g}, folded into the q and k projections)" if on else "")
+            + (f"; {len(alphas) - len(on)} kept as they were (none helped)" if len(alphas) > len(on) else "")
+            + (f"; not applicable at {len(keys) - len(alphas)}: {'; '.join(off)}" if off else "")
+        )
     w = report.get("w8a8")
     if w:
         lines.append(

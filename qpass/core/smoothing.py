@@ -32,15 +32,29 @@ Recipe JSON, ``w8a8.smooth``: a list of groups
      "consumers": ["model.layers.0.self_attn.q_proj", ...],
      "group": 1}                            # GQA: each of prev's head blocks feeds `group` consumer head blocks
                                             # (v_proj -> o_proj); "head_dim" then gives the block size
+
+Key smoothing (``prev_kind = "key"``, the dynamic int8 KV cache only): K's channels are divided by a
+per-channel ``scale`` and Q's multiplied by it, so every score ``q . k`` is unchanged.
+``prev`` is the k projection (its output rows and bias divided), the one consumer the q projection (its
+output rows and bias multiplied, each kv head's block repeated over the q heads that share it). The
+dynamic cache quantizes each token's K with one range over head_dim, which K's few large channels set;
+dividing each channel by a power of its calibrated reach (:func:`key_smoothing_scale`, the power searched per
+site) brings the others' steps down. A RoPE pair gets one scale, which rotation keeps.
+These groups are not stored in the recipe's JSON: each comes from its site's ``layers.<i>.key_smooth.scale``
+tensor and the site's projections (:attr:`qpass.core.recipe.Recipe.smoothing`).
 """
 
 import torch
 
+from qpass.core.int8 import fake_quant_dynamic
 from qpass.core.observers import Observer
 from qpass.core.sites import SmoothGroup
 from qpass.core.w8a8 import quantized_output_error
 
 MIN_SCALE = 1e-5
+KEY_SCALE_LIMIT = 1e3  # key smoothing: each channel's reach ratio within [1/limit, limit] of its head's mean
+KEY_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # key smoothing: the exponents searched (0: none)
+KEY_MIN_GAIN = 0.98  # key smoothing: an exponent is taken only where it errs at most this fraction of none's error
 AWQ_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # m3 exponents: 0, 0.05, ..., 1
 AWQ_STATISTICS = ("mean", "max")
 ITERATIVE_ALPHA, ITERATIVE_STEPS = 0.9, 4  # m4
@@ -160,15 +174,58 @@ def apply_smoothing(state_dict: dict[str, torch.Tensor], groups: list[dict], ten
         prev = g["prev"]
         if g["prev_kind"] == "norm":
             out[f"{prev}.weight"] = (out[f"{prev}.weight"].double() / s).to(state_dict[f"{prev}.weight"].dtype)
-        elif g["prev_kind"] == "linear":
-            w = out[f"{prev}.weight"]
-            out[f"{prev}.weight"] = (w.double() / s[:, None]).to(w.dtype)
-            if f"{prev}.bias" in out:
-                out[f"{prev}.bias"] = (out[f"{prev}.bias"].double() / s).to(w.dtype)
+        elif g["prev_kind"] in ("linear", "key"):
+            _scale_rows(out, prev, 1.0 / s)
         else:
-            raise ValueError(f"smoothing group for {prev}: prev_kind {g['prev_kind']!r} is not 'norm' or 'linear'")
+            raise ValueError(
+                f"smoothing group for {prev}: prev_kind {g['prev_kind']!r} is not 'norm', 'linear' or 'key'"
+            )
         s_cons = consumer_scale(s, g.get("group", 1), g.get("head_dim"))
         for name in g["consumers"]:
-            w = out[f"{name}.weight"]
-            out[f"{name}.weight"] = (w.double() * s_cons[None, :]).to(w.dtype)
+            if g["prev_kind"] == "key":  # the q projection's output rows: q . k unchanged
+                _scale_rows(out, name, s_cons)
+            else:
+                w = out[f"{name}.weight"]
+                out[f"{name}.weight"] = (w.double() * s_cons[None, :]).to(w.dtype)
     return out
+
+
+def _scale_rows(state: dict[str, torch.Tensor], module: str, factor: torch.Tensor) -> None:
+    """Multiply Linear ``module``'s output rows (weight ``[out, in]`` and bias) by ``factor [out]``, in ``state``."""
+    w = state[f"{module}.weight"]
+    state[f"{module}.weight"] = (w.double() * factor[:, None]).to(w.dtype)
+    if f"{module}.bias" in state:
+        state[f"{module}.bias"] = (state[f"{module}.bias"].double() * factor).to(state[f"{module}.bias"].dtype)
+
+
+def key_smoothing_scale(k: Observer, q: Observer, head_dim: int, group: int) -> tuple[torch.Tensor, float]:
+    """Key smoothing's scale ``[kv_heads * head_dim]`` and its exponent, from the observers of K and Q after RoPE
+    (their kept samples: the same tokens). Each channel's reach over its head's geometric mean of reaches, raised to
+    the exponent in ``KEY_ALPHAS`` whose smoothed K, quantized per token as the dynamic cache does, changes the kept
+    sample's scores ``q . k`` least (``group``: q heads per kv head). Exponent 1 gives every channel of K the same
+    reach, but moves the error onto the channels whose Q it enlarges; 0 (scale 1) is on the grid and is kept unless an
+    exponent errs at least 2% less (``KEY_MIN_GAIN``), so the choice never errs more than no smoothing on the sample.
+
+    A channel's reach is its largest magnitude; a RoPE pair's (``k.pairs``, channels ``d`` and ``d + turned``) is the
+    largest norm of the pair, the magnitude either channel reaches once rotation turns it, and both channels get it (a
+    pair must have one scale, or RoPE would no longer commute with it). Scales stay within ``KEY_SCALE_LIMIT`` of the
+    mean; a channel that was 0 throughout gets the mean."""
+    reach = k.absmax.double().reshape(-1, head_dim).clone()
+    if k.pairs is not None:
+        turned = k.pairs[1]
+        pair = k.pair_reach.double().amax(1).reshape(-1, turned)
+        reach[:, :turned], reach[:, turned : 2 * turned] = pair, pair
+    seen = reach > 0
+    logs = torch.where(seen, reach.clamp(min=torch.finfo(torch.float64).tiny).log(), torch.zeros_like(reach))
+    mean = logs.sum(1, keepdim=True) / seen.sum(1, keepdim=True).clamp(min=1)
+    ratio = torch.where(seen, (logs - mean).exp(), torch.ones_like(reach)).clamp(1.0 / KEY_SCALE_LIMIT, KEY_SCALE_LIMIT)
+    keys = k.sample().float().reshape(-1, ratio.shape[0], head_dim)  # [tokens, kv_heads, head_dim]
+    queries = q.sample().float().reshape(keys.shape[0], ratio.shape[0], group, head_dim)
+    errors = []
+    for alpha in KEY_ALPHAS:
+        scale = ratio.pow(alpha).float()
+        error = fake_quant_dynamic(keys / scale) * scale - keys
+        errors.append(float(torch.einsum("thgd,shd->hgts", queries, error).pow(2).mean()))
+    best = min(range(len(KEY_ALPHAS)), key=errors.__getitem__)
+    alpha = KEY_ALPHAS[best] if errors[best] < KEY_MIN_GAIN * errors[0] else 0.0  # a tie keeps the weights
+    return ratio.pow(alpha).reshape(-1).float(), alpha

@@ -1,5 +1,6 @@
 """``--kv-int8 dynamic`` from the command line: the option's forms, the refusals (with --fa-quant, by the MindIE
-formats), calibration that observes nothing for K/V, and the qpass directory's round trip (compile, eval, run)."""
+formats), calibration that observes only q and k (the key smoothing), and the qpass directory's round trip (compile,
+eval, run)."""
 
 import json
 
@@ -89,7 +90,9 @@ def test_mindie_formats_refuse_dynamic_before_the_slow_part(tmp_path, capsys, fm
     )
 
 
-def test_calibration_observes_no_attention_value_for_the_dynamic_cache():
+def test_calibration_observes_only_q_and_k_for_the_dynamic_caches_key_smoothing():
+    """The dynamic cache calibrates no range; its key smoothing (tests/core/test_key_smoothing.py) observes q and k,
+    in one run, beside W8A8's Linear inputs when there are any."""
     fe = frontend(tiny_model("llama"), 16)
     observed, observe = [], fe.observe
     fe.observe = lambda windows, observers, *a, **k: (
@@ -97,12 +100,20 @@ def test_calibration_observes_no_attention_value_for_the_dynamic_cache():
         observe(windows, observers, *a, **k),
     )
     ids = torch.randint(0, 256, (8, 16))
-    assert dict(calibrate(fe, ids, QuantConfig(kv_cache="dynamic")).tensors) == {}
-    assert observed == []  # no forward pass at all
+    sites = fe.attention_sites()
+    recipe = calibrate(fe, ids, QuantConfig(kv_cache="dynamic"))
+    assert observed == [{getattr(s, kind) for s in sites for kind in ("q", "k")}]
+    assert all(name.endswith(".key_smooth.scale") for name in recipe.tensors)
+    assert sorted(recipe.stats["key_smoothing"]) == [str(s.layer) for s in sites]
+    observed.clear()
     recipe = calibrate(fe, ids, QuantConfig(kv_cache="dynamic", w8a8=True))
-    attention = {getattr(s, kind) for s in fe.attention_sites() for kind in ("q", "k", "v")}
-    assert observed and not any(names & attention for names in observed)
-    assert recipe.w8a8_linears() and all(name.startswith("w8a8.") for name in recipe.tensors)
+    attention = {getattr(s, kind) for s in sites for kind in ("q", "k", "v")}
+    assert [names & attention for names in observed if names & attention] == [
+        {getattr(s, kind) for s in sites for kind in ("q", "k")}
+    ]
+    assert recipe.w8a8_linears() and all(
+        n.startswith("w8a8.") or n.endswith(".key_smooth.scale") for n in recipe.tensors
+    )
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +149,10 @@ def test_the_directory_records_the_dynamic_cache(compiled):
     _, out = compiled
     recipe = Recipe.load(out / "recipe")
     assert recipe.config == QuantConfig(kv_cache="dynamic")  # JSON round trip
-    assert dict(recipe.tensors) == {}
+    assert all(name.endswith(".key_smooth.scale") for name in recipe.tensors)
     report = json.loads((out / "report.json").read_text())
+    assert sorted(report["key_smoothing"]) == ["0", "1"]
+    assert "  key smoothing: K's channels evened out at " in (out / "report.txt").read_text()
     assert report["passes"] == {"InsertKVCacheQDQPass": 4}
     assert "quantized: int8 KV cache dynamic (per token and kv head)" in (out / "report.txt").read_text()
     assert report["decoder"]["file"] == "decoder.pt2" and report["decoder"]["kv_cache"] == "dynamic"

@@ -48,7 +48,7 @@ from qpass.core.evaluate import Score, batch_nll
 from qpass.core.memory import hidden_budget, trim_heap
 from qpass.core.naming import EMBEDDING, LM_HEAD, NORM, layer_key, layer_prefix
 from qpass.core.observers import Observer
-from qpass.core.recipe import SITE_KINDS, Recipe, geometry, linear_key, site_key
+from qpass.core.recipe import SITE_KINDS, Recipe, geometry, key_smooth_key, linear_key, site_key
 from qpass.core.sites import AttentionSite, DecoderLayer, LinearSite, SmoothGroup
 from qpass.core.spill import Spill
 from qpass.frontends.torch_export.capture import WRAPPER_PREFIX, param_names
@@ -634,7 +634,7 @@ def _run(
 def layer_recipe(recipe, layer: int, site: AttentionSite):
     """The part of ``recipe`` that concerns decoder layer ``layer``, renamed for the one-layer capture whose attention
     site is ``site`` (layer 0, module paths ``layers.0...``): its attention site's scales, its Linears' input qparams
-    and float Linears, and its smoothing groups (keeping their scale names)."""
+    and float Linears, its smoothing groups (keeping their scale names) and its key smoothing."""
     ours = layer_prefix(layer)
 
     def to_capture(name: str) -> str:
@@ -646,9 +646,11 @@ def layer_recipe(recipe, layer: int, site: AttentionSite):
         for part in ("scale", "offset")
         if (t := recipe.tensors.get(site_key(layer, kind, part))) is not None
     }
+    if (key := recipe.tensors.get(key_smooth_key(layer))) is not None:  # folded by the site's own projections
+        tensors[key_smooth_key(site.layer)] = key
     groups = [
         {**g, "prev": to_capture(g["prev"]), "consumers": [to_capture(c) for c in g["consumers"]]}
-        for g in recipe.smoothing
+        for g in recipe.w8a8.get("smooth", [])
         if g["prev"].startswith(ours)
     ]
     tensors.update({g["scale"]: recipe.tensors[g["scale"]] for g in groups})

@@ -13,7 +13,7 @@ from qpass.core.calibrate import calibrate, calibrate_by_layer
 from qpass.core.config import QuantConfig, RunSettings
 from qpass.core.data import token_windows
 from qpass.core.errors import QpassError
-from qpass.core.evaluate import perplexity
+from qpass.core.evaluate import perplexity, window_nll
 from qpass.core.recipe import Recipe, geometry
 from qpass.frontends.torch_export import layerwise
 from qpass.frontends.torch_export.frontend import TorchExportFrontend
@@ -108,6 +108,23 @@ def test_max_context_widens_as_the_whole_models_does(frontends, windows):
     assert torch.equal(lw.rotary(), whole.rotary())
     config = QuantConfig(fa_quant=True, kv_cache="static", max_context=8 * WINDOW)
     _same(calibrate(lw, windows, config, 2), calibrate(whole, windows, config, 2))
+
+
+@pytest.mark.parametrize("w8a8", [None, "static"])
+def test_the_dynamic_caches_key_smoothing_equals_the_whole_models(w8a8, frontends, windows):
+    """The dynamic cache's key smoothing layer by layer: the same search, the same scales, and (each layer's q and k
+    projections folded as that layer runs) the same quantized perplexity."""
+    whole, lw = frontends("qwen2")  # q and k with biases
+    config = QuantConfig(kv_cache="dynamic", w8a8=w8a8)
+    expected, got = calibrate(whole, windows, config, BATCH), calibrate_by_layer(lw, windows, config, BATCH)
+    _same(got, expected)
+    assert got.stats["key_smoothing"] == expected.stats["key_smoothing"]
+    assert any(name.endswith(".key_smooth.scale") for name in got.tensors)  # the search smoothed somewhere
+    nll = window_nll(whole.logits(expected, verify=False), windows, BATCH)
+    plain = {k: v for k, v in expected.tensors.items() if not k.endswith(".key_smooth.scale")}
+    unsmoothed = window_nll(whole.logits(expected.replace(tensors=plain), verify=False), windows, BATCH)
+    assert (nll - unsmoothed).abs().max() > 1e-5  # the smoothing shows (2e-5 and 3e-4 here) ...
+    torch.testing.assert_close(lw.window_nll(got, windows, BATCH), nll, rtol=0, atol=1e-7)  # ... layer by layer too
 
 
 @pytest.mark.parametrize("arch, level", [("llama", "L0"), ("qwen2", "L3")])  # qwen2: q/k/v with biases
@@ -332,8 +349,9 @@ def test_a_recipe_is_reused_layer_by_layer_with_the_same_figures(model_dir, text
     )
 
 
-def test_the_dynamic_cache_compiles_layerwise_as_a_recipe_with_nothing_calibrated(model_dir, tmp_path):
-    """The one road: a dynamic cache calibrates nothing, layer by layer as whole, and the recipe says so."""
+def test_the_dynamic_cache_compiles_layerwise_as_a_recipe_with_only_its_key_smoothing(model_dir, tmp_path):
+    """The one road: a dynamic cache calibrates no range, layer by layer as whole, only its key smoothing, and the
+    recipe says so."""
     out = tmp_path / "o"
     assert (
         main(
@@ -354,7 +372,9 @@ def test_the_dynamic_cache_compiles_layerwise_as_a_recipe_with_nothing_calibrate
         == 0
     )
     recipe = Recipe.load(out / "recipe")
-    assert recipe.config.kv_cache == "dynamic" and dict(recipe.tensors) == {} and len(recipe.sites) == LAYERS
+    assert recipe.config.kv_cache == "dynamic" and len(recipe.sites) == LAYERS
+    assert all(name.endswith(".key_smooth.scale") for name in recipe.tensors)
+    assert sorted(recipe.stats["key_smoothing"]) == [str(i) for i in range(LAYERS)]
 
 
 @pytest.mark.parametrize(
@@ -638,7 +658,6 @@ def test_the_streamed_forward_gives_the_whole_models_nll(arch, extra, frontends,
     """Layer by layer over every window, float and quantized (smoothing, Q/DQ, W8A8 and float Linears from the recipe),
     the per-window NLL is the whole-model program's; saturation is counted site by site as the whole model counts it."""
     from qpass.core import saturation
-    from qpass.core.evaluate import window_nll
 
     whole, lw = frontends(arch)
     config = QuantConfig(**extra)
