@@ -38,10 +38,11 @@ MODES = {
 }
 
 
-def observe_pair(fe, samples: list[str], window: int, windows: int, keys: bool) -> tuple[dict, dict]:
+def observe_pair(fe, samples: list[str], window: int, windows: int, keys: bool) -> tuple[dict, tuple | None]:
     """Observers (``qpass.core.observers.Observer`` by value name) of every site's q, k and v over ``windows``
     calibration windows of ``window`` tokens from the pair's ``samples``, and (``keys``) those the dynamic cache's
-    key smoothing is searched with, as a compile makes them (a second run over the same windows)."""
+    key smoothing is searched with, as a compile makes them (a second run over the same windows), with the sites it
+    applies to (:func:`qpass.core.calibrate.key_smoothing_sites`)."""
     from qpass.core.calibrate import SAMPLE_TOKENS, attention_observers, key_smoothing_sites
     from qpass.core.data import token_windows
     from qpass.core.observers import Observer
@@ -55,29 +56,32 @@ def observe_pair(fe, samples: list[str], window: int, windows: int, keys: bool) 
     }
     start = time.perf_counter()
     fe.observe(calib, observers, BATCH_SIZE)
-    key_observers = {}
+    key_smoothing = None
     if keys:
         sites, config = fe.attention_sites(), qpass.QuantConfig(kv_cache="dynamic")
-        key_observers = attention_observers(sites, config, calib, None, key_smoothing_sites(fe, sites, config))
+        sites_keys = key_smoothing_sites(fe, sites, config)
+        key_observers = attention_observers(sites, config, calib, None, sites_keys)
         fe.observe(calib, key_observers, BATCH_SIZE)
+        key_smoothing = key_observers, sites_keys
     print(
         f"  calibration: {calib.shape[0]} windows, {calib.numel()} tokens, {time.perf_counter() - start:.1f}s",
         flush=True,
     )
-    return observers, key_observers
+    return observers, key_smoothing
 
 
-def increase(fe, observers, config, ids, nll_float, key_observers=None) -> tuple[float, float, object]:
+def increase(fe, observers, config, ids, nll_float, key_smoothing=None) -> tuple[float, float, object]:
     """Perplexity increase (percent) of ``config``'s recipe from ``observers`` (the dynamic cache's key smoothing:
-    from ``key_observers``) on ``ids [N, W]``, the half width of its 95% interval over the windows (``nll_float
-    [N]``: the float program's per-window NLL), and the per-window NLL increase ``[N]``."""
-    from qpass.core.calibrate import attention_qparams, key_smoothing_sites
+    from ``key_smoothing``, the observers and sites :func:`observe_pair` gives) on ``ids [N, W]``, the half width of
+    its 95% interval over the windows (``nll_float [N]``: the float program's per-window NLL), and the per-window NLL
+    increase ``[N]``."""
+    from qpass.core.calibrate import attention_qparams
     from qpass.core.evaluate import window_nll
     from qpass.core.recipe import geometry
 
     sites = fe.attention_sites()
-    if key_observers:
-        tensors, stats = attention_qparams(sites, key_observers, config, keys=key_smoothing_sites(fe, sites, config))
+    if key_smoothing is not None:
+        tensors, stats = attention_qparams(sites, key_smoothing[0], config, keys=key_smoothing[1])
     else:
         tensors, stats = attention_qparams(sites, observers, config) if config.observed_kinds else ({}, {})
     nll = window_nll(fe.logits(qpass.Recipe(config, geometry(sites), tensors, stats)), ids, BATCH_SIZE, "quantized")
@@ -106,13 +110,13 @@ def parse_args():
 def sweep_pair(fe, name: str, observed, ids, nll_float, base, args, table: dict) -> None:
     """Every (mode, range method) of ``args`` on the pair ``name``: one line each (and each method paired against
     the mode's first), its increase into ``table``; the dynamic cache's with and without key smoothing paired."""
-    observers, key_observers = observed
+    observers, key_smoothing = observed
     dynamic = {}
     for mode in args.modes.split(","):
         first = None  # (method, per-window increase): later methods are paired against it
         for method in args.observers.split(",") if not mode.startswith("dynamic") else ["-"]:
             config = dataclasses.replace(base, **MODES[mode], **({"observer": method} if method != "-" else {}))
-            keys = key_observers if mode == "dynamic" else None
+            keys = key_smoothing if mode == "dynamic" else None
             pct, half, diff = increase(fe, observers, config, ids, nll_float, keys)
             if mode.startswith("dynamic"):
                 dynamic[mode] = diff

@@ -105,7 +105,7 @@ def compile_model(
     }
     if "zero_range_channels" in recipe.stats:  # channels that were 0 throughout calibration (scale 1)
         report["zero_range_channels"] = dict(recipe.stats["zero_range_channels"])
-    if "key_smoothing" in recipe.stats:  # the dynamic cache: per site, "on" or why not
+    if "key_smoothing" in recipe.stats:  # the dynamic cache: per site, the power searched (0: none) or why not
         report["key_smoothing"] = dict(recipe.stats["key_smoothing"])
     if config.w8a8:
         report["w8a8"] = reporting.w8a8_section(recipe)
